@@ -1,0 +1,123 @@
+"""The ``opsd`` command line.
+
+Heavy imports (ray, vllm, deepspeed) happen inside the subcommands so that ``opsd --help`` and
+``opsd validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from opsd.config import REPO_ROOT, ConfigError
+
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
+
+
+def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    # `opsd train train.steps=3` puts the override where the config path would go.
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return config if config is not None else str(DEFAULT_CONFIG), overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.driver import train
+
+    config, overrides = _split_config(args)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    run_dir = train(config, overrides)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launch.validate import validate_config
+
+    config, overrides = _split_config(args)
+    for line in validate_config(config, overrides):
+        print(line)
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from opsd.tiny import DEFAULT_TINY_DIR, ensure_tiny_model
+
+    out = ensure_tiny_model(Path(args.out) if args.out else DEFAULT_TINY_DIR)
+    print(f"tiny model: {out}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Import the stack the way the workers do and say what is wrong, if anything."""
+    import importlib
+
+    problems = []
+    for mod in ("torch", "transformers.models.qwen3.modeling_qwen3", "pyarrow", "omegaconf", "ray",
+                "deepspeed", "vllm", "math_verify", "peft"):
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # report every failure, not the first
+            hint = ""
+            if "torchvision" in str(exc):
+                hint = " (run: pip uninstall -y torchvision torchaudio torchcodec; text models need none)"
+            problems.append(f"  {mod}: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}")
+    import torch
+
+    print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+    if problems:
+        print("broken imports:\n" + "\n".join(problems), file=sys.stderr)
+        return 1
+    print("all imports ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opsd",
+        description="On-Policy Self-Distillation on Ray + vLLM + DeepSpeed. "
+        "Configs are YAML files with key=value overrides.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (no arguments: the local CPU debug run)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from the last complete checkpoint of RUN_DIR")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("validate", help="check a config and its data paths without starting anything")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("tiny", help="build the tiny local Qwen3-architecture model (no download)")
+    p.add_argument("--out", help="output directory (default: artifacts/tiny-qwen3)")
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("doctor", help="check that the installed stack imports")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"opsd: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opsd: interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""Typed configuration: dataclasses are the single source of defaults.
+
+YAML files override the defaults, ``key=value`` arguments override the files. OmegaConf's
+structured mode rejects unknown keys and wrong types; :func:`load_config` turns those into a
+:class:`ConfigError` that names the key, and :func:`check` rejects combinations that type-check
+but cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what was expected."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" builds (once) and uses the locally made Qwen3-architecture model under artifacts/.
+    path: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    max_model_len: int = 512
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/toy/train.jsonl"
+    test_path: str = "data/toy/test.jsonl"
+    problem_key: str = "problem"
+    solution_key: str = "solution"
+    answer_key: str = "answer"
+    id_key: Optional[str] = "id"
+    shuffle: bool = True
+    max_rows: Optional[int] = None  # keep the first N rows (debugging)
+
+
+@dataclass
+class PromptConfig:
+    # Appended to the problem in the student's user turn.
+    student_instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # The teacher's user turn; {problem} and {solution} are filled in. The reference solution
+    # comes first, then the model is asked to solve the problem again in its own words.
+    teacher_template: str = (
+        "{problem}\n\nHere is a reference solution:\n{solution}\n\n"
+        "After reading the reference solution above, solve the problem again yourself. "
+        "{instruction}"
+    )
+    student_thinking: bool = False
+    teacher_thinking: bool = False
+    max_prompt_len: int = 256
+    overlong: str = "error"  # error | skip
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    tensor_parallel_size: int = 1
+    num_cpus_per_worker: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 96
+    n: int = 1  # samples per prompt
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    max_staleness: int = 0  # 0 = strictly on-policy
+    seed: int = 0
+
+
+@dataclass
+class ScorerConfig:
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    topk: int = 64
+    # Padded micro-batches are capped by this many tokens (rows x longest row).
+    max_tokens_per_forward: int = 8192
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2
+    zero_stage: int = 2
+    num_cpus_per_rank: float = 0.5
+    num_gpus_per_rank: float = 0.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4  # rows per forward on each rank
+    offload_optimizer: bool = False
+
+
+@dataclass
+class LossConfig:
+    objective: str = "divergence"  # divergence | sampled_token
+    beta: float = 0.5
+    support: str = "topk"  # topk | topk_tail
+    temperature: float = 1.0
+    token_clip: Optional[float] = None
+    is_clip: Optional[float] = None
+    skip_first: int = 0
+    chunk_size: int = 1024
+    # GRPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "fixed"  # fixed | live | ema
+    ema_decay: float = 0.99
+    sync_every: int = 1
+
+
+@dataclass
+class SyncConfig:
+    transport: str = "object_store"  # object_store | nccl
+    bucket_mb: int = 64
+    retries: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 6
+    prompts_per_step: int = 8
+    seed: int = 0
+    run_dir: Optional[str] = None  # default runs/<timestamp>
+    resume: Optional[str] = None  # a run dir to continue from
+    checkpoint_every: int = 3
+    export_hf: bool = True
+    max_actor_restarts: int = 2
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = off
+    path: Optional[str] = None  # default: data.test_path
+    max_problems: int = 64
+    n: int = 1
+    temperature: float = 0.0
+    max_tokens: int = 96
+
+
+@dataclass
+class LoggingConfig:
+    save_batches: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opsd"
+    wandb_mode: str = "offline"
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: attach to a running cluster if any, else start local
+    num_cpus: Optional[int] = None  # local cluster only
+    device: str = "cpu"  # cpu | cuda
+    dashboard: bool = False
+
+
+@dataclass
+class Config:
+    algo: str = "opsd"  # opsd | grpo | sft
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+_CHOICES = {
+    "algo": ("opsd", "grpo", "sft"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "prompt.overlong": ("error", "skip"),
+    "learner.zero_stage": (0, 1, 2, 3),
+    "loss.objective": ("divergence", "sampled_token"),
+    "loss.support": ("topk", "topk_tail"),
+    "teacher.mode": ("fixed", "live", "ema"),
+    "sync.transport": ("object_store", "nccl"),
+    "cluster.device": ("cpu", "cuda"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def parse_overrides(items: list[str]) -> DictConfig:
+    """``["a.b=1", "c=x"]`` -> a DictConfig; values are parsed as YAML scalars."""
+    bad = [it for it in items if "=" not in it or it.startswith("=")]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:  # pragma: no cover - dotlist syntax is permissive
+        raise ConfigError(_describe(exc)) from exc
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, then :func:`check`.
+
+    Returns a typed ``Config`` object (an OmegaConf structured config behaving like the
+    dataclass).
+    """
+    cfg = OmegaConf.structured(Config)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            layers.append((str(p), OmegaConf.load(p)))
+        except Exception as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    if overrides:
+        layers.append(("command line", parse_overrides(list(overrides))))
+    for origin, layer in layers:
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{origin}: {_describe(exc)}") from exc
+    try:
+        OmegaConf.to_container(cfg, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from exc
+    check(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    return OmegaConf.select(cfg, dotted) if isinstance(cfg, DictConfig) else _getattr_path(cfg, dotted)
+
+
+def _getattr_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check(cfg: Config, *, vocab_size: int | None = None) -> None:
+    """Reject values and combinations that type-check but cannot run.
+
+    ``vocab_size`` is known only once the model's config is read; pass it to check
+    ``scorer.topk`` against it.
+    """
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' = {value!r}; expected one of {list(allowed)}")
+
+    def positive(key: str, *, allow_zero: bool = False) -> None:
+        value = _get(cfg, key)
+        if value is None or value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"config key '{key}' = {value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
+
+    for key in (
+        "rollout.num_workers", "rollout.tensor_parallel_size", "rollout.max_tokens", "rollout.n",
+        "scorer.num_workers", "scorer.topk", "scorer.max_tokens_per_forward",
+        "learner.num_ranks", "learner.micro_batch_size", "learner.lr",
+        "loss.chunk_size", "train.steps", "train.prompts_per_step", "sync.bucket_mb",
+        "model.max_model_len", "prompt.max_prompt_len", "teacher.sync_every",
+    ):
+        positive(key)
+    for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",
+                "rollout.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries"):
+        positive(key, allow_zero=True)
+
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"config key 'loss.beta' = {cfg.loss.beta}; expected 0 <= beta <= 1 (0 forward KL, 1 reverse KL)")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"config key 'loss.temperature' = {cfg.loss.temperature}; expected > 0")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"config key 'rollout.top_p' = {cfg.rollout.top_p}; expected 0 < top_p <= 1")
+    if not 0.0 < cfg.teacher.ema_decay < 1.0:
+        raise ConfigError(f"config key 'teacher.ema_decay' = {cfg.teacher.ema_decay}; expected 0 < decay < 1")
+    for key in ("loss.token_clip", "loss.is_clip"):
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
+
+    # Combinations.
+    if cfg.teacher.mode == "fixed" and cfg.teacher.sync_every != 1:
+        raise ConfigError(
+            "config key 'teacher.sync_every' only applies to teacher.mode=ema (a fixed teacher is never "
+            f"synced); got teacher.mode=fixed with teacher.sync_every={cfg.teacher.sync_every}"
+        )
+    if cfg.teacher.mode == "live" and cfg.teacher.sync_every != 1:
+        raise ConfigError(
+            "config key 'teacher.sync_every' must be 1 for teacher.mode=live (the live teacher follows every "
+            "push); use teacher.mode=ema for a lagged teacher"
+        )
+    if cfg.learner.zero_stage == 0 and cfg.learner.num_ranks > 1:
+        raise ConfigError(
+            f"config key 'learner.zero_stage' = 0 with learner.num_ranks={cfg.learner.num_ranks}: use a ZeRO "
+            "stage (1, 2 or 3) for more than one rank"
+        )
+    if cfg.sync.transport == "nccl" and cfg.cluster.device != "cuda":
+        raise ConfigError("config key 'sync.transport' = 'nccl' needs cluster.device=cuda; use object_store on CPU")
+    if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
+        raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
+    if cfg.algo == "grpo" and cfg.rollout.n < 2:
+        raise ConfigError("config key 'rollout.n' must be >= 2 for algo=grpo (advantages are normalised per group)")
+    if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
+        raise ConfigError(
+            f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
+            "set eval.temperature > 0 or eval.n=1"
+        )
+    if vocab_size is not None and cfg.scorer.topk > vocab_size:
+        raise ConfigError(
+            f"config key 'scorer.topk' = {cfg.scorer.topk} is larger than the model's vocabulary ({vocab_size})"
+        )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def resolve_path(path: str | None) -> Path | None:
+    """Relative paths in configs are relative to the working directory, else the repo root."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p

@@ -1,0 +1,116 @@
+"""Student and teacher prompts as token ids, built once per problem from the chat template.
+
+The student's context holds the problem only; the teacher's also holds the reference solution.
+The response the student sampled is appended to either context as the very same ids: nothing
+here decodes a response and encodes it again, which could change its tokenisation and put the
+teacher's targets at the wrong positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from opsd.config import PromptConfig
+from opsd.data import Problem
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not leave room for the response within the model's context."""
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    uid: str
+    student_ids: list[int]
+    teacher_ids: list[int]
+    answer: str
+
+
+def _template_ids(tokenizer: Any, messages: list[dict], *, thinking: bool) -> list[int]:
+    # Render to text and tokenise once: the return type of tokenize=True changed across
+    # transformers releases, the text form did not.
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: Any, cfg: PromptConfig, *, max_model_len: int, max_new_tokens: int):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"tokenizer of {getattr(tokenizer, 'name_or_path', '?')} has no chat template; "
+                "opsd needs one to build student and teacher prompts"
+            )
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.max_model_len = max_model_len
+        self.max_new_tokens = max_new_tokens
+
+    def student_messages(self, problem: str) -> list[dict]:
+        return [{"role": "user", "content": f"{problem}\n{self.cfg.student_instruction}".strip()}]
+
+    def teacher_messages(self, problem: str, solution: str) -> list[dict]:
+        content = self.cfg.teacher_template.format(
+            problem=problem, solution=solution, instruction=self.cfg.student_instruction
+        )
+        return [{"role": "user", "content": content}]
+
+    def student_ids(self, problem: str) -> list[int]:
+        return _template_ids(self.tokenizer, self.student_messages(problem), thinking=self.cfg.student_thinking)
+
+    def teacher_ids(self, problem: str, solution: str) -> list[int]:
+        return _template_ids(
+            self.tokenizer, self.teacher_messages(problem, solution), thinking=self.cfg.teacher_thinking
+        )
+
+    def build(self, problems: Sequence[Problem], *, source: str = "") -> tuple[list[PromptPair], list[str]]:
+        """Prompts for each problem; returns (pairs, uids skipped as over-long).
+
+        With ``prompt.overlong=error`` an over-long prompt raises :class:`PromptTooLongError`
+        naming the row; with ``skip`` it is left out and its uid returned.
+        """
+        pairs: list[PromptPair] = []
+        skipped: list[str] = []
+        budget = self.max_model_len - self.max_new_tokens
+        for p in problems:
+            s_ids = self.student_ids(p.problem)
+            t_ids = self.teacher_ids(p.problem, p.solution)
+            limit = min(self.cfg.max_prompt_len, budget)
+            worst = max(len(s_ids), len(t_ids))
+            if worst > limit:
+                if self.cfg.overlong == "skip":
+                    skipped.append(p.uid)
+                    continue
+                which = "teacher" if len(t_ids) >= len(s_ids) else "student"
+                raise PromptTooLongError(
+                    f"{source + ': ' if source else ''}row {p.uid}: the {which} prompt has {worst} tokens, more than "
+                    f"{limit} (prompt.max_prompt_len={self.cfg.max_prompt_len}, model.max_model_len="
+                    f"{self.max_model_len} minus {self.max_new_tokens} new tokens). Raise those limits or set "
+                    "prompt.overlong=skip to drop such rows (they are counted)."
+                )
+            pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer))
+        return pairs, skipped
+
+
+def response_loss_mask(num_tokens: int, *, skip_first: int = 0) -> list[bool]:
+    """Every sampled token counts, EOS included, except the first ``skip_first``.
+
+    The mask comes from the response length, never from comparing ids with the pad id: with a
+    tokenizer whose pad equals EOS, an id test would drop the EOS the student must learn to emit.
+    """
+    return [i >= skip_first for i in range(num_tokens)]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: (ids [B, L] long, attention_mask [B, L] long from lengths)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
