@@ -85,6 +85,9 @@ class RolloutConfig:
     max_tokens: int = 96
     n: int = 1  # samples per prompt
     gpu_memory_utilization: float = 0.3
+    # KV-cache size in MiB; when set it replaces gpu_memory_utilization (on CPU, that fraction is
+    # of host memory and counts the whole process, which makes small settings fail).
+    kv_cache_mb: Optional[int] = None
     enforce_eager: bool = True
     max_staleness: int = 0  # 0 = strictly on-policy
     seed: int = 0

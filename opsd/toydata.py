@@ -114,8 +114,8 @@ def _level1(rng: random.Random) -> ToyProblem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     expr = f"{a} + {b}"
     problem, opening = _pose(rng, expr, [
-        f"{name} has {a} {item} and finds {b} more. How many {item} does {name} have now?",
-        f"A box has {a} {item}. {name} puts in {b} more. How many {item} are in the box?",
+        f"{name} has {a} {item} and finds {b} more. How many {item} now?",
+        f"A box has {a} {item}. {name} adds {b}. How many {item} now?",
     ])
     return ToyProblem(1, expr, problem, _solution([opening, *add_columns(a, b)], a + b), str(a + b))
 
@@ -135,7 +135,7 @@ def _level2(rng: random.Random) -> ToyProblem:
     expr = f"{a} {op} {b}"
     if op == "+":
         value, steps = a + b, add_columns(a, b)
-        words = [f"A shop sold {a} {item} on Monday and {b} on Tuesday. How many {item} in total?"]
+        words = [f"A shop sold {a} {item} and then {b} more. How many in total?"]
     else:
         value, steps = a - b, sub_columns(a, b)
         words = [f"{name} had {a} {item} and gave away {b}. How many {item} are left?"]
@@ -150,7 +150,7 @@ def _level3(rng: random.Random) -> ToyProblem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     expr = f"{a} * {b}"
     problem, opening = _pose(rng, expr, [
-        f"{name} buys {b} bags with {a} {item} in each bag. How many {item} is that?",
+        f"{name} buys {b} bags of {a} {item}. How many {item}?",
     ])
     return ToyProblem(3, expr, problem, _solution([opening, mul_small(a, b)], a * b), str(a * b))
 
@@ -163,7 +163,7 @@ def _level4(rng: random.Random) -> ToyProblem:
         s = a + b
         expr, value = f"({a} + {b}) * {c}", s * c
         steps = [f"{a} + {b} = {s}.", mul_small(s, c)]
-        words = [f"Each of {c} boxes has {a} red and {b} blue {item}. How many {item} in all?"]
+        words = [f"{c} boxes each hold {a} red and {b} blue {item}. How many {item}?"]
     elif form == 1:  # (a - b) * c
         a, c = rng.randint(20, 99), rng.randint(2, 9)
         b = rng.randint(2, a - 10)
@@ -179,7 +179,7 @@ def _level4(rng: random.Random) -> ToyProblem:
         value = p + c if op == "+" else p - c
         expr = f"{a} * {b} {op} {c}"
         steps = [mul_small(a, b), f"{p} {op} {c} = {value}."]
-        words = ([f"{name} has {b} bags of {a} {item} and {c} more. How many {item} in all?"]
+        words = ([f"{name} has {b} bags of {a} {item} and {c} more. How many {item}?"]
                  if op == "+" else
                  [f"{name} buys {b} packs of {a} {item} and gives away {c}. How many are left?"])
     problem, opening = _pose(rng, expr, words)
@@ -189,12 +189,14 @@ def _level4(rng: random.Random) -> ToyProblem:
 def _level5(rng: random.Random) -> ToyProblem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     form = rng.randrange(3)
-    if form == 0:  # a * b + c * d
-        a, b, c, d = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 40), rng.randint(2, 9)
+    if form == 0:  # a * b + c * d, one of the two products a times-table fact (keeps it short)
+        a, b, c, d = rng.randint(2, 9), rng.randint(2, 9), rng.randint(11, 49), rng.randint(2, 9)
+        if rng.random() < 0.5:
+            a, b, c, d = c, d, a, b
         p, q = a * b, c * d
         expr, value = f"{a} * {b} + {c} * {d}", p + q
         steps = [mul_small(a, b), mul_small(c, d), f"{p} + {q} = {value}."]
-        words = [f"{name} buys {b} packs of {a} {item} and {d} packs of {c}. How many {item} in all?"]
+        words = [f"{name} buys {b} packs of {a} {item} and {d} packs of {c}. How many {item}?"]
     elif form == 1:  # (a + b) * c - d
         a, b, c = rng.randint(10, 50), rng.randint(2, 30), rng.randint(2, 9)
         s = a + b
@@ -211,7 +213,7 @@ def _level5(rng: random.Random) -> ToyProblem:
         steps = [f"{a} * {b} = {a} * {tens} + {a} * {ones}.",
                  f"{a} * {tens} = {a * tens}.", f"{a} * {ones} = {a * ones}.",
                  f"{a * tens} + {a * ones} = {value}."]
-        words = [f"A hall has {a} rows of {b} seats. How many seats are there?"]
+        words = [f"A hall has {a} rows of {b} seats. How many seats?"]
     problem, opening = _pose(rng, expr, words)
     return ToyProblem(5, expr, problem, _solution([opening, *steps], value), str(value))
 

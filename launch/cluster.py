@@ -1,0 +1,132 @@
+"""Ray wiring: start or attach to Ray, create the actors, and call them with retries.
+
+A rollout worker or scorer that dies is restarted by Ray (``max_restarts``); the call that was in
+flight is retried here on the restarted actor after it has been brought back to the current
+weights, so a step's prompts are neither lost nor done twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from opsd.config import Config
+from workers.weight_sync import WeightSyncError, WeightUpdate
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "RAY_DEDUP_LOGS": "1"}
+
+
+def init_ray(cfg: Config) -> bool:
+    """Attach to a running cluster when told to (cluster.address or RAY_ADDRESS, as under
+    ``ray job submit``), else start a local one. Returns True when this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": dict(WORKER_ENV)}
+    if cfg.cluster.device == "cpu":
+        env["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    ray.init(
+        num_cpus=cfg.cluster.num_cpus,
+        include_dashboard=cfg.cluster.dashboard,
+        dashboard_host="127.0.0.1",
+        runtime_env=env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    return True
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.ActorUnavailableError)
+
+
+class ActorPool:
+    """Actors of one kind (rollout or scorer) and fault-tolerant calls on them."""
+
+    def __init__(self, kind: str, cls: type, n: int, options: dict, args: tuple, *, max_restarts: int):
+        import ray
+
+        self.kind = kind
+        self.max_restarts = max_restarts
+        remote = ray.remote(cls)
+        self.actors = [
+            remote.options(max_restarts=max_restarts, max_task_retries=0, **options).remote(*args, i)
+            if kind == "rollout" else
+            remote.options(max_restarts=max_restarts, max_task_retries=0, **options).remote(*args)
+            for i in range(n)
+        ]
+        self.restarts = 0
+        self.on_restart: Callable[[Any], None] | None = None
+
+    def wait_ready(self) -> list:
+        import ray
+
+        return ray.get([a.get_version.remote() for a in self.actors])
+
+    def _recover(self, actor: Any, error: BaseException) -> None:
+        import ray
+
+        self.restarts += 1
+        if self.restarts > self.max_restarts * len(self.actors):
+            raise RuntimeError(f"{self.kind} actor failed too often ({self.restarts} restarts): {error}") from error
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                ray.get(actor.get_version.remote(), timeout=60)
+                break
+            except _actor_errors() + (ray.exceptions.GetTimeoutError,):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind} actor did not come back after a failure: {error}") from error
+                time.sleep(1.0)
+        if self.on_restart is not None:
+            self.on_restart(actor)
+
+    def map(self, method: str, per_actor_args: list[tuple], **kwargs) -> list:
+        """Call ``method`` on actor i with per_actor_args[i]; retry a call whose actor died."""
+        import ray
+
+        refs = {i: getattr(self.actors[i], method).remote(*a, **kwargs) for i, a in enumerate(per_actor_args)}
+        results: dict[int, Any] = {}
+        while refs:
+            i, ref = next(iter(refs.items()))
+            try:
+                results[i] = ray.get(ref)
+                del refs[i]
+            except _actor_errors() as exc:
+                self._recover(self.actors[i], exc)
+                refs[i] = getattr(self.actors[i], method).remote(*per_actor_args[i], **kwargs)
+        return [results[i] for i in range(len(per_actor_args))]
+
+    def broadcast_weights(self, update: WeightUpdate, *, retries: int) -> None:
+        """All-or-nothing per receiver: retried, then a loud failure naming the receiver."""
+        import ray
+
+        for idx, actor in enumerate(self.actors):
+            for attempt in range(retries + 1):
+                try:
+                    ray.get(actor.load_weights.remote(update))
+                    break
+                except _actor_errors() as exc:
+                    self._recover(actor, exc)  # the restart hook brings it to the current version
+                    break
+                except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
+                    if attempt == retries:
+                        raise WeightSyncError(
+                            f"{self.kind} {idx} failed to load weight version {update.version} after "
+                            f"{retries + 1} tries: {exc}"
+                        ) from exc
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

@@ -1,0 +1,409 @@
+"""The training driver. ``Trainer.run`` reads as the data flow of DESIGN.md:
+
+    sample prompts -> rollouts (vLLM actors) -> teacher scores (Arrow batch) -> train (ZeRO group)
+    -> sync weights -> evaluate every eval.every steps -> checkpoint every train.checkpoint_every
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from opsd.batch import concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
+from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml
+from opsd.data import EpochSampler, load_problems
+from opsd.evaluation import grade, summarize
+from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
+from opsd.verify import score_response
+from launch.cluster import ActorPool, init_ray
+from workers.learner import LearnerGroup
+from workers.rollout import RolloutWorker
+from workers.scorer import ScoreRequest, ScorerWorker
+
+METRIC_FIELDS = (
+    "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
+    "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
+    "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
+)
+
+
+def sample_seed(seed: int, step: int, uid: str) -> int:
+    """A per-prompt sampling seed that depends only on (run seed, step, prompt): retries and
+    resumed runs draw the same samples."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{uid}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path == "tiny":
+        from opsd.tiny import ensure_tiny_model, tiny_dir
+
+        return str(ensure_tiny_model(tiny_dir()))
+    local = resolve_path(cfg.model.path)
+    return str(local) if local is not None and local.exists() else cfg.model.path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a step_N folder with its driver state written last)."""
+    done = []
+    for d in (run_dir / "checkpoints").glob("step_*"):
+        if d.name.split("_")[-1].isdigit() and (d / "driver_state.json").is_file():
+            done.append((int(d.name.split("_")[-1]), d))
+    return max(done)[1] if done else None
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = path / "metrics.jsonl"
+        self.batches = path / "batches"
+        self.checkpoints = path / "checkpoints"
+
+    def log_metrics(self, row: dict) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Forget steps after the checkpoint being resumed from: they will be redone."""
+        if not self.metrics_file.exists():
+            return
+        kept = [ln for ln in self.metrics_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+        self.metrics_file.write_text("".join(ln + "\n" for ln in kept))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.model_path = resolve_model(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
+        check(cfg, vocab_size=len(self.tokenizer))
+        self.builder = PromptBuilder(
+            self.tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.rollout.max_tokens
+        )
+        train_path = resolve_path(cfg.data.train_path)
+        problems = load_problems(train_path, **self._columns())
+        if cfg.data.max_rows:
+            problems = problems[: cfg.data.max_rows]
+        self.pairs, self.skipped = self.builder.build(problems, source=str(train_path))
+        if not self.pairs:
+            raise ValueError(f"{train_path}: no usable problems (all {len(problems)} skipped as over-long)")
+        self.sampler = EpochSampler(len(self.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        self.eval_pairs: list[PromptPair] = []
+        if cfg.eval.every:
+            eval_path = resolve_path(cfg.eval.path or cfg.data.test_path)
+            eval_problems = load_problems(eval_path, **self._columns())[: cfg.eval.max_problems]
+            self.eval_pairs, _ = self.builder.build(eval_problems, source=str(eval_path))
+        self.step = 0
+        self.policy_version = 0
+        self.teacher_version = 0
+        self.tokens_total = 0
+        self.last_update = None
+        self.last_teacher_update = None
+
+    def _columns(self) -> dict:
+        d = self.cfg.data
+        return dict(problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key, id_key=d.id_key)
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        gpu = 1 if cfg.cluster.device == "cuda" else 0
+        restarts = cfg.train.max_actor_restarts
+        self.rollouts = ActorPool(
+            "rollout", RolloutWorker, cfg.rollout.num_workers,
+            {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size},
+            (cfg, self.model_path), max_restarts=restarts,
+        )
+        self.scorers = None
+        if cfg.algo == "opsd":
+            self.scorers = ActorPool(
+                "scorer", ScorerWorker, cfg.scorer.num_workers,
+                {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker},
+                (cfg, self.model_path), max_restarts=restarts,
+            )
+        self.learner = LearnerGroup(cfg, self.model_path)
+        self.rollouts.wait_ready()
+        if self.scorers:
+            self.scorers.wait_ready()
+        self.rollouts.on_restart = self._catch_up_rollout
+        if self.scorers:
+            self.scorers.on_restart = self._catch_up_scorer
+
+    def _catch_up_rollout(self, actor: Any) -> None:
+        import ray
+
+        if self.last_update is not None:
+            ray.get(actor.load_weights.remote(self.last_update))
+
+    def _catch_up_scorer(self, actor: Any) -> None:
+        import ray
+
+        if self.cfg.teacher.mode == "live" and self.last_update is not None:
+            ray.get(actor.load_weights.remote(self.last_update))
+        elif self.cfg.teacher.mode == "ema" and self.teacher_version:
+            ckpt = latest_checkpoint(self.run.path)
+            if ckpt is None or not (ckpt / "teacher" / "ema.safetensors").exists():
+                raise RuntimeError("the EMA teacher's scorer died before any checkpoint held its state")
+            from safetensors.torch import load_file
+
+            state = json.loads((ckpt / "driver_state.json").read_text())
+            ray.get(actor.load_state.remote(load_file(ckpt / "teacher" / "ema.safetensors"), state["teacher_version"]))
+
+    # --- one step ------------------------------------------------------------------------------
+
+    def rollout(self, pairs: list[PromptPair], step: int) -> list[dict]:
+        """prompts -> samples: each prompt goes to one worker; n samples per prompt."""
+        cfg = self.cfg.rollout
+        nw = len(self.rollouts.actors)
+        shards = [pairs[i::nw] for i in range(nw)]
+        args = [([p.student_ids for p in s], [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
+        outs = self.rollouts.map(
+            "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k,
+        )
+        by_uid = {}
+        for shard, out in zip(shards, outs):
+            for pair, samples in zip(shard, out):
+                by_uid[pair.uid] = (pair, samples)
+        rows = []
+        for pair in pairs:  # keep the sampler's order
+            pair, samples = by_uid[pair.uid]
+            for j, s in enumerate(samples):
+                rows.append({
+                    "sample_id": f"{pair.uid}#{j}", "pair": pair, "response_ids": s.response_ids,
+                    "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
+                    "policy_version": s.policy_version, "reward": score_response(s.text, pair.answer),
+                })
+        return rows
+
+    def score(self, rows: list[dict]) -> bytes:
+        """samples -> Arrow batch with the teacher's targets (scorers split the rows)."""
+        reqs = [
+            ScoreRequest(
+                sample_id=r["sample_id"], prompt_ids=r["pair"].student_ids, teacher_prompt_ids=r["pair"].teacher_ids,
+                response_ids=r["response_ids"], rollout_logprobs=r["rollout_logprobs"],
+                loss_mask=response_loss_mask(len(r["response_ids"]), skip_first=self.cfg.loss.skip_first),
+                reward=r["reward"], policy_version=r["policy_version"], finish_reason=r["finish_reason"],
+            )
+            for r in rows
+        ]
+        ns = len(self.scorers.actors)
+        parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)])
+        tables = [from_ipc_bytes(p) for p in parts if p is not None]
+        table = concat_batches(tables)
+        # Restore the sampler's row order, which the shards interleaved.
+        order = {r["sample_id"]: i for i, r in enumerate(rows)}
+        ids = table.column("sample_id").to_pylist()
+        table = table.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
+        return to_ipc_bytes(table)
+
+    def sync(self) -> None:
+        """Learner rank 0 -> rollout workers (and the teacher when it is live or EMA)."""
+        self.policy_version += 1
+        update = self.learner.push_weights(self.policy_version)
+        self.rollouts.broadcast_weights(update, retries=self.cfg.sync.retries)
+        self.last_update = update
+        mode = self.cfg.teacher.mode
+        if self.scorers and (mode == "live" or (mode == "ema" and self.policy_version % self.cfg.teacher.sync_every == 0)):
+            self.scorers.broadcast_weights(update, retries=self.cfg.sync.retries)
+            self.teacher_version = self.policy_version
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy (or eval.temperature) answers on the held-out problems, graded by opsd.verify."""
+        cfg = self.cfg.eval
+        nw = len(self.rollouts.actors)
+        shards = [self.eval_pairs[i::nw] for i in range(nw)]
+        outs = self.rollouts.map(
+            "generate", [([p.student_ids for p in s], [sample_seed(0, -1, p.uid) for p in s]) for s in shards],
+            n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+        )
+        graded = [
+            grade(p.uid, [s.text for s in samples], p.answer)
+            for shard, out in zip(shards, outs) for p, samples in zip(shard, out)
+        ]
+        return {f"eval/{k}": v for k, v in summarize(graded).items()}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        final = self.run.checkpoints / f"step_{self.step}"
+        tmp = self.run.checkpoints / f".step_{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.learner.save_checkpoint(str(tmp / "learner"))
+        if self.cfg.train.export_hf:
+            self.learner.export_hf(str(tmp / "hf"))
+        if self.scorers and self.cfg.teacher.mode == "ema":
+            import ray
+            from safetensors.torch import save_file
+
+            (tmp / "teacher").mkdir()
+            save_file(ray.get(self.scorers.actors[0].state_dict_cpu.remote()), tmp / "teacher" / "ema.safetensors")
+        state = {
+            "step": self.step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
+            "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
+        }
+        # Written last: its presence marks the checkpoint complete.
+        (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def restore(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "driver_state.json").read_text())
+        self.learner.load_checkpoint(str(ckpt / "learner"))
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = state["step"]
+        self.tokens_total = state["tokens_generated_total"]
+        self.policy_version = state["policy_version"] - 1
+        self.sync()  # pushes the restored policy (and a live teacher) under its saved version
+        if self.cfg.teacher.mode == "ema" and self.scorers:
+            import ray
+            from safetensors.torch import load_file
+
+            teacher = load_file(ckpt / "teacher" / "ema.safetensors")
+            ray.get([a.load_state.remote(teacher, state["teacher_version"]) for a in self.scorers.actors])
+        self.teacher_version = state["teacher_version"]
+        self.run.truncate_metrics(self.step)
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run_steps(self, run: RunDir) -> None:
+        import ray
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.run = run
+        writer = _tensorboard(run.path) if cfg.logging.tensorboard else None
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
+                   disable=not cfg.logging.progress, dynamic_ncols=True)
+        while self.step < cfg.train.steps:
+            t_step = time.perf_counter()
+            step = self.step + 1
+            pairs = [self.pairs[i] for i in self.sampler.next_batch(cfg.train.prompts_per_step)]
+
+            t0 = time.perf_counter()
+            rows = self.rollout(pairs, step)
+            stale = [r for r in rows if self.policy_version - r["policy_version"] > cfg.rollout.max_staleness]
+            rows = [r for r in rows if r not in stale]
+            rollout_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            batch = self.score(rows)
+            score_s = time.perf_counter() - t0
+            if cfg.logging.save_batches:
+                write_ipc(from_ipc_bytes(batch), run.batches / f"step_{step:06d}.arrow")
+
+            t0 = time.perf_counter()
+            stats = self.learner.train_step(ray.put(batch))
+            train_s = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            self.sync()
+            sync_s = time.perf_counter() - t0
+
+            self.step = step
+            gen = sum(len(r["response_ids"]) for r in rows)
+            self.tokens_total += gen
+            tokens = max(stats["tokens"], 1.0)
+            row = {
+                "step": step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
+                "loss": stats["loss_sum"] / tokens,
+                "kl_sampled": stats.get("kl_sampled_sum", float("nan")) / tokens,
+                "grad_norm": stats["grad_norm"], "lr": stats["lr"],
+                "reward_mean": sum(r["reward"] for r in rows) / max(len(rows), 1),
+                "response_len_mean": gen / max(len(rows), 1),
+                "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
+                "tokens_generated": gen, "tokens_generated_total": self.tokens_total,
+                "samples": len(rows), "dropped_stale": len(stale),
+                "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
+                "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
+            }
+            if cfg.eval.every and step % cfg.eval.every == 0 and self.eval_pairs:
+                row.update(self.evaluate())
+            row["step_seconds"] = time.perf_counter() - t_step
+            run.log_metrics(row)
+            if writer is not None:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, step)
+                writer.flush()
+            if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean']:.2f}",
+                            tok_s=f"{gen / max(rollout_s, 1e-9):.0f}")
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        return None
+    return SummaryWriter(log_dir=str(path / "tensorboard"))
+
+
+def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Config, Path]:
+    """Resolve the config and run directory; a resumed run reuses its saved config."""
+    cfg = load_config(config_path, overrides)
+    if cfg.train.resume:
+        run_path = Path(cfg.train.resume)
+        saved = run_path / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"train.resume={run_path}: no config.yaml there; is it a run directory?")
+        # The saved config wins, except for what this command line overrides.
+        cfg = load_config(saved, [o for o in overrides if not o.startswith("train.resume=")])
+        cfg.train.resume = str(run_path)
+    elif cfg.train.run_dir:
+        run_path = Path(cfg.train.run_dir)
+    else:
+        run_path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    cfg.train.run_dir = str(run_path)
+    return cfg, run_path
+
+
+def train(config_path: str | None, overrides: list[str]) -> Path:
+    import ray
+
+    cfg, run_path = prepare_config(config_path, overrides)
+    run = RunDir(run_path)
+    (run.path / "config.yaml").write_text(to_yaml(cfg))
+    trainer = Trainer(cfg)
+    if trainer.skipped:
+        print(f"opsd: skipped {len(trainer.skipped)} over-long prompts (prompt.overlong=skip)")
+    started = init_ray(cfg)
+    try:
+        trainer.start()
+        if cfg.train.resume:
+            ckpt = latest_checkpoint(run.path)
+            if ckpt is None:
+                raise ConfigError(f"train.resume={run.path}: no complete checkpoint under {run.checkpoints}")
+            trainer.restore(ckpt)
+            print(f"opsd: resumed from {ckpt} (step {trainer.step})")
+        trainer.run_steps(run)
+    finally:
+        if started:
+            ray.shutdown()
+    return run.path
+
+
+def config_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+__all__ = ["Trainer", "train", "prepare_config", "latest_checkpoint", "sample_seed", "METRIC_FIELDS", "asdict"]

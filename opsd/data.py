@@ -1,0 +1,273 @@
+"""Math problems from disk, and the deterministic order in which training visits them.
+
+`load_problems` reads JSON Lines, Parquet, or a directory written by `datasets.save_to_disk`,
+checks every row up front and names file, row and key in any error. `EpochSampler` turns
+(seed, epoch) into a permutation, so the data position in a checkpoint is three integers and a
+resumed run sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opsd.verify import extract_boxed
+
+__all__ = ["DataError", "EpochSampler", "Problem", "load_problems"]
+
+FORMATS = (
+    "a .jsonl file (one JSON object per line), a .parquet file, or a directory saved with "
+    "datasets' save_to_disk (for a DatasetDict, pick the split with 'DIR::SPLIT'; default 'train')"
+)
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as given; the message names file, row and key."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    uid: str  # stable row id: "<source>:<row index from 0>" or the configured id column
+    problem: str
+    solution: str  # "" when loaded with require_solution=False and the row has none
+    answer: str
+
+
+def load_problems(
+    path: str | Path,
+    *,
+    problem_key: str = "problem",
+    solution_key: str = "solution",
+    answer_key: str = "answer",
+    id_key: str | None = None,
+    require_solution: bool = True,
+) -> list[Problem]:
+    """Read and validate every row of a problem set.
+
+    `path` is a .jsonl or .parquet file, or a `save_to_disk` directory; `DIR::SPLIT` chooses a
+    split of a saved DatasetDict, which otherwise must have a "train" split. When a row has no
+    answer (key absent or null), the answer is the last \\boxed{} of its solution.
+    """
+    path_str = str(path)
+    split = None
+    if "::" in path_str:
+        path_str, split = path_str.rsplit("::", 1)
+    file = Path(path_str)
+    if not file.exists():
+        raise FileNotFoundError(f"problem set {path_str!r} does not exist; expected {FORMATS}")
+    if split is not None and not file.is_dir():
+        raise DataError(
+            f"{path}: '::{split}' selects a split, which only a saved dataset directory has"
+        )
+
+    if file.is_dir():
+        rows, source = _read_saved_dataset(file, split)
+        where = "row"
+    elif file.suffix == ".jsonl":
+        rows, source = _read_jsonl(file), file.stem
+        where = "line"
+    elif file.suffix == ".parquet":
+        rows, source = _read_parquet(file), file.stem
+        where = "row"
+    else:
+        raise DataError(f"{file}: unknown format {file.suffix!r}; expected {FORMATS}")
+
+    problems: list[Problem] = []
+    first_row_of_uid: dict[str, int] = {}
+    for index, (row_no, row) in enumerate(rows):
+        at = f"{path}, {where} {row_no}"
+        if not isinstance(row, dict):
+            raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
+        problem = _text(row, problem_key, at)
+        if require_solution or not _is_blank(row.get(solution_key)):
+            solution = _text(row, solution_key, at)
+        else:
+            solution = ""
+        answer = None if row.get(answer_key) is None else _text(row, answer_key, at)
+        if answer is None:
+            answer = extract_boxed(solution) if solution else None
+            if answer is None or not answer.strip():
+                raise DataError(
+                    f"{at}: no answer: key {answer_key!r} is absent and the "
+                    f"{solution_key!r} field has no \\boxed{{...}} to take it from"
+                )
+        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
+        if uid in first_row_of_uid:
+            raise DataError(
+                f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}"
+            )
+        first_row_of_uid[uid] = row_no
+        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer.strip()))
+    if not problems:
+        raise DataError(f"{path}: no rows")
+    return problems
+
+
+def _text(row: dict, key: str, at: str) -> str:
+    value = row.get(key)
+    if value is None:
+        state = "is null" if key in row else "is missing"
+        keys = ", ".join(repr(k) for k in row)
+        raise DataError(f"{at}: key {key!r} {state} (row has {keys})")
+    if not isinstance(value, str):
+        got = f"{type(value).__name__} {value!r:.80}"
+        raise DataError(f"{at}: key {key!r} must be a string, got {got}")
+    if not value.strip():
+        raise DataError(f"{at}: key {key!r} is empty")
+    return value
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _row_id(row: dict, key: str, at: str) -> str:
+    value = row.get(key)
+    # bool is an int subclass, and True as an id is a mistake, not a number.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text(row, key, at)
+
+
+def _read_jsonl(file: Path) -> list[tuple[int, Any]]:
+    # Bytes first, decoded line by line, so a bad byte is reported with its line number.
+    rows = []
+    for line_no, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{file}, line {line_no}: not UTF-8 "
+                f"(byte {raw[e.start]:#04x} at column {e.start + 1})"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{file}, line {line_no}: invalid JSON: {e.msg} at column {e.colno}"
+            ) from None
+    return rows
+
+
+def _read_parquet(file: Path) -> list[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file)
+    except Exception as e:  # pyarrow raises several types for "this is not parquet"
+        raise DataError(f"{file}: cannot read as Parquet: {e}") from e
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _read_saved_dataset(directory: Path, split: str | None) -> tuple[list[tuple[int, Any]], str]:
+    import datasets  # deferred: slow to import and only needed for this format
+
+    try:
+        loaded = datasets.load_from_disk(str(directory))
+    except FileNotFoundError as e:
+        raise DataError(
+            f"{directory}: not a saved dataset directory ({e}); expected {FORMATS}"
+        ) from e
+    source = directory.name
+    if isinstance(loaded, datasets.DatasetDict):
+        split = split or "train"
+        if split not in loaded:
+            raise DataError(
+                f"{directory}: no split {split!r}; it has {sorted(loaded)} "
+                "(choose one with 'DIR::SPLIT')"
+            )
+        loaded = loaded[split]
+        # Row indices restart in every split, so the split is part of the id.
+        source = f"{source}/{split}"
+    elif split is not None:
+        raise DataError(f"{directory}: '::{split}' given, but this directory holds a single split")
+    return list(enumerate(loaded.to_list(), start=1)), source
+
+
+class EpochSampler:
+    """Endless stream of row indices, reshuffled every epoch.
+
+    The permutation of epoch e is a pure function of (seed, e), so every process and every
+    restart agrees on it, and `state_dict()` (seed, epoch, position) is all a checkpoint needs.
+    It comes from NumPy's seeded Generator, whose streams NumPy keeps stable in practice but does
+    not promise across releases: resume a run with the NumPy it started with.
+    With `drop_last=False` a batch that reaches the end of an epoch continues into the next
+    epoch's permutation; with `drop_last=True` the short tail of the epoch is skipped instead,
+    so no batch spans two epochs.
+    """
+
+    def __init__(self, num_items: int, *, seed: int, shuffle: bool = True, drop_last: bool = False):
+        if not isinstance(num_items, int) or num_items < 1:
+            raise ValueError(f"num_items must be a positive integer, got {num_items!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.position = 0  # next index into this epoch's permutation; always < num_items
+        self._order = self.epoch_indices(0)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """Every index once, in epoch `epoch`'s order."""
+        if not self.shuffle:
+            return list(range(self.num_items))
+        # SeedSequence hashes the pair, so neighbouring seeds or epochs give unrelated streams.
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(self.num_items).tolist()
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if self.drop_last:
+            if batch_size > self.num_items:
+                raise ValueError(
+                    f"batch_size {batch_size} exceeds the {self.num_items} items of an epoch, "
+                    "so with drop_last=True no batch could ever be drawn"
+                )
+            if self.position + batch_size > self.num_items:
+                self._start_epoch(self.epoch + 1)
+        batch: list[int] = []
+        while len(batch) < batch_size:
+            take = min(batch_size - len(batch), self.num_items - self.position)
+            batch += self._order[self.position : self.position + take]
+            self.position += take
+            if self.position == self.num_items:
+                self._start_epoch(self.epoch + 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "num_items": self.num_items,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_items", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state has {key}={state[key]!r} but this sampler has "
+                    f"{key}={getattr(self, key)!r}; resuming would visit different rows"
+                )
+        position = int(state["position"])
+        if not 0 <= position < self.num_items:
+            raise ValueError(f"sampler state position {position} is outside [0, {self.num_items})")
+        self._start_epoch(int(state["epoch"]))
+        self.position = position
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.position = 0
+        self._order = self.epoch_indices(epoch)

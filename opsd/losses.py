@@ -1,0 +1,472 @@
+"""Per-token objectives for OPSD, GRPO and SFT, and the chunked driver the learner calls.
+
+Every objective is a pure function from per-token tensors to a per-token loss ``[N]``; the learner
+flattens the batch to the N positions that count and hands them to :func:`chunked_loss`, which
+adds the vocabulary projection chunk by chunk so that only one chunk's ``[n, V]`` logits exist at
+any time, in the forward pass and in the backward pass.
+
+Divergence conventions (DESIGN.md, "Losses"), with p_T the teacher and p_S the student:
+
+- ``beta = 0``: forward KL(p_T || p_S)
+- ``beta = 1``: reverse KL(p_S || p_T)
+- ``0 < beta < 1``: generalized JSD with mixture m = beta p_T + (1 - beta) p_S,
+  ``JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m)``
+
+JSD_beta vanishes as beta -> 0 or 1; the endpoints are the limits of JSD_beta / beta and
+JSD_beta / (1 - beta), so the loss scale jumps at the ends (beta = 0.01 is roughly 0.01 x forward
+KL).
+
+Global token mean: the OPSD and GRPO losses are a mean over every loss token of the global batch
+(all gradient-accumulation micro-batches on all ranks), not a mean of per-sample or per-micro-batch
+means. Each call of :func:`chunked_loss` therefore divides its *sum* of weighted token losses by
+``normalizer`` = the global number of loss tokens of the optimizer step (sum of ``weight`` over
+everything), which the caller computes once before the micro-batches (an all-reduce of the local
+counts). Summing the gradients of all micro-batches on all ranks then gives the gradient of the
+full-batch token mean. An engine that averages gradients over W ranks and scales each
+micro-batch loss by 1 / G accumulation steps (DeepSpeed's ``engine.backward`` does both) needs
+``normalizer / (W * G)`` to undo those factors; the caller knows its engine, this module does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+ALGOS = ("opsd", "grpo", "sft")
+OBJECTIVES = ("divergence", "sampled_token")
+SUPPORTS = ("topk", "topk_tail")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 logits lose the small probabilities that the divergences live on; float64 stays
+    # float64 so that gradcheck and exact tests can run through the same code.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_floor(dtype: torch.dtype) -> float:
+    # log of the smallest normal number: a zero probability becomes ~1e-38 (float32), so 0 * log 0
+    # contributes ~1e-36 instead of NaN, and every log is finite, which keeps gradients finite.
+    return math.log(torch.finfo(dtype).tiny)
+
+
+def _check_divergence_args(beta: float, support: str, temperature: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if support not in SUPPORTS:
+        raise ValueError(f"support must be one of {SUPPORTS}, got {support!r}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _student_logprobs(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.to(_compute_dtype(logits.dtype))
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _divergence_from_logprobs(
+    logp: Tensor,  # [N, V] student log-softmax, temperature applied
+    topk_ids: Tensor,  # [N, k]
+    topk_logprobs: Tensor,  # [N, k] teacher, over the full vocabulary
+    beta: float,
+    support: str,
+) -> Tensor:  # [N]
+    dtype = logp.dtype
+    floor = _log_floor(dtype)
+    topk_ids = topk_ids.long()
+    ls = logp.gather(-1, topk_ids).clamp_min(floor)  # [N, k]
+    # -inf (a masked-out token) is a legal teacher logprob; the floor turns it into a tiny mass.
+    lt = topk_logprobs.detach().to(dtype).clamp_min(floor)  # [N, k]
+
+    if support == "topk":
+        ls = ls - torch.logsumexp(ls, dim=-1, keepdim=True)
+        lt = lt - torch.logsumexp(lt, dim=-1, keepdim=True)
+    else:
+        # Student tail as the sum over the complement, not 1 - sum(top-k): the subtraction would
+        # round a 1e-9 tail to 0 in float32. Probabilities are <= 1, so the plain sum cannot
+        # overflow.
+        outside = torch.ones_like(logp, dtype=torch.bool).scatter_(-1, topk_ids, False)  # [N, V]
+        tail_s = (logp.exp() * outside).sum(-1, keepdim=True)  # [N, 1]
+        # Float64 for the teacher's 1 - sum: the large logprobs sit near 0 where float32 is exact,
+        # so the error is in the summation, and float64 keeps tails down to ~1e-16.
+        tail_t = 1.0 - lt.double().exp().sum(-1, keepdim=True)  # [N, 1]
+        # clamp_min also zeroes the gradient of a vanished tail instead of producing inf * 0.
+        ls = torch.cat([ls, tail_s.clamp_min(torch.finfo(dtype).tiny).log()], dim=-1)  # [N, k+1]
+        lt_tail = tail_t.clamp_min(torch.finfo(dtype).tiny).log().to(dtype)
+        lt = torch.cat([lt, lt_tail], dim=-1)  # [N, k+1]
+
+    ps, pt = ls.exp(), lt.exp()
+    if beta == 0.0:
+        return (pt * (lt - ls)).sum(-1)
+    if beta == 1.0:
+        return (ps * (ls - lt)).sum(-1)
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))  # log m
+    return beta * (pt * (lt - lm)).sum(-1) + (1.0 - beta) * (ps * (ls - lm)).sum(-1)
+
+
+def token_divergence(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    *,
+    beta: float,
+    support: str,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Per-position divergence between student and teacher on the teacher's top-k support.
+
+    Args:
+        student_logits: ``[N, V]`` raw logits; divided by ``temperature`` here.
+        topk_ids: ``[N, k]`` the teacher's top-k token ids at each position, distinct per row.
+        topk_logprobs: ``[N, k]`` the teacher's log-probabilities of those ids over the full
+            vocabulary, temperature already applied (so their probabilities sum to <= 1);
+            ``-inf`` is allowed. Not differentiated.
+        beta: 0 forward KL(p_T || p_S), 1 reverse KL(p_S || p_T), in between generalized JSD.
+        support: ``"topk"`` renormalises both distributions over the k ids; ``"topk_tail"`` adds a
+            (k+1)-th category holding each distribution's remaining mass. The tail variant is a
+            coarse-graining of the vocabulary, so it never exceeds the full-vocabulary divergence
+            and equals it when k = V.
+
+    Returns:
+        ``[N]`` divergence per position, float32 (float64 for float64 logits), differentiable
+        w.r.t. ``student_logits``. Probabilities are floored at the dtype's smallest normal
+        number, so zero masses add ~0 and the result stays finite where reverse KL would be
+        infinite (a teacher probability of 0 under a positive student probability).
+    """
+    _check_divergence_args(beta, support, temperature)
+    if student_logits.dim() != 2 or topk_ids.shape != topk_logprobs.shape:
+        raise ValueError(
+            f"expected student_logits [N, V] and topk_ids/topk_logprobs [N, k]; got "
+            f"{tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}"
+        )
+    logp = _student_logprobs(student_logits, temperature)
+    return _divergence_from_logprobs(logp, topk_ids, topk_logprobs, beta, support)
+
+
+def sampled_token_loss(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    rollout_logprobs: Tensor | None = None,
+    *,
+    is_clip: float | None = None,
+) -> Tensor:
+    """Policy-gradient surrogate on the sampled tokens, with the teacher as the reward.
+
+    With ``lp_S = student_logprobs``, ``lp_T = teacher_logprobs`` and ``lp_R = rollout_logprobs``
+    (all ``[N]``, log-probabilities of the sampled token):
+
+        A    = stopgrad(lp_T - lp_S)
+        w    = stopgrad(min(exp(lp_S - lp_R), is_clip))   (w = 1 without rollout_logprobs;
+                                                           no cap when is_clip is None)
+        loss = -w * A * lp_S
+
+    so ``grad loss = -w * A * grad lp_S``: the per-token reverse-KL policy gradient, corrected by a
+    truncated importance ratio when the tokens came from an older (or numerically different)
+    behaviour policy. The loss value itself is a surrogate; read the gap from ``A``.
+    """
+    adv = (teacher_logprobs - student_logprobs).detach()
+    loss = -adv * student_logprobs
+    if rollout_logprobs is not None:
+        ratio = torch.exp(student_logprobs - rollout_logprobs).detach()
+        if is_clip is not None:
+            ratio = ratio.clamp(max=is_clip)
+        loss = loss * ratio
+    return loss
+
+
+def grpo_advantages(
+    rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, scale_std: bool = True
+) -> Tensor:
+    """Group-normalised advantages ``(r - mean_g) / (std_g + eps)``.
+
+    Args:
+        rewards: ``[B]`` one scalar reward per sample.
+        group_ids: ``[B]`` integer group key per sample (samples of the same prompt share one);
+            values need not be contiguous or sorted.
+        scale_std: divide by the group std; ``False`` only centres.
+
+    ``std_g`` is the sample standard deviation (Bessel-corrected, n - 1), as torch.std and the
+    common GRPO implementations compute it. A group of one sample gets std 0 and advantage 0;
+    a group whose rewards are all equal gets advantage 0.
+    """
+    if rewards.shape != group_ids.shape or rewards.dim() != 1:
+        raise ValueError(
+            f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} and "
+            f"{tuple(group_ids.shape)}"
+        )
+    r = rewards.to(_compute_dtype(rewards.dtype))
+    _, inv = torch.unique(group_ids, return_inverse=True)  # [B] dense group index
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inv, torch.ones_like(r))  # [G]
+    mean = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inv, r) / count  # [G]
+    centred = r - mean[inv]  # [B]
+    if not scale_std:
+        return centred
+    sq = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, inv, centred.square())  # [G]
+    std = (sq / (count - 1).clamp_min(1)).sqrt()  # [G]
+    return centred / (std[inv] + eps)
+
+
+def _grpo_terms(
+    student_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    clip_low: float,
+    clip_high: float,
+    ref_logprobs: Tensor | None,
+    kl_coef: float,
+) -> tuple[Tensor, Tensor]:  # loss [N], clipped [N] bool
+    ratio = torch.exp(student_logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    # A token is clipped when the min picks the flat branch, i.e. it carries no policy gradient.
+    was_clipped = clipped < unclipped
+    if ref_logprobs is not None and kl_coef != 0.0:
+        d = ref_logprobs - student_logprobs
+        loss = loss + kl_coef * (torch.exp(d) - d - 1.0)
+    return loss, was_clipped
+
+
+def grpo_token_loss(
+    student_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> Tensor:
+    """PPO-clipped GRPO surrogate per token, all inputs ``[N]``.
+
+        r    = exp(lp - lp_old)
+        loss = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
+               + kl_coef * (exp(lp_ref - lp) - (lp_ref - lp) - 1)     (k3, when ref_logprobs given)
+    """
+    loss, _ = _grpo_terms(
+        student_logprobs, old_logprobs, advantages, clip_low, clip_high, ref_logprobs, kl_coef
+    )
+    return loss
+
+
+def sft_token_loss(student_logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Cross-entropy ``-log softmax(logits / temperature)[target]`` per position, ``[N, V] -> [N]``.
+    """
+    logp = _student_logprobs(student_logits, temperature)
+    return -logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def skip_first_mask(loss_mask: Tensor, n: int) -> Tensor:
+    """Drop the first ``n`` counted tokens of each row of a ``[B, T]`` bool mask.
+
+    "First n response positions" is taken as the first n positions where the mask is True, so the
+    result is the same whether rows are left-padded, right-padded or carry the prompt in front.
+    """
+    if n < 0:
+        raise ValueError(f"skip_first_mask: n must be >= 0, got {n}")
+    mask = loss_mask.bool()
+    if n == 0:
+        return mask.clone()
+    rank = mask.long().cumsum(dim=-1)  # [B, T] 1-based index of each counted token
+    return mask & (rank > n)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    algo: str = "opsd"  # "opsd" | "grpo" | "sft"
+    objective: str = "divergence"  # opsd only: "divergence" | "sampled_token"
+    beta: float = 0.5
+    support: str = "topk"  # "topk" | "topk_tail"
+    temperature: float = 1.0
+    token_clip: float | None = None  # clamp each token's loss at this max (opsd)
+    is_clip: float | None = None  # truncated importance ratio cap (opsd sampled_token)
+    clip_low: float = 0.2  # grpo
+    clip_high: float = 0.2  # grpo
+    kl_coef: float = 0.0  # grpo, k3 penalty toward ref_logprobs
+    chunk_size: int = 1024  # positions per chunk
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"loss.algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check_divergence_args(self.beta, self.support, self.temperature)
+        if self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class TokenTargets:
+    """One row per loss position, already flattened and masked by the learner."""
+
+    sampled_ids: Tensor  # [N] long, the response token at each position
+    weight: Tensor  # [N] float, 1.0 for loss tokens (0 allowed)
+    topk_ids: Tensor | None = None  # [N, k]
+    topk_logprobs: Tensor | None = None  # [N, k]
+    teacher_logprobs: Tensor | None = None  # [N]
+    rollout_logprobs: Tensor | None = None  # [N]
+    advantages: Tensor | None = None  # [N]
+    ref_logprobs: Tensor | None = None  # [N]
+
+
+_TARGET_FIELDS = (
+    "sampled_ids",
+    "weight",
+    "topk_ids",
+    "topk_logprobs",
+    "teacher_logprobs",
+    "rollout_logprobs",
+    "advantages",
+    "ref_logprobs",
+)
+
+
+def _required(spec: LossSpec) -> tuple[str, ...]:
+    if spec.algo == "opsd" and spec.objective == "divergence":
+        return ("topk_ids", "topk_logprobs")
+    if spec.algo == "opsd":
+        return ("teacher_logprobs",)
+    if spec.algo == "grpo":
+        return ("advantages",)
+    return ()
+
+
+def _stat_names(spec: LossSpec, targets: TokenTargets) -> list[str]:
+    names = ["loss_sum", "tokens", "entropy_sum"]
+    if targets.teacher_logprobs is not None:
+        names.append("kl_sampled_sum")
+    if spec.algo == "grpo" or (spec.algo == "opsd" and spec.token_clip is not None):
+        names.append("clipped_tokens")
+    return names
+
+
+def _chunk_loss(
+    head: Callable[[Tensor], Tensor],
+    spec: LossSpec,
+    names: list[str],
+    hidden: Tensor,  # [n, H]
+    t: dict[str, Tensor | None],  # TokenTargets fields sliced to the chunk
+) -> tuple[Tensor, Tensor]:  # (sum of weight * loss, stats [len(names)])
+    logp = _student_logprobs(head(hidden), spec.temperature)  # [n, V]
+    lp_sampled = logp.gather(-1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)  # [n]
+    clipped = None
+
+    if spec.algo == "opsd" and spec.objective == "divergence":
+        loss = _divergence_from_logprobs(
+            logp, t["topk_ids"], t["topk_logprobs"], spec.beta, spec.support
+        )
+    elif spec.algo == "opsd":
+        loss = sampled_token_loss(
+            lp_sampled, t["teacher_logprobs"], t["rollout_logprobs"], is_clip=spec.is_clip
+        )
+    elif spec.algo == "grpo":
+        # Without behaviour logprobs the batch is treated as exactly on-policy (ratio 1), which
+        # gives the plain policy gradient.
+        old = t["rollout_logprobs"] if t["rollout_logprobs"] is not None else lp_sampled.detach()
+        loss, clipped = _grpo_terms(
+            lp_sampled,
+            old,
+            t["advantages"],
+            spec.clip_low,
+            spec.clip_high,
+            t["ref_logprobs"],
+            spec.kl_coef,
+        )
+    else:
+        loss = -lp_sampled
+
+    if spec.algo == "opsd" and spec.token_clip is not None:
+        clipped = loss > spec.token_clip
+        loss = loss.clamp(max=spec.token_clip)
+
+    w = t["weight"].to(loss.dtype)  # [n]
+    loss_sum = (w * loss).sum()
+    with torch.no_grad():
+        values = {
+            "loss_sum": loss_sum.detach(),
+            "tokens": w.sum(),
+            "entropy_sum": (w * -(logp.exp() * logp).sum(-1)).sum(),
+        }
+        if "kl_sampled_sum" in names:
+            gap = t["teacher_logprobs"].to(loss.dtype) - lp_sampled
+            values["kl_sampled_sum"] = (w * gap).sum()
+        if "clipped_tokens" in names:
+            values["clipped_tokens"] = (w * clipped.to(loss.dtype)).sum()
+        stats = torch.stack([values[k] for k in names])
+    return loss_sum, stats
+
+
+def chunked_loss(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: TokenTargets,
+    spec: LossSpec,
+    *,
+    normalizer: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """Weighted token-loss sum of one micro-batch, divided by the global token count.
+
+    Args:
+        hidden: ``[N, H]`` final hidden states at the N loss positions.
+        head: maps ``[n, H]`` to ``[n, V]`` logits (the lm_head); called once per chunk in the
+            forward pass and once more per chunk when the backward pass recomputes it.
+        targets: per-position targets; which fields are needed depends on ``spec``.
+        spec: the objective; ``spec.chunk_size`` positions are projected at a time.
+        normalizer: number of loss tokens (sum of weights) of the whole optimizer step across
+            micro-batches and ranks; see the module docstring.
+
+    Returns:
+        ``(loss, stats)``: ``loss = sum_i weight_i * loss_i / normalizer`` (a scalar with grad),
+        and ``stats`` holding weighted *sums* over this micro-batch so the caller can add them up
+        across micro-batches and ranks before dividing by the total ``tokens``:
+        ``loss_sum``, ``tokens`` (sum of weights), ``entropy_sum`` (student entropy at the spec's
+        temperature), ``kl_sampled_sum`` (sum of teacher - student logprob of the sampled token,
+        when teacher logprobs are given; on-policy, minus its mean estimates KL(p_S || p_T)),
+        ``clipped_tokens`` (grpo: ratio clipped; opsd: loss capped by token_clip).
+
+    Each chunk runs under non-reentrant activation checkpointing, so nothing of width V is kept
+    between the forward and the backward pass; peak memory is O(chunk_size x V), not O(N x V).
+    """
+    if not normalizer > 0:
+        raise ValueError(f"chunked_loss: normalizer must be > 0, got {normalizer}")
+    n_pos = hidden.shape[0]
+    fields = {name: getattr(targets, name) for name in _TARGET_FIELDS}
+    for name, value in fields.items():
+        if value is not None and value.shape[0] != n_pos:
+            raise ValueError(
+                f"TokenTargets.{name} has {value.shape[0]} rows, hidden has {n_pos} positions"
+            )
+    missing = [name for name in _required(spec) if fields[name] is None]
+    if missing:
+        raise ValueError(
+            f"loss algo={spec.algo!r} objective={spec.objective!r} needs TokenTargets fields "
+            f"{missing}, which are None"
+        )
+    names = _stat_names(spec, targets)
+    if n_pos == 0:
+        # Still part of the graph, so an engine that expects every rank to call backward can.
+        return hidden.sum() * 0.0, {k: 0.0 for k in names}
+
+    def run(h: Tensor, *chunk_fields: Tensor | None) -> tuple[Tensor, Tensor]:
+        return _chunk_loss(head, spec, names, h, dict(zip(_TARGET_FIELDS, chunk_fields)))
+
+    total = None
+    chunk_stats = []
+    for start in range(0, n_pos, spec.chunk_size):
+        sl = slice(start, start + spec.chunk_size)
+        args = [hidden[sl]] + [None if v is None else v[sl] for v in fields.values()]
+        if torch.is_grad_enabled():
+            loss_sum, stats = checkpoint(run, *args, use_reentrant=False)
+        else:
+            loss_sum, stats = run(*args)
+        total = loss_sum if total is None else total + loss_sum
+        chunk_stats.append(stats)
+    sums = torch.stack(chunk_stats).sum(0).tolist()  # one host sync for the whole micro-batch
+    return total / normalizer, dict(zip(names, sums))

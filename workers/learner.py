@@ -1,0 +1,433 @@
+"""The learner group: W Ray actors forming one DeepSpeed ZeRO data-parallel group.
+
+Every rank receives the same Arrow batch, takes rows ``rank::W``, recomputes the student's
+logits over prompt + response, and applies the configured objective from ``opsd.losses``. The
+loss is normalised by the number of loss tokens in the whole global batch, so the update does
+not depend on how rows fall into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+import socket
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from opsd.batch import batch_meta, from_ipc_bytes
+from opsd.config import Config
+from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
+from opsd.prompts import pad_right
+from workers.weight_sync import NamedTensors, WeightUpdate, make_sender
+
+
+def loss_spec(cfg: Config) -> LossSpec:
+    lc = cfg.loss
+    return LossSpec(
+        algo=cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
+        token_clip=lc.token_clip, is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high,
+        kl_coef=lc.kl_coef, chunk_size=lc.chunk_size,
+    )
+
+
+def micro_batches_per_rank(cfg: Config) -> int:
+    """Fixed for the run, so the DeepSpeed config is too; a short step pads with empty ones."""
+    rows = cfg.train.prompts_per_step * (1 if cfg.algo == "sft" else cfg.rollout.n)
+    per_rank = math.ceil(rows / cfg.learner.num_ranks)
+    return max(1, math.ceil(per_rank / cfg.learner.micro_batch_size))
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    lc = cfg.learner
+    gas = micro_batches_per_rank(cfg)
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": lc.micro_batch_size * gas * lc.num_ranks,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": {"stage": lc.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lc.lr, "betas": list(lc.betas), "eps": 1e-8, "weight_decay": lc.weight_decay,
+                       "torch_adam": True},
+        },
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if lc.warmup_steps > 0:
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lc.lr, "warmup_num_steps": lc.warmup_steps,
+                       "warmup_type": "linear"},
+        }
+    if lc.offload_optimizer:
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return ds
+
+
+def _column(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist()
+
+
+class LearnerRank:
+    """One rank of the group. Construct, then call ``setup`` on all ranks at once."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
+        self.cfg = cfg
+        self.model_path = model_path
+        self.rank = rank
+        self.world_size = world_size
+        self.cpu = cfg.cluster.device == "cpu"
+        if self.cpu:
+            # Must be set before deepspeed is imported.
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+    def master_address(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        os.environ.update(
+            RANK=str(self.rank), LOCAL_RANK="0" if self.cpu else str(self._local_gpu()),
+            WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+        )
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl", auto_mpi_discovery=False)
+        torch.manual_seed(self.cfg.train.seed)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=torch.float32, trust_remote_code=self.cfg.model.trust_remote_code
+        )
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = self.cfg.model.lora.enabled
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lc = self.cfg.model.lora
+            model = get_peft_model(
+                model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                  target_modules=list(lc.target_modules), task_type="CAUSAL_LM"),
+            )
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=deepspeed_config(self.cfg)
+        )
+        self.device = self.engine.device
+        self.gas = micro_batches_per_rank(self.cfg)
+        self.spec = loss_spec(self.cfg)
+        self.sender = make_sender(self.cfg.sync.transport) if self.rank == 0 else None
+        self.step = 0
+        return {"rank": self.rank, "pid": os.getpid(), "trainable_params": sum(p.numel() for p in trainable)}
+
+    def _local_gpu(self) -> int:
+        ids = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")
+        return 0 if len(ids) == 1 else self.rank % len(ids)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # --- training -----------------------------------------------------------------------
+
+    def _targets(self, table: pa.Table, rows: list[int], advantages: np.ndarray | None) -> dict:
+        """Inputs and flattened per-loss-token targets for the given rows."""
+        sub = table.take(rows)
+        prompts = _column(sub, "prompt_ids")
+        responses = _column(sub, "response_ids")
+        masks = _column(sub, "loss_mask")
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        sel_rows, sel_cols, keep_flat = [], [], []
+        for j, (p, r, m) in enumerate(zip(prompts, responses, masks)):
+            m = np.asarray(m, dtype=bool)
+            pos = np.arange(len(p) - 1, len(p) - 1 + len(r))[m]
+            sel_rows.append(np.full(len(pos), j))
+            sel_cols.append(pos)
+            keep_flat.append(m)
+        keep = np.concatenate(keep_flat) if keep_flat else np.zeros(0, bool)
+
+        def flat(name: str, dtype: torch.dtype) -> torch.Tensor:
+            col = sub.column(name).combine_chunks()
+            values = col.flatten()
+            if pa.types.is_fixed_size_list(values.type):
+                k = values.type.list_size
+                arr = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+            else:
+                arr = values.to_numpy(zero_copy_only=False)
+            return torch.as_tensor(np.ascontiguousarray(arr[keep]), dtype=dtype)
+
+        has_teacher = batch_meta(table)["opsd.teacher_mode"] != "none"
+        t = TokenTargets(
+            sampled_ids=flat("response_ids", torch.long),
+            weight=torch.ones(int(keep.sum()), dtype=torch.float32),
+            topk_ids=flat("teacher_topk_ids", torch.long) if has_teacher else None,
+            topk_logprobs=flat("teacher_topk_logprobs", torch.float32) if has_teacher else None,
+            teacher_logprobs=flat("teacher_token_logprobs", torch.float32) if has_teacher else None,
+            rollout_logprobs=flat("rollout_logprobs", torch.float32),
+        )
+        if advantages is not None:
+            per_row = [np.full(int(np.sum(m)), advantages[i]) for i, m in zip(rows, keep_flat)]
+            t.advantages = torch.as_tensor(np.concatenate(per_row) if per_row else np.zeros(0), dtype=torch.float32)
+        return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
+                "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int), "targets": t}
+
+    def _forward_loss(self, inputs: dict, normalizer: float) -> tuple[torch.Tensor, dict]:
+        ids, mask = pad_right(inputs["seqs"], self.pad_id)
+        hidden = self.module.get_decoder()(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state  # [B, L, H]
+        sel = hidden[torch.as_tensor(inputs["rows"]).to(self.device), torch.as_tensor(inputs["cols"]).to(self.device)]
+        t = inputs["targets"]
+        t = TokenTargets(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()})
+        return chunked_loss(sel, self.module.get_output_embeddings(), t, self.spec, normalizer=normalizer)
+
+    def _empty_micro_batch(self) -> dict:
+        """One pad token with zero weight: keeps every rank's collective calls in step."""
+        t = TokenTargets(sampled_ids=torch.zeros(1, dtype=torch.long), weight=torch.zeros(1))
+        k = self.cfg.scorer.topk
+        if self.spec.algo == "opsd":
+            t.topk_ids = torch.zeros(1, k, dtype=torch.long)
+            t.topk_logprobs = torch.full((1, k), -math.log(k))
+            t.teacher_logprobs = torch.zeros(1)
+            t.rollout_logprobs = torch.zeros(1)
+        if self.spec.algo == "grpo":
+            t.rollout_logprobs = torch.zeros(1)
+            t.advantages = torch.zeros(1)
+        return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
+
+    def train_step(self, batch_ipc: bytes) -> dict:
+        """One optimizer step on this rank's shard of the batch; returns summed statistics."""
+        t0 = time.perf_counter()
+        table = from_ipc_bytes(batch_ipc)
+        masks = table.column("loss_mask").combine_chunks()
+        global_tokens = float(np.asarray(masks.flatten().to_numpy(zero_copy_only=False), dtype=bool).sum())
+        advantages = None
+        if self.spec.algo == "grpo":
+            groups = [sid.rsplit("#", 1)[0] for sid in _column(table, "sample_id")]
+            index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+            advantages = grpo_advantages(
+                torch.tensor(_column(table, "reward"), dtype=torch.float32),
+                torch.tensor([index[g] for g in groups]),
+            ).numpy()
+        mine = list(range(self.rank, table.num_rows, self.world_size))
+        mb = self.cfg.learner.micro_batch_size
+        chunks = [mine[i : i + mb] for i in range(0, len(mine), mb)]
+        if len(chunks) > self.gas:
+            raise ValueError(
+                f"batch of {table.num_rows} rows needs {len(chunks)} micro-batches on rank {self.rank}, more than "
+                f"the {self.gas} the DeepSpeed config was built for (train.prompts_per_step x rollout.n)"
+            )
+        self.engine.train()
+        totals: dict[str, float] = {}
+        # DeepSpeed divides each backward by the accumulation steps and averages across ranks;
+        # undo both so the update is sum(token losses) / global_tokens.
+        scale = self.gas * self.world_size
+        for i in range(self.gas):
+            inputs = self._targets(table, chunks[i], advantages) if i < len(chunks) else self._empty_micro_batch()
+            loss, stats = self._forward_loss(inputs, max(global_tokens, 1.0))
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        totals.update(
+            global_tokens=global_tokens,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=float(self.engine.get_lr()[0]),
+            train_seconds=time.perf_counter() - t0,
+        )
+        return totals
+
+    # --- weights out ----------------------------------------------------------------------
+
+    def _named_for_export(self, *, changed_only: bool) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+        """(HF name, parameter, LoRA layer or None). With LoRA the adapters are merged on export."""
+        if not self.lora:
+            for name, p in self.module.named_parameters():
+                yield name, p, None
+            return
+        from peft.tuners.lora import LoraLayer
+
+        prefix = "base_model.model."
+        lora_weights = set()
+        for mname, m in self.module.named_modules():
+            if isinstance(m, LoraLayer):
+                w = m.get_base_layer().weight
+                lora_weights.add(id(w))
+                yield mname[len(prefix):] + ".weight" if mname.startswith(prefix) else mname + ".weight", w, m
+        if changed_only:
+            return
+        for name, p in self.module.named_parameters():
+            if id(p) in lora_weights or "lora_" in name:
+                continue
+            yield name[len(prefix):].replace(".base_layer", ""), p, None
+
+    def _full_buckets(self, *, changed_only: bool) -> Iterator[NamedTensors]:
+        """Full-size CPU tensors in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket at a time.
+
+        Every rank must iterate (the gathers are collective); only rank 0 gets tensors.
+        """
+        import deepspeed
+
+        limit = self.cfg.sync.bucket_mb * 2**20
+        entries = list(self._named_for_export(changed_only=changed_only))
+
+        def numel(p: torch.nn.Parameter) -> int:
+            return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+        bucket: list = []
+        size = 0
+        groups: list[list] = []
+        for e in entries:
+            nbytes = numel(e[1]) * 4
+            if bucket and size + nbytes > limit:
+                groups.append(bucket)
+                bucket, size = [], 0
+            bucket.append(e)
+            size += nbytes
+        if bucket:
+            groups.append(bucket)
+        zero3 = self.cfg.learner.zero_stage == 3
+        for group in groups:
+            params = [p for _, p, _ in group]
+            if self.lora:
+                params += [q for _, _, m in group if m is not None for n, q in m.named_parameters() if "lora_" in n]
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+            out: NamedTensors = []
+            with ctx, torch.no_grad():
+                if self.rank == 0:
+                    for name, p, layer in group:
+                        w = p.detach()
+                        if layer is not None and not getattr(layer, "merged", False):
+                            w = w + layer.get_delta_weight("default")
+                        out.append((name, w.to("cpu", torch.float32).clone()))
+            yield out
+
+    def push_weights(self, version: int) -> WeightUpdate | None:
+        """Rank 0 returns the update handle; the other ranks only take part in the gathers."""
+        buckets = self._full_buckets(changed_only=True)
+        if self.rank == 0:
+            return self.sender.send(version, buckets)
+        for _ in buckets:
+            pass
+        return None
+
+    def export_hf(self, out_dir: str) -> str | None:
+        """HF-format weights (LoRA merged) that transformers and vLLM load directly."""
+        state = {}
+        for bucket in self._full_buckets(changed_only=False):
+            state.update(bucket)
+        if self.rank != 0:
+            return None
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.cfg.model.trust_remote_code)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.model.dtype, torch.float32)
+        model.to(dtype).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
+        return out_dir
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights on rank 0 (for checks)."""
+        state = {}
+        for bucket in self._full_buckets(changed_only=False):
+            state.update(bucket)
+        return state if self.rank == 0 else None
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag="learner", client_state={"step": self.step})
+
+    def load_checkpoint(self, ckpt_dir: str) -> int:
+        _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
+        self.step = int((client or {}).get("step", 0))
+        return self.step
+
+
+class LearnerGroup:
+    """Creates the W rank actors in a placement group and fans calls out to them."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        w = cfg.learner.num_ranks
+        bundle = {"CPU": cfg.learner.num_cpus_per_rank}
+        if cfg.learner.num_gpus_per_rank:
+            bundle["GPU"] = cfg.learner.num_gpus_per_rank
+        self.pg = placement_group([dict(bundle) for _ in range(w)], strategy="PACK")
+        ray.get(self.pg.ready())
+        cls = ray.remote(LearnerRank)
+        self.ranks = [
+            cls.options(
+                num_cpus=cfg.learner.num_cpus_per_rank,
+                num_gpus=cfg.learner.num_gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                name=None,
+            ).remote(cfg, model_path, i, w)
+            for i in range(w)
+        ]
+        addr, port = ray.get(self.ranks[0].master_address.remote())
+        self.info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+
+    def _all(self, method: str, *args) -> list:
+        import ray
+
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+
+    def train_step(self, batch_ref) -> dict:
+        per_rank = self._all("train_step", batch_ref)
+        summed: dict[str, float] = {}
+        for stats in per_rank:
+            for k, v in stats.items():
+                if k in ("global_tokens", "grad_norm", "lr"):
+                    summed[k] = v
+                elif k == "train_seconds":
+                    summed[k] = max(summed.get(k, 0.0), v)
+                else:
+                    summed[k] = summed.get(k, 0.0) + v
+        return summed
+
+    def push_weights(self, version: int) -> WeightUpdate:
+        return self._all("push_weights", version)[0]
+
+    def export_hf(self, out_dir: str) -> str:
+        return self._all("export_hf", out_dir)[0]
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return self._all("full_state")[0]
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        self._all("save_checkpoint", ckpt_dir)
+
+    def load_checkpoint(self, ckpt_dir: str) -> int:
+        return self._all("load_checkpoint", ckpt_dir)[0]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self.pg)

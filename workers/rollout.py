@@ -1,0 +1,121 @@
+"""RolloutWorker: a Ray actor that owns a vLLM engine and samples student responses."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from opsd.config import Config
+from workers.weight_sync import WeightSyncError, WeightUpdate, check_against, hf_param_shapes, make_receiver
+
+
+@dataclass
+class Rollout:
+    """One sampled response. ``logprobs`` are the behaviour policy's (temperature 1, raw)."""
+
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+    policy_version: int
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
+        if cfg.cluster.device == "cpu":
+            # Keep the engine in this actor's process: faster start-up and the model object is
+            # reachable for in-place weight loads (FINDINGS.md).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        tp = cfg.rollout.tensor_parallel_size
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.model.dtype,
+            max_model_len=cfg.model.max_model_len,
+            enforce_eager=cfg.rollout.enforce_eager,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=cfg.rollout.kv_cache_mb * 2**20 if cfg.rollout.kv_cache_mb else None,
+            tensor_parallel_size=tp,
+            distributed_executor_backend="uni" if tp == 1 else "mp",
+            seed=cfg.rollout.seed + worker_index,
+            trust_remote_code=cfg.model.trust_remote_code,
+            worker_extension_cls="workers.weight_sync.VllmWeightLoader",
+        )
+        self.start_seconds = time.perf_counter() - t0
+        self.cfg = cfg
+        self.version = 0
+        self.receiver = make_receiver(cfg.sync.transport)
+        self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
+
+    def ready(self) -> dict:
+        return {"version": self.version, "start_seconds": self.start_seconds, "pid": os.getpid()}
+
+    def get_version(self) -> int:
+        return self.version
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        top_k: int = -1,
+    ) -> list[list[Rollout]]:
+        """``n`` samples for each prompt; one seed per prompt makes the samples reproducible."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                logprobs=0 if temperature > 0 else None, seed=seed,
+            )
+            for seed in seeds
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        result = []
+        for out in outs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                if c.logprobs is not None:
+                    lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
+                else:  # greedy decoding (evaluation): no logprobs requested
+                    lps = [0.0] * len(ids)
+                samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version))
+            result.append(samples)
+        return result
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of tokens 1.. of each sequence under the current weights (for checks)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            steps = out.prompt_logprobs[1:]  # position 0 has no prediction
+            result.append([float(step[tok].logprob) for step, tok in zip(steps, seq[1:])])
+        return result
+
+    def load_weights(self, update: WeightUpdate) -> int:
+        """Stage the whole update, check it, then load it in place; on failure keep the old version."""
+        named = self.receiver.receive(update)
+        check_against(named, self.expected_shapes)
+        try:
+            self.llm.collective_rpc("opsd_load_weights", args=(named,))
+        except Exception as exc:
+            raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.version = update.version
+        return self.version

@@ -1,0 +1,166 @@
+"""ScorerWorker: teacher-context forward passes that turn rollouts into an Arrow batch.
+
+The teacher sees teacher_prompt_ids + response_ids. Its logits at the positions that predict the
+response tokens, divided by the loss temperature, give the top-k targets and the sampled token's
+log-probability. Rows are scored in padded micro-batches capped by a token budget.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opsd.batch import Sample, build_batch, to_ipc_bytes
+from opsd.config import Config
+from opsd.prompts import pad_right
+from workers.weight_sync import WeightUpdate, check_against, make_receiver
+
+
+@dataclass
+class ScoreRequest:
+    sample_id: str
+    prompt_ids: list[int]
+    teacher_prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    loss_mask: list[bool]
+    reward: float
+    policy_version: int
+    finish_reason: str
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped so that rows x longest row <= max_tokens (longest first, to pad little)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = max([lengths[j] for j in cur] + [lengths[i]])
+        if cur and width * (len(cur) + 1) > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class ScorerWorker:
+    def __init__(self, cfg: Config, model_path: str):
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(cfg.train.seed)
+        if cfg.cluster.device == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.device = torch.device("cuda" if cfg.cluster.device == "cuda" else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.cfg = cfg
+        self.k = cfg.scorer.topk
+        self.temperature = cfg.loss.temperature
+        self.mode = cfg.teacher.mode
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        if self.k > self.vocab_size:
+            raise ValueError(f"scorer.topk={self.k} is larger than the vocabulary ({self.vocab_size})")
+        self.version = 0
+        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.receiver = make_receiver(cfg.sync.transport)
+        self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+
+    def get_version(self) -> int:
+        return self.version
+
+    @torch.no_grad()
+    def teacher_targets(
+        self, contexts: list[list[int]], responses: list[list[int]]
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]."""
+        out: list = [None] * len(contexts)
+        full = [list(c) + list(r) for c, r in zip(contexts, responses)]
+        decoder = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        for group in micro_batches([len(s) for s in full], self.cfg.scorer.max_tokens_per_forward):
+            ids, mask = pad_right([full[i] for i in group], self.pad_id)
+            hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            # Position p predicts token p + 1: the response's T tokens are predicted from
+            # positions len(context) - 1 .. len(context) + T - 2.
+            rows, cols = [], []
+            for j, i in enumerate(group):
+                start, t = len(contexts[i]) - 1, len(responses[i])
+                rows.append(torch.full((t,), j, dtype=torch.long))
+                cols.append(torch.arange(start, start + t))
+            sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [N, H]
+            logp = torch.log_softmax(head(sel).float() / self.temperature, dim=-1)  # [N, V]
+            top_lp, top_ids = logp.topk(self.k, dim=-1)  # [N, k]
+            sampled = torch.cat([torch.as_tensor(responses[i], dtype=torch.long) for i in group]).to(self.device)
+            tok_lp = logp.gather(-1, sampled[:, None]).squeeze(-1)  # [N]
+            offset = 0
+            for i in group:
+                t = len(responses[i])
+                sl = slice(offset, offset + t)
+                out[i] = (
+                    top_ids[sl].to(torch.int32).cpu().numpy(),
+                    top_lp[sl].cpu().numpy(),
+                    tok_lp[sl].cpu().numpy(),
+                )
+                offset += t
+        return out
+
+    def score(self, requests: list[ScoreRequest]) -> bytes:
+        """Rollouts -> a validated Arrow batch (IPC stream bytes)."""
+        t0 = time.perf_counter()
+        targets = self.teacher_targets([r.teacher_prompt_ids for r in requests], [r.response_ids for r in requests])
+        samples = [
+            Sample(
+                sample_id=r.sample_id, prompt_ids=r.prompt_ids, teacher_prompt_ids=r.teacher_prompt_ids,
+                response_ids=r.response_ids, rollout_logprobs=r.rollout_logprobs, loss_mask=r.loss_mask,
+                reward=r.reward, policy_version=r.policy_version, finish_reason=r.finish_reason,
+                teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
+                teacher_version=self.version,
+            )
+            for r, (ids, lps, tok) in zip(requests, targets)
+        ]
+        table = build_batch(samples, k=self.k, temperature=self.temperature, teacher_mode=self.mode)
+        self.last_seconds = time.perf_counter() - t0
+        return to_ipc_bytes(table)
+
+    @torch.no_grad()
+    def load_weights(self, update: WeightUpdate) -> int:
+        """live: take the pushed weights; ema: teacher <- decay * teacher + (1 - decay) * pushed.
+
+        A fixed teacher never loads weights. The update is staged and checked whole before any
+        parameter changes.
+        """
+        if self.mode == "fixed":
+            raise RuntimeError("a fixed teacher is never synced")
+        named = self.receiver.receive(update)
+        check_against(named, self.shapes)
+        params = dict(self.model.named_parameters())
+        decay = self.cfg.teacher.ema_decay
+        for name, t in named:
+            p = params[name]
+            src = t.to(device=p.device, dtype=p.dtype)
+            if self.mode == "live":
+                p.copy_(src)
+            else:
+                p.mul_(decay).add_(src, alpha=1.0 - decay)
+        self.version = update.version
+        return self.version
+
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """The teacher's weights (for checks and for resuming an EMA teacher)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.model.load_state_dict(state)
+        self.version = version
