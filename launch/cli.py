@@ -44,7 +44,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from launch.validate import validate_config
 
     config, overrides = _split_config(args)
-    for line in validate_config(config, overrides):
+    for line in validate_config(config, overrides, check_data=not args.skip_data):
         print(line)
     return 0
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a config and its data paths without starting anything")
     _add_config_args(p)
+    p.add_argument("--skip-data", action="store_true",
+                   help="do not read the data paths (a cluster recipe whose data lives on the cluster)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tiny", help="build the tiny local Qwen3-architecture model (no download)")

@@ -11,11 +11,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from omegaconf import OmegaConf
 
 from opsd.batch import concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
 from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml
@@ -160,6 +157,14 @@ class Trainer:
 
             state = json.loads((ckpt / "driver_state.json").read_text())
             ray.get(actor.load_state.remote(load_file(ckpt / "teacher" / "ema.safetensors"), state["teacher_version"]))
+
+    def shutdown(self) -> None:
+        """Kill this trainer's actors (the Ray cluster itself is left to whoever started it)."""
+        for pool in (getattr(self, "rollouts", None), getattr(self, "scorers", None)):
+            if pool is not None:
+                pool.kill()
+        if getattr(self, "learner", None) is not None:
+            self.learner.shutdown()
 
     # --- one step ------------------------------------------------------------------------------
 
@@ -321,7 +326,7 @@ class Trainer:
             row = {
                 "step": step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
                 "loss": stats["loss_sum"] / tokens,
-                "kl_sampled": stats.get("kl_sampled_sum", float("nan")) / tokens,
+                "kl_sampled": -stats.get("kl_sampled_sum", float("nan")) / tokens,
                 "grad_norm": stats["grad_norm"], "lr": stats["lr"],
                 "reward_mean": sum(r["reward"] for r in rows) / max(len(rows), 1),
                 "response_len_mean": gen / max(len(rows), 1),
@@ -369,11 +374,11 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
         # The saved config wins, except for what this command line overrides.
         cfg = load_config(saved, [o for o in overrides if not o.startswith("train.resume=")])
         cfg.train.resume = str(run_path)
-    elif cfg.train.run_dir:
-        run_path = Path(cfg.train.run_dir)
+    elif cfg.run_dir:
+        run_path = Path(cfg.run_dir)
     else:
         run_path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    cfg.train.run_dir = str(run_path)
+    cfg.run_dir = str(run_path)
     return cfg, run_path
 
 
@@ -397,13 +402,7 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
             print(f"opsd: resumed from {ckpt} (step {trainer.step})")
         trainer.run_steps(run)
     finally:
+        trainer.shutdown()
         if started:
             ray.shutdown()
     return run.path
-
-
-def config_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-__all__ = ["Trainer", "train", "prepare_config", "latest_checkpoint", "sample_seed", "METRIC_FIELDS", "asdict"]

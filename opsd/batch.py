@@ -186,6 +186,22 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values.to_numpy(zero_copy_only=False), rows
 
 
+def _first_null_row(col: pa.ChunkedArray | pa.Array) -> int | None:
+    """The row of the first null at any nesting level (a row's own null_count sees only the top)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    rows = np.arange(len(arr))
+    while True:
+        if arr.null_count:
+            return int(rows[np.flatnonzero(np.asarray(arr.is_null()))[0]])
+        if pa.types.is_fixed_size_list(arr.type):
+            rows = np.repeat(rows, arr.type.list_size)
+        elif pa.types.is_list(arr.type):
+            rows = np.repeat(rows, _lengths(arr))
+        else:
+            return None
+        arr = arr.flatten()
+
+
 def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     """Raise ``ValueError`` naming the column and row of the first violation of the contract."""
     meta = batch_meta(table)
@@ -209,8 +225,8 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
             if col.null_count != len(col):
                 raise ValueError(f"column '{name}' must be null when opsd.teacher_mode=none")
             continue
-        if col.null_count:
-            row = int(np.flatnonzero(np.asarray(col.is_null()))[0])
+        row = _first_null_row(col)
+        if row is not None:
             raise ValueError(f"column '{name}' row {row}: null value")
 
     n_tokens = _lengths(table.column("response_ids"))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,6 @@ class TrainConfig:
     steps: int = 6
     prompts_per_step: int = 8
     seed: int = 0
-    run_dir: Optional[str] = None  # default runs/<timestamp>
     resume: Optional[str] = None  # a run dir to continue from
     checkpoint_every: int = 3
     export_hf: bool = True
@@ -191,6 +190,7 @@ class ClusterConfig:
 @dataclass
 class Config:
     algo: str = "opsd"  # opsd | grpo | sft
+    run_dir: Optional[str] = None  # default runs/<timestamp>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -226,6 +226,26 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
+def _shape_error(base: DictConfig, layer: dict, prefix: str = "") -> str | None:
+    """A value whose kind does not fit its key (a scalar or list over a section, a mapping over a
+    list). OmegaConf's merge reports these without the key (or as a bare TypeError)."""
+    for key, value in layer.items():
+        if not isinstance(key, str) or key not in base:
+            continue  # unknown keys: the merge names them
+        target = base[key]
+        full = prefix + key
+        if isinstance(target, DictConfig):
+            if isinstance(value, dict):
+                found = _shape_error(target, value, full + ".")
+                if found:
+                    return found
+            elif value is not None:  # None: the merge says the field is not Optional
+                return f"config key '{full}' is a section; expected a mapping of its keys, got {value!r}"
+        elif isinstance(target, ListConfig) and isinstance(value, dict):
+            return f"config key '{full}': expected a list, got a mapping {value!r}"
+    return None
+
+
 def parse_overrides(items: list[str]) -> DictConfig:
     """``["a.b=1", "c=x"]`` -> a DictConfig; values are parsed as YAML scalars."""
     bad = [it for it in items if "=" not in it or it.startswith("=")]
@@ -258,6 +278,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for origin, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{origin}: the top level must be a mapping of sections")
+        shape = _shape_error(cfg, OmegaConf.to_container(layer, resolve=False))
+        if shape:
+            raise ConfigError(f"{origin}: {shape}")
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as exc:
@@ -301,11 +324,11 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         "scorer.num_workers", "scorer.topk", "scorer.max_tokens_per_forward",
         "learner.num_ranks", "learner.micro_batch_size", "learner.lr",
         "loss.chunk_size", "train.steps", "train.prompts_per_step", "sync.bucket_mb",
-        "model.max_model_len", "prompt.max_prompt_len", "teacher.sync_every",
+        "model.max_model_len", "prompt.max_prompt_len", "teacher.sync_every", "eval.n", "eval.max_tokens",
     ):
         positive(key)
     for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",
-                "rollout.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries"):
+                "rollout.temperature", "eval.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries"):
         positive(key, allow_zero=True)
 
     if not 0.0 <= cfg.loss.beta <= 1.0:

@@ -24,18 +24,23 @@ def grade(uid: str, responses: Sequence[str], gold: str) -> Graded:
     return Graded(uid, answers, [is_equivalent(a, gold) if a is not None else False for a in answers], gold)
 
 
+def _vote_key(answer: str) -> str:
+    # All whitespace, not just spaces: "\\boxed{\n8\n}" is a vote for "8".
+    return "".join(answer.split())
+
+
 def majority_correct(g: Graded) -> bool:
     """The most frequent extracted answer (ties: the one seen first) checked against the gold.
 
     Answers are grouped by their whitespace-stripped text; equivalent spellings of one value
     ("0.5", "1/2") count as different votes, as in most published maj@n numbers.
     """
-    found = [a.replace(" ", "") for a in g.answers if a is not None]
+    found = [_vote_key(a) for a in g.answers if a is not None]
     if not found:
         return False
     top = Counter(found).most_common(1)[0][0]
     for a, ok in zip(g.answers, g.correct):
-        if a is not None and a.replace(" ", "") == top:
+        if a is not None and _vote_key(a) == top:
             return ok
     return False
 

@@ -184,13 +184,15 @@ class LearnerRank:
         return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
                 "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int), "targets": t}
 
-    def _forward_loss(self, inputs: dict, normalizer: float) -> tuple[torch.Tensor, dict]:
+    def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)
         hidden = self.module.get_decoder()(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
         ).last_hidden_state  # [B, L, H]
         sel = hidden[torch.as_tensor(inputs["rows"]).to(self.device), torch.as_tensor(inputs["cols"]).to(self.device)]
         t = inputs["targets"]
+        if pad_to > sel.shape[0]:
+            sel, t = _pad_positions(sel, t, pad_to)
         t = TokenTargets(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()})
         return chunked_loss(sel, self.module.get_output_embeddings(), t, self.spec, normalizer=normalizer)
 
@@ -222,9 +224,18 @@ class LearnerRank:
                 torch.tensor(_column(table, "reward"), dtype=torch.float32),
                 torch.tensor([index[g] for g in groups]),
             ).numpy()
-        mine = list(range(self.rank, table.num_rows, self.world_size))
         mb = self.cfg.learner.micro_batch_size
-        chunks = [mine[i : i + mb] for i in range(0, len(mine), mb)]
+        shards = [list(range(r, table.num_rows, self.world_size)) for r in range(self.world_size)]
+        chunks = [shards[self.rank][i : i + mb] for i in range(0, len(shards[self.rank]), mb)]
+        pad_to = [0] * self.gas
+        if self.cfg.learner.zero_stage == 3:
+            # ZeRO-3 gathers a module's weights on every call, so every rank must call the LM
+            # head equally often: pad micro-batch i to the most loss tokens any rank has in it.
+            # Each rank holds the whole batch, so this needs no communication.
+            per_row = [int(np.sum(m)) for m in _column(table, "loss_mask")]
+            for shard in shards:
+                for i in range(0, len(shard), mb):
+                    pad_to[i // mb] = max(pad_to[i // mb], sum(per_row[j] for j in shard[i : i + mb]))
         if len(chunks) > self.gas:
             raise ValueError(
                 f"batch of {table.num_rows} rows needs {len(chunks)} micro-batches on rank {self.rank}, more than "
@@ -237,7 +248,7 @@ class LearnerRank:
         scale = self.gas * self.world_size
         for i in range(self.gas):
             inputs = self._targets(table, chunks[i], advantages) if i < len(chunks) else self._empty_micro_batch()
-            loss, stats = self._forward_loss(inputs, max(global_tokens, 1.0))
+            loss, stats = self._forward_loss(inputs, max(global_tokens, 1.0), pad_to[i])
             self.engine.backward(loss * scale)
             self.engine.step()
             for k, v in stats.items():
@@ -362,6 +373,22 @@ class LearnerRank:
         _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
         self.step = int((client or {}).get("step", 0))
         return self.step
+
+
+def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch.Tensor, TokenTargets]:
+    """Append zero-weight positions up to ``n`` (valid values, so nothing turns NaN)."""
+    extra = n - hidden.shape[0]
+    hidden = torch.cat([hidden, hidden.new_zeros(extra, hidden.shape[1])])
+    padded = {}
+    for name, v in vars(t).items():
+        if not isinstance(v, torch.Tensor):
+            padded[name] = v
+            continue
+        fill = torch.zeros((extra, *v.shape[1:]), dtype=v.dtype)
+        if name == "topk_logprobs":
+            fill.fill_(-math.log(v.shape[1]))
+        padded[name] = torch.cat([v, fill])
+    return hidden, TokenTargets(**padded)
 
 
 class LearnerGroup:

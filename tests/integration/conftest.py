@@ -1,0 +1,68 @@
+"""Shared fixtures: the tiny model, one `opsd train` run through the CLI, and a local Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from opsd.config import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+CLI_STEPS = 3
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from opsd.tiny import ensure_tiny_model, tiny_dir
+
+    return str(ensure_tiny_model(tiny_dir()))
+
+
+@pytest.fixture(scope="session")
+def cli_run(tiny_model, tmp_path_factory) -> Path:
+    """`opsd train` exactly as a user runs it (local Ray started by the command), batches saved.
+
+    Runs before the in-process Ray fixture is created, so the two clusters never overlap.
+    """
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    cmd = [sys.executable, "-m", "launch.cli", "train", f"run_dir={run_dir}", f"train.steps={CLI_STEPS}",
+           "logging.save_batches=true", "train.checkpoint_every=3", "logging.progress=false"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"opsd train failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def ray_session(tiny_model, request):
+    """One local Ray for the in-process tests (4 logical CPUs on 2 cores: actors mostly wait)."""
+    import ray
+
+    from launch.cluster import init_ray
+    from opsd.config import load_config
+
+    # A CLI run, if any test needs it, must finish before this cluster starts.
+    if any("cli_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("cli_run")
+    cfg = load_config(REPO_ROOT / "configs" / "local.yaml", ["cluster.num_cpus=4"])
+    init_ray(cfg)
+    yield ray
+    ray.shutdown()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def local_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [f"run_dir={tmp_path / 'run'}", "logging.progress=false", "logging.tensorboard=false", *extra]
+
+
+def local_config(*overrides: str):
+    from opsd.config import load_config
+
+    return load_config(REPO_ROOT / "configs" / "local.yaml", list(overrides))

@@ -1,0 +1,436 @@
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from opsd.batch import (
+    SCHEMA_VERSION,
+    Sample,
+    build_batch,
+    concat_batches,
+    from_ipc_bytes,
+    read_ipc,
+    schema,
+    tail_mass,
+    to_ipc_bytes,
+    validate,
+    write_ipc,
+)
+
+K = 3
+VOCAB = 50
+
+# The column table of DESIGN.md ("The Arrow batch"), written out independently of opsd.batch.
+DESIGN_COLUMNS = [
+    ("sample_id", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("teacher_prompt_ids", pa.list_(pa.int32())),
+    ("response_ids", pa.list_(pa.int32())),
+    ("rollout_logprobs", pa.list_(pa.float32())),
+    ("teacher_topk_ids", pa.list_(pa.list_(pa.int32(), K))),
+    ("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32(), K))),
+    ("teacher_token_logprobs", pa.list_(pa.float32())),
+    ("loss_mask", pa.list_(pa.bool_())),
+    ("reward", pa.float32()),
+    ("policy_version", pa.int64()),
+    ("teacher_version", pa.int64()),
+    ("finish_reason", pa.string()),
+]
+DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode"}
+
+
+def _sample(i: int, T: int, *, teacher: bool = True) -> Sample:
+    rng = np.random.default_rng(i)
+    return Sample(
+        sample_id=f"row{i}:0",
+        prompt_ids=list(rng.integers(0, VOCAB, 4 + i)),
+        teacher_prompt_ids=list(rng.integers(0, VOCAB, 7 + i)),
+        response_ids=list(rng.integers(0, VOCAB, T)),
+        rollout_logprobs=list(-rng.random(T) * 3),
+        loss_mask=[j >= 1 for j in range(T)],
+        reward=float(i % 2),
+        policy_version=10 + i,
+        finish_reason="stop" if i % 2 == 0 else "length",
+        teacher_topk_ids=rng.integers(0, VOCAB, (T, K)) if teacher else None,
+        teacher_topk_logprobs=-rng.random((T, K)) * 5 if teacher else None,
+        teacher_token_logprobs=list(-rng.random(T) * 2) if teacher else None,
+        teacher_version=7 if teacher else -1,
+    )
+
+
+@pytest.fixture
+def samples():
+    # Three rows of different lengths, so that a row index in an error means something.
+    return [_sample(0, 4), _sample(1, 2), _sample(2, 5)]
+
+
+@pytest.fixture
+def table(samples):
+    return build_batch(samples, k=K, temperature=0.7, teacher_mode="fixed")
+
+
+def _set(table: pa.Table, name: str, values: list, type_: pa.DataType | None = None) -> pa.Table:
+    """Replace one column with `values` (python lists), keeping or changing its type."""
+    idx = table.schema.get_field_index(name)
+    field = table.schema.field(name)
+    field = field.with_type(type_) if type_ is not None else field
+    return table.set_column(idx, field, pa.array(values, type=field.type))
+
+
+def _col(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist()
+
+
+def _raises(table: pa.Table, match: str, **kw) -> str:
+    with pytest.raises(ValueError) as info:
+        validate(table, **kw)
+    msg = str(info.value)
+    assert match in msg, msg
+    return msg
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+def test_schema_columns_and_types_match_design():
+    sch = schema(K, temperature=0.7, teacher_mode="live")
+    assert [(f.name, f.type) for f in sch] == DESIGN_COLUMNS
+
+
+def test_schema_metadata():
+    meta = {k.decode(): v.decode() for k, v in schema(K, temperature=0.7, teacher_mode="ema").metadata.items()}
+    assert set(meta) == DESIGN_METADATA
+    assert meta["opsd.schema_version"] == str(SCHEMA_VERSION)
+    assert int(meta["opsd.topk"]) == K
+    assert float(meta["opsd.temperature"]) == 0.7
+    assert meta["opsd.teacher_mode"] == "ema"
+
+
+@pytest.mark.parametrize("kw", [dict(k=0), dict(k=K, teacher_mode="frozen")])
+def test_schema_rejects_bad_arguments(kw):
+    with pytest.raises(ValueError):
+        schema(**kw)
+
+
+# --- build ----------------------------------------------------------------------------------
+
+
+def test_build_batch_holds_the_samples(samples, table):
+    assert table.schema.equals(schema(K, temperature=0.7, teacher_mode="fixed"), check_metadata=True)
+    assert table.num_rows == 3
+    assert _col(table, "sample_id") == [s.sample_id for s in samples]
+    for name in ("prompt_ids", "teacher_prompt_ids", "response_ids"):
+        assert _col(table, name) == [[int(x) for x in getattr(s, name)] for s in samples]
+    assert _col(table, "loss_mask") == [list(s.loss_mask) for s in samples]
+    for got, s in zip(_col(table, "rollout_logprobs"), samples):
+        np.testing.assert_array_equal(np.float32(got), np.float32(s.rollout_logprobs))
+    for got, s in zip(_col(table, "teacher_token_logprobs"), samples):
+        np.testing.assert_array_equal(np.float32(got), np.float32(s.teacher_token_logprobs))
+    for got, s in zip(_col(table, "teacher_topk_ids"), samples):
+        np.testing.assert_array_equal(np.array(got), s.teacher_topk_ids)
+    for got, s in zip(_col(table, "teacher_topk_logprobs"), samples):
+        np.testing.assert_array_equal(np.array(got, dtype=np.float32), s.teacher_topk_logprobs.astype(np.float32))
+    assert _col(table, "reward") == [0.0, 1.0, 0.0]
+    assert _col(table, "policy_version") == [10, 11, 12]
+    assert _col(table, "teacher_version") == [7, 7, 7]
+    assert _col(table, "finish_reason") == ["stop", "length", "stop"]
+
+
+def test_build_batch_rejects_teacher_targets_missing_for_some_rows(samples):
+    samples[1].teacher_topk_ids = None
+    with pytest.raises(ValueError, match="missing for some rows"):
+        build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+
+
+def test_build_batch_rejects_top_k_of_the_wrong_length(samples):
+    samples[1].teacher_topk_logprobs = samples[1].teacher_topk_logprobs[:1]  # 1 position, T = 2
+    with pytest.raises(ValueError, match="column 'teacher_topk_logprobs' row 1"):
+        build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+
+
+def test_teacherless_batch_has_null_teacher_columns_and_validates():
+    samples = [_sample(0, 3, teacher=False), _sample(1, 1, teacher=False)]
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="none")
+    validate(table, vocab_size=VOCAB)
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprobs"):
+        assert table.column(name).null_count == 2
+    assert _col(table, "teacher_version") == [-1, -1]
+    # A teacher-less batch must not smuggle in teacher values.
+    _raises(_set(table, "teacher_token_logprobs", [[-1.0, -1.0, -1.0], None]), "must be null")
+
+
+def test_teacherless_batch_ignores_teacher_fields_of_samples(samples):
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="none")
+    assert table.column("teacher_topk_ids").null_count == len(samples)
+
+
+def test_empty_batch_validates():
+    table = build_batch([], k=K, temperature=1.0, teacher_mode="fixed")
+    assert table.num_rows == 0
+    validate(table)
+
+
+# --- IPC ------------------------------------------------------------------------------------
+
+
+def _assert_same(a: pa.Table, b: pa.Table) -> None:
+    assert a.schema.equals(b.schema, check_metadata=True)
+    assert a.schema.metadata == b.schema.metadata
+    assert a.to_pylist() == b.to_pylist()
+    assert a.equals(b)
+
+
+def test_ipc_bytes_round_trip(table):
+    data = to_ipc_bytes(table)
+    assert isinstance(data, bytes)
+    back = from_ipc_bytes(data)
+    _assert_same(back, table)
+    validate(back, vocab_size=VOCAB)
+    _assert_same(from_ipc_bytes(pa.py_buffer(data)), table)
+
+
+def test_ipc_file_round_trip(table, tmp_path):
+    path = write_ipc(table, tmp_path / "batches" / "step_000001.arrow")
+    assert path.exists()
+    assert [p.name for p in path.parent.iterdir()] == ["step_000001.arrow"]  # no temp file left
+    back = read_ipc(path)
+    _assert_same(back, table)
+    # The file is the same IPC stream the actors pass around.
+    assert path.read_bytes() == to_ipc_bytes(table)
+
+
+def test_ipc_round_trip_of_teacherless_batch():
+    table = build_batch([_sample(0, 2, teacher=False)], k=K, temperature=1.0, teacher_mode="none")
+    back = from_ipc_bytes(to_ipc_bytes(table))
+    _assert_same(back, table)
+    validate(back)
+
+
+# --- validate: accepted ---------------------------------------------------------------------
+
+
+def test_valid_batch_passes(table):
+    validate(table, vocab_size=VOCAB)
+
+
+def test_minus_infinity_logprobs_are_accepted(table):
+    lp = _col(table, "teacher_topk_logprobs")
+    lp[1][0][2] = -math.inf
+    tok = _col(table, "teacher_token_logprobs")
+    tok[2][3] = -math.inf
+    roll = _col(table, "rollout_logprobs")
+    roll[0][0] = -math.inf
+    t = _set(_set(_set(table, "teacher_topk_logprobs", lp), "teacher_token_logprobs", tok), "rollout_logprobs", roll)
+    validate(t)
+
+
+def test_validate_on_chunked_and_sliced_tables(table):
+    chunked = pa.concat_tables([table, table])
+    assert chunked.column("response_ids").num_chunks == 2
+    validate(chunked, vocab_size=VOCAB)
+    validate(table.slice(1), vocab_size=VOCAB)
+    # Row numbers count from the start of the (chunked) table.
+    roll = _col(chunked, "rollout_logprobs")
+    roll[4] = roll[4] + [-0.1]
+    bad = pa.concat_tables([table, _set(table, "rollout_logprobs", roll[3:])])
+    _raises(bad, "column 'rollout_logprobs' row 4:")
+
+
+# --- validate: per-token lengths ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("rollout_logprobs", -0.5),
+    ("loss_mask", True),
+    ("teacher_token_logprobs", -0.5),
+    ("teacher_topk_ids", [1, 2, 3]),
+    ("teacher_topk_logprobs", [-1.0, -2.0, -3.0]),
+])
+@pytest.mark.parametrize("change", ["longer", "shorter"])
+def test_per_token_length_mismatch_names_column_and_row(table, name, extra, change):
+    values = _col(table, name)
+    values[2] = values[2] + [extra] if change == "longer" else values[2][:-1]
+    msg = _raises(_set(table, name, values), f"column '{name}' row 2:")
+    assert "response_ids" in msg
+
+
+def test_response_longer_than_its_per_token_columns_names_a_row(table):
+    ids = _col(table, "response_ids")
+    ids[1] = ids[1] + [5]
+    _raises(_set(table, "response_ids", ids), "row 1:")
+
+
+def test_top_k_of_the_wrong_width_is_a_type_mismatch(table):
+    wide = [[row + [0] for row in r] for r in _col(table, "teacher_topk_ids")]
+    _raises(_set(table, "teacher_topk_ids", wide, pa.list_(pa.list_(pa.int32(), K + 1))), "column 'teacher_topk_ids' has type")
+    narrow = [[row[:-1] for row in r] for r in _col(table, "teacher_topk_logprobs")]
+    _raises(
+        _set(table, "teacher_topk_logprobs", narrow, pa.list_(pa.list_(pa.float32(), K - 1))),
+        "column 'teacher_topk_logprobs' has type",
+    )
+
+
+@pytest.mark.parametrize("name,type_", [
+    ("prompt_ids", pa.list_(pa.int64())),
+    ("rollout_logprobs", pa.list_(pa.float64())),
+    ("reward", pa.float64()),
+    ("teacher_topk_ids", pa.list_(pa.list_(pa.int32()))),  # variable-size inner lists
+])
+def test_wrong_column_type_is_rejected(table, name, type_):
+    _raises(_set(table, name, _col(table, name), type_), f"column '{name}' has type")
+
+
+# --- validate: token ids --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prompt_ids", "teacher_prompt_ids", "response_ids", "teacher_topk_ids"])
+def test_id_at_vocab_size_names_column_and_row(table, name):
+    values = _col(table, name)
+    if name == "teacher_topk_ids":
+        values[1][1][2] = VOCAB
+    else:
+        values[1][-1] = VOCAB
+    bad = _set(table, name, values)
+    validate(bad)  # without a vocabulary size, VOCAB is a legal id
+    validate(bad, vocab_size=VOCAB + 1)
+    msg = _raises(bad, f"column '{name}' row 1:", vocab_size=VOCAB)
+    assert str(VOCAB) in msg
+
+
+@pytest.mark.parametrize("name", ["prompt_ids", "teacher_prompt_ids", "response_ids", "teacher_topk_ids"])
+def test_negative_id_names_column_and_row(table, name):
+    values = _col(table, name)
+    if name == "teacher_topk_ids":
+        values[2][4][0] = -1
+    else:
+        values[2][0] = -1
+    _raises(_set(table, name, values), f"column '{name}' row 2:")
+
+
+# --- validate: log-probabilities ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rollout_logprobs", "teacher_token_logprobs", "teacher_topk_logprobs"])
+@pytest.mark.parametrize("value", [0.25, math.nan])
+def test_positive_or_nan_logprob_names_column_and_row(table, name, value):
+    values = _col(table, name)
+    if name == "teacher_topk_logprobs":
+        values[1][1][0] = value
+    else:
+        values[1][1] = value
+    _raises(_set(table, name, values), f"column '{name}' row 1:")
+
+
+def test_zero_logprob_is_accepted(table):
+    values = _col(table, "rollout_logprobs")
+    values[0][0] = 0.0  # probability one
+    validate(_set(table, "rollout_logprobs", values))
+
+
+def test_nan_reward_is_rejected(table):
+    _raises(_set(table, "reward", [0.0, 1.0, math.nan]), "column 'reward' row 2")
+
+
+# --- validate: nulls ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [
+    "sample_id", "prompt_ids", "response_ids", "rollout_logprobs", "teacher_topk_ids",
+    "teacher_token_logprobs", "loss_mask", "reward", "policy_version", "finish_reason",
+])
+def test_null_row_names_column_and_row(table, name):
+    values = _col(table, name)
+    values[1] = None
+    _raises(_set(table, name, values), f"column '{name}' row 1: null")
+
+
+@pytest.mark.parametrize("name,path", [
+    ("prompt_ids", (2, 1)),
+    ("loss_mask", (2, 0)),
+    ("rollout_logprobs", (1, 1)),
+    ("teacher_topk_ids", (1, 0, 1)),
+    ("teacher_topk_logprobs", (2, 3)),  # a whole position's top-k
+])
+def test_null_inside_a_list_names_column_and_row(table, name, path):
+    values = _col(table, name)
+    target = values
+    for i in path[:-1]:
+        target = target[i]
+    target[path[-1]] = None
+    _raises(_set(table, name, values), f"column '{name}' row {path[0]}: null")
+
+
+# --- validate: schema and metadata ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", sorted(DESIGN_METADATA))
+def test_missing_metadata_key_is_named(table, key):
+    meta = dict(table.schema.metadata)
+    del meta[key.encode()]
+    _raises(table.replace_schema_metadata(meta), key)
+
+
+def test_no_metadata_at_all_is_rejected(table):
+    _raises(table.replace_schema_metadata(None), "opsd.")
+
+
+def test_wrong_schema_version_is_rejected(table):
+    meta = dict(table.schema.metadata)
+    meta[b"opsd.schema_version"] = str(SCHEMA_VERSION + 1).encode()
+    msg = _raises(table.replace_schema_metadata(meta), "schema version")
+    assert str(SCHEMA_VERSION + 1) in msg
+
+
+def test_metadata_topk_that_disagrees_with_the_columns_is_rejected(table):
+    meta = dict(table.schema.metadata)
+    meta[b"opsd.topk"] = str(K + 1).encode()
+    _raises(table.replace_schema_metadata(meta), "column 'teacher_topk_ids' has type")
+
+
+@pytest.mark.parametrize("name", ["loss_mask", "teacher_token_logprobs", "sample_id"])
+def test_missing_column_is_named(table, name):
+    _raises(table.drop_columns([name]), f"lacks column '{name}'")
+
+
+def test_extra_column_is_named(table):
+    t = table.append_column("advantage", pa.array([0.0, 0.0, 0.0], pa.float32()))
+    _raises(t, "advantage")
+
+
+# --- concat ---------------------------------------------------------------------------------
+
+
+def test_concat_keeps_rows_in_order_and_metadata(samples):
+    a = build_batch(samples[:2], k=K, temperature=0.7, teacher_mode="fixed")
+    b = build_batch(samples[2:], k=K, temperature=0.7, teacher_mode="fixed")
+    both = concat_batches([a, b])
+    _assert_same(both, build_batch(samples, k=K, temperature=0.7, teacher_mode="fixed"))
+    assert both.column("response_ids").num_chunks == 1
+    validate(both)
+
+
+@pytest.mark.parametrize("other", [
+    dict(k=K + 1, temperature=0.7, teacher_mode="fixed"),
+    dict(k=K, temperature=1.0, teacher_mode="fixed"),
+    dict(k=K, temperature=0.7, teacher_mode="live"),
+])
+def test_concat_rejects_mismatched_batches(other):
+    k = other["k"]
+    s = _sample(5, 2)
+    s.teacher_topk_ids = np.zeros((2, k), dtype=np.int64)
+    s.teacher_topk_logprobs = np.full((2, k), -1.0)
+    a = build_batch([_sample(4, 3)], k=K, temperature=0.7, teacher_mode="fixed")
+    b = build_batch([s], **other)
+    with pytest.raises(ValueError, match="disagree"):
+        concat_batches([a, b])
+
+
+def test_concat_of_nothing_is_an_error():
+    with pytest.raises(ValueError):
+        concat_batches([])
+
+
+def test_tail_mass_is_the_mass_outside_top_k():
+    lp = np.log(np.array([[0.5, 0.25, 0.125], [0.6, 0.3, 0.1]], dtype=np.float32))
+    np.testing.assert_allclose(tail_mass(lp), [0.125, 0.0], atol=1e-6)

@@ -1,0 +1,232 @@
+from pathlib import Path
+
+import pytest
+
+from opsd.config import REPO_ROOT, Config, ConfigError, check, load_config
+
+
+def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _error(path=None, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# --- layering -------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_dataclass_defaults():
+    cfg = load_config()
+    ref = Config()
+    assert cfg.train.steps == ref.train.steps == 6
+    assert cfg.scorer.topk == ref.scorer.topk == 64
+    assert cfg.teacher.mode == "fixed"
+    assert cfg.loss.beta == 0.5
+    assert list(cfg.learner.betas) == [0.9, 0.999]
+    assert cfg.run_dir is None
+
+
+def test_yaml_overrides_defaults_and_command_line_overrides_yaml(tmp_path):
+    path = _write(tmp_path, "train:\n  steps: 11\n  seed: 5\nloss:\n  beta: 0.25\n")
+    cfg = load_config(path)
+    assert (cfg.train.steps, cfg.train.seed, cfg.loss.beta) == (11, 5, 0.25)
+    assert cfg.train.prompts_per_step == Config().train.prompts_per_step  # untouched key keeps default
+
+    cfg = load_config(path, ["train.steps=13", "loss.support=topk_tail"])
+    assert cfg.train.steps == 13  # command line beats the file
+    assert cfg.train.seed == 5  # the file still beats the default
+    assert cfg.loss.support == "topk_tail"
+
+
+def test_command_line_values_are_converted_to_the_field_type():
+    cfg = load_config(None, ["loss.beta=1", "logging.wandb=true", "train.resume=/x/y"])
+    assert isinstance(cfg.loss.beta, float) and cfg.loss.beta == 1.0
+    assert cfg.logging.wandb is True
+    assert cfg.train.resume == "/x/y"
+
+
+# --- wrong keys, wrong types, bad syntax ----------------------------------------------------
+
+
+def test_unknown_key_on_command_line_names_it():
+    msg = _error(None, ["train.stepz=3"])
+    assert "train.stepz" in msg and "command line" in msg
+
+
+def test_unknown_key_in_yaml_names_it_and_the_file(tmp_path):
+    path = _write(tmp_path, "train:\n  stepz: 3\n")
+    msg = _error(path)
+    assert "train.stepz" in msg and str(path) in msg
+
+
+def test_unknown_top_level_section_is_named():
+    assert "trian" in _error(None, ["trian.steps=3"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("loss.beta=abc", "loss.beta"),
+    ("model.lora.r=x", "model.lora.r"),
+    ("learner.betas=[0.9,abc]", "learner.betas"),
+    ("model.max_model_len=null", "model.max_model_len"),
+    # A scalar where a section belongs: OmegaConf alone reports this without the key.
+    ("train=3", "'train'"),
+    ("model.lora=abc", "model.lora"),
+])
+def test_wrong_type_on_command_line_names_the_key(override, key):
+    assert key in _error(None, [override])
+
+
+@pytest.mark.parametrize("text,key", [
+    ("train:\n  steps: abc\n", "train.steps"),
+    ("train:\n  steps: [1, 2]\n", "train.steps"),
+    ("model:\n  lora: 5\n", "model.lora"),
+    ("train: [1]\n", "'train'"),
+    # A mapping where a list belongs: a bare TypeError from OmegaConf before the fix.
+    ("model:\n  lora:\n    target_modules: {a: 1}\n", "model.lora.target_modules"),
+])
+def test_wrong_type_in_yaml_names_the_key(tmp_path, text, key):
+    msg = _error(_write(tmp_path, text))
+    assert key in msg
+
+
+@pytest.mark.parametrize("item", ["train.steps", "=3", "train.steps 3"])
+def test_override_without_equals_is_rejected(item):
+    msg = _error(None, [item])
+    assert repr(item) in msg and "key=value" in msg
+
+
+def test_yaml_whose_top_level_is_a_list_names_the_file(tmp_path):
+    path = _write(tmp_path, "- train\n- steps\n", name="listy.yaml")
+    msg = _error(path)
+    assert str(path) in msg and "mapping" in msg
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = _write(tmp_path, "train: [\n", name="broken.yaml")
+    assert str(path) in _error(path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "cfg.yaml"
+    msg = _error(path)
+    assert str(path) in msg and "not found" in msg
+
+
+def test_empty_yaml_means_all_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")).train.steps == Config().train.steps
+
+
+# --- choices and values ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("loss.support=foo", "loss.support", ["topk", "topk_tail"]),
+    ("teacher.mode=bar", "teacher.mode", ["fixed", "live", "ema"]),
+    ("algo=ppo", "algo", ["opsd", "grpo", "sft"]),
+    ("learner.zero_stage=4", "learner.zero_stage", ["0", "1", "2", "3"]),
+])
+def test_invalid_choice_names_key_and_allowed_values(override, key, allowed):
+    msg = _error(None, [override])
+    assert f"'{key}'" in msg
+    bad = override.split("=", 1)[1]
+    assert bad in msg
+    for choice in allowed:
+        assert choice in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("loss.beta=1.5", "loss.beta"),
+    ("loss.beta=-0.1", "loss.beta"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("teacher.ema_decay=1.0", "teacher.ema_decay"),
+    ("scorer.topk=0", "scorer.topk"),
+    ("rollout.n=0", "rollout.n"),
+    ("rollout.temperature=-1", "rollout.temperature"),
+    ("loss.token_clip=0", "loss.token_clip"),
+    ("eval.n=0", "eval.n"),
+    ("eval.temperature=-0.5", "eval.temperature"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    assert f"'{key}'" in _error(None, [override])
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(None, ["loss.beta=0", "rollout.temperature=0", "loss.skip_first=0", "rollout.top_p=1"])
+    assert cfg.loss.beta == 0.0
+    cfg = load_config(None, ["loss.beta=1"])
+    assert cfg.loss.beta == 1.0
+
+
+# --- impossible combinations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["teacher.mode=fixed", "teacher.sync_every=2"], "teacher.sync_every"),
+    (["teacher.mode=live", "teacher.sync_every=3"], "teacher.sync_every"),
+    (["sync.transport=nccl", "cluster.device=cpu"], "sync.transport"),
+    (["algo=grpo", "rollout.n=1"], "rollout.n"),
+    (["learner.zero_stage=0", "learner.num_ranks=2"], "learner.zero_stage"),
+    (["eval.n=4", "eval.temperature=0"], "eval.n"),
+    (["rollout.tensor_parallel_size=2", "cluster.device=cpu"], "rollout.tensor_parallel_size"),
+])
+def test_impossible_combination_names_the_key(overrides, key):
+    assert f"'{key}'" in _error(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["teacher.mode=ema", "teacher.sync_every=2"],
+    ["sync.transport=nccl", "cluster.device=cuda"],
+    ["algo=grpo", "rollout.n=2"],
+    ["learner.zero_stage=0", "learner.num_ranks=1"],
+    ["eval.n=4", "eval.temperature=0.7"],
+])
+def test_the_possible_neighbours_of_those_combinations_load(overrides):
+    load_config(None, overrides)
+
+
+def test_topk_is_checked_against_the_vocabulary_size():
+    cfg = load_config(None, ["scorer.topk=64"])
+    check(cfg, vocab_size=64)  # equal is fine
+    check(cfg)  # unknown vocabulary: nothing to check
+    with pytest.raises(ConfigError) as info:
+        check(cfg, vocab_size=63)
+    assert "'scorer.topk'" in str(info.value) and "63" in str(info.value)
+
+
+def test_check_accepts_a_plain_dataclass():
+    check(Config())
+    bad = Config()
+    bad.teacher.mode = "nope"
+    with pytest.raises(ConfigError, match="teacher.mode"):
+        check(bad)
+
+
+# --- shipped configs ------------------------------------------------------------------------
+
+
+SHIPPED = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def test_local_config_is_shipped():
+    assert REPO_ROOT / "configs" / "local.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.algo in ("opsd", "grpo", "sft")
+
+
+def test_local_config_values_take_effect():
+    cfg = load_config(REPO_ROOT / "configs" / "local.yaml")
+    assert cfg.rollout.max_tokens == 64  # the file says 64, the default is 96
+    assert cfg.rollout.kv_cache_mb == 256
+    assert cfg.eval.every == 3

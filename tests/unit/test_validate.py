@@ -1,0 +1,158 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+from launch.validate import validate_config
+from opsd.config import REPO_ROOT, ConfigError, load_config
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+# What each shipped config asks Ray for; a change to a recipe's layout has to change this too.
+NEEDS = {
+    "local.yaml": "needs 0 GPUs, 2 CPUs",
+    "grpo-local.yaml": "needs 0 GPUs, 2 CPUs",
+    "sft-local.yaml": "needs 0 GPUs, 2 CPUs",
+    "qwen3-1.7b.yaml": "needs 4 GPUs, 14 CPUs",
+    "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
+    "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
+}
+
+
+def is_cluster_recipe(path: Path) -> bool:
+    return load_config(path).cluster.device == "cuda"
+
+
+def test_every_config_is_listed():
+    assert sorted(p.name for p in CONFIGS) == sorted(NEEDS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    # Cluster recipes point at data that lives on the cluster; local ones must load their data here.
+    check_data = not is_cluster_recipe(path)
+    lines = validate_config(str(path), [], check_data=check_data)
+    assert lines[-1] == "ok"
+    assert any(NEEDS[path.name] in line for line in lines), lines
+    if check_data:
+        assert any(line.startswith("data: data.train_path") and "4000 problems" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("name,tokens", [("qwen3-1.7b.yaml", 1024), ("qwen3-4b.yaml", 1024), ("qwen3-8b.yaml", 2048)])
+def test_paper_recipes_keep_the_published_settings(name, tokens):
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    assert cfg.model.path == f"Qwen/Qwen3-{name[6:-5].upper()}"
+    assert (cfg.model.dtype, cfg.model.lora.enabled, cfg.model.lora.r, cfg.model.lora.alpha) == ("bfloat16", True, 64, 128)
+    assert len(cfg.model.lora.target_modules) == 7
+    assert cfg.learner.lr == pytest.approx(2e-4)
+    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
+    assert cfg.rollout.max_tokens == tokens
+    assert (cfg.loss.beta, cfg.teacher.mode) == (0.5, "fixed")
+    assert cfg.train.prompts_per_step * cfg.rollout.n == 32
+    assert cfg.model.max_model_len >= cfg.prompt.max_prompt_len + cfg.rollout.max_tokens
+
+
+def test_a_cluster_recipe_with_its_data_missing_names_the_path():
+    with pytest.raises(ConfigError, match=r"data\.train_path.*/data/opsd/math_train\.jsonl"):
+        validate_config(str(REPO_ROOT / "configs" / "qwen3-1.7b.yaml"), [])
+
+
+def test_missing_data_path_names_key_and_path(tmp_path):
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(ConfigError, match="data.train_path") as err:
+        validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [f"data.train_path={missing}"])
+    assert str(missing) in str(err.value)
+
+
+def test_missing_eval_path_is_checked_only_when_eval_runs(tmp_path):
+    missing = tmp_path / "eval.jsonl"
+    local = str(REPO_ROOT / "configs" / "local.yaml")
+    with pytest.raises(ConfigError, match=r"eval\.path.*eval\.jsonl"):
+        validate_config(local, [f"eval.path={missing}", "eval.every=3"])
+    lines = validate_config(local, [f"eval.path={missing}", "eval.every=0"])
+    assert lines[-1] == "ok"
+
+
+def test_bad_data_row_is_reported_with_key_and_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")  # no solution
+    with pytest.raises(ConfigError, match=r"data\.train_path.*line 1.*solution"):
+        validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [f"data.train_path={bad}"])
+
+
+def test_bad_keys_and_values_name_the_key(tmp_path):
+    local = str(REPO_ROOT / "configs" / "local.yaml")
+    with pytest.raises(ConfigError, match="rollout.temprature"):
+        validate_config(local, ["rollout.temprature=1.0"], check_data=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  zero_stage: 5\n")
+    with pytest.raises(ConfigError, match="learner.zero_stage"):
+        validate_config(str(bad), [], check_data=False)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["learner.num_gpus_per_rank=1"], "learner.num_gpus_per_rank"),  # GPUs on a CPU cluster
+    (["learner.num_cpus_per_rank=1"], "cluster.num_cpus"),  # 1 + 0.5 + 2 x 1 > 2 local CPUs
+    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1"], "learner.num_gpus_per_rank"),  # learner without GPU
+    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=0.5"], "NCCL"),
+    (["cluster.device=cuda", "learner.num_gpus_per_rank=1"], "scorer.num_gpus_per_worker"),
+    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=1", "sync.transport=nccl"],
+     "sync.transport"),
+    (["model.max_model_len=64", "rollout.max_tokens=64"], "model.max_model_len"),
+])
+def test_inconsistent_resources_are_errors(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        validate_config(str(REPO_ROOT / "configs" / "local.yaml"), overrides, check_data=False)
+
+
+def test_resource_totals_follow_the_config():
+    lines = validate_config(
+        str(REPO_ROOT / "configs" / "qwen3-1.7b.yaml"),
+        ["rollout.num_workers=3", "rollout.tensor_parallel_size=2", "scorer.num_gpus_per_worker=0.5"],
+        check_data=False,
+    )
+    # rollout 3 x 2 GPUs + scorer 0.5 + learner 2 x 1; CPUs 3 x 4 + 2 + 2 x 4.
+    assert any("needs 8.5 GPUs, 22 CPUs" in line for line in lines), lines
+
+
+def test_short_context_is_noted():
+    lines = validate_config(str(REPO_ROOT / "configs" / "qwen3-8b.yaml"), ["model.max_model_len=3000"], check_data=False)
+    assert any("capped at" in line and "952 tokens" in line for line in lines), lines
+
+
+def test_model_path_kinds(tmp_path):
+    local = str(REPO_ROOT / "configs" / "local.yaml")
+
+    def model_line(path):
+        return next(l for l in validate_config(local, [f"model.path={path}"], check_data=False) if l.startswith("model:"))
+
+    assert "Hugging Face hub id" in model_line("Qwen/Qwen3-1.7B")
+    assert "tiny" in model_line("tiny")
+    (tmp_path / "config.json").write_text("{}")
+    assert model_line(tmp_path) == f"model: local directory {tmp_path}"
+    with pytest.raises(ConfigError, match="no config.json"):
+        model_line(tmp_path.parent)
+    for bad in ("org/name/extra", "./not/here", "just-a-name"):
+        with pytest.raises(ConfigError, match="model.path"):
+            model_line(bad)
+
+
+def test_cli_skip_data_flag(capsys):
+    recipe = str(REPO_ROOT / "configs" / "qwen3-1.7b.yaml")
+    assert main(["validate", recipe, "--skip-data"]) == 0
+    assert "needs 4 GPUs, 14 CPUs" in capsys.readouterr().out
+    assert main(["validate", recipe]) == 2
+    assert "/data/opsd/math_train.jsonl" in capsys.readouterr().err
+
+
+def test_validate_starts_and_imports_nothing_heavy():
+    code = (
+        "import sys; from launch.validate import validate_config; "
+        "validate_config('configs/local.yaml', []); "
+        "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
