@@ -124,7 +124,7 @@ class LearnerRank:
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=deepspeed_config(self.cfg)
+            model=PolicyLoss(model, loss_spec(self.cfg)), model_parameters=trainable, config=deepspeed_config(self.cfg)
         )
         self.device = self.engine.device
         self.gas = micro_batches_per_rank(self.cfg)
@@ -139,7 +139,8 @@ class LearnerRank:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        """The HF model (a PeftModel with LoRA)."""
+        return self.engine.module.policy
 
     # --- training -----------------------------------------------------------------------
 
@@ -186,15 +187,12 @@ class LearnerRank:
 
     def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)
-        hidden = self.module.get_decoder()(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-        ).last_hidden_state  # [B, L, H]
-        sel = hidden[torch.as_tensor(inputs["rows"]).to(self.device), torch.as_tensor(inputs["cols"]).to(self.device)]
         t = inputs["targets"]
-        if pad_to > sel.shape[0]:
-            sel, t = _pad_positions(sel, t, pad_to)
         t = TokenTargets(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()})
-        return chunked_loss(sel, self.module.get_output_embeddings(), t, self.spec, normalizer=normalizer)
+        return self.engine(
+            ids.to(self.device), mask.to(self.device), torch.as_tensor(inputs["rows"]).to(self.device),
+            torch.as_tensor(inputs["cols"]).to(self.device), t, normalizer, pad_to,
+        )
 
     def _empty_micro_batch(self) -> dict:
         """One pad token with zero weight: keeps every rank's collective calls in step."""
@@ -375,6 +373,28 @@ class LearnerRank:
         return self.step
 
 
+class PolicyLoss(torch.nn.Module):
+    """The policy with the loss as its forward: DeepSpeed wraps this module.
+
+    ZeRO-3 hangs its parameter bookkeeping on the forward hooks of the module it wraps, so the
+    decoder, the chunked LM head and the loss must all run inside one call of that module; the
+    loss needs hidden states rather than full [B, L, V] logits, so the HF model's own forward is
+    not the one to wrap.
+    """
+
+    def __init__(self, policy: torch.nn.Module, spec: LossSpec):
+        super().__init__()
+        self.policy = policy
+        self.spec = spec
+
+    def forward(self, input_ids, attention_mask, rows, cols, targets: TokenTargets, normalizer: float, pad_to: int = 0):
+        hidden = self.policy.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        sel = hidden[rows, cols]  # [N, H]: the positions that predict loss tokens
+        if pad_to > sel.shape[0]:
+            sel, targets = _pad_positions(sel, targets, pad_to)
+        return chunked_loss(sel, self.policy.get_output_embeddings(), targets, self.spec, normalizer=normalizer)
+
+
 def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch.Tensor, TokenTargets]:
     """Append zero-weight positions up to ``n`` (valid values, so nothing turns NaN)."""
     extra = n - hidden.shape[0]
@@ -384,7 +404,7 @@ def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch
         if not isinstance(v, torch.Tensor):
             padded[name] = v
             continue
-        fill = torch.zeros((extra, *v.shape[1:]), dtype=v.dtype)
+        fill = torch.zeros((extra, *v.shape[1:]), dtype=v.dtype, device=v.device)
         if name == "topk_logprobs":
             fill.fill_(-math.log(v.shape[1]))
         padded[name] = torch.cat([v, fill])

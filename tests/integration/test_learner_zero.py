@@ -75,5 +75,7 @@ def test_zero_matches_single_process(stage, cli_run, tiny_model, ray_session):
     # fp32 throughout; reductions run in a different order (gloo, micro-batches): 1e-5 relative.
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-7)
     assert ref_losses[0] != ref_losses[2]  # the steps changed the model, so later losses test the optimizer
+    # Adam divides by sqrt(v): for near-zero gradients reduction-order noise is amplified, so
+    # weights get 1e-5 absolute (1% of one lr=1e-3 step); a wrong update is off by ~lr.
     for name, ref in ref_params.items():
-        torch.testing.assert_close(state[name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(state[name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
