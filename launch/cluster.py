@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable
 
 from opsd.config import Config
-from workers.weight_sync import WeightSyncError, WeightUpdate
+from workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "RAY_DEDUP_LOGS": "1"}
 
@@ -102,6 +102,12 @@ class ActorPool:
                 results[i] = ray.get(ref)
                 del refs[i]
             except _actor_errors() as exc:
+                self._recover(self.actors[i], exc)
+                refs[i] = getattr(self.actors[i], method).remote(*per_actor_args[i], **kwargs)
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, StaleWeightsError):
+                    raise
+                # A call queued while the actor restarted reached it before its catch-up push.
                 self._recover(self.actors[i], exc)
                 refs[i] = getattr(self.actors[i], method).remote(*per_actor_args[i], **kwargs)
         return [results[i] for i in range(len(per_actor_args))]

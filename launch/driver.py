@@ -176,7 +176,7 @@ class Trainer:
         args = [([p.student_ids for p in s], [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
         outs = self.rollouts.map(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k,
+            top_p=cfg.top_p, top_k=cfg.top_k, expect_version=self.policy_version,
         )
         by_uid = {}
         for shard, out in zip(shards, outs):
@@ -205,7 +205,7 @@ class Trainer:
             for r in rows
         ]
         ns = len(self.scorers.actors)
-        parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)])
+        parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)], expect_version=self.teacher_version)
         tables = [from_ipc_bytes(p) for p in parts if p is not None]
         table = concat_batches(tables)
         # Restore the sampler's row order, which the shards interleaved.
@@ -232,7 +232,7 @@ class Trainer:
         shards = [self.eval_pairs[i::nw] for i in range(nw)]
         outs = self.rollouts.map(
             "generate", [([p.student_ids for p in s], [sample_seed(0, -1, p.uid) for p in s]) for s in shards],
-            n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+            n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, expect_version=self.policy_version,
         )
         graded = [
             grade(p.uid, [s.text for s in samples], p.answer)
@@ -266,7 +266,8 @@ class Trainer:
         os.replace(tmp, final)
         return final
 
-    def restore(self, ckpt: Path) -> None:
+    def restore(self, ckpt: Path, run: RunDir) -> None:
+        self.run = run
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.learner.load_checkpoint(str(ckpt / "learner"))
         self.sampler.load_state_dict(state["sampler"])
@@ -398,7 +399,7 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
             ckpt = latest_checkpoint(run.path)
             if ckpt is None:
                 raise ConfigError(f"train.resume={run.path}: no complete checkpoint under {run.checkpoints}")
-            trainer.restore(ckpt)
+            trainer.restore(ckpt, run)
             print(f"opsd: resumed from {ckpt} (step {trainer.step})")
         trainer.run_steps(run)
     finally:

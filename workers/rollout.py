@@ -7,7 +7,9 @@ import time
 from dataclasses import dataclass
 
 from opsd.config import Config
-from workers.weight_sync import WeightSyncError, WeightUpdate, check_against, hf_param_shapes, make_receiver
+from workers.weight_sync import (
+    WeightSyncError, WeightUpdate, check_against, hf_param_shapes, make_receiver, require_version,
+)
 
 
 @dataclass
@@ -66,8 +68,14 @@ class RolloutWorker:
         temperature: float,
         top_p: float = 1.0,
         top_k: int = -1,
+        expect_version: int | None = None,
     ) -> list[list[Rollout]]:
-        """``n`` samples for each prompt; one seed per prompt makes the samples reproducible."""
+        """``n`` samples for each prompt; one seed per prompt makes the samples reproducible.
+
+        With ``expect_version``, refuses to sample from other weights (a restarted actor has the
+        initial ones until the driver brings it up to date).
+        """
+        require_version(self.version, expect_version, "rollout worker")
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

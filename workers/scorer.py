@@ -17,7 +17,7 @@ import torch
 from opsd.batch import Sample, build_batch, to_ipc_bytes
 from opsd.config import Config
 from opsd.prompts import pad_right
-from workers.weight_sync import WeightUpdate, check_against, make_receiver
+from workers.weight_sync import WeightUpdate, check_against, make_receiver, require_version
 
 
 @dataclass
@@ -116,8 +116,9 @@ class ScorerWorker:
                 offset += t
         return out
 
-    def score(self, requests: list[ScoreRequest]) -> bytes:
+    def score(self, requests: list[ScoreRequest], expect_version: int | None = None) -> bytes:
         """Rollouts -> a validated Arrow batch (IPC stream bytes)."""
+        require_version(self.version, expect_version, "scorer")
         t0 = time.perf_counter()
         targets = self.teacher_targets([r.teacher_prompt_ids for r in requests], [r.response_ids for r in requests])
         samples = [

@@ -29,6 +29,15 @@ class WeightSyncError(RuntimeError):
     """A push that did not reach a receiver; its old weights and version are kept."""
 
 
+class StaleWeightsError(RuntimeError):
+    """An actor asked to work at one weights version holds another (e.g. it was just restarted)."""
+
+
+def require_version(actual: int, expected: int | None, who: str) -> None:
+    if expected is not None and actual != expected:
+        raise StaleWeightsError(f"{who} holds weights version {actual}, the driver expects {expected}")
+
+
 @dataclass(frozen=True)
 class WeightUpdate:
     """What travels through the driver: a version and handles to the buckets, not the tensors."""
@@ -171,4 +180,12 @@ class VllmWeightLoader:
 
     def opsd_load_weights(self, named: NamedTensors) -> int:
         self.reload_weights(weights_iterator=iter(named))
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", None):
+            # With tied embeddings vLLM reloads the weight through the embedding only; kernels
+            # derived from it for the head (the CPU backend's packed GEMM copy) keep the old
+            # values unless the head is processed again.
+            head.quant_method.process_weights_after_loading(head)
         return len(named)

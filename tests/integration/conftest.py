@@ -66,3 +66,13 @@ def local_config(*overrides: str):
     from opsd.config import load_config
 
     return load_config(REPO_ROOT / "configs" / "local.yaml", list(overrides))
+
+
+def make_trainer(tmp_path: Path, *overrides: str, cls=None):
+    """A started Trainer on the local config (the caller shuts it down) and its run directory."""
+    from launch.driver import RunDir, Trainer, prepare_config
+
+    cfg, run_path = prepare_config(str(REPO_ROOT / "configs" / "local.yaml"), local_overrides(tmp_path, *overrides))
+    trainer = (cls or Trainer)(cfg)
+    trainer.start()
+    return trainer, RunDir(run_path)

@@ -1,0 +1,46 @@
+"""Test 6: a rollout actor killed mid-run is restarted, and every prompt is trained on once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from launch.driver import Trainer
+
+from .conftest import make_trainer, read_metrics
+
+pytestmark = pytest.mark.integration
+
+
+class KillingTrainer(Trainer):
+    def rollout(self, pairs, step):
+        import ray
+
+        if step == 2:
+            actor = self.rollouts.actors[0]
+            self.pid_before = ray.get(actor.ready.remote())["pid"]
+            ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts); the driver retries
+        return super().rollout(pairs, step)
+
+
+def test_rollout_actor_death_loses_and_repeats_nothing(tmp_path, ray_session):
+    ray = ray_session
+    # 16 problems, 8 per step, 2 steps: exactly one epoch.
+    trainer, run_dir = make_trainer(
+        tmp_path, "data.max_rows=16", "train.prompts_per_step=8", "train.steps=2",
+        "train.checkpoint_every=0", "eval.every=0", cls=KillingTrainer,
+    )
+    try:
+        trainer.run_steps(run_dir)
+        pid_after = ray.get(trainer.rollouts.actors[0].ready.remote())["pid"]
+        version_after = ray.get(trainer.rollouts.actors[0].get_version.remote())
+    finally:
+        trainer.shutdown()
+    assert pid_after != trainer.pid_before, "the rollout actor was not restarted"
+    assert version_after == 2  # the restarted actor was brought to the current weights
+    metrics = read_metrics(run_dir.path)
+    assert [m["dropped_stale"] for m in metrics] == [0, 0]
+    uids = Counter(sid.rsplit("#", 1)[0] for m in metrics for sid in m["sample_ids"])
+    assert len(uids) == 16 and set(uids.values()) == {1}
+    assert {p.uid for p in trainer.pairs} == set(uids)

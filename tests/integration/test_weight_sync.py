@@ -1,0 +1,70 @@
+"""Test 3: after a push, vLLM's logprobs equal the learner's model's; versions advance everywhere;
+a bad update changes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from opsd.batch import read_ipc, to_ipc_bytes
+from workers.weight_sync import WeightSyncError
+
+from .conftest import local_config
+
+pytestmark = pytest.mark.integration
+
+
+def hf_logprobs(model, seq: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
+    return logp[:-1].gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1).numpy()
+
+
+def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
+    from transformers import AutoModelForCausalLM
+
+    from workers.learner import LearnerGroup
+    from workers.rollout import RolloutWorker
+
+    ray = ray_session
+    # lr 1e-2 so that one step moves logprobs far beyond the comparison tolerance.
+    cfg = local_config("learner.lr=1e-2", "rollout.num_cpus_per_worker=0.5", "rollout.kv_cache_mb=64")
+    workers = [ray.remote(RolloutWorker).options(num_cpus=0.5).remote(cfg, tiny_model, i) for i in range(2)]
+    group = LearnerGroup(cfg, tiny_model)
+    try:
+        table = read_ipc(sorted((cli_run / "batches").glob("step_*.arrow"))[0])
+        row = table.slice(0, 1).to_pylist()[0]
+        seq = row["prompt_ids"] + row["response_ids"]
+        before = np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0])
+
+        group.train_step(ray.put(to_ipc_bytes(table)))
+        update = group.push_weights(1)
+        assert ray.get([w.load_weights.remote(update) for w in workers]) == [1, 1]
+        assert ray.get([w.get_version.remote() for w in workers]) == [1, 1]
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model.load_state_dict(group.full_state(), strict=False)
+        model.tie_weights()
+        expected = hf_logprobs(model.eval(), seq)
+        after = [np.array(x[0]) for x in ray.get([w.prompt_logprobs.remote([seq]) for w in workers])]
+        assert np.abs(expected - before).max() > 1e-2, "the step did not move the model enough to test the push"
+        # fp32 on both sides; different kernels: 1e-4 nats.
+        for got in after:
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+
+        # All or nothing: an update with a wrong shape is refused before anything loads.
+        bad_bucket = [(name, t[:-1] if name.endswith("embed_tokens.weight") else t)
+                      for name, t in ray.get(update.handles[0])]
+        bad = dataclasses.replace(update, version=2, handles=(ray.put(bad_bucket),) + tuple(update.handles[1:]))
+        with pytest.raises(ray.exceptions.RayTaskError) as err:
+            ray.get(workers[0].load_weights.remote(bad))
+        assert isinstance(err.value.cause, WeightSyncError) and "embed_tokens.weight" in str(err.value)
+        assert ray.get(workers[0].get_version.remote()) == 1
+        np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), after[0])
+    finally:
+        for w in workers:
+            ray.kill(w)
+        group.shutdown()
