@@ -57,6 +57,25 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launch.evaluate import main_eval
+
+    return main_eval(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from launch.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
+
+    run(args)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launch.plot import main_plot
+
+    return main_plot(args)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Import the stack the way the workers do and say what is wrong, if anything."""
     import importlib
@@ -106,6 +125,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check that the installed stack imports")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("eval", help="avg@n, pass@n, maj@n and format rate of a model on problem sets (vLLM)")
+    p.add_argument("--model", required=True, metavar="PATH_OR_RUN_DIR",
+                   help="'tiny', an HF model directory or hub id, a run directory (its latest complete "
+                   "checkpoint) or a checkpoint directory RUN/checkpoints/step_N")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE",
+                   help="one or more .jsonl/.parquet files with 'problem' and 'answer' (results per file)")
+    p.add_argument("--n", type=int, help="samples per problem (default: eval.n of the config)")
+    p.add_argument("--temperature", type=float,
+                   help="sampling temperature (default: eval.temperature; 0.6 when n > 1 and that is 0)")
+    p.add_argument("--max-tokens", type=int, help="new tokens per answer (default: eval.max_tokens)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems of each file")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per problem: seed and problem id)")
+    p.add_argument("--config", help="YAML config for prompts, workers and cluster (default: the run "
+                   "directory's config.yaml, else configs/local.yaml)")
+    p.add_argument("--out", help="JSON report (default: RUN_DIR/eval/step_N_<data>_n<n>.json for a run "
+                   "directory, else ./eval_report.json)")
+    p.add_argument("--responses", action="store_true", help="also store the response texts in the report")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.num_workers=2")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="training curves of run directories as one PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png; ./curves.png for several runs)")
+    p.add_argument("--labels", nargs="+", help="legend names, one per RUN_DIR (default: folder names)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="measure weight-push bandwidth, step time split, loss memory")
+    from launch.bench import add_arguments  # the standard library only: no ray, vllm or torch
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from opsd.batch import concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
-from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml
+from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
+from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml, uses_scorer
 from opsd.data import EpochSampler, load_problems
 from opsd.evaluation import grade, summarize
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.cluster import ActorPool, init_ray
+from launch.validate import actor_resources, resource_needs
 from workers.learner import LearnerGroup
 from workers.rollout import RolloutWorker
 from workers.scorer import ScoreRequest, ScorerWorker
@@ -93,6 +94,7 @@ class Trainer:
         if cfg.data.max_rows:
             problems = problems[: cfg.data.max_rows]
         self.pairs, self.skipped = self.builder.build(problems, source=str(train_path))
+        self.solutions = {p.uid: p.solution for p in problems}
         if not self.pairs:
             raise ValueError(f"{train_path}: no usable problems (all {len(problems)} skipped as over-long)")
         self.sampler = EpochSampler(len(self.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
@@ -114,8 +116,9 @@ class Trainer:
 
     # --- set-up ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, local_cluster: bool = True) -> None:
         cfg = self.cfg
+        check_capacity(cfg, strict=local_cluster)
         gpu = 1 if cfg.cluster.device == "cuda" else 0
         restarts = cfg.train.max_actor_restarts
         self.rollouts = ActorPool(
@@ -124,7 +127,7 @@ class Trainer:
             (cfg, self.model_path), max_restarts=restarts,
         )
         self.scorers = None
-        if cfg.algo == "opsd":
+        if uses_scorer(cfg):
             self.scorers = ActorPool(
                 "scorer", ScorerWorker, cfg.scorer.num_workers,
                 {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker},
@@ -193,21 +196,44 @@ class Trainer:
                 })
         return rows
 
+    def reference_rows(self, pairs: list[PromptPair]) -> list[dict]:
+        """SFT: the reference solutions play the part of the responses (nothing is generated)."""
+        eos = self.tokenizer.eos_token_id
+        rows = []
+        for pair in pairs:
+            # The reference is text; it is tokenised once here, and EOS closes the turn.
+            ids = list(self.tokenizer(self.solutions[pair.uid], add_special_tokens=False)["input_ids"]) + [eos]
+            rows.append({
+                "sample_id": f"{pair.uid}#0", "pair": pair, "response_ids": ids, "rollout_logprobs": [0.0] * len(ids),
+                "finish_reason": "stop", "policy_version": self.policy_version, "reward": 0.0,
+            })
+        return rows
+
     def score(self, rows: list[dict]) -> bytes:
-        """samples -> Arrow batch with the teacher's targets (scorers split the rows)."""
+        """samples -> Arrow batch; with a scorer running, holding the teacher's targets.
+
+        For GRPO the scorer is the frozen reference policy: it sees the student's own prompt, and
+        its sampled-token logprobs feed the KL term.
+        """
+        reference_only = self.cfg.algo != "opsd"
         reqs = [
             ScoreRequest(
-                sample_id=r["sample_id"], prompt_ids=r["pair"].student_ids, teacher_prompt_ids=r["pair"].teacher_ids,
+                sample_id=r["sample_id"], prompt_ids=r["pair"].student_ids,
+                teacher_prompt_ids=r["pair"].student_ids if reference_only else r["pair"].teacher_ids,
                 response_ids=r["response_ids"], rollout_logprobs=r["rollout_logprobs"],
                 loss_mask=response_loss_mask(len(r["response_ids"]), skip_first=self.cfg.loss.skip_first),
                 reward=r["reward"], policy_version=r["policy_version"], finish_reason=r["finish_reason"],
             )
             for r in rows
         ]
+        if self.scorers is None:
+            samples = [Sample(**{k: v for k, v in vars(q).items()}) for q in reqs]
+            table = build_batch(samples, k=self.cfg.scorer.topk, temperature=self.cfg.loss.temperature,
+                                teacher_mode="none")
+            return to_ipc_bytes(table)
         ns = len(self.scorers.actors)
         parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)], expect_version=self.teacher_version)
-        tables = [from_ipc_bytes(p) for p in parts if p is not None]
-        table = concat_batches(tables)
+        table = concat_batches([from_ipc_bytes(p) for p in parts])
         # Restore the sampler's row order, which the shards interleaved.
         order = {r["sample_id"]: i for i, r in enumerate(rows)}
         ids = table.column("sample_id").to_pylist()
@@ -226,19 +252,16 @@ class Trainer:
             self.teacher_version = self.policy_version
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy (or eval.temperature) answers on the held-out problems, graded by opsd.verify."""
+        """Greedy (or eval.temperature) answers on the held-out problems, graded by opsd.verify;
+        the same code path as `opsd eval` (launch/evaluate.py)."""
+        from launch.evaluate import evaluate_pairs
+
         cfg = self.cfg.eval
-        nw = len(self.rollouts.actors)
-        shards = [self.eval_pairs[i::nw] for i in range(nw)]
-        outs = self.rollouts.map(
-            "generate", [([p.student_ids for p in s], [sample_seed(0, -1, p.uid) for p in s]) for s in shards],
-            n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature, expect_version=self.policy_version,
+        metrics, _ = evaluate_pairs(
+            self.rollouts, self.eval_pairs, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+            seed=0, expect_version=self.policy_version,
         )
-        graded = [
-            grade(p.uid, [s.text for s in samples], p.answer)
-            for shard, out in zip(shards, outs) for p, samples in zip(shard, out)
-        ]
-        return {f"eval/{k}": v for k, v in summarize(graded).items()}
+        return {f"eval/{k}": v for k, v in metrics.items()}
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -292,7 +315,11 @@ class Trainer:
 
         cfg = self.cfg
         self.run = run
-        writer = _tensorboard(run.path) if cfg.logging.tensorboard else None
+        from omegaconf import OmegaConf
+
+        from launch.loggers import MetricsLogger
+
+        logger = MetricsLogger(run.path, cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         while self.step < cfg.train.steps:
@@ -301,7 +328,7 @@ class Trainer:
             pairs = [self.pairs[i] for i in self.sampler.next_batch(cfg.train.prompts_per_step)]
 
             t0 = time.perf_counter()
-            rows = self.rollout(pairs, step)
+            rows = self.rollout(pairs, step) if cfg.algo != "sft" else self.reference_rows(pairs)
             stale = [r for r in rows if self.policy_version - r["policy_version"] > cfg.rollout.max_staleness]
             rows = [r for r in rows if r not in stale]
             rollout_s = time.perf_counter() - t0
@@ -321,16 +348,18 @@ class Trainer:
             sync_s = time.perf_counter() - t0
 
             self.step = step
-            gen = sum(len(r["response_ids"]) for r in rows)
+            resp_tokens = sum(len(r["response_ids"]) for r in rows)
+            gen = resp_tokens if cfg.algo != "sft" else 0  # SFT trains on references; it generates nothing
             self.tokens_total += gen
             tokens = max(stats["tokens"], 1.0)
             row = {
                 "step": step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
                 "loss": stats["loss_sum"] / tokens,
-                "kl_sampled": -stats.get("kl_sampled_sum", float("nan")) / tokens,
+                # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
+                "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
                 "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-                "reward_mean": sum(r["reward"] for r in rows) / max(len(rows), 1),
-                "response_len_mean": gen / max(len(rows), 1),
+                "reward_mean": sum(r["reward"] for r in rows) / max(len(rows), 1) if cfg.algo != "sft" else None,
+                "response_len_mean": resp_tokens / max(len(rows), 1),
                 "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
                 "tokens_generated": gen, "tokens_generated_total": self.tokens_total,
                 "samples": len(rows), "dropped_stale": len(stale),
@@ -340,28 +369,33 @@ class Trainer:
             if cfg.eval.every and step % cfg.eval.every == 0 and self.eval_pairs:
                 row.update(self.evaluate())
             row["step_seconds"] = time.perf_counter() - t_step
-            run.log_metrics(row)
-            if writer is not None:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(k, v, step)
-                writer.flush()
+            logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
             if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
                 self.save_checkpoint()
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean']:.2f}",
+            bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
                             tok_s=f"{gen / max(rollout_s, 1e-9):.0f}")
         bar.close()
-        if writer is not None:
-            writer.close()
+        logger.close()
 
 
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
-        return None
-    return SummaryWriter(log_dir=str(path / "tensorboard"))
+def check_capacity(cfg: Config, *, strict: bool) -> None:
+    """Ray waits forever for an actor that does not fit; say so up front instead."""
+    import ray
+
+    gpus, cpus = resource_needs(cfg)
+    have = ray.cluster_resources()
+    short = [f"{need:g} {kind}s (the cluster has {have.get(kind, 0):g})"
+             for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
+    if not short:
+        return
+    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU" for role, n, c, g, _ in actor_resources(cfg))
+    msg = (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
+           "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, ...) or give "
+           "the cluster more (cluster.num_cpus for a local one)")
+    if strict:
+        raise ConfigError(msg)
+    print(f"opsd: warning: {msg}; waiting for the cluster to provide them")
 
 
 def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Config, Path]:
@@ -394,7 +428,7 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         print(f"opsd: skipped {len(trainer.skipped)} over-long prompts (prompt.overlong=skip)")
     started = init_ray(cfg)
     try:
-        trainer.start()
+        trainer.start(local_cluster=started)
         if cfg.train.resume:
             ckpt = latest_checkpoint(run.path)
             if ckpt is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from opsd.config import Config, ConfigError, load_config, resolve_path
+from opsd.config import Config, ConfigError, load_config, resolve_path, uses_scorer
 from opsd.data import DataError, load_problems
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
@@ -87,7 +87,7 @@ def actor_resources(cfg: Config) -> list[tuple[str, int, float, float, str]]:
     cuda = cfg.cluster.device == "cuda"
     roles = [("rollout", r.num_workers, r.num_cpus_per_worker, r.tensor_parallel_size if cuda else 0,
               "rollout.tensor_parallel_size")]
-    if cfg.algo == "opsd":
+    if uses_scorer(cfg):
         roles.append(("scorer", s.num_workers, s.num_cpus_per_worker, s.num_gpus_per_worker,
                       "scorer.num_gpus_per_worker"))
     roles.append(("learner", lr.num_ranks, lr.num_cpus_per_rank, lr.num_gpus_per_rank, "learner.num_gpus_per_rank"))

@@ -377,6 +377,11 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         )
 
 
+def uses_scorer(cfg: Config) -> bool:
+    """OPSD scores with the teacher; GRPO needs a scorer only as the frozen KL reference."""
+    return cfg.algo == "opsd" or (cfg.algo == "grpo" and cfg.loss.kl_coef > 0)
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

@@ -171,14 +171,21 @@ class LearnerRank:
             return torch.as_tensor(np.ascontiguousarray(arr[keep]), dtype=dtype)
 
         has_teacher = batch_meta(table)["opsd.teacher_mode"] != "none"
+        algo = self.spec.algo
         t = TokenTargets(
             sampled_ids=flat("response_ids", torch.long),
             weight=torch.ones(int(keep.sum()), dtype=torch.float32),
-            topk_ids=flat("teacher_topk_ids", torch.long) if has_teacher else None,
-            topk_logprobs=flat("teacher_topk_logprobs", torch.float32) if has_teacher else None,
-            teacher_logprobs=flat("teacher_token_logprobs", torch.float32) if has_teacher else None,
-            rollout_logprobs=flat("rollout_logprobs", torch.float32),
+            rollout_logprobs=flat("rollout_logprobs", torch.float32) if algo != "sft" else None,
         )
+        if has_teacher:
+            # For OPSD the scorer is the teacher; for GRPO it is the frozen reference policy,
+            # whose sampled-token logprobs also give kl_sampled (the KL to the reference).
+            t.teacher_logprobs = flat("teacher_token_logprobs", torch.float32)
+            if algo == "opsd":
+                t.topk_ids = flat("teacher_topk_ids", torch.long)
+                t.topk_logprobs = flat("teacher_topk_logprobs", torch.float32)
+            elif algo == "grpo":
+                t.ref_logprobs = t.teacher_logprobs
         if advantages is not None:
             per_row = [np.full(int(np.sum(m)), advantages[i]) for i, m in zip(rows, keep_flat)]
             t.advantages = torch.as_tensor(np.concatenate(per_row) if per_row else np.zeros(0), dtype=torch.float32)
@@ -206,6 +213,9 @@ class LearnerRank:
         if self.spec.algo == "grpo":
             t.rollout_logprobs = torch.zeros(1)
             t.advantages = torch.zeros(1)
+            if self.cfg.loss.kl_coef > 0:
+                t.ref_logprobs = torch.zeros(1)
+                t.teacher_logprobs = torch.zeros(1)
         return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
 
     def train_step(self, batch_ipc: bytes) -> dict:

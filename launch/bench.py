@@ -1,0 +1,525 @@
+"""``opsd bench``: measurements that the docs quote (docs/BENCHMARKS.md).
+
+    opsd bench sync  [--params-m 100] [--bucket-mb 16 64 256]   weight-push bandwidth (object_store)
+    opsd bench train [CONFIG] [key=value ...]                    wall time and per-step split of a run
+    opsd bench loss  [--vocab 151936 --tokens 2048 --chunk 1024] chunked vs unchunked loss memory/time
+
+Only the standard library is imported at module level: ``bench loss`` must run on a GPU machine
+that has torch but no ray, vllm or deepspeed (scripts/gpu_check.sh), and ``opsd --help`` stays
+fast. Each ``bench_*`` function prints its figures and returns them as a dict; no test asserts
+a time. ``python -m launch.bench loss ...`` works without omegaconf (``launch.cli`` needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MB = 2**20
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every ``interval`` seconds.
+
+    For CPU tensors, which tracemalloc does not see. Large torch buffers are mmapped and handed
+    back to the OS on free, so consecutive measurements in one process do not leak into each
+    other; the sampling can miss a peak shorter than ``interval``.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self.base = 0
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.base = self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.peak - self.base
+
+
+# --- bench loss ------------------------------------------------------------------------------
+
+
+def _loss_inputs(vocab: int, tokens: int, hidden: int, k: int, device: str, dtype, seed: int = 0):
+    """Random student hidden states and head, and teacher top-k targets with distinct ids per row."""
+    import torch
+
+    from opsd.losses import TokenTargets
+
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(tokens, hidden, generator=g) / hidden**0.25).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.25).to(device, dtype)
+    stride = max(1, vocab // k)
+    start = torch.randint(0, vocab, (tokens, 1), generator=g)
+    topk_ids = ((start + torch.arange(k) * stride) % vocab).to(device)
+    # Teacher logprobs over the full vocabulary: the top-k hold 90 % of the mass.
+    topk_lp = (torch.log_softmax(torch.randn(tokens, k, generator=g) * 2, dim=-1) + torch.log(torch.tensor(0.9)))
+    targets = TokenTargets(
+        sampled_ids=topk_ids[:, 0].clone(),
+        weight=torch.ones(tokens, device=device),
+        topk_ids=topk_ids,
+        topk_logprobs=topk_lp.to(device),
+        teacher_logprobs=topk_lp[:, 0].to(device),
+    )
+    return h, w, targets
+
+
+def loss_forward_backward(h, w, targets, chunk: int, *, beta: float = 0.5, support: str = "topk"):
+    """One chunked_loss forward + backward; returns (loss, grad of hidden, grad of head weight)."""
+    import torch
+
+    from opsd.losses import LossSpec, chunked_loss
+
+    h = h.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    spec = LossSpec(beta=beta, support=support, chunk_size=chunk)
+    loss, _ = chunked_loss(h, lambda x: x @ w.t(), targets, spec, normalizer=float(h.shape[0]))
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def _measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, int]:
+    """(result, seconds, peak bytes above the level before the call)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        return out, seconds, torch.cuda.max_memory_allocated() - base
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+    return out, seconds, rss.delta_bytes
+
+
+def bench_loss(vocab: int = 151936, tokens: int = 2048, chunk: int = 1024, hidden: int = 1024, k: int = 64,
+               device: str | None = None, dtype: str = "float32", repeats: int | None = None,
+               out: Callable[[str], None] = print) -> dict:
+    """Peak memory and time of chunked_loss forward+backward, chunked vs one chunk of all tokens.
+
+    Peak memory is measured above what the inputs already hold; it includes the head's weight
+    gradient ([V, H], the same in both variants). CPU: resident-set sampling; CUDA:
+    torch.cuda.max_memory_allocated. Times are the minimum over ``repeats`` runs (CUDA: after a
+    warm-up run).
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if repeats is None:
+        repeats = 3 if device == "cuda" else 1
+    # Warm-up on a small problem: one-time costs (lazy initialisation, thread pools, kernels)
+    # would otherwise land in whichever variant runs first.
+    loss_forward_backward(*_loss_inputs(min(vocab, 4096), 64, hidden, k, device, tdtype), 32)
+    h, w, targets = _loss_inputs(vocab, tokens, hidden, k, device, tdtype)
+    results: dict[str, dict] = {}
+    losses = {}
+    for name, size in (("chunked", chunk), ("unchunked", max(tokens, chunk))):
+        if device == "cuda":  # warm-up: kernels, allocator
+            loss_forward_backward(h, w, targets, size)
+            torch.cuda.synchronize()
+        times, peaks = [], []
+        for _ in range(repeats):
+            (loss, _, _), seconds, peak = _measure(lambda: loss_forward_backward(h, w, targets, size), device)
+            times.append(seconds)
+            peaks.append(peak)
+        losses[name] = float(loss)
+        results[name] = {"chunk_size": size, "seconds": min(times), "peak_mb": max(peaks) / MB}
+    logits_mb = tokens * vocab * 4 / MB
+    report = {
+        "device": device, "dtype": dtype, "vocab": vocab, "tokens": tokens, "hidden": hidden, "k": k,
+        "chunk": chunk, "repeats": repeats, "fp32_logits_mb": logits_mb,
+        "chunked": results["chunked"], "unchunked": results["unchunked"],
+        "memory_ratio": results["unchunked"]["peak_mb"] / max(results["chunked"]["peak_mb"], 1e-9),
+        "time_ratio": results["unchunked"]["seconds"] / max(results["chunked"]["seconds"], 1e-12),
+        "loss_chunked": losses["chunked"], "loss_unchunked": losses["unchunked"],
+        "loss_abs_diff": abs(losses["chunked"] - losses["unchunked"]),
+    }
+    where = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    out(f"bench loss: V={vocab} T={tokens} H={hidden} k={k} {dtype} on {where} "
+        f"(full fp32 logits would be {logits_mb:.0f} MB)")
+    for name in ("chunked", "unchunked"):
+        r = results[name]
+        out(f"  {name:9s} chunk_size={r['chunk_size']:6d}  fwd+bwd {r['seconds']:8.3f} s  peak {r['peak_mb']:9.1f} MB")
+    out(f"  peak memory unchunked / chunked = {report['memory_ratio']:.2f}x; "
+        f"time unchunked / chunked = {report['time_ratio']:.2f}x; |loss diff| = {report['loss_abs_diff']:.2e}")
+    return report
+
+
+# --- bench sync ------------------------------------------------------------------------------
+
+
+def qwen3_shaped_config(params_m: float, vocab: int = 151936):
+    """A Qwen3Config of about ``params_m`` million parameters (tied embeddings, head_dim 128).
+
+    Per layer a Qwen3 block has ~12 h^2 parameters (q, o: h^2; k, v: h^2 / 2 with kv heads = heads
+    / 2; MLP 3 x h x 3h); the embedding has V x h. When the embedding alone is over budget the
+    vocabulary shrinks.
+    """
+    from transformers import Qwen3Config
+
+    target = params_m * 1e6
+    hidden = 512 if params_m < 300 else 1024 if params_m < 1500 else 2048
+    if vocab * hidden > 0.8 * target:
+        vocab = max(1024, int(0.5 * target / hidden))
+    layers = max(1, round((target - vocab * hidden) / (12 * hidden * hidden)))
+    heads = hidden // 128
+    return Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=128,
+        tie_word_embeddings=True, max_position_embeddings=4096,
+    )
+
+
+def qwen3_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes (what the learner pushes), from a model built on the meta device."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+class _SyncSender:
+    """Holds random fp32 weights of the given shapes; pushes them as the learner's rank 0 does."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
+        import torch
+
+        torch.manual_seed(0)
+        self.named = [(name, torch.randn(shape)) for name, shape in shapes]
+
+    def send(self, version: int, bucket_mb: float):
+        from workers.weight_sync import ObjectStoreSender, iter_buckets
+
+        t0 = time.perf_counter()
+        update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb))
+        return update, time.perf_counter() - t0
+
+
+class _SyncReceiver:
+    """Receives a push and copies it into its own weights, as the scorer's load does."""
+
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
+        import torch
+
+        self.params = {name: torch.zeros(shape) for name, shape in shapes}
+
+    def receive(self, update) -> tuple[int, float, float]:
+        import torch
+
+        from workers.weight_sync import ObjectStoreReceiver, check_against
+
+        t0 = time.perf_counter()
+        named = ObjectStoreReceiver().receive(update)
+        t1 = time.perf_counter()
+        check_against(named, {k: tuple(v.shape) for k, v in self.params.items()})
+        with torch.no_grad():
+            for name, t in named:
+                self.params[name].copy_(t)
+        return len(named), t1 - t0, time.perf_counter() - t1
+
+
+def _start_ray(num_cpus: int = 2) -> bool:
+    """Attach when RAY_ADDRESS says so, else start a local Ray the way `opsd train` does."""
+    import ray
+
+    from launch.cluster import init_ray
+    from opsd.config import REPO_ROOT, load_config
+
+    if ray.is_initialized():
+        return False
+    return init_ray(load_config(REPO_ROOT / "configs" / "local.yaml", [f"cluster.num_cpus={num_cpus}"]))
+
+
+def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 256), repeats: int = 3,
+               vllm: bool = True, out: Callable[[str], None] = print) -> dict:
+    """Weight-push bandwidth of the object_store transport between two Ray actors.
+
+    One push = the sender puts every bucket into the object store (``send``), then the receiver
+    fetches them all and copies them into its weights (``receive``); timed from the driver
+    around both calls. Also, if ``vllm``, the in-place load time of the tiny model into a vLLM
+    RolloutWorker (RolloutWorker.load_weights: fetch, check, reload_weights).
+    """
+    import ray
+
+    config = qwen3_shaped_config(params_m)
+    shapes = qwen3_shapes(config)
+    n_params = sum(_numel(s) for _, s in shapes)
+    nbytes = 4 * n_params
+    started = _start_ray()
+    report: dict[str, Any] = {
+        "params": n_params, "bytes": nbytes, "model": {
+            "hidden": config.hidden_size, "layers": config.num_hidden_layers, "vocab": config.vocab_size},
+        "buckets": [],
+    }
+    out(f"bench sync: Qwen3-shaped random model, {n_params / 1e6:.1f} M params ({nbytes / MB:.0f} MB fp32), "
+        f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}; "
+        f"object_store transport, sender and receiver in two actors, {repeats} pushes per bucket size")
+    sender = receiver = None
+    try:
+        sender = ray.remote(_SyncSender).options(num_cpus=0.5).remote(shapes)
+        receiver = ray.remote(_SyncReceiver).options(num_cpus=0.5).remote(shapes)
+        version = 0
+        for bmb in bucket_mb:
+            totals, sends, fetches, copies = [], [], [], []
+            n_buckets = 0
+            for _ in range(repeats):
+                version += 1
+                t0 = time.perf_counter()
+                update, send_s = ray.get(sender.send.remote(version, bmb))
+                n, fetch_s, copy_s = ray.get(receiver.receive.remote(update))
+                totals.append(time.perf_counter() - t0)
+                assert n == update.num_tensors
+                n_buckets = len(update.handles)
+                sends.append(send_s)
+                fetches.append(fetch_s)
+                copies.append(copy_s)
+                del update  # frees the buckets in the object store
+            row = {
+                "bucket_mb": bmb, "buckets": n_buckets, "push_seconds": _median(totals),
+                "send_seconds": _median(sends), "fetch_seconds": _median(fetches), "copy_seconds": _median(copies),
+                "mb_per_s": nbytes / MB / _median(totals),
+            }
+            report["buckets"].append(row)
+            out(f"  bucket {bmb:6g} MB: {n_buckets:4d} buckets, push {row['push_seconds']:7.3f} s "
+                f"(send {row['send_seconds']:.3f}, fetch {row['fetch_seconds']:.3f}, copy {row['copy_seconds']:.3f}) "
+                f"= {row['mb_per_s']:8.1f} MB/s")
+    finally:
+        for a in (sender, receiver):
+            if a is not None:
+                ray.kill(a)
+    if vllm:
+        try:
+            report["vllm_tiny"] = _bench_vllm_load(repeats=max(repeats, 3), out=out)
+        except Exception as exc:  # vLLM missing or failing must not lose the figures above
+            out(f"  vLLM in-place load: skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if started:
+        ray.shutdown()
+    return report
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _bench_vllm_load(repeats: int, out: Callable[[str], None]) -> dict:
+    import ray
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opsd.config import REPO_ROOT, load_config
+    from opsd.tiny import ensure_tiny_model, tiny_dir
+    from workers.rollout import RolloutWorker
+    from workers.weight_sync import ObjectStoreSender, iter_buckets
+
+    model_path = str(ensure_tiny_model(tiny_dir()))
+    cfg = load_config(REPO_ROOT / "configs" / "local.yaml", ["rollout.kv_cache_mb=64"])
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+    nbytes = sum(t.numel() * 4 for _, t in named)
+    t0 = time.perf_counter()
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, model_path, 0)
+    try:
+        ray.get(worker.get_version.remote())
+        start_s = time.perf_counter() - t0
+        times = []
+        for v in range(1, repeats + 1):
+            named = [(n, t + 1e-3) for n, t in named]
+            update = ObjectStoreSender().send(v, iter_buckets(named, cfg.sync.bucket_mb))
+            t0 = time.perf_counter()
+            assert ray.get(worker.load_weights.remote(update)) == v
+            times.append(time.perf_counter() - t0)
+    finally:
+        ray.kill(worker)
+    row = {"params": nbytes // 4, "engine_start_seconds": start_s, "load_seconds": _median(times),
+           "load_seconds_all": times}
+    out(f"  vLLM in-place load, tiny model ({nbytes // 4 / 1e6:.2f} M params): {row['load_seconds'] * 1e3:.1f} ms "
+        f"median of {repeats} (engine start {start_s:.1f} s)")
+    return row
+
+
+# --- bench train -----------------------------------------------------------------------------
+
+PHASES = ("rollout", "score", "train", "sync", "step")
+
+
+def summarize_metrics(rows: list[dict]) -> dict:
+    """Per-phase mean and median seconds over the steps after the first (which pays warm-up), and
+    generation throughput. With a single step, that step is used."""
+    steady = rows[1:] if len(rows) > 1 else rows
+    phases = {}
+    for p in PHASES:
+        xs = [r[f"{p}_seconds"] for r in steady if f"{p}_seconds" in r]
+        phases[p] = {"mean": _mean(xs), "median": _median(xs)}
+    gen = sum(r.get("tokens_generated", 0) for r in steady)
+    rollout_s = sum(r.get("rollout_seconds", 0.0) for r in steady)
+    step_s = sum(r.get("step_seconds", 0.0) for r in steady)
+    return {
+        "steps": len(rows), "steady_steps": len(steady), "phases": phases,
+        "first_step_seconds": rows[0].get("step_seconds") if rows else None,
+        "tokens_per_rollout_second": gen / rollout_s if rollout_s else float("nan"),
+        "tokens_per_step_second": gen / step_s if step_s else float("nan"),
+        "tokens_generated_per_step": gen / len(steady) if steady else float("nan"),
+    }
+
+
+def bench_train(config: str | None, overrides: list[str], out: Callable[[str], None] = print) -> dict:
+    """Run `opsd train` (launch.driver.train) and break its wall time down from metrics.jsonl."""
+    from launch.driver import train
+
+    t0 = time.perf_counter()
+    run_dir = train(config, overrides)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    summary = summarize_metrics(rows)
+    steps_total = sum(r.get("step_seconds", 0.0) for r in rows)
+    report = {"run_dir": str(run_dir), "wall_seconds": wall, "steps_seconds": steps_total,
+              "overhead_seconds": wall - steps_total, **summary}
+    out(f"bench train: {run_dir}")
+    out(f"  wall {wall:.1f} s for {len(rows)} steps: {steps_total:.1f} s in steps, "
+        f"{wall - steps_total:.1f} s start-up / checkpoints / shutdown; first step {summary['first_step_seconds']:.2f} s")
+    out(f"  per step over steps 2..{len(rows)} (mean / median seconds):")
+    for p in PHASES:
+        ph = summary["phases"][p]
+        share = ph["mean"] / summary["phases"]["step"]["mean"] if p != "step" else 1.0
+        out(f"    {p:8s} {ph['mean']:7.3f} / {ph['median']:7.3f}  ({share:5.1%} of a step)")
+    out(f"  tokens generated per step {summary['tokens_generated_per_step']:.0f}; "
+        f"{summary['tokens_per_rollout_second']:.0f} tok/s in rollout, "
+        f"{summary['tokens_per_step_second']:.0f} tok/s over whole steps")
+    return report
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m launch.bench``)."""
+    sub = p.add_subparsers(dest="bench", required=True)
+    s = sub.add_parser("sync", help="weight-push bandwidth of the object_store transport")
+    s.add_argument("--params-m", type=float, default=100, help="model size in millions of parameters")
+    s.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256])
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
+    s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
+    s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s = sub.add_parser("loss", help="chunked vs unchunked loss: peak memory and time")
+    s.add_argument("--vocab", type=int, default=151936)
+    s.add_argument("--tokens", type=int, default=2048)
+    s.add_argument("--chunk", type=int, default=1024)
+    s.add_argument("--hidden", type=int, default=1024)
+    s.add_argument("--topk", type=int, default=64)
+    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
+    for s in sub.choices.values():
+        s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.bench == "loss":
+        report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
+                            args.repeats)
+    elif args.bench == "sync":
+        report = bench_sync(args.params_m, args.bucket_mb, args.repeats, vllm=not args.no_vllm)
+    else:
+        config, overrides = args.config, list(args.overrides)
+        if config is not None and "=" in config and not Path(config).exists():
+            overrides.insert(0, config)
+            config = None
+        if config is None:
+            from opsd.config import REPO_ROOT
+
+            config = str(REPO_ROOT / "configs" / "local.yaml")
+        report = bench_train(config, overrides)
+    report["machine"] = machine()
+    if getattr(args, "json", None):
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

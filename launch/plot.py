@@ -1,0 +1,151 @@
+"""``opsd plot``: training curves of one or more run directories as one PNG.
+
+Panels (x: training step): loss, KL on the sampled tokens, reward of the training samples, mean
+response length, eval accuracy (every ``eval/avg@n`` in the metrics) and tokens generated so far.
+Reads ``metrics.jsonl`` only, so it works on a run that is still going.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# (title, metric key or "eval", y label)
+PANELS = (
+    ("loss", "loss", "loss per token"),
+    ("KL on the sampled tokens (kl_sampled)", "kl_sampled", "nats per token"),
+    ("reward (training samples)", "reward_mean", "mean reward"),
+    ("response length", "response_len_mean", "tokens"),
+    ("eval accuracy", "eval", "avg@n"),
+    ("tokens generated", "tokens_generated_total", "total tokens"),
+)
+FIGSIZE = (15.0, 8.0)
+DPI = 100
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of ``metrics.jsonl`` by step (a step logged twice keeps its last row). A torn last
+    line, as a run being written may leave, is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    by_step: dict[int, dict] = {}
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not JSON") from None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def _eval_keys(rows: list[dict]) -> list[str]:
+    keys = {k for r in rows for k in r if k.startswith("eval/avg@")}
+    return sorted(keys, key=lambda k: int(k.split("@")[1]) if k.split("@")[1].isdigit() else 0)
+
+
+def _labels(run_dirs: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
+    if labels:
+        if len(labels) != len(run_dirs):
+            raise ValueError(f"{len(labels)} labels for {len(run_dirs)} run directories")
+        return list(labels)
+    names = [p.resolve().name for p in run_dirs]
+    # Same folder name in different places: fall back to the paths as given.
+    return [n if names.count(n) == 1 else str(p) for n, p in zip(names, run_dirs)]
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    figsize: tuple[float, float] = FIGSIZE,
+    dpi: int = DPI,
+) -> Path:
+    """Write the curves of ``run_dirs`` into one PNG of figsize * dpi pixels; returns its path.
+
+    Default ``out``: ``RUN_DIR/curves.png`` for one run, ``./curves.png`` for several.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (a no-op if pyplot already chose Agg)
+    import matplotlib.pyplot as plt
+
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise ValueError("no run directories given")
+    names = _labels(dirs, labels)
+    runs = [(name, read_metrics(d)) for name, d in zip(names, dirs)]
+    out_path = Path(out) if out else (dirs[0] / "curves.png" if len(dirs) == 1 else Path("curves.png"))
+
+    from matplotlib.ticker import MaxNLocator
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    steps = [r["step"] for _, rows in runs for r in rows]
+    fig, axes = plt.subplots(2, 3, figsize=figsize, dpi=dpi)
+    try:
+        for ax, (title, key, ylabel) in zip(axes.flat, PANELS):
+            drawn = 0
+            for i, (name, rows) in enumerate(runs):
+                color = colors[i % len(colors)]
+                keys = _eval_keys(rows) if key == "eval" else [key]
+                styles = ["-", "--", ":", "-."]
+                for j, k in enumerate(keys):
+                    xs, ys = _series(rows, k)
+                    if not xs:
+                        continue
+                    label = name if len(keys) == 1 else f"{name} {k.removeprefix('eval/')}"
+                    if key == "eval" and len(runs) == 1:
+                        label = k.removeprefix("eval/")
+                    ax.plot(xs, ys, styles[j % len(styles)], color=color, label=label,
+                            marker="o" if len(xs) < 30 else None, markersize=3)
+                    drawn += 1
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if steps and min(steps) < max(steps):  # one x range for all panels (eval is sparser)
+                pad = 0.02 * (max(steps) - min(steps))
+                ax.set_xlim(min(steps) - pad, max(steps) + pad)
+            if not drawn:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+            elif len(runs) > 1 or key == "eval":
+                ax.legend(fontsize="small")
+        last = {name: (rows[-1]["step"] if rows else 0) for name, rows in runs}
+        fig.suptitle("opsd: " + ", ".join(f"{n} ({s} steps)" for n, s in last.items()))
+        fig.tight_layout()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        # No bbox_inches="tight": the image is exactly figsize * dpi pixels.
+        fig.savefig(out_path, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def main_plot(args) -> int:
+    """The body of ``opsd plot`` (launch/cli.py parses the arguments)."""
+    try:
+        out = plot_runs(args.run_dirs, args.out, labels=args.labels)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"opsd plot: {exc}", file=sys.stderr)
+        return 2
+    print(f"curves: {out}")
+    return 0

@@ -1,0 +1,77 @@
+"""`opsd bench`: the structure of what it prints and returns (never a time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from opsd.config import REPO_ROOT
+
+
+def test_bench_loss_cli_prints_and_writes_figures(tmp_path, capsys):
+    from launch.cli import main
+
+    out = tmp_path / "loss.json"
+    argv = ["bench", "loss", "--vocab", "600", "--tokens", "48", "--chunk", "16", "--hidden", "16",
+            "--topk", "8", "--device", "cpu", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "bench loss: V=600 T=48 H=16 k=8 float32 on cpu" in printed
+    assert "chunked   chunk_size=    16" in printed and "unchunked chunk_size=    48" in printed
+    assert "peak memory unchunked / chunked" in printed
+
+    report = json.loads(out.read_text())
+    assert (report["vocab"], report["tokens"], report["chunk"], report["device"]) == (600, 48, 16, "cpu")
+    for name, size in (("chunked", 16), ("unchunked", 48)):
+        assert report[name]["chunk_size"] == size
+        assert report[name]["seconds"] > 0 and report[name]["peak_mb"] >= 0
+    assert report["memory_ratio"] >= 0 and report["time_ratio"] > 0
+    # Chunking changes the order of a sum, nothing else.
+    assert report["loss_abs_diff"] < 1e-5
+    assert report["machine"]["cpus"] >= 1
+
+
+def test_bench_loss_bf16_returns_same_keys():
+    from launch.bench import bench_loss
+
+    lines: list[str] = []
+    report = bench_loss(vocab=300, tokens=20, chunk=8, hidden=8, k=4, device="cpu", dtype="bfloat16", out=lines.append)
+    assert report["dtype"] == "bfloat16" and len(lines) == 4
+    assert set(report) >= {"chunked", "unchunked", "memory_ratio", "time_ratio", "loss_chunked", "loss_unchunked"}
+
+
+def test_summarize_metrics_skips_the_first_step():
+    from launch.bench import summarize_metrics
+
+    def row(step, s):
+        return {"step": step, "rollout_seconds": s, "score_seconds": 1.0, "train_seconds": 2.0, "sync_seconds": 0.5,
+                "step_seconds": s + 3.5, "tokens_generated": 100}
+
+    summary = summarize_metrics([row(1, 50.0), row(2, 1.0), row(3, 3.0), row(4, 2.0)])
+    assert summary["steps"] == 4 and summary["steady_steps"] == 3
+    assert summary["phases"]["rollout"] == {"mean": 2.0, "median": 2.0}
+    assert summary["phases"]["step"]["mean"] == pytest.approx(5.5)
+    assert summary["tokens_per_rollout_second"] == pytest.approx(300 / 6.0)
+    assert summary["first_step_seconds"] == pytest.approx(53.5)
+
+
+@pytest.mark.parametrize("params_m", [10, 100, 600])
+def test_qwen3_shaped_config_hits_the_size(params_m):
+    from launch.bench import qwen3_shaped_config, qwen3_shapes
+
+    shapes = qwen3_shapes(qwen3_shaped_config(params_m))
+    n = sum(int(__import__("math").prod(s)) for _, s in shapes)
+    assert 0.75 * params_m * 1e6 < n < 1.25 * params_m * 1e6
+    assert not any(name == "lm_head.weight" for name, _ in shapes)  # tied, as the learner pushes
+
+
+def test_bench_module_imports_no_heavy_stack():
+    """scripts/gpu_check.sh runs `bench loss` on a machine without ray, vllm or deepspeed."""
+    code = ("import sys, launch.bench, launch.cli; launch.cli.build_parser(); "
+            "print(sorted(m for m in ('ray', 'vllm', 'deepspeed', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

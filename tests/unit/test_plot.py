@@ -1,0 +1,96 @@
+"""`opsd plot`: a PNG of the expected size with something drawn on it, from a metrics.jsonl."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from launch.cli import main
+from launch.plot import PANELS, plot_runs, read_metrics
+
+
+def write_run(path, steps=12, eval_every=3, seed=0):
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    total = 0
+    lines = []
+    for step in range(1, steps + 1):
+        gen = int(rng.integers(200, 400))
+        total += gen
+        row = {
+            "step": step, "loss": 1.0 / step + 0.05 * rng.random(), "kl_sampled": 0.5 / step,
+            "reward_mean": min(1.0, 0.05 * step), "response_len_mean": gen / 8, "tokens_generated": gen,
+            "tokens_generated_total": total, "sample_ids": [f"p:{i}#0" for i in range(8)],
+        }
+        if step == 2:
+            row["kl_sampled"] = float("nan")  # e.g. an objective without a KL estimate
+            row["reward_mean"] = None  # e.g. SFT
+        if step % eval_every == 0:
+            row.update({"eval/problems": 16, "eval/n": 1, "eval/avg@1": 0.1 * step / eval_every, "eval/pass@1": 0.1})
+        lines.append(json.dumps(row))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 13, "loss": 0.')  # torn last line
+    return path
+
+
+def load_png(path):
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(path)
+
+
+def test_read_metrics_sorted_dedup_and_torn_tail(tmp_path):
+    run = write_run(tmp_path / "run")
+    with open(run / "metrics.jsonl", "r+") as f:  # a resumed run that redid step 12
+        body = f.read().rsplit("\n", 1)[0]
+        f.seek(0)
+        f.write(body + "\n" + json.dumps({"step": 12, "loss": 9.0}) + "\n")
+        f.truncate()
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["loss"] == 9.0
+    assert math.isnan(rows[1]["kl_sampled"])
+
+
+def test_plot_png_size_and_not_blank(tmp_path):
+    run = write_run(tmp_path / "run")
+    out = plot_runs([run], figsize=(9.0, 5.0), dpi=80)
+    assert out == run / "curves.png"
+    img = load_png(out)
+    assert img.shape[:2] == (5 * 80, 9 * 80)  # rows = height, columns = width
+    assert img.shape[2] in (3, 4)
+    assert float(np.var(img[..., :3])) > 0
+    # Not just a few stray pixels: a good share of the image is not background white.
+    assert (img[..., :3] < 0.9).any(axis=-1).mean() > 0.01
+    assert len(PANELS) == 6
+
+
+def test_cli_plot_several_runs(tmp_path, capsys):
+    a = write_run(tmp_path / "a")
+    b = write_run(tmp_path / "b", steps=8, seed=1)
+    out = tmp_path / "cmp" / "both.png"
+    assert main(["plot", str(a), str(b), "--labels", "beta0.5", "beta1", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    from launch.plot import DPI, FIGSIZE
+
+    img = load_png(out)
+    assert img.shape[:2] == (int(FIGSIZE[1] * DPI), int(FIGSIZE[0] * DPI))
+    assert float(np.var(img[..., :3])) > 0
+
+
+def test_cli_plot_errors(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    a = write_run(tmp_path / "a")
+    assert main(["plot", str(a), "--labels", "x", "y"]) == 2
+    assert "2 labels for 1 run" in capsys.readouterr().err
+
+
+def test_plot_without_eval_or_data(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.3}) + "\n")
+    img = load_png(plot_runs([run], tmp_path / "c.png", figsize=(6, 4), dpi=50))
+    assert img.shape[:2] == (200, 300)
+    with pytest.raises(ValueError, match="no run directories"):
+        plot_runs([])
