@@ -3,6 +3,8 @@
     opsd bench sync  [--params-m 100] [--bucket-mb 16 64 256]   weight-push bandwidth (object_store)
     opsd bench train [CONFIG] [key=value ...]                    wall time and per-step split of a run
     opsd bench loss  [--vocab 151936 --tokens 2048 --chunk 1024] chunked vs unchunked loss memory/time
+    opsd bench learning [--seeds 3] [--steps N] [--quick]         OPSD vs GRPO vs SFT learning curves
+                                                                  (launch/experiment.py, docs/RESULTS.md)
 
 Only the standard library is imported at module level: ``bench loss`` must run on a GPU machine
 that has torch but no ray, vllm or deepspeed (scripts/gpu_check.sh), and ``opsd --help`` stays
@@ -487,12 +489,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
+    s = sub.add_parser("learning", help="OPSD (fixed/live teacher) vs GRPO vs SFT from one warm-started base: "
+                       "test accuracy against generated tokens and wall time (launch/experiment.py)")
+    s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
+    s.add_argument("--steps", type=int, help="optimizer steps per run (default 40; --quick: 2)")
+    s.add_argument("--quick", action="store_true", help="a smoke version: tiny model, a few steps, one seed")
+    s.add_argument("--methods", nargs="+", choices=("opsd_fixed", "opsd_live", "grpo", "sft"),
+                   help="a subset of the methods (default: all four)")
+    s.add_argument("--out", default="docs/results",
+                   help="where learning.json, learning.png and learning.md go (default: docs/results)")
+    s.add_argument("--work-dir", help="model, data splits and run directories (default: "
+                   "artifacts/learning/<hash of the settings>; a finished warm start there is reused)")
     for s in sub.choices.values():
         s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.bench == "loss":
+    if args.bench == "learning":
+        from launch.experiment import LearningSpec, run_learning
+
+        spec = LearningSpec.quick() if args.quick else LearningSpec()
+        if args.seeds is not None:
+            spec.seeds = args.seeds
+        if args.steps is not None:
+            spec.steps = args.steps
+            spec.eval_every = max(1, min(spec.eval_every, args.steps))
+        if args.methods:
+            spec.methods = list(args.methods)
+        report = run_learning(spec, args.out, args.work_dir)
+    elif args.bench == "loss":
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)
     elif args.bench == "sync":

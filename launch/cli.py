@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", help="legend names, one per RUN_DIR (default: folder names)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("bench", help="measure weight-push bandwidth, step time split, loss memory")
+    p = sub.add_parser("bench", help="measure weight-push bandwidth, step time split, loss memory, learning curves")
     from launch.bench import add_arguments  # the standard library only: no ray, vllm or torch
 
     add_arguments(p)

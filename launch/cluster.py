@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from opsd.config import Config
 from workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
 
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING", "RAY_DEDUP_LOGS": "1"}
+# Every actor gets these (a job's runtime_env may not set the same names: Ray refuses to merge).
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "RAY_DEDUP_LOGS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+}
 
 
 def init_ray(cfg: Config) -> bool:
@@ -47,6 +56,16 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
     return (rex.RayActorError, rex.ActorUnavailableError)
+
+
+@dataclass
+class Pending:
+    """Calls in flight on an :class:`ActorPool`, one per actor."""
+
+    method: str
+    args: list[tuple]
+    kwargs: dict
+    refs: dict[int, Any]
 
 
 class ActorPool:
@@ -90,46 +109,64 @@ class ActorPool:
         if self.on_restart is not None:
             self.on_restart(actor)
 
-    def map(self, method: str, per_actor_args: list[tuple], **kwargs) -> list:
-        """Call ``method`` on actor i with per_actor_args[i]; retry a call whose actor died."""
+    def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
+        """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""
+        refs = {i: getattr(self.actors[i], method).remote(*a, **kwargs) for i, a in enumerate(per_actor_args)}
+        return Pending(method, per_actor_args, kwargs, refs)
+
+    def collect(self, pending: "Pending") -> list:
+        """Results in actor order; a call whose actor died is retried on the restarted actor."""
         import ray
 
-        refs = {i: getattr(self.actors[i], method).remote(*a, **kwargs) for i, a in enumerate(per_actor_args)}
+        refs = dict(pending.refs)
         results: dict[int, Any] = {}
         while refs:
             i, ref = next(iter(refs.items()))
             try:
                 results[i] = ray.get(ref)
                 del refs[i]
+                continue
             except _actor_errors() as exc:
                 self._recover(self.actors[i], exc)
-                refs[i] = getattr(self.actors[i], method).remote(*per_actor_args[i], **kwargs)
             except ray.exceptions.RayTaskError as exc:
                 if not isinstance(exc.cause, StaleWeightsError):
                     raise
                 # A call queued while the actor restarted reached it before its catch-up push.
                 self._recover(self.actors[i], exc)
-                refs[i] = getattr(self.actors[i], method).remote(*per_actor_args[i], **kwargs)
-        return [results[i] for i in range(len(per_actor_args))]
+            # The restarted actor now holds the newest weights, which may be newer than those
+            # the call was made for (rollouts overlapping training); each result carries its
+            # version, and the driver decides what is too stale.
+            retry = {**pending.kwargs, "expect_version": None} if "expect_version" in pending.kwargs else pending.kwargs
+            refs[i] = getattr(self.actors[i], pending.method).remote(*pending.args[i], **retry)
+        return [results[i] for i in range(len(pending.args))]
+
+    def map(self, method: str, per_actor_args: list[tuple], **kwargs) -> list:
+        return self.collect(self.submit(method, per_actor_args, **kwargs))
 
     def broadcast_weights(self, update: WeightUpdate, *, retries: int) -> None:
-        """All-or-nothing per receiver: retried, then a loud failure naming the receiver."""
+        """Every actor loads ``update`` (in parallel). Each load is all-or-nothing; a failed one
+        is retried, then fails loudly naming the receiver. A receiver that died is restarted and
+        caught up by the restart hook instead."""
         import ray
 
-        for idx, actor in enumerate(self.actors):
-            for attempt in range(retries + 1):
-                try:
-                    ray.get(actor.load_weights.remote(update))
-                    break
-                except _actor_errors() as exc:
-                    self._recover(actor, exc)  # the restart hook brings it to the current version
-                    break
-                except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
-                    if attempt == retries:
-                        raise WeightSyncError(
-                            f"{self.kind} {idx} failed to load weight version {update.version} after "
-                            f"{retries + 1} tries: {exc}"
-                        ) from exc
+        refs = {i: a.load_weights.remote(update) for i, a in enumerate(self.actors)}
+        attempts = dict.fromkeys(refs, 0)
+        while refs:
+            i, ref = next(iter(refs.items()))
+            try:
+                ray.get(ref)
+                del refs[i]
+            except _actor_errors() as exc:
+                self._recover(self.actors[i], exc)  # the restart hook brings it to the current version
+                del refs[i]
+            except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
+                attempts[i] += 1
+                if attempts[i] > retries:
+                    raise WeightSyncError(
+                        f"{self.kind} {i} failed to load weight version {update.version} after "
+                        f"{retries + 1} tries: {exc}"
+                    ) from exc
+                refs[i] = self.actors[i].load_weights.remote(update)
 
     def kill(self) -> None:
         import ray

@@ -20,7 +20,7 @@ from opsd.data import EpochSampler, load_problems
 from opsd.evaluation import grade, summarize
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
-from launch.cluster import ActorPool, init_ray
+from launch.cluster import ActorPool, Pending, init_ray
 from launch.validate import actor_resources, resource_needs
 from workers.learner import LearnerGroup
 from workers.rollout import RolloutWorker
@@ -108,7 +108,9 @@ class Trainer:
         self.teacher_version = 0
         self.tokens_total = 0
         self.last_update = None
-        self.last_teacher_update = None
+        self.pending_indices: list[int] | None = None  # prompts to redo first after a resume
+        self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
+        self.prefetched = False  # whether rollouts for the next step are already running
 
     def _columns(self) -> dict:
         d = self.cfg.data
@@ -119,6 +121,10 @@ class Trainer:
     def start(self, *, local_cluster: bool = True) -> None:
         cfg = self.cfg
         check_capacity(cfg, strict=local_cluster)
+        t0 = time.perf_counter()
+        scorers = f"{cfg.scorer.num_workers} scorer(s), " if uses_scorer(cfg) else ""
+        _say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
+             f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {self.model_path}")
         gpu = 1 if cfg.cluster.device == "cuda" else 0
         restarts = cfg.train.max_actor_restarts
         self.rollouts = ActorPool(
@@ -140,6 +146,7 @@ class Trainer:
         self.rollouts.on_restart = self._catch_up_rollout
         if self.scorers:
             self.scorers.on_restart = self._catch_up_scorer
+        _say(f"actors ready in {time.perf_counter() - t0:.0f}s; {len(self.pairs)} training problems")
 
     def _catch_up_rollout(self, actor: Any) -> None:
         import ray
@@ -171,30 +178,42 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------
 
-    def rollout(self, pairs: list[PromptPair], step: int) -> list[dict]:
-        """prompts -> samples: each prompt goes to one worker; n samples per prompt."""
+    def submit_rollouts(self, pairs: list[PromptPair], step: int) -> tuple[list[PromptPair], Pending]:
+        """prompts -> vLLM: each prompt goes to one worker, n samples each (returns at once)."""
         cfg = self.cfg.rollout
         nw = len(self.rollouts.actors)
         shards = [pairs[i::nw] for i in range(nw)]
         args = [([p.student_ids for p in s], [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
-        outs = self.rollouts.map(
+        return pairs, self.rollouts.submit(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, expect_version=self.policy_version,
         )
+
+    def collect_rollouts(self, submitted: tuple[list[PromptPair], Pending]) -> list[dict]:
+        """vLLM -> one row per sample, graded, in the sampler's order."""
+        pairs, pending = submitted
+        nw = len(self.rollouts.actors)
+        outs = self.rollouts.collect(pending)
         by_uid = {}
-        for shard, out in zip(shards, outs):
+        for shard, out in zip([pairs[i::nw] for i in range(nw)], outs):
             for pair, samples in zip(shard, out):
-                by_uid[pair.uid] = (pair, samples)
+                by_uid[pair.uid] = samples
         rows = []
-        for pair in pairs:  # keep the sampler's order
-            pair, samples = by_uid[pair.uid]
-            for j, s in enumerate(samples):
+        for pair in pairs:
+            for j, s in enumerate(by_uid[pair.uid]):
                 rows.append({
                     "sample_id": f"{pair.uid}#{j}", "pair": pair, "response_ids": s.response_ids,
                     "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
                     "policy_version": s.policy_version, "reward": score_response(s.text, pair.answer),
                 })
         return rows
+
+    def next_pairs(self) -> list[PromptPair]:
+        """The next prompts: those of rollouts in flight at the last checkpoint first, if any."""
+        indices = self.pending_indices or self.sampler.next_batch(self.cfg.train.prompts_per_step)
+        self.pending_indices = None
+        self.inflight_indices = indices
+        return [self.pairs[i] for i in indices]
 
     def reference_rows(self, pairs: list[PromptPair]) -> list[dict]:
         """SFT: the reference solutions play the part of the responses (nothing is generated)."""
@@ -244,8 +263,8 @@ class Trainer:
         """Learner rank 0 -> rollout workers (and the teacher when it is live or EMA)."""
         self.policy_version += 1
         update = self.learner.push_weights(self.policy_version)
+        self.last_update = update  # a receiver restarted during the broadcast catches up to this
         self.rollouts.broadcast_weights(update, retries=self.cfg.sync.retries)
-        self.last_update = update
         mode = self.cfg.teacher.mode
         if self.scorers and (mode == "live" or (mode == "ema" and self.policy_version % self.cfg.teacher.sync_every == 0)):
             self.scorers.broadcast_weights(update, retries=self.cfg.sync.retries)
@@ -282,6 +301,9 @@ class Trainer:
         state = {
             "step": self.step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
             "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
+            # Rollouts already running for the next step (rollout.max_staleness > 0): their prompts
+            # were drawn from the sampler, so a resumed run must do them first.
+            "pending_indices": self.inflight_indices if self.prefetched else None,
         }
         # Written last: its presence marks the checkpoint complete.
         (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
@@ -294,6 +316,7 @@ class Trainer:
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.learner.load_checkpoint(str(ckpt / "learner"))
         self.sampler.load_state_dict(state["sampler"])
+        self.pending_indices = state.get("pending_indices")
         self.step = state["step"]
         self.tokens_total = state["tokens_generated_total"]
         self.policy_version = state["policy_version"] - 1
@@ -322,16 +345,27 @@ class Trainer:
         logger = MetricsLogger(run.path, cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
                    disable=not cfg.logging.progress, dynamic_ncols=True)
+        inflight = None
+        self.prefetched = False
         while self.step < cfg.train.steps:
             t_step = time.perf_counter()
             step = self.step + 1
-            pairs = [self.pairs[i] for i in self.sampler.next_batch(cfg.train.prompts_per_step)]
-
             t0 = time.perf_counter()
-            rows = self.rollout(pairs, step) if cfg.algo != "sft" else self.reference_rows(pairs)
+            if cfg.algo == "sft":
+                rows = self.reference_rows(self.next_pairs())
+            else:
+                inflight = inflight or self.submit_rollouts(self.next_pairs(), step)
+                rows = self.collect_rollouts(inflight)
+                inflight = None
             stale = [r for r in rows if self.policy_version - r["policy_version"] > cfg.rollout.max_staleness]
             rows = [r for r in rows if r not in stale]
             rollout_s = time.perf_counter() - t0
+            self.prefetched = False
+            if cfg.rollout.max_staleness > 0 and cfg.algo != "sft" and step < cfg.train.steps:
+                # Off-policy by at most max_staleness: the next step's rollouts run on the current
+                # weights while the learner trains on this step's.
+                inflight = self.submit_rollouts(self.next_pairs(), step + 1)
+                self.prefetched = True
 
             t0 = time.perf_counter()
             batch = self.score(rows)
@@ -377,6 +411,10 @@ class Trainer:
                             tok_s=f"{gen / max(rollout_s, 1e-9):.0f}")
         bar.close()
         logger.close()
+
+
+def _say(msg: str) -> None:
+    print(f"opsd: {msg}", flush=True)
 
 
 def check_capacity(cfg: Config, *, strict: bool) -> None:

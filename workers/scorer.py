@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opsd.batch import Sample, build_batch, to_ipc_bytes
 from opsd.config import Config
 from opsd.prompts import pad_right
 from workers.weight_sync import WeightUpdate, check_against, make_receiver, require_version
@@ -118,6 +117,10 @@ class ScorerWorker:
 
     def score(self, requests: list[ScoreRequest], expect_version: int | None = None) -> bytes:
         """Rollouts -> a validated Arrow batch (IPC stream bytes)."""
+        # Imported here: the teacher's forward (teacher_targets) needs no Arrow, and the GPU
+        # checks (tests/gpu) run it where pyarrow may be missing.
+        from opsd.batch import Sample, build_batch, to_ipc_bytes
+
         require_version(self.version, expect_version, "scorer")
         t0 = time.perf_counter()
         targets = self.teacher_targets([r.teacher_prompt_ids for r in requests], [r.response_ids for r in requests])

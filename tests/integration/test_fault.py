@@ -14,14 +14,14 @@ pytestmark = pytest.mark.integration
 
 
 class KillingTrainer(Trainer):
-    def rollout(self, pairs, step):
+    def submit_rollouts(self, pairs, step):
         import ray
 
         if step == 2:
             actor = self.rollouts.actors[0]
             self.pid_before = ray.get(actor.ready.remote())["pid"]
             ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts); the driver retries
-        return super().rollout(pairs, step)
+        return super().submit_rollouts(pairs, step)
 
 
 def test_rollout_actor_death_loses_and_repeats_nothing(tmp_path, ray_session):
