@@ -440,26 +440,75 @@ def summarize_metrics(rows: list[dict]) -> dict:
     }
 
 
-def bench_train(config: str | None, overrides: list[str], out: Callable[[str], None] = print) -> dict:
-    """Run `opsd train` (launch.driver.train) and break its wall time down from metrics.jsonl."""
-    from launch.driver import train
+class _Stopwatch:
+    """Times calls of functions and methods that the driver makes, by wrapping them for a while."""
 
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._undo: list = []
+
+    def wrap(self, owner: Any, attr: str, label: str) -> None:
+        orig = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, orig))
+
+    def restore(self) -> None:
+        for owner, attr, orig in reversed(self._undo):
+            setattr(owner, attr, orig)
+        self._undo.clear()
+
+
+OUTSIDE = (("setup", "config, tokenizer, prompts"), ("ray_start", "start or attach to Ray"),
+           ("actors_start", "vLLM, scorer and DeepSpeed actors"), ("checkpoints", "checkpoints"),
+           ("shutdown", "actors stopped"))
+
+
+def bench_train(config: str | None, overrides: list[str], out: Callable[[str], None] = print) -> dict:
+    """Run `opsd train` (launch.driver.train) and break its wall time down: per-step phases from
+    metrics.jsonl, and the time outside the steps by timing the driver's own calls."""
+    import launch.driver as driver
+
+    watch = _Stopwatch()
+    watch.wrap(driver.Trainer, "__init__", "setup")
+    watch.wrap(driver, "init_ray", "ray_start")
+    watch.wrap(driver.Trainer, "start", "actors_start")
+    watch.wrap(driver.Trainer, "save_checkpoint", "checkpoints")
+    watch.wrap(driver.Trainer, "evaluate", "evaluation")
+    watch.wrap(driver.Trainer, "shutdown", "shutdown")
     t0 = time.perf_counter()
-    run_dir = train(config, overrides)
+    try:
+        run_dir = driver.train(config, overrides)
+    finally:
+        watch.restore()
     wall = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
     summary = summarize_metrics(rows)
     steps_total = sum(r.get("step_seconds", 0.0) for r in rows)
+    outside = {k: watch.seconds.get(k, 0.0) for k, _ in OUTSIDE}
+    outside["other"] = wall - steps_total - sum(outside.values())
     report = {"run_dir": str(run_dir), "wall_seconds": wall, "steps_seconds": steps_total,
-              "overhead_seconds": wall - steps_total, **summary}
+              "outside_steps": outside, "evaluation_seconds": watch.seconds.get("evaluation", 0.0), **summary}
     out(f"bench train: {run_dir}")
-    out(f"  wall {wall:.1f} s for {len(rows)} steps: {steps_total:.1f} s in steps, "
-        f"{wall - steps_total:.1f} s start-up / checkpoints / shutdown; first step {summary['first_step_seconds']:.2f} s")
-    out(f"  per step over steps 2..{len(rows)} (mean / median seconds):")
+    out(f"  wall {wall:.1f} s for {len(rows)} steps: {steps_total:.1f} s in steps (evaluation "
+        f"{report['evaluation_seconds']:.1f} s of it), {wall - steps_total:.1f} s outside them:")
+    for key, what in OUTSIDE + (("other", "Ray shutdown, imports, the rest"),):
+        out(f"    {key:13s} {outside[key]:7.1f} s  ({what})")
+    out(f"  first step {summary['first_step_seconds']:.2f} s; per step over steps 2..{len(rows)} "
+        f"(mean / median seconds):")
+    ph = summary["phases"]
     for p in PHASES:
-        ph = summary["phases"][p]
-        share = ph["mean"] / summary["phases"]["step"]["mean"] if p != "step" else 1.0
-        out(f"    {p:8s} {ph['mean']:7.3f} / {ph['median']:7.3f}  ({share:5.1%} of a step)")
+        share = ph[p]["mean"] / ph["step"]["mean"] if ph["step"]["mean"] else float("nan")
+        out(f"    {p:8s} {ph[p]['mean']:7.3f} / {ph[p]['median']:7.3f}  ({share:5.1%} of a step)")
+    rest = ph["step"]["mean"] - sum(ph[p]["mean"] for p in PHASES if p != "step")
+    out(f"    (the rest of a step, {rest:.3f} s mean, is evaluation on eval.every steps and the driver's own work)")
     out(f"  tokens generated per step {summary['tokens_generated_per_step']:.0f}; "
         f"{summary['tokens_per_rollout_second']:.0f} tok/s in rollout, "
         f"{summary['tokens_per_step_second']:.0f} tok/s over whole steps")

@@ -57,26 +57,31 @@ class LearningSpec:
     """Everything that decides the experiment's numbers (hashed to reuse a warm start)."""
 
     seeds: int = 3
-    steps: int = 40
+    steps: int = 30
     rows_per_step: int = 16  # OPSD / SFT: prompts per step; GRPO: prompts x grpo_n
     grpo_n: int = 4
-    lr: float = 2e-4
-    warm_rows: int = 1000
-    warm_steps: int = 120
-    warm_lr: float = 1e-3
+    lr: float = 5e-4
+    warm_rows: int = 4000  # warm-start problems (each seen in both prompt formats)
+    warm_steps: int = 250
+    warm_lr: float = 3e-3
     warm_batch: int = 32
-    eval_every: int = 8
+    eval_every: int = 5
     eval_problems: int = 200
     gap_problems: int = 200
     max_tokens: int = 96
-    hidden_size: int = 256
+    hidden_size: int = 192
     num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
+    num_heads: int = 6
+    num_kv_heads: int = 3
+    intermediate_size: int = 512
     micro_batch_size: int = 8
     beta: float = 0.5
     temperature: float = 1.0
+    levels: list[int] = field(default_factory=lambda: [1, 2])
+    data_seed: int = 1  # not the shipped set's seed 0: the warm start needs more problems than it has
+    train_rows: int = 2000
+    test_rows: int = 400
+    warm_eval_every: int = 0  # evaluate during the warm start too (for tuning it)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
 
     @classmethod
@@ -87,7 +92,7 @@ class LearningSpec:
                    num_heads=4, num_kv_heads=2, intermediate_size=384, micro_batch_size=4)
 
     def base_key(self) -> str:
-        keys = ("warm_rows", "warm_steps", "warm_lr", "warm_batch", "max_tokens", "hidden_size", "num_layers",
+        keys = ("levels", "data_seed", "train_rows", "test_rows", "warm_rows", "warm_steps", "warm_lr", "warm_batch", "max_tokens", "hidden_size", "num_layers",
                 "num_heads", "num_kv_heads", "intermediate_size", "micro_batch_size")
         blob = json.dumps({k: getattr(self, k) for k in keys} | {"template": TEACHER_TEMPLATE,
                                                                    "instruction": STUDENT_INSTRUCTION}, sort_keys=True)
@@ -106,23 +111,44 @@ def teacher_head(problem: str, solution: str) -> str:
 
 
 def write_splits(work: Path, spec: LearningSpec) -> dict[str, Path]:
-    """warm.jsonl (both prompt formats of the first warm_rows train rows, shuffled) and
-    train.jsonl (the other train rows). Test stays data/toy/test.jsonl."""
+    """Fresh toy problems of ``spec.levels`` (``opsd.toydata.make_problem``, seed
+    ``spec.data_seed``; no expression is in two splits): warm.jsonl (the warm-start problems, each
+    in both prompt formats, shuffled), train.jsonl (what the methods train on) and test.jsonl
+    (held out)."""
     import random
 
-    from opsd.toydata import read_jsonl, write_jsonl
+    from opsd.toydata import make_problem, write_jsonl
 
-    rows = read_jsonl(REPO_ROOT / "data" / "toy" / "train.jsonl")
-    warm, rest = rows[: spec.warm_rows], rows[spec.warm_rows:]
+    sizes = {"warm": spec.warm_rows, "train": spec.train_rows, "test": spec.test_rows}
+    splits: dict[str, list[dict]] = {k: [] for k in sizes}
+    for li, level in enumerate(spec.levels):
+        # Each level: one stream of distinct problems; the splits take consecutive slices of it.
+        rng = random.Random(spec.data_seed * 1000 + level)
+        per = {k: n // len(spec.levels) + (li < n % len(spec.levels)) for k, n in sizes.items()}
+        seen: set[str] = set()
+        drawn = []
+        while len(drawn) < sum(per.values()):
+            p = make_problem(level, rng)
+            if p.key not in seen:
+                seen.add(p.key)
+                drawn.append(p)
+        start = 0
+        for k in sizes:
+            splits[k] += [{"id": f"learn-{k}-{level}-{i:05d}", "level": p.level, "problem": p.problem,
+                           "solution": p.solution, "answer": p.answer}
+                          for i, p in enumerate(drawn[start:start + per[k]])]
+            start += per[k]
+    for k in ("train", "test"):
+        random.Random(spec.data_seed + len(k)).shuffle(splits[k])
     both = []
-    for r in warm:
+    for r in splits["warm"]:
         both.append(dict(r))
         both.append({**r, "id": r["id"] + "-teacher", "problem": teacher_head(r["problem"], r["solution"])})
     random.Random(0).shuffle(both)
-    paths = {"warm": work / "warm.jsonl", "train": work / "train.jsonl",
-             "test": REPO_ROOT / "data" / "toy" / "test.jsonl"}
+    paths = {"warm": work / "warm.jsonl", "train": work / "train.jsonl", "test": work / "test.jsonl"}
     write_jsonl(both, paths["warm"])
-    write_jsonl(rest, paths["train"])
+    write_jsonl(splits["train"], paths["train"])
+    write_jsonl(splits["test"], paths["test"])
     return paths
 
 
@@ -441,6 +467,40 @@ def _step_mean(curves: list[dict], key: str) -> list[tuple[int, float]]:
 # --- the whole experiment ----------------------------------------------------------------------------
 
 
+def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: Path,
+                 log: Callable[[str], None] = print) -> tuple[str, dict, float]:
+    """The warm start (reused when a previous run with the same settings finished it) and its
+    teacher-vs-student report. Ray must be initialised. Returns (base path, report, seconds)."""
+    import shutil
+
+    from launch.driver import train
+
+    warm_cfg = common_config(spec, str(init), paths["warm"], paths["test"])
+    warm_cfg.update(algo="sft")
+    warm_cfg["learner"].update(lr=spec.warm_lr, warmup_steps=max(1, spec.warm_steps // 10))
+    warm_cfg["train"].update(steps=spec.warm_steps, prompts_per_step=spec.warm_batch,
+                             checkpoint_every=spec.warm_steps)
+    warm_cfg["eval"]["every"] = spec.warm_eval_every
+    warm_path = write_config(work / "configs" / "warm.yaml", warm_cfg)
+    warm_run = work / "runs" / "warm"
+    base = warm_run / "checkpoints" / f"step_{spec.warm_steps}" / "hf"
+    t0 = time.perf_counter()
+    if not (base / "config.json").exists():
+        shutil.rmtree(warm_run, ignore_errors=True)
+        train(str(warm_path), [f"run_dir={warm_run}"])
+        log(f"learning: warm start done in {time.perf_counter() - t0:.0f}s")
+    else:
+        log(f"learning: reusing the warm start {base}")
+    warm_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gap = base_report(str(base), spec, paths, warm_path)
+    log(f"learning: base accuracy {gap['student_accuracy']:.3f} (student prompt), "
+        f"{gap['teacher_accuracy']:.3f} (teacher prompt); reference logprob/token "
+        f"{gap['reference_logprob_student']:.3f} vs {gap['reference_logprob_teacher']:.3f} "
+        f"({time.perf_counter() - t0:.0f}s)")
+    return str(base), gap, warm_seconds
+
+
 def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
     import ray
@@ -460,32 +520,7 @@ def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path |
 
     started = init_ray(load_config(None, ["cluster.num_cpus=2"]))
     try:
-        # 1. warm start (reused when a previous run with the same settings finished it)
-        warm_cfg = common_config(spec, str(init), paths["warm"], paths["test"])
-        warm_cfg.update(algo="sft")
-        warm_cfg["learner"].update(lr=spec.warm_lr, warmup_steps=max(1, spec.warm_steps // 10))
-        warm_cfg["train"].update(steps=spec.warm_steps, prompts_per_step=spec.warm_batch,
-                                 checkpoint_every=spec.warm_steps)
-        warm_cfg["eval"]["every"] = 0
-        warm_path = write_config(work / "configs" / "warm.yaml", warm_cfg)
-        warm_run = work / "runs" / "warm"
-        base = warm_run / "checkpoints" / f"step_{spec.warm_steps}" / "hf"
-        t0 = time.perf_counter()
-        if not (base / "config.json").exists():
-            import shutil
-
-            shutil.rmtree(warm_run, ignore_errors=True)
-            train(str(warm_path), [f"run_dir={warm_run}"])
-            log(f"learning: warm start done in {time.perf_counter() - t0:.0f}s")
-        warm_seconds = time.perf_counter() - t0
-        base_path = str(base)
-
-        t0 = time.perf_counter()
-        gap = base_report(base_path, spec, paths, warm_path)
-        log(f"learning: base accuracy {gap['student_accuracy']:.3f} (student prompt), "
-            f"{gap['teacher_accuracy']:.3f} (teacher prompt); reference logprob/token "
-            f"{gap['reference_logprob_student']:.3f} vs {gap['reference_logprob_teacher']:.3f} "
-            f"({time.perf_counter() - t0:.0f}s)")
+        base_path, gap, warm_seconds = prepare_base(spec, work, paths, init, log)
 
         # 2. the methods, seed-major so that a cut-short experiment still has every method
         methods: dict[str, list[dict]] = {m: [] for m in spec.methods}

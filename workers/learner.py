@@ -273,7 +273,7 @@ class LearnerRank:
 
     # --- weights out ----------------------------------------------------------------------
 
-    def _named_for_export(self, *, changed_only: bool) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+    def _named_for_export(self) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
         """(HF name, parameter, LoRA layer or None). With LoRA the adapters are merged on export."""
         if not self.lora:
             for name, p in self.module.named_parameters():
@@ -288,14 +288,12 @@ class LearnerRank:
                 w = m.get_base_layer().weight
                 lora_weights.add(id(w))
                 yield mname[len(prefix):] + ".weight" if mname.startswith(prefix) else mname + ".weight", w, m
-        if changed_only:
-            return
         for name, p in self.module.named_parameters():
             if id(p) in lora_weights or "lora_" in name:
                 continue
             yield name[len(prefix):].replace(".base_layer", ""), p, None
 
-    def _full_buckets(self, *, changed_only: bool) -> Iterator[NamedTensors]:
+    def _full_buckets(self) -> Iterator[NamedTensors]:
         """Full-size CPU tensors in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket at a time.
 
         Every rank must iterate (the gathers are collective); only rank 0 gets tensors.
@@ -303,7 +301,7 @@ class LearnerRank:
         import deepspeed
 
         limit = self.cfg.sync.bucket_mb * 2**20
-        entries = list(self._named_for_export(changed_only=changed_only))
+        entries = list(self._named_for_export())
 
         def numel(p: torch.nn.Parameter) -> int:
             return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -337,8 +335,12 @@ class LearnerRank:
             yield out
 
     def push_weights(self, version: int) -> WeightUpdate | None:
-        """Rank 0 returns the update handle; the other ranks only take part in the gathers."""
-        buckets = self._full_buckets(changed_only=True)
+        """Rank 0 returns the update handle; the other ranks only take part in the gathers.
+
+        Every weight is sent, also with LoRA: vLLM fuses projections (qkv, gate_up) and reloads a
+        fused weight whole, so sending only the adapted q and v would leave k undefined.
+        """
+        buckets = self._full_buckets()
         if self.rank == 0:
             return self.sender.send(version, buckets)
         for _ in buckets:
@@ -348,7 +350,7 @@ class LearnerRank:
     def export_hf(self, out_dir: str) -> str | None:
         """HF-format weights (LoRA merged) that transformers and vLLM load directly."""
         state = {}
-        for bucket in self._full_buckets(changed_only=False):
+        for bucket in self._full_buckets():
             state.update(bucket)
         if self.rank != 0:
             return None
@@ -368,7 +370,7 @@ class LearnerRank:
     def full_state(self) -> dict[str, torch.Tensor] | None:
         """The policy's full weights on rank 0 (for checks)."""
         state = {}
-        for bucket in self._full_buckets(changed_only=False):
+        for bucket in self._full_buckets():
             state.update(bucket)
         return state if self.rank == 0 else None
 

@@ -75,3 +75,23 @@ def test_bench_module_imports_no_heavy_stack():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_stopwatch_times_and_restores():
+    import types
+
+    from launch.bench import _Stopwatch
+
+    class Thing:
+        def work(self, x):
+            return x + 1
+
+    mod = types.SimpleNamespace(helper=lambda: 7)
+    orig_work, orig_helper = Thing.work, mod.helper
+    watch = _Stopwatch()
+    watch.wrap(Thing, "work", "work")
+    watch.wrap(mod, "helper", "helper")
+    assert Thing().work(1) == 2 and Thing().work(2) == 3 and mod.helper() == 7
+    assert set(watch.seconds) == {"work", "helper"} and all(v >= 0 for v in watch.seconds.values())
+    watch.restore()
+    assert Thing.work is orig_work and mod.helper is orig_helper
