@@ -62,7 +62,7 @@ class LearningSpec:
     grpo_n: int = 4
     lr: float = 5e-4
     warm_rows: int = 4000  # warm-start problems (each seen in both prompt formats)
-    warm_steps: int = 250
+    warm_steps: int = 500
     warm_lr: float = 3e-3
     warm_batch: int = 32
     eval_every: int = 5
@@ -92,7 +92,8 @@ class LearningSpec:
                    num_heads=4, num_kv_heads=2, intermediate_size=384, micro_batch_size=4)
 
     def base_key(self) -> str:
-        keys = ("levels", "data_seed", "train_rows", "test_rows", "warm_rows", "warm_steps", "warm_lr", "warm_batch", "max_tokens", "hidden_size", "num_layers",
+        # warm_steps is not in the key: a longer warm start resumes a shorter one's checkpoint.
+        keys = ("levels", "data_seed", "train_rows", "test_rows", "warm_rows", "warm_lr", "warm_batch", "max_tokens", "hidden_size", "num_layers",
                 "num_heads", "num_kv_heads", "intermediate_size", "micro_batch_size")
         blob = json.dumps({k: getattr(self, k) for k in keys} | {"template": TEACHER_TEMPLATE,
                                                                    "instruction": STUDENT_INSTRUCTION}, sort_keys=True)
@@ -445,7 +446,7 @@ def plot(results: dict, out: Path) -> Path:
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")
-        fig.suptitle(f"opsd bench learning: {results['spec']['seeds']} seed(s), {results['spec']['steps']} steps, "
+        fig.suptitle(f"opsd bench learning: {results.get('seeds_done', results['spec']['seeds'])} seed(s), {results['spec']['steps']} steps, "
                      f"{results['spec']['rows_per_step']} rows/step; mean ± std over seeds")
         fig.tight_layout()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -477,17 +478,27 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
 
     warm_cfg = common_config(spec, str(init), paths["warm"], paths["test"])
     warm_cfg.update(algo="sft")
-    warm_cfg["learner"].update(lr=spec.warm_lr, warmup_steps=max(1, spec.warm_steps // 10))
+    # A fixed warm-up and checkpoints every 50 steps: a longer warm start resumes a shorter one
+    # (same data order, optimizer state and schedule as one uninterrupted run).
+    warm_cfg["learner"].update(lr=spec.warm_lr, warmup_steps=min(25, max(1, spec.warm_steps // 10)))
     warm_cfg["train"].update(steps=spec.warm_steps, prompts_per_step=spec.warm_batch,
-                             checkpoint_every=spec.warm_steps)
+                             checkpoint_every=min(50, spec.warm_steps))
     warm_cfg["eval"]["every"] = spec.warm_eval_every
     warm_path = write_config(work / "configs" / "warm.yaml", warm_cfg)
     warm_run = work / "runs" / "warm"
     base = warm_run / "checkpoints" / f"step_{spec.warm_steps}" / "hf"
     t0 = time.perf_counter()
     if not (base / "config.json").exists():
-        shutil.rmtree(warm_run, ignore_errors=True)
-        train(str(warm_path), [f"run_dir={warm_run}"])
+        from launch.driver import latest_checkpoint
+
+        ckpt = latest_checkpoint(warm_run) if warm_run.is_dir() else None
+        if ckpt is not None and int(ckpt.name.split("_")[-1]) < spec.warm_steps:
+            log(f"learning: resuming the warm start from {ckpt}")
+            train(None, [f"train.resume={warm_run}", f"train.steps={spec.warm_steps}",
+                         f"train.checkpoint_every={min(50, spec.warm_steps)}"])
+        else:
+            shutil.rmtree(warm_run, ignore_errors=True)
+            train(str(warm_path), [f"run_dir={warm_run}"])
         log(f"learning: warm start done in {time.perf_counter() - t0:.0f}s")
     else:
         log(f"learning: reusing the warm start {base}")
@@ -499,6 +510,26 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
         f"{gap['reference_logprob_student']:.3f} vs {gap['reference_logprob_teacher']:.3f} "
         f"({time.perf_counter() - t0:.0f}s)")
     return str(base), gap, warm_seconds
+
+
+def write_results(spec: LearningSpec, key: str, work: Path, warm_seconds: float, gap: dict,
+                  methods: dict[str, list[dict]], t_start: float, out_dir: Path) -> dict:
+    from launch.bench import machine
+
+    done = {m: c for m, c in methods.items() if c}
+    results = {
+        "spec": asdict(spec), "base_key": key, "work_dir": str(work), "machine": machine(),
+        "warm_start_seconds": warm_seconds, "base": gap, "methods": done,
+        "seeds_done": min(len(c) for c in done.values()),
+        "total_wall_seconds": time.perf_counter() - t_start,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    results["summary"] = summarize(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "learning.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out_dir / "learning.png")
+    (out_dir / "learning.md").write_text(table(results))
+    return results
 
 
 def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path | None = None,
@@ -541,23 +572,11 @@ def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path |
                 last = curve["evals"][-1]
                 log(f"learning: {m} seed {seed}: accuracy {last['accuracy']:.3f} at step {last['step']}, "
                     f"{curve['steps'][-1]['tokens_generated_total']} tokens, {curve['run_wall_seconds']:.0f}s wall")
+                # Written after every run: an interrupted experiment keeps what it measured.
+                results = write_results(spec, key, work, warm_seconds, gap, methods, t_start, out_dir)
     finally:
         if started:
             ray.shutdown()
-
-    from launch.bench import machine
-
-    results = {
-        "spec": asdict(spec), "base_key": key, "work_dir": str(work), "machine": machine(),
-        "warm_start_seconds": warm_seconds, "base": gap, "methods": methods,
-        "total_wall_seconds": time.perf_counter() - t_start,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    results["summary"] = summarize(results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "learning.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, out_dir / "learning.png")
-    (out_dir / "learning.md").write_text(table(results))
     log(table(results))
     log(f"learning: wrote {out_dir / 'learning.json'}, {out_dir / 'learning.png'}, {out_dir / 'learning.md'} "
         f"({results['total_wall_seconds']:.0f}s in all)")

@@ -20,7 +20,7 @@ ROOT="$PWD"
 OUT_DIR="${OUT:-$ROOT/build/gpu-check}"
 mkdir -p "$OUT_DIR"
 export OUT="$OUT_DIR"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 DEPS="${GPU_PYDEPS:-$ROOT/build/gpu-pydeps}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$DEPS" ] && export PYTHONPATH="$PYTHONPATH:$DEPS"
@@ -63,7 +63,7 @@ CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/nul
 step "pytest tests/gpu"
 if "$PY" -c 'import pytest' 2>/dev/null; then
     # -p no:cacheprovider: leave no .pytest_cache behind; -rs: say why anything skipped.
-    run 420 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
+    run 300 "$PY" -m pytest tests/gpu -q -rs -p no:cacheprovider
 else
     echo "pytest is not importable: run scripts/stage_gpu_pydeps.sh on the CPU machine and carry build/gpu-pydeps" | tee -a "$LOG"
     status=1
@@ -73,11 +73,11 @@ fi
 if "$PY" -c 'import launch.cli' 2>/dev/null; then BENCH=("$PY" -m launch.cli bench); else BENCH=("$PY" -m launch.bench); fi
 if [ "$CUDA" = "1" ]; then
     step "bench loss, T=2048 (the default), fp32"
-    run 180 "${BENCH[@]}" loss --json "$OUT_DIR/bench_loss_T2048_fp32.json"
+    run 120 "${BENCH[@]}" loss --json "$OUT_DIR/bench_loss_T2048_fp32.json"
     step "bench loss, T=8192, fp32"
-    run 180 "${BENCH[@]}" loss --tokens 8192 --json "$OUT_DIR/bench_loss_T8192_fp32.json"
+    run 120 "${BENCH[@]}" loss --tokens 8192 --json "$OUT_DIR/bench_loss_T8192_fp32.json"
     step "bench loss, T=8192, bf16, hidden 2048 (Qwen3-1.7B's)"
-    run 180 "${BENCH[@]}" loss --tokens 8192 --hidden 2048 --dtype bfloat16 --json "$OUT_DIR/bench_loss_T8192_bf16.json"
+    run 120 "${BENCH[@]}" loss --tokens 8192 --hidden 2048 --dtype bfloat16 --json "$OUT_DIR/bench_loss_T8192_bf16.json"
 else
     step "bench loss (no CUDA: a small size, only to check that the script runs)"
     run 180 "${BENCH[@]}" loss --vocab 8192 --tokens 512 --chunk 128 --hidden 64 --json "$OUT_DIR/bench_loss_smoke.json"
