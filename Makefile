@@ -35,5 +35,8 @@ test-slow: setup
 test-gpu: setup
 	$(PY) -m pytest tests/gpu
 
+bench: setup
+	$(VENV)/bin/opsd bench train
+
 clean:
 	rm -rf $(VENV) artifacts runs .pytest_cache
