@@ -1,4 +1,4 @@
-"""The training driver. ``Trainer.run`` reads as the data flow of DESIGN.md:
+"""The training driver. ``Trainer.train_one_step`` reads as the data flow of DESIGN.md:
 
     sample prompts -> rollouts (vLLM actors) -> teacher scores (Arrow batch) -> train (ZeRO group)
     -> sync weights -> evaluate every eval.every steps -> checkpoint every train.checkpoint_every
@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
 from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml, uses_scorer
 from opsd.data import EpochSampler, load_problems
-from opsd.evaluation import grade, summarize
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.cluster import ActorPool, Pending, init_ray
+from launch.loggers import MetricsLogger
 from launch.validate import actor_resources, resource_needs
 from workers.learner import LearnerGroup
 from workers.rollout import RolloutWorker
@@ -66,10 +68,6 @@ class RunDir:
         self.batches = path / "batches"
         self.checkpoints = path / "checkpoints"
 
-    def log_metrics(self, row: dict) -> None:
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
     def truncate_metrics(self, last_step: int) -> None:
         """Forget steps after the checkpoint being resumed from: they will be redone."""
         if not self.metrics_file.exists():
@@ -111,6 +109,7 @@ class Trainer:
         self.pending_indices: list[int] | None = None  # prompts to redo first after a resume
         self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
         self.prefetched = False  # whether rollouts for the next step are already running
+        self.inflight: tuple | None = None  # (pairs, calls in flight) for the next step
 
     def _columns(self) -> dict:
         d = self.cfg.data
@@ -333,84 +332,87 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def run_steps(self, run: RunDir) -> None:
-        import ray
         from tqdm import tqdm
 
         cfg = self.cfg
         self.run = run
-        from omegaconf import OmegaConf
-
-        from launch.loggers import MetricsLogger
-
         logger = MetricsLogger(run.path, cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
                    disable=not cfg.logging.progress, dynamic_ncols=True)
-        inflight = None
-        self.prefetched = False
-        while self.step < cfg.train.steps:
-            t_step = time.perf_counter()
-            step = self.step + 1
-            t0 = time.perf_counter()
-            if cfg.algo == "sft":
-                rows = self.reference_rows(self.next_pairs())
-            else:
-                inflight = inflight or self.submit_rollouts(self.next_pairs(), step)
-                rows = self.collect_rollouts(inflight)
-                inflight = None
-            stale = [r for r in rows if self.policy_version - r["policy_version"] > cfg.rollout.max_staleness]
-            rows = [r for r in rows if r not in stale]
-            rollout_s = time.perf_counter() - t0
-            self.prefetched = False
-            if cfg.rollout.max_staleness > 0 and cfg.algo != "sft" and step < cfg.train.steps:
-                # Off-policy by at most max_staleness: the next step's rollouts run on the current
-                # weights while the learner trains on this step's.
-                inflight = self.submit_rollouts(self.next_pairs(), step + 1)
-                self.prefetched = True
+        self.inflight = None
+        try:
+            while self.step < cfg.train.steps:
+                row = self.train_one_step(self.step + 1)
+                logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
+                if cfg.train.checkpoint_every and (
+                    self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps
+                ):
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
+                                tok_s=f"{row['tokens_generated'] / max(row['rollout_seconds'], 1e-9):.0f}")
+        finally:
+            bar.close()
+            logger.close()
 
-            t0 = time.perf_counter()
-            batch = self.score(rows)
-            score_s = time.perf_counter() - t0
-            if cfg.logging.save_batches:
-                write_ipc(from_ipc_bytes(batch), run.batches / f"step_{step:06d}.arrow")
+    def train_one_step(self, step: int) -> dict:
+        """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
+        import ray
 
-            t0 = time.perf_counter()
-            stats = self.learner.train_step(ray.put(batch))
-            train_s = time.perf_counter() - t0
+        cfg = self.cfg
+        t_step = t0 = time.perf_counter()
+        if cfg.algo == "sft":
+            rows = self.reference_rows(self.next_pairs())
+        else:
+            rows = self.collect_rollouts(self.inflight or self.submit_rollouts(self.next_pairs(), step))
+            self.inflight = None
+        fresh = [r for r in rows if self.policy_version - r["policy_version"] <= cfg.rollout.max_staleness]
+        dropped, rows = len(rows) - len(fresh), fresh
+        rollout_s = time.perf_counter() - t0
+        self.prefetched = cfg.rollout.max_staleness > 0 and cfg.algo != "sft" and step < cfg.train.steps
+        if self.prefetched:
+            # Off-policy by at most max_staleness: the next step's rollouts run on the current
+            # weights while the learner trains on this step's.
+            self.inflight = self.submit_rollouts(self.next_pairs(), step + 1)
 
-            t0 = time.perf_counter()
-            self.sync()
-            sync_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        batch = self.score(rows)
+        score_s = time.perf_counter() - t0
+        if cfg.logging.save_batches:
+            write_ipc(from_ipc_bytes(batch), self.run.batches / f"step_{step:06d}.arrow")
 
-            self.step = step
-            resp_tokens = sum(len(r["response_ids"]) for r in rows)
-            gen = resp_tokens if cfg.algo != "sft" else 0  # SFT trains on references; it generates nothing
-            self.tokens_total += gen
-            tokens = max(stats["tokens"], 1.0)
-            row = {
-                "step": step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
-                "loss": stats["loss_sum"] / tokens,
-                # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
-                "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
-                "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-                "reward_mean": sum(r["reward"] for r in rows) / max(len(rows), 1) if cfg.algo != "sft" else None,
-                "response_len_mean": resp_tokens / max(len(rows), 1),
-                "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / max(len(rows), 1),
-                "tokens_generated": gen, "tokens_generated_total": self.tokens_total,
-                "samples": len(rows), "dropped_stale": len(stale),
-                "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
-                "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
-            }
-            if cfg.eval.every and step % cfg.eval.every == 0 and self.eval_pairs:
-                row.update(self.evaluate())
-            row["step_seconds"] = time.perf_counter() - t_step
-            logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
-            if cfg.train.checkpoint_every and (step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps):
-                self.save_checkpoint()
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
-                            tok_s=f"{gen / max(rollout_s, 1e-9):.0f}")
-        bar.close()
-        logger.close()
+        t0 = time.perf_counter()
+        stats = self.learner.train_step(ray.put(batch))
+        train_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        self.sync()
+        sync_s = time.perf_counter() - t0
+
+        self.step = step
+        resp_tokens = sum(len(r["response_ids"]) for r in rows)
+        gen = resp_tokens if cfg.algo != "sft" else 0  # SFT trains on references; it generates nothing
+        self.tokens_total += gen
+        tokens = max(stats["tokens"], 1.0)
+        n = max(len(rows), 1)
+        row = {
+            "step": step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
+            "loss": stats["loss_sum"] / tokens,
+            # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
+            "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
+            "grad_norm": stats["grad_norm"], "lr": stats["lr"],
+            "reward_mean": sum(r["reward"] for r in rows) / n if cfg.algo != "sft" else None,
+            "response_len_mean": resp_tokens / n,
+            "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / n,
+            "tokens_generated": gen, "tokens_generated_total": self.tokens_total,
+            "samples": len(rows), "dropped_stale": dropped,
+            "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
+            "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
+        }
+        if cfg.eval.every and step % cfg.eval.every == 0 and self.eval_pairs:
+            row.update(self.evaluate())
+        row["step_seconds"] = time.perf_counter() - t_step
+        return row
 
 
 def _say(msg: str) -> None:
