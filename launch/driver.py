@@ -72,7 +72,13 @@ class RunDir:
         """Forget steps after the checkpoint being resumed from: they will be redone."""
         if not self.metrics_file.exists():
             return
-        kept = [ln for ln in self.metrics_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+        kept = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass  # a line torn by the interruption
         self.metrics_file.write_text("".join(ln + "\n" for ln in kept))
 
 
@@ -95,7 +101,14 @@ class Trainer:
         self.solutions = {p.uid: p.solution for p in problems}
         if not self.pairs:
             raise ValueError(f"{train_path}: no usable problems (all {len(problems)} skipped as over-long)")
-        self.sampler = EpochSampler(len(self.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle)
+        # drop_last: a batch never spans two epochs, so no prompt appears twice in one batch (its
+        # samples would share a sample_id and, for GRPO, a group).
+        if len(self.pairs) < cfg.train.prompts_per_step:
+            raise ConfigError(
+                f"train.prompts_per_step={cfg.train.prompts_per_step} is more than the {len(self.pairs)} usable "
+                f"problems in {train_path}"
+            )
+        self.sampler = EpochSampler(len(self.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True)
         self.eval_pairs: list[PromptPair] = []
         if cfg.eval.every:
             eval_path = resolve_path(cfg.eval.path or cfg.data.test_path)
@@ -156,16 +169,33 @@ class Trainer:
     def _catch_up_scorer(self, actor: Any) -> None:
         import ray
 
-        if self.cfg.teacher.mode == "live" and self.last_update is not None:
+        mode = self.cfg.teacher.mode
+        if mode == "live" and self.last_update is not None:
             ray.get(actor.load_weights.remote(self.last_update))
-        elif self.cfg.teacher.mode == "ema" and self.teacher_version:
+        elif mode == "ema" and self.teacher_version:
+            # The EMA lives only in the scorers: copy it from a healthy sibling, else from a
+            # checkpoint taken at the current teacher version; anything older would silently
+            # score with a different teacher.
+            for other in self.scorers.actors:
+                if other is actor:
+                    continue
+                try:
+                    state, version = ray.get(other.get_state.remote(), timeout=300)
+                except Exception:
+                    continue
+                ray.get(actor.load_state.remote(state, version))
+                return
             ckpt = latest_checkpoint(self.run.path)
-            if ckpt is None or not (ckpt / "teacher" / "ema.safetensors").exists():
-                raise RuntimeError("the EMA teacher's scorer died before any checkpoint held its state")
+            saved = json.loads((ckpt / "driver_state.json").read_text()) if ckpt else {}
+            if saved.get("teacher_version") != self.teacher_version:
+                raise RuntimeError(
+                    f"the EMA teacher's scorer died and its state at teacher version {self.teacher_version} is "
+                    "lost (no other scorer holds it and no checkpoint was taken at that version); resume from "
+                    "the last checkpoint with --resume"
+                )
             from safetensors.torch import load_file
 
-            state = json.loads((ckpt / "driver_state.json").read_text())
-            ray.get(actor.load_state.remote(load_file(ckpt / "teacher" / "ema.safetensors"), state["teacher_version"]))
+            ray.get(actor.load_state.remote(load_file(ckpt / "teacher" / "ema.safetensors"), self.teacher_version))
 
     def shutdown(self) -> None:
         """Kill this trainer's actors (the Ray cluster itself is left to whoever started it)."""
@@ -245,7 +275,7 @@ class Trainer:
             for r in rows
         ]
         if self.scorers is None:
-            samples = [Sample(**{k: v for k, v in vars(q).items()}) for q in reqs]
+            samples = [Sample(**vars(q)) for q in reqs]
             table = build_batch(samples, k=self.cfg.scorer.topk, temperature=self.cfg.loss.temperature,
                                 teacher_mode="none")
             return to_ipc_bytes(table)
@@ -453,6 +483,9 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
         run_path = Path(cfg.run_dir)
     else:
         run_path = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    # Absolute: learner ranks write checkpoint shards here from their own working directories
+    # (under `ray job submit` that is a temporary copy of the code).
+    run_path = run_path.resolve()
     cfg.run_dir = str(run_path)
     return cfg, run_path
 

@@ -360,10 +360,27 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
             f"config key 'learner.zero_stage' = 0 with learner.num_ranks={cfg.learner.num_ranks}: use a ZeRO "
             "stage (1, 2 or 3) for more than one rank"
         )
-    if cfg.sync.transport == "nccl" and cfg.cluster.device != "cuda":
-        raise ConfigError("config key 'sync.transport' = 'nccl' needs cluster.device=cuda; use object_store on CPU")
+    if cfg.sync.transport == "nccl":
+        raise ConfigError(
+            "config key 'sync.transport' = 'nccl' is not implemented yet; use object_store (it works on GPU "
+            "clusters too, through host memory)"
+        )
     if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
         raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
+    uses_ratio = cfg.algo == "grpo" or (
+        cfg.algo == "opsd" and cfg.loss.objective == "sampled_token" and cfg.loss.is_clip is not None
+    )
+    if uses_ratio and cfg.loss.temperature != 1.0:
+        raise ConfigError(
+            f"config key 'loss.temperature' = {cfg.loss.temperature} with an importance ratio (algo=grpo, or "
+            "loss.is_clip): the rollout logprobs are the policy's at temperature 1, so the ratio would not be 1 "
+            "on-policy; use loss.temperature=1"
+        )
+    if cfg.algo == "grpo" and cfg.loss.kl_coef > 0 and cfg.teacher.mode != "fixed":
+        raise ConfigError(
+            f"config key 'teacher.mode' = {cfg.teacher.mode!r} with algo=grpo and loss.kl_coef > 0: GRPO's KL "
+            "reference is the initial policy; use teacher.mode=fixed"
+        )
     if cfg.algo == "grpo" and cfg.rollout.n < 2:
         raise ConfigError("config key 'rollout.n' must be >= 2 for algo=grpo (advantages are normalised per group)")
     if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:

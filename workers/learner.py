@@ -23,6 +23,7 @@ from opsd.batch import batch_meta, from_ipc_bytes
 from opsd.config import Config
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
 from opsd.prompts import pad_right
+from workers.scorer import torch_dtype
 from workers.weight_sync import NamedTensors, WeightUpdate, make_sender
 
 
@@ -54,7 +55,8 @@ def deepspeed_config(cfg: Config) -> dict:
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": lc.lr, "betas": list(lc.betas), "eps": 1e-8, "weight_decay": lc.weight_decay,
-                       "torch_adam": True},
+                       # torch's AdamW on CPU runs (FINDINGS.md); DeepSpeed's fused or CPU Adam on GPUs.
+                       "torch_adam": cfg.cluster.device == "cpu"},
         },
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
         "fp16": {"enabled": cfg.model.dtype == "float16"},
@@ -130,6 +132,8 @@ class LearnerRank:
         self.gas = micro_batches_per_rank(self.cfg)
         self.spec = loss_spec(self.cfg)
         self.sender = make_sender(self.cfg.sync.transport) if self.rank == 0 else None
+        # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
+        self.push_dtype = torch_dtype(self.cfg.model.dtype)
         self.step = 0
         return {"rank": self.rank, "pid": os.getpid(), "trainable_params": sum(p.numel() for p in trainable)}
 
@@ -175,7 +179,9 @@ class LearnerRank:
         t = TokenTargets(
             sampled_ids=flat("response_ids", torch.long),
             weight=torch.ones(int(keep.sum()), dtype=torch.float32),
-            rollout_logprobs=flat("rollout_logprobs", torch.float32) if algo != "sft" else None,
+            # Behaviour logprobs enter only through an importance ratio: GRPO's, or OPSD's
+            # sampled-token objective when loss.is_clip is set.
+            rollout_logprobs=flat("rollout_logprobs", torch.float32) if self._uses_ratio() else None,
         )
         if has_teacher:
             # For OPSD the scorer is the teacher; for GRPO it is the frozen reference policy,
@@ -191,6 +197,9 @@ class LearnerRank:
             t.advantages = torch.as_tensor(np.concatenate(per_row) if per_row else np.zeros(0), dtype=torch.float32)
         return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
                 "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int), "targets": t}
+
+    def _uses_ratio(self) -> bool:
+        return self.spec.algo == "grpo" or (self.spec.objective == "sampled_token" and self.spec.is_clip is not None)
 
     def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)
@@ -209,7 +218,7 @@ class LearnerRank:
             t.topk_ids = torch.zeros(1, k, dtype=torch.long)
             t.topk_logprobs = torch.full((1, k), -math.log(k))
             t.teacher_logprobs = torch.zeros(1)
-            t.rollout_logprobs = torch.zeros(1)
+            t.rollout_logprobs = torch.zeros(1) if self._uses_ratio() else None
         if self.spec.algo == "grpo":
             t.rollout_logprobs = torch.zeros(1)
             t.advantages = torch.zeros(1)
@@ -244,10 +253,13 @@ class LearnerRank:
             for shard in shards:
                 for i in range(0, len(shard), mb):
                     pad_to[i // mb] = max(pad_to[i // mb], sum(per_row[j] for j in shard[i : i + mb]))
-        if len(chunks) > self.gas:
+            # At least one position, so that a micro-batch with no loss tokens still calls the head.
+            pad_to = [max(n, 1) for n in pad_to]
+        needed = math.ceil(len(shards[0]) / mb)  # rank 0 has the most rows: every rank raises alike
+        if needed > self.gas:
             raise ValueError(
-                f"batch of {table.num_rows} rows needs {len(chunks)} micro-batches on rank {self.rank}, more than "
-                f"the {self.gas} the DeepSpeed config was built for (train.prompts_per_step x rollout.n)"
+                f"batch of {table.num_rows} rows needs {needed} micro-batches per rank, more than the {self.gas} "
+                "the DeepSpeed config was built for (train.prompts_per_step x rollout.n)"
             )
         self.engine.train()
         totals: dict[str, float] = {}
@@ -310,7 +322,7 @@ class LearnerRank:
         size = 0
         groups: list[list] = []
         for e in entries:
-            nbytes = numel(e[1]) * 4
+            nbytes = numel(e[1]) * self.push_dtype.itemsize
             if bucket and size + nbytes > limit:
                 groups.append(bucket)
                 bucket, size = [], 0
@@ -331,7 +343,7 @@ class LearnerRank:
                         w = p.detach()
                         if layer is not None and not getattr(layer, "merged", False):
                             w = w + layer.get_delta_weight("default")
-                        out.append((name, w.to("cpu", torch.float32).clone()))
+                        out.append((name, w.to("cpu", self.push_dtype).clone()))
             yield out
 
     def push_weights(self, version: int) -> WeightUpdate | None:
@@ -362,8 +374,7 @@ class LearnerRank:
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.tie_weights()
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.model.dtype, torch.float32)
-        model.to(dtype).save_pretrained(out_dir)
+        model.to(self.push_dtype).save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
         return out_dir
 
@@ -400,7 +411,9 @@ class PolicyLoss(torch.nn.Module):
         self.spec = spec
 
     def forward(self, input_ids, attention_mask, rows, cols, targets: TokenTargets, normalizer: float, pad_to: int = 0):
-        hidden = self.policy.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.policy.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         sel = hidden[rows, cols]  # [N, H]: the positions that predict loss tokens
         if pad_to > sel.shape[0]:
             sel, targets = _pad_positions(sel, targets, pad_to)
@@ -451,9 +464,20 @@ class LearnerGroup:
         self.info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
 
     def _all(self, method: str, *args) -> list:
+        """Call every rank. If one fails, the others may wait forever in a collective: kill the
+        group and raise the first error instead of hanging."""
         import ray
 
-        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])
+        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception:
+                self.shutdown()
+                raise
+        return ray.get(refs)
 
     def train_step(self, batch_ref) -> dict:
         per_rank = self._all("train_step", batch_ref)
@@ -487,6 +511,9 @@ class LearnerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for r in self.ranks:
+        if not self.ranks:
+            return
+        ranks, self.ranks = self.ranks, []
+        for r in ranks:
             ray.kill(r)
         remove_placement_group(self.pg)

@@ -82,7 +82,7 @@ class RolloutWorker:
         params = [
             SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                logprobs=0 if temperature > 0 else None, seed=seed,
+                logprobs=0, seed=seed,
             )
             for seed in seeds
         ]
@@ -94,10 +94,7 @@ class RolloutWorker:
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                if c.logprobs is not None:
-                    lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                else:  # greedy decoding (evaluation): no logprobs requested
-                    lps = [0.0] * len(ids)
+                lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
                 samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version))
             result.append(samples)
         return result

@@ -75,6 +75,10 @@ class ScorerWorker:
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self.receiver = make_receiver(cfg.sync.transport)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
+        # The EMA is kept in fp32: in bf16 a (1 - decay) step is below the rounding of most weights.
+        self.ema = (
+            {n: p.detach().float().clone() for n, p in self.model.named_parameters()} if self.mode == "ema" else None
+        )
 
     def get_version(self) -> int:
         return self.version
@@ -88,9 +92,12 @@ class ScorerWorker:
         full = [list(c) + list(r) for c, r in zip(contexts, responses)]
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
+        chunk = self.cfg.loss.chunk_size
         for group in micro_batches([len(s) for s in full], self.cfg.scorer.max_tokens_per_forward):
             ids, mask = pad_right([full[i] for i in group], self.pad_id)
-            hidden = decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            hidden = decoder(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            ).last_hidden_state
             # Position p predicts token p + 1: the response's T tokens are predicted from
             # positions len(context) - 1 .. len(context) + T - 2.
             rows, cols = [], []
@@ -99,10 +106,11 @@ class ScorerWorker:
                 rows.append(torch.full((t,), j, dtype=torch.long))
                 cols.append(torch.arange(start, start + t))
             sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [N, H]
-            logp = torch.log_softmax(head(sel).float() / self.temperature, dim=-1)  # [N, V]
-            top_lp, top_ids = logp.topk(self.k, dim=-1)  # [N, k]
             sampled = torch.cat([torch.as_tensor(responses[i], dtype=torch.long) for i in group]).to(self.device)
-            tok_lp = logp.gather(-1, sampled[:, None]).squeeze(-1)  # [N]
+            # Project to the vocabulary a chunk of positions at a time: [chunk, V] logits, not [N, V].
+            parts = [self._targets_for(sel[c : c + chunk], sampled[c : c + chunk], head)
+                     for c in range(0, sel.shape[0], chunk)]
+            top_ids, top_lp, tok_lp = (torch.cat(x) for x in zip(*parts))
             offset = 0
             for i in group:
                 t = len(responses[i])
@@ -114,6 +122,11 @@ class ScorerWorker:
                 )
                 offset += t
         return out
+
+    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head) -> tuple[torch.Tensor, ...]:
+        logp = torch.log_softmax(head(hidden).float() / self.temperature, dim=-1)  # [n, V]
+        top_lp, top_ids = logp.topk(self.k, dim=-1)  # [n, k]
+        return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1)
 
     def score(self, requests: list[ScoreRequest], expect_version: int | None = None) -> bytes:
         """Rollouts -> a validated Arrow batch (IPC stream bytes)."""
@@ -151,20 +164,32 @@ class ScorerWorker:
         check_against(named, self.shapes)
         params = dict(self.model.named_parameters())
         decay = self.cfg.teacher.ema_decay
+        if self.mode == "ema":
+            # Blend into new fp32 tensors first, so that a failure leaves the teacher untouched.
+            blended = {n: self.ema[n].mul(decay).add_(t.to(self.ema[n].device, torch.float32), alpha=1.0 - decay)
+                       for n, t in named}
+            self.ema.update(blended)
+            named = list(blended.items())
         for name, t in named:
-            p = params[name]
-            src = t.to(device=p.device, dtype=p.dtype)
-            if self.mode == "live":
-                p.copy_(src)
-            else:
-                p.mul_(decay).add_(src, alpha=1.0 - decay)
+            params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
         self.version = update.version
         return self.version
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
-        """The teacher's weights (for checks and for resuming an EMA teacher)."""
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        """The teacher's weights (the fp32 EMA for an EMA teacher): for checks and for resuming."""
+        if self.ema is not None:
+            return {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
 
+    def get_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        return self.state_dict_cpu(), self.version
+
+    @torch.no_grad()
     def load_state(self, state: dict[str, torch.Tensor], version: int) -> None:
-        self.model.load_state_dict(state)
+        params = dict(self.model.named_parameters())
+        check_against(list(state.items()), self.shapes)
+        for name, t in state.items():
+            params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
+        if self.ema is not None:
+            self.ema = {n: t.to(self.device, torch.float32).clone() for n, t in state.items()}
         self.version = version

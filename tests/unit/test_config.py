@@ -172,6 +172,10 @@ def test_boundary_values_are_accepted():
     (["teacher.mode=fixed", "teacher.sync_every=2"], "teacher.sync_every"),
     (["teacher.mode=live", "teacher.sync_every=3"], "teacher.sync_every"),
     (["sync.transport=nccl", "cluster.device=cpu"], "sync.transport"),
+    (["sync.transport=nccl", "cluster.device=cuda"], "sync.transport"),  # not implemented yet
+    (["algo=grpo", "rollout.n=4", "loss.temperature=0.7"], "loss.temperature"),  # ratio needs T=1
+    (["loss.objective=sampled_token", "loss.is_clip=2", "loss.temperature=0.7"], "loss.temperature"),
+    (["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1", "teacher.mode=live"], "teacher.mode"),
     (["algo=grpo", "rollout.n=1"], "rollout.n"),
     (["learner.zero_stage=0", "learner.num_ranks=2"], "learner.zero_stage"),
     (["eval.n=4", "eval.temperature=0"], "eval.n"),
@@ -183,10 +187,11 @@ def test_impossible_combination_names_the_key(overrides, key):
 
 @pytest.mark.parametrize("overrides", [
     ["teacher.mode=ema", "teacher.sync_every=2"],
-    ["sync.transport=nccl", "cluster.device=cuda"],
     ["algo=grpo", "rollout.n=2"],
     ["learner.zero_stage=0", "learner.num_ranks=1"],
     ["eval.n=4", "eval.temperature=0.7"],
+    ["loss.objective=sampled_token", "loss.temperature=0.7"],  # no ratio without is_clip
+    ["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1"],
 ])
 def test_the_possible_neighbours_of_those_combinations_load(overrides):
     load_config(None, overrides)
