@@ -391,6 +391,18 @@ class LearnerRank:
         self.engine.save_checkpoint(ckpt_dir, tag="learner", client_state={"step": self.step})
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
+        # DeepSpeed reads its files with torch.load(weights_only=False), i.e. it unpickles
+        # whatever is on disk. Restrict it to tensors, plain containers and the few DeepSpeed
+        # value types its checkpoints hold.
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        def load(path, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+        self.engine.checkpoint_engine.load = load
         _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
         self.step = int((client or {}).get("step", 0))
         return self.step
