@@ -541,8 +541,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("learning", help="OPSD (fixed/live teacher) vs GRPO vs SFT from one warm-started base: "
                        "test accuracy against generated tokens and wall time (launch/experiment.py)")
     s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
-    s.add_argument("--steps", type=int, help="optimizer steps per run (default 40; --quick: 2)")
+    s.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 2)")
     s.add_argument("--quick", action="store_true", help="a smoke version: tiny model, a few steps, one seed")
+    s.add_argument("--lr", type=float, help="learning rate of every method after the warm start (default 1e-4)")
     s.add_argument("--methods", nargs="+", choices=("opsd_fixed", "opsd_live", "grpo", "sft"),
                    help="a subset of the methods (default: all four)")
     s.add_argument("--out", default="docs/results",
@@ -563,6 +564,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.steps is not None:
             spec.steps = args.steps
             spec.eval_every = max(1, min(spec.eval_every, args.steps))
+        if args.lr is not None:
+            spec.lr = args.lr
         if args.methods:
             spec.methods = list(args.methods)
         report = run_learning(spec, args.out, args.work_dir)
