@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from opsd.config import REPO_ROOT, ConfigError
+from opsd.data import DataError
+from opsd.prompts import PromptTooLongError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"opsd: config error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, PromptTooLongError, FileNotFoundError) as exc:
+        # Bad input: the message names the file, row or key; a traceback adds nothing.
+        print(f"opsd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("opsd: interrupted; the last complete checkpoint is intact", file=sys.stderr)

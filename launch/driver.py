@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
 from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml, uses_scorer
-from opsd.data import EpochSampler, load_problems
+from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.cluster import ActorPool, Pending, init_ray
@@ -100,7 +100,10 @@ class Trainer:
         self.pairs, self.skipped = self.builder.build(problems, source=str(train_path))
         self.solutions = {p.uid: p.solution for p in problems}
         if not self.pairs:
-            raise ValueError(f"{train_path}: no usable problems (all {len(problems)} skipped as over-long)")
+            raise DataError(
+                f"{train_path}: no usable problems (all {len(problems)} skipped as over-long); raise "
+                "model.max_model_len or prompt.max_prompt_len"
+            )
         # drop_last: a batch never spans two epochs, so no prompt appears twice in one batch (its
         # samples would share a sample_id and, for GRPO, a group).
         if len(self.pairs) < cfg.train.prompts_per_step:
@@ -247,10 +250,19 @@ class Trainer:
     def reference_rows(self, pairs: list[PromptPair]) -> list[dict]:
         """SFT: the reference solutions play the part of the responses (nothing is generated)."""
         eos = self.tokenizer.eos_token_id
+        limit = self.cfg.model.max_model_len
         rows = []
         for pair in pairs:
             # The reference is text; it is tokenised once here, and EOS closes the turn.
             ids = list(self.tokenizer(self.solutions[pair.uid], add_special_tokens=False)["input_ids"]) + [eos]
+            if len(pair.student_ids) + len(ids) > limit:
+                if self.cfg.prompt.overlong == "skip":
+                    self.skipped.append(pair.uid)
+                    continue
+                raise ValueError(
+                    f"row {pair.uid}: prompt ({len(pair.student_ids)} tokens) + reference solution ({len(ids)}) is "
+                    f"longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
+                )
             rows.append({
                 "sample_id": f"{pair.uid}#0", "pair": pair, "response_ids": ids, "rollout_logprobs": [0.0] * len(ids),
                 "finish_reason": "stop", "policy_version": self.policy_version, "reward": 0.0,
