@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 from opsd.config import REPO_ROOT, ConfigError
-from opsd.data import DataError
-from opsd.prompts import PromptTooLongError
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 
@@ -169,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"opsd: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PromptTooLongError, FileNotFoundError) as exc:
+    except Exception as exc:
+        # Imported here: `opsd --help` and `opsd bench` must not load torch.
+        from opsd.data import DataError
+        from opsd.prompts import PromptTooLongError
+
+        if not isinstance(exc, (DataError, PromptTooLongError, FileNotFoundError)):
+            raise
         # Bad input: the message names the file, row or key; a traceback adds nothing.
         print(f"opsd: error: {exc}", file=sys.stderr)
         return 2
