@@ -132,7 +132,6 @@ def _loss_inputs(vocab: int, tokens: int, hidden: int, k: int, device: str, dtyp
 
 def loss_forward_backward(h, w, targets, chunk: int, *, beta: float = 0.5, support: str = "topk"):
     """One chunked_loss forward + backward; returns (loss, grad of hidden, grad of head weight)."""
-    import torch
 
     from opsd.losses import LossSpec, chunked_loss
 
