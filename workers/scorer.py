@@ -8,7 +8,6 @@ log-probability. Rows are scored in padded micro-batches capped by a token budge
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +134,6 @@ class ScorerWorker:
         from opsd.batch import Sample, build_batch, to_ipc_bytes
 
         require_version(self.version, expect_version, "scorer")
-        t0 = time.perf_counter()
         targets = self.teacher_targets([r.teacher_prompt_ids for r in requests], [r.response_ids for r in requests])
         samples = [
             Sample(
@@ -148,7 +146,6 @@ class ScorerWorker:
             for r, (ids, lps, tok) in zip(requests, targets)
         ]
         table = build_batch(samples, k=self.k, temperature=self.temperature, teacher_mode=self.mode)
-        self.last_seconds = time.perf_counter() - t0
         return to_ipc_bytes(table)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ Transports: ``object_store`` (Ray shared memory; CPU and debugging) is implement
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -47,7 +47,6 @@ class WeightUpdate:
     handles: tuple = ()  # transport-specific, one per bucket
     num_tensors: int = 0
     num_bytes: int = 0
-    meta: dict = field(default_factory=dict)
 
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> Iterator[NamedTensors]:
