@@ -52,6 +52,17 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
+def round_robin(items: list, n: int) -> list[list]:
+    """Split ``items`` over n actors: actor i gets items i, i + n, ..."""
+    return [items[i::n] for i in range(n)]
+
+
+def unshard(per_actor: list[list], total: int) -> list:
+    """Inverse of :func:`round_robin`: results back in the items' order."""
+    n = len(per_actor)
+    return [per_actor[j % n][j // n] for j in range(total)] if total else []
+
+
 def _actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 

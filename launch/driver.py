@@ -21,7 +21,7 @@ from opsd.config import Config, ConfigError, check, load_config, resolve_path, t
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
-from launch.cluster import ActorPool, Pending, init_ray
+from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger
 from launch.validate import actor_resources, resource_needs
 from workers.learner import LearnerGroup
@@ -213,8 +213,7 @@ class Trainer:
     def submit_rollouts(self, pairs: list[PromptPair], step: int) -> tuple[list[PromptPair], Pending]:
         """prompts -> vLLM: each prompt goes to one worker, n samples each (returns at once)."""
         cfg = self.cfg.rollout
-        nw = len(self.rollouts.actors)
-        shards = [pairs[i::nw] for i in range(nw)]
+        shards = round_robin(pairs, len(self.rollouts.actors))
         args = [([p.student_ids for p in s], [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
         return pairs, self.rollouts.submit(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
@@ -224,15 +223,10 @@ class Trainer:
     def collect_rollouts(self, submitted: tuple[list[PromptPair], Pending]) -> list[dict]:
         """vLLM -> one row per sample, graded, in the sampler's order."""
         pairs, pending = submitted
-        nw = len(self.rollouts.actors)
-        outs = self.rollouts.collect(pending)
-        by_uid = {}
-        for shard, out in zip([pairs[i::nw] for i in range(nw)], outs):
-            for pair, samples in zip(shard, out):
-                by_uid[pair.uid] = samples
+        outs = unshard(self.rollouts.collect(pending), len(pairs))
         rows = []
-        for pair in pairs:
-            for j, s in enumerate(by_uid[pair.uid]):
+        for pair, samples in zip(pairs, outs):
+            for j, s in enumerate(samples):
                 rows.append({
                     "sample_id": f"{pair.uid}#{j}", "pair": pair, "response_ids": s.response_ids,
                     "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,

@@ -75,6 +75,8 @@ def evaluate_pairs(
         raise ValueError("nothing to evaluate: no prompts")
     if n > 1 and temperature <= 0:
         raise ValueError(f"n={n} samples at temperature {temperature}: greedy samples are identical; use temperature > 0")
+    from launch.cluster import round_robin, unshard
+
     nw = len(rollouts.actors)
     per_round = len(pairs) if chunk_size is None else max(1, chunk_size) * nw
     results: list[ProblemResult] = []
@@ -82,18 +84,13 @@ def evaluate_pairs(
         chunk = list(pairs[start : start + per_round])
         # chunk[i::nw] is non-empty exactly for i < len(chunk): a round smaller than the pool
         # goes to the first actors only (map() calls actor i with argument tuple i).
-        shards = [s for s in (chunk[i::nw] for i in range(nw)) if s]
+        shards = [s for s in round_robin(chunk, nw) if s]
         outs = rollouts.map(
             "generate", [([p.student_ids for p in s], [eval_seed(seed, p.uid) for p in s]) for s in shards],
             n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             expect_version=expect_version,
         )
-        by_uid = {}
-        for shard, out in zip(shards, outs):
-            for pair, samples in zip(shard, out):
-                by_uid[pair.uid] = samples
-        for pair in chunk:  # the caller's order, not the shards'
-            samples = by_uid[pair.uid]
+        for pair, samples in zip(chunk, unshard(outs, len(chunk))):  # the caller's order, not the shards'
             g = grade(pair.uid, [s.text for s in samples], pair.answer)
             results.append(ProblemResult(
                 g.uid, g.answers, g.correct, g.gold,
