@@ -24,6 +24,7 @@ from opsd.verify import score_response
 from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger
 from launch.validate import actor_resources, resource_needs
+from launch.weights import WeightSync
 from workers.learner import LearnerGroup
 from workers.rollout import RolloutWorker
 from workers.scorer import ScoreRequest, ScorerWorker
@@ -121,7 +122,6 @@ class Trainer:
         self.policy_version = 0
         self.teacher_version = 0
         self.tokens_total = 0
-        self.last_update = None
         self.pending_indices: list[int] | None = None  # prompts to redo first after a resume
         self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
         self.prefetched = False  # whether rollouts for the next step are already running
@@ -155,6 +155,7 @@ class Trainer:
                 (cfg, self.model_path), max_restarts=restarts,
             )
         self.learner = LearnerGroup(cfg, self.model_path)
+        self.weights = WeightSync(cfg, self.learner)
         self.rollouts.wait_ready()
         if self.scorers:
             self.scorers.wait_ready()
@@ -164,17 +165,14 @@ class Trainer:
         _say(f"actors ready in {time.perf_counter() - t0:.0f}s; {len(self.pairs)} training problems")
 
     def _catch_up_rollout(self, actor: Any) -> None:
-        import ray
-
-        if self.last_update is not None:
-            ray.get(actor.load_weights.remote(self.last_update))
+        self.weights.catch_up(self.rollouts, actor)
 
     def _catch_up_scorer(self, actor: Any) -> None:
         import ray
 
         mode = self.cfg.teacher.mode
-        if mode == "live" and self.last_update is not None:
-            ray.get(actor.load_weights.remote(self.last_update))
+        if mode == "live":
+            self.weights.catch_up(self.scorers, actor)
         elif mode == "ema" and self.teacher_version:
             # The EMA lives only in the scorers: copy it from a healthy sibling, else from a
             # checkpoint taken at the current teacher version; anything older would silently
@@ -297,12 +295,12 @@ class Trainer:
     def sync(self) -> None:
         """Learner rank 0 -> rollout workers (and the teacher when it is live or EMA)."""
         self.policy_version += 1
-        update = self.learner.push_weights(self.policy_version)
-        self.last_update = update  # a receiver restarted during the broadcast catches up to this
-        self.rollouts.broadcast_weights(update, retries=self.cfg.sync.retries)
+        pools = [self.rollouts]
         mode = self.cfg.teacher.mode
         if self.scorers and (mode == "live" or (mode == "ema" and self.policy_version % self.cfg.teacher.sync_every == 0)):
-            self.scorers.broadcast_weights(update, retries=self.cfg.sync.retries)
+            pools.append(self.scorers)
+        self.weights.push(self.policy_version, pools)
+        if len(pools) > 1:
             self.teacher_version = self.policy_version
 
     def evaluate(self) -> dict[str, float]:

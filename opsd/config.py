@@ -143,9 +143,10 @@ class TeacherConfig:
 
 @dataclass
 class SyncConfig:
-    transport: str = "object_store"  # object_store | nccl
-    bucket_mb: int = 64
+    transport: str = "object_store"  # object_store | gloo | nccl (see workers/weight_sync.py)
+    bucket_mb: float = 64
     retries: int = 2
+    timeout_s: float = 600.0  # gloo / nccl: longest wait for a group's rendezvous or one broadcast
 
 
 @dataclass
@@ -214,7 +215,7 @@ _CHOICES = {
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
     "teacher.mode": ("fixed", "live", "ema"),
-    "sync.transport": ("object_store", "nccl"),
+    "sync.transport": ("object_store", "gloo", "nccl"),
     "cluster.device": ("cpu", "cuda"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -360,11 +361,12 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
             f"config key 'learner.zero_stage' = 0 with learner.num_ranks={cfg.learner.num_ranks}: use a ZeRO "
             "stage (1, 2 or 3) for more than one rank"
         )
-    if cfg.sync.transport == "nccl":
+    if cfg.sync.transport == "nccl" and cfg.cluster.device != "cuda":
         raise ConfigError(
-            "config key 'sync.transport' = 'nccl' is not implemented yet; use object_store (it works on GPU "
-            "clusters too, through host memory)"
+            "config key 'sync.transport' = 'nccl' needs cluster.device=cuda; on CPU use gloo or object_store"
         )
+    if cfg.sync.timeout_s <= 0:
+        raise ConfigError(f"config key 'sync.timeout_s' = {cfg.sync.timeout_s} must be positive")
     if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
         raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
     uses_ratio = cfg.algo == "grpo" or (

@@ -24,7 +24,9 @@ from opsd.config import Config
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
-from workers.weight_sync import NamedTensors, WeightUpdate, make_sender
+from workers.weight_sync import (
+    BucketLayout, GroupSpec, NamedTensors, WeightSyncError, WeightUpdate, collective_update, make_sender,
+)
 
 
 def loss_spec(cfg: Config) -> LossSpec:
@@ -72,6 +74,11 @@ def deepspeed_config(cfg: Config) -> dict:
     if lc.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     return ds
+
+
+def _full_shape(p: torch.nn.Parameter) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 holds only a partition of it."""
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
 def _column(table: pa.Table, name: str) -> list:
@@ -131,7 +138,7 @@ class LearnerRank:
         self.device = self.engine.device
         self.gas = micro_batches_per_rank(self.cfg)
         self.spec = loss_spec(self.cfg)
-        self.sender = make_sender(self.cfg.sync.transport) if self.rank == 0 else None
+        self.sender = make_sender(self.cfg.sync.transport, self.device) if self.rank == 0 else None
         # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
         self.push_dtype = torch_dtype(self.cfg.model.dtype)
         self.step = 0
@@ -305,24 +312,14 @@ class LearnerRank:
                 continue
             yield name[len(prefix):].replace(".base_layer", ""), p, None
 
-    def _full_buckets(self) -> Iterator[NamedTensors]:
-        """Full-size CPU tensors in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket at a time.
-
-        Every rank must iterate (the gathers are collective); only rank 0 gets tensors.
-        """
-        import deepspeed
-
+    def _bucket_groups(self) -> list[list]:
+        """The export entries in buckets of at most sync.bucket_mb (in the push dtype)."""
         limit = self.cfg.sync.bucket_mb * 2**20
-        entries = list(self._named_for_export())
-
-        def numel(p: torch.nn.Parameter) -> int:
-            return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-
         bucket: list = []
         size = 0
         groups: list[list] = []
-        for e in entries:
-            nbytes = numel(e[1]) * self.push_dtype.itemsize
+        for e in self._named_for_export():
+            nbytes = _full_shape(e[1]).numel() * self.push_dtype.itemsize
             if bucket and size + nbytes > limit:
                 groups.append(bucket)
                 bucket, size = [], 0
@@ -330,8 +327,26 @@ class LearnerRank:
             size += nbytes
         if bucket:
             groups.append(bucket)
+        return groups
+
+    def weight_layout(self) -> list[BucketLayout]:
+        """What every push sends, bucket by bucket, known without gathering anything."""
+        dtype = str(self.push_dtype).removeprefix("torch.")
+        return [
+            BucketLayout(tuple(name for name, _, _ in g), tuple(tuple(_full_shape(p)) for _, p, _ in g), dtype)
+            for g in self._bucket_groups()
+        ]
+
+    def _full_buckets(self, device: torch.device | str = "cpu") -> Iterator[NamedTensors]:
+        """Full-size tensors on ``device`` in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket
+        at a time.
+
+        Every rank must iterate (the gathers are collective); only rank 0 gets tensors.
+        """
+        import deepspeed
+
         zero3 = self.cfg.learner.zero_stage == 3
-        for group in groups:
+        for group in self._bucket_groups():
             params = [p for _, p, _ in group]
             if self.lora:
                 params += [q for _, _, m in group if m is not None for n, q in m.named_parameters() if "lora_" in n]
@@ -343,21 +358,52 @@ class LearnerRank:
                         w = p.detach()
                         if layer is not None and not getattr(layer, "merged", False):
                             w = w + layer.get_delta_weight("default")
-                        out.append((name, w.to("cpu", self.push_dtype).clone()))
+                        out.append((name, w.to(device, self.push_dtype).clone()))
             yield out
 
-    def push_weights(self, version: int) -> WeightUpdate | None:
+    # --- collective weight groups (sync.transport = gloo | nccl); rank 0 only -----------------
+
+    def open_weight_group(self, name: str, world_size: int) -> tuple[str, int]:
+        """Host the rendezvous of a new weight group; returns (host, port) for its members."""
+        import ray
+
+        port = self.sender.open(name, world_size, self.cfg.sync.timeout_s)
+        return ray.util.get_node_ip_address(), port
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        self.sender.join(spec)
+
+    def close_weight_group(self, name: str) -> None:
+        self.sender.close(name)
+
+    def push_weights(self, version: int, groups: tuple[str, ...] = ()) -> WeightUpdate | dict | None:
         """Rank 0 returns the update handle; the other ranks only take part in the gathers.
 
         Every weight is sent, also with LoRA: vLLM fuses projections (qkv, gate_up) and reloads a
         fused weight whole, so sending only the adapted q and v would leave k undefined.
+
+        With a collective transport rank 0 broadcasts each bucket to ``groups`` as it is
+        gathered, and returns ``{"ok": ..., "error": ...}``: a failed broadcast is reported, not
+        raised, because the other ranks still have gathers to finish (and a raise would take the
+        whole learner group down over what a retry can fix).
         """
-        buckets = self._full_buckets()
-        if self.rank == 0:
-            return self.sender.send(version, buckets)
-        for _ in buckets:
-            pass
-        return None
+        if self.rank != 0:
+            for _ in self._full_buckets():
+                pass
+            return None
+        if not self.sender.collective:
+            return self.sender.send(version, self._full_buckets())
+        buckets = self._full_buckets(self.sender.device)
+        update = collective_update(version, self.sender.name, self.weight_layout())
+        try:
+            self.sender.send(update, buckets, list(groups))
+            return {"ok": True, "error": None, "num_bytes": update.num_bytes}
+        except WeightSyncError as exc:
+            for _ in buckets:  # the other ranks are still gathering these
+                pass
+            for g in groups:
+                self.sender.close(g, f"the sender failed: {exc}")
+            return {"ok": False, "error": str(exc), "num_bytes": 0}
 
     def export_hf(self, out_dir: str) -> str | None:
         """HF-format weights (LoRA merged) that transformers and vLLM load directly."""
@@ -504,8 +550,27 @@ class LearnerGroup:
                     summed[k] = summed.get(k, 0.0) + v
         return summed
 
-    def push_weights(self, version: int) -> WeightUpdate:
-        return self._all("push_weights", version)[0]
+    def push_weights(self, version: int, groups: tuple[str, ...] = ()) -> WeightUpdate | dict:
+        return self._all("push_weights", version, groups)[0]
+
+    def weight_layout(self) -> list[BucketLayout]:
+        import ray
+
+        return ray.get(self.ranks[0].weight_layout.remote())
+
+    def open_weight_group(self, name: str, world_size: int) -> tuple[str, int]:
+        import ray
+
+        return ray.get(self.ranks[0].open_weight_group.remote(name, world_size))
+
+    def join_weight_group(self, spec: GroupSpec):
+        """Returns at once (an ObjectRef): rank 0 joins while the receivers do."""
+        return self.ranks[0].join_weight_group.remote(spec)
+
+    def close_weight_group(self, name: str) -> None:
+        import ray
+
+        ray.get(self.ranks[0].close_weight_group.remote(name))
 
     def export_hf(self, out_dir: str) -> str:
         return self._all("export_hf", out_dir)[0]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from opsd.config import Config
 from workers.weight_sync import (
-    WeightSyncError, WeightUpdate, check_against, hf_param_shapes, make_receiver, require_version,
+    BucketLayout, GroupSpec, WeightSyncError, WeightUpdate, check_against, check_layout, hf_param_shapes,
+    make_receiver, require_version,
 )
 
 
@@ -49,7 +50,10 @@ class RolloutWorker:
         self.start_seconds = time.perf_counter() - t0
         self.cfg = cfg
         self.version = 0
-        self.receiver = make_receiver(cfg.sync.transport)
+        self.tp = tp
+        self.collective = cfg.sync.transport != "object_store"
+        # Collective pushes are received inside vLLM's workers (VllmWeightLoader), one per TP rank.
+        self.receiver = None if self.collective else make_receiver(cfg.sync.transport)
         self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     def ready(self) -> dict:
@@ -112,14 +116,38 @@ class RolloutWorker:
             result.append([float(step[tok].logprob) for step, tok in zip(steps, seq[1:])])
         return result
 
+    # --- weights in -------------------------------------------------------------------------
+
+    def weight_group_size(self) -> int:
+        """Members this actor adds to a collective weight group: one per vLLM worker process."""
+        return self.tp
+
+    def check_weight_layout(self, layout: list[BucketLayout]) -> None:
+        check_layout(layout, self.expected_shapes)
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        """Every vLLM worker joins, at ranks spec.rank .. spec.rank + tp - 1."""
+        self.llm.collective_rpc("opsd_join_group", args=(spec,))
+
     def load_weights(self, update: WeightUpdate) -> int:
         """Stage the whole update, check it, then load it in place; on failure keep the old version."""
-        named = self.receiver.receive(update)
-        check_against(named, self.expected_shapes)
-        try:
-            self.llm.collective_rpc("opsd_load_weights", args=(named,))
-        except Exception as exc:
-            raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
+        if self.collective:
+            # A push that is retried reaches every member again; one already at that version
+            # takes part in the broadcast but does not load it twice.
+            load = update.version != self.version
+            try:
+                self.llm.collective_rpc("opsd_receive_weights", args=(update, load))
+            except WeightSyncError:
+                raise
+            except Exception as exc:
+                raise WeightSyncError(f"vLLM could not take weight version {update.version}: {exc}") from exc
+        else:
+            named = self.receiver.receive(update)
+            check_against(named, self.expected_shapes)
+            try:
+                self.llm.collective_rpc("opsd_load_weights", args=(named,))
+            except Exception as exc:
+                raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = update.version

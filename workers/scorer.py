@@ -15,7 +15,9 @@ import torch
 
 from opsd.config import Config
 from opsd.prompts import pad_right
-from workers.weight_sync import WeightUpdate, check_against, make_receiver, require_version
+from workers.weight_sync import (
+    BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, make_receiver, require_version,
+)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class ScorerWorker:
             raise ValueError(f"scorer.topk={self.k} is larger than the vocabulary ({self.vocab_size})")
         self.version = 0
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
-        self.receiver = make_receiver(cfg.sync.transport)
+        self.receiver = make_receiver(cfg.sync.transport, self.device)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
         # The EMA is kept in fp32: in bf16 a (1 - decay) step is below the rounding of most weights.
         self.ema = (
@@ -158,6 +160,9 @@ class ScorerWorker:
         if self.mode == "fixed":
             raise RuntimeError("a fixed teacher is never synced")
         named = self.receiver.receive(update)
+        if update.version == self.version:
+            # A retried collective push reaches every member again; an EMA must not blend twice.
+            return self.version
         check_against(named, self.shapes)
         params = dict(self.model.named_parameters())
         decay = self.cfg.teacher.ema_decay
@@ -171,6 +176,15 @@ class ScorerWorker:
             params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
         self.version = update.version
         return self.version
+
+    def weight_group_size(self) -> int:
+        return 1
+
+    def check_weight_layout(self, layout: list[BucketLayout]) -> None:
+        check_layout(layout, self.shapes)
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        self.receiver.join(spec, spec.rank)
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """The teacher's weights (the fp32 EMA for an EMA teacher): for checks and for resuming."""

@@ -1,24 +1,43 @@
 """Moving weights from learner rank 0 to the rollout engines (and a live / EMA teacher).
 
-One narrow interface with a registry of transports, modelled on a checkpoint engine:
+Two kinds of transport behind one registry, in the shape of a checkpoint engine:
 
-    sender   = make_sender(cfg.sync)          # on learner rank 0
-    update   = sender.send(version, buckets)  # -> WeightUpdate (a small, picklable handle)
-    receiver = make_receiver(cfg.sync)        # on each rollout worker / scorer
-    tensors  = receiver.receive(update)       # every bucket, or an exception
+* store-and-forward (``object_store``, Ray shared memory; CPU and debugging): the sender puts every
+  bucket somewhere, returns a small handle, and receivers fetch it whenever they are called::
+
+      update = sender.send(version, buckets)      # on learner rank 0
+      tensors = receiver.receive(update)          # on each rollout worker / scorer, later
+
+* collective (``gloo`` over TCP between hosts' memory, ``nccl`` between GPUs): learner rank 0 and
+  every receiving process (each vLLM worker of each engine, each scorer) form one process group
+  per receiving pool, outside torch.distributed's default group, and every bucket is broadcast
+  from rank 0. Receivers allocate from a :class:`BucketLayout` they are given beforehand, so the
+  sender and all receivers take part in the same calls at the same time::
+
+      host, port = sender.open(name, world_size)  # learner rank 0 hosts the rendezvous store
+      receiver.join(spec, rank); sender.join(spec)         # all members, concurrently
+      receiver.receive(update) || sender.send(update, buckets, [name])   # concurrently
+
+  The NCCL group is vLLM's own (``StatelessProcessGroup`` + ``PyNcclCommunicator``, as in
+  ``vllm.distributed.weight_transfer``); gloo is torch's ``ProcessGroupGloo``. Both run the same
+  protocol here: a header (version, bucket count, element count), then one flat buffer per
+  bucket. vLLM's own NCCL engine loads each tensor as it arrives; here a receiver stages the whole
+  update on the host first, which is what makes a push all-or-nothing.
 
 A push is all-or-nothing: a receiver first stages every bucket of the update, checks names and
 shapes against its own model, and only then loads them; on any failure it keeps its old weights
-and version, and the driver retries or fails loudly.
-
-Transports: ``object_store`` (Ray shared memory; CPU and debugging) is implemented here. ``nccl``
-(GPU clusters) is declared so that configs can name it; see ``NcclSender``.
+and version, and the driver retries or fails loudly. In a collective push any member that fails
+raises an abort flag in the group's store; the others stop waiting at once instead of running
+into the timeout, and the driver forms the group again before it retries.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -79,6 +98,7 @@ def check_against(named: NamedTensors, expected_shapes: dict[str, tuple[int, ...
 
 class WeightSender:
     name = ""
+    collective = False
 
     def send(self, version: int, buckets: Iterable[NamedTensors]) -> WeightUpdate:
         raise NotImplementedError
@@ -86,6 +106,7 @@ class WeightSender:
 
 class WeightReceiver:
     name = ""
+    collective = False
 
     def receive(self, update: WeightUpdate) -> NamedTensors:
         raise NotImplementedError
@@ -126,34 +147,312 @@ class ObjectStoreReceiver(WeightReceiver):
         return named
 
 
-class NcclSender(WeightSender):
-    """GPU transport: a process group spanning learner rank 0 and every vLLM worker.
+# --- collective transports: gloo and nccl ---------------------------------------------------
 
-    Not implemented yet: this machine has no GPU to test it on, and an untested NCCL path is
-    worse than an explicit error. Use ``sync.transport=object_store`` (works on GPUs too, through
-    host memory).
+COLLECTIVE = ("gloo", "nccl")
+_ABORT_KEY = "abort"
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """Names, shapes and dtype of one bucket: what a receiver allocates before the bytes arrive."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str  # a torch dtype name, e.g. "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * getattr(torch, self.dtype).itemsize
+
+
+def layout_of(bucket: NamedTensors) -> BucketLayout:
+    dtypes = {t.dtype for _, t in bucket}
+    if len(dtypes) != 1:
+        raise WeightSyncError(f"a weight bucket must have one dtype, got {sorted(map(str, dtypes))}")
+    return BucketLayout(
+        tuple(n for n, _ in bucket), tuple(tuple(t.shape) for _, t in bucket), str(dtypes.pop()).removeprefix("torch.")
+    )
+
+
+def collective_update(version: int, transport: str, layout: Iterable[BucketLayout]) -> WeightUpdate:
+    """The handle a collective push's receivers get: the layout stands where the buckets would be."""
+    layout = tuple(layout)
+    return WeightUpdate(version, transport, layout, sum(len(b.names) for b in layout), sum(b.nbytes for b in layout))
+
+
+def pack(bucket: NamedTensors, device: torch.device | str) -> torch.Tensor:
+    """One bucket as one flat tensor  # [sum of numels]: one broadcast per bucket, not per tensor."""
+    return torch.cat([t.detach().reshape(-1).to(device) for _, t in bucket])
+
+
+def unpack(flat: torch.Tensor, layout: BucketLayout) -> NamedTensors:
+    """Inverse of :func:`pack`; the tensors are views into ``flat``."""
+    if flat.numel() != layout.numel:
+        raise WeightSyncError(f"a bucket of {flat.numel()} elements cannot hold {layout.numel} ({layout.names[0]}, ...)")
+    sizes = [math.prod(s) for s in layout.shapes]
+    return [(n, part.view(shape)) for n, shape, part in zip(layout.names, layout.shapes, flat.split(sizes))]
+
+
+def check_layout(layout: Iterable[BucketLayout], expected_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Checked when a receiver joins, so that a model mismatch fails before any push starts."""
+    for bucket in layout:
+        check_against([(n, torch.empty(s, device="meta")) for n, s in zip(bucket.names, bucket.shapes)],
+                      expected_shapes)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How one member joins a broadcast group. Rank 0 is learner rank 0, the only sender; a
+    member that runs several processes (a tensor-parallel vLLM engine) takes ``rank`` onwards."""
+
+    name: str
+    backend: str  # gloo | nccl
+    host: str
+    port: int
+    world_size: int
+    rank: int
+    timeout_s: float
+
+
+def open_store(world_size: int, timeout_s: float) -> Any:
+    """The rendezvous store of a new group, hosted by the sender on a free port (``store.port``)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+class BroadcastGroup:
+    """One process group for weight broadcasts from rank 0, apart from any default group
+    (DeepSpeed's on the learner, vLLM's tensor-parallel one in an engine).
+
+    Every wait polls the group's store for an abort flag, so when one member fails the others
+    give up at once; ``timeout_s`` bounds every wait (NCCL has no timeout of its own here).
     """
 
-    name = "nccl"
+    def __init__(self, spec: GroupSpec, rank: int, device: torch.device | str, store: Any = None):
+        import torch.distributed as dist
 
-    def send(self, version: int, buckets: Iterable[NamedTensors]) -> WeightUpdate:
-        raise NotImplementedError("sync.transport=nccl is not implemented yet; use sync.transport=object_store")
+        if spec.backend not in COLLECTIVE:
+            raise ValueError(f"sync.transport={spec.backend!r} is not a collective transport {COLLECTIVE}")
+        self.name, self.backend, self.rank, self.timeout_s = spec.name, spec.backend, rank, spec.timeout_s
+        self.device = torch.device(device)
+        if store is None:
+            store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False,
+                                  timeout=timedelta(seconds=spec.timeout_s))
+        self.store = store
+        prefixed = dist.PrefixStore(f"opsd/{spec.name}", store)
+        self.pg = self.comm = None
+        if spec.backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
+        else:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            self.comm = PyNcclCommunicator(
+                StatelessProcessGroup(rank=rank, world_size=spec.world_size, store=prefixed), device=self.device
+            )
+            if not self.comm.available or self.comm.disabled:
+                # PyNccl turns itself off quietly (no NCCL library, VLLM_DISABLE_PYNCCL); its
+                # broadcasts would then leave the receive buffers as they were.
+                raise WeightSyncError(f"weight group '{spec.name}': NCCL is not available on {self.device}")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """From rank 0 into ``tensor`` on every other member (in place)."""
+        if self.pg is not None:
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            work = self.pg.broadcast([tensor], opts)
+            self._wait(work.is_completed)
+            try:
+                work.wait()
+            except RuntimeError as exc:
+                self.abort(f"rank {self.rank}: {exc}")
+                raise WeightSyncError(f"weight group '{self.name}' broadcast failed on rank {self.rank}: {exc}") from exc
+        else:
+            stream = torch.cuda.current_stream(self.device)
+            self.comm.broadcast(tensor, src=0, stream=stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._wait(done.query)
+
+    def _wait(self, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        pause = 1e-4
+        while not done():
+            try:
+                aborted = self.store.check([_ABORT_KEY])
+            except RuntimeError as exc:  # the sender, which hosts the store, is gone
+                self.abort(None)
+                raise WeightSyncError(f"weight group '{self.name}': lost its store: {exc}") from exc
+            if aborted:
+                reason = self.store.get(_ABORT_KEY).decode(errors="replace")
+                self.abort(None)
+                raise WeightSyncError(f"weight group '{self.name}' was aborted by a member: {reason}")
+            if time.monotonic() > deadline:
+                self.abort(f"rank {self.rank} timed out after {self.timeout_s:g}s")
+                raise WeightSyncError(
+                    f"weight group '{self.name}': rank {self.rank} waited more than sync.timeout_s="
+                    f"{self.timeout_s:g}s for a broadcast"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.01)
+
+    def abort(self, reason: str | None) -> None:
+        """Tell the other members to stop waiting, and drop this member's connections."""
+        if reason is not None:
+            try:
+                self.store.set(_ABORT_KEY, reason)
+            except RuntimeError:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self.pg is not None:
+            self.pg.abort()
+            self.pg = None
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None
+
+    @property
+    def closed(self) -> bool:
+        return self.pg is None and self.comm is None
 
 
-SENDERS: dict[str, Callable[[], WeightSender]] = {"object_store": ObjectStoreSender, "nccl": NcclSender}
-RECEIVERS: dict[str, Callable[[], WeightReceiver]] = {"object_store": ObjectStoreReceiver}
+def _header(update: WeightUpdate, device: torch.device) -> torch.Tensor:
+    total = sum(b.numel for b in update.handles)
+    return torch.tensor([update.version, len(update.handles), total], dtype=torch.int64, device=device)
 
 
-def make_sender(transport: str) -> WeightSender:
+class BroadcastSender:
+    """Learner rank 0's end of the collective transports: one group per receiving pool."""
+
+    collective = True
+
+    def __init__(self, transport: str, device: torch.device | str):
+        self.name = transport
+        self.device = torch.device(device)
+        self.stores: dict[str, Any] = {}
+        self.groups: dict[str, BroadcastGroup] = {}
+
+    def open(self, group: str, world_size: int, timeout_s: float) -> int:
+        """Host the rendezvous of a (new) group; returns the store's port."""
+        self.close(group)
+        self.stores[group] = open_store(world_size, timeout_s)
+        return self.stores[group].port
+
+    def join(self, spec: GroupSpec) -> None:
+        self.groups[spec.name] = BroadcastGroup(spec, 0, self.device, store=self.stores.pop(spec.name))
+
+    def close(self, group: str, reason: str | None = None) -> None:
+        """Leave a group; with a ``reason``, first tell its other members to stop waiting."""
+        old = self.groups.pop(group, None)
+        if old is not None:
+            old.abort(reason)
+        self.stores.pop(group, None)
+
+    def send(self, update: WeightUpdate, buckets: Iterable[NamedTensors], groups: list[str]) -> None:
+        """Broadcast the buckets, which must match ``update``'s layout, to every named group.
+
+        On failure the caller closes the groups with a reason (:meth:`close`), which releases
+        their receivers."""
+        missing = [g for g in groups if g not in self.groups or self.groups[g].closed]
+        if missing:
+            raise WeightSyncError(f"weight groups {missing} are not formed (or were aborted); form them again")
+        targets = [self.groups[g] for g in groups]
+        header = _header(update, self.device)
+        for g in targets:
+            g.broadcast(header)
+        sent = 0
+        for bucket in buckets:
+            if sent >= len(update.handles) or layout_of(bucket) != update.handles[sent]:
+                raise WeightSyncError(
+                    f"bucket {sent} of weight version {update.version} does not match the layout the receivers hold"
+                )
+            flat = pack(bucket, self.device)
+            for g in targets:
+                g.broadcast(flat)
+            sent += 1
+        if sent != len(update.handles):
+            raise WeightSyncError(f"weight version {update.version}: sent {sent} buckets, the layout has {len(update.handles)}")
+
+
+class BroadcastReceiver:
+    """A receiving process's end: stages the whole update on the host, then hands it over."""
+
+    collective = True
+
+    def __init__(self, transport: str, device: torch.device | str = "cpu"):
+        self.name = transport
+        self.device = torch.device(device)
+        self.group: BroadcastGroup | None = None
+
+    def join(self, spec: GroupSpec, rank: int) -> None:
+        self.close()
+        self.group = BroadcastGroup(spec, rank, self.device)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
+
+    def receive(self, update: WeightUpdate) -> NamedTensors:
+        group = self.group
+        if group is None or group.closed:
+            raise WeightSyncError(f"weight version {update.version}: this receiver is in no formed weight group")
+        try:
+            header = torch.zeros(3, dtype=torch.int64, device=self.device)
+            group.broadcast(header)
+            expected = _header(update, self.device)
+            if not torch.equal(header, expected):
+                raise WeightSyncError(
+                    f"the sender is pushing (version, buckets, elements) = {tuple(header.tolist())}, this receiver "
+                    f"was told {tuple(expected.tolist())}"
+                )
+            staged: NamedTensors = []
+            for layout in update.handles:
+                flat = torch.empty(layout.numel, dtype=getattr(torch, layout.dtype), device=self.device)
+                group.broadcast(flat)
+                staged.extend(unpack(flat.to("cpu"), layout))
+            return staged
+        except BaseException as exc:
+            if not group.closed:
+                group.abort(f"a receiver (rank {group.rank}) failed: {exc}")
+            if isinstance(exc, WeightSyncError):
+                raise
+            raise WeightSyncError(f"receiving weight version {update.version} failed: {exc}") from exc
+
+
+SENDERS: dict[str, Callable[[torch.device | str], Any]] = {
+    "object_store": lambda device: ObjectStoreSender(),
+    "gloo": lambda device: BroadcastSender("gloo", "cpu"),
+    "nccl": lambda device: BroadcastSender("nccl", device),
+}
+RECEIVERS: dict[str, Callable[[torch.device | str], Any]] = {
+    "object_store": lambda device: ObjectStoreReceiver(),
+    "gloo": lambda device: BroadcastReceiver("gloo", "cpu"),
+    "nccl": lambda device: BroadcastReceiver("nccl", device),
+}
+
+
+def make_sender(transport: str, device: torch.device | str = "cpu") -> WeightSender | BroadcastSender:
     if transport not in SENDERS:
         raise ValueError(f"sync.transport={transport!r}; expected one of {sorted(SENDERS)}")
-    return SENDERS[transport]()
+    return SENDERS[transport](device)
 
 
-def make_receiver(transport: str) -> WeightReceiver:
+def make_receiver(transport: str, device: torch.device | str = "cpu") -> WeightReceiver | BroadcastReceiver:
     if transport not in RECEIVERS:
-        raise ValueError(f"sync.transport={transport!r} has no receiver here; expected one of {sorted(RECEIVERS)}")
-    return RECEIVERS[transport]()
+        raise ValueError(f"sync.transport={transport!r}; expected one of {sorted(RECEIVERS)}")
+    return RECEIVERS[transport](device)
 
 
 def hf_param_shapes(model_path: str, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
@@ -176,6 +475,18 @@ class VllmWeightLoader:
     Method names carry an ``opsd_`` prefix because vLLM workers already define
     ``update_weights`` and friends.
     """
+
+    def opsd_join_group(self, spec: GroupSpec) -> None:
+        """Join a collective weight group; each process of a tensor-parallel engine is a member."""
+        if getattr(self, "opsd_receiver", None) is None:
+            self.opsd_receiver = make_receiver(spec.backend, self.device)
+        self.opsd_receiver.join(spec, spec.rank + self.rank)
+
+    def opsd_receive_weights(self, update: WeightUpdate, load: bool) -> int:
+        """Take part in a collective push; load it unless this engine holds that version already
+        (a retried push reaches every member of the group again)."""
+        named = self.opsd_receiver.receive(update)
+        return self.opsd_load_weights(named) if load else 0
 
     def opsd_load_weights(self, named: NamedTensors) -> int:
         self.reload_weights(weights_iterator=iter(named))

@@ -68,3 +68,66 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         for w in workers:
             ray.kill(w)
         group.shutdown()
+
+
+def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
+    """sync.transport=gloo through the driver's WeightSync, ZeRO-3 gathering per bucket, into two
+    vLLM engines and a live teacher; then a rollout actor is killed and the next push still
+    reaches every receiver (the restarted one over its own catch-up group)."""
+    from transformers import AutoModelForCausalLM
+
+    from launch.cluster import ActorPool
+    from launch.weights import WeightSync
+    from workers.learner import LearnerGroup
+    from workers.rollout import RolloutWorker
+    from workers.scorer import ScorerWorker
+
+    ray = ray_session
+    cfg = local_config(
+        "sync.transport=gloo", "sync.bucket_mb=0.05", "sync.timeout_s=300", "learner.zero_stage=3",
+        "learner.lr=1e-2", "teacher.mode=live", "rollout.kv_cache_mb=64",
+    )
+    rollouts = ActorPool("rollout", RolloutWorker, 2, {"num_cpus": 0.5}, (cfg, tiny_model), max_restarts=1)
+    scorers = ActorPool("scorer", ScorerWorker, 1, {"num_cpus": 0.25}, (cfg, tiny_model), max_restarts=0)
+    group = LearnerGroup(cfg, tiny_model)
+    try:
+        sync = WeightSync(cfg, group)
+        rollouts.on_restart = lambda actor: sync.catch_up(rollouts, actor)
+        assert len(sync.layout) > 2, "the bucket size should split the model into several buckets"
+        rollouts.wait_ready()
+        scorers.wait_ready()
+        table = read_ipc(sorted((cli_run / "batches").glob("step_*.arrow"))[0])
+        seq = (lambda r: r["prompt_ids"] + r["response_ids"])(table.slice(0, 1).to_pylist()[0])
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+        def check(version: int) -> None:
+            state = group.full_state()
+            model.load_state_dict(state, strict=False)
+            model.tie_weights()
+            expected = hf_logprobs(model, seq)
+            assert ray.get([a.get_version.remote() for a in rollouts.actors]) == [version, version]
+            for got in ray.get([a.prompt_logprobs.remote([seq]) for a in rollouts.actors]):
+                np.testing.assert_allclose(np.array(got[0]), expected, atol=1e-4)
+            teacher, teacher_version = ray.get(scorers.actors[0].get_state.remote())
+            assert teacher_version == version
+            for name, t in teacher.items():  # fp32 end to end: bit-exact
+                assert torch.equal(t, state[name]), name
+
+        before = np.array(ray.get(rollouts.actors[0].prompt_logprobs.remote([seq]))[0])
+        group.train_step(ray.put(to_ipc_bytes(table)))
+        sync.push(1, [rollouts, scorers])
+        check(1)
+        assert np.abs(np.array(ray.get(rollouts.actors[0].prompt_logprobs.remote([seq]))[0]) - before).max() > 1e-2
+
+        group.train_step(ray.put(to_ipc_bytes(table)))
+        victim = rollouts.actors[1]
+        pid = ray.get(victim.ready.remote())["pid"]
+        ray.kill(victim, no_restart=False)
+        sync.push(2, [rollouts, scorers])
+        assert rollouts.restarts == 1
+        assert ray.get(victim.ready.remote())["pid"] != pid
+        check(2)
+    finally:
+        rollouts.kill()
+        scorers.kill()
+        group.shutdown()

@@ -99,8 +99,10 @@ def test_bad_keys_and_values_name_the_key(tmp_path):
     (["cluster.device=cuda", "scorer.num_gpus_per_worker=1"], "learner.num_gpus_per_rank"),  # learner without GPU
     (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=0.5"], "NCCL"),
     (["cluster.device=cuda", "learner.num_gpus_per_rank=1"], "scorer.num_gpus_per_worker"),
-    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=1", "sync.transport=nccl"],
-     "sync.transport"),
+    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_worker=0"],
+     "rollout.num_gpus_per_worker"),
+    (["cluster.device=cuda", "scorer.num_gpus_per_worker=1", "learner.num_gpus_per_rank=1",
+      "rollout.num_gpus_per_worker=0.5", "sync.transport=nccl"], "rollout.num_gpus_per_worker"),
     (["model.max_model_len=64", "rollout.max_tokens=64"], "model.max_model_len"),
 ])
 def test_inconsistent_resources_are_errors(overrides, key):
