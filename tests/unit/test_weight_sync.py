@@ -1,0 +1,171 @@
+"""workers/weight_sync.py without Ray: buckets, packing, layouts, and the gloo broadcast protocol
+between real processes (a sender and two receivers), including members that fail."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import traceback
+
+import pytest
+import torch
+
+from workers.weight_sync import (
+    BroadcastReceiver, BroadcastSender, BucketLayout, GroupSpec, WeightSyncError, check_layout, collective_update,
+    iter_buckets, layout_of, pack, unpack,
+)
+
+
+def named(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (7, 5), "layer.0.w": (5, 5), "layer.0.b": (5,), "layer.1.w": (3, 5), "norm": (5,)}
+    return [(n, torch.randn(s, generator=g)) for n, s in shapes.items()]
+
+
+def test_iter_buckets_respects_the_limit_and_keeps_order():
+    pairs = named()
+    limit_mb = 26 * 4 / 2**20  # room for 26 fp32 values
+    buckets = list(iter_buckets(pairs, limit_mb))
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in pairs]
+    for b in buckets:
+        # A tensor larger than the limit (embed: 35 values) travels alone.
+        assert len(b) == 1 or sum(t.numel() for _, t in b) <= 26
+    assert [len(b) for b in buckets] == [1, 1, 3]  # 35 | 25 | 5+15+5
+
+
+def test_pack_unpack_round_trip_is_exact():
+    bucket = [(n, t.to(torch.bfloat16)) for n, t in named(1)]
+    layout = layout_of(bucket)
+    assert layout.dtype == "bfloat16" and layout.numel == 35 + 25 + 5 + 15 + 5
+    assert layout.nbytes == 2 * layout.numel
+    flat = pack(bucket, "cpu")
+    assert flat.shape == (layout.numel,)
+    for (n0, t0), (n1, t1) in zip(bucket, unpack(flat, layout)):
+        assert n0 == n1 and torch.equal(t0, t1)
+    with pytest.raises(WeightSyncError, match="cannot hold"):
+        unpack(flat[:-1], layout)
+
+
+def test_a_bucket_has_one_dtype():
+    with pytest.raises(WeightSyncError, match="one dtype"):
+        layout_of([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.bfloat16))])
+
+
+def test_check_layout_names_the_tensor():
+    layout = [BucketLayout(("embed.weight", "norm"), ((7, 5), (5,)), "float32")]
+    check_layout(layout, {"embed.weight": (7, 5), "norm": (5,)})
+    with pytest.raises(WeightSyncError, match=r"'embed.weight' has shape \(7, 5\).*\(8, 5\)"):
+        check_layout(layout, {"embed.weight": (8, 5), "norm": (5,)})
+    with pytest.raises(WeightSyncError, match="'norm'.*does not have"):
+        check_layout(layout, {"embed.weight": (7, 5)})
+
+
+def test_collective_update_totals():
+    layout = [layout_of(named()[:2]), layout_of(named()[2:])]
+    update = collective_update(4, "gloo", layout)
+    assert update.version == 4 and update.num_tensors == 5 and update.num_bytes == 4 * (35 + 25 + 5 + 15 + 5)
+
+
+# --- the gloo protocol between processes ------------------------------------------------------
+
+TIMEOUT_S = 120.0  # far above what any case here needs: an error that mentions it was a hang
+
+
+def _buckets(seed: int) -> list[list[tuple[str, torch.Tensor]]]:
+    pairs = named(seed)
+    return [pairs[:2], [(n, t.to(torch.bfloat16)) for n, t in pairs[2:4]], pairs[4:]]
+
+
+def _sender(port_q, result_q, world: int, version: int, case: str) -> None:
+    try:
+        sender = BroadcastSender("gloo", "cpu")
+        port_q.put(sender.open("g", world, TIMEOUT_S))
+        sender.join(GroupSpec("g", "gloo", "127.0.0.1", 0, world, 0, TIMEOUT_S))
+        buckets = _buckets(0)
+        update = collective_update(version, "gloo", [layout_of(b) for b in buckets])
+        if case == "bad_bucket":  # the learner yields something other than the layout it announced
+            buckets[1] = [(n, t.float()) for n, t in buckets[1]]
+        try:
+            sender.send(update, buckets, ["g"])
+            result_q.put(("sender", "ok", None))
+        except WeightSyncError as exc:
+            sender.close("g", f"the sender failed: {exc}")
+            result_q.put(("sender", "error", str(exc)))
+    except BaseException:
+        result_q.put(("sender", "crash", traceback.format_exc()))
+
+
+def _receiver(port: int, result_q, world: int, rank: int, version: int, case: str) -> None:
+    try:
+        receiver = BroadcastReceiver("gloo")
+        receiver.join(GroupSpec("g", "gloo", "127.0.0.1", port, world, rank, TIMEOUT_S), rank)
+        if case == "die" and rank == 2:
+            os._exit(3)
+        layout = [layout_of(b) for b in _buckets(0)]
+        try:
+            got = receiver.receive(collective_update(version, "gloo", layout))
+            result_q.put((f"receiver{rank}", "ok", [(n, t.clone()) for n, t in got]))
+        except WeightSyncError as exc:
+            result_q.put((f"receiver{rank}", "error", str(exc)))
+    except BaseException:
+        result_q.put((f"receiver{rank}", "crash", traceback.format_exc()))
+
+
+def run_group(case: str, receiver_versions=(5, 5)) -> dict:
+    ctx = mp.get_context("spawn")
+    port_q, result_q = ctx.Queue(), ctx.Queue()
+    world = 1 + len(receiver_versions)
+    procs = [ctx.Process(target=_sender, args=(port_q, result_q, world, 5, case))]
+    procs[0].start()
+    port = port_q.get(timeout=60)
+    for rank, v in enumerate(receiver_versions, start=1):
+        procs.append(ctx.Process(target=_receiver, args=(port, result_q, world, rank, v, case)))
+        procs[-1].start()
+    expected = world - (1 if case == "die" else 0)
+    results = {}
+    for _ in range(expected):
+        who, status, payload = result_q.get(timeout=TIMEOUT_S + 60)
+        results[who] = (status, payload)
+    for p in procs:
+        p.join(timeout=30)
+    assert not any(s == "crash" for s, _ in results.values()), results
+    return results
+
+
+def test_gloo_broadcast_delivers_every_bucket_bit_exact():
+    results = run_group("ok")
+    assert results["sender"] == ("ok", None)
+    want = [pair for b in _buckets(0) for pair in b]
+    for rank in (1, 2):
+        status, got = results[f"receiver{rank}"]
+        assert status == "ok"
+        assert [n for n, _ in got] == [n for n, _ in want]
+        for (_, a), (_, b) in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_a_receiver_expecting_another_version_stops_the_whole_push():
+    results = run_group("ok", receiver_versions=(5, 6))
+    assert results["receiver2"][0] == "error" and "told (6, 3, 85)" in results["receiver2"][1]
+    # The others learn of it through the abort flag, not by running into the timeout.
+    for who in ("sender", "receiver1"):
+        status, msg = results[who]
+        assert status == "error" and ("aborted" in msg or "broadcast failed" in msg), msg
+        assert "waited more than" not in msg
+
+
+def test_a_dead_receiver_fails_the_push_without_waiting_for_the_timeout():
+    results = run_group("die")
+    status, msg = results["sender"]
+    assert status == "error" and "waited more than" not in msg, msg
+    status, msg = results["receiver1"]
+    assert status == "error" and "waited more than" not in msg, msg
+
+
+def test_a_sender_that_breaks_its_layout_releases_the_receivers():
+    results = run_group("bad_bucket")
+    status, msg = results["sender"]
+    assert status == "error" and "bucket 1 of weight version 5 does not match" in msg
+    for rank in (1, 2):
+        status, msg = results[f"receiver{rank}"]
+        assert status == "error" and ("the sender failed" in msg or "lost its store" in msg), msg
