@@ -1,4 +1,5 @@
-"""Test 6: a rollout actor killed mid-run is restarted, and every prompt is trained on once."""
+"""Test 6: a rollout actor killed mid-run is restarted, and every prompt is trained on once; with
+each kind of weight transport (a collective one must also form its group again)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ class KillingTrainer(Trainer):
         return super().submit_rollouts(pairs, step)
 
 
-def test_rollout_actor_death_loses_and_repeats_nothing(tmp_path, ray_session):
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_session):
     ray = ray_session
     # 16 problems, 8 per step, 2 steps: exactly one epoch.
     trainer, run_dir = make_trainer(
         tmp_path, "data.max_rows=16", "train.prompts_per_step=8", "train.steps=2",
-        "train.checkpoint_every=0", "eval.every=0", cls=KillingTrainer,
+        "train.checkpoint_every=0", "eval.every=0", f"sync.transport={transport}", cls=KillingTrainer,
     )
     try:
         trainer.run_steps(run_dir)
