@@ -1,6 +1,6 @@
 """``opsd bench``: measurements that the docs quote (docs/BENCHMARKS.md).
 
-    opsd bench sync  [--params-m 100] [--bucket-mb 16 64 256]   weight-push bandwidth (object_store)
+    opsd bench sync  [--params-m 100] [--bucket-mb 16 64 256]   weight-push bandwidth (object_store, gloo)
     opsd bench train [CONFIG] [key=value ...]                    wall time and per-step split of a run
     opsd bench loss  [--vocab 151936 --tokens 2048 --chunk 1024] chunked vs unchunked loss memory/time
     opsd bench learning [--seeds 3] [--steps N] [--quick]         OPSD vs GRPO vs SFT learning curves
@@ -258,8 +258,11 @@ class _SyncSender:
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
         import torch
 
+        from workers.weight_sync import BroadcastSender
+
         torch.manual_seed(0)
         self.named = [(name, torch.randn(shape)) for name, shape in shapes]
+        self.broadcast = BroadcastSender("gloo", "cpu")
 
     def send(self, version: int, bucket_mb: float):
         from workers.weight_sync import ObjectStoreSender, iter_buckets
@@ -268,6 +271,27 @@ class _SyncSender:
         update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb))
         return update, time.perf_counter() - t0
 
+    # gloo: the group is formed once; each push is then one header and one broadcast per bucket.
+    def layout(self, bucket_mb: float) -> list:
+        from workers.weight_sync import iter_buckets, layout_of
+
+        return [layout_of(b) for b in iter_buckets(self.named, bucket_mb)]
+
+    def open(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), self.broadcast.open("bench", 2, 300)
+
+    def join(self, spec) -> None:
+        self.broadcast.join(spec)
+
+    def send_collective(self, update, bucket_mb: float) -> float:
+        from workers.weight_sync import iter_buckets
+
+        t0 = time.perf_counter()
+        self.broadcast.send(update, iter_buckets(self.named, bucket_mb), ["bench"])
+        return time.perf_counter() - t0
+
 
 class _SyncReceiver:
     """Receives a push and copies it into its own weights, as the scorer's load does."""
@@ -275,21 +299,39 @@ class _SyncReceiver:
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
         import torch
 
-        self.params = {name: torch.zeros(shape) for name, shape in shapes}
+        from workers.weight_sync import BroadcastReceiver
 
-    def receive(self, update) -> tuple[int, float, float]:
+        self.params = {name: torch.zeros(shape) for name, shape in shapes}
+        self.broadcast = BroadcastReceiver("gloo")
+
+    def _copy(self, named) -> float:
         import torch
 
-        from workers.weight_sync import ObjectStoreReceiver, check_against
+        from workers.weight_sync import check_against
 
         t0 = time.perf_counter()
-        named = ObjectStoreReceiver().receive(update)
-        t1 = time.perf_counter()
         check_against(named, {k: tuple(v.shape) for k, v in self.params.items()})
         with torch.no_grad():
             for name, t in named:
                 self.params[name].copy_(t)
-        return len(named), t1 - t0, time.perf_counter() - t1
+        return time.perf_counter() - t0
+
+    def receive(self, update) -> tuple[int, float, float]:
+        from workers.weight_sync import ObjectStoreReceiver
+
+        t0 = time.perf_counter()
+        named = ObjectStoreReceiver().receive(update)
+        fetch_s = time.perf_counter() - t0
+        return len(named), fetch_s, self._copy(named)
+
+    def join(self, spec) -> None:
+        self.broadcast.join(spec, spec.rank)
+
+    def receive_collective(self, update) -> tuple[int, float, float]:
+        t0 = time.perf_counter()
+        named = self.broadcast.receive(update)
+        fetch_s = time.perf_counter() - t0
+        return len(named), fetch_s, self._copy(named)
 
 
 def _start_ray(num_cpus: int = 2) -> bool:
@@ -305,16 +347,25 @@ def _start_ray(num_cpus: int = 2) -> bool:
 
 
 def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 256), repeats: int = 3,
-               vllm: bool = True, out: Callable[[str], None] = print) -> dict:
-    """Weight-push bandwidth of the object_store transport between two Ray actors.
+               vllm: bool = True, transports: list[str] | tuple = ("object_store", "gloo"),
+               out: Callable[[str], None] = print) -> dict:
+    """Weight-push bandwidth between two Ray actors, per transport and bucket size.
 
-    One push = the sender puts every bucket into the object store (``send``), then the receiver
-    fetches them all and copies them into its weights (``receive``); timed from the driver
-    around both calls. Also, if ``vllm``, the in-place load time of the tiny model into a vLLM
-    RolloutWorker (RolloutWorker.load_weights: fetch, check, reload_weights).
+    object_store: the sender puts every bucket into the object store (``send``), then the
+    receiver fetches them all (``fetch``). gloo: sender and receiver form a weight group once,
+    then each push broadcasts every bucket while the receiver stages it (``send`` and ``fetch``
+    overlap). Either way the receiver then copies the weights into its own (``copy``), and the
+    push is timed from the driver around all of it. Also, if ``vllm``, the in-place load time of
+    the tiny model into a vLLM RolloutWorker (RolloutWorker.load_weights: fetch, check,
+    reload_weights). nccl needs GPUs and is not measured here.
     """
     import ray
 
+    from workers.weight_sync import GroupSpec, collective_update
+
+    unknown = sorted(set(transports) - {"object_store", "gloo"})
+    if unknown:
+        raise ValueError(f"bench sync measures object_store and gloo, not {unknown}")
     config = qwen3_shaped_config(params_m)
     shapes = qwen3_shapes(config)
     n_params = sum(_numel(s) for _, s in shapes)
@@ -327,36 +378,56 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
     }
     out(f"bench sync: Qwen3-shaped random model, {n_params / 1e6:.1f} M params ({nbytes / MB:.0f} MB fp32), "
         f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}; "
-        f"object_store transport, sender and receiver in two actors, {repeats} pushes per bucket size")
+        f"{' and '.join(transports)}, sender and receiver in two actors, {repeats} pushes per bucket size")
     sender = receiver = None
     try:
         sender = ray.remote(_SyncSender).options(num_cpus=0.5).remote(shapes)
         receiver = ray.remote(_SyncReceiver).options(num_cpus=0.5).remote(shapes)
+        if "gloo" in transports:
+            host, port = ray.get(sender.open.remote())
+            ray.get([receiver.join.remote(GroupSpec("bench", "gloo", host, port, 2, 1, 300)),
+                     sender.join.remote(GroupSpec("bench", "gloo", host, port, 2, 0, 300))])
         version = 0
-        for bmb in bucket_mb:
-            totals, sends, fetches, copies = [], [], [], []
-            n_buckets = 0
-            for _ in range(repeats):
-                version += 1
-                t0 = time.perf_counter()
-                update, send_s = ray.get(sender.send.remote(version, bmb))
-                n, fetch_s, copy_s = ray.get(receiver.receive.remote(update))
-                totals.append(time.perf_counter() - t0)
-                assert n == update.num_tensors
-                n_buckets = len(update.handles)
-                sends.append(send_s)
-                fetches.append(fetch_s)
-                copies.append(copy_s)
-                del update  # frees the buckets in the object store
-            row = {
-                "bucket_mb": bmb, "buckets": n_buckets, "push_seconds": _median(totals),
-                "send_seconds": _median(sends), "fetch_seconds": _median(fetches), "copy_seconds": _median(copies),
-                "mb_per_s": nbytes / MB / _median(totals),
+        for transport in transports:
+            for bmb in bucket_mb:
+                totals, sends, fetches, copies = [], [], [], []
+                n_buckets = 0
+                layout = ray.get(sender.layout.remote(bmb)) if transport == "gloo" else None
+                for _ in range(repeats):
+                    version += 1
+                    t0 = time.perf_counter()
+                    if transport == "gloo":
+                        update = collective_update(version, "gloo", layout)
+                        got = receiver.receive_collective.remote(update)
+                        send_s = ray.get(sender.send_collective.remote(update, bmb))
+                        n, fetch_s, copy_s = ray.get(got)
+                    else:
+                        update, send_s = ray.get(sender.send.remote(version, bmb))
+                        n, fetch_s, copy_s = ray.get(receiver.receive.remote(update))
+                    totals.append(time.perf_counter() - t0)
+                    assert n == update.num_tensors
+                    n_buckets = len(update.handles)
+                    sends.append(send_s)
+                    fetches.append(fetch_s)
+                    copies.append(copy_s)
+                    del update  # frees the buckets in the object store
+                row = {
+                    "transport": transport, "bucket_mb": bmb, "buckets": n_buckets,
+                    "push_seconds": _median(totals), "send_seconds": _median(sends),
+                    "fetch_seconds": _median(fetches), "copy_seconds": _median(copies),
+                    "mb_per_s": nbytes / MB / _median(totals),
+                }
+                report["buckets"].append(row)
+                out(f"  {transport:12s} bucket {bmb:6g} MB: {n_buckets:4d} buckets, push {row['push_seconds']:7.3f} s "
+                    f"(send {row['send_seconds']:.3f}, fetch {row['fetch_seconds']:.3f}, "
+                    f"copy {row['copy_seconds']:.3f}) = {row['mb_per_s']:8.1f} MB/s")
+        by = {(r["transport"], r["bucket_mb"]): r for r in report["buckets"]}
+        if {"object_store", "gloo"} <= set(transports):
+            report["gloo_over_object_store"] = {
+                bmb: by[("object_store", bmb)]["push_seconds"] / by[("gloo", bmb)]["push_seconds"] for bmb in bucket_mb
             }
-            report["buckets"].append(row)
-            out(f"  bucket {bmb:6g} MB: {n_buckets:4d} buckets, push {row['push_seconds']:7.3f} s "
-                f"(send {row['send_seconds']:.3f}, fetch {row['fetch_seconds']:.3f}, copy {row['copy_seconds']:.3f}) "
-                f"= {row['mb_per_s']:8.1f} MB/s")
+            out("  push time object_store / gloo: " + ", ".join(
+                f"{bmb:g} MB {r:.2f}x" for bmb, r in report["gloo_over_object_store"].items()))
     finally:
         for a in (sender, receiver):
             if a is not None:
@@ -520,11 +591,12 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m launch.bench``)."""
     sub = p.add_subparsers(dest="bench", required=True)
-    s = sub.add_parser("sync", help="weight-push bandwidth of the object_store transport")
+    s = sub.add_parser("sync", help="weight-push bandwidth of the object_store and gloo transports")
     s.add_argument("--params-m", type=float, default=100, help="model size in millions of parameters")
     s.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256])
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
+    s.add_argument("--transports", nargs="+", choices=("object_store", "gloo"), default=["object_store", "gloo"])
     s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -572,7 +644,8 @@ def run(args: argparse.Namespace) -> dict:
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)
     elif args.bench == "sync":
-        report = bench_sync(args.params_m, args.bucket_mb, args.repeats, vllm=not args.no_vllm)
+        report = bench_sync(args.params_m, args.bucket_mb, args.repeats, vllm=not args.no_vllm,
+                            transports=args.transports)
     else:
         config, overrides = args.config, list(args.overrides)
         if config is not None and "=" in config and not Path(config).exists():

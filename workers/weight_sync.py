@@ -253,10 +253,14 @@ class BroadcastGroup:
         else:
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
             from vllm.distributed.utils import StatelessProcessGroup
+            from vllm.utils.nccl import unpinned_nccl_env
 
-            self.comm = PyNcclCommunicator(
-                StatelessProcessGroup(rank=rank, world_size=spec.world_size, store=prefixed), device=self.device
-            )
+            # vLLM pins NCCL settings in its own processes; a communicator shared with processes
+            # outside vLLM (the learner) is created without them, as vLLM's weight transfer does.
+            with unpinned_nccl_env():
+                self.comm = PyNcclCommunicator(
+                    StatelessProcessGroup(rank=rank, world_size=spec.world_size, store=prefixed), device=self.device
+                )
             if not self.comm.available or self.comm.disabled:
                 # PyNccl turns itself off quietly (no NCCL library, VLLM_DISABLE_PYNCCL); its
                 # broadcasts would then leave the receive buffers as they were.
