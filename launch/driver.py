@@ -299,6 +299,14 @@ class Trainer:
         mode = self.cfg.teacher.mode
         if self.scorers and (mode == "live" or (mode == "ema" and self.policy_version % self.cfg.teacher.sync_every == 0)):
             pools.append(self.scorers)
+        if self.weights.collective and self.inflight:
+            # Every receiver of a collective push takes part at the same moment: let the
+            # overlapped rollouts finish first rather than have the learner wait inside a
+            # broadcast (and its sync.timeout_s) for them.
+            import ray
+
+            refs = list(self.inflight[1].refs.values())
+            ray.wait(refs, num_returns=len(refs))
         self.weights.push(self.policy_version, pools)
         if len(pools) > 1:
             self.teacher_version = self.policy_version

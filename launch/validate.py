@@ -116,15 +116,13 @@ def _check_resources(cfg: Config) -> list[str]:
         if cuda and not gpus:
             raise ConfigError(f"config key '{key}' = 0 with cluster.device=cuda: the {role} runs on a GPU; give it one")
     if cfg.sync.transport == "nccl":
-        # Learner rank 0 and every receiver are ranks of one NCCL group per pool.
-        members = [("learner.num_gpus_per_rank", lr.num_gpus_per_rank), ("rollout.num_gpus_per_worker", r.num_gpus_per_worker)]
-        if uses_scorer(cfg) and cfg.teacher.mode != "fixed":
-            members.append(("scorer.num_gpus_per_worker", cfg.scorer.num_gpus_per_worker))
-        for key, gpus in members:
-            if gpus < 1:
+        # Learner rank 0 and every receiver are ranks of one NCCL group per receiving pool.
+        receivers = {"rollout", "learner"} | ({"scorer"} if cfg.teacher.mode != "fixed" else set())
+        for role, _, _, gpus, key in roles:
+            if role in receivers and gpus < 1:
                 raise ConfigError(
                     f"config key '{key}' = {gpus:g} with sync.transport=nccl: NCCL cannot put two members of one "
-                    "weight group on the same GPU; give it a whole GPU, or use sync.transport=object_store"
+                    f"weight group on the same GPU; give the {role} a whole GPU, or use sync.transport=object_store"
                 )
     if cuda and lr.num_ranks > 1 and lr.num_gpus_per_rank < 1:
         raise ConfigError(
