@@ -61,8 +61,8 @@ class WeightSync:
                         pool._recover(pool.actors[i], exc)  # restarted, and caught up by catch_up()
                     except ray.exceptions.RayTaskError as exc:
                         errors.append(f"{pool.kind} {i}: {exc.cause if exc.cause is not None else exc}")
-            except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
-                errors = [str(exc)]
+            except (WeightSyncError, ray.exceptions.RayTaskError) + _actor_errors() as exc:
+                errors = [str(exc)]  # an actor that died while the group formed is recovered on the next try
             if not errors:
                 return
             for pool in pools:
@@ -95,9 +95,19 @@ class WeightSync:
     # --- weight groups ------------------------------------------------------------------------
 
     def _ensure_group(self, pool: ActorPool) -> None:
-        if self.formed.get(pool.kind) != pool.restarts:
-            self._form(pool.kind, pool.actors)
-            self.formed[pool.kind] = pool.restarts
+        import ray
+
+        if self.formed.get(pool.kind) == pool.restarts:
+            return
+        # A member that died since it was last used would leave the others waiting in the
+        # rendezvous: bring it back (and up to date) first.
+        for actor in pool.actors:
+            try:
+                ray.get(actor.get_version.remote())
+            except _actor_errors() as exc:
+                pool._recover(actor, exc)
+        self._form(pool.kind, pool.actors)
+        self.formed[pool.kind] = pool.restarts
 
     def _drop_group(self, name: str) -> None:
         self.formed.pop(name, None)
