@@ -142,7 +142,8 @@ class LearnerRank:
         # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
         self.push_dtype = torch_dtype(self.cfg.model.dtype)
         self.step = 0
-        return {"rank": self.rank, "pid": os.getpid(), "trainable_params": sum(p.numel() for p in trainable)}
+        return {"rank": self.rank, "pid": os.getpid(), "trainable_params": sum(p.numel() for p in trainable),
+                "gradient_checkpointing": bool(getattr(self.module, "is_gradient_checkpointing", False))}
 
     def _local_gpu(self) -> int:
         ids = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")

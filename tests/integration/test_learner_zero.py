@@ -1,4 +1,5 @@
-"""Test 4: ZeRO-2 and ZeRO-3 over 2 ranks match one process without ZeRO on the same batches.
+"""Test 4: ZeRO-2 and ZeRO-3 over 2 ranks (ZeRO-3 also with gradient checkpointing) match one
+process without ZeRO on the same batches.
 
 The reference is plain PyTorch in this process: one unpadded forward per row, full-vocabulary
 logits, the per-token divergence from opsd.losses, the global token mean, clipping and AdamW.
@@ -50,19 +51,23 @@ def reference_losses(tiny_model, tables, cfg) -> tuple[list[float], dict]:
     return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_matches_single_process(stage, cli_run, tiny_model, ray_session):
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), (3, True)],
+                         ids=["zero2", "zero3", "zero3-gradient-checkpointing"])
+def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, ray_session):
     from workers.learner import LearnerGroup
 
     tables = [read_ipc(p) for p in sorted((cli_run / "batches").glob("step_*.arrow"))]
     assert len(tables) == 3
     # micro_batch_size 3 puts 8 rows into uneven micro-batches (3 + 1 per rank).
     cfg = local_config(f"learner.zero_stage={stage}", "learner.num_ranks=2", f"learner.lr={LR}",
-                       "learner.micro_batch_size=3", "loss.chunk_size=16")
+                       "learner.micro_batch_size=3", "loss.chunk_size=16",
+                       f"model.gradient_checkpointing={str(checkpointing).lower()}")
     ref_losses, ref_params = reference_losses(tiny_model, tables, cfg)
 
     group = LearnerGroup(cfg, tiny_model)
     try:
+        # Recomputing activations in the backward pass must change nothing but memory.
+        assert [i["gradient_checkpointing"] for i in group.info] == [checkpointing] * 2
         losses = []
         for table in tables:
             stats = group.train_step(ray_session.put(to_ipc_bytes(table)))
