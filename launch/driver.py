@@ -117,7 +117,11 @@ class Trainer:
         if cfg.eval.every:
             eval_path = resolve_path(cfg.eval.path or cfg.data.test_path)
             eval_problems = load_problems(eval_path, **self._columns())[: cfg.eval.max_problems]
-            self.eval_pairs, _ = self.builder.build(eval_problems, source=str(eval_path))
+            # Evaluation answers get eval.max_tokens, so its prompts get the rest of the context.
+            eval_builder = PromptBuilder(
+                self.tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.eval.max_tokens
+            )
+            self.eval_pairs, _ = eval_builder.build(eval_problems, source=str(eval_path))
         self.step = 0
         self.policy_version = 0
         self.teacher_version = 0

@@ -157,6 +157,11 @@ def _check_resources(cfg: Config) -> list[str]:
             f"config key 'model.max_model_len' = {cfg.model.max_model_len} leaves no room for a prompt before "
             f"rollout.max_tokens={r.max_tokens} new tokens"
         )
+    if cfg.eval.every and cfg.model.max_model_len - cfg.eval.max_tokens <= 0:
+        raise ConfigError(
+            f"config key 'eval.max_tokens' = {cfg.eval.max_tokens} leaves no room for a prompt in "
+            f"model.max_model_len={cfg.model.max_model_len}"
+        )
     if budget < cfg.prompt.max_prompt_len:
         notes.append(
             f"note: prompts are capped at model.max_model_len - rollout.max_tokens = {budget} tokens, below "

@@ -109,6 +109,7 @@ def test_bad_keys_and_values_name_the_key(tmp_path):
     (["cluster.device=cuda", "scorer.num_gpus_per_worker=0.5", "learner.num_gpus_per_rank=1",
       "teacher.mode=live", "sync.transport=nccl"], "scorer.num_gpus_per_worker' = 0.5 with sync.transport=nccl"),
     (["model.max_model_len=64", "rollout.max_tokens=64"], "model.max_model_len"),
+    (["eval.every=2", "model.max_model_len=128", "eval.max_tokens=128"], "eval.max_tokens"),
 ])
 def test_inconsistent_resources_are_errors(overrides, key):
     with pytest.raises(ConfigError, match=key):
