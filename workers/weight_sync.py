@@ -186,7 +186,7 @@ def collective_update(version: int, transport: str, layout: Iterable[BucketLayou
 
 
 def pack(bucket: NamedTensors, device: torch.device | str) -> torch.Tensor:
-    """One bucket as one flat tensor  # [sum of numels]: one broadcast per bucket, not per tensor."""
+    """One bucket as one flat tensor [sum of numels]: one broadcast per bucket, not one per tensor."""
     return torch.cat([t.detach().reshape(-1).to(device) for _, t in bucket])
 
 

@@ -169,3 +169,15 @@ def test_a_sender_that_breaks_its_layout_releases_the_receivers():
     for rank in (1, 2):
         status, msg = results[f"receiver{rank}"]
         assert status == "error" and ("the sender failed" in msg or "lost its store" in msg), msg
+
+
+def test_nccl_without_nccl_is_an_error_not_a_silent_no_op():
+    # vLLM's PyNccl disables itself when it finds no NCCL library (as on this CPU machine); its
+    # broadcasts would then return without moving a byte.
+    pytest.importorskip("vllm")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; tests/gpu/test_nccl_sync.py covers nccl there")
+    from workers.weight_sync import BroadcastGroup, open_store
+
+    with pytest.raises(WeightSyncError, match="NCCL is not available"):
+        BroadcastGroup(GroupSpec("g", "nccl", "127.0.0.1", 0, 2, 0, 5.0), 0, "cpu", store=open_store(2, 5.0))
