@@ -151,6 +151,14 @@ def _check_resources(cfg: Config) -> list[str]:
         f"learner: {rows} rows per step, {per_rank} per rank as {micro} micro-batch{'es' if micro > 1 else ''} "
         f"of {lr.micro_batch_size}, ZeRO-{lr.zero_stage}{lora}"
     )
+    sc = cfg.sync
+    receivers = f"{r.num_workers} rollout engine{'s' if r.num_workers > 1 else ''}"
+    if uses_scorer(cfg) and cfg.teacher.mode != "fixed":
+        receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
+    how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
+           "nccl": "broadcast over NCCL (GPU to GPU)"}[sc.transport]
+    lines.append(f"sync: learner rank 0 -> {receivers}, {how}, {sc.bucket_mb:g} MB buckets"
+                 + (f", waits at most {sc.timeout_s:g} s" if sc.transport != "object_store" else ""))
     budget = cfg.model.max_model_len - r.max_tokens
     if budget <= 0:
         raise ConfigError(

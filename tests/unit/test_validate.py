@@ -46,6 +46,18 @@ def test_paper_recipes_can_push_over_nccl(name):
     # Whole GPUs per learner rank and rollout engine: each can be a member of a NCCL weight group.
     lines = validate_config(str(REPO_ROOT / "configs" / name), ["sync.transport=nccl"], check_data=False)
     assert lines[-1] == "ok"
+    cfg = load_config(REPO_ROOT / "configs" / name)
+    assert f"sync: learner rank 0 -> {cfg.rollout.num_workers} rollout engine" in "\n".join(lines)
+    assert any("broadcast over NCCL (GPU to GPU)" in line and "waits at most 600 s" in line for line in lines), lines
+
+
+def test_sync_line_names_the_receivers():
+    lines = validate_config(str(REPO_ROOT / "configs" / "local.yaml"),
+                            ["teacher.mode=ema", "sync.transport=gloo", "sync.bucket_mb=16"], check_data=False)
+    assert "sync: learner rank 0 -> 1 rollout engine and 1 ema teacher, broadcast over gloo (host memory), " \
+           "16 MB buckets, waits at most 600 s" in lines
+    lines = validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [], check_data=False)
+    assert "sync: learner rank 0 -> 1 rollout engine, through Ray's object store, 64 MB buckets" in lines
 
 
 @pytest.mark.parametrize("name,tokens", [("qwen3-1.7b.yaml", 1024), ("qwen3-4b.yaml", 1024), ("qwen3-8b.yaml", 2048)])
