@@ -95,30 +95,51 @@ class ActorPool:
             for i in range(n)
         ]
         self.restarts = 0
+        self.pids: list[int | None] = [None] * n  # the process each actor runs in, once known
         self.on_restart: Callable[[Any], None] | None = None
 
     def wait_ready(self) -> list:
         import ray
 
+        self.pids = ray.get([a.pid.remote() for a in self.actors])
         return ray.get([a.get_version.remote() for a in self.actors])
 
     def _recover(self, actor: Any, error: BaseException) -> None:
+        """Wait for a failed actor to be back, then bring it up to date (``on_restart``) once
+        per new process: a death seen twice (by a failed call and by a later check) counts once."""
         import ray
 
-        self.restarts += 1
-        if self.restarts > self.max_restarts * len(self.actors):
-            raise RuntimeError(f"{self.kind} actor failed too often ({self.restarts} restarts): {error}") from error
+        i = self.actors.index(actor)
         deadline = time.monotonic() + 600
         while True:
             try:
-                ray.get(actor.get_version.remote(), timeout=60)
+                pid = ray.get(actor.pid.remote(), timeout=60)
                 break
             except _actor_errors() + (ray.exceptions.GetTimeoutError,):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.kind} actor did not come back after a failure: {error}") from error
                 time.sleep(1.0)
+        if pid == self.pids[i]:
+            return  # the same process: already recovered, or it never went away
+        self.pids[i] = pid
+        self.restarts += 1
+        if self.restarts > self.max_restarts * len(self.actors):
+            raise RuntimeError(f"{self.kind} actor failed too often ({self.restarts} restarts): {error}") from error
         if self.on_restart is not None:
             self.on_restart(actor)
+
+    def check_alive(self) -> None:
+        """Recover every actor that died, or was restarted, since it was last used."""
+        import ray
+
+        for i, actor in enumerate(self.actors):
+            try:
+                pid = ray.get(actor.pid.remote())
+            except _actor_errors() as exc:
+                self._recover(actor, exc)
+                continue
+            if pid != self.pids[i]:
+                self._recover(actor, RuntimeError(f"{self.kind} {i} was restarted"))
 
     def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
         """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""

@@ -5,10 +5,11 @@ loads them (:meth:`launch.cluster.ActorPool.broadcast_weights`); a restarted rec
 from the same handle.
 
 ``gloo`` / ``nccl``: learner rank 0 and the receivers of one pool form a weight group (formed
-again whenever an actor of the pool has been restarted), the receivers are started first and
-then the learner broadcasts while gathering. A failed push is reported by every member; the
-groups are dropped and the whole push is retried, and receivers already at that version take
-part without loading twice. A restarted receiver catches up over a two-member group of its own.
+again whenever an actor of the pool has been restarted). The receivers are started first, then
+the learner broadcasts while it gathers, and the driver watches all of them: a receiver whose
+call fails has its group aborted at once, so nobody waits for it until sync.timeout_s. A failed
+push drops the groups and is retried whole; receivers already at that version take part
+without loading twice. A restarted receiver catches up over a two-member group of its own.
 At every point where the driver recovers an actor, the learner is idle and holds exactly the
 last pushed weights (training happens between scoring and the push), which is what makes such
 a catch-up exact.
@@ -21,7 +22,14 @@ from typing import Any
 from opsd.config import Config
 from launch.cluster import ActorPool, _actor_errors
 from workers.learner import LearnerGroup
-from workers.weight_sync import COLLECTIVE, GroupSpec, WeightSyncError, WeightUpdate, collective_update
+from workers.weight_sync import (
+    COLLECTIVE, GroupSpec, WeightSyncError, WeightUpdate, abort_group, collective_update,
+)
+
+
+def _cause(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None)
+    return str(cause if cause is not None else exc).strip().splitlines()[-1][:500]
 
 
 class WeightSync:
@@ -32,6 +40,7 @@ class WeightSync:
         self.collective = self.transport in COLLECTIVE
         self.layout = learner.weight_layout() if self.collective else None
         self.formed: dict[str, int] = {}  # pool kind -> its restart count when its group was formed
+        self.stores: dict[str, tuple[str, int]] = {}  # group name -> its store (to abort it)
         self.last_update: WeightUpdate | None = None  # object_store: what a restarted receiver loads
         self.version = 0  # the version of the weights the learner last pushed (and holds)
 
@@ -43,34 +52,63 @@ class WeightSync:
             for pool in pools:
                 pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return
-        import ray
-
-        update = collective_update(version, self.transport, self.layout)
         tries = self.cfg.sync.retries + 1
-        for attempt in range(tries):
+        failures: list[str] = []
+        for attempt in range(1, tries + 1):
             try:
                 for pool in pools:
                     self._ensure_group(pool)
-                receiving = [(pool, i, a.load_weights.remote(update)) for pool in pools for i, a in enumerate(pool.actors)]
-                sent = self.learner.push_weights(version, tuple(pool.kind for pool in pools))
-                errors = [] if sent["ok"] else [f"learner rank 0: {sent['error']}"]
-                for pool, i, ref in receiving:
-                    try:
-                        ray.get(ref)
-                    except _actor_errors() as exc:
-                        pool._recover(pool.actors[i], exc)  # restarted, and caught up by catch_up()
-                    except ray.exceptions.RayTaskError as exc:
-                        errors.append(f"{pool.kind} {i}: {exc.cause if exc.cause is not None else exc}")
-            except (WeightSyncError, ray.exceptions.RayTaskError) + _actor_errors() as exc:
-                errors = [str(exc)]  # an actor that died while the group formed is recovered on the next try
+                errors = self._push_once(version, [(pool.kind, pool.actors, pool) for pool in pools])
+            except (WeightSyncError, *_rayerrors()) as exc:
+                errors = [_cause(exc)]  # e.g. a member that could not join; formed again next try
             if not errors:
                 return
+            failures += [f"try {attempt}: {e}" for e in errors]
             for pool in pools:
                 self._drop_group(pool.kind)
         raise WeightSyncError(
-            f"weight version {version} did not reach every receiver over sync.transport={self.transport} after "
-            f"{tries} tries: {'; '.join(errors)}"
+            f"weight version {version} did not reach every receiver over sync.transport={self.transport} "
+            f"in {tries} tries: {'; '.join(failures)}"
         )
+
+    def _push_once(self, version: int, targets: list[tuple[str, list, ActorPool]]) -> list[str]:
+        """One collective push to (group name, its actors, their pool) targets, watched: the
+        errors, in the order they arrived; empty when every member took the push."""
+        import ray
+
+        update = collective_update(version, self.transport, self.layout)
+        receiving = {a.load_weights.remote(update): (name, a, pool) for name, actors, pool in targets for a in actors}
+        learner_refs = self.learner.submit_push(version, tuple(name for name, _, _ in targets))
+        errors: list[str] = []
+        dead: list[tuple[ActorPool, Any, BaseException]] = []
+        pending = list(receiving) + learner_refs
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            if ref in receiving:
+                name, actor, pool = receiving[ref]
+                i = pool.actors.index(actor)
+                try:
+                    ray.get(ref)
+                    continue
+                except _actor_errors() as exc:
+                    dead.append((pool, actor, exc))
+                    reason = f"{pool.kind} {i} died during the push"
+                except ray.exceptions.RayTaskError as exc:
+                    reason = f"{pool.kind} {i}: {_cause(exc)}"
+                errors.append(reason)
+                self._abort(name, reason)  # nobody waits for this member any longer
+                continue
+            try:
+                sent = ray.get(ref)
+            except Exception as exc:
+                self.learner.shutdown()  # a rank failed mid-gather: the others cannot go on
+                raise RuntimeError(f"a learner rank failed during the push of weight version {version}") from exc
+            if ref is learner_refs[0] and not sent["ok"]:
+                errors.append(f"learner rank 0: {sent['error']}")
+        # The learner is idle again: a restarted receiver can be caught up now.
+        for pool, actor, exc in dead:
+            pool._recover(actor, exc)
+        return errors
 
     def catch_up(self, pool: ActorPool, actor: Any) -> None:
         """Bring a restarted actor to the last pushed version (it starts from the initial weights)."""
@@ -84,33 +122,33 @@ class WeightSync:
         name = f"{pool.kind}-catch-up"
         try:
             self._form(name, [actor])
-            ref = actor.load_weights.remote(collective_update(self.version, self.transport, self.layout))
-            sent = self.learner.push_weights(self.version, (name,))
-            ray.get(ref)
-            if not sent["ok"]:
-                raise WeightSyncError(f"catching up a restarted {pool.kind} actor failed: {sent['error']}")
+            errors = self._push_once(self.version, [(name, [actor], pool)])
+            if errors:
+                raise WeightSyncError(f"catching up a restarted {pool.kind} actor failed: {'; '.join(errors)}")
         finally:
-            self.learner.close_weight_group(name)
+            self._drop_group(name)
+            try:
+                ray.get(actor.leave_weight_group.remote())
+            except Exception:
+                pass  # it is formed into its pool's group again before the next push anyway
 
     # --- weight groups ------------------------------------------------------------------------
 
     def _ensure_group(self, pool: ActorPool) -> None:
-        import ray
+        # A member that died or was restarted since the last push would leave the others
+        # waiting: bring it back (and up to date) first; the group is then formed again.
+        pool.check_alive()
+        if self.formed.get(pool.kind) != pool.restarts:
+            self._form(pool.kind, pool.actors)
+            self.formed[pool.kind] = pool.restarts
 
-        if self.formed.get(pool.kind) == pool.restarts:
-            return
-        # A member that died since it was last used would leave the others waiting in the
-        # rendezvous: bring it back (and up to date) first.
-        for actor in pool.actors:
-            try:
-                ray.get(actor.get_version.remote())
-            except _actor_errors() as exc:
-                pool._recover(actor, exc)
-        self._form(pool.kind, pool.actors)
-        self.formed[pool.kind] = pool.restarts
+    def _abort(self, name: str, reason: str) -> None:
+        if name in self.stores:
+            abort_group(*self.stores[name], reason)
 
     def _drop_group(self, name: str) -> None:
         self.formed.pop(name, None)
+        self.stores.pop(name, None)
         self.learner.close_weight_group(name)
 
     def _form(self, name: str, actors: list) -> None:
@@ -122,11 +160,29 @@ class WeightSync:
         sizes = ray.get([a.weight_group_size.remote() for a in actors])
         world = 1 + sum(sizes)
         host, port = self.learner.open_weight_group(name, world)
+        self.stores[name] = (host, port)
 
         def spec(rank: int) -> GroupSpec:
             return GroupSpec(name, self.transport, host, port, world, rank, self.cfg.sync.timeout_s)
 
         starts = [1 + sum(sizes[:i]) for i in range(len(actors))]
-        refs = [a.join_weight_group.remote(spec(r)) for a, r in zip(actors, starts)]
-        refs.append(self.learner.join_weight_group(spec(0)))
-        ray.get(refs)
+        joining = [a.join_weight_group.remote(spec(r)) for a, r in zip(actors, starts)]
+        pending = joining + [self.learner.join_weight_group(spec(0))]
+        first_error: BaseException | None = None
+        while pending:
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ref)
+            except Exception as exc:
+                if first_error is None:
+                    first_error = exc
+                    who = f"member {joining.index(ref) + 1}" if ref in joining else "learner rank 0"
+                    self._abort(name, f"{who} could not join: {_cause(exc)}")
+        if first_error is not None:
+            raise first_error
+
+
+def _rayerrors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    return (rex.RayTaskError, rex.RayActorError, rex.ActorUnavailableError)

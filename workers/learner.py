@@ -399,12 +399,12 @@ class LearnerRank:
         try:
             self.sender.send(update, buckets, list(groups))
             return {"ok": True, "error": None, "num_bytes": update.num_bytes}
-        except WeightSyncError as exc:
+        except Exception as exc:  # a broken group, or e.g. out of memory packing a bucket
+            for g in groups:
+                self.sender.close(g, f"the sender failed: {type(exc).__name__}: {exc}")
             for _ in buckets:  # the other ranks are still gathering these
                 pass
-            for g in groups:
-                self.sender.close(g, f"the sender failed: {exc}")
-            return {"ok": False, "error": str(exc), "num_bytes": 0}
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "num_bytes": 0}
 
     def export_hf(self, out_dir: str) -> str | None:
         """HF-format weights (LoRA merged) that transformers and vLLM load directly."""
@@ -554,6 +554,12 @@ class LearnerGroup:
     def push_weights(self, version: int, groups: tuple[str, ...] = ()) -> WeightUpdate | dict:
         return self._all("push_weights", version, groups)[0]
 
+    def submit_push(self, version: int, groups: tuple[str, ...]) -> list:
+        """``push_weights`` on every rank without waiting (rank 0's ref first), so that the
+        caller can watch the receivers meanwhile. A rank that raises leaves the others in a
+        collective: the caller must then :meth:`shutdown` the group, as :meth:`_all` does."""
+        return [r.push_weights.remote(version, groups) for r in self.ranks]
+
     def weight_layout(self) -> list[BucketLayout]:
         import ray
 
@@ -571,7 +577,8 @@ class LearnerGroup:
     def close_weight_group(self, name: str) -> None:
         import ray
 
-        ray.get(self.ranks[0].close_weight_group.remote(name))
+        if self.ranks:  # after a failure the group is gone, and its weight groups with it
+            ray.get(self.ranks[0].close_weight_group.remote(name))
 
     def export_hf(self, out_dir: str) -> str:
         return self._all("export_hf", out_dir)[0]

@@ -26,10 +26,12 @@ class Rollout:
 
 class RolloutWorker:
     def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
-        if cfg.cluster.device == "cpu":
-            # Keep the engine in this actor's process: faster start-up and the model object is
-            # reachable for in-place weight loads (FINDINGS.md).
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # Keep the engine core in this actor's process, on CPU and GPU alike: start-up is faster,
+        # and collective_rpc hands its arguments to the model's workers as Python objects.
+        # Across an engine-core process boundary they would travel as msgpack, which turns
+        # tensors into raw buffers and dataclasses into dicts. (Tensor-parallel workers are
+        # still processes of their own; vLLM pickles what it sends them.)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         tp = cfg.rollout.tensor_parallel_size
@@ -61,6 +63,10 @@ class RolloutWorker:
 
     def get_version(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        """Tells a restarted actor from the one it replaced."""
+        return os.getpid()
 
     def generate(
         self,
@@ -128,6 +134,9 @@ class RolloutWorker:
     def join_weight_group(self, spec: GroupSpec) -> None:
         """Every vLLM worker joins, at ranks spec.rank .. spec.rank + tp - 1."""
         self.llm.collective_rpc("opsd_join_group", args=(spec,))
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("opsd_leave_group")
 
     def load_weights(self, update: WeightUpdate) -> int:
         """Stage the whole update, check it, then load it in place; on failure keep the old version."""

@@ -186,6 +186,13 @@ class ScorerWorker:
     def join_weight_group(self, spec: GroupSpec) -> None:
         self.receiver.join(spec, spec.rank)
 
+    def leave_weight_group(self) -> None:
+        self.receiver.close()
+
+    def pid(self) -> int:
+        """Tells a restarted actor from the one it replaced."""
+        return os.getpid()
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """The teacher's weights (the fp32 EMA for an EMA teacher): for checks and for resuming."""
         if self.ema is not None:

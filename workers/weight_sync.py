@@ -219,6 +219,24 @@ class GroupSpec:
     timeout_s: float
 
 
+def spec_from(obj: GroupSpec | dict) -> GroupSpec:
+    """A GroupSpec, also from the dict that vLLM's msgpack makes of it on the way into an engine
+    process (``collective_rpc`` arguments travel as msgpack when the engine has its own process)."""
+    return obj if isinstance(obj, GroupSpec) else GroupSpec(**obj)
+
+
+def update_from(obj: WeightUpdate | dict) -> WeightUpdate:
+    """A collective WeightUpdate, also from its msgpack form (see :func:`spec_from`)."""
+    if isinstance(obj, WeightUpdate):
+        return obj
+    layout = tuple(
+        b if isinstance(b, BucketLayout) else
+        BucketLayout(tuple(b["names"]), tuple(tuple(shape) for shape in b["shapes"]), b["dtype"])
+        for b in obj["handles"]
+    )
+    return WeightUpdate(obj["version"], obj["transport"], layout, obj["num_tensors"], obj["num_bytes"])
+
+
 def open_store(world_size: int, timeout_s: float) -> Any:
     """The rendezvous store of a new group, hosted by the sender on a free port (``store.port``)."""
     import torch.distributed as dist
@@ -227,12 +245,64 @@ def open_store(world_size: int, timeout_s: float) -> Any:
                          wait_for_workers=False)
 
 
+def _raise_abort(store: Any, reason: str) -> None:
+    """Set the group's abort flag unless it is set already: the first reason is the one kept."""
+    try:
+        store.compare_set(_ABORT_KEY, "", reason)
+    except RuntimeError:
+        pass  # the store is gone: the members find that out by themselves
+
+
+def abort_group(host: str, port: int, reason: str, timeout_s: float = 30.0) -> None:
+    """From outside a group (the driver): stop its members waiting, e.g. for one that died
+    before it could join or while it was receiving."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    except RuntimeError:
+        return  # no store, no one waiting on it
+    _raise_abort(store, reason)
+
+
+def _poll(store: Any, done: Callable[[], bool], *, timeout_s: float, what: str, on_abort: Callable[[], None]) -> None:
+    """Wait for ``done()`` while watching the group's abort flag and the deadline."""
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-4
+    while not done():
+        try:
+            aborted = store.check([_ABORT_KEY])
+        except RuntimeError as exc:  # the sender, which hosts the store, is gone
+            on_abort()
+            raise WeightSyncError(f"{what}: lost the group's store: {exc}") from exc
+        if aborted:
+            reason = store.get(_ABORT_KEY).decode(errors="replace")
+            on_abort()
+            raise WeightSyncError(f"{what}: the group was aborted: {reason}")
+        if time.monotonic() > deadline:
+            _raise_abort(store, f"{what}: timed out after sync.timeout_s={timeout_s:g}s")
+            on_abort()
+            raise WeightSyncError(f"{what}: waited more than sync.timeout_s={timeout_s:g}s")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)
+
+
+def _indexed(device: torch.device | str) -> torch.device:
+    """PyNccl compares devices exactly: a bare ``cuda`` must name its GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class BroadcastGroup:
     """One process group for weight broadcasts from rank 0, apart from any default group
     (DeepSpeed's on the learner, vLLM's tensor-parallel one in an engine).
 
     Every wait polls the group's store for an abort flag, so when one member fails the others
     give up at once; ``timeout_s`` bounds every wait (NCCL has no timeout of its own here).
+    Joining starts with a barrier on the store, so a member that never arrives, or fails to
+    join, stops the others there rather than inside gloo's or NCCL's own set-up.
     """
 
     def __init__(self, spec: GroupSpec, rank: int, device: torch.device | str, store: Any = None):
@@ -241,81 +311,79 @@ class BroadcastGroup:
         if spec.backend not in COLLECTIVE:
             raise ValueError(f"sync.transport={spec.backend!r} is not a collective transport {COLLECTIVE}")
         self.name, self.backend, self.rank, self.timeout_s = spec.name, spec.backend, rank, spec.timeout_s
-        self.device = torch.device(device)
+        self.pg = self.comm = self.stream = None
         if store is None:
             store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False,
                                   timeout=timedelta(seconds=spec.timeout_s))
         self.store = store
-        prefixed = dist.PrefixStore(f"opsd/{spec.name}", store)
-        self.pg = self.comm = None
-        if spec.backend == "gloo":
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
-        else:
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.distributed.utils import StatelessProcessGroup
-            from vllm.utils.nccl import unpinned_nccl_env
+        try:
+            self.device = _indexed(device)
+            store.add("joined", 1)
+            _poll(store, lambda: store.add("joined", 0) >= spec.world_size, timeout_s=spec.timeout_s,
+                  what=f"weight group '{spec.name}' rank {rank} joining", on_abort=lambda: None)
+            prefixed = dist.PrefixStore(f"opsd/{spec.name}", store)
+            if spec.backend == "gloo":
+                self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
+            else:
+                self._init_nccl(prefixed, spec)
+        except BaseException as exc:
+            _raise_abort(store, f"rank {rank} could not join: {exc}")
+            self.close()
+            if isinstance(exc, WeightSyncError):
+                raise
+            raise WeightSyncError(f"weight group '{spec.name}': rank {rank} could not join: {exc}") from exc
 
-            # vLLM pins NCCL settings in its own processes; a communicator shared with processes
-            # outside vLLM (the learner) is created without them, as vLLM's weight transfer does.
-            with unpinned_nccl_env():
-                self.comm = PyNcclCommunicator(
-                    StatelessProcessGroup(rank=rank, world_size=spec.world_size, store=prefixed), device=self.device
-                )
-            if not self.comm.available or self.comm.disabled:
-                # PyNccl turns itself off quietly (no NCCL library, VLLM_DISABLE_PYNCCL); its
-                # broadcasts would then leave the receive buffers as they were.
-                raise WeightSyncError(f"weight group '{spec.name}': NCCL is not available on {self.device}")
+    def _init_nccl(self, prefixed: Any, spec: GroupSpec) -> None:
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+        from vllm.utils.nccl import unpinned_nccl_env
+
+        # vLLM pins NCCL settings in its own processes; a communicator shared with processes
+        # outside vLLM (the learner) is created without them, as vLLM's weight transfer does.
+        with unpinned_nccl_env():
+            self.comm = PyNcclCommunicator(
+                StatelessProcessGroup(rank=self.rank, world_size=spec.world_size, store=prefixed), device=self.device
+            )
+        if not self.comm.available or self.comm.disabled:
+            # PyNccl turns itself off quietly (no NCCL library, VLLM_DISABLE_PYNCCL); its
+            # broadcasts would then leave the receive buffers as they were.
+            self.comm = None
+            raise WeightSyncError(f"weight group '{spec.name}': NCCL is not available on {self.device}")
+        # A stream of its own: a broadcast that waits on a slow member must not hold up the
+        # engine's compute stream.
+        self.stream = torch.cuda.Stream(self.device)
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """From rank 0 into ``tensor`` on every other member (in place)."""
+        what = f"weight group '{self.name}' rank {self.rank}"
         if self.pg is not None:
             import torch.distributed as dist
 
             opts = dist.BroadcastOptions()
             opts.rootRank = 0
             work = self.pg.broadcast([tensor], opts)
-            self._wait(work.is_completed)
+            _poll(self.store, work.is_completed, timeout_s=self.timeout_s, what=what, on_abort=self.close)
             try:
                 work.wait()
             except RuntimeError as exc:
                 self.abort(f"rank {self.rank}: {exc}")
-                raise WeightSyncError(f"weight group '{self.name}' broadcast failed on rank {self.rank}: {exc}") from exc
-        else:
-            stream = torch.cuda.current_stream(self.device)
-            self.comm.broadcast(tensor, src=0, stream=stream)
+                raise WeightSyncError(f"{what}: broadcast failed: {exc}") from exc
+        elif self.comm is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # tensor is ready
+            self.comm.broadcast(tensor, src=0, stream=self.stream)
+            # If the broadcast is aborted, its kernel may still write into tensor: keep the
+            # memory away from the caching allocator until the stream is done with it.
+            tensor.record_stream(self.stream)
             done = torch.cuda.Event()
-            done.record(stream)
-            self._wait(done.query)
-
-    def _wait(self, done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        pause = 1e-4
-        while not done():
-            try:
-                aborted = self.store.check([_ABORT_KEY])
-            except RuntimeError as exc:  # the sender, which hosts the store, is gone
-                self.abort(None)
-                raise WeightSyncError(f"weight group '{self.name}': lost its store: {exc}") from exc
-            if aborted:
-                reason = self.store.get(_ABORT_KEY).decode(errors="replace")
-                self.abort(None)
-                raise WeightSyncError(f"weight group '{self.name}' was aborted by a member: {reason}")
-            if time.monotonic() > deadline:
-                self.abort(f"rank {self.rank} timed out after {self.timeout_s:g}s")
-                raise WeightSyncError(
-                    f"weight group '{self.name}': rank {self.rank} waited more than sync.timeout_s="
-                    f"{self.timeout_s:g}s for a broadcast"
-                )
-            time.sleep(pause)
-            pause = min(2 * pause, 0.01)
+            done.record(self.stream)
+            _poll(self.store, done.query, timeout_s=self.timeout_s, what=what, on_abort=self.close)
+        else:
+            raise WeightSyncError(f"{what}: the group is closed")
 
     def abort(self, reason: str | None) -> None:
         """Tell the other members to stop waiting, and drop this member's connections."""
         if reason is not None:
-            try:
-                self.store.set(_ABORT_KEY, reason)
-            except RuntimeError:
-                pass
+            _raise_abort(self.store, reason)
         self.close()
 
     def close(self) -> None:
@@ -343,25 +411,28 @@ class BroadcastSender:
 
     def __init__(self, transport: str, device: torch.device | str):
         self.name = transport
-        self.device = torch.device(device)
+        self.device = _indexed(device)
+        # A group's store outlives the group until the next one of that name opens, so that
+        # members still waiting read why it was aborted rather than find the store gone.
         self.stores: dict[str, Any] = {}
         self.groups: dict[str, BroadcastGroup] = {}
 
     def open(self, group: str, world_size: int, timeout_s: float) -> int:
         """Host the rendezvous of a (new) group; returns the store's port."""
-        self.close(group)
+        self.close(group, "a new group of this name is being formed")
         self.stores[group] = open_store(world_size, timeout_s)
         return self.stores[group].port
 
     def join(self, spec: GroupSpec) -> None:
-        self.groups[spec.name] = BroadcastGroup(spec, 0, self.device, store=self.stores.pop(spec.name))
+        self.groups[spec.name] = BroadcastGroup(spec, 0, self.device, store=self.stores[spec.name])
 
     def close(self, group: str, reason: str | None = None) -> None:
         """Leave a group; with a ``reason``, first tell its other members to stop waiting."""
         old = self.groups.pop(group, None)
         if old is not None:
             old.abort(reason)
-        self.stores.pop(group, None)
+        elif reason is not None and group in self.stores:
+            _raise_abort(self.stores[group], reason)  # members may be waiting to join
 
     def send(self, update: WeightUpdate, buckets: Iterable[NamedTensors], groups: list[str]) -> None:
         """Broadcast the buckets, which must match ``update``'s layout, to every named group.
@@ -396,7 +467,7 @@ class BroadcastReceiver:
 
     def __init__(self, transport: str, device: torch.device | str = "cpu"):
         self.name = transport
-        self.device = torch.device(device)
+        self.device = _indexed(device)
         self.group: BroadcastGroup | None = None
 
     def join(self, spec: GroupSpec, rank: int) -> None:
@@ -480,16 +551,25 @@ class VllmWeightLoader:
     ``update_weights`` and friends.
     """
 
-    def opsd_join_group(self, spec: GroupSpec) -> None:
+    def opsd_join_group(self, spec: GroupSpec | dict) -> None:
         """Join a collective weight group; each process of a tensor-parallel engine is a member."""
+        spec = spec_from(spec)
         if getattr(self, "opsd_receiver", None) is None:
             self.opsd_receiver = make_receiver(spec.backend, self.device)
         self.opsd_receiver.join(spec, spec.rank + self.rank)
 
-    def opsd_receive_weights(self, update: WeightUpdate, load: bool) -> int:
+    def opsd_leave_group(self) -> None:
+        if getattr(self, "opsd_receiver", None) is not None:
+            self.opsd_receiver.close()
+
+    def opsd_receive_weights(self, update: WeightUpdate | dict, load: bool) -> int:
         """Take part in a collective push; load it unless this engine holds that version already
         (a retried push reaches every member of the group again)."""
-        named = self.opsd_receiver.receive(update)
+        update = update_from(update)
+        receiver = getattr(self, "opsd_receiver", None)
+        if receiver is None:
+            raise WeightSyncError(f"weight version {update.version}: this engine is in no weight group")
+        named = receiver.receive(update)
         return self.opsd_load_weights(named) if load else 0
 
     def opsd_load_weights(self, named: NamedTensors) -> int:

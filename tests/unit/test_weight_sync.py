@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 import traceback
 
 import pytest
 import torch
 
 from workers.weight_sync import (
-    BroadcastReceiver, BroadcastSender, BucketLayout, GroupSpec, WeightSyncError, check_layout, collective_update,
-    iter_buckets, layout_of, pack, unpack,
+    BroadcastReceiver, BroadcastSender, BucketLayout, GroupSpec, WeightSyncError, abort_group, check_layout,
+    collective_update, iter_buckets, layout_of, pack, unpack,
 )
 
 
@@ -66,6 +67,21 @@ def test_collective_update_totals():
     assert update.version == 4 and update.num_tensors == 5 and update.num_bytes == 4 * (35 + 25 + 5 + 15 + 5)
 
 
+def test_group_spec_and_update_survive_vllms_msgpack():
+    # RolloutWorker keeps vLLM's engine core in its own process; were it ever moved out, the
+    # collective_rpc arguments would travel as msgpack, which turns dataclasses into dicts.
+    serial = pytest.importorskip("vllm.v1.serial_utils")
+    from workers.weight_sync import spec_from, update_from
+
+    enc, dec = serial.MsgpackEncoder(), serial.MsgpackDecoder()
+    spec = GroupSpec("rollout", "nccl", "10.0.0.7", 29400, 5, 3, 600.0)
+    update = collective_update(7, "nccl", [layout_of(named()[:2]), layout_of([(n, t.half()) for n, t in named()[2:]])])
+    spec_wire, update_wire, load = dec.decode(enc.encode((spec, update, True)))
+    assert isinstance(spec_wire, dict) and isinstance(update_wire, dict)  # what the engine gets
+    assert spec_from(spec_wire) == spec and update_from(update_wire) == update and load is True
+    assert spec_from(spec) is spec and update_from(update) is update
+
+
 # --- the gloo protocol between processes ------------------------------------------------------
 
 TIMEOUT_S = 120.0  # far above what any case here needs: an error that mentions it was a hang
@@ -76,11 +92,24 @@ def _buckets(seed: int) -> list[list[tuple[str, torch.Tensor]]]:
     return [pairs[:2], [(n, t.to(torch.bfloat16)) for n, t in pairs[2:4]], pairs[4:]]
 
 
-def _sender(port_q, result_q, world: int, version: int, case: str) -> None:
+def _sender(port_q, result_q, world: int, version: int, case: str, finished) -> None:
+    try:
+        _send(port_q, result_q, world, version, case)
+    finally:
+        # Learner rank 0 lives on after a failed push, and so does the store it hosts, from
+        # which the other members read why the group was aborted.
+        finished.wait(TIMEOUT_S)
+
+
+def _send(port_q, result_q, world: int, version: int, case: str) -> None:
     try:
         sender = BroadcastSender("gloo", "cpu")
         port_q.put(sender.open("g", world, TIMEOUT_S))
-        sender.join(GroupSpec("g", "gloo", "127.0.0.1", 0, world, 0, TIMEOUT_S))
+        try:
+            sender.join(GroupSpec("g", "gloo", "127.0.0.1", 0, world, 0, TIMEOUT_S))
+        except WeightSyncError as exc:
+            result_q.put(("sender", "error", str(exc)))
+            return
         buckets = _buckets(0)
         update = collective_update(version, "gloo", [layout_of(b) for b in buckets])
         if case == "bad_bucket":  # the learner yields something other than the layout it announced
@@ -98,7 +127,13 @@ def _sender(port_q, result_q, world: int, version: int, case: str) -> None:
 def _receiver(port: int, result_q, world: int, rank: int, version: int, case: str) -> None:
     try:
         receiver = BroadcastReceiver("gloo")
-        receiver.join(GroupSpec("g", "gloo", "127.0.0.1", port, world, rank, TIMEOUT_S), rank)
+        if case == "no_show" and rank == 2:
+            return  # never joins: the driver sees its actor fail and aborts the group
+        try:
+            receiver.join(GroupSpec("g", "gloo", "127.0.0.1", port, world, rank, TIMEOUT_S), rank)
+        except WeightSyncError as exc:
+            result_q.put((f"receiver{rank}", "error", str(exc)))
+            return
         if case == "die" and rank == 2:
             os._exit(3)
         layout = [layout_of(b) for b in _buckets(0)]
@@ -113,19 +148,23 @@ def _receiver(port: int, result_q, world: int, rank: int, version: int, case: st
 
 def run_group(case: str, receiver_versions=(5, 5)) -> dict:
     ctx = mp.get_context("spawn")
-    port_q, result_q = ctx.Queue(), ctx.Queue()
+    port_q, result_q, finished = ctx.Queue(), ctx.Queue(), ctx.Event()
     world = 1 + len(receiver_versions)
-    procs = [ctx.Process(target=_sender, args=(port_q, result_q, world, 5, case))]
+    procs = [ctx.Process(target=_sender, args=(port_q, result_q, world, 5, case, finished))]
     procs[0].start()
     port = port_q.get(timeout=60)
     for rank, v in enumerate(receiver_versions, start=1):
         procs.append(ctx.Process(target=_receiver, args=(port, result_q, world, rank, v, case)))
         procs[-1].start()
-    expected = world - (1 if case == "die" else 0)
+    if case == "no_show":
+        time.sleep(2)
+        abort_group("127.0.0.1", port, "receiver 2 died before it joined")
+    expected = world - (1 if case in ("die", "no_show") else 0)
     results = {}
     for _ in range(expected):
         who, status, payload = result_q.get(timeout=TIMEOUT_S + 60)
         results[who] = (status, payload)
+    finished.set()
     for p in procs:
         p.join(timeout=30)
     assert not any(s == "crash" for s, _ in results.values()), results
@@ -162,13 +201,20 @@ def test_a_dead_receiver_fails_the_push_without_waiting_for_the_timeout():
     assert status == "error" and "waited more than" not in msg, msg
 
 
+def test_a_member_that_never_joins_releases_the_others_through_the_driver():
+    results = run_group("no_show")
+    for who in ("sender", "receiver1"):
+        status, msg = results[who]
+        assert status == "error" and "joining: the group was aborted: receiver 2 died before it joined" in msg, msg
+
+
 def test_a_sender_that_breaks_its_layout_releases_the_receivers():
     results = run_group("bad_bucket")
     status, msg = results["sender"]
     assert status == "error" and "bucket 1 of weight version 5 does not match" in msg
     for rank in (1, 2):
         status, msg = results[f"receiver{rank}"]
-        assert status == "error" and ("the sender failed" in msg or "lost its store" in msg), msg
+        assert status == "error" and "aborted: the sender failed: bucket 1" in msg, msg
 
 
 def test_nccl_without_nccl_is_an_error_not_a_silent_no_op():
@@ -177,7 +223,21 @@ def test_nccl_without_nccl_is_an_error_not_a_silent_no_op():
     pytest.importorskip("vllm")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; tests/gpu/test_nccl_sync.py covers nccl there")
+    from concurrent.futures import ThreadPoolExecutor
+
     from workers.weight_sync import BroadcastGroup, open_store
 
-    with pytest.raises(WeightSyncError, match="NCCL is not available"):
-        BroadcastGroup(GroupSpec("g", "nccl", "127.0.0.1", 0, 2, 0, 5.0), 0, "cpu", store=open_store(2, 5.0))
+    store = open_store(2, 30.0)
+    spec = GroupSpec("g", "nccl", "127.0.0.1", store.port, 2, 0, 30.0)
+
+    def join(rank: int) -> str:
+        try:
+            BroadcastGroup(spec, rank, "cpu", store=store if rank == 0 else None)
+        except WeightSyncError as exc:
+            return str(exc)
+        return "joined"
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(join, [0, 1]))
+    # Whichever rank finds out first aborts the group; the other reads its reason.
+    assert all("NCCL is not available" in r for r in results), results
