@@ -14,7 +14,7 @@ import pytest
 
 from opsd.config import REPO_ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def test_bench_learning_quick(tmp_path):
