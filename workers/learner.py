@@ -25,7 +25,7 @@ from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
 from workers.weight_sync import (
-    BucketLayout, GroupSpec, NamedTensors, WeightSyncError, WeightUpdate, collective_update, make_sender,
+    BucketLayout, GroupSpec, NamedTensors, WeightUpdate, collective_update, make_sender,
 )
 
 
