@@ -52,6 +52,8 @@ class WeightSync:
             for pool in pools:
                 pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return
+        import ray
+
         tries = self.cfg.sync.retries + 1
         failures: list[str] = []
         for attempt in range(1, tries + 1):
@@ -59,7 +61,7 @@ class WeightSync:
                 for pool in pools:
                     self._ensure_group(pool)
                 errors = self._push_once(version, [(pool.kind, pool.actors, pool) for pool in pools])
-            except (WeightSyncError, *_rayerrors()) as exc:
+            except (WeightSyncError, ray.exceptions.RayTaskError, *_actor_errors()) as exc:
                 errors = [_cause(exc)]  # e.g. a member that could not join; formed again next try
             if not errors:
                 return
@@ -180,9 +182,3 @@ class WeightSync:
                     self._abort(name, f"{who} could not join: {_cause(exc)}")
         if first_error is not None:
             raise first_error
-
-
-def _rayerrors() -> tuple[type[BaseException], ...]:
-    import ray.exceptions as rex
-
-    return (rex.RayTaskError, rex.RayActorError, rex.ActorUnavailableError)

@@ -551,8 +551,9 @@ class LearnerGroup:
                     summed[k] = summed.get(k, 0.0) + v
         return summed
 
-    def push_weights(self, version: int, groups: tuple[str, ...] = ()) -> WeightUpdate | dict:
-        return self._all("push_weights", version, groups)[0]
+    def push_weights(self, version: int) -> WeightUpdate:
+        """object_store: the update handle (collective pushes go through :meth:`submit_push`)."""
+        return self._all("push_weights", version)[0]
 
     def submit_push(self, version: int, groups: tuple[str, ...]) -> list:
         """``push_weights`` on every rank without waiting (rank 0's ref first), so that the
