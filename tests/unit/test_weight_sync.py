@@ -3,24 +3,13 @@ between real processes (a sender and two receivers), including members that fail
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import time
-import traceback
-
 import pytest
 import torch
 
+from tests.collective_group import named, run_group, small_buckets
 from workers.weight_sync import (
-    BroadcastReceiver, BroadcastSender, BucketLayout, GroupSpec, WeightSyncError, abort_group, check_layout,
-    collective_update, iter_buckets, layout_of, pack, unpack,
+    BucketLayout, GroupSpec, WeightSyncError, check_layout, collective_update, iter_buckets, layout_of, pack, unpack,
 )
-
-
-def named(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    shapes = {"embed.weight": (7, 5), "layer.0.w": (5, 5), "layer.0.b": (5,), "layer.1.w": (3, 5), "norm": (5,)}
-    return [(n, torch.randn(s, generator=g)) for n, s in shapes.items()]
 
 
 def test_iter_buckets_respects_the_limit_and_keeps_order():
@@ -82,99 +71,13 @@ def test_group_spec_and_update_survive_vllms_msgpack():
     assert spec_from(spec) is spec and update_from(update) is update
 
 
-# --- the gloo protocol between processes ------------------------------------------------------
-
-TIMEOUT_S = 120.0  # far above what any case here needs: an error that mentions it was a hang
-
-
-def _buckets(seed: int) -> list[list[tuple[str, torch.Tensor]]]:
-    pairs = named(seed)
-    return [pairs[:2], [(n, t.to(torch.bfloat16)) for n, t in pairs[2:4]], pairs[4:]]
-
-
-def _sender(port_q, result_q, world: int, version: int, case: str, finished) -> None:
-    try:
-        _send(port_q, result_q, world, version, case)
-    finally:
-        # Learner rank 0 lives on after a failed push, and so does the store it hosts, from
-        # which the other members read why the group was aborted.
-        finished.wait(TIMEOUT_S)
-
-
-def _send(port_q, result_q, world: int, version: int, case: str) -> None:
-    try:
-        sender = BroadcastSender("gloo", "cpu")
-        port_q.put(sender.open("g", world, TIMEOUT_S))
-        try:
-            sender.join(GroupSpec("g", "gloo", "127.0.0.1", 0, world, 0, TIMEOUT_S))
-        except WeightSyncError as exc:
-            result_q.put(("sender", "error", str(exc)))
-            return
-        buckets = _buckets(0)
-        update = collective_update(version, "gloo", [layout_of(b) for b in buckets])
-        if case == "bad_bucket":  # the learner yields something other than the layout it announced
-            buckets[1] = [(n, t.float()) for n, t in buckets[1]]
-        try:
-            sender.send(update, buckets, ["g"])
-            result_q.put(("sender", "ok", None))
-        except WeightSyncError as exc:
-            sender.close("g", f"the sender failed: {exc}")
-            result_q.put(("sender", "error", str(exc)))
-    except BaseException:
-        result_q.put(("sender", "crash", traceback.format_exc()))
-
-
-def _receiver(port: int, result_q, world: int, rank: int, version: int, case: str) -> None:
-    try:
-        receiver = BroadcastReceiver("gloo")
-        if case == "no_show" and rank == 2:
-            return  # never joins: the driver sees its actor fail and aborts the group
-        try:
-            receiver.join(GroupSpec("g", "gloo", "127.0.0.1", port, world, rank, TIMEOUT_S), rank)
-        except WeightSyncError as exc:
-            result_q.put((f"receiver{rank}", "error", str(exc)))
-            return
-        if case == "die" and rank == 2:
-            os._exit(3)
-        layout = [layout_of(b) for b in _buckets(0)]
-        try:
-            got = receiver.receive(collective_update(version, "gloo", layout))
-            result_q.put((f"receiver{rank}", "ok", [(n, t.clone()) for n, t in got]))
-        except WeightSyncError as exc:
-            result_q.put((f"receiver{rank}", "error", str(exc)))
-    except BaseException:
-        result_q.put((f"receiver{rank}", "crash", traceback.format_exc()))
-
-
-def run_group(case: str, receiver_versions=(5, 5)) -> dict:
-    ctx = mp.get_context("spawn")
-    port_q, result_q, finished = ctx.Queue(), ctx.Queue(), ctx.Event()
-    world = 1 + len(receiver_versions)
-    procs = [ctx.Process(target=_sender, args=(port_q, result_q, world, 5, case, finished))]
-    procs[0].start()
-    port = port_q.get(timeout=60)
-    for rank, v in enumerate(receiver_versions, start=1):
-        procs.append(ctx.Process(target=_receiver, args=(port, result_q, world, rank, v, case)))
-        procs[-1].start()
-    if case == "no_show":
-        time.sleep(2)
-        abort_group("127.0.0.1", port, "receiver 2 died before it joined")
-    expected = world - (1 if case in ("die", "no_show") else 0)
-    results = {}
-    for _ in range(expected):
-        who, status, payload = result_q.get(timeout=TIMEOUT_S + 60)
-        results[who] = (status, payload)
-    finished.set()
-    for p in procs:
-        p.join(timeout=30)
-    assert not any(s == "crash" for s, _ in results.values()), results
-    return results
+# --- the gloo protocol between processes (tests/collective_group.py) ---------------------
 
 
 def test_gloo_broadcast_delivers_every_bucket_bit_exact():
     results = run_group("ok")
     assert results["sender"] == ("ok", None)
-    want = [pair for b in _buckets(0) for pair in b]
+    want = [pair for b in small_buckets() for pair in b]
     for rank in (1, 2):
         status, got = results[f"receiver{rank}"]
         assert status == "ok"
