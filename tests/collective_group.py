@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+from datetime import timedelta
 
 import torch
 
@@ -55,36 +56,39 @@ def _use(device: str) -> None:
 
 
 def _sender(backend, device, buckets, port_q, result_q, world, version, case, finished) -> None:
-    try:
-        _send(backend, device, buckets, port_q, result_q, world, version, case)
-    finally:
-        # Learner rank 0 lives on after a failed push, and so does the store it hosts, from
-        # which the other members read why the group was aborted.
-        finished.wait(TIMEOUT_S)
-
-
-def _send(backend, device, buckets, port_q, result_q, world, version, case) -> None:
+    # Learner rank 0 lives on after a failed push, and so does the store it hosts, from which the
+    # other members read why the group was aborted. The sender is held here until the harness has
+    # every result: dropped earlier, its store would vanish under a receiver still polling it, which
+    # then reports a lost store instead of the abort reason (the order of the two is a race).
+    sender = None
     try:
         _use(device)
         sender = BroadcastSender(backend, device)
-        port_q.put(sender.open("g", world, TIMEOUT_S))
-        try:
-            sender.join(GroupSpec("g", backend, "127.0.0.1", 0, world, 0, TIMEOUT_S))
-        except WeightSyncError as exc:
-            result_q.put(("sender", "error", str(exc)))
-            return
-        data = [[(n, t.to(device)) for n, t in b] for b in BUCKETS[buckets]()]
-        update = collective_update(version, backend, [layout_of(b) for b in data])
-        if case == "bad_bucket":  # the learner yields something other than the layout it announced
-            data[1] = [(n, t.float()) for n, t in data[1]]
-        try:
-            sender.send(update, data, ["g"])
-            result_q.put(("sender", "ok", None))
-        except WeightSyncError as exc:
-            sender.close("g", f"the sender failed: {exc}")
-            result_q.put(("sender", "error", str(exc)))
+        _send(sender, backend, device, buckets, port_q, result_q, world, version, case)
     except BaseException:
         result_q.put(("sender", "crash", traceback.format_exc()))
+    finally:
+        finished.wait(TIMEOUT_S)
+        del sender
+
+
+def _send(sender, backend, device, buckets, port_q, result_q, world, version, case) -> None:
+    port_q.put(sender.open("g", world, TIMEOUT_S))
+    try:
+        sender.join(GroupSpec("g", backend, "127.0.0.1", 0, world, 0, TIMEOUT_S))
+    except WeightSyncError as exc:
+        result_q.put(("sender", "error", str(exc)))
+        return
+    data = [[(n, t.to(device)) for n, t in b] for b in BUCKETS[buckets]()]
+    update = collective_update(version, backend, [layout_of(b) for b in data])
+    if case == "bad_bucket":  # the learner yields something other than the layout it announced
+        data[1] = [(n, t.float()) for n, t in data[1]]
+    try:
+        sender.send(update, data, ["g"])
+        result_q.put(("sender", "ok", None))
+    except WeightSyncError as exc:
+        sender.close("g", f"the sender failed: {exc}")
+        result_q.put(("sender", "error", str(exc)))
 
 
 def _receiver(backend, device, buckets, port, result_q, world, rank, version, case) -> None:
@@ -111,6 +115,16 @@ def _receiver(backend, device, buckets, port, result_q, world, rank, version, ca
         result_q.put((who, "crash", traceback.format_exc()))
 
 
+def _wait_joined(port: int, members: int) -> None:
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=TIMEOUT_S))
+    deadline = time.monotonic() + TIMEOUT_S
+    while store.add("joined", 0) < members:
+        assert time.monotonic() < deadline, f"fewer than {members} members joined in {TIMEOUT_S:g}s"
+        time.sleep(0.01)
+
+
 def run_group(case: str = "ok", receiver_versions=(5, 5), *, backend: str = "gloo",
               devices: tuple[str, ...] = ("cpu", "cpu", "cpu"), buckets: str = "small") -> dict:
     """Sender pushes version 5; receiver i expects receiver_versions[i - 1]. Returns
@@ -126,7 +140,9 @@ def run_group(case: str = "ok", receiver_versions=(5, 5), *, backend: str = "glo
                                  args=(backend, devices[rank], buckets, port, result_q, world, rank, v, case)))
         procs[-1].start()
     if case == "no_show":
-        time.sleep(2)
+        # Abort once everyone else waits in the join barrier, as the driver does when it sees the
+        # missing member's actor fail: not after a guess at how long that takes.
+        _wait_joined(port, world - 1)
         abort_group("127.0.0.1", port, "receiver 2 died before it joined")
     expected = world - (1 if case in ("die", "no_show") else 0)
     results = {}

@@ -265,6 +265,16 @@ def abort_group(host: str, port: int, reason: str, timeout_s: float = 30.0) -> N
     _raise_abort(store, reason)
 
 
+def _abort_reason(store: Any) -> str | None:
+    """Why the group was aborted, or None when it was not (or its store is gone)."""
+    try:
+        if store.check([_ABORT_KEY]):
+            return store.get(_ABORT_KEY).decode(errors="replace")
+    except RuntimeError:
+        pass
+    return None
+
+
 def _poll(store: Any, done: Callable[[], bool], *, timeout_s: float, what: str, on_abort: Callable[[], None]) -> None:
     """Wait for ``done()`` while watching the group's abort flag and the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -366,6 +376,13 @@ class BroadcastGroup:
             try:
                 work.wait()
             except RuntimeError as exc:
+                # A member that aborts writes its reason to the store before it drops its
+                # connections, so a broadcast broken by that drop finds the reason there: report
+                # the cause, not the closed connection it led to.
+                reason = _abort_reason(self.store)
+                if reason is not None:
+                    self.close()
+                    raise WeightSyncError(f"{what}: the group was aborted: {reason}") from exc
                 self.abort(f"rank {self.rank}: {exc}")
                 raise WeightSyncError(f"{what}: broadcast failed: {exc}") from exc
         elif self.comm is not None:
