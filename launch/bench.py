@@ -343,7 +343,7 @@ def _start_ray(num_cpus: int = 2) -> bool:
 
     if ray.is_initialized():
         return False
-    return init_ray(load_config(REPO_ROOT / "configs" / "local.yaml", [f"cluster.num_cpus={num_cpus}"]))
+    return init_ray(load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"cluster.num_cpus={num_cpus}"]))
 
 
 def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 256), repeats: int = 3,
@@ -455,12 +455,12 @@ def _bench_vllm_load(repeats: int, out: Callable[[str], None]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from opsd.config import REPO_ROOT, load_config
-    from opsd.tiny import ensure_tiny_model, tiny_dir
+    from opsd.models import resolve_model_path
     from workers.rollout import RolloutWorker
     from workers.weight_sync import ObjectStoreSender, iter_buckets
 
-    model_path = str(ensure_tiny_model(tiny_dir()))
-    cfg = load_config(REPO_ROOT / "configs" / "local.yaml", ["rollout.kv_cache_mb=64"])
+    model_path = resolve_model_path("tiny")
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["rollout.kv_cache_mb=64"])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
     nbytes = sum(t.numel() * 4 for _, t in named)
@@ -559,7 +559,9 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
     finally:
         watch.restore()
     wall = time.perf_counter() - t0
-    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln]
+    from launch.loggers import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0 is the baseline evaluation
     summary = summarize_metrics(rows)
     steps_total = sum(r.get("step_seconds", 0.0) for r in rows)
     outside = {k: watch.seconds.get(k, 0.0) for k, _ in OUTSIDE}
@@ -588,6 +590,22 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
 # --- command line ----------------------------------------------------------------------------
 
 
+def bench_task(config: str, overrides: list[str], problems: int) -> dict:
+    import ray
+
+    from launch.cluster import init_ray
+    from launch.task_report import task_report
+    from opsd.config import load_config
+
+    cfg = load_config(config, overrides)
+    started = init_ray(cfg)
+    try:
+        return task_report(cfg, problems)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m launch.bench``)."""
     sub = p.add_subparsers(dest="bench", required=True)
@@ -600,6 +618,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s = sub.add_parser("task", help="student vs teacher prompt on a task before training: greedy accuracy (strict "
+                       "and lenient) and the reference's log-prob per token (launch/task_report.py)")
+    s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.add_argument("--problems", type=int, default=400, help="first N problems of the test set (default 400)")
     s = sub.add_parser("loss", help="chunked vs unchunked loss: peak memory and time")
     s.add_argument("--vocab", type=int, default=151936)
     s.add_argument("--tokens", type=int, default=2048)
@@ -655,7 +678,10 @@ def run(args: argparse.Namespace) -> dict:
             from opsd.config import REPO_ROOT
 
             config = str(REPO_ROOT / "configs" / "local.yaml")
-        report = bench_train(config, overrides)
+        if args.bench == "task":
+            report = bench_task(config, overrides, args.problems)
+        else:
+            report = bench_train(config, overrides)
     report["machine"] = machine()
     if getattr(args, "json", None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,32 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from opsd.gguf_import import ModelImportError, import_gguf
+    from opsd.models import MODELS
+
+    try:
+        if args.action == "list":
+            for m in MODELS.values():
+                state = "ready" if (m.directory() / "config.json").is_file() else "not made yet"
+                print(f"{m.name:14s} {m.directory()} ({state})\n{'':14s} {m.summary}; license {m.license}")
+            return 0
+        if args.action == "fetch":
+            if args.source not in MODELS:
+                print(f"opsd model fetch: {args.source!r} is not a named model ({', '.join(MODELS)})", file=sys.stderr)
+                return 2
+            print(f"model: {MODELS[args.source].ensure()}")
+            return 0
+        if not args.out:
+            print("opsd model import: give --out DIR, the model directory to write", file=sys.stderr)
+            return 2
+        print(f"model: {import_gguf(args.source, args.out)}")
+        return 0
+    except ModelImportError as exc:
+        print(f"opsd model {args.action}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from launch.evaluate import main_eval
 
@@ -123,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: artifacts/tiny-qwen3)")
     p.set_defaults(func=cmd_tiny)
 
+    p = sub.add_parser("model", help="named models (list, fetch) and GGUF import into a Hugging Face directory")
+    p.add_argument("action", choices=("list", "fetch", "import"))
+    p.add_argument("source", nargs="?", default="", help="fetch: a named model (smollm2-135m); import: a .gguf file")
+    p.add_argument("--out", help="import: the model directory to write (safetensors, fp32, tokenizer, chat template)")
+    p.set_defaults(func=cmd_model)
+
     p = sub.add_parser("doctor", help="check that the installed stack imports")
     p.set_defaults(func=cmd_doctor)
 
@@ -170,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
         from opsd.data import DataError
+        from opsd.gguf_import import ModelError
         from opsd.prompts import PromptTooLongError
 
-        if not isinstance(exc, (DataError, PromptTooLongError, FileNotFoundError)):
+        if not isinstance(exc, (DataError, ModelError, PromptTooLongError, FileNotFoundError)):
             raise
         # Bad input: the message names the file, row or key; a traceback adds nothing.
         print(f"opsd: error: {exc}", file=sys.stderr)

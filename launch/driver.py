@@ -22,7 +22,7 @@ from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
-from launch.loggers import MetricsLogger
+from launch.loggers import MetricsLogger, read_metrics
 from launch.validate import actor_resources, resource_needs
 from launch.weights import WeightSync
 from workers.learner import LearnerGroup
@@ -44,21 +44,28 @@ def sample_seed(seed: int, step: int, uid: str) -> int:
 
 
 def resolve_model(cfg: Config) -> str:
-    if cfg.model.path == "tiny":
-        from opsd.tiny import ensure_tiny_model, tiny_dir
+    """A named model (made on first use), a .gguf file (imported once), a directory or a hub id."""
+    from opsd.models import resolve_model_path
 
-        return str(ensure_tiny_model(tiny_dir()))
-    local = resolve_path(cfg.model.path)
-    return str(local) if local is not None and local.exists() else cfg.model.path
+    return resolve_model_path(cfg.model.path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a step_N folder with its driver state written last)."""
+    """The newest complete checkpoint: a step_N folder whose driver state (written last) reads
+    back. A newer one whose driver state is damaged is passed over, with a warning."""
     done = []
     for d in (run_dir / "checkpoints").glob("step_*"):
         if d.name.split("_")[-1].isdigit() and (d / "driver_state.json").is_file():
             done.append((int(d.name.split("_")[-1]), d))
-    return max(done)[1] if done else None
+    for _, d in sorted(done, reverse=True):
+        try:
+            json.loads((d / "driver_state.json").read_text())
+        except (ValueError, OSError) as exc:
+            print(f"opsd: warning: {d / 'driver_state.json'} is damaged ({exc}); using an older checkpoint",
+                  flush=True)
+            continue
+        return d
+    return None
 
 
 class RunDir:
@@ -89,6 +96,9 @@ class Trainer:
 
         self.cfg = cfg
         self.model_path = resolve_model(cfg)
+        from opsd.models import check_model_dir
+
+        check_model_dir(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
         check(cfg, vocab_size=len(self.tokenizer))
         self.builder = PromptBuilder(
@@ -232,7 +242,7 @@ class Trainer:
                 rows.append({
                     "sample_id": f"{pair.uid}#{j}", "pair": pair, "response_ids": s.response_ids,
                     "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
-                    "policy_version": s.policy_version, "reward": score_response(s.text, pair.answer),
+                    "policy_version": s.policy_version, "reward": score_response(s.text, pair.answer, self.cfg.grading.extract),
                 })
         return rows
 
@@ -323,7 +333,7 @@ class Trainer:
         cfg = self.cfg.eval
         metrics, _ = evaluate_pairs(
             self.rollouts, self.eval_pairs, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-            seed=0, expect_version=self.policy_version,
+            seed=0, expect_version=self.policy_version, extract=self.cfg.grading.extract,
         )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -387,6 +397,9 @@ class Trainer:
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         self.inflight = None
         try:
+            if self.step == 0 and cfg.eval.every and self.eval_pairs:
+                # The baseline every later evaluation is read against: the initial weights.
+                logger.log({"step": 0, "policy_version": self.policy_version, **self.evaluate()})
             while self.step < cfg.train.steps:
                 row = self.train_one_step(self.step + 1)
                 logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
@@ -400,6 +413,9 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+        summary = eval_summary(read_metrics(run.path), cfg.grading.extract)
+        if summary:
+            _say(summary)
 
     def train_one_step(self, step: int) -> dict:
         """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
@@ -455,10 +471,23 @@ class Trainer:
             "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
             "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
         }
-        if cfg.eval.every and step % cfg.eval.every == 0 and self.eval_pairs:
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) and self.eval_pairs:
             row.update(self.evaluate())
         row["step_seconds"] = time.perf_counter() - t_step
         return row
+
+
+def eval_summary(rows: list[dict], extract: str) -> str | None:
+    """"held-out accuracy 0.31 -> 0.38 ..." from the first and last evaluation of a run."""
+    evals = [r for r in rows if f"eval/accuracy_{extract}" in r]
+    if len(evals) < 2:
+        return None
+    first, last = evals[0], evals[-1]
+    other = next(m for m in ("strict", "lenient") if m != extract)
+    return (f"held-out accuracy {first[f'eval/accuracy_{extract}']:.2f} -> {last[f'eval/accuracy_{extract}']:.2f} "
+            f"at steps {first['step']} -> {last['step']} on {int(last['eval/problems'])} problems ({extract} "
+            f"grading; {other}: {first[f'eval/accuracy_{other}']:.2f} -> {last[f'eval/accuracy_{other}']:.2f}; "
+            f"format rate {first['eval/format_rate']:.2f} -> {last['eval/format_rate']:.2f})")
 
 
 def _say(msg: str) -> None:
@@ -510,21 +539,30 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
     import ray
 
     cfg, run_path = prepare_config(config_path, overrides)
-    run = RunDir(run_path)
-    (run.path / "config.yaml").write_text(to_yaml(cfg))
+    # The config, the model and every data row are checked (Trainer) before the run directory
+    # exists; a new run that fails before its first step leaves none behind.
     trainer = Trainer(cfg)
     if trainer.skipped:
         print(f"opsd: skipped {len(trainer.skipped)} over-long prompts (prompt.overlong=skip)")
+    ckpt = None
+    if cfg.train.resume:
+        ckpt = latest_checkpoint(run_path)
+        if ckpt is None:
+            raise ConfigError(f"train.resume={run_path}: no complete checkpoint under {run_path / 'checkpoints'}")
+    fresh = not run_path.exists()
+    run = RunDir(run_path)
+    (run.path / "config.yaml").write_text(to_yaml(cfg))
     started = init_ray(cfg)
     try:
         trainer.start(local_cluster=started)
-        if cfg.train.resume:
-            ckpt = latest_checkpoint(run.path)
-            if ckpt is None:
-                raise ConfigError(f"train.resume={run.path}: no complete checkpoint under {run.checkpoints}")
+        if ckpt is not None:
             trainer.restore(ckpt, run)
             print(f"opsd: resumed from {ckpt} (step {trainer.step})")
         trainer.run_steps(run)
+    except BaseException:
+        if fresh and trainer.step == 0:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     finally:
         trainer.shutdown()
         if started:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from opsd.config import REPO_ROOT, Config, ConfigError, check, load_config
-from opsd.evaluation import Graded, grade, summarize
+from opsd.evaluation import Graded, grade, mean_accuracy, summarize
+from opsd.verify import EXTRACTORS
 from opsd.prompts import PromptPair
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
@@ -61,15 +62,17 @@ def evaluate_pairs(
     expect_version: int | None = None,
     chunk_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    extract: str = "strict",
 ) -> tuple[dict[str, float], list[ProblemResult]]:
     """Generate ``n`` answers for every pair on the pool's actors and grade them.
 
     ``rollouts`` is a :class:`launch.cluster.ActorPool` of RolloutWorkers. Pairs are dealt to
     the actors round-robin; with ``chunk_size`` they go in rounds of at most that many prompts
-    per actor, and ``progress(done, total)`` is called after each round. Returns the summary
-    (``problems``, ``n``, ``avg@n``, ``pass@n``, ``maj@n``, ``format_rate``,
-    ``response_len_mean``, ``truncated_frac``) and the per-problem results in the order of
-    ``pairs``.
+    per actor, and ``progress(done, total)`` is called after each round. Answers are read with
+    ``extract`` (opsd.verify.EXTRACTORS). Returns the summary (``problems``, ``n``, ``avg@n``,
+    ``pass@n``, ``maj@n``, ``format_rate``, ``accuracy_strict`` and ``accuracy_lenient`` (avg@n
+    under each extraction), ``response_len_mean``, ``truncated_frac``) and the per-problem results
+    in the order of ``pairs``.
     """
     if not pairs:
         raise ValueError("nothing to evaluate: no prompts")
@@ -91,7 +94,7 @@ def evaluate_pairs(
             expect_version=expect_version,
         )
         for pair, samples in zip(chunk, unshard(outs, len(chunk))):  # the caller's order, not the shards'
-            g = grade(pair.uid, [s.text for s in samples], pair.answer)
+            g = grade(pair.uid, [s.text for s in samples], pair.answer, extract)
             results.append(ProblemResult(
                 g.uid, g.answers, g.correct, g.gold,
                 response_lens=[len(s.response_ids) for s in samples],
@@ -100,12 +103,16 @@ def evaluate_pairs(
             ))
         if progress is not None:
             progress(len(results), len(pairs))
-    return summarize_results(results), results
+    return summarize_results(results, extract), results
 
 
-def summarize_results(results: Sequence[ProblemResult]) -> dict[str, float]:
-    """opsd.evaluation.summarize plus the mean response length and the truncated fraction."""
-    metrics = summarize(results)
+def summarize_results(results: Sequence[ProblemResult], extract: str = "strict") -> dict[str, float]:
+    """opsd.evaluation.summarize, the accuracy under every extraction, the mean response length
+    and the truncated fraction."""
+    metrics = summarize(results, [r.responses for r in results])
+    for mode in EXTRACTORS:
+        regraded = results if mode == extract else [grade(r.uid, r.responses, r.gold, mode) for r in results]
+        metrics[f"accuracy_{mode}"] = mean_accuracy(regraded)
     lens = [x for r in results for x in r.response_lens]
     reasons = [x for r in results for x in r.finish_reasons]
     metrics["response_len_mean"] = sum(lens) / max(len(lens), 1)
@@ -126,10 +133,10 @@ class ResolvedModel:
 def resolve_eval_model(model: str) -> ResolvedModel:
     """``tiny``, an HF model directory, a run directory (its latest complete checkpoint's hf/), a
     checkpoint directory (``RUN/checkpoints/step_N``), or a hub id such as ``Qwen/Qwen3-1.7B``."""
-    if model == "tiny":
-        from opsd.tiny import ensure_tiny_model, tiny_dir
+    from opsd.models import MODELS, resolve_model_path
 
-        return ResolvedModel(str(ensure_tiny_model(tiny_dir())))
+    if model in MODELS or model.endswith(".gguf"):
+        return ResolvedModel(resolve_model_path(model))
     p = Path(model).expanduser()
     if not p.exists():
         # "org/name" is a hub id unless "org" is a local folder (then it is a mistyped path).
@@ -174,17 +181,12 @@ def _load_eval_problems(path: str, cfg: Config):
     """Problems with ``answer`` (or a boxed answer in the solution); an id column is used when the
     file has one, else rows are numbered. Solutions are dropped: only the student prompt is used."""
     from opsd.config import resolve_path
-    from opsd.data import DataError, load_problems
+    from opsd.data import load_problems
 
     d = cfg.data
-    kw = dict(problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key, require_solution=False)
     real = str(resolve_path(path)) if "::" not in path else path
-    try:
-        problems = load_problems(real, id_key=d.id_key, **kw)
-    except DataError as exc:
-        if d.id_key is None or f"key {d.id_key!r} is missing" not in str(exc):
-            raise
-        problems = load_problems(real, id_key=None, **kw)
+    problems = load_problems(real, problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key,
+                             id_key=d.id_key, require_solution=False)
     return [dataclasses.replace(p, solution="") for p in problems]
 
 
@@ -271,6 +273,7 @@ def run_eval(
         "run_dir": str(resolved.run_dir) if resolved.run_dir else None,
         "checkpoint": str(resolved.checkpoint) if resolved.checkpoint else None,
         "sampling": {"n": ev.n, "temperature": ev.temperature, "top_p": 1.0, "max_tokens": ev.max_tokens, "seed": seed},
+        "grading": cfg.grading.extract,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "datasets": {},
     }
@@ -292,7 +295,7 @@ def run_eval(
 
             metrics, results = evaluate_pairs(
                 pool, pairs, n=ev.n, max_tokens=ev.max_tokens, temperature=ev.temperature, seed=seed,
-                chunk_size=64, progress=progress,
+                chunk_size=64, progress=progress, extract=cfg.grading.extract,
             )
             metrics["seconds"] = time.perf_counter() - t0
             report["datasets"][name] = {
@@ -329,12 +332,13 @@ def default_report_path(model: ResolvedModel, names: Sequence[str], n: int) -> P
 
 
 def format_table(report: dict) -> str:
-    rows = [("dataset", "problems", "n", "avg@n", "pass@n", "maj@n", "format", "len")]
+    rows = [("dataset", "problems", "n", "avg@n", "pass@n", "maj@n", "strict", "lenient", "format", "len")]
     for name, d in report["datasets"].items():
         m = d["metrics"]
         k = int(m["n"])
         rows.append((name, str(m["problems"]), str(k), f"{m[f'avg@{k}']:.3f}", f"{m[f'pass@{k}']:.3f}",
-                     f"{m[f'maj@{k}']:.3f}", f"{m['format_rate']:.3f}", f"{m['response_len_mean']:.0f}"))
+                     f"{m[f'maj@{k}']:.3f}", f"{m['accuracy_strict']:.3f}", f"{m['accuracy_lenient']:.3f}",
+                     f"{m['format_rate']:.3f}", f"{m['response_len_mean']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)

@@ -276,7 +276,9 @@ def base_report(base: str, spec: LearningSpec, paths: dict[str, Path], cfg_path:
 
 def read_curve(run_dir: Path, base_acc: float) -> dict:
     """Per-step series of one run, with a step-0 point (the base) on the accuracy curve."""
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    from launch.loggers import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0: the base, given here as base_acc
     wall = 0.0
     steps = []
     for r in rows:

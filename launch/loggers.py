@@ -102,3 +102,23 @@ class MetricsLogger:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of ``metrics.jsonl`` by step (a step logged twice keeps its last row). A torn last
+    line, as a run being written may leave, is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    by_step: dict[int, dict] = {}
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not JSON") from None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]

@@ -7,11 +7,12 @@ Reads ``metrics.jsonl`` only, so it works on a run that is still going.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from launch.loggers import read_metrics  # noqa: F401  (opsd plot reads what the logger wrote)
 
 # (title, metric key or "eval", y label)
 PANELS = (
@@ -24,26 +25,6 @@ PANELS = (
 )
 FIGSIZE = (15.0, 8.0)
 DPI = 100
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of ``metrics.jsonl`` by step (a step logged twice keeps its last row). A torn last
-    line, as a run being written may leave, is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    by_step: dict[int, dict] = {}
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue
-            raise ValueError(f"{path}, line {i + 1}: not JSON") from None
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

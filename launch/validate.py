@@ -33,10 +33,15 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
 
 
 def _check_model(cfg: Config) -> str:
+    from opsd.models import MODELS, describe
+
     path = cfg.model.path
-    if path == "tiny":
-        return "model: tiny (built locally under artifacts/ on first use)"
+    named = describe(path)
+    if named is not None:
+        return named
     local = resolve_path(path)
+    if local is not None and local.is_file() and local.suffix == ".gguf":
+        return f"model: GGUF file {local} (imported once into artifacts/gguf/ on first use)"
     if local is not None and local.exists():
         if not (local / "config.json").is_file():
             raise ConfigError(
@@ -47,7 +52,8 @@ def _check_model(cfg: Config) -> str:
         return f"model: {path} (Hugging Face hub id; fetched where the job runs, not checked here)"
     raise ConfigError(
         f"config key 'model.path' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
-        "expected 'tiny', a local model directory with config.json, or a hub id such as Qwen/Qwen3-1.7B"
+        f"expected a named model ({', '.join(MODELS)}), a .gguf file, a local model directory with config.json, "
+        "or a hub id such as Qwen/Qwen3-1.7B"
     )
 
 

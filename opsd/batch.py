@@ -148,9 +148,16 @@ def write_ipc(table: pa.Table, path: str | os.PathLike) -> Path:
     return path
 
 
+class BatchError(ValueError):
+    """A batch file that cannot be read; the message names it."""
+
+
 def read_ipc(path: str | os.PathLike) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise BatchError(f"{path}: not a readable Arrow IPC batch ({exc})") from exc
 
 
 # --- validation -----------------------------------------------------------------------------

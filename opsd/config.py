@@ -75,6 +75,14 @@ class PromptConfig:
 
 
 @dataclass
+class GradingConfig:
+    # How a response's final answer is read, for rewards and held-out accuracy (opsd/verify.py):
+    # strict = the last \boxed{}; lenient = that, else the last number in the response. Evaluation
+    # reports both; this one is the headline and the reward.
+    extract: str = "strict"
+
+
+@dataclass
 class RolloutConfig:
     num_workers: int = 1
     tensor_parallel_size: int = 1
@@ -195,6 +203,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    grading: GradingConfig = field(default_factory=GradingConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -211,6 +220,7 @@ _CHOICES = {
     "algo": ("opsd", "grpo", "sft"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "prompt.overlong": ("error", "skip"),
+    "grading.extract": ("strict", "lenient"),
     "learner.zero_stage": (0, 1, 2, 3),
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
@@ -273,7 +283,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             layers.append((str(p), OmegaConf.load(p)))
         except Exception as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise ConfigError(f"{p}: not valid YAML{where}: {what}") from exc
     if overrides:
         layers.append(("command line", parse_overrides(list(overrides))))
     for origin, layer in layers:

@@ -51,6 +51,10 @@ def load_problems(
     `path` is a .jsonl or .parquet file, or a `save_to_disk` directory; `DIR::SPLIT` chooses a
     split of a saved DatasetDict, which otherwise must have a "train" split. When a row has no
     answer (key absent or null), the answer is the last \\boxed{} of its solution.
+
+    Ids come from the `id_key` column when the file has one (then every row needs one, and no
+    two may be equal); when no row has that key, or `id_key` is None, a row's id is
+    "<file stem>:<row index from 0>", the same on every run and resume of the same file.
     """
     path_str = str(path)
     split = None
@@ -76,6 +80,8 @@ def load_problems(
     else:
         raise DataError(f"{file}: unknown format {file.suffix!r}; expected {FORMATS}")
 
+    if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):
+        id_key = None  # no id column: ids from the file and row
     problems: list[Problem] = []
     first_row_of_uid: dict[str, int] = {}
     for index, (row_no, row) in enumerate(rows):

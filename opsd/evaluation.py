@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from opsd.verify import extract_boxed, is_equivalent
+from opsd.verify import extract_answer, extract_boxed, is_equivalent
 
 
 @dataclass
@@ -19,8 +19,9 @@ class Graded:
     gold: str
 
 
-def grade(uid: str, responses: Sequence[str], gold: str) -> Graded:
-    answers = [extract_boxed(r) for r in responses]
+def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict") -> Graded:
+    """Each response's answer under ``extract`` (opsd.verify.EXTRACTORS), checked against ``gold``."""
+    answers = [extract_answer(r, extract) for r in responses]
     return Graded(uid, answers, [is_equivalent(a, gold) if a is not None else False for a in answers], gold)
 
 
@@ -45,16 +46,28 @@ def majority_correct(g: Graded) -> bool:
     return False
 
 
-def summarize(graded: Sequence[Graded]) -> dict[str, float]:
+def mean_accuracy(graded: Sequence[Graded]) -> float:
+    """avg@n: the fraction of correct answers, averaged over problems."""
+    return sum(sum(g.correct) / len(g.correct) for g in graded) / len(graded)
+
+
+def summarize(graded: Sequence[Graded], responses: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
+    """avg@n, pass@n, maj@n of ``graded``. The format rate counts responses with a closed
+    ``\\boxed{}``, whatever extraction graded them; it needs ``responses`` unless the answers were
+    extracted strictly (then an answer is a box)."""
     if not graded:
         raise ValueError("nothing to summarize: no graded problems")
     n = len(graded[0].correct)
     m = len(graded)
+    if responses is None:
+        boxed = [[a is not None for a in g.answers] for g in graded]
+    else:
+        boxed = [[extract_boxed(r) is not None for r in rs] for rs in responses]
     return {
         "problems": m,
         "n": n,
-        f"avg@{n}": sum(sum(g.correct) / len(g.correct) for g in graded) / m,
+        f"avg@{n}": mean_accuracy(graded),
         f"pass@{n}": sum(any(g.correct) for g in graded) / m,
         f"maj@{n}": sum(majority_correct(g) for g in graded) / m,
-        "format_rate": sum(sum(a is not None for a in g.answers) / len(g.answers) for g in graded) / m,
+        "format_rate": sum(sum(b) / len(b) for b in boxed) / m,
     }

@@ -35,7 +35,8 @@ def _template_ids(tokenizer: Any, messages: list[dict], *, thinking: bool) -> li
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: lengths are checked against the budget below, in the terms of the config.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 class PromptBuilder:

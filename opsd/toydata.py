@@ -229,24 +229,29 @@ def make_problem(level: int, rng: random.Random) -> ToyProblem:
     return _MAKERS[level](rng)
 
 
-def _per_level(n: int) -> list[int]:
+def _per_level(n: int, levels: int = len(LEVELS)) -> list[int]:
     """n split over the levels as evenly as possible, the remainder to the lower levels."""
-    q, r = divmod(n, len(LEVELS))
-    return [q + (i < r) for i in range(len(LEVELS))]
+    q, r = divmod(n, levels)
+    return [q + (i < r) for i in range(levels)]
 
 
 def generate_toy_splits(sizes: dict[str, int] | None = None,
                         seed: int = DEFAULT_SEED) -> dict[str, list[dict]]:
-    """Rows of every split, keyed by split name, in file order.
+    """Rows of every split, keyed by split name, in file order (see :func:`generate_splits`)."""
+    return generate_splits(make_problem, LEVELS, dict(DEFAULT_SIZES if sizes is None else sizes), seed, "toy")
+
+
+def generate_splits(make: Callable[[int, random.Random], ToyProblem], levels: tuple[int, ...],
+                    sizes: dict[str, int], seed: int, prefix: str) -> dict[str, list[dict]]:
+    """Rows of every split of a generated set, keyed by split name, in file order.
 
     Each level draws its own unique problems from `Random(seed * 1000 + level)`; the splits take
     consecutive slices of that stream (in the order of `sizes`), so no expression is in two
-    splits. Rows are then shuffled per split and numbered `toy-<split>-NNNNNN`.
+    splits. Rows are then shuffled per split and numbered `<prefix>-<split>-NNNNNN`.
     """
-    sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
-    counts = {name: _per_level(n) for name, n in sizes.items()}
+    counts = {name: _per_level(n, len(levels)) for name, n in sizes.items()}
     pools: dict[str, list[ToyProblem]] = {name: [] for name in sizes}
-    for li, level in enumerate(LEVELS):
+    for li, level in enumerate(levels):
         rng = random.Random(seed * 1000 + level)
         need = sum(c[li] for c in counts.values())
         seen: set[str] = set()
@@ -254,7 +259,7 @@ def generate_toy_splits(sizes: dict[str, int] | None = None,
         for _ in range(100 * need):
             if len(drawn) == need:
                 break
-            p = make_problem(level, rng)
+            p = make(level, rng)
             if p.key not in seen:
                 seen.add(p.key)
                 drawn.append(p)
@@ -271,7 +276,7 @@ def generate_toy_splits(sizes: dict[str, int] | None = None,
         rows = pools[name]
         random.Random(seed * 1000 + 100 + si).shuffle(rows)
         out[name] = [
-            {"id": f"toy-{name}-{i:06d}", "level": p.level, "problem": p.problem,
+            {"id": f"{prefix}-{name}-{i:06d}", "level": p.level, "problem": p.problem,
              "solution": p.solution, "answer": p.answer}
             for i, p in enumerate(rows)
         ]

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-__all__ = ["extract_boxed", "is_equivalent", "score_response"]
+__all__ = ["EXTRACTORS", "extract_answer", "extract_boxed", "extract_last_number", "is_equivalent", "score_response"]
 
 # `\boxed` and `\fbox`, but not a longer command that starts the same way (`\boxedfoo`).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -80,6 +80,38 @@ def extract_boxed(text: str) -> str | None:
     return m.group(0) if m else None
 
 
+# A number as people write one in a sentence: "-12", "3.5", "1,250", "3/4". A trailing period
+# ends the sentence, not the number.
+# A minus right after a digit or letter is an operator ("10-5"), not a sign.
+_NUMBER_RE = re.compile(r"(?:(?<![\w)])-)?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in `text` (commas of thousands dropped), or None."""
+    found = _NUMBER_RE.findall(text)
+    if not found:
+        return None
+    return found[-1].rstrip(",").replace(",", "")
+
+
+def extract_answer(text: str, mode: str = "strict") -> str | None:
+    """The final answer of a response under one of :data:`EXTRACTORS`.
+
+    ``strict``: the last ``\\boxed{}`` (None without one). ``lenient``: the last ``\\boxed{}``
+    when there is a non-empty one, else the last number in the response, as GSM8K evaluations'
+    "flexible" extraction does: a model that computes right but never boxes is still measured.
+    """
+    if mode not in EXTRACTORS:
+        raise ValueError(f"answer extraction {mode!r}; expected one of {list(EXTRACTORS)}")
+    boxed = extract_boxed(text)
+    if mode == "strict" or (boxed is not None and boxed.strip()):
+        return boxed
+    return extract_last_number(text)
+
+
+EXTRACTORS = ("strict", "lenient")
+
+
 def is_equivalent(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> bool:
     """Whether the predicted answer means the same as the gold answer (False when pred is None).
 
@@ -95,9 +127,9 @@ def is_equivalent(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> boo
     return _WORKER.equivalent(pred, gold, timeout_s)
 
 
-def score_response(text: str, gold: str) -> float:
-    """1.0 when the last boxed answer in `text` is equivalent to `gold`, else 0.0."""
-    return 1.0 if is_equivalent(extract_boxed(text), gold) else 0.0
+def score_response(text: str, gold: str, mode: str = "strict") -> float:
+    """1.0 when the answer `extract_answer(text, mode)` is equivalent to `gold`, else 0.0."""
+    return 1.0 if is_equivalent(extract_answer(text, mode), gold) else 0.0
 
 
 def _as_boxed(answer: str) -> str:

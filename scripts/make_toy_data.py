@@ -1,9 +1,10 @@
-"""Regenerate the shipped toy math set, data/toy/{train,test}.jsonl, byte for byte.
+"""Regenerate a shipped generated problem set, byte for byte.
 
-    python scripts/make_toy_data.py [--out DIR] [--seed N] [--train N] [--test N]
+    python scripts/make_toy_data.py [--set toy|wordproblems] [--out DIR] [--seed N] [--train N] [--test N]
 
-With the defaults the output is identical to the files in the repository
-(tests/unit/test_toydata.py checks it).
+toy: data/toy/ (tests/unit/test_toydata.py checks it); wordproblems: data/wordproblems/, the
+default run's task (opsd/wordproblems.py). With the defaults the output is identical to the files
+in the repository.
 """
 
 from __future__ import annotations
@@ -11,17 +12,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opsd.toydata import DEFAULT_SEED, DEFAULT_SIZES, DEFAULT_TOY_DIR, write_toy_data
+from opsd import toydata, wordproblems
+
+SETS = {
+    "toy": (toydata.DEFAULT_TOY_DIR, toydata.DEFAULT_SEED, toydata.DEFAULT_SIZES, toydata.write_toy_data),
+    "wordproblems": (wordproblems.DEFAULT_DIR, wordproblems.DEFAULT_SEED, wordproblems.DEFAULT_SIZES,
+                     wordproblems.write_word_data),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DEFAULT_TOY_DIR), help="output directory")
-    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    ap.add_argument("--train", type=int, default=DEFAULT_SIZES["train"], help="train rows")
-    ap.add_argument("--test", type=int, default=DEFAULT_SIZES["test"], help="test rows")
+    ap.add_argument("--set", choices=sorted(SETS), default="toy", help="which problem set")
+    ap.add_argument("--out", help="output directory (default: the set's folder under data/)")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--train", type=int, help="train rows")
+    ap.add_argument("--test", type=int, help="test rows")
     args = ap.parse_args(argv)
-    paths = write_toy_data(args.out, {"train": args.train, "test": args.test}, args.seed)
+    out, seed, sizes, write = SETS[args.set]
+    sizes = {"train": args.train or sizes["train"], "test": args.test or sizes["test"]}
+    paths = write(args.out or str(out), sizes, seed if args.seed is None else args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

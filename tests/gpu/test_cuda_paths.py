@@ -119,7 +119,7 @@ def scorer(device: str, model_dir: str):
     from workers.scorer import ScorerWorker
 
     # A small forward budget so that rows are split over several padded micro-batches.
-    cfg = load_config(REPO_ROOT / "configs" / "local.yaml",
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml",
                       [f"cluster.device={device}", "scorer.max_tokens_per_forward=256", "model.dtype=float32"])
     return ScorerWorker(cfg, model_dir)
 

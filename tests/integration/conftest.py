@@ -18,9 +18,9 @@ CLI_STEPS = 3
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
-    from opsd.tiny import ensure_tiny_model, tiny_dir
+    from opsd.models import resolve_model_path
 
-    return str(ensure_tiny_model(tiny_dir()))
+    return resolve_model_path("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def cli_run(tiny_model, tmp_path_factory) -> Path:
     Runs before the in-process Ray fixture is created, so the two clusters never overlap.
     """
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "train", f"run_dir={run_dir}", f"train.steps={CLI_STEPS}",
+    cmd = [sys.executable, "-m", "launch.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}", f"train.steps={CLI_STEPS}",
            "logging.save_batches=true", "train.checkpoint_every=3", "logging.progress=false"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"opsd train failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -48,14 +48,17 @@ def ray_session(tiny_model, request):
     # A CLI run, if any test needs it, must finish before this cluster starts.
     if any("cli_run" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("cli_run")
-    cfg = load_config(REPO_ROOT / "configs" / "local.yaml", ["cluster.num_cpus=4"])
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=4"])
     init_ray(cfg)
     yield ray
     ray.shutdown()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+def read_metrics(run_dir: Path, *, baseline: bool = False) -> list[dict]:
+    """The rows of metrics.jsonl; without ``baseline``, the training steps only (not the step-0
+    evaluation of the initial weights that a run with eval.every > 0 logs first)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return rows if baseline else [r for r in rows if r["step"] > 0]
 
 
 def local_overrides(tmp_path: Path, *extra: str) -> list[str]:
@@ -65,14 +68,14 @@ def local_overrides(tmp_path: Path, *extra: str) -> list[str]:
 def local_config(*overrides: str):
     from opsd.config import load_config
 
-    return load_config(REPO_ROOT / "configs" / "local.yaml", list(overrides))
+    return load_config(REPO_ROOT / "configs" / "tiny.yaml", list(overrides))
 
 
 def make_trainer(tmp_path: Path, *overrides: str, cls=None):
     """A started Trainer on the local config (the caller shuts it down) and its run directory."""
     from launch.driver import RunDir, Trainer, prepare_config
 
-    cfg, run_path = prepare_config(str(REPO_ROOT / "configs" / "local.yaml"), local_overrides(tmp_path, *overrides))
+    cfg, run_path = prepare_config(str(REPO_ROOT / "configs" / "tiny.yaml"), local_overrides(tmp_path, *overrides))
     trainer = (cls or Trainer)(cfg)
     trainer.start()
     return trainer, RunDir(run_path)

@@ -22,7 +22,10 @@ def test_run_dir_layout_and_metrics(cli_run, tiny_model):
     cfg = load_config(cli_run / "config.yaml")  # the resolved config is itself a valid config
     assert cfg.train.steps == CLI_STEPS and cfg.logging.save_batches
 
-    rows = read_metrics(cli_run)
+    baseline, *rows = read_metrics(cli_run, baseline=True)
+    # eval.every > 0: the initial weights are evaluated first, as step 0, and so is the last step.
+    assert baseline["step"] == 0 and baseline["policy_version"] == 0 and "eval/accuracy_strict" in baseline
+    assert "eval/accuracy_lenient" in rows[-1]
     assert [r["step"] for r in rows] == list(range(1, CLI_STEPS + 1))
     total = 0
     for r in rows:

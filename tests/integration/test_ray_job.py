@@ -214,7 +214,7 @@ def test_ray_job_submit_trains(ray_head, tmp_path):
     submit = [
         "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env", "launch/runtime_env.yaml",
         "--submission-id", job_id, "--",
-        "opsd", "train", "configs/local.yaml", f"run_dir={run_dir}", f"train.steps={STEPS}", "eval.every=0",
+        "opsd", "train", "configs/tiny.yaml", f"run_dir={run_dir}", f"train.steps={STEPS}", "eval.every=0",
         # Smaller steps than the default run: this test is about the submission path.
         "train.prompts_per_step=4", "rollout.max_tokens=32", "logging.progress=false", "logging.tensorboard=false",
     ]

@@ -12,7 +12,7 @@ from .conftest import local_overrides, read_metrics
 
 pytestmark = pytest.mark.integration
 
-CONFIG = str(REPO_ROOT / "configs" / "local.yaml")
+CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 COMMON = ("train.checkpoint_every=2", "eval.every=0")
 
 

@@ -12,7 +12,7 @@ from .conftest import local_overrides, read_metrics
 
 pytestmark = pytest.mark.integration
 
-CONFIG = str(REPO_ROOT / "configs" / "local.yaml")
+CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 
 
 def test_overlapped_rollouts_lag_one_version_and_resume_keeps_their_prompts(tmp_path, ray_session):

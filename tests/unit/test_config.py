@@ -232,6 +232,12 @@ def test_every_shipped_config_loads(path):
 
 def test_local_config_values_take_effect():
     cfg = load_config(REPO_ROOT / "configs" / "local.yaml")
+    assert cfg.model.path == "smollm2-135m" and cfg.model.dtype == "bfloat16"
     assert cfg.rollout.max_tokens == 64  # the file says 64, the default is 96
-    assert cfg.rollout.kv_cache_mb == 256
-    assert cfg.eval.every == 3
+    assert cfg.grading.extract == "lenient"  # the default is strict
+    assert cfg.data.train_path == "data/wordproblems/train.jsonl"
+
+
+def test_tiny_config_is_the_fast_debug_run():
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")
+    assert cfg.model.path == "tiny" and cfg.rollout.kv_cache_mb == 256 and cfg.eval.every == 3

@@ -134,6 +134,23 @@ def test_duplicate_ids_are_rejected(tmp_path):
         load_problems(path, id_key="id")
 
 
+def test_ids_are_optional_and_stable(tmp_path):
+    # The README's minimal dataset: problem and solution, no id column.
+    rows = [{"problem": r["problem"], "solution": r["solution"]} for r in ROWS]
+    path = write_jsonl(tmp_path / "plain.jsonl", rows)
+    first = load_problems(path, id_key="id")
+    assert [p.uid for p in first] == [f"plain:{i}" for i in range(len(rows))]
+    assert [p.uid for p in load_problems(path, id_key="id")] == [p.uid for p in first]  # the same every run
+    assert [p.uid for p in load_problems(path)] == [p.uid for p in first]
+
+
+def test_an_id_column_must_cover_every_row(tmp_path):
+    rows = [dict(ROWS[0], id="a"), {k: v for k, v in ROWS[1].items() if k != "id"}]
+    path = write_jsonl(tmp_path / "half.jsonl", rows)
+    with pytest.raises(DataError, match=r"half\.jsonl, line 2: key 'id' is missing"):
+        load_problems(path, id_key="id")
+
+
 def test_missing_file_names_path_and_accepted_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl.*\.jsonl.*\.parquet.*save_to_disk"):
         load_problems(tmp_path / "nope.jsonl")

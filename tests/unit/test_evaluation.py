@@ -102,3 +102,14 @@ def test_votes_ignore_whitespace_but_not_equivalence():
 def test_summarize_needs_problems():
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_lenient_grading_reads_unboxed_numbers_and_the_format_rate_still_counts_boxes():
+    lenient = [grade(uid, responses, gold, "lenient") for uid, gold, responses in PROBLEMS]
+    assert lenient[0].answers == ["42", "41", "42", "42"]  # "The answer is 42." now counts
+    assert lenient[2].answers == [None, "7", "7", None]  # the unclosed box falls back to its number
+    assert lenient[3].answers == [g for g in grade("p4", PROBLEMS[3][2], "10").answers]  # boxes win
+    m = summarize(lenient, [responses for _, _, responses in PROBLEMS])
+    assert m["avg@4"] == pytest.approx((3 / 4 + 2 / 4 + 2 / 4 + 2 / 4) / 4)
+    # Whatever graded them, the format rate is the share of responses with a closed box.
+    assert m["format_rate"] == pytest.approx((3 / 4 + 1 + 0 + 1) / 4)

@@ -1,12 +1,12 @@
 """The Ray launch files in launch/: KubeRay RayJob manifests and the `ray job submit` runtime env.
 
-The manifests are validated offline against the RayJob CRD's openAPIV3Schema (a copy lives in
-shared/kuberay beside the repository), made strict the way `kubectl apply --validate=strict` is:
+The manifests are validated offline against the RayJob CRD's openAPIV3Schema (vendored in
+tests/data/kuberay by scripts/vendor_kuberay_schema.py), made strict the way `kubectl apply --validate=strict` is:
 an unknown field is an error, not silently pruned. What the schema cannot say (CEL rules in
 x-kubernetes-validations, list-map key uniqueness) is not checked here.
 """
 
-import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -19,7 +19,7 @@ from opsd.config import REPO_ROOT, load_config
 
 jsonschema = pytest.importorskip("jsonschema")
 
-SHARED = REPO_ROOT.parent / "shared" / "kuberay"
+SCHEMA = REPO_ROOT / "tests" / "data" / "kuberay" / "rayjob-v1.schema.json"
 MANIFESTS = sorted((REPO_ROOT / "launch" / "kuberay").glob("*.yaml"))
 APP_DIR = "/app"  # WORKDIR of both images, where the project is installed in editable mode
 
@@ -44,12 +44,7 @@ def _strict(schema):
 
 @pytest.fixture(scope="module")
 def rayjob_validator():
-    crd_file = SHARED / "ray.io_rayjobs.yaml"
-    if not crd_file.is_file():
-        pytest.skip(f"KubeRay CRD not found at {crd_file} (shared/ is expected beside the repository)")
-    crd = yaml.safe_load(crd_file.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
+    schema = _strict(json.loads(SCHEMA.read_text()))
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 

@@ -14,6 +14,7 @@ CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 # What each shipped config asks Ray for; a change to a recipe's layout has to change this too.
 NEEDS = {
     "local.yaml": "needs 0 GPUs, 2 CPUs",
+    "tiny.yaml": "needs 0 GPUs, 2 CPUs",
     "grpo-local.yaml": "needs 0 GPUs, 2 CPUs",
     "sft-local.yaml": "needs 0 GPUs, 2 CPUs",
     "qwen3-1.7b.yaml": "needs 4 GPUs, 14 CPUs",
@@ -38,7 +39,8 @@ def test_shipped_configs_validate(path):
     assert lines[-1] == "ok"
     assert any(NEEDS[path.name] in line for line in lines), lines
     if check_data:
-        assert any(line.startswith("data: data.train_path") and "4000 problems" in line for line in lines), lines
+        rows = 900 if path.name == "local.yaml" else 4000  # the word problems, or the toy set
+        assert any(line.startswith("data: data.train_path") and f"{rows} problems" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("name", ["qwen3-1.7b.yaml", "qwen3-4b.yaml", "qwen3-8b.yaml"])
@@ -151,6 +153,9 @@ def test_model_path_kinds(tmp_path):
 
     assert "Hugging Face hub id" in model_line("Qwen/Qwen3-1.7B")
     assert "tiny" in model_line("tiny")
+    assert "SmolLM2-135M-Instruct" in model_line("smollm2-135m") and "Apache-2.0" not in model_line("tiny")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert model_line(tmp_path / "m.gguf") == f"model: GGUF file {tmp_path / 'm.gguf'} (imported once into artifacts/gguf/ on first use)"
     (tmp_path / "config.json").write_text("{}")
     assert model_line(tmp_path) == f"model: local directory {tmp_path}"
     with pytest.raises(ConfigError, match="no config.json"):

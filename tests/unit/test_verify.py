@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from opsd.verify import _normalise, extract_boxed, is_equivalent, score_response
+from opsd.verify import _normalise, extract_answer, extract_boxed, is_equivalent, score_response
 
 # (prediction, gold) pairs that mean the same number / object.
 EQUIVALENT = [
@@ -114,6 +114,32 @@ def test_score_response():
     assert score_response("The answer is $\\boxed{\\dfrac{1}{2}}$.", "0.5") == 1.0
     assert score_response("The answer is $\\boxed{2}$.", "3") == 0.0
     assert score_response("I think it is 0.5", "0.5") == 0.0  # no box, no credit
+
+
+@pytest.mark.parametrize(
+    "text, strict, lenient",
+    [
+        ("Tom has 10 + 25 = 35 marbles now.", None, "35"),
+        ("The answer is \\boxed{42}. Check: 40 + 2.", "42", "42"),  # a box wins over later numbers
+        ("\\boxed{} so 12", "", "12"),  # an empty box is no answer
+        ("It costs 1,250 dollars.", None, "1250"),
+        ("Half: 3/4 of it", None, "3/4"),
+        ("It is -5 degrees.", None, "-5"),
+        ("so 10-5=5", None, "5"),  # the minus of "10-5" is an operator
+        ("It is 2.50.", None, "2.50"),  # the sentence's period is not part of the number
+        ("no number at all", None, None),
+    ],
+)
+def test_extract_answer(text, strict, lenient):
+    assert extract_answer(text, "strict") == strict
+    assert extract_answer(text, "lenient") == lenient
+
+
+def test_score_response_lenient_and_bad_mode():
+    assert score_response("Tom has 10 + 25 = 35 marbles.", "35", "lenient") == 1.0
+    assert score_response("Tom has 10 + 25 = 35 marbles.", "35") == 0.0
+    with pytest.raises(ValueError, match="'loose'.*strict"):
+        extract_answer("1", "loose")
 
 
 def _in_thread(fn):

