@@ -399,7 +399,11 @@ class Trainer:
         try:
             if self.step == 0 and cfg.eval.every and self.eval_pairs:
                 # The baseline every later evaluation is read against: the initial weights.
-                logger.log({"step": 0, "policy_version": self.policy_version, **self.evaluate()})
+                bar.write(f"opsd: evaluating the initial weights on {len(self.eval_pairs)} held-out problems")
+                baseline = self.evaluate()
+                bar.write(f"opsd: step 0: held-out accuracy {baseline[f'eval/accuracy_{cfg.grading.extract}']:.2f} "
+                          f"({cfg.grading.extract})")
+                logger.log({"step": 0, "policy_version": self.policy_version, **baseline})
             while self.step < cfg.train.steps:
                 row = self.train_one_step(self.step + 1)
                 logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)

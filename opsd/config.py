@@ -68,6 +68,11 @@ class PromptConfig:
         "After reading the reference solution above, solve the problem again yourself. "
         "{instruction}"
     )
+    # When set, the teacher's user turn is the student's own, word for word, and the reference
+    # solution goes into a system message made from this template ({problem}, {solution} filled
+    # in); teacher_template is then unused. The teacher then differs from the student only in
+    # what it knows, not in what it was asked (docs/TASK.md measures why that matters).
+    teacher_system: Optional[str] = None
     student_thinking: bool = False
     teacher_thinking: bool = False
     max_prompt_len: int = 256
@@ -257,15 +262,41 @@ def _shape_error(base: DictConfig, layer: dict, prefix: str = "") -> str | None:
     return None
 
 
-def parse_overrides(items: list[str]) -> DictConfig:
-    """``["a.b=1", "c=x"]`` -> a DictConfig; values are parsed as YAML scalars."""
+def _is_string_key(schema: DictConfig | None, key: str) -> bool:
+    from omegaconf.nodes import StringNode
+
+    if schema is None:
+        return False
+    parent, _, leaf = key.rpartition(".")
+    section = OmegaConf.select(schema, parent) if parent else schema
+    try:
+        return isinstance(section, DictConfig) and isinstance(section._get_node(leaf), StringNode)
+    except OmegaConfBaseException:
+        return False  # an unknown key: the merge names it
+
+
+def parse_overrides(items: list[str], schema: DictConfig | None = None) -> DictConfig:
+    """``["a.b=1", "c=x"]`` -> a DictConfig; values are parsed as YAML scalars. For a key that
+    ``schema`` types as a string, a value that YAML would read as something else (a template
+    such as ``Ref: {solution}`` is a mapping to YAML) is taken as written."""
     bad = [it for it in items if "=" not in it or it.startswith("=")]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. train.steps=10)")
-    try:
-        return OmegaConf.from_dotlist(items)
-    except OmegaConfBaseException as exc:  # pragma: no cover - dotlist syntax is permissive
-        raise ConfigError(_describe(exc)) from exc
+    out = OmegaConf.create()
+    for item in items:
+        key, raw = item.split("=", 1)
+        try:
+            layer = OmegaConf.from_dotlist([item])
+            parsed = OmegaConf.select(layer, key)
+        except Exception:
+            layer, parsed = None, None
+        if _is_string_key(schema, key) and not isinstance(parsed, str) and not (parsed is None and raw == "null"):
+            layer = OmegaConf.create()
+            OmegaConf.update(layer, key, raw)
+        elif layer is None:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML")
+        out = OmegaConf.merge(out, layer)
+    return out
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -288,7 +319,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             what = getattr(exc, "problem", None) or " ".join(str(exc).split())
             raise ConfigError(f"{p}: not valid YAML{where}: {what}") from exc
     if overrides:
-        layers.append(("command line", parse_overrides(list(overrides))))
+        layers.append(("command line", parse_overrides(list(overrides), schema=cfg)))
     for origin, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{origin}: the top level must be a mapping of sections")
@@ -357,6 +388,19 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         value = _get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
+
+    for key, fields in (("prompt.teacher_template", ("problem", "solution", "instruction")),
+                        ("prompt.teacher_system", ("problem", "solution"))):
+        template = _get(cfg, key)
+        if template is None:
+            continue
+        try:
+            template.format(**{f: "" for f in fields})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(
+                f"config key '{key}': {type(exc).__name__} {exc} in {template!r}; it may use "
+                f"{', '.join('{' + f + '}' for f in fields)} (write {{{{ and }}}} for literal braces)"
+            ) from None
 
     # Combinations.
     if cfg.teacher.mode == "fixed" and cfg.teacher.sync_every != 1:

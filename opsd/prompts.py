@@ -55,6 +55,9 @@ class PromptBuilder:
         return [{"role": "user", "content": f"{problem}\n{self.cfg.student_instruction}".strip()}]
 
     def teacher_messages(self, problem: str, solution: str) -> list[dict]:
+        if self.cfg.teacher_system is not None:
+            system = self.cfg.teacher_system.format(problem=problem, solution=solution)
+            return [{"role": "system", "content": system}, *self.student_messages(problem)]
         content = self.cfg.teacher_template.format(
             problem=problem, solution=solution, instruction=self.cfg.student_instruction
         )

@@ -127,8 +127,11 @@ def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward
     tok = AutoTokenizer.from_pretrained(smollm2)
     for r in table.to_pylist():
         ctx, resp = r["teacher_prompt_ids"], r["response_ids"]
-        # The teacher's context holds the reference solution, the student's does not.
-        assert "Reference solution:" in tok.decode(ctx) and "Reference solution:" not in tok.decode(r["prompt_ids"])
+        # The default teacher: the student's very prompt, with the reference solution in the system
+        # message instead of SmolLM2's default one.
+        student = tok.decode(r["prompt_ids"])
+        assert "Reference solution of the next problem" in tok.decode(ctx) and "Reference" not in student
+        assert tok.decode(ctx).endswith(student.split("<|im_end|>\n", 1)[1])
         with torch.no_grad():  # one unpadded sequence: no batching, full logits
             logits = model(torch.tensor([ctx + resp])).logits[0, len(ctx) - 1 : len(ctx) - 1 + len(resp)].float()
         logp = torch.log_softmax(logits / temp, dim=-1)  # [T, V]

@@ -238,6 +238,21 @@ def test_local_config_values_take_effect():
     assert cfg.data.train_path == "data/wordproblems/train.jsonl"
 
 
+def test_string_overrides_are_taken_as_written():
+    # A template is a mapping or a syntax error to YAML; for a string key it is the text given.
+    cfg = load_config(None, ["prompt.teacher_system=Ref: {solution}", "prompt.teacher_template={problem}\n{solution}",
+                             "run_dir=123", "model.lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.prompt.teacher_system == "Ref: {solution}"
+    assert cfg.prompt.teacher_template == "{problem}\n{solution}"
+    assert cfg.run_dir == "123" and list(cfg.model.lora.target_modules) == ["q_proj", "v_proj"]
+    assert load_config(None, ["prompt.teacher_system=null"]).prompt.teacher_system is None
+
+
+def test_a_template_with_an_unknown_field_names_the_key():
+    with pytest.raises(ConfigError, match=r"'prompt.teacher_template': KeyError 'answer'.*\{problem\}, \{solution\}"):
+        load_config(None, ["prompt.teacher_template={problem} {answer}"])
+
+
 def test_tiny_config_is_the_fast_debug_run():
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")
     assert cfg.model.path == "tiny" and cfg.rollout.kv_cache_mb == 256 and cfg.eval.every == 3

@@ -105,7 +105,8 @@ def test_copied_sources_are_in_the_build_context(path):
             assert (REPO_ROOT / src).exists(), f"{path.name}: COPY source {src} is not in the repository"
     # What `pip install -e .` and the runs need must survive .dockerignore.
     needed = ["pyproject.toml", "opsd/config.py", "workers/learner.py", "launch/cli.py",
-              "configs/local.yaml", "configs/qwen3-1.7b.yaml", "data/toy/train.jsonl"]
+              "configs/local.yaml", "configs/tiny.yaml", "configs/qwen3-1.7b.yaml", "data/toy/train.jsonl",
+              "data/wordproblems/train.jsonl"]
     readme = PYPROJECT["project"].get("readme")
     if readme:
         needed.append(readme)  # setuptools refuses to build without the declared readme

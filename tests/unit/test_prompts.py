@@ -44,6 +44,16 @@ def test_teacher_prompt_holds_the_solution_and_the_student_prompt_does_not(tok):
     assert teacher.index(PROBLEM) < teacher.index(SOLUTION)
 
 
+def test_a_teacher_system_message_keeps_the_students_very_user_turn(tok):
+    b = _builder(tok, teacher_system="Reference solution of the next problem:\n{solution}")
+    student = tok.decode(b.student_ids(PROBLEM))
+    teacher = tok.decode(b.teacher_ids(PROBLEM, SOLUTION))
+    system = f"<|im_start|>system\nReference solution of the next problem:\n{SOLUTION}<|im_end|>\n"
+    # The teacher's prompt is the student's with a system message in front, nothing else.
+    assert teacher == system + student
+    assert b.teacher_messages(PROBLEM, SOLUTION)[1:] == b.student_messages(PROBLEM)
+
+
 def test_prompt_ids_are_the_rendered_chat_template(tok):
     b = _builder(tok)
     expected = tok.apply_chat_template(
