@@ -10,6 +10,7 @@ import pytest
 
 from launch.cli import main
 from opsd.evaluation import Graded, majority_correct
+from opsd.verify import extract_boxed, score_response
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def recompute(records: list[dict]) -> dict:
         f"avg@{n}": sum(sum(r["correct"]) / n for r in records) / m,
         f"pass@{n}": sum(any(r["correct"]) for r in records) / m,
         f"maj@{n}": sum(majority_correct(Graded(r["uid"], r["answers"], r["correct"], r["gold"])) for r in records) / m,
-        "format_rate": sum(sum(a is not None for a in r["answers"]) / n for r in records) / m,
+        "format_rate": sum(sum(extract_boxed(t) is not None for t in r["responses"]) / n for r in records) / m,
         "response_len_mean": sum(sum(r["response_lens"]) for r in records) / (m * n),
         "truncated_frac": sum(f == "length" for r in records for f in r["finish_reasons"]) / (m * n),
     }
@@ -43,7 +44,8 @@ def test_opsd_eval_tiny(ray_session, tiny_model, tmp_path, capsys):
     out = tmp_path / "report.json"
 
     rc = main(["eval", "--model", "tiny", "--data", str(jsonl), str(parquet), "--n", "2", "--temperature", "0.8",
-               "--max-tokens", "24", "--out", str(out), "--responses", "rollout.kv_cache_mb=128"])
+               "--max-tokens", "24", "--out", str(out), "--responses", "--config", "configs/tiny.yaml",
+               "rollout.kv_cache_mb=128"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sums" in printed and "more" in printed and "avg@n" in printed and str(out) in printed
@@ -51,6 +53,7 @@ def test_opsd_eval_tiny(ray_session, tiny_model, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["model_path"] == tiny_model and report["run_dir"] is None
     assert report["sampling"] == {"n": 2, "temperature": 0.8, "top_p": 1.0, "max_tokens": 24, "seed": 0}
+    assert report["grading"] == "strict"
     assert list(report["datasets"]) == ["sums", "more"]
     for name, size, gold in [("sums", 6, [a for _, a in PROBLEMS]), ("more", 2, ["9", "8"])]:
         d = report["datasets"][name]
@@ -68,4 +71,7 @@ def test_opsd_eval_tiny(ray_session, tiny_model, tmp_path, capsys):
         assert set(expected) <= set(metrics)
         for k, v in expected.items():
             assert metrics[k] == pytest.approx(v), k
+        assert metrics["accuracy_strict"] == pytest.approx(expected["avg@2"])  # the config grades strictly
+        lenient = sum(score_response(t, r["gold"], "lenient") for r in recs for t in r["responses"]) / (2 * size)
+        assert metrics["accuracy_lenient"] == pytest.approx(lenient)
         assert metrics["seconds"] > 0

@@ -1,8 +1,9 @@
 """Bad input, as a user would bring it: every case ends with exit status 2 and a one-line error
 that names the file, row, key or value, and leaves nothing half-written (no run directory).
 
-All of it is caught before Ray starts: configs, data files, model directories, resume
-directories and batch files.
+All of it but one case is caught before Ray starts: configs, data files, model directories,
+resume directories and batch files. Actors that do not fit the local cluster are found once Ray is
+up; that case runs the command in a process of its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -223,3 +226,19 @@ def test_a_corrupt_arrow_batch_is_named(tmp_path):
     bad.write_bytes(b"\xff\xff\xff\xff garbage")
     with pytest.raises(BatchError, match=r"step_000001\.arrow: not a readable Arrow IPC batch"):
         read_ipc(bad)
+
+
+def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_path):
+    # Found only once Ray is up (the check needs the cluster's resources): the run directory that
+    # was made by then is removed again. In a process of its own, so that the local cluster is
+    # the command's (a cluster this test process joined could grow, and would be waited for).
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", TINY, f"run_dir={run_dir}", "learner.num_cpus_per_rank=4",
+         "eval.every=0", "cluster.num_cpus=4"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "the run's actors need" in proc.stderr and "learner.num_cpus_per_rank" in proc.stderr, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists(), "a run that failed its checks left a run directory"
