@@ -201,17 +201,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
+        from launch.checkpoints import CheckpointError
+        from launch.stopping import Stopped
         from opsd.data import DataError
         from opsd.gguf_import import ModelError
         from opsd.prompts import PromptTooLongError
 
+        if isinstance(exc, Stopped):  # on request (SIGTERM, SIGINT), at a checkpoint
+            print(f"opsd: {exc}", file=sys.stderr)
+            return exc.code
+        if isinstance(exc, CheckpointError):
+            print(f"opsd: error: {exc}", file=sys.stderr)
+            return 1
         if not isinstance(exc, (DataError, ModelError, PromptTooLongError, FileNotFoundError)):
             raise
         # Bad input: the message names the file, row or key; a traceback adds nothing.
         print(f"opsd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("opsd: interrupted; the last complete checkpoint is intact", file=sys.stderr)
+        print("opsd: interrupted", file=sys.stderr)
         return 130
 
 

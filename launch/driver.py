@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,10 @@ from opsd.config import Config, ConfigError, check, load_config, resolve_path, t
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
+from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
 from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger, read_metrics
+from launch.stopping import StopSignals, Stopped
 from launch.validate import actor_resources, resource_needs
 from launch.weights import WeightSync
 from workers.learner import LearnerGroup
@@ -48,24 +52,6 @@ def resolve_model(cfg: Config) -> str:
     from opsd.models import resolve_model_path
 
     return resolve_model_path(cfg.model.path)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: a step_N folder whose driver state (written last) reads
-    back. A newer one whose driver state is damaged is passed over, with a warning."""
-    done = []
-    for d in (run_dir / "checkpoints").glob("step_*"):
-        if d.name.split("_")[-1].isdigit() and (d / "driver_state.json").is_file():
-            done.append((int(d.name.split("_")[-1]), d))
-    for _, d in sorted(done, reverse=True):
-        try:
-            json.loads((d / "driver_state.json").read_text())
-        except (ValueError, OSError) as exc:
-            print(f"opsd: warning: {d / 'driver_state.json'} is damaged ({exc}); using an older checkpoint",
-                  flush=True)
-            continue
-        return d
-    return None
 
 
 class RunDir:
@@ -340,28 +326,43 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """All of it under .step_N.tmp, the manifest last, then one rename: a kill at any moment
+        leaves either the complete checkpoint or none, and older ones untouched."""
         final = self.run.checkpoints / f"step_{self.step}"
         tmp = self.run.checkpoints / f".step_{self.step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.learner.save_checkpoint(str(tmp / "learner"))
-        if self.cfg.train.export_hf:
-            self.learner.export_hf(str(tmp / "hf"))
-        if self.scorers and self.cfg.teacher.mode == "ema":
-            import ray
-            from safetensors.torch import save_file
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.learner.save_checkpoint(str(tmp / "learner"))
+            if self.cfg.train.export_hf:
+                self.learner.export_hf(str(tmp / "hf"))
+            if self.scorers and self.cfg.teacher.mode == "ema":
+                import ray
+                from safetensors.torch import save_file
 
-            (tmp / "teacher").mkdir()
-            save_file(ray.get(self.scorers.actors[0].state_dict_cpu.remote()), tmp / "teacher" / "ema.safetensors")
-        state = {
-            "step": self.step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
-            "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
-            # Rollouts already running for the next step (rollout.max_staleness > 0): their prompts
-            # were drawn from the sampler, so a resumed run must do them first.
-            "pending_indices": self.inflight_indices if self.prefetched else None,
-        }
-        # Written last: its presence marks the checkpoint complete.
-        (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
+                (tmp / "teacher").mkdir()
+                save_file(ray.get(self.scorers.actors[0].state_dict_cpu.remote()), tmp / "teacher" / "ema.safetensors")
+            state = {
+                "step": self.step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
+                "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
+                # Rollouts already running for the next step (rollout.max_staleness > 0): their
+                # prompts were drawn from the sampler, so a resumed run must do them first.
+                "pending_indices": self.inflight_indices if self.prefetched else None,
+            }
+            (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
+            write_manifest(tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(self.run.path)
+            kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+            # A full disk often surfaces as a writer's own error (torch.save: "unexpected pos"):
+            # the free space says what happened.
+            free = shutil.disk_usage(self.run.checkpoints).free / 2**30
+            raise CheckpointError(
+                f"writing checkpoint step_{self.step} under {self.run.checkpoints} failed ({free:.1f} GiB free "
+                f"there): {_root_cause(exc)}; {kept}. Free space on that volume (or fix it) and resume with: "
+                f"opsd train --resume {self.run.path}"
+            ) from exc
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
@@ -387,7 +388,9 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def run_steps(self, run: RunDir) -> None:
+    def run_steps(self, run: RunDir, stop: StopSignals | None = None) -> None:
+        """Steps until train.steps, or until ``stop`` is requested: then the step in progress is
+        finished and checkpointed, and :class:`Stopped` is raised."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -396,6 +399,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
                    disable=not cfg.logging.progress, dynamic_ncols=True)
         self.inflight = None
+        saved_at = self.step  # a resumed run starts at its checkpoint
         try:
             if self.step == 0 and cfg.eval.every and self.eval_pairs:
                 # The baseline every later evaluation is read against: the initial weights.
@@ -405,12 +409,15 @@ class Trainer:
                           f"({cfg.grading.extract})")
                 logger.log({"step": 0, "policy_version": self.policy_version, **baseline})
             while self.step < cfg.train.steps:
+                if stop is not None and stop.requested:
+                    self._stop(stop, saved_at)
                 row = self.train_one_step(self.step + 1)
                 logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
                 if cfg.train.checkpoint_every and (
                     self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps
                 ):
                     self.save_checkpoint()
+                    saved_at = self.step
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
                                 tok_s=f"{row['tokens_generated'] / max(row['rollout_seconds'], 1e-9):.0f}")
@@ -420,6 +427,20 @@ class Trainer:
         summary = eval_summary(read_metrics(run.path), cfg.grading.extract)
         if summary:
             _say(summary)
+
+    def _stop(self, stop: StopSignals, saved_at: int) -> None:
+        name = signal.Signals(stop.signum).name
+        if self.step == 0:
+            raise Stopped(f"stopped by {name} before the first step; nothing was trained", stop.signum)
+        if saved_at != self.step:
+            # Rollouts in flight for the next step (max_staleness > 0) are not waited for: the
+            # checkpoint records their prompts as pending, and a resumed run draws them first.
+            self.save_checkpoint()
+        raise Stopped(
+            f"stopped by {name} after step {self.step} of {self.cfg.train.steps}; checkpoint "
+            f"{self.run.checkpoints / f'step_{self.step}'}; resume with: opsd train --resume {self.run.path}",
+            stop.signum,
+        )
 
     def train_one_step(self, step: int) -> dict:
         """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
@@ -555,20 +576,37 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
             raise ConfigError(f"train.resume={run_path}: no complete checkpoint under {run_path / 'checkpoints'}")
     fresh = not run_path.exists()
     run = RunDir(run_path)
+    for unfinished in run.checkpoints.glob(".step_*.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)  # a checkpoint write that was killed
     (run.path / "config.yaml").write_text(to_yaml(cfg))
     started = init_ray(cfg)
+    stop = StopSignals().install()  # after ray.init, which sets a SIGTERM handler of its own
     try:
         trainer.start(local_cluster=started)
         if ckpt is not None:
             trainer.restore(ckpt, run)
             print(f"opsd: resumed from {ckpt} (step {trainer.step})")
-        trainer.run_steps(run)
-    except BaseException:
+        trainer.run_steps(run, stop)
+    except BaseException as exc:
         if fresh and trainer.step == 0:
             shutil.rmtree(run.path, ignore_errors=True)
+        elif isinstance(exc, KeyboardInterrupt):
+            last = latest_checkpoint(run.path)
+            where = f"the last checkpoint is {last}" if last else "no checkpoint was written"
+            print(f"opsd: stopped at once in step {trainer.step + 1}; {where}; resume with: "
+                  f"opsd train --resume {run.path}", file=sys.stderr, flush=True)
         raise
     finally:
+        stop.restore()
         trainer.shutdown()
         if started:
             ray.shutdown()
     return run.path
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The error under Ray's wrapping (a RayTaskError names the remote one as its cause)."""
+    cause = getattr(exc, "cause", None) or exc.__cause__
+    while cause is not None and cause is not exc:
+        exc, cause = cause, getattr(cause, "cause", None) or cause.__cause__
+    return f"{type(exc).__name__}: {exc}".split("\n")[0]

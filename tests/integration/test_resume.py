@@ -1,11 +1,22 @@
-"""Test 5: stop after step k, resume, and steps k+1.. repeat an uninterrupted run exactly."""
+"""Stop a run with SIGTERM, resume it, and the resumed steps repeat an uninterrupted run exactly.
+
+The stopped run gets a real SIGTERM during step 3: it finishes that step, writes a checkpoint at
+step 3 and raises Stopped. That checkpoint is then damaged on disk, so the resumed run must find
+it out by its manifest and fall back to the scheduled one at step 2, redoing step 3.
+"""
 
 from __future__ import annotations
+
+import json
+import signal
+import threading
 
 import numpy as np
 import pytest
 
+import launch.driver as driver
 from launch.driver import train
+from launch.stopping import Stopped
 from opsd.config import REPO_ROOT
 
 from .conftest import local_overrides, read_metrics
@@ -14,17 +25,57 @@ pytestmark = pytest.mark.integration
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 COMMON = ("train.checkpoint_every=2", "eval.every=0")
+SIGNAL_IN_STEP = 3
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path, ray_session):
+class SignalledTrainer(driver.Trainer):
+    """Sends this process a SIGTERM as step SIGNAL_IN_STEP begins (what `ray job stop` or a
+    Kubernetes preemption would send), then lets the step run."""
+
+    def train_one_step(self, step: int) -> dict:
+        if step == SIGNAL_IN_STEP:
+            # To the main thread (this one), which handles it before pthread_kill returns.
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        return super().train_one_step(step)
+
+
+def test_a_stopped_run_resumes_from_its_last_sound_checkpoint_and_repeats_the_uninterrupted_run(
+    tmp_path, ray_session, monkeypatch, capsys
+):
     full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=4", *COMMON))
-    part = train(CONFIG, local_overrides(tmp_path / "part", "train.steps=2", *COMMON))
-    # The resumed run reads its saved config; only train.steps changes.
-    resumed = train(None, [f"train.resume={part}", "train.steps=4"])
+
+    part = tmp_path / "part" / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        m.setattr(driver, "Trainer", SignalledTrainer)
+        with pytest.raises(Stopped) as stopped:
+            train(CONFIG, local_overrides(tmp_path / "part", "train.steps=4", *COMMON))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert f"after step {SIGNAL_IN_STEP} of 4" in str(stopped.value)
+    assert f"resume with: opsd train --resume {part}" in str(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) == before  # the run's handlers are gone with it
+    assert [m["step"] for m in read_metrics(part)] == [1, 2, 3]
+    ckpts = part / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_3"]  # step 3: written by the stop
+    files = json.loads((ckpts / "step_3" / "manifest.json").read_text())["files"]
+    assert "driver_state.json" in files and any(f.startswith("learner/") for f in files)
+
+    # Damage the stop's checkpoint: one flipped byte in its largest file.
+    victim = max((ckpts / "step_3").rglob("*"), key=lambda f: f.stat().st_size if f.is_file() else -1)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    # The resumed run reads its saved config; nothing else changes.
+    resumed = train(None, [f"train.resume={part}"])
     assert resumed == part
+    out = capsys.readouterr().out
+    assert "checkpoint step_3 is damaged" in out and "does not match its checksum" in out
+    assert f"resumed from {ckpts / 'step_2'}" in out
 
     a, b = read_metrics(full), read_metrics(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]  # step 3 of the stopped run is forgotten, then redone
     for x, y in zip(a, b):
         assert x["sample_ids"] == y["sample_ids"], f"step {x['step']}: different prompts"
         assert x["policy_version"] == y["policy_version"]

@@ -168,3 +168,28 @@ def test_runtime_env_uploads_the_source_and_nothing_big(tmp_path):
         assert not any(n.startswith(excluded) for n in names), excluded
     assert not any(n.endswith((".arrow", ".safetensors", ".pyc")) for n in names)
     assert out.stat().st_size < 20 * 2**20
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_a_stopped_or_preempted_job_has_time_to_checkpoint(path):
+    doc = load(path)
+    stop_wait = int(yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"])
+    hooks = {}
+    for name, _, group in pods(doc):
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        # The driver's SIGTERM wait fits inside each pod's grace period, with a minute to spare.
+        assert spec["terminationGracePeriodSeconds"] >= stop_wait + 60, name
+        hooks[name] = container["lifecycle"]["preStop"]["exec"]["command"]
+    # What pgrep -f would see: the hooks find the driver and the learner ranks by their command
+    # lines (Ray titles an actor's process ray::Class), and never their own shell.
+    driver = "/usr/bin/python3 /usr/local/bin/opsd train /app/configs/tiny.yaml run_dir=/checkpoints/x"
+    shell = "/bin/sh -c opsd train /app/configs/tiny.yaml run_dir=/checkpoints/x"  # the job's own sh -c
+    (head_hook,) = [h for n, h in hooks.items() if "head" in n]
+    (worker_hook,) = [h for n, h in hooks.items() if "head" not in n]
+    for hook, finds, misses in ((head_hook, [driver], [shell]), (worker_hook, ["ray::LearnerRank.train_step"], [])):
+        patterns = re.findall(r"-f '([^']+)'", hook[-1])
+        assert patterns
+        for pattern in patterns:
+            assert all(re.search(pattern, line) for line in finds), pattern
+            assert not any(re.search(pattern, line) for line in [*misses, " ".join(hook)]), pattern

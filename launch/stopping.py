@@ -1,0 +1,58 @@
+"""Stopping a run on request: SIGTERM (Kubernetes preemption, `ray job stop`) or SIGINT (Ctrl-C)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+
+class Stopped(Exception):
+    """The run stopped on request (SIGTERM or SIGINT) after a checkpoint; ``code`` is the exit
+    status the CLI returns (128 + the signal, as a shell reports a process the signal killed)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+class StopSignals:
+    """The first SIGTERM or SIGINT asks the run to stop after the step in progress, with a
+    checkpoint; a second one stops it at once (as KeyboardInterrupt).
+
+    SIGTERM is what Kubernetes sends on preemption and what `ray job stop` sends the entrypoint;
+    SIGINT is Ctrl-C. Installed after ray.init, which sets a SIGTERM handler of its own, and only
+    from the main thread (the only one Python delivers signals to).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            self.restore()
+            os.write(2, f"opsd: second {name}: stopping at once\n".encode())
+            # ray.get turns this into a KeyboardInterrupt of its own; the finally blocks still run.
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write: a handler that prints could interrupt a print of the main thread.
+        os.write(2, f"opsd: {name}: stopping after the step in progress, with a checkpoint (send it again "
+                    "to stop at once)\n".encode())
