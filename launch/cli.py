@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
         from launch.checkpoints import CheckpointError
-        from launch.stopping import Stopped
+        from launch.stopping import BadSteps, Stopped
         from opsd.data import DataError
         from opsd.gguf_import import ModelError
         from opsd.prompts import PromptTooLongError
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Stopped):  # on request (SIGTERM, SIGINT), at a checkpoint
             print(f"opsd: {exc}", file=sys.stderr)
             return exc.code
-        if isinstance(exc, CheckpointError):
+        if isinstance(exc, (CheckpointError, BadSteps)):
             print(f"opsd: error: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, (DataError, ModelError, PromptTooLongError, FileNotFoundError)):

@@ -26,7 +26,7 @@ from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
 from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger, read_metrics
-from launch.stopping import StopSignals, Stopped
+from launch.stopping import BadSteps, StopSignals, Stopped
 from launch.validate import actor_resources, resource_needs
 from launch.weights import WeightSync
 from workers.learner import LearnerGroup
@@ -37,6 +37,7 @@ METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
+    "update_skipped",
 )
 
 
@@ -125,6 +126,7 @@ class Trainer:
         self.pending_indices: list[int] | None = None  # prompts to redo first after a resume
         self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
         self.prefetched = False  # whether rollouts for the next step are already running
+        self.bad_steps: list[int] = []  # the latest steps in a row whose update was skipped
         self.inflight: tuple | None = None  # (pairs, calls in flight) for the next step
 
     def _columns(self) -> dict:
@@ -413,6 +415,7 @@ class Trainer:
                     self._stop(stop, saved_at)
                 row = self.train_one_step(self.step + 1)
                 logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
+                self._watch_numerics(row, bar)
                 if cfg.train.checkpoint_every and (
                     self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps
                 ):
@@ -427,6 +430,29 @@ class Trainer:
         summary = eval_summary(read_metrics(run.path), cfg.grading.extract)
         if summary:
             _say(summary)
+
+    def _watch_numerics(self, row: dict, bar: Any) -> None:
+        """A skipped update is reported; train.max_bad_steps of them in a row stop the run."""
+        if not row["update_skipped"]:
+            self.bad_steps = []
+            return
+        self.bad_steps.append(row["step"])
+        ids = row["nonfinite_sample_ids"]
+        named = f"the loss of samples {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" if ids else "the gradient"
+        bar.write(f"opsd: warning: step {row['step']}: {named} is not finite (loss {row['loss']}, grad norm "
+                  f"{row['grad_norm']}); its update was skipped")
+        limit = self.cfg.train.max_bad_steps
+        if len(self.bad_steps) >= limit:
+            last = latest_checkpoint(self.run.path)
+            good = self.bad_steps[0] - 1
+            raise BadSteps(
+                f"steps {self.bad_steps[0]}-{self.bad_steps[-1]}: {len(self.bad_steps)} steps in a row with a "
+                f"non-finite loss or gradient norm (train.max_bad_steps={limit}); none was applied, so the weights "
+                f"are those of step {good}. Look at the samples named in {self.run.metrics_file} "
+                f"(nonfinite_sample_ids) and at learner.lr; "
+                + (f"the last checkpoint is {last}: resume with opsd train --resume {self.run.path}" if last
+                   else "no checkpoint was written")
+            )
 
     def _stop(self, stop: StopSignals, saved_at: int) -> None:
         name = signal.Signals(stop.signum).name
@@ -495,7 +521,10 @@ class Trainer:
             "samples": len(rows), "dropped_stale": dropped,
             "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
             "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
+            "update_skipped": bool(stats.get("update_skipped", False)),
         }
+        if row["update_skipped"]:
+            row["nonfinite_sample_ids"] = stats.get("nonfinite_sample_ids", [])
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) and self.eval_pairs:
             row.update(self.evaluate())
         row["step_seconds"] = time.perf_counter() - t_step

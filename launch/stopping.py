@@ -17,6 +17,11 @@ class Stopped(Exception):
         self.code = 128 + signum
 
 
+class BadSteps(RuntimeError):
+    """train.max_bad_steps steps in a row had a non-finite loss or gradient norm; none of their
+    updates was applied."""
+
+
 class StopSignals:
     """The first SIGTERM or SIGINT asks the run to stop after the step in progress, with a
     checkpoint; a second one stops it at once (as KeyboardInterrupt).

@@ -171,6 +171,9 @@ class TrainConfig:
     checkpoint_every: int = 3
     export_hf: bool = True
     max_actor_restarts: int = 2
+    # A step whose loss or gradient norm is not finite is never applied; this many in a row stop
+    # the run (its last checkpoint holds the last good weights).
+    max_bad_steps: int = 3
 
 
 @dataclass
@@ -370,6 +373,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         "learner.num_ranks", "learner.micro_batch_size", "learner.lr",
         "loss.chunk_size", "train.steps", "train.prompts_per_step", "sync.bucket_mb",
         "model.max_model_len", "prompt.max_prompt_len", "teacher.sync_every", "eval.n", "eval.max_tokens",
+        "train.max_bad_steps",
     ):
         positive(key)
     for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",

@@ -274,11 +274,19 @@ class LearnerRank:
         # DeepSpeed divides each backward by the accumulation steps and averages across ranks;
         # undo both so the update is sum(token losses) / global_tokens.
         scale = self.gas * self.world_size
+        ids = _column(table, "sample_id")
+        nonfinite: list[str] = []  # the samples of micro-batches whose loss was not finite
+        applied = True
         for i in range(self.gas):
             inputs = self._targets(table, chunks[i], advantages) if i < len(chunks) else self._empty_micro_batch()
             loss, stats = self._forward_loss(inputs, max(global_tokens, 1.0), pad_to[i])
+            if not torch.isfinite(loss.detach()).all():
+                nonfinite.extend([ids[j] for j in chunks[i]] if i < len(chunks) else ["(padding)"])
             self.engine.backward(loss * scale)
-            self.engine.step()
+            if i < self.gas - 1:
+                self.engine.step()  # between accumulation boundaries: no update
+            else:
+                applied = self._update()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         self.step += 1
@@ -288,8 +296,38 @@ class LearnerRank:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             lr=float(self.engine.get_lr()[0]),
             train_seconds=time.perf_counter() - t0,
+            update_skipped=not applied, nonfinite_sample_ids=nonfinite,
         )
         return totals
+
+    def _update(self) -> bool:
+        """The optimizer step at the accumulation boundary; False when it was skipped because the
+        gradient is not finite (a non-finite update is never applied).
+
+        DeepSpeed itself skips such a step under ZeRO 1-3 and under bf16/fp16 (its overflow
+        check), and says so through ``was_step_applied``. In fp32 without ZeRO it hands the step to
+        the torch optimizer, which would apply it: there the gradients, already averaged over
+        the ranks (so every rank decides alike), are checked here first.
+        """
+        native = self.cfg.learner.zero_stage > 0 or self.cfg.model.dtype != "float32"
+        if native:
+            self.engine.step()
+            return self.engine.was_step_applied()
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            self.engine.step()
+            return True
+        optimizer = self.engine.optimizer
+        own = vars(optimizer).get("step")
+        optimizer.step = lambda *args, **kwargs: None  # this once: DeepSpeed still zeroes the grads
+        try:
+            self.engine.step()
+        finally:
+            if own is None:
+                del optimizer.step
+            else:
+                optimizer.step = own
+        return False
 
     # --- weights out ----------------------------------------------------------------------
 
@@ -547,6 +585,10 @@ class LearnerGroup:
                     summed[k] = v
                 elif k == "train_seconds":
                     summed[k] = max(summed.get(k, 0.0), v)
+                elif k == "update_skipped":
+                    summed[k] = summed.get(k, False) or v
+                elif k == "nonfinite_sample_ids":
+                    summed[k] = summed.get(k, []) + v
                 else:
                     summed[k] = summed.get(k, 0.0) + v
         return summed

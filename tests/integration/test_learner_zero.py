@@ -51,7 +51,8 @@ def reference_losses(tiny_model, tables, cfg) -> tuple[list[float], dict]:
     return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), (3, True)],
+# Gradient checkpointing changes no number (the zero3 case already pins them): `make test-slow`.
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), pytest.param(3, True, marks=pytest.mark.slow)],
                          ids=["zero2", "zero3", "zero3-gradient-checkpointing"])
 def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, ray_session):
     from workers.learner import LearnerGroup

@@ -56,6 +56,7 @@ CONFIG_CASES = [
     (["grading.extract=loose"], r"grading\.extract.*'loose'"),
     (["train.prompts_per_step=9999"], r"train\.prompts_per_step=9999"),
     (["steps"], r"'steps' is not of the form key=value"),
+    (["train.max_bad_steps=0"], r"train\.max_bad_steps.*0"),
 ]
 
 

@@ -1,0 +1,80 @@
+"""A non-finite loss never reaches the weights: the step's update is skipped and logged with the
+samples that caused it, and train.max_bad_steps skipped steps in a row stop the run.
+
+The fault is injected into the real Arrow batch: one sample's teacher targets become NaN after
+the scorer wrote them, so its micro-batch's loss is NaN on whichever rank holds it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+import torch
+
+from launch.driver import Trainer
+from launch.stopping import BadSteps
+from opsd.batch import from_ipc_bytes, to_ipc_bytes
+
+from .conftest import make_trainer, read_metrics
+
+pytestmark = pytest.mark.integration
+
+POISONED_STEPS = (2, 4, 5)
+
+
+class PoisoningTrainer(Trainer):
+    """Writes NaN into row 0's teacher log-probs at POISONED_STEPS; keeps the weights after each step."""
+
+    def score(self, rows):
+        batch = super().score(rows)
+        if self.step + 1 not in POISONED_STEPS:
+            return batch
+        table = from_ipc_bytes(batch)
+        i = table.schema.get_field_index("teacher_topk_logprobs")
+        col = table.column(i).to_pylist()
+        col[0] = [[math.nan] * len(pos) for pos in col[0]]
+        self.poisoned = getattr(self, "poisoned", []) + [table.column("sample_id")[0].as_py()]
+        return to_ipc_bytes(table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type)))
+
+    def train_one_step(self, step):
+        row = super().train_one_step(step)
+        self.weights_after = getattr(self, "weights_after", {})
+        self.weights_after[step] = self.learner.full_state()
+        return row
+
+
+# ZeRO-2 over 2 ranks: DeepSpeed's own overflow check skips the step. fp32 without ZeRO (1 rank:
+# stage 0 needs one) would apply it; the learner checks the gradients itself there.
+@pytest.mark.parametrize("zero_stage, ranks", [(2, 2), (0, 1)], ids=["zero2-deepspeed-skips", "zero0-opsd-skips"])
+def test_non_finite_steps_are_skipped_and_enough_in_a_row_stop_the_run(zero_stage, ranks, tmp_path, ray_session):
+    trainer, run = make_trainer(
+        tmp_path, "train.steps=6", "train.checkpoint_every=0", "eval.every=0", "train.max_bad_steps=2",
+        "train.prompts_per_step=4", f"learner.zero_stage={zero_stage}",
+        f"learner.num_ranks={ranks}", cls=PoisoningTrainer,
+    )
+    try:
+        with pytest.raises(BadSteps) as stopped:
+            trainer.run_steps(run)
+    finally:
+        trainer.shutdown()
+    message = str(stopped.value)
+    assert "steps 4-5: 2 steps in a row" in message and "train.max_bad_steps=2" in message, message
+    assert "the weights are those of step 3" in message and "no checkpoint was written" in message
+
+    rows = read_metrics(run.path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # the run stopped after step 5, loudly
+    assert [r["update_skipped"] for r in rows] == [False, True, False, True, True]
+    for r, poisoned in zip([rows[1], rows[3], rows[4]], trainer.poisoned):
+        assert not math.isfinite(r["loss"])
+        assert poisoned in r["nonfinite_sample_ids"]  # named with the rest of its micro-batch
+        assert set(r["nonfinite_sample_ids"]) <= set(r["sample_ids"])
+    assert "nonfinite_sample_ids" not in rows[0] and math.isfinite(rows[2]["loss"])
+
+    w = trainer.weights_after
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(w[2], w[1]), "the NaN step changed the weights"
+    assert not same(w[3], w[2]), "the good step after it did not train"
+    assert same(w[5], w[3]) and same(w[4], w[3])
+    assert all(bool(torch.isfinite(t).all()) for t in w[5].values())
