@@ -24,9 +24,9 @@ from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
-from launch.cluster import ActorPool, Pending, init_ray, round_robin, unshard
+from launch.cluster import ActorPool, Pending, _actor_errors, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger, read_metrics
-from launch.stopping import BadSteps, StopSignals, Stopped
+from launch.stopping import BadSteps, LearnerLost, StopSignals, Stopped
 from launch.validate import actor_resources, resource_needs
 from launch.weights import WeightSync
 from workers.learner import LearnerGroup
@@ -127,6 +127,8 @@ class Trainer:
         self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
         self.prefetched = False  # whether rollouts for the next step are already running
         self.bad_steps: list[int] = []  # the latest steps in a row whose update was skipped
+        self.learner_restarts = 0
+        self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
         self.inflight: tuple | None = None  # (pairs, calls in flight) for the next step
 
     def _columns(self) -> dict:
@@ -355,6 +357,8 @@ class Trainer:
             write_manifest(tmp)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if self._learner_died(exc):
+                raise  # run_steps restarts the learner group
             previous = latest_checkpoint(self.run.path)
             kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
             # A full disk often surfaces as a writer's own error (torch.save: "unexpected pos"):
@@ -413,14 +417,23 @@ class Trainer:
             while self.step < cfg.train.steps:
                 if stop is not None and stop.requested:
                     self._stop(stop, saved_at)
-                row = self.train_one_step(self.step + 1)
-                logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
-                self._watch_numerics(row, bar)
-                if cfg.train.checkpoint_every and (
-                    self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps
-                ):
-                    self.save_checkpoint()
+                try:
+                    row = self.train_one_step(self.step + 1)
+                    logger.log(row)  # metrics.jsonl, TensorBoard, W&B (launch/loggers.py)
+                    self._watch_numerics(row, bar)
+                    if cfg.train.checkpoint_every and (
+                        self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps
+                    ):
+                        self.save_checkpoint()
+                        saved_at = self.step
+                except Exception as exc:
+                    if not self._learner_died(exc):
+                        raise
+                    self._restart_learner(exc, bar)  # back to the last checkpoint, or to step 0
+                    bar.reset(total=cfg.train.steps)
+                    bar.update(self.step)
                     saved_at = self.step
+                    continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
                                 tok_s=f"{row['tokens_generated'] / max(row['rollout_seconds'], 1e-9):.0f}")
@@ -430,6 +443,66 @@ class Trainer:
         summary = eval_summary(read_metrics(run.path), cfg.grading.extract)
         if summary:
             _say(summary)
+
+    def _learner_died(self, exc: BaseException) -> bool:
+        """Whether ``exc`` comes from a learner rank that died (and not from anything else)."""
+        chain, seen = exc, set()
+        while chain is not None and id(chain) not in seen:
+            seen.add(id(chain))
+            if isinstance(chain, _actor_errors()):
+                return self.learner.broken()
+            chain = chain.__cause__ or chain.__context__
+        return False
+
+    def _restart_learner(self, exc: BaseException, bar: Any) -> None:
+        """A new learner group from the last complete checkpoint (or the initial weights when none
+        was written yet): the rollout workers and scorers are brought to those weights, the data
+        position and the metrics log rewind with it, and the lost steps are trained again."""
+        cfg = self.cfg
+        died_in = self.step + 1
+        cause = _root_cause(exc)
+        if self.learner_restarts >= cfg.train.max_actor_restarts:
+            last = latest_checkpoint(self.run.path)
+            resume = (f"resume from {last} with: opsd train --resume {self.run.path}" if last
+                      else "no checkpoint was written, so start the run again")
+            raise LearnerLost(
+                f"a learner rank died in step {died_in} ({cause}) and the learner group was already restarted "
+                f"{self.learner_restarts} time(s) (train.max_actor_restarts={cfg.train.max_actor_restarts}); {resume}"
+            ) from exc
+        self.learner_restarts += 1
+        ckpt = latest_checkpoint(self.run.path)
+        if ckpt is None and cfg.teacher.mode == "ema" and self.teacher_version:
+            raise LearnerLost(
+                f"a learner rank died in step {died_in} ({cause}) before any checkpoint, and the EMA teacher "
+                "cannot be rewound to the initial weights; start the run again (with train.checkpoint_every > 0)"
+            ) from exc
+        bar.write(f"opsd: warning: a learner rank died in step {died_in} ({cause}); restarting the learner group "
+                  f"from {ckpt or 'the initial weights'} (restart {self.learner_restarts} of "
+                  f"{cfg.train.max_actor_restarts})")
+        self.learner.shutdown()
+        if self.inflight is not None:
+            import ray
+
+            # Rollouts for the next step, of weights about to be rewound: finished, then dropped.
+            refs = list(self.inflight[1].refs.values())
+            ray.wait(refs, num_returns=len(refs))
+            self.inflight = None
+        self.prefetched = False
+        self.bad_steps = []
+        self.learner = LearnerGroup(cfg, self.model_path)
+        self.weights = WeightSync(cfg, self.learner)
+        if ckpt is not None:
+            self.restore(ckpt, self.run)
+        else:
+            # The new group holds the initial weights: version 0, pushed to whoever moved on.
+            self.sampler.load_state_dict(self.initial_sampler)
+            self.pending_indices = None
+            self.step = self.tokens_total = 0
+            self.policy_version = -1
+            self.sync()
+            self.teacher_version = 0
+            self.run.truncate_metrics(0)
+        bar.write(f"opsd: learner group restarted at step {self.step}")
 
     def _watch_numerics(self, row: dict, bar: Any) -> None:
         """A skipped update is reported; train.max_bad_steps of them in a row stop the run."""

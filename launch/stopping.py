@@ -22,6 +22,10 @@ class BadSteps(RuntimeError):
     updates was applied."""
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died and train.max_actor_restarts restarts of the group are used up."""
+
+
 class StopSignals:
     """The first SIGTERM or SIGINT asks the run to stop after the step in progress, with a
     checkpoint; a second one stops it at once (as KeyboardInterrupt).

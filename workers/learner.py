@@ -98,6 +98,9 @@ class LearnerRank:
             # Must be set before deepspeed is imported.
             os.environ["DS_ACCELERATOR"] = "cpu"
 
+    def alive(self) -> bool:
+        return True
+
     def master_address(self) -> tuple[str, int]:
         import ray
 
@@ -634,6 +637,18 @@ class LearnerGroup:
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         return self._all("load_checkpoint", ckpt_dir)[0]
+
+    def broken(self) -> bool:
+        """Whether a rank has died (a failed call already shut the group down, or one that would)."""
+        import ray
+
+        if not self.ranks:
+            return True
+        try:
+            ray.get([r.alive.remote() for r in self.ranks], timeout=60)
+        except Exception:
+            return True
+        return False
 
     def shutdown(self) -> None:
         import ray

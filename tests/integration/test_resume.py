@@ -1,8 +1,11 @@
-"""Stop a run with SIGTERM, resume it, and the resumed steps repeat an uninterrupted run exactly.
+"""Interrupted runs repeat an uninterrupted one exactly: the same prompts in the same order, the
+same samples and the same losses.
 
-The stopped run gets a real SIGTERM during step 3: it finishes that step, writes a checkpoint at
-step 3 and raises Stopped. That checkpoint is then damaged on disk, so the resumed run must find
-it out by its manifest and fall back to the scheduled one at step 2, redoing step 3.
+- SIGTERM: the stopped run gets a real SIGTERM during step 3: it finishes that step, writes a
+  checkpoint at step 3 and raises Stopped. That checkpoint is then damaged on disk, so the resumed
+  run must find it out by its manifest and fall back to the scheduled one at step 2.
+- Learner death: a learner rank is killed in step 3; the driver restarts the learner group from
+  the checkpoint at step 2 within the same run and trains steps 3 and 4 again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pytest
 
 import launch.driver as driver
 from launch.driver import train
-from launch.stopping import Stopped
+from launch.stopping import LearnerLost, Stopped
 from opsd.config import REPO_ROOT
 
 from .conftest import local_overrides, read_metrics
@@ -39,10 +42,26 @@ class SignalledTrainer(driver.Trainer):
         return super().train_one_step(step)
 
 
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, ray_session):
+    """The uninterrupted run both tests are compared with."""
+    return train(CONFIG, local_overrides(tmp_path_factory.mktemp("full"), "train.steps=4", *COMMON))
+
+
+def assert_repeats(a: list[dict], b: list[dict]) -> None:
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["sample_ids"] == y["sample_ids"], f"step {x['step']}: different prompts"
+        assert x["policy_version"] == y["policy_version"]
+        assert x["tokens_generated"] == y["tokens_generated"], f"step {x['step']}: different samples"
+    # Same weights, optimizer state and samples: the losses agree to float32 rounding.
+    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-5)
+    assert b[-1]["tokens_generated_total"] == a[-1]["tokens_generated_total"]
+
+
 def test_a_stopped_run_resumes_from_its_last_sound_checkpoint_and_repeats_the_uninterrupted_run(
-    tmp_path, ray_session, monkeypatch, capsys
+    full, tmp_path, ray_session, monkeypatch, capsys
 ):
-    full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=4", *COMMON))
 
     part = tmp_path / "part" / "run"
     before = signal.getsignal(signal.SIGTERM)
@@ -74,12 +93,59 @@ def test_a_stopped_run_resumes_from_its_last_sound_checkpoint_and_repeats_the_un
     assert "checkpoint step_3 is damaged" in out and "does not match its checksum" in out
     assert f"resumed from {ckpts / 'step_2'}" in out
 
-    a, b = read_metrics(full), read_metrics(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4]  # step 3 of the stopped run is forgotten, then redone
-    for x, y in zip(a, b):
-        assert x["sample_ids"] == y["sample_ids"], f"step {x['step']}: different prompts"
-        assert x["policy_version"] == y["policy_version"]
-        assert x["tokens_generated"] == y["tokens_generated"], f"step {x['step']}: different samples"
-    # Same weights, optimizer state and samples: the losses agree to float32 rounding.
-    np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-5)
-    assert b[-1]["tokens_generated_total"] == a[-1]["tokens_generated_total"]
+    # Step 3 of the stopped run is forgotten, then redone.
+    assert_repeats(read_metrics(full), read_metrics(resumed))
+
+
+class LearnerKillingTrainer(driver.Trainer):
+    """Kills learner rank ``victim`` once its step's batch is scored, in the steps of ``kill_in``
+    (each once); the train call that follows finds the rank dead."""
+
+    kill_in: tuple[int, ...] = (3,)
+    victim = 1
+
+    def score(self, rows):
+        import ray
+
+        batch = super().score(rows)
+        self.killed = getattr(self, "killed", [])
+        step = self.step + 1
+        if step in self.kill_in and step not in self.killed:
+            self.killed.append(step)
+            ray.kill(self.learner.ranks[self.victim])
+        return batch
+
+
+def test_a_dead_learner_rank_is_replaced_from_the_last_checkpoint_and_the_run_repeats_the_uninterrupted_one(
+    full, tmp_path, ray_session, monkeypatch, capsys
+):
+    with monkeypatch.context() as m:
+        m.setattr(driver, "Trainer", LearnerKillingTrainer)
+        run = train(CONFIG, local_overrides(tmp_path, "train.steps=4", *COMMON))
+    out = capsys.readouterr().out
+    ckpt = run / "checkpoints" / "step_2"
+    assert "a learner rank died in step 3" in out and f"restarting the learner group from {ckpt} (restart 1 of 2)" in out
+    assert "learner group restarted at step 2" in out
+    # Steps 3 and 4 trained once each in the surviving history (metrics rewound to step 2).
+    assert_repeats(read_metrics(full), read_metrics(run))
+
+
+def test_a_learner_that_keeps_dying_ends_the_run_with_one_line(tmp_path, ray_session, monkeypatch):
+    class DiesTwice(LearnerKillingTrainer):
+        kill_in = (1,)
+
+        def score(self, rows):
+            if getattr(self, "killed", None) == [1]:
+                self.killed = []  # and again in the step redone after the restart
+            return super().score(rows)
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "Trainer", DiesTwice)
+        with pytest.raises(LearnerLost) as lost:
+            train(CONFIG, local_overrides(tmp_path, "train.steps=1", "train.max_actor_restarts=1", "eval.every=0",
+                                          "train.checkpoint_every=0", "data.max_rows=8", "train.prompts_per_step=4"))
+    message = str(lost.value)
+    assert "a learner rank died in step 1" in message and "train.max_actor_restarts=1" in message, message
+    assert "restarted 1 time(s)" in message and "no checkpoint was written" in message
+    assert "\n" not in message
+    assert not (tmp_path / "run").exists()  # a fresh run that never finished a step leaves nothing
