@@ -509,6 +509,8 @@ class Trainer:
         if not row["update_skipped"]:
             self.bad_steps = []
             return
+        if self.cfg.model.dtype == "float16" and not row["nonfinite_sample_ids"]:
+            return  # fp16 loss scaling skips on overflow while it calibrates: normal, not a fault
         self.bad_steps.append(row["step"])
         ids = row["nonfinite_sample_ids"]
         named = f"the loss of samples {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" if ids else "the gradient"
@@ -694,9 +696,9 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
             shutil.rmtree(run.path, ignore_errors=True)
         elif isinstance(exc, KeyboardInterrupt):
             last = latest_checkpoint(run.path)
-            where = f"the last checkpoint is {last}" if last else "no checkpoint was written"
-            print(f"opsd: stopped at once in step {trainer.step + 1}; {where}; resume with: "
-                  f"opsd train --resume {run.path}", file=sys.stderr, flush=True)
+            what = (f"the last checkpoint is {last}; resume with: opsd train --resume {run.path}" if last
+                    else "no checkpoint was written; start the run again")
+            print(f"opsd: stopped at once in step {trainer.step + 1}; {what}", file=sys.stderr, flush=True)
         raise
     finally:
         stop.restore()

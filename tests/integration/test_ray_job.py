@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.checkpoints import latest_checkpoint
 from opsd.config import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -248,3 +249,29 @@ def test_ray_job_submit_trains(ray_head, tmp_path):
     assert (ckpt / "hf" / "config.json").is_file()
     # The driver's own output came back through the job's log stream.
     assert f"run directory: {run_dir}" in proc.stdout
+
+    # `ray job stop` on a resumed run: the driver gets SIGTERM, finishes its step and checkpoints
+    # within the RAY_JOB_STOP_WAIT_TIME_S that launch/runtime_env.yaml gives it (Ray's default of
+    # 3 s would SIGKILL it first).
+    resume_id = f"{job_id}-resume"
+    more = STEPS + 20  # more than can finish before the stop
+    proc = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
+                   "launch/runtime_env.yaml", "--submission-id", resume_id, "--no-wait", "--",
+                   "opsd", "train", "--resume", str(run_dir), f"train.steps={more}", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len((run_dir / "metrics.jsonl").read_text().splitlines()) <= STEPS:
+        assert time.monotonic() < deadline, diagnose("the resumed job trained no step")
+        time.sleep(1)
+    stop = ray_cli("job", "stop", "--address", address, resume_id, timeout=600)
+    assert stop.returncode == 0, stop.stderr[-4000:]
+    logs = re.sub(r"\x1b\[[0-9;]*m", "", ray_cli("job", "logs", "--address", address, resume_id, timeout=60).stdout)
+    stopped = re.search(rf"stopped by SIGTERM after step (\d+) of {more}; checkpoint (\S+);", logs)
+    assert stopped, diagnose(f"no graceful stop in the job's log:\n{logs[-4000:]}")
+    step = int(stopped.group(1))
+    assert step > STEPS and Path(stopped.group(2)) == run_dir / "checkpoints" / f"step_{step}"
+    assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / f"step_{step}"  # verified by its manifest
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    assert [r["step"] for r in rows] == list(range(1, step + 1))
+    with urllib.request.urlopen(f"{address}/api/jobs/{resume_id}", timeout=30) as r:
+        assert json.load(r)["status"] == "STOPPED"
