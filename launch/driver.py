@@ -41,6 +41,10 @@ METRIC_FIELDS = (
 )
 
 
+# How long a learner group restarted after a death may wait for its resources.
+LEARNER_PLACE_TIMEOUT_S = 600.0
+
+
 def sample_seed(seed: int, step: int, uid: str) -> int:
     """A per-prompt sampling seed that depends only on (run seed, step, prompt): retries and
     resumed runs draw the same samples."""
@@ -489,7 +493,19 @@ class Trainer:
             self.inflight = None
         self.prefetched = False
         self.bad_steps = []
-        self.learner = LearnerGroup(cfg, self.model_path)
+        import ray
+
+        try:
+            # Bounded: a lost node that no autoscaler replaces must not leave the run waiting forever.
+            self.learner = LearnerGroup(cfg, self.model_path, place_timeout=LEARNER_PLACE_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            where = (f"resume from {ckpt} with: opsd train --resume {self.run.path}" if ckpt
+                     else "no checkpoint was written, so start the run again")
+            raise LearnerLost(
+                f"a learner rank died in step {died_in} ({cause}) and a new learner group could not be placed in "
+                f"{LEARNER_PLACE_TIMEOUT_S:.0f} s ({cfg.learner.num_ranks} x {cfg.learner.num_cpus_per_rank:g} CPU, "
+                f"{cfg.learner.num_gpus_per_rank:g} GPU); once the cluster has them, {where}"
+            ) from exc
         self.weights = WeightSync(cfg, self.learner)
         if ckpt is not None:
             self.restore(ckpt, self.run)

@@ -539,9 +539,11 @@ def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch
 class LearnerGroup:
     """Creates the W rank actors in a placement group and fans calls out to them."""
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, *, place_timeout: float | None = None):
+        """``place_timeout``: how long to wait for the ranks' resources (None: as long as it takes,
+        for an autoscaling cluster); past it, ray.exceptions.GetTimeoutError."""
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         w = cfg.learner.num_ranks
@@ -549,7 +551,11 @@ class LearnerGroup:
         if cfg.learner.num_gpus_per_rank:
             bundle["GPU"] = cfg.learner.num_gpus_per_rank
         self.pg = placement_group([dict(bundle) for _ in range(w)], strategy="PACK")
-        ray.get(self.pg.ready())
+        try:
+            ray.get(self.pg.ready(), timeout=place_timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise
         cls = ray.remote(LearnerRank)
         self.ranks = [
             cls.options(
