@@ -1,7 +1,7 @@
 """Checkpoints a run can trust: a manifest of every file with its size and SHA-256, written last
 inside a temporary folder that one rename makes final; resume takes the newest one that verifies.
 
-Kept free of torch and Ray so that the CLI can name these errors without loading either.
+Kept free of torch and Ray so that the CLI can name its errors without loading either.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ import hashlib
 import json
 from pathlib import Path
 
+from launch.stopping import RunFault
+
 
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunFault):
     """A checkpoint could not be written (a full disk, a lost volume); the previous one is intact."""
 
 

@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
-        from launch.checkpoints import CheckpointError
-        from launch.stopping import BadSteps, Stopped
+        from launch.stopping import RunFault, Stopped
         from opsd.data import DataError
         from opsd.gguf_import import ModelError
         from opsd.prompts import PromptTooLongError
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Stopped):  # on request (SIGTERM, SIGINT), at a checkpoint
             print(f"opsd: {exc}", file=sys.stderr)
             return exc.code
-        if isinstance(exc, (CheckpointError, BadSteps)):
+        if isinstance(exc, RunFault):  # a checkpoint write, a learner lost, non-finite steps
             print(f"opsd: error: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, (DataError, ModelError, PromptTooLongError, FileNotFoundError)):

@@ -466,12 +466,10 @@ class Trainer:
         died_in = self.step + 1
         cause = _root_cause(exc)
         if self.learner_restarts >= cfg.train.max_actor_restarts:
-            last = latest_checkpoint(self.run.path)
-            resume = (f"resume from {last} with: opsd train --resume {self.run.path}" if last
-                      else "no checkpoint was written, so start the run again")
             raise LearnerLost(
                 f"a learner rank died in step {died_in} ({cause}) and the learner group was already restarted "
-                f"{self.learner_restarts} time(s) (train.max_actor_restarts={cfg.train.max_actor_restarts}); {resume}"
+                f"{self.learner_restarts} time(s) (train.max_actor_restarts={cfg.train.max_actor_restarts}); "
+                f"{resume_hint(self.run.path)}"
             ) from exc
         self.learner_restarts += 1
         ckpt = latest_checkpoint(self.run.path)
@@ -499,12 +497,10 @@ class Trainer:
             # Bounded: a lost node that no autoscaler replaces must not leave the run waiting forever.
             self.learner = LearnerGroup(cfg, self.model_path, place_timeout=LEARNER_PLACE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
-            where = (f"resume from {ckpt} with: opsd train --resume {self.run.path}" if ckpt
-                     else "no checkpoint was written, so start the run again")
             raise LearnerLost(
                 f"a learner rank died in step {died_in} ({cause}) and a new learner group could not be placed in "
                 f"{LEARNER_PLACE_TIMEOUT_S:.0f} s ({cfg.learner.num_ranks} x {cfg.learner.num_cpus_per_rank:g} CPU, "
-                f"{cfg.learner.num_gpus_per_rank:g} GPU); once the cluster has them, {where}"
+                f"{cfg.learner.num_gpus_per_rank:g} GPU); once the cluster has them, {resume_hint(self.run.path, ckpt)}"
             ) from exc
         self.weights = WeightSync(cfg, self.learner)
         if ckpt is not None:
@@ -534,15 +530,11 @@ class Trainer:
                   f"{row['grad_norm']}); its update was skipped")
         limit = self.cfg.train.max_bad_steps
         if len(self.bad_steps) >= limit:
-            last = latest_checkpoint(self.run.path)
-            good = self.bad_steps[0] - 1
             raise BadSteps(
                 f"steps {self.bad_steps[0]}-{self.bad_steps[-1]}: {len(self.bad_steps)} steps in a row with a "
                 f"non-finite loss or gradient norm (train.max_bad_steps={limit}); none was applied, so the weights "
-                f"are those of step {good}. Look at the samples named in {self.run.metrics_file} "
-                f"(nonfinite_sample_ids) and at learner.lr; "
-                + (f"the last checkpoint is {last}: resume with opsd train --resume {self.run.path}" if last
-                   else "no checkpoint was written")
+                f"are those of step {self.bad_steps[0] - 1}. Look at the samples named in {self.run.metrics_file} "
+                f"(nonfinite_sample_ids) and at learner.lr; then {resume_hint(self.run.path)}"
             )
 
     def _stop(self, stop: StopSignals, saved_at: int) -> None:
@@ -711,10 +703,8 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         if fresh and trainer.step == 0:
             shutil.rmtree(run.path, ignore_errors=True)
         elif isinstance(exc, KeyboardInterrupt):
-            last = latest_checkpoint(run.path)
-            what = (f"the last checkpoint is {last}; resume with: opsd train --resume {run.path}" if last
-                    else "no checkpoint was written; start the run again")
-            print(f"opsd: stopped at once in step {trainer.step + 1}; {what}", file=sys.stderr, flush=True)
+            print(f"opsd: stopped at once in step {trainer.step + 1}; {resume_hint(run.path)}", file=sys.stderr,
+                  flush=True)
         raise
     finally:
         stop.restore()
@@ -722,6 +712,15 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         if started:
             ray.shutdown()
     return run.path
+
+
+def resume_hint(run_path: Path, ckpt: Path | None = None) -> str:
+    """What a user does after a run ended: resume from ``ckpt`` (default: the newest sound
+    checkpoint), or start again when there is none."""
+    ckpt = ckpt or latest_checkpoint(run_path)
+    if ckpt is None:
+        return "no checkpoint was written, so start the run again"
+    return f"resume from {ckpt} with: opsd train --resume {run_path}"
 
 
 def _root_cause(exc: BaseException) -> str:

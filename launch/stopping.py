@@ -17,12 +17,17 @@ class Stopped(Exception):
         self.code = 128 + signum
 
 
-class BadSteps(RuntimeError):
+class RunFault(RuntimeError):
+    """A run ended on a fault it explains in one line (what happened, what to do next): the CLI
+    prints it without a traceback."""
+
+
+class BadSteps(RunFault):
     """train.max_bad_steps steps in a row had a non-finite loss or gradient norm; none of their
     updates was applied."""
 
 
-class LearnerLost(RuntimeError):
+class LearnerLost(RunFault):
     """A learner rank died and train.max_actor_restarts restarts of the group are used up."""
 
 
