@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from launch.stopping import ActorLost
 from opsd.config import Config
 from workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
 
@@ -63,6 +64,18 @@ def unshard(per_actor: list[list], total: int) -> list:
     return [per_actor[j % n][j // n] for j in range(total)] if total else []
 
 
+def _asks(options: dict) -> str:
+    """'1 CPU, 1 opsd_rollout' from actor options."""
+    parts = [f"{options[k]:g} {name}" for k, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")) if options.get(k)]
+    parts += [f"{v:g} {k}" for k, v in options.get("resources", {}).items()]
+    return ", ".join(parts) or "no resources"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
 def _actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
@@ -82,11 +95,16 @@ class Pending:
 class ActorPool:
     """Actors of one kind (rollout or scorer) and fault-tolerant calls on them."""
 
-    def __init__(self, kind: str, cls: type, n: int, options: dict, args: tuple, *, max_restarts: int):
+    def __init__(self, kind: str, cls: type, n: int, options: dict, args: tuple, *, max_restarts: int,
+                 place_timeout: float = 600.0):
+        """``place_timeout``: how long an actor that died may take to be placed again and answer
+        (a lost node that no autoscaler replaces leaves it pending for ever)."""
         import ray
 
         self.kind = kind
         self.max_restarts = max_restarts
+        self.place_timeout = place_timeout
+        self.options = options
         remote = ray.remote(cls)
         self.actors = [
             remote.options(max_restarts=max_restarts, max_task_retries=0, **options).remote(*args, i)
@@ -110,21 +128,31 @@ class ActorPool:
         import ray
 
         i = self.actors.index(actor)
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + self.place_timeout
         while True:
             try:
-                pid = ray.get(actor.pid.remote(), timeout=60)
+                pid = ray.get(actor.pid.remote(), timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
                 break
             except _actor_errors() + (ray.exceptions.GetTimeoutError,):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.kind} actor did not come back after a failure: {error}") from error
+                    asks = _asks(self.options)
+                    raise ActorLost(
+                        f"{self.kind} {i} died ({_first_line(error)}) and Ray did not place it again within "
+                        f"cluster.place_timeout_s={self.place_timeout:g} s (it asks for {asks}; was its node "
+                        "lost?)"
+                    ) from error
                 time.sleep(1.0)
         if pid == self.pids[i]:
             return  # the same process: already recovered, or it never went away
         self.pids[i] = pid
         self.restarts += 1
         if self.restarts > self.max_restarts * len(self.actors):
-            raise RuntimeError(f"{self.kind} actor failed too often ({self.restarts} restarts): {error}") from error
+            raise ActorLost(
+                f"{self.kind} actors failed too often ({self.restarts} restarts, train.max_actor_restarts="
+                f"{self.max_restarts} per actor): {_first_line(error)}"
+            ) from error
+        print(f"opsd: warning: {self.kind} {i} died ({_first_line(error)}); Ray restarted it (restart "
+              f"{self.restarts}), bringing it to the current weights", flush=True)
         if self.on_restart is not None:
             self.on_restart(actor)
 
@@ -199,6 +227,12 @@ class ActorPool:
                         f"{retries + 1} tries: {exc}"
                     ) from exc
                 refs[i] = self.actors[i].load_weights.remote(update)
+
+    def nodes(self) -> list[str]:
+        """The Ray node id each actor runs on."""
+        import ray
+
+        return ray.get([a.node_id.remote() for a in self.actors])
 
     def kill(self) -> None:
         import ray

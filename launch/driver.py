@@ -26,8 +26,8 @@ from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
 from launch.cluster import ActorPool, Pending, _actor_errors, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger, read_metrics
-from launch.stopping import BadSteps, LearnerLost, StopSignals, Stopped
-from launch.validate import actor_resources, resource_needs
+from launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
+from launch.validate import actor_resources, custom_resource_needs, resource_needs
 from launch.weights import WeightSync
 from workers.learner import LearnerGroup
 from workers.rollout import RolloutWorker
@@ -39,10 +39,6 @@ METRIC_FIELDS = (
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
     "update_skipped",
 )
-
-
-# How long a learner group restarted after a death may wait for its resources.
-LEARNER_PLACE_TIMEOUT_S = 600.0
 
 
 def sample_seed(seed: int, step: int, uid: str) -> int:
@@ -150,17 +146,20 @@ class Trainer:
              f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {self.model_path}")
         gpu = 1 if cfg.cluster.device == "cuda" else 0
         restarts = cfg.train.max_actor_restarts
+        timeout = cfg.cluster.place_timeout_s
         self.rollouts = ActorPool(
             "rollout", RolloutWorker, cfg.rollout.num_workers,
-            {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size},
-            (cfg, self.model_path), max_restarts=restarts,
+            {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size,
+             **_resources(cfg.rollout.resources)},
+            (cfg, self.model_path), max_restarts=restarts, place_timeout=timeout,
         )
         self.scorers = None
         if uses_scorer(cfg):
             self.scorers = ActorPool(
                 "scorer", ScorerWorker, cfg.scorer.num_workers,
-                {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker},
-                (cfg, self.model_path), max_restarts=restarts,
+                {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
+                 **_resources(cfg.scorer.resources)},
+                (cfg, self.model_path), max_restarts=restarts, place_timeout=timeout,
             )
         self.learner = LearnerGroup(cfg, self.model_path)
         self.weights = WeightSync(cfg, self.learner)
@@ -171,6 +170,22 @@ class Trainer:
         if self.scorers:
             self.scorers.on_restart = self._catch_up_scorer
         _say(f"actors ready in {time.perf_counter() - t0:.0f}s; {len(self.pairs)} training problems")
+        self.log_placement()
+
+    def placement(self) -> dict[str, list[str]]:
+        """The Ray node id of every actor, by role (learner ranks in rank order)."""
+        where = {"rollout": self.rollouts.nodes(), "learner": self.learner.nodes()}
+        if self.scorers:
+            where["scorer"] = self.scorers.nodes()
+        return where
+
+    def log_placement(self) -> None:
+        """One line saying where the roles run, when they span more than one Ray node."""
+        where = self.placement()
+        nodes = sorted({n for ids in where.values() for n in ids})
+        if len(nodes) > 1:
+            short = {n: f"node {k + 1} ({n[:8]})" for k, n in enumerate(nodes)}
+            _say("placement: " + "; ".join(f"{role} on {', '.join(short[n] for n in ids)}" for role, ids in where.items()))
 
     def _catch_up_rollout(self, actor: Any) -> None:
         self.weights.catch_up(self.rollouts, actor)
@@ -441,6 +456,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
                                 tok_s=f"{row['tokens_generated'] / max(row['rollout_seconds'], 1e-9):.0f}")
+        except ActorLost as exc:
+            # The learner still holds step self.step, but the data position is mid-step: the run
+            # goes back to its last complete checkpoint, like any other stop without one.
+            raise ActorLost(f"step {self.step + 1}: {exc}; {resume_hint(run.path)}") from exc
         finally:
             bar.close()
             logger.close()
@@ -495,12 +514,13 @@ class Trainer:
 
         try:
             # Bounded: a lost node that no autoscaler replaces must not leave the run waiting forever.
-            self.learner = LearnerGroup(cfg, self.model_path, place_timeout=LEARNER_PLACE_TIMEOUT_S)
+            self.learner = LearnerGroup(cfg, self.model_path, place_timeout=cfg.cluster.place_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise LearnerLost(
-                f"a learner rank died in step {died_in} ({cause}) and a new learner group could not be placed in "
-                f"{LEARNER_PLACE_TIMEOUT_S:.0f} s ({cfg.learner.num_ranks} x {cfg.learner.num_cpus_per_rank:g} CPU, "
-                f"{cfg.learner.num_gpus_per_rank:g} GPU); once the cluster has them, {resume_hint(self.run.path, ckpt)}"
+                f"a learner rank died in step {died_in} ({cause}) and a new learner group could not be placed within "
+                f"cluster.place_timeout_s={cfg.cluster.place_timeout_s:g} s ({cfg.learner.num_ranks} x "
+                f"{cfg.learner.num_cpus_per_rank:g} CPU / {cfg.learner.num_gpus_per_rank:g} GPU"
+                f"{_custom(cfg.learner.resources)}); once the cluster has them, {resume_hint(self.run.path, ckpt)}"
             ) from exc
         self.weights = WeightSync(cfg, self.learner)
         if ckpt is not None:
@@ -515,6 +535,7 @@ class Trainer:
             self.teacher_version = 0
             self.run.truncate_metrics(0)
         bar.write(f"opsd: learner group restarted at step {self.step}")
+        self.log_placement()
 
     def _watch_numerics(self, row: dict, bar: Any) -> None:
         """A skipped update is reported; train.max_bad_steps of them in a row stop the run."""
@@ -639,15 +660,29 @@ def check_capacity(cfg: Config, *, strict: bool) -> None:
     have = ray.cluster_resources()
     short = [f"{need:g} {kind}s (the cluster has {have.get(kind, 0):g})"
              for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
+    short += [f"{need:g} of the custom resource {name!r} (the cluster has {have.get(name, 0):g}; nodes offer it "
+              f"with `ray start --resources`)"
+              for name, need in custom_resource_needs(cfg).items() if need > have.get(name, 0) + 1e-9]
     if not short:
         return
-    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU" for role, n, c, g, _ in actor_resources(cfg))
+    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{_custom(getattr(cfg, role).resources)}"
+                      for role, n, c, g, _ in actor_resources(cfg))
     msg = (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
-           "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, ...) or give "
+           "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, the roles' "
+           ".resources, ...) or give "
            "the cluster more (cluster.num_cpus for a local one)")
     if strict:
         raise ConfigError(msg)
     print(f"opsd: warning: {msg}; waiting for the cluster to provide them")
+
+
+def _resources(resources: dict) -> dict:
+    """Ray actor options for a role's custom resources (none: no option at all)."""
+    return {"resources": dict(resources)} if resources else {}
+
+
+def _custom(resources: dict) -> str:
+    return "".join(f" / {v:g} {k}" for k, v in resources.items())
 
 
 def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Config, Path]:

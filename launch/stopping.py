@@ -31,6 +31,11 @@ class LearnerLost(RunFault):
     """A learner rank died and train.max_actor_restarts restarts of the group are used up."""
 
 
+class ActorLost(RunFault):
+    """A rollout worker or scorer died and could not be brought back: Ray did not place it again
+    within cluster.place_timeout_s (its node is gone), or train.max_actor_restarts ran out."""
+
+
 class StopSignals:
     """The first SIGTERM or SIGINT asks the run to stop after the step in progress, with a
     checkpoint; a second one stops it at once (as KeyboardInterrupt).

@@ -106,6 +106,16 @@ def resource_needs(cfg: Config) -> tuple[float, float]:
     return sum(n * g for _, n, _, g, _ in roles), sum(n * c for _, n, c, _, _ in roles)
 
 
+def custom_resource_needs(cfg: Config) -> dict[str, float]:
+    """Custom Ray resources (rollout/scorer/learner .resources) that the actors reserve, all together."""
+    roles = {role: n for role, n, _, _, _ in actor_resources(cfg)}
+    need: dict[str, float] = {}
+    for role, n in roles.items():
+        for name, amount in getattr(cfg, role).resources.items():
+            need[name] = need.get(name, 0.0) + n * amount
+    return need
+
+
 def _check_resources(cfg: Config) -> list[str]:
     from workers.learner import micro_batches_per_rank
 

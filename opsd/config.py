@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -92,6 +92,9 @@ class RolloutConfig:
     num_workers: int = 1
     tensor_parallel_size: int = 1
     num_cpus_per_worker: float = 1.0
+    # Custom Ray resources each worker asks for, e.g. {opsd_rollout: 1} to keep it on the nodes
+    # started with `ray start --resources='{"opsd_rollout": 8}'` (README, "More than one node").
+    resources: Dict[str, float] = field(default_factory=dict)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -110,6 +113,9 @@ class RolloutConfig:
 class ScorerConfig:
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
+    # Custom Ray resources each worker asks for, e.g. {opsd_scorer: 1} to keep it on the nodes
+    # started with `ray start --resources='{"opsd_scorer": 8}'` (README, "More than one node").
+    resources: Dict[str, float] = field(default_factory=dict)
     num_gpus_per_worker: float = 0.0
     topk: int = 64
     # Padded micro-batches are capped by this many tokens (rows x longest row).
@@ -122,6 +128,9 @@ class LearnerConfig:
     zero_stage: int = 2
     num_cpus_per_rank: float = 0.5
     num_gpus_per_rank: float = 0.0
+    # Custom Ray resources each rank asks for, e.g. {opsd_learner: 1} to keep it on the nodes
+    # started with `ray start --resources='{"opsd_learner": 8}'` (README, "More than one node").
+    resources: Dict[str, float] = field(default_factory=dict)
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -202,6 +211,10 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # local cluster only
     device: str = "cpu"  # cpu | cuda
     dashboard: bool = False
+    # How long an actor that died (a lost node, a crash) may wait for Ray to place it again before
+    # the run stops with one line naming its last checkpoint; an autoscaler has this long to add
+    # a node.
+    place_timeout_s: float = 600.0
 
 
 @dataclass
@@ -351,6 +364,14 @@ def _getattr_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+BUILTIN_KEYS = {
+    "rollout": {"CPU": "rollout.num_cpus_per_worker", "GPU": "rollout.tensor_parallel_size"},
+    "scorer": {"CPU": "scorer.num_cpus_per_worker", "GPU": "scorer.num_gpus_per_worker"},
+    "learner": {"CPU": "learner.num_cpus_per_rank", "GPU": "learner.num_gpus_per_rank"},
+}
+
+
 def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     """Reject values and combinations that type-check but cannot run.
 
@@ -428,6 +449,16 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         )
     if cfg.sync.timeout_s <= 0:
         raise ConfigError(f"config key 'sync.timeout_s' = {cfg.sync.timeout_s} must be positive")
+    if cfg.cluster.place_timeout_s <= 0:
+        raise ConfigError(f"config key 'cluster.place_timeout_s' = {cfg.cluster.place_timeout_s} must be positive")
+    for role in ("rollout", "scorer", "learner"):
+        for name, amount in getattr(cfg, role).resources.items():
+            key = f"{role}.resources.{name}"
+            if name in RAY_BUILTIN_RESOURCES:
+                instead = BUILTIN_KEYS[role].get(name, "Ray's own accounting")
+                raise ConfigError(f"config key '{key}': {name} is not a custom resource; it is set by {instead}")
+            if not amount > 0:
+                raise ConfigError(f"config key '{key}' = {amount:g}; expected > 0 (leave the name out instead)")
     if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
         raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
     uses_ratio = cfg.algo == "grpo" or (

@@ -98,6 +98,12 @@ class LearnerRank:
             # Must be set before deepspeed is imported.
             os.environ["DS_ACCELERATOR"] = "cpu"
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the driver logs where each role landed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def alive(self) -> bool:
         return True
 
@@ -547,7 +553,7 @@ class LearnerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         w = cfg.learner.num_ranks
-        bundle = {"CPU": cfg.learner.num_cpus_per_rank}
+        bundle = {"CPU": cfg.learner.num_cpus_per_rank, **cfg.learner.resources}
         if cfg.learner.num_gpus_per_rank:
             bundle["GPU"] = cfg.learner.num_gpus_per_rank
         self.pg = placement_group([dict(bundle) for _ in range(w)], strategy="PACK")
@@ -643,6 +649,12 @@ class LearnerGroup:
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
         return self._all("load_checkpoint", ckpt_dir)[0]
+
+    def nodes(self) -> list[str]:
+        """The Ray node id each rank runs on."""
+        import ray
+
+        return ray.get([r.node_id.remote() for r in self.ranks])
 
     def broken(self) -> bool:
         """Whether a rank has died (a failed call already shut the group down, or one that would)."""

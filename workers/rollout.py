@@ -64,6 +64,12 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the driver logs where each role landed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def pid(self) -> int:
         """Tells a restarted actor from the one it replaced."""
         return os.getpid()

@@ -189,6 +189,12 @@ class ScorerWorker:
     def leave_weight_group(self) -> None:
         self.receiver.close()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (the driver logs where each role landed)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def pid(self) -> int:
         """Tells a restarted actor from the one it replaced."""
         return os.getpid()

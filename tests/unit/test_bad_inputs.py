@@ -57,6 +57,9 @@ CONFIG_CASES = [
     (["train.prompts_per_step=9999"], r"train\.prompts_per_step=9999"),
     (["steps"], r"'steps' is not of the form key=value"),
     (["train.max_bad_steps=0"], r"train\.max_bad_steps.*0"),
+    (["learner.resources.CPU=1"], r"learner\.resources\.CPU.*not a custom resource.*learner\.num_cpus_per_rank"),
+    (["rollout.resources.opsd_actors=0"], r"rollout\.resources\.opsd_actors' = 0; expected > 0"),
+    (["cluster.place_timeout_s=0"], r"cluster\.place_timeout_s.*must be positive"),
 ]
 
 
@@ -229,17 +232,22 @@ def test_a_corrupt_arrow_batch_is_named(tmp_path):
         read_ipc(bad)
 
 
-def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("learner.num_cpus_per_rank=4", "learner.num_cpus_per_rank"),
+    # A role pinned to nodes that a local cluster never has.
+    ("learner.resources={opsd_learner: 1}", "2 of the custom resource 'opsd_learner' (the cluster has 0"),
+], ids=["cpus", "custom-resource"])
+def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_path, override, message):
     # Found only once Ray is up (the check needs the cluster's resources): the run directory that
     # was made by then is removed again. In a process of its own, so that the local cluster is
     # the command's (a cluster this test process joined could grow, and would be waited for).
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", TINY, f"run_dir={run_dir}", "learner.num_cpus_per_rank=4",
+        [sys.executable, "-m", "launch.cli", "train", TINY, f"run_dir={run_dir}", override,
          "eval.every=0", "cluster.num_cpus=4"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "the run's actors need" in proc.stderr and "learner.num_cpus_per_rank" in proc.stderr, proc.stderr[-4000:]
+    assert "the run's actors need" in proc.stderr and message in proc.stderr, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists(), "a run that failed its checks left a run directory"
