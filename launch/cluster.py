@@ -42,6 +42,9 @@ def init_ray(cfg: Config) -> bool:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
     ray.init(
+        # "local": a cluster of this run's own, even when another one runs on this machine (a
+        # `ray start` head, a test's cluster), which a plain ray.init() would join.
+        address="local",
         num_cpus=cfg.cluster.num_cpus,
         include_dashboard=cfg.cluster.dashboard,
         dashboard_host="127.0.0.1",
