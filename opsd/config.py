@@ -211,9 +211,9 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # local cluster only
     device: str = "cpu"  # cpu | cuda
     dashboard: bool = False
-    # How long an actor that died (a lost node, a crash) may wait for Ray to place it again before
-    # the run stops with one line naming its last checkpoint; an autoscaler has this long to add
-    # a node.
+    # How long an actor that died (a lost node, a crash) may take to be placed again and start up
+    # (vLLM's start counts) before the run stops with one line naming its last checkpoint; an
+    # autoscaler has this long to add a node.
     place_timeout_s: float = 600.0
 
 
