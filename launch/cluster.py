@@ -67,11 +67,15 @@ def unshard(per_actor: list[list], total: int) -> list:
     return [per_actor[j % n][j // n] for j in range(total)] if total else []
 
 
+def custom_parts(resources: dict) -> list[str]:
+    """['1 opsd_rollout', ...] from a role's custom resources."""
+    return [f"{v:g} {k}" for k, v in resources.items()]
+
+
 def _asks(options: dict) -> str:
     """'1 CPU, 1 opsd_rollout' from actor options."""
     parts = [f"{options[k]:g} {name}" for k, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")) if options.get(k)]
-    parts += [f"{v:g} {k}" for k, v in options.get("resources", {}).items()]
-    return ", ".join(parts) or "no resources"
+    return ", ".join(parts + custom_parts(options.get("resources", {}))) or "no resources"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -24,7 +24,7 @@ from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
-from launch.cluster import ActorPool, Pending, _actor_errors, init_ray, round_robin, unshard
+from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, unshard
 from launch.loggers import MetricsLogger, read_metrics
 from launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
 from launch.validate import actor_resources, custom_resource_needs, resource_needs
@@ -682,7 +682,7 @@ def _resources(resources: dict) -> dict:
 
 
 def _custom(resources: dict) -> str:
-    return "".join(f" / {v:g} {k}" for k, v in resources.items())
+    return "".join(f" / {p}" for p in custom_parts(resources))
 
 
 def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Config, Path]:

@@ -108,9 +108,8 @@ def resource_needs(cfg: Config) -> tuple[float, float]:
 
 def custom_resource_needs(cfg: Config) -> dict[str, float]:
     """Custom Ray resources (rollout/scorer/learner .resources) that the actors reserve, all together."""
-    roles = {role: n for role, n, _, _, _ in actor_resources(cfg)}
     need: dict[str, float] = {}
-    for role, n in roles.items():
+    for role, n, _, _, _ in actor_resources(cfg):
         for name, amount in getattr(cfg, role).resources.items():
             need[name] = need.get(name, 0.0) + n * amount
     return need
