@@ -19,7 +19,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
-from opsd.config import Config, ConfigError, check, load_config, resolve_path, to_yaml, uses_scorer
+from opsd.config import (
+    Config, ConfigError, check, distills, load_config, resolve_path, to_yaml, trains_on_references, uses_scorer,
+)
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
@@ -235,7 +237,10 @@ class Trainer:
         """prompts -> vLLM: each prompt goes to one worker, n samples each (returns at once)."""
         cfg = self.cfg.rollout
         shards = round_robin(pairs, len(self.rollouts.actors))
-        args = [([p.student_ids for p in s], [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
+        # algo=kd, kd.source=teacher_samples: the responses are sampled from the teacher prompt.
+        teacher = self.cfg.algo == "kd"
+        args = [([p.teacher_ids if teacher else p.student_ids for p in s],
+                 [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
         return pairs, self.rollouts.submit(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, expect_version=self.policy_version,
@@ -263,19 +268,22 @@ class Trainer:
         return [self.pairs[i] for i in indices]
 
     def reference_rows(self, pairs: list[PromptPair]) -> list[dict]:
-        """SFT: the reference solutions play the part of the responses (nothing is generated)."""
+        """SFT and KD from references: the reference solutions play the part of the responses
+        (nothing is generated). For KD the teacher reads them after its own, longer prompt."""
         eos = self.tokenizer.eos_token_id
         limit = self.cfg.model.max_model_len
+        teacher = distills(self.cfg)
         rows = []
         for pair in pairs:
             # The reference is text; it is tokenised once here, and EOS closes the turn.
             ids = list(self.tokenizer(self.solutions[pair.uid], add_special_tokens=False)["input_ids"]) + [eos]
-            if len(pair.student_ids) + len(ids) > limit:
+            prompt = len(pair.teacher_ids if teacher else pair.student_ids)
+            if prompt + len(ids) > limit:
                 if self.cfg.prompt.overlong == "skip":
                     self.skipped.append(pair.uid)
                     continue
                 raise ValueError(
-                    f"row {pair.uid}: prompt ({len(pair.student_ids)} tokens) + reference solution ({len(ids)}) is "
+                    f"row {pair.uid}: {'teacher ' if teacher else ''}prompt ({prompt} tokens) + reference solution ({len(ids)}) is "
                     f"longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
                 )
             rows.append({
@@ -290,7 +298,7 @@ class Trainer:
         For GRPO the scorer is the frozen reference policy: it sees the student's own prompt, and
         its sampled-token logprobs feed the KL term.
         """
-        reference_only = self.cfg.algo != "opsd"
+        reference_only = not distills(self.cfg)
         reqs = [
             ScoreRequest(
                 sample_id=r["sample_id"], prompt_ids=r["pair"].student_ids,
@@ -578,7 +586,8 @@ class Trainer:
 
         cfg = self.cfg
         t_step = t0 = time.perf_counter()
-        if cfg.algo == "sft":
+        references = trains_on_references(cfg)
+        if references:
             rows = self.reference_rows(self.next_pairs())
         else:
             rows = self.collect_rollouts(self.inflight or self.submit_rollouts(self.next_pairs(), step))
@@ -586,7 +595,7 @@ class Trainer:
         fresh = [r for r in rows if self.policy_version - r["policy_version"] <= cfg.rollout.max_staleness]
         dropped, rows = len(rows) - len(fresh), fresh
         rollout_s = time.perf_counter() - t0
-        self.prefetched = cfg.rollout.max_staleness > 0 and cfg.algo != "sft" and step < cfg.train.steps
+        self.prefetched = cfg.rollout.max_staleness > 0 and not references and step < cfg.train.steps
         if self.prefetched:
             # Off-policy by at most max_staleness: the next step's rollouts run on the current
             # weights while the learner trains on this step's.
@@ -608,7 +617,7 @@ class Trainer:
 
         self.step = step
         resp_tokens = sum(len(r["response_ids"]) for r in rows)
-        gen = resp_tokens if cfg.algo != "sft" else 0  # SFT trains on references; it generates nothing
+        gen = 0 if references else resp_tokens  # SFT and KD from references generate nothing
         self.tokens_total += gen
         tokens = max(stats["tokens"], 1.0)
         n = max(len(rows), 1)
@@ -617,8 +626,14 @@ class Trainer:
             "loss": stats["loss_sum"] / tokens,
             # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
             "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
+            # GRPO: tokens whose ratio the loss clipped; mean |logp_vllm - logp_learner| (temperature
+            # 1); and the tokens a ratio against vLLM's logprobs would clip (engine noise, on-policy).
+            "clip_frac": stats["clipped_tokens"] / tokens if cfg.algo == "grpo" else None,
+            "engine_mismatch": stats["mismatch_sum"] / tokens if "mismatch_sum" in stats else None,
+            "clip_frac_rollout": stats["rollout_clipped_tokens"] / tokens if "rollout_clipped_tokens" in stats else None,
             "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-            "reward_mean": sum(r["reward"] for r in rows) / n if cfg.algo != "sft" else None,
+            # For kd.source=teacher_samples: the reward of the teacher-prompted samples.
+            "reward_mean": None if references else sum(r["reward"] for r in rows) / n,
             "response_len_mean": resp_tokens / n,
             "truncated_frac": sum(r["finish_reason"] == "length" for r in rows) / n,
             "tokens_generated": gen, "tokens_generated_total": self.tokens_total,

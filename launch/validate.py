@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from opsd.config import Config, ConfigError, load_config, resolve_path, uses_scorer
+from opsd.config import Config, ConfigError, load_config, resolve_path, samples_per_prompt, uses_scorer
 from opsd.data import DataError, load_problems
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
@@ -25,7 +25,8 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     cluster).
     """
     cfg = load_config(config_path, list(overrides))
-    lines = [f"config: {config_path} (algo={cfg.algo}, device={cfg.cluster.device})", _check_model(cfg)]
+    algo = f"algo=kd, kd.source={cfg.kd.source}" if cfg.algo == "kd" else f"algo={cfg.algo}"
+    lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device})", _check_model(cfg)]
     lines += _check_data(cfg) if check_data else ["data: not read (--skip-data)"]
     lines += _check_resources(cfg)
     lines.append("ok")
@@ -158,7 +159,7 @@ def _check_resources(cfg: Config) -> list[str]:
     each = ", ".join(f"{role} {n} x ({c:g} CPU, {g:g} GPU)" for role, n, c, g, _ in roles)
     lines = [f"resources: needs {total_gpus:g} GPUs, {total_cpus:g} CPUs: {each}"]
 
-    rows = cfg.train.prompts_per_step * (1 if cfg.algo == "sft" else r.n)
+    rows = cfg.train.prompts_per_step * samples_per_prompt(cfg)
     per_rank = -(-rows // lr.num_ranks)
     lora = f", LoRA r={cfg.model.lora.r}" if cfg.model.lora.enabled else ", full fine-tuning"
     micro = micro_batches_per_rank(cfg)

@@ -154,6 +154,22 @@ class LossConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
+    # The old policy of GRPO's clipped ratio: "learner" recomputes it with the learner, at
+    # loss.temperature (which must then be rollout.temperature, the sampler's), so that on-policy
+    # the ratio is exactly 1; "rollout" takes vLLM's logprobs (temperature 1), which corrects
+    # stale rollouts (rollout.max_staleness > 0) but also carries the engines' mismatch.
+    old_logprobs: str = "learner"
+
+
+@dataclass
+class KdConfig:
+    # algo=kd, off-policy distillation: the teacher (the teacher prompt, with the reference
+    # solution) gives targets along sequences the student did not sample.
+    #   reference:       the reference solution itself, teacher-forced (nothing is generated)
+    #   teacher_samples: responses the rollout workers sample from the teacher prompt, i.e. the
+    #                    current weights reading the solution (with teacher.mode=live they are
+    #                    the teacher's own samples; with fixed or ema the sampler is the live model)
+    source: str = "reference"
 
 
 @dataclass
@@ -219,7 +235,7 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    algo: str = "opsd"  # opsd | grpo | sft
+    algo: str = "opsd"  # opsd | grpo | sft | kd
     run_dir: Optional[str] = None  # default runs/<timestamp>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -230,6 +246,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    kd: KdConfig = field(default_factory=KdConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -238,13 +255,15 @@ class Config:
 
 
 _CHOICES = {
-    "algo": ("opsd", "grpo", "sft"),
+    "algo": ("opsd", "grpo", "sft", "kd"),
+    "kd.source": ("reference", "teacher_samples"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "prompt.overlong": ("error", "skip"),
     "grading.extract": ("strict", "lenient"),
     "learner.zero_stage": (0, 1, 2, 3),
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
+    "loss.old_logprobs": ("learner", "rollout"),
     "teacher.mode": ("fixed", "live", "ema"),
     "sync.transport": ("object_store", "gloo", "nccl"),
     "cluster.device": ("cpu", "cuda"),
@@ -461,19 +480,39 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
                 raise ConfigError(f"config key '{key}' = {amount:g}; expected > 0 (leave the name out instead)")
     if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
         raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
-    uses_ratio = cfg.algo == "grpo" or (
+    ratio_on_rollout = (cfg.algo == "grpo" and cfg.loss.old_logprobs == "rollout") or (
         cfg.algo == "opsd" and cfg.loss.objective == "sampled_token" and cfg.loss.is_clip is not None
     )
-    if uses_ratio and cfg.loss.temperature != 1.0:
+    if ratio_on_rollout and cfg.loss.temperature != 1.0:
         raise ConfigError(
-            f"config key 'loss.temperature' = {cfg.loss.temperature} with an importance ratio (algo=grpo, or "
-            "loss.is_clip): the rollout logprobs are the policy's at temperature 1, so the ratio would not be 1 "
-            "on-policy; use loss.temperature=1"
+            f"config key 'loss.temperature' = {cfg.loss.temperature} with an importance ratio on the rollout "
+            "logprobs (algo=grpo with loss.old_logprobs=rollout, or loss.is_clip): those are the policy's at "
+            "temperature 1, so the ratio would not be 1 on-policy; use loss.temperature=1"
         )
+    if cfg.algo == "grpo" and cfg.loss.old_logprobs == "learner":
+        if cfg.loss.temperature != cfg.rollout.temperature:
+            raise ConfigError(
+                f"config key 'loss.temperature' = {cfg.loss.temperature} with algo=grpo and loss.old_logprobs="
+                f"learner: the policy gradient is that of the sampler, so it must be rollout.temperature="
+                f"{cfg.rollout.temperature}"
+            )
+        if cfg.rollout.max_staleness > 0:
+            raise ConfigError(
+                f"config key 'rollout.max_staleness' = {cfg.rollout.max_staleness} with algo=grpo and "
+                "loss.old_logprobs=learner: stale rollouts would be treated as on-policy; set "
+                "loss.old_logprobs=rollout (the ratio then corrects for the older weights; loss.temperature=1) "
+                "or rollout.max_staleness=0"
+            )
     if cfg.algo == "grpo" and cfg.loss.kl_coef > 0 and cfg.teacher.mode != "fixed":
         raise ConfigError(
             f"config key 'teacher.mode' = {cfg.teacher.mode!r} with algo=grpo and loss.kl_coef > 0: GRPO's KL "
             "reference is the initial policy; use teacher.mode=fixed"
+        )
+    if cfg.algo == "kd" and cfg.loss.objective != "divergence":
+        raise ConfigError(
+            f"config key 'loss.objective' = {cfg.loss.objective!r} with algo=kd: the sampled-token objective is a "
+            "policy-gradient estimate that needs the student's own samples; off-policy distillation uses "
+            "loss.objective=divergence (any loss.beta and loss.support)"
         )
     if cfg.algo == "grpo" and cfg.rollout.n < 2:
         raise ConfigError("config key 'rollout.n' must be >= 2 for algo=grpo (advantages are normalised per group)")
@@ -489,8 +528,23 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
 
 
 def uses_scorer(cfg: Config) -> bool:
-    """OPSD scores with the teacher; GRPO needs a scorer only as the frozen KL reference."""
-    return cfg.algo == "opsd" or (cfg.algo == "grpo" and cfg.loss.kl_coef > 0)
+    """OPSD and KD score with the teacher; GRPO needs a scorer only as the frozen KL reference."""
+    return cfg.algo in ("opsd", "kd") or (cfg.algo == "grpo" and cfg.loss.kl_coef > 0)
+
+
+def trains_on_references(cfg: Config) -> bool:
+    """SFT, and KD from the reference solutions: the responses are the references, nothing is
+    sampled."""
+    return cfg.algo == "sft" or (cfg.algo == "kd" and cfg.kd.source == "reference")
+
+
+def samples_per_prompt(cfg: Config) -> int:
+    return 1 if trains_on_references(cfg) else cfg.rollout.n
+
+
+def distills(cfg: Config) -> bool:
+    """OPSD and KD: the loss matches the teacher's distribution (the teacher prompt is scored)."""
+    return cfg.algo in ("opsd", "kd")
 
 
 def to_yaml(cfg: Config) -> str:

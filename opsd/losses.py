@@ -290,6 +290,11 @@ class LossSpec:
     clip_low: float = 0.2  # grpo
     clip_high: float = 0.2  # grpo
     kl_coef: float = 0.0  # grpo, k3 penalty toward ref_logprobs
+    # grpo: the old policy of the clipped ratio. "learner": this learner's own log-probs of the
+    # weights being updated (one update per batch, so the ratio is exactly 1 and clipping never
+    # fires on engine noise); "rollout": the sampler's logprobs (vLLM's, temperature 1), which
+    # correct stale rollouts but carry the engines' mismatch.
+    old_logprobs: str = "learner"
     chunk_size: int = 1024  # positions per chunk
 
     def __post_init__(self) -> None:
@@ -298,6 +303,8 @@ class LossSpec:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         _check_divergence_args(self.beta, self.support, self.temperature)
+        if self.old_logprobs not in ("learner", "rollout"):
+            raise ValueError(f"loss.old_logprobs must be 'learner' or 'rollout', got {self.old_logprobs!r}")
         if self.chunk_size < 1:
             raise ValueError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
 
@@ -344,6 +351,10 @@ def _stat_names(spec: LossSpec, targets: TokenTargets) -> list[str]:
         names.append("kl_sampled_sum")
     if spec.algo == "grpo" or (spec.algo == "opsd" and spec.token_clip is not None):
         names.append("clipped_tokens")
+    if spec.algo == "grpo" and targets.rollout_logprobs is not None:
+        # The sampler against this learner, both at temperature 1: mean |logp_vllm - logp_learner|,
+        # and the tokens a ratio taken against the sampler's logprobs would clip.
+        names += ["mismatch_sum", "rollout_clipped_tokens"]
     return names
 
 
@@ -354,7 +365,8 @@ def _chunk_loss(
     hidden: Tensor,  # [n, H]
     t: dict[str, Tensor | None],  # TokenTargets fields sliced to the chunk
 ) -> tuple[Tensor, Tensor]:  # (sum of weight * loss, stats [len(names)])
-    logp = _student_logprobs(head(hidden), spec.temperature)  # [n, V]
+    logits = head(hidden)
+    logp = _student_logprobs(logits, spec.temperature)  # [n, V]
     lp_sampled = logp.gather(-1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)  # [n]
     clipped = None
 
@@ -367,9 +379,10 @@ def _chunk_loss(
             lp_sampled, t["teacher_logprobs"], t["rollout_logprobs"], is_clip=spec.is_clip
         )
     elif spec.algo == "grpo":
-        # Without behaviour logprobs the batch is treated as exactly on-policy (ratio 1), which
-        # gives the plain policy gradient.
-        old = t["rollout_logprobs"] if t["rollout_logprobs"] is not None else lp_sampled.detach()
+        # The learner's own log-probs as the old policy: one update per batch, so they are those
+        # of this very forward and the ratio is exactly 1 (the plain policy gradient).
+        use_rollout = spec.old_logprobs == "rollout" and t["rollout_logprobs"] is not None
+        old = t["rollout_logprobs"] if use_rollout else lp_sampled.detach()
         loss, clipped = _grpo_terms(
             lp_sampled,
             old,
@@ -399,6 +412,14 @@ def _chunk_loss(
             values["kl_sampled_sum"] = (w * gap).sum()
         if "clipped_tokens" in names:
             values["clipped_tokens"] = (w * clipped.to(loss.dtype)).sum()
+        if "mismatch_sum" in names:
+            at_one = lp_sampled if spec.temperature == 1.0 else _student_logprobs(logits, 1.0).gather(
+                -1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)
+            rollout = t["rollout_logprobs"].to(at_one.dtype)
+            values["mismatch_sum"] = (w * (rollout - at_one).abs()).sum()
+            ratio = torch.exp(at_one - rollout)
+            outside = (ratio < 1.0 - spec.clip_low) | (ratio > 1.0 + spec.clip_high)
+            values["rollout_clipped_tokens"] = (w * outside.to(loss.dtype)).sum()
         stats = torch.stack([values[k] for k in names])
     return loss_sum, stats
 
@@ -429,7 +450,10 @@ def chunked_loss(
         ``loss_sum``, ``tokens`` (sum of weights), ``entropy_sum`` (student entropy at the spec's
         temperature), ``kl_sampled_sum`` (sum of teacher - student logprob of the sampled token,
         when teacher logprobs are given; on-policy, minus its mean estimates KL(p_S || p_T)),
-        ``clipped_tokens`` (grpo: ratio clipped; opsd: loss capped by token_clip).
+        ``clipped_tokens`` (grpo: ratio clipped; opsd: loss capped by token_clip); for grpo with
+        rollout logprobs also ``mismatch_sum`` (sum of |rollout - learner| sampled-token logprob,
+        both at temperature 1) and ``rollout_clipped_tokens`` (tokens whose ratio against the
+        rollout logprobs lies outside the clip range, whichever old policy the loss uses).
 
     Each chunk runs under non-reentrant activation checkpointing, so nothing of width V is kept
     between the forward and the backward pass; peak memory is O(chunk_size x V), not O(N x V).

@@ -108,11 +108,28 @@ def _receiver(backend, device, buckets, port, result_q, world, rank, version, ca
         layout = [layout_of(b) for b in BUCKETS[buckets]()]
         try:
             got = receiver.receive(collective_update(version, backend, layout))
-            result_q.put((who, "ok", [(n, t.clone()) for n, t in got]))
+            result_q.put((who, "ok", _by_value(got)))
         except WeightSyncError as exc:
             result_q.put((who, "error", str(exc)))
     except BaseException:
         result_q.put((who, "crash", traceback.format_exc()))
+
+
+def _by_value(pairs) -> list[tuple[str, str, str, tuple, bytes]]:
+    """Tensors as plain bytes for the result queue. A torch tensor put on a multiprocessing queue
+    travels as a handle to shared memory (CPU) or a CUDA IPC handle, which the parent can only
+    open while this process lives; a receiver that has already returned leaves the parent a
+    FileNotFoundError. Bytes travel by value; the device they were staged on goes with them."""
+    out = []
+    for n, t in pairs:
+        flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        out.append((n, t.device.type, str(t.dtype).removeprefix("torch."), tuple(t.shape), flat.numpy().tobytes()))
+    return out
+
+
+def _from_bytes(wire) -> list[tuple[str, torch.Tensor]]:
+    return [(n, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(getattr(torch, dtype)).reshape(shape).to(device))
+            for n, device, dtype, shape, raw in wire]
 
 
 def _wait_joined(port: int, members: int) -> None:
@@ -148,7 +165,7 @@ def run_group(case: str = "ok", receiver_versions=(5, 5), *, backend: str = "glo
     results = {}
     for _ in range(expected):
         who, status, payload = result_q.get(timeout=TIMEOUT_S + 120)
-        results[who] = (status, payload)
+        results[who] = (status, _from_bytes(payload) if status == "ok" and payload is not None else payload)
     finished.set()
     for p in procs:
         p.join(timeout=60)

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes
-from opsd.config import Config
+from opsd.config import Config, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
@@ -32,15 +32,16 @@ from workers.weight_sync import (
 def loss_spec(cfg: Config) -> LossSpec:
     lc = cfg.loss
     return LossSpec(
-        algo=cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
+        # KD's loss is OPSD's: the same targets, along sequences the student did not sample.
+        algo="opsd" if cfg.algo == "kd" else cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
         token_clip=lc.token_clip, is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high,
-        kl_coef=lc.kl_coef, chunk_size=lc.chunk_size,
+        kl_coef=lc.kl_coef, old_logprobs=lc.old_logprobs, chunk_size=lc.chunk_size,
     )
 
 
 def micro_batches_per_rank(cfg: Config) -> int:
     """Fixed for the run, so the DeepSpeed config is too; a short step pads with empty ones."""
-    rows = cfg.train.prompts_per_step * (1 if cfg.algo == "sft" else cfg.rollout.n)
+    rows = cfg.train.prompts_per_step * samples_per_prompt(cfg)
     per_rank = math.ceil(rows / cfg.learner.num_ranks)
     return max(1, math.ceil(per_rank / cfg.learner.micro_batch_size))
 
@@ -196,8 +197,9 @@ class LearnerRank:
         t = TokenTargets(
             sampled_ids=flat("response_ids", torch.long),
             weight=torch.ones(int(keep.sum()), dtype=torch.float32),
-            # Behaviour logprobs enter only through an importance ratio: GRPO's, or OPSD's
-            # sampled-token objective when loss.is_clip is set.
+            # Behaviour logprobs enter through an importance ratio (OPSD's sampled-token objective
+            # when loss.is_clip is set; GRPO with loss.old_logprobs=rollout) or, for GRPO, only
+            # into the engine-mismatch statistics.
             rollout_logprobs=flat("rollout_logprobs", torch.float32) if self._uses_ratio() else None,
         )
         if has_teacher:

@@ -254,7 +254,9 @@ def test_ray_job_submit_trains(ray_head, tmp_path):
     # within the RAY_JOB_STOP_WAIT_TIME_S that launch/runtime_env.yaml gives it (Ray's default of
     # 3 s would SIGKILL it first).
     resume_id = f"{job_id}-resume"
-    more = STEPS + 20  # more than can finish before the stop
+    # Far more steps than could ever finish before the stop reaches the driver: with 20 more, a
+    # fast machine finished them all while `ray job stop` was starting, and nothing was stopped.
+    more = STEPS + 10_000
     proc = ray_cli("job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
                    "launch/runtime_env.yaml", "--submission-id", resume_id, "--no-wait", "--",
                    "opsd", "train", "--resume", str(run_dir), f"train.steps={more}", timeout=120)

@@ -173,7 +173,13 @@ def test_boundary_values_are_accepted():
     (["teacher.mode=live", "teacher.sync_every=3"], "teacher.sync_every"),
     (["sync.transport=nccl", "cluster.device=cpu"], "sync.transport"),
     (["sync.timeout_s=0"], "sync.timeout_s"),
-    (["algo=grpo", "rollout.n=4", "loss.temperature=0.7"], "loss.temperature"),  # ratio needs T=1
+    # vLLM's logprobs are at temperature 1: a ratio on them needs the loss there too.
+    (["algo=grpo", "rollout.n=4", "loss.old_logprobs=rollout", "loss.temperature=0.7"], "loss.temperature"),
+    # With the learner's own old log-probs the gradient is the sampler's: same temperature.
+    (["algo=grpo", "rollout.n=4", "loss.temperature=0.7"], "loss.temperature"),
+    (["algo=grpo", "rollout.n=4", "rollout.max_staleness=1"], "rollout.max_staleness"),
+    (["algo=kd", "loss.objective=sampled_token"], "loss.objective"),
+    (["algo=kd", "kd.source=samples"], "kd.source"),
     (["loss.objective=sampled_token", "loss.is_clip=2", "loss.temperature=0.7"], "loss.temperature"),
     (["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1", "teacher.mode=live"], "teacher.mode"),
     (["algo=grpo", "rollout.n=1"], "rollout.n"),
@@ -192,6 +198,10 @@ def test_impossible_combination_names_the_key(overrides, key):
     ["eval.n=4", "eval.temperature=0.7"],
     ["loss.objective=sampled_token", "loss.temperature=0.7"],  # no ratio without is_clip
     ["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1"],
+    ["algo=grpo", "rollout.n=8", "rollout.temperature=1.1", "loss.temperature=1.1"],
+    ["algo=grpo", "rollout.n=4", "loss.old_logprobs=rollout", "rollout.max_staleness=1"],
+    ["algo=kd"],
+    ["algo=kd", "kd.source=teacher_samples", "loss.support=topk_tail", "loss.beta=0"],
 ])
 def test_the_possible_neighbours_of_those_combinations_load(overrides):
     load_config(None, overrides)

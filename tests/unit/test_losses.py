@@ -351,7 +351,9 @@ SPECS = {
     "opsd_div_tail": LossSpec(algo="opsd", beta=0.3, support="topk_tail", temperature=0.7),
     "opsd_div_topk_clip": LossSpec(algo="opsd", beta=1.0, support="topk", token_clip=0.4),
     "opsd_sampled": LossSpec(algo="opsd", objective="sampled_token", is_clip=1.3, temperature=1.5),
-    "grpo": LossSpec(algo="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05),
+    "grpo_rollout": LossSpec(algo="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, old_logprobs="rollout"),
+    # The learner's own log-probs as the old policy, at a sampling temperature other than 1.
+    "grpo_learner": LossSpec(algo="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, temperature=0.8),
     "sft": LossSpec(algo="sft"),
 }
 
@@ -390,8 +392,9 @@ def reference_token_losses(hidden, head, t, spec):
     if spec.algo == "sft":
         return sft_token_loss(logits, t.sampled_ids, spec.temperature)
     if spec.algo == "grpo":
+        old = t.rollout_logprobs if spec.old_logprobs == "rollout" else lp.detach()
         return grpo_token_loss(
-            lp, t.rollout_logprobs, t.advantages, clip_low=spec.clip_low,
+            lp, old, t.advantages, clip_low=spec.clip_low,
             clip_high=spec.clip_high, ref_logprobs=t.ref_logprobs, kl_coef=spec.kl_coef,
         )
     if spec.objective == "sampled_token":
@@ -433,8 +436,18 @@ def test_chunked_loss_independent_of_chunk_size_and_matches_reference(name):
     torch.testing.assert_close(l3, ref.detach(), rtol=1e-12, atol=1e-14)
     assert s3["tokens"] == N - 1  # weight 0 on one row
     assert s3["loss_sum"] == pytest.approx(7.0 * lf.item(), rel=1e-12)
-    if "clipped_tokens" in s3:
+    if name == "grpo_learner":
+        assert s3["clipped_tokens"] == 0  # the ratio is exactly 1
+    elif "clipped_tokens" in s3:
         assert 0 < s3["clipped_tokens"] < N - 1  # the spec's clip bites on some tokens, not all
+    if spec.algo == "grpo":
+        # The sampler against the learner at temperature 1, whatever the loss's temperature.
+        lp1 = torch.log_softmax(head(hidden).detach(), -1).gather(-1, targets.sampled_ids[:, None])[:, 0]
+        gap = targets.rollout_logprobs - lp1
+        assert s3["mismatch_sum"] == pytest.approx((targets.weight * gap.abs()).sum().item(), rel=1e-10)
+        ratio = torch.exp(-gap)
+        outside = ((ratio < 1 - spec.clip_low) | (ratio > 1 + spec.clip_high)).double()
+        assert s3["rollout_clipped_tokens"] == (targets.weight * outside).sum().item() > 0
     logits = head(hidden).detach() / spec.temperature
     entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
     assert s3["entropy_sum"] == pytest.approx((targets.weight * entropy).sum().item(), rel=1e-10)
