@@ -608,6 +608,8 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m launch.bench``)."""
+    from launch.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
+
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sync", help="weight-push bandwidth of the object_store and gloo transports")
     s.add_argument("--params-m", type=float, default=100, help="model size in millions of parameters")
@@ -632,25 +634,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
-    s = sub.add_parser("learning", help="OPSD (fixed/live teacher) vs GRPO vs SFT from one warm-started base: "
-                       "test accuracy against generated tokens and wall time (launch/experiment.py)")
+    s = sub.add_parser("learning", help="OPSD vs GRPO vs SFT vs KD on SmolLM2 and the word problems, resumable "
+                       "(launch/comparison.py); --task toy: the tiny warm-started model (launch/experiment.py)")
+    s.add_argument("--task", choices=("smollm2", "toy"), default="smollm2",
+                   help="smollm2 (default): SmolLM2-135M-Instruct on data/wordproblems; toy: the earlier experiment")
     s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
-    s.add_argument("--steps", type=int, help="optimizer steps per run (default 30; --quick: 2)")
+    s.add_argument("--steps", type=int, help="optimizer steps per run (default 20, toy 30; --quick: 2)")
     s.add_argument("--quick", action="store_true", help="a smoke version: tiny model, a few steps, one seed")
-    s.add_argument("--lr", type=float, help="learning rate of every method after the warm start (default 1e-4)")
-    s.add_argument("--methods", nargs="+", choices=("opsd_fixed", "opsd_live", "grpo", "sft"),
-                   help="a subset of the methods (default: all four)")
-    s.add_argument("--out", default="docs/results",
-                   help="where learning.json, learning.png and learning.md go (default: docs/results)")
-    s.add_argument("--work-dir", help="model, data splits and run directories (default: "
-                   "artifacts/learning/<hash of the settings>; a finished warm start there is reused)")
+    s.add_argument("--lr", type=float, help="toy: learning rate of every method after the warm start (default 1e-4)")
+    s.add_argument("--methods", nargs="+", help="a subset of the methods (smollm2: " + ", ".join(COMPARISON_METHODS)
+                   + "; toy: opsd_fixed, opsd_live, grpo, sft)")
+    s.add_argument("--budget-minutes", type=float, help="smollm2: start no run that would end after this many "
+                   "minutes; rerun the same command to go on (finished runs are skipped)")
+    s.add_argument("--out", help="where the report goes (default: docs/results/smollm2; toy: docs/results)")
+    s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
+                   "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
     for s in sub.choices.values():
         s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.bench == "learning":
-        from launch.experiment import LearningSpec, run_learning
+    if args.bench == "learning" and args.task == "smollm2":
+        from launch.comparison import METHODS as COMPARISON_METHODS
+        from launch.comparison import ComparisonSpec, run_comparison
+
+        spec = ComparisonSpec.quick() if args.quick else ComparisonSpec()
+        if args.seeds is not None:
+            spec.seeds = args.seeds
+        if args.steps is not None:
+            spec.steps = args.steps
+            spec.eval_every = max(1, min(spec.eval_every, args.steps))
+        if args.methods:
+            unknown = sorted(set(args.methods) - set(COMPARISON_METHODS))
+            if unknown:
+                raise SystemExit(f"opsd bench learning: unknown method(s) {unknown}; expected some of "
+                                 f"{list(COMPARISON_METHODS)}")
+            spec.methods = list(args.methods)
+        report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
+    elif args.bench == "learning":
+        from launch.experiment import METHODS, LearningSpec, run_learning
 
         spec = LearningSpec.quick() if args.quick else LearningSpec()
         if args.seeds is not None:
@@ -661,8 +683,12 @@ def run(args: argparse.Namespace) -> dict:
         if args.lr is not None:
             spec.lr = args.lr
         if args.methods:
+            unknown = sorted(set(args.methods) - set(METHODS))
+            if unknown:
+                raise SystemExit(f"opsd bench learning --task toy: unknown method(s) {unknown}; expected some of "
+                                 f"{list(METHODS)}")
             spec.methods = list(args.methods)
-        report = run_learning(spec, args.out, args.work_dir)
+        report = run_learning(spec, args.out or "docs/results", args.work_dir)
     elif args.bench == "loss":
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)

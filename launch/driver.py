@@ -434,7 +434,7 @@ class Trainer:
         self.inflight = None
         saved_at = self.step  # a resumed run starts at its checkpoint
         try:
-            if self.step == 0 and cfg.eval.every and self.eval_pairs:
+            if self.step == 0 and cfg.eval.every and cfg.eval.at_start and self.eval_pairs:
                 # The baseline every later evaluation is read against: the initial weights.
                 bar.write(f"opsd: evaluating the initial weights on {len(self.eval_pairs)} held-out problems")
                 baseline = self.evaluate()

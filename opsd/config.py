@@ -204,6 +204,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # 0 = off
+    at_start: bool = True  # with every > 0: also evaluate the initial weights (a step-0 row)
     path: Optional[str] = None  # default: data.test_path
     max_problems: int = 64
     n: int = 1

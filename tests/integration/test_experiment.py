@@ -1,4 +1,5 @@
-"""`opsd bench learning --quick`: the OPSD / GRPO / SFT comparison end to end, as a smoke run.
+"""`opsd bench learning --quick`: the comparisons end to end, as smoke runs (the SmolLM2 one,
+launch/comparison.py, on the tiny model; and `--task toy`, launch/experiment.py).
 
 Marked slow (several Ray + vLLM + DeepSpeed runs in a row): `make test-slow` runs it, the default
 `make test` does not.
@@ -17,9 +18,35 @@ from opsd.config import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
-def test_bench_learning_quick(tmp_path):
+def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "launch.cli", "bench", "learning", "--quick", "--out", str(out),
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "learning", "--quick", "--out", str(out), "--work-dir", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["runs_done"] == report["runs_planned"] == 7
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {f"{m}-s0" for m in ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft",
+                                               "kd_reference", "kd_samples")}
+    for name, r in runs.items():
+        assert [s["step"] for s in r["steps"]] == [1, 2]
+        assert r["evals"][-1]["step"] == 2
+        tokens = r["steps"][-1]["tokens_generated_total"]
+        assert (tokens == 0) if r["method"] in ("sft", "kd_reference") else (tokens > 0), name
+    # The step-0 evaluation ran once, in the first run, and is shared.
+    assert sum(r["evals"][0]["step"] == 0 for r in runs.values()) == 1
+    assert all(s["clip_frac"] == 0.0 and s["engine_mismatch"] is not None for s in runs["grpo-s0"]["steps"])
+    assert runs["opsd_fixed-s0"]["positions"]["gap_by_position_first"][0] is not None
+    assert (out / "comparison.png").stat().st_size > 10_000 and "| SFT |" in (out / "comparison.md").read_text()
+    # A rerun has nothing left to do: it redraws the report without starting anything.
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "7 of 7 runs already done" in again.stdout, again.stdout[-2000:]
+    assert "starting" not in again.stdout
+
+
+def test_bench_learning_toy_quick(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "learning", "--task", "toy", "--quick", "--out", str(out),
            "--work-dir", str(work)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

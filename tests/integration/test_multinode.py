@@ -42,6 +42,8 @@ def assert_on(placement: dict, nodes: dict) -> None:
     assert placement["rollout"] == placement["scorer"] == [nodes["actors"]]
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_roles_stay_on_their_nodes_and_the_run_survives_losing_each_node(tiny_model, tmp_path):
     result = run_cluster(tmp_path, "replace")
     nodes, where = result["nodes"], result["placement"]

@@ -47,7 +47,8 @@ class PoisoningTrainer(Trainer):
 
 # ZeRO-2 over 2 ranks: DeepSpeed's own overflow check skips the step. fp32 without ZeRO (1 rank:
 # stage 0 needs one) would apply it; the learner checks the gradients itself there.
-@pytest.mark.parametrize("zero_stage, ranks", [(2, 2), (0, 1)], ids=["zero2-deepspeed-skips", "zero0-opsd-skips"])
+@pytest.mark.parametrize("zero_stage, ranks", [(2, 2), pytest.param(0, 1, marks=pytest.mark.slow)],
+                         ids=["zero2-deepspeed-skips", "zero0-opsd-skips"])
 def test_non_finite_steps_are_skipped_and_enough_in_a_row_stop_the_run(zero_stage, ranks, tmp_path, ray_session):
     trainer, run = make_trainer(
         tmp_path, "train.steps=6", "train.checkpoint_every=0", "eval.every=0", "train.max_bad_steps=2",

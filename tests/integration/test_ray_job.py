@@ -208,6 +208,8 @@ def ray_head(tiny_model):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_ray_job_submit_trains(ray_head, tmp_path):
     run_dir = (tmp_path / "run").resolve()
     job_id = f"opsd-test-{os.getpid()}-{int(time.time())}"

@@ -130,6 +130,8 @@ def test_a_dead_learner_rank_is_replaced_from_the_last_checkpoint_and_the_run_re
     assert_repeats(read_metrics(full), read_metrics(run))
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_a_learner_that_keeps_dying_ends_the_run_with_one_line(tmp_path, ray_session, monkeypatch):
     class DiesTwice(LearnerKillingTrainer):
         kill_in = (1,)

@@ -78,6 +78,8 @@ def test_conversion_equals_the_gguf_dequantised_by_transformers_and_by_gguf(smol
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(student_ids(tok, PROBLEMS[0]))
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_vllm_follows_transformers_greedily_on_smollm2(smollm2, ray_session):
     """Every token vLLM picks greedily is transformers' argmax after the same prefix (a tie
     within 1e-3 of the top logit allowed), and vLLM's logprobs of those tokens equal

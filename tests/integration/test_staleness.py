@@ -15,6 +15,8 @@ pytestmark = pytest.mark.integration
 CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_overlapped_rollouts_lag_one_version_and_resume_keeps_their_prompts(tmp_path, ray_session):
     common = ("rollout.max_staleness=1", "eval.every=0", "logging.save_batches=true", "train.checkpoint_every=2")
     full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=3", *common))

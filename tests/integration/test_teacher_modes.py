@@ -64,6 +64,8 @@ def assert_close(a: dict, b: dict, names, atol=1e-6):
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=atol, msg=lambda m: f"{n}: {m}")
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_fixed_teacher_never_changes(tmp_path, tiny_model, ray_session):
     history, teacher, versions, metrics = run(tmp_path, "teacher.mode=fixed")
     theta0 = initial_state(tiny_model)

@@ -70,6 +70,8 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         group.shutdown()
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
 def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
     """sync.transport=gloo through the driver's WeightSync, ZeRO-3 gathering per bucket, into two
     vLLM engines and a live teacher; then a rollout actor is killed and the next push still

@@ -235,7 +235,8 @@ def test_a_corrupt_arrow_batch_is_named(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("learner.num_cpus_per_rank=4", "learner.num_cpus_per_rank"),
     # A role pinned to nodes that a local cluster never has.
-    ("learner.resources={opsd_learner: 1}", "2 of the custom resource 'opsd_learner' (the cluster has 0"),
+    pytest.param("learner.resources={opsd_learner: 1}", "2 of the custom resource 'opsd_learner' (the cluster has 0",
+                 marks=pytest.mark.slow),
 ], ids=["cpus", "custom-resource"])
 def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_path, override, message):
     # Found only once Ray is up (the check needs the cluster's resources): the run directory that

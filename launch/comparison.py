@@ -1,0 +1,462 @@
+"""``opsd bench learning``: the paper's comparison on SmolLM2-135M-Instruct and data/wordproblems.
+
+    opsd bench learning [--seeds 3] [--budget-minutes 45] [--out docs/results/smollm2]
+    opsd bench learning --quick --out /tmp/q     # smoke version, tiny model (tests, marked slow)
+    opsd bench learning --task toy               # the earlier tiny-model experiment (launch/experiment.py)
+
+Every method starts from the same model (the default recipe, configs/local.yaml: SmolLM2-135M-
+Instruct in bf16, the word-problem set, its prompts, sampling at T = 0.7, 64 new tokens) and runs
+the same number of optimizer steps on the same number of rows per step, through
+``launch.driver.train``:
+
+    opsd_fixed       OPSD, the teacher frozen at the initial weights (the default recipe)
+    opsd_ema         OPSD, the teacher an EMA of the student (teacher.ema_decay)
+    opsd_fixed_tail  OPSD, fixed teacher, loss.support=topk_tail instead of topk
+    grpo             GRPO, 8 samples per prompt, the learner's own old log-probs at T = 0.7
+    sft              cross-entropy on the reference solutions
+    kd_reference     off-policy distillation: the teacher's targets along the reference solution
+    kd_samples       off-policy distillation: along samples drawn from the teacher prompt
+
+Resumable in chunks: each finished (method, seed) run writes ``<out>/runs/<method>-s<seed>.json``;
+a rerun skips those, redraws the report (``comparison.json``, ``comparison.png``,
+``comparison.md``) and goes on with the rest. ``--budget-minutes`` stops before a run that
+would not fit (the estimate is the slowest finished run of that method, else of any).
+
+The base's held-out accuracy (step 0) is measured once, by the first run, and shared: every run
+starts from the same weights and evaluates greedily on the same problems.
+
+Heavy imports (ray, torch, transformers, matplotlib) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from launch.experiment import first_reach, mean_curve
+from opsd.config import REPO_ROOT
+
+METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
+LABELS = {
+    "opsd_fixed": "OPSD (fixed teacher)", "opsd_ema": "OPSD (EMA teacher)",
+    "opsd_fixed_tail": "OPSD (fixed, topk_tail)", "grpo": "GRPO", "sft": "SFT",
+    "kd_reference": "KD (reference)", "kd_samples": "KD (teacher samples)",
+}
+COLORS = {
+    "opsd_fixed": "tab:blue", "opsd_ema": "tab:cyan", "opsd_fixed_tail": "tab:purple", "grpo": "tab:red",
+    "sft": "tab:green", "kd_reference": "tab:orange", "kd_samples": "tab:brown",
+}
+OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail")
+
+
+@dataclass
+class ComparisonSpec:
+    """What decides the numbers; a changed spec does not reuse the finished runs of another."""
+
+    config: str = "configs/local.yaml"
+    seeds: int = 3
+    steps: int = 20
+    rows_per_step: int = 16  # GRPO: rows_per_step / grpo_n prompts, grpo_n samples each
+    grpo_n: int = 8
+    eval_every: int = 5
+    eval_problems: int = 200
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    overrides: list[str] = field(default_factory=list)  # applied to every run (the quick model)
+
+    @classmethod
+    def quick(cls) -> "ComparisonSpec":
+        """Every method for two steps, one seed, the tiny random model: the wiring, not a result."""
+        return cls(seeds=1, steps=2, rows_per_step=4, grpo_n=2, eval_every=2, eval_problems=8,
+                   overrides=["model.path=tiny", "model.dtype=float32", "model.max_model_len=512",
+                              "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"])
+
+    def key(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods")}
+
+
+def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: float) -> list[str]:
+    """The command-line overrides of one run on top of spec.config."""
+    common = [
+        f"train.steps={spec.steps}", f"train.prompts_per_step={spec.rows_per_step}", f"train.seed={seed}",
+        f"rollout.seed={seed}", "train.checkpoint_every=0", f"eval.every={spec.eval_every}",
+        f"eval.max_problems={spec.eval_problems}", "logging.progress=false", "logging.tensorboard=false",
+        *spec.overrides,
+    ]
+    per = {
+        "opsd_fixed": ["algo=opsd", "teacher.mode=fixed", "logging.save_batches=true"],
+        "opsd_ema": ["algo=opsd", "teacher.mode=ema", "logging.save_batches=true"],
+        "opsd_fixed_tail": ["algo=opsd", "teacher.mode=fixed", "loss.support=topk_tail", "logging.save_batches=true"],
+        # The sampler's own policy gradient: old log-probs from the learner, at its temperature.
+        "grpo": ["algo=grpo", f"rollout.n={spec.grpo_n}", f"train.prompts_per_step={max(1, spec.rows_per_step // spec.grpo_n)}",
+                 f"loss.temperature={temperature}", "loss.old_logprobs=learner", "loss.kl_coef=0"],
+        "sft": ["algo=sft"],
+        "kd_reference": ["algo=kd", "kd.source=reference", "teacher.mode=fixed"],
+        "kd_samples": ["algo=kd", "kd.source=teacher_samples", "teacher.mode=fixed"],
+    }
+    if method not in per:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return common + per[method]
+
+
+# --- one run -----------------------------------------------------------------------------------------
+
+
+def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float) -> dict:
+    """What the report needs of one finished run: per-step series, evaluations, diagnostics."""
+    from launch.loggers import read_metrics
+
+    rows = read_metrics(run_dir)
+    steps, evals, clock = [], [], 0.0
+    for r in rows:
+        if r["step"] == 0:
+            evals.append({"step": 0, "tokens": 0, "wall_seconds": 0.0, "accuracy": r[f"eval/accuracy_{extract}"],
+                          "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"]})
+            continue
+        clock += r["step_seconds"]
+        steps.append({k: r.get(k) for k in (
+            "step", "tokens_generated_total", "kl_sampled", "response_len_mean", "reward_mean", "loss",
+            "truncated_frac", "clip_frac", "engine_mismatch", "clip_frac_rollout", "rollout_seconds",
+            "score_seconds", "train_seconds", "sync_seconds", "step_seconds")} | {"wall_seconds": clock})
+        if f"eval/accuracy_{extract}" in r:
+            evals.append({"step": r["step"], "tokens": r["tokens_generated_total"], "wall_seconds": clock,
+                          "accuracy": r[f"eval/accuracy_{extract}"], "format_rate": r["eval/format_rate"],
+                          "response_len": r["eval/response_len_mean"]})
+    record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
+              "steps": steps, "evals": evals}
+    if method in OPSD:
+        record["positions"] = position_diagnostics(run_dir)
+    return record
+
+
+def position_diagnostics(run_dir: Path, *, max_positions: int = 64, top: int = 12) -> dict:
+    """From the saved batches of an OPSD run: the per-token gap log p_S(y) - log p_T(y) of the
+    sampled token (its mean is the sampled-token KL estimate) by response position, for the first
+    and the last quarter of the steps, and the tokens where the teacher disagrees most."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from opsd.batch import read_ipc
+
+    paths = sorted((run_dir / "batches").glob("step_*.arrow"))
+    if not paths:
+        return {}
+    cfg_text = (run_dir / "config.yaml").read_text()
+    from omegaconf import OmegaConf
+
+    from opsd.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(OmegaConf.create(cfg_text).model.path))
+    quarter = max(1, len(paths) // 4)
+    by_pos = {"first": [[] for _ in range(max_positions)], "last": [[] for _ in range(max_positions)]}
+    per_token: dict[int, list[float]] = {}
+    for i, path in enumerate(paths):
+        for row in read_ipc(path).select(["response_ids", "rollout_logprobs", "teacher_token_logprobs"]).to_pylist():
+            gap = np.asarray(row["rollout_logprobs"]) - np.asarray(row["teacher_token_logprobs"])
+            for pos, (t, g) in enumerate(zip(row["response_ids"], gap)):
+                if pos < max_positions:
+                    if i < quarter:
+                        by_pos["first"][pos].append(float(g))
+                    if i >= len(paths) - quarter:
+                        by_pos["last"][pos].append(float(g))
+                per_token.setdefault(int(t), []).append(float(g))
+    worst = sorted(((statistics.fmean(v), t, len(v)) for t, v in per_token.items() if len(v) >= 5), reverse=True)
+    return {
+        "gap_by_position_first": [statistics.fmean(v) if v else None for v in by_pos["first"]],
+        "gap_by_position_last": [statistics.fmean(v) if v else None for v in by_pos["last"]],
+        "steps_per_quarter": quarter,
+        "most_disagreed_tokens": [{"token": tok.decode([t]), "id": t, "mean_gap": g, "count": n}
+                                  for g, t, n in worst[:top]],
+    }
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def _curves_with_base(records: list[dict], base: dict | None) -> list[dict]:
+    """Each run's evaluations with the shared step-0 point in front."""
+    out = []
+    for r in records:
+        evals = list(r["evals"])
+        if base is not None and (not evals or evals[0]["step"] != 0):
+            evals.insert(0, {"step": 0, "tokens": 0, "wall_seconds": 0.0, **base})
+        out.append({**r, "evals": evals})
+    return out
+
+
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _first_last(records: list[dict], key: str, k: int = 5) -> tuple[float | None, float | None]:
+    firsts, lasts = [], []
+    for r in records:
+        xs = [s[key] for s in r["steps"] if s.get(key) is not None]
+        if xs:
+            firsts.append(statistics.fmean(xs[:k]))
+            lasts.append(statistics.fmean(xs[-k:]))
+    return (statistics.fmean(firsts) if firsts else None, statistics.fmean(lasts) if lasts else None)
+
+
+def summarize(by_method: dict[str, list[dict]]) -> dict:
+    """Final accuracy over seeds; generated tokens (and wall time) to reach GRPO's final mean
+    accuracy, on the mean curves; and the OPSD/GRPO token ratio seed by seed (seed s of a method
+    against seed s of GRPO, each to GRPO seed s's final accuracy)."""
+    means = {m: mean_curve(rs) for m, rs in by_method.items()}
+    grpo = by_method.get("grpo", [])
+    target = means["grpo"][-1]["accuracy"] if grpo and means["grpo"] else None
+    grpo_by_seed = {r["seed"]: r for r in grpo}
+    base = next((r["evals"][0]["accuracy"] for rs in by_method.values() for r in rs if r["evals"]), None)
+    out: dict[str, Any] = {"grpo_final_accuracy_mean": target, "base_accuracy": base, "methods": {}}
+    for m, rs in by_method.items():
+        finals = [r["evals"][-1]["accuracy"] for r in rs]
+        row = {
+            "seeds": [r["seed"] for r in rs],
+            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": _std(finals),
+            "final_accuracies": finals,
+            "final_format_rate_mean": statistics.fmean(r["evals"][-1]["format_rate"] for r in rs),
+            "tokens_generated_total_mean": statistics.fmean(r["steps"][-1]["tokens_generated_total"] for r in rs),
+            "train_wall_seconds_mean": statistics.fmean(r["steps"][-1]["wall_seconds"] for r in rs),
+            "run_wall_seconds_mean": statistics.fmean(r["run_wall_seconds"] for r in rs),
+        }
+        for key in ("kl_sampled", "response_len_mean", "reward_mean", "engine_mismatch", "clip_frac_rollout"):
+            row[f"{key}_first"], row[f"{key}_last"] = _first_last(rs, key)
+        if target is not None and row["tokens_generated_total_mean"] == 0:
+            # SFT and KD from references generate nothing: no token count to compare.
+            row["tokens_to_grpo_final"], row["token_ratio_per_seed"] = None, []
+            row["wall_to_grpo_final"] = first_reach(means[m], target, "wall_seconds")
+        elif target is not None:
+            row["tokens_to_grpo_final"] = first_reach(means[m], target, "tokens")
+            row["wall_to_grpo_final"] = first_reach(means[m], target, "wall_seconds")
+            ratios = []
+            for r in rs:
+                g = grpo_by_seed.get(r["seed"])
+                if g is None:
+                    continue
+                goal = g["evals"][-1]["accuracy"]
+                mine, theirs = first_reach(r["evals"], goal, "tokens"), first_reach(g["evals"], goal, "tokens")
+                if mine is not None and theirs:
+                    ratios.append(mine / theirs)
+            row["token_ratio_per_seed"] = ratios
+        out["methods"][m] = row
+    g = out["methods"].get("grpo", {}).get("tokens_to_grpo_final")
+    for row in out["methods"].values():
+        t = row.get("tokens_to_grpo_final")
+        row["token_ratio_vs_grpo"] = t / g if (t is not None and g) else None
+    return out
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def table(report: dict) -> str:
+    s = report["summary"]
+    lines = [
+        f"Base held-out accuracy (step 0, {report['spec']['eval_problems']} problems, greedy, "
+        f"{report['extract']}): {_fmt(s['base_accuracy'])}. GRPO's final mean accuracy (the target of the "
+        f"token columns): {_fmt(s['grpo_final_accuracy_mean'])}.",
+    ]
+    target, base = s["grpo_final_accuracy_mean"], s["base_accuracy"]
+    if target is not None and base is not None and target <= base:
+        lines.append("GRPO ended at or below the base, so every method reaches its final accuracy at step 0: the "
+                     "token ratio is undefined.")
+    lines += [
+        "",
+        "| method | seeds | final acc (mean ± std) | per seed | format | tokens generated | tokens to GRPO final "
+        "| ratio vs GRPO (mean curve) | ratio per seed | train wall s | KL first→last | resp len first→last "
+        "| reward first→last |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for m, r in s["methods"].items():
+        ratios = r.get("token_ratio_per_seed") or []
+        per_seed = (f"{statistics.fmean(ratios):.2f} ± {_std(ratios):.2f} ({len(ratios)})" if ratios else "—")
+        lines.append(
+            f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
+            f"| {', '.join(f'{a:.3f}' for a in r['final_accuracies'])} | {r['final_format_rate_mean']:.2f} "
+            f"| {r['tokens_generated_total_mean']:,.0f} | {_fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
+            f"| {_fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {per_seed} | {r['train_wall_seconds_mean']:.0f} "
+            f"| {_fmt(r['kl_sampled_first'])} → {_fmt(r['kl_sampled_last'])} "
+            f"| {_fmt(r['response_len_mean_first'], '.1f')} → {_fmt(r['response_len_mean_last'], '.1f')} "
+            f"| {_fmt(r['reward_mean_first'], '.2f')} → {_fmt(r['reward_mean_last'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9), dpi=100)
+    try:
+        for ax, x, xlabel in ((axes[0, 0], "tokens", "generated tokens (cumulative; SFT and KD (reference): none)"),
+                              (axes[0, 1], "wall_seconds", "training wall time (s, sum of step times)")):
+            for m, rs in by_method.items():
+                mc = mean_curve(rs)
+                xs, ys, sd = [p[x] for p in mc], [p["accuracy"] for p in mc], [p["accuracy_std"] for p in mc]
+                ax.plot(xs, ys, "-o", color=COLORS.get(m), label=LABELS.get(m, m), markersize=3)
+                ax.fill_between(xs, [a - b for a, b in zip(ys, sd)], [a + b for a, b in zip(ys, sd)],
+                                color=COLORS.get(m), alpha=0.12)
+            g = report["summary"]["grpo_final_accuracy_mean"]
+            if g is not None:
+                ax.axhline(g, color="tab:red", ls=":", lw=1, label="GRPO final mean")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"held-out accuracy ({report['extract']}, greedy)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="x-small")
+        axes[0, 0].set_title("accuracy vs generated tokens")
+        axes[0, 1].set_title("accuracy vs wall time")
+        for ax, key, title in ((axes[1, 0], "kl_sampled", "sampled-token KL to the teacher (nats/token)"),
+                               (axes[1, 1], "response_len_mean", "training response length (tokens)"),
+                               (axes[0, 2], "reward_mean", "training reward (on-track rate of the samples)")):
+            for m, rs in by_method.items():
+                series = _step_mean(rs, key)
+                if series:
+                    ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize="x-small")
+        ax = axes[1, 2]
+        for m in OPSD:
+            recs = [r["positions"] for r in by_method.get(m, []) if r.get("positions")]
+            for part, style in (("first", ":"), ("last", "-")):
+                series = _position_mean(recs, f"gap_by_position_{part}")
+                if series:
+                    ax.plot([p for p, _ in series], [v for _, v in series], style, color=COLORS[m],
+                            label=f"{LABELS[m]}, {part} quarter of steps")
+        ax.set_title("log p_S - log p_T of the sampled token, by response position")
+        ax.set_xlabel("response position")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
+        spec = report["spec"]
+        fig.suptitle(f"opsd bench learning: SmolLM2-135M-Instruct, word problems; {spec['steps']} steps x "
+                     f"{spec['rows_per_step']} rows; mean ± std over seeds")
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def _step_mean(records: list[dict], key: str) -> list[tuple[int, float]]:
+    by: dict[int, list[float]] = {}
+    for r in records:
+        for s in r["steps"]:
+            if s.get(key) is not None:
+                by.setdefault(s["step"], []).append(s[key])
+    return [(k, statistics.fmean(v)) for k, v in sorted(by.items())]
+
+
+def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:
+    cols: dict[int, list[float]] = {}
+    for rec in recs:
+        for pos, v in enumerate(rec.get(key, [])):
+            if v is not None:
+                cols.setdefault(pos, []).append(v)
+    return [(p, statistics.fmean(v)) for p, v in sorted(cols.items())]
+
+
+def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_dir: Path, elapsed: float) -> dict:
+    from launch.bench import machine
+
+    base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
+    base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
+    by_method = {m: _curves_with_base([r for r in records if r["method"] == m], base_point)
+                 for m in spec.methods if any(r["method"] == m for r in records)}
+    report = {"spec": asdict(spec), "extract": extract, "machine": machine(),
+              "runs_done": len(records), "runs_planned": spec.seeds * len(spec.methods),
+              "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in records),
+              "this_session_seconds": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report["summary"] = summarize(by_method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "comparison.md").write_text(table(report))
+    plot(report, by_method, out_dir / "comparison.png")
+    return report
+
+
+# --- the whole experiment -------------------------------------------------------------------------------
+
+
+def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
+                   budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
+    import ray
+
+    from launch.cluster import init_ray
+    from launch.driver import train
+    from opsd.config import load_config
+
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    runs_out = out_dir / "runs"
+    runs_out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else REPO_ROOT / "artifacts" / "comparison"
+    config = str(REPO_ROOT / spec.config) if not Path(spec.config).is_absolute() else spec.config
+    base_cfg = load_config(config, list(spec.overrides))
+    extract = base_cfg.grading.extract
+
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.key():
+        raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
+    spec_file.write_text(json.dumps(spec.key(), indent=1) + "\n")
+
+    def load_done() -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(runs_out.glob("*.json"))]
+
+    done = load_done()
+    finished = {(r["method"], r["seed"]) for r in done}
+    # Seed-major: a cut-short experiment has every method at the seeds it reached.
+    todo = [(m, s) for s in range(spec.seeds) for m in spec.methods if (m, s) not in finished]
+    log(f"learning: {len(finished)} of {spec.seeds * len(spec.methods)} runs already done in {runs_out}; "
+        f"{len(todo)} to go")
+    report = write_report(spec, done, extract, out_dir, 0.0) if done else None
+    if not todo:
+        log(table(report))
+        return report
+    started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"]))
+    try:
+        for method, seed in todo:
+            has_base = any(r["evals"] and r["evals"][0]["step"] == 0 for r in done)
+            if budget_minutes is not None:
+                walls = [r["run_wall_seconds"] for r in done if r["method"] == method] or \
+                        [r["run_wall_seconds"] for r in done]
+                need = max(walls) if walls else 0.0
+                if time.perf_counter() - t_start + need > budget_minutes * 60:
+                    log(f"learning: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
+                        f"{budget_minutes:g} (about {need:.0f}s); run the same command again to go on")
+                    break
+            run_dir = work / "runs" / f"{method}-s{seed}"
+            shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+            overrides = [f"run_dir={run_dir}", *method_overrides(spec, method, seed, base_cfg.rollout.temperature)]
+            if has_base:
+                overrides.append("eval.at_start=false")  # the shared step-0 point is measured already
+            log(f"learning: {method} seed {seed} ({len(done) + 1} of {spec.seeds * len(spec.methods)})")
+            t0 = time.perf_counter()
+            train(config, overrides)
+            record = run_record(run_dir, method, seed, extract, time.perf_counter() - t0)
+            tmp = runs_out / f".{method}-s{seed}.json.tmp"
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            tmp.rename(runs_out / f"{method}-s{seed}.json")
+            done.append(record)
+            last = record["evals"][-1]
+            log(f"learning: {method} seed {seed}: accuracy {last['accuracy']:.3f} at step {last['step']}, "
+                f"{record['steps'][-1]['tokens_generated_total']} tokens, {record['run_wall_seconds']:.0f}s")
+            report = write_report(spec, done, extract, out_dir, time.perf_counter() - t_start)
+    finally:
+        if started:
+            ray.shutdown()
+    log(table(report))
+    left = spec.seeds * len(spec.methods) - len(done)
+    log(f"learning: {len(done)} runs done, {left} left; wrote {out_dir / 'comparison.json'}, "
+        f"{out_dir / 'comparison.png'}, {out_dir / 'comparison.md'} ({time.perf_counter() - t_start:.0f}s)")
+    return report
