@@ -653,41 +653,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
 
 
+def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]) -> Any:
+    """--seeds, --steps and --methods onto either experiment's spec."""
+    if args.seeds is not None:
+        spec.seeds = args.seeds
+    if args.steps is not None:
+        spec.steps = args.steps
+        spec.eval_every = max(1, min(spec.eval_every, args.steps))
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(methods))
+        if unknown:
+            raise SystemExit(f"opsd bench learning --task {args.task}: unknown method(s) {unknown}; expected some of "
+                             f"{list(methods)}")
+        spec.methods = list(args.methods)
+    return spec
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "learning" and args.task == "smollm2":
         from launch.comparison import METHODS as COMPARISON_METHODS
         from launch.comparison import ComparisonSpec, run_comparison
 
-        spec = ComparisonSpec.quick() if args.quick else ComparisonSpec()
-        if args.seeds is not None:
-            spec.seeds = args.seeds
-        if args.steps is not None:
-            spec.steps = args.steps
-            spec.eval_every = max(1, min(spec.eval_every, args.steps))
-        if args.methods:
-            unknown = sorted(set(args.methods) - set(COMPARISON_METHODS))
-            if unknown:
-                raise SystemExit(f"opsd bench learning: unknown method(s) {unknown}; expected some of "
-                                 f"{list(COMPARISON_METHODS)}")
-            spec.methods = list(args.methods)
+        spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
         report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
         from launch.experiment import METHODS, LearningSpec, run_learning
 
-        spec = LearningSpec.quick() if args.quick else LearningSpec()
-        if args.seeds is not None:
-            spec.seeds = args.seeds
-        if args.steps is not None:
-            spec.steps = args.steps
-            spec.eval_every = max(1, min(spec.eval_every, args.steps))
+        spec = _learning_spec(LearningSpec.quick() if args.quick else LearningSpec(), args, METHODS)
         if args.lr is not None:
             spec.lr = args.lr
-        if args.methods:
-            unknown = sorted(set(args.methods) - set(METHODS))
-            if unknown:
-                raise SystemExit(f"opsd bench learning --task toy: unknown method(s) {unknown}; expected some of "
-                                 f"{list(METHODS)}")
-            spec.methods = list(args.methods)
         report = run_learning(spec, args.out or "docs/results", args.work_dir)
     elif args.bench == "loss":
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,

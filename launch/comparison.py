@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.experiment import first_reach, mean_curve
+from launch.experiment import _first_last, _fmt, _step_mean, first_reach, mean_curve
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
@@ -192,16 +192,6 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _first_last(records: list[dict], key: str, k: int = 5) -> tuple[float | None, float | None]:
-    firsts, lasts = [], []
-    for r in records:
-        xs = [s[key] for s in r["steps"] if s.get(key) is not None]
-        if xs:
-            firsts.append(statistics.fmean(xs[:k]))
-            lasts.append(statistics.fmean(xs[-k:]))
-    return (statistics.fmean(firsts) if firsts else None, statistics.fmean(lasts) if lasts else None)
-
-
 def summarize(by_method: dict[str, list[dict]]) -> dict:
     """Final accuracy over seeds; generated tokens (and wall time) to reach GRPO's final mean
     accuracy, on the mean curves; and the OPSD/GRPO token ratio seed by seed (seed s of a method
@@ -248,10 +238,6 @@ def summarize(by_method: dict[str, list[dict]]) -> dict:
         t = row.get("tokens_to_grpo_final")
         row["token_ratio_vs_grpo"] = t / g if (t is not None and g) else None
     return out
-
-
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    return "—" if x is None else format(x, spec)
 
 
 def table(report: dict) -> str:
@@ -346,15 +332,6 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
     finally:
         plt.close(fig)
     return out
-
-
-def _step_mean(records: list[dict], key: str) -> list[tuple[int, float]]:
-    by: dict[int, list[float]] = {}
-    for r in records:
-        for s in r["steps"]:
-            if s.get(key) is not None:
-                by.setdefault(s["step"], []).append(s[key])
-    return [(k, statistics.fmean(v)) for k, v in sorted(by.items())]
 
 
 def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:
