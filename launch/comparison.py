@@ -63,8 +63,11 @@ class ComparisonSpec:
     steps: int = 20
     rows_per_step: int = 16  # GRPO: rows_per_step / grpo_n prompts, grpo_n samples each
     grpo_n: int = 8
-    eval_every: int = 5
+    eval_every: int = 10
     eval_problems: int = 200
+    # Pinned rather than model.dtype=auto, so that runs finished on different machines (with and
+    # without fast bf16 matmuls) belong to one experiment.
+    dtype: str = "float32"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     overrides: list[str] = field(default_factory=list)  # applied to every run (the quick model)
 
@@ -85,7 +88,7 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
         f"train.steps={spec.steps}", f"train.prompts_per_step={spec.rows_per_step}", f"train.seed={seed}",
         f"rollout.seed={seed}", "train.checkpoint_every=0", f"eval.every={spec.eval_every}",
         f"eval.max_problems={spec.eval_problems}", "logging.progress=false", "logging.tensorboard=false",
-        *spec.overrides,
+        f"model.dtype={spec.dtype}", *spec.overrides,
     ]
     per = {
         "opsd_fixed": ["algo=opsd", "teacher.mode=fixed", "logging.save_batches=true"],
@@ -104,6 +107,20 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 
 # --- one run -----------------------------------------------------------------------------------------
+
+
+def machine_name() -> str:
+    """CPU model and core count: wall times are only comparable on one kind of machine."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float) -> dict:
@@ -127,7 +144,7 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
                           "accuracy": r[f"eval/accuracy_{extract}"], "format_rate": r["eval/format_rate"],
                           "response_len": r["eval/response_len_mean"]})
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
-              "steps": steps, "evals": evals}
+              "machine": machine_name(), "steps": steps, "evals": evals}
     if method in OPSD:
         record["positions"] = position_diagnostics(run_dir)
     return record

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
 from opsd.config import (
-    Config, ConfigError, check, distills, load_config, resolve_path, to_yaml, trains_on_references, uses_scorer,
+    Config, ConfigError, check, distills, dtype_note, load_config, resolve_path, to_yaml, trains_on_references, uses_scorer,
 )
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
@@ -145,7 +145,10 @@ class Trainer:
         t0 = time.perf_counter()
         scorers = f"{cfg.scorer.num_workers} scorer(s), " if uses_scorer(cfg) else ""
         _say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
-             f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {self.model_path}")
+             f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {self.model_path}, {cfg.model.dtype}")
+        note = dtype_note(cfg)
+        if note:
+            _say(f"warning: {note}")
         gpu = 1 if cfg.cluster.device == "cuda" else 0
         restarts = cfg.train.max_actor_restarts
         timeout = cfg.cluster.place_timeout_s

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from opsd.config import Config, ConfigError, load_config, resolve_path, samples_per_prompt, uses_scorer
+from opsd.config import Config, ConfigError, dtype_note, load_config, resolve_path, samples_per_prompt, uses_scorer
 from opsd.data import DataError, load_problems
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
@@ -26,7 +26,11 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     """
     cfg = load_config(config_path, list(overrides))
     algo = f"algo=kd, kd.source={cfg.kd.source}" if cfg.algo == "kd" else f"algo={cfg.algo}"
-    lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device})", _check_model(cfg)]
+    lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
+             _check_model(cfg)]
+    note = dtype_note(cfg)
+    if note:
+        lines.append(f"warning: {note}")
     lines += _check_data(cfg) if check_data else ["data: not read (--skip-data)"]
     lines += _check_resources(cfg)
     lines.append("ok")

@@ -38,7 +38,10 @@ class LoraConfig:
 class ModelConfig:
     # "tiny" builds (once) and uses the locally made Qwen3-architecture model under artifacts/.
     path: str = "tiny"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # float32 | bfloat16 | float16 | auto. auto: bfloat16 on CUDA and on CPUs with bf16 matmul
+    # instructions (AMX or AVX512-BF16), float32 on other CPUs, where torch's bf16 matmuls are
+    # ~60x slower than float32. Resolved once, when the config is loaded.
+    dtype: str = "float32"
     trust_remote_code: bool = False
     max_model_len: int = 512
     gradient_checkpointing: bool = False
@@ -258,7 +261,7 @@ class Config:
 _CHOICES = {
     "algo": ("opsd", "grpo", "sft", "kd"),
     "kd.source": ("reference", "teacher_samples"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.dtype": ("float32", "bfloat16", "float16"),  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
     "grading.extract": ("strict", "lenient"),
     "learner.zero_stage": (0, 1, 2, 3),
@@ -370,8 +373,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         OmegaConf.to_container(cfg, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from exc
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = auto_dtype(cfg.cluster.device)
     check(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The CPU's bf16 matmul instructions (amx_bf16, avx512_bf16) that this machine's Linux reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def auto_dtype(device: str) -> str:
+    """model.dtype=auto: bfloat16 where it is fast (CUDA; a CPU with AMX or AVX512-BF16), else float32."""
+    if device == "cuda" or cpu_bf16_instructions():
+        return "bfloat16"
+    return "float32"
+
+
+def dtype_note(cfg: Config) -> str | None:
+    """A warning when a half-precision dtype will be slow on this CPU, else None."""
+    if cfg.cluster.device != "cpu" or cfg.model.dtype == "float32" or cpu_bf16_instructions():
+        return None
+    return (f"model.dtype={cfg.model.dtype} on a CPU without AMX or AVX512-BF16: torch runs its matmuls there "
+            f"in a slow fallback (~60x slower than float32 on an AVX2 machine); model.dtype=auto or float32 "
+            f"is faster here")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from opsd.batch import read_ipc, to_ipc_bytes
-from workers.weight_sync import WeightSyncError
+from workers.weight_sync import WeightSyncError, from_store_object, store_object
 
 from .conftest import local_config
 
@@ -21,6 +21,53 @@ def hf_logprobs(model, seq: list[int]) -> np.ndarray:
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)
     return logp[:-1].gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1).numpy()
+
+
+def _sha(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/maps line of the memory that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return line.strip()
+    return ""
+
+
+def _received_by_another_process(update):
+    """In a Ray task (another process): what the receiver got, and where its memory lies."""
+    from workers.weight_sync import ObjectStoreReceiver
+
+    named = ObjectStoreReceiver().receive(update)
+    return [(name, str(t.dtype), tuple(t.shape), _sha(t), _mapping_of(t.data_ptr())) for name, t in named]
+
+
+def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(ray_session):
+    from workers.weight_sync import ObjectStoreSender, iter_buckets
+
+    ray = ray_session
+    g = torch.Generator().manual_seed(0)
+    named = [
+        ("a.weight", torch.randn(300, 70, generator=g)),
+        ("b.weight", torch.randn(64, 33, generator=g).to(torch.bfloat16)),
+        ("c.bias", torch.randn(129, generator=g).to(torch.float16)),
+        ("d.scale", torch.tensor(3.5)),  # 0-d
+        ("e.count", torch.arange(17, dtype=torch.int64)),
+        # A non-contiguous tensor is sent as its contiguous copy.
+        ("f.weight", torch.randn(40, 50, generator=g).t()),
+    ]
+    update = ObjectStoreSender().send(7, iter_buckets(named, bucket_mb=0.005))
+    assert len(update.handles) >= 3 and update.num_tensors == len(named)
+    assert update.num_bytes == sum(t.numel() * t.element_size() for _, t in named)
+    got = ray.get(ray.remote(_received_by_another_process).options(num_cpus=0).remote(update))
+    assert [g[:4] for g in got] == [(n, str(t.dtype), tuple(t.shape), _sha(t)) for n, t in named]
+    # Ray's plasma store is a shared-memory file: a tensor that lies in it was not copied out.
+    assert all("plasma" in g[4] for g in got), [g[4] for g in got]
 
 
 def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
@@ -57,8 +104,9 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
 
         # All or nothing: an update with a wrong shape is refused before anything loads.
         bad_bucket = [(name, t[:-1] if name.endswith("embed_tokens.weight") else t)
-                      for name, t in ray.get(update.handles[0])]
-        bad = dataclasses.replace(update, version=2, handles=(ray.put(bad_bucket),) + tuple(update.handles[1:]))
+                      for name, t in from_store_object(ray.get(update.handles[0]))]
+        bad = dataclasses.replace(update, version=2,
+                                  handles=(ray.put(store_object(bad_bucket)),) + tuple(update.handles[1:]))
         with pytest.raises(ray.exceptions.RayTaskError) as err:
             ray.get(workers[0].load_weights.remote(bad))
         assert isinstance(err.value.cause, WeightSyncError) and "embed_tokens.weight" in str(err.value)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd.config import REPO_ROOT, Config, ConfigError, check, load_config
+from opsd.config import REPO_ROOT, Config, ConfigError, check, cpu_bf16_instructions, dtype_note, load_config
 
 
 def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -240,9 +240,29 @@ def test_every_shipped_config_loads(path):
     assert cfg.algo in ("opsd", "grpo", "sft")
 
 
+@pytest.mark.parametrize("flags, device, expected", [
+    ("fpu sse avx2 amx_bf16 amx_tile", "cpu", "bfloat16"),
+    ("fpu avx2 avx512f avx512_bf16", "cpu", "bfloat16"),
+    ("fpu avx2 avx512f", "cpu", "float32"),  # AVX-512 without its bf16 extension is not enough
+    ("fpu avx2", "cuda", "bfloat16"),
+])
+def test_auto_dtype_reads_the_cpu_flags(tmp_path, monkeypatch, flags, device, expected):
+    import builtins
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    cfg = load_config(None, ["model.dtype=auto", f"cluster.device={device}"])
+    assert cfg.model.dtype == expected
+    note = dtype_note(load_config(None, ["model.dtype=bfloat16", f"cluster.device={device}"]))
+    assert (note is not None) == (expected == "float32") and (note is None or "model.dtype=bfloat16" in note)
+
+
 def test_local_config_values_take_effect():
     cfg = load_config(REPO_ROOT / "configs" / "local.yaml")
-    assert cfg.model.path == "smollm2-135m" and cfg.model.dtype == "bfloat16"
+    # dtype: auto, resolved when loaded: bfloat16 only where this CPU has bf16 matmul instructions.
+    assert cfg.model.path == "smollm2-135m" and cfg.model.dtype == ("bfloat16" if cpu_bf16_instructions() else "float32")
     assert cfg.rollout.max_tokens == 64  # the file says 64, the default is 96
     assert cfg.grading.extract == "lenient"  # the default is strict
     assert cfg.data.train_path == "data/wordproblems/train.jsonl"
