@@ -42,6 +42,9 @@ class ModelConfig:
     # instructions (AMX or AVX512-BF16), float32 on other CPUs, where torch's bf16 matmuls are
     # ~60x slower than float32. Resolved once, when the config is loaded.
     dtype: str = "float32"
+    # In bf16 / fp16, the LM head's matmul runs in float32 in the scorer and the learner (the
+    # logits the targets and the loss are made of); opsd.losses.fp32_lm_head.
+    fp32_lm_head: bool = True
     trust_remote_code: bool = False
     max_model_len: int = 512
     gradient_checkpointing: bool = False

@@ -21,7 +21,7 @@ import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes
 from opsd.config import Config, samples_per_prompt
-from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages
+from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
 from workers.weight_sync import (
@@ -129,6 +129,8 @@ class LearnerRank:
         model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=torch.float32, trust_remote_code=self.cfg.model.trust_remote_code
         )
+        if self.cfg.model.fp32_lm_head:
+            fp32_lm_head(model.get_output_embeddings())  # DeepSpeed casts the weight to bf16; the matmul stays fp32
         if self.cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = self.cfg.model.lora.enabled

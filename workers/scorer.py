@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from opsd.config import Config
+from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
 from workers.weight_sync import (
     BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, make_receiver, require_version,
@@ -65,6 +66,8 @@ class ScorerWorker:
             model_path, dtype=torch_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
         ).to(self.device)
         self.model.eval()
+        if cfg.model.fp32_lm_head:
+            fp32_lm_head(self.model.get_output_embeddings())
         self.cfg = cfg
         self.k = cfg.scorer.topk
         self.temperature = cfg.loss.temperature

@@ -15,6 +15,7 @@ from opsd.losses import (
     LossSpec,
     TokenTargets,
     chunked_loss,
+    fp32_lm_head,
     grpo_advantages,
     grpo_token_loss,
     sampled_token_loss,
@@ -184,6 +185,45 @@ def test_bf16_logits_are_computed_in_float32():
     want = token_divergence(bf.float(), ids, lp, beta=0.5, support="topk_tail", temperature=0.7)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_lm_head_gives_the_float64_log_probs_of_the_half_precision_weights(dtype):
+    """Logits of 20-40 (a real model's range): a half-precision matmul is off by ~0.1 nats, the
+    fp32 head by float32 rounding; the gradient reaches the half-precision weight unchanged."""
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden_size, n = 300, 64, 12
+    make = lambda: torch.nn.Linear(hidden_size, vocab, bias=False).to(dtype)  # noqa: E731
+    plain, patched = make(), make()
+    with torch.no_grad():
+        w = (torch.randn(vocab, hidden_size, generator=g) * 0.6).to(dtype)
+        plain.weight.copy_(w)
+        patched.weight.copy_(w)
+    fp32_lm_head(patched)
+    h = (torch.randn(n, hidden_size, generator=g) * 1.2).to(dtype)
+    exact_logits = h.double() @ w.double().T
+    assert 20 < exact_logits.abs().max() < 60
+    exact = torch.log_softmax(exact_logits, dim=-1)
+    half = torch.log_softmax(plain(h).double(), dim=-1)
+    fp32 = torch.log_softmax(patched(h).double(), dim=-1)
+    assert patched(h).dtype == torch.float32
+    # what the fp32 head is for: the output rounded to 8 (bf16) or 11 (fp16) significant bits
+    assert (half - exact).abs().max() > (3e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert (fp32 - exact).abs().max() < 1e-4
+    # d/dW of sum(log_softmax[target]) against float64 autograd on the same half-precision values
+    target = torch.randint(0, vocab, (n,), generator=g)
+    patched.weight.grad = None
+    torch.log_softmax(patched(h), dim=-1).gather(-1, target[:, None]).sum().backward()
+    w64 = w.double().requires_grad_(True)
+    torch.log_softmax(h.double() @ w64.T, dim=-1).gather(-1, target[:, None]).sum().backward()
+    assert patched.weight.grad.dtype == dtype
+    torch.testing.assert_close(patched.weight.grad.double(), w64.grad, rtol=1e-2, atol=1e-2)
+    # float32 weights and inputs are left to the module's own matmul
+    f32 = fp32_lm_head(torch.nn.Linear(hidden_size, vocab))
+    x = torch.randn(3, hidden_size, generator=g)
+    torch.testing.assert_close(f32(x), F.linear(x, f32.weight, f32.bias), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        fp32_lm_head(torch.nn.Embedding(3, 4))
 
 
 def test_topk_tail_float32_keeps_tiny_tails():
