@@ -638,6 +638,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
     s.add_argument("--transports", nargs="+", choices=("object_store", "gloo"), default=["object_store", "gloo"])
+    s = sub.add_parser("step", help="opsd's training step against a single-process loop (HF generate, teacher "
+                       "forward, AdamW step) on the same model and batch (launch/bench_step.py)")
+    s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.add_argument("--steps", type=int, default=3, help="measured steps on each side, after one warm-up step")
     s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -721,6 +726,10 @@ def run(args: argparse.Namespace) -> dict:
             config = str(REPO_ROOT / "configs" / "local.yaml")
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
+        elif args.bench == "step":
+            from launch.bench_step import bench_step
+
+            report = bench_step(config, overrides, args.steps)
         else:
             report = bench_train(config, overrides)
     report["machine"] = machine()

@@ -95,3 +95,26 @@ def test_stopwatch_times_and_restores():
     assert set(watch.seconds) == {"work", "helper"} and all(v >= 0 for v in watch.seconds.values())
     watch.restore()
     assert Thing.work is orig_work and mod.helper is orig_helper
+
+
+def test_bench_step_reference_trains_the_step_it_times():
+    """The single-process loop of `opsd bench step`: every stage runs and the loss is OPSD's (a
+    JSD of the student against the teacher, > 0 on sampled answers); other algorithms are refused."""
+    import math
+
+    from launch.bench_step import reference_steps
+    from opsd.config import load_config
+    from opsd.models import resolve_model_path
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["train.prompts_per_step=4", "rollout.max_tokens=16",
+                                                           "learner.micro_batch_size=3"])
+    rows = reference_steps(cfg, resolve_model_path("tiny"), 2, threads=1, out=lambda m: None)
+    assert len(rows) == 2
+    for r in rows:
+        assert 4 <= r["tokens_generated"] <= 4 * 16
+        assert all(r[f"{k}_seconds"] > 0 for k in ("rollout", "score", "train"))
+        assert abs(r["step_seconds"] - r["rollout_seconds"] - r["score_seconds"] - r["train_seconds"]) < 1e-6
+        assert math.isfinite(r["loss"]) and 0 < r["loss"] < math.log(2)  # a JSD (beta 0.5) is below log 2
+    with pytest.raises(ValueError, match="algo=grpo"):
+        reference_steps(load_config(REPO_ROOT / "configs" / "grpo-local.yaml"), resolve_model_path("tiny"), 1,
+                        threads=1)

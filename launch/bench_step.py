@@ -1,0 +1,177 @@
+"""`opsd bench step`: opsd's training step against the single-process loop a user could write.
+
+The loop is what one would write without Ray, actors or a weight push: in one Python process,
+with as many torch threads as the cluster has CPUs, it samples the step's answers with
+transformers' ``generate``, runs the teacher (the scorer's own code, ``ScorerWorker.teacher_targets``,
+called in-process), and takes an AdamW step through the learner's own loss module
+(``PolicyLoss`` and ``opsd.losses.chunked_loss``), micro-batch by micro-batch. Same model, dtype,
+prompts per step, new tokens, micro-batch size and loss as the opsd run beside it.
+
+Both sides are measured in one invocation, one after the other, and the first step of each is left
+out (warm-up). Reported: per-stage seconds, the whole-step wall, generated tokens per second of
+step, ``overhead = opsd step wall / sum of its stage times`` and
+``vs_single_process = opsd step / reference step`` (and the same in tokens per second, since the two
+samplers draw different answers of different lengths).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+STAGES = ("rollout", "score", "train", "sync")
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
+                    out: Callable[[str], None] = print) -> list[dict]:
+    """``steps`` OPSD steps (fixed teacher) in this process; per step the seconds of each stage."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opsd.data import load_problems
+    from opsd.losses import TokenTargets, fp32_lm_head
+    from opsd.prompts import PromptBuilder, pad_right, response_loss_mask
+    from workers.learner import PolicyLoss, loss_spec
+    from workers.scorer import ScorerWorker, torch_dtype
+
+    if cfg.algo != "opsd" or cfg.teacher.mode != "fixed" or cfg.rollout.n != 1:
+        raise ValueError("the single-process reference is the OPSD step with a fixed teacher and rollout.n=1; "
+                         f"got algo={cfg.algo}, teacher.mode={cfg.teacher.mode}, rollout.n={cfg.rollout.n}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len,
+                            max_new_tokens=cfg.rollout.max_tokens)
+    per_step = cfg.train.prompts_per_step
+    d = cfg.data
+    problems = load_problems(d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
+                             answer_key=d.answer_key, id_key=d.id_key)
+    pairs, _ = builder.build(problems[: per_step * steps], source=d.train_path)
+    if len(pairs) < per_step * steps:
+        raise ValueError(f"{d.train_path}: {len(pairs)} usable prompts, the reference needs {per_step * steps}")
+
+    dtype = torch_dtype(cfg.model.dtype)
+    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if cfg.model.fp32_lm_head:
+        fp32_lm_head(student.get_output_embeddings())
+    scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
+    torch.set_num_threads(threads)  # the scorer sets its threads from OMP_NUM_THREADS
+    lc = cfg.learner
+    opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+    policy = PolicyLoss(student, loss_spec(cfg))
+    eos = tok.eos_token_id
+    times = []
+    for step in range(steps):
+        batch = pairs[step * per_step : (step + 1) * per_step]
+        t0 = time.perf_counter()
+        student.eval()
+        width = max(len(p.student_ids) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p.student_ids)) + p.student_ids for p in batch])
+        mask = torch.tensor([[0] * (width - len(p.student_ids)) + [1] * len(p.student_ids) for p in batch])
+        with torch.no_grad():
+            gen = student.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None,
+                max_new_tokens=cfg.rollout.max_tokens, pad_token_id=pad_id,
+            )[:, width:].tolist()
+        responses = []
+        for row in gen:
+            cut = row.index(eos) + 1 if eos in row else len(row)
+            responses.append(row[:cut])
+        t1 = time.perf_counter()
+        targets = scorer.teacher_targets([p.teacher_ids for p in batch], responses)
+        t2 = time.perf_counter()
+        student.train()
+        opt.zero_grad(set_to_none=True)
+        masks = [response_loss_mask(len(r), skip_first=cfg.loss.skip_first) for r in responses]
+        total = sum(sum(m) for m in masks)
+        loss_sum = 0.0
+        for start in range(0, len(batch), lc.micro_batch_size):
+            idx = range(start, min(start + lc.micro_batch_size, len(batch)))
+            seqs = [batch[i].student_ids + responses[i] for i in idx]
+            rows, cols, keep = [], [], []
+            for j, i in enumerate(idx):
+                m = torch.tensor(masks[i], dtype=torch.bool)
+                p = len(batch[i].student_ids)
+                pos = torch.arange(p - 1, p - 1 + len(responses[i]))[m]
+                rows.append(torch.full((len(pos),), j, dtype=torch.long))
+                cols.append(pos)
+                keep.append(m)
+            top_ids = torch.cat([torch.as_tensor(targets[i][0])[keep[j]] for j, i in enumerate(idx)]).long()
+            top_lp = torch.cat([torch.as_tensor(targets[i][1])[keep[j]] for j, i in enumerate(idx)])
+            tok_lp = torch.cat([torch.as_tensor(targets[i][2])[keep[j]] for j, i in enumerate(idx)])
+            sampled = torch.cat([torch.as_tensor(responses[i])[keep[j]] for j, i in enumerate(idx)]).long()
+            t = TokenTargets(sampled_ids=sampled, weight=torch.ones(len(sampled)), topk_ids=top_ids,
+                             topk_logprobs=top_lp, teacher_logprobs=tok_lp)
+            input_ids, attn = pad_right(seqs, pad_id)
+            loss, _ = policy(input_ids, attn, torch.cat(rows), torch.cat(cols), t, float(max(total, 1)))
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), lc.grad_clip)
+        opt.step()
+        t3 = time.perf_counter()
+        times.append({"rollout_seconds": t1 - t0, "score_seconds": t2 - t1, "train_seconds": t3 - t2,
+                      "sync_seconds": 0.0, "step_seconds": t3 - t0, "loss": loss_sum,
+                      "tokens_generated": sum(len(r) for r in responses)})
+        out(f"  reference step {step + 1}/{steps}: {t3 - t0:.1f} s (generate {t1 - t0:.1f}, teacher {t2 - t1:.1f}, "
+            f"train {t3 - t2:.1f}), {times[-1]['tokens_generated']} tokens")
+    return times
+
+
+def _summary(rows: list[dict]) -> dict:
+    steady = rows[1:] if len(rows) > 1 else rows
+    s = {f"{k}_seconds": _mean([r[f"{k}_seconds"] for r in steady]) for k in (*STAGES, "step")}
+    s["tokens_per_step"] = _mean([r["tokens_generated"] for r in steady])
+    s["tokens_per_second"] = s["tokens_per_step"] / s["step_seconds"]
+    s["steady_steps"] = len(steady)
+    return s
+
+
+def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[[str], None] = print) -> dict:
+    """opsd's step and the single-process reference, side by side (the first step of each is warm-up)."""
+    from launch.driver import train
+    from launch.loggers import read_metrics
+    from opsd.config import load_config
+    from opsd.models import resolve_model_path
+
+    n = steps + 1
+    with tempfile.TemporaryDirectory(prefix="opsd-bench-step-") as tmp:
+        run_overrides = [*overrides, f"train.steps={n}", "eval.every=0", "eval.at_start=false",
+                         "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
+                         f"run_dir={Path(tmp) / 'run'}"]
+        cfg = load_config(config, run_overrides)
+        out(f"bench step: {cfg.model.path} ({cfg.model.dtype}), {cfg.train.prompts_per_step} prompts x at most "
+            f"{cfg.rollout.max_tokens} new tokens per step, {n} steps each (the first is warm-up), "
+            f"{cfg.cluster.num_cpus} CPUs")
+        run_dir = train(config, run_overrides)
+        opsd_rows = [r for r in read_metrics(run_dir) if r["step"] > 0]
+    model_path = resolve_model_path(cfg.model.path)
+    ref_rows = reference_steps(cfg, model_path, n, threads=int(cfg.cluster.num_cpus or 1), out=out)
+    o, r = _summary(opsd_rows), _summary(ref_rows)
+    stage_sum = sum(o[f"{k}_seconds"] for k in STAGES)
+    report = {
+        "config": config, "overrides": overrides, "model": cfg.model.path, "dtype": cfg.model.dtype,
+        "prompts_per_step": cfg.train.prompts_per_step, "max_tokens": cfg.rollout.max_tokens,
+        "opsd": o, "reference": r,
+        "overhead": o["step_seconds"] / stage_sum,
+        "vs_single_process": o["step_seconds"] / r["step_seconds"],
+        "vs_single_process_tokens_per_second": o["tokens_per_second"] / r["tokens_per_second"],
+    }
+    out(f"  {'stage':9s} {'opsd s':>8s} {'reference s':>12s}")
+    for k, label in (("rollout", "rollout"), ("score", "teacher"), ("train", "train"), ("sync", "sync"),
+                     ("step", "step")):
+        out(f"  {label:9s} {o[f'{k}_seconds']:8.2f} {r[f'{k}_seconds']:12.2f}")
+    out(f"  tokens/s  {o['tokens_per_second']:8.1f} {r['tokens_per_second']:12.1f}  "
+        f"({o['tokens_per_step']:.0f} and {r['tokens_per_step']:.0f} tokens per step)")
+    out(f"  overhead (opsd step / sum of its stages) {report['overhead']:.3f}; opsd step / reference step "
+        f"{report['vs_single_process']:.2f}x; reference tokens/s / opsd tokens/s "
+        f"{1 / report['vs_single_process_tokens_per_second']:.2f}x")
+    return report
