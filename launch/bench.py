@@ -42,7 +42,10 @@ def machine() -> dict:
     """What the figures were measured on."""
     import platform
 
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    from opsd.config import cpu_bf16_instructions
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                            "bf16_instructions": cpu_bf16_instructions()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -111,16 +111,10 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 def machine_name() -> str:
     """CPU model and core count: wall times are only comparable on one kind of machine."""
-    import os
-    import platform
+    from launch.bench import machine
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    m = machine()
+    return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores"
 
 
 def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float) -> dict:

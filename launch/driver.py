@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
 from opsd.config import (
-    Config, ConfigError, check, distills, dtype_note, load_config, resolve_path, to_yaml, trains_on_references, uses_scorer,
+    Config, ConfigError, check, distills, dtype_note, load_config, resolve_path, to_yaml, trains_on_references,
+    uses_scorer,
 )
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 ALGOS = ("opsd", "grpo", "sft")
@@ -54,7 +54,8 @@ def fp32_lm_head(head: torch.nn.Module) -> torch.nn.Module:
     carries its gradient back to the half-precision parameter.
     """
     if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"fp32_lm_head expects the model's nn.Linear LM head, got {type(head).__name__}")
+        raise TypeError(f"fp32_lm_head expects the model's nn.Linear LM head, got {type(head).__name__}; "
+                        "set model.fp32_lm_head=false for this model")
 
     def forward(hidden: Tensor) -> Tensor:
         weight, bias = head.weight, head.bias
