@@ -38,7 +38,7 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
             group.train_step(ray.put(to_ipc_bytes(table)))
         update = group.push_weights(1)
         # Merged weights under the base model's names (no peft prefixes, no lora_ tensors).
-        sent = {name for h in update.handles for name, _ in ray.get(h)}
+        sent = {name for h in update.handles for name in ray.get(h)[0]}  # (names, dtypes, arrays)
         assert sent == set(dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()))
         assert ray.get(worker.load_weights.remote(update)) == 1
 
