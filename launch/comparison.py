@@ -226,6 +226,10 @@ def summarize(by_method: dict[str, list[dict]]) -> dict:
         }
         for key in ("kl_sampled", "response_len_mean", "reward_mean", "engine_mismatch", "clip_frac_rollout"):
             row[f"{key}_first"], row[f"{key}_last"] = _first_last(rs, key)
+        if m not in OPSD:
+            # The sampled-token gap estimates KL(student || teacher) only along the student's own
+            # samples; KD's tokens are the reference's or the teacher's, where it is no KL at all.
+            row["kl_sampled_first"] = row["kl_sampled_last"] = None
         if target is not None and row["tokens_generated_total_mean"] == 0:
             # SFT and KD from references generate nothing: no token count to compare.
             row["tokens_to_grpo_final"], row["token_ratio_per_seed"] = None, []
@@ -269,6 +273,8 @@ def table(report: dict) -> str:
         "| reward first→last |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    notes = ["", "KL: the mean sampled-token estimate of KL(student || teacher), shown for OPSD only (it is a KL "
+             "only along the student's own samples, and GRPO and SFT have no teacher)."]
     for m, r in s["methods"].items():
         ratios = r.get("token_ratio_per_seed") or []
         per_seed = (f"{statistics.fmean(ratios):.2f} ± {_std(ratios):.2f} ({len(ratios)})" if ratios else "—")
@@ -281,7 +287,7 @@ def table(report: dict) -> str:
             f"| {_fmt(r['response_len_mean_first'], '.1f')} → {_fmt(r['response_len_mean_last'], '.1f')} "
             f"| {_fmt(r['reward_mean_first'], '.2f')} → {_fmt(r['reward_mean_last'], '.2f')} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + notes) + "\n"
 
 
 def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
@@ -313,7 +319,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
                                (axes[1, 1], "response_len_mean", "training response length (tokens)"),
                                (axes[0, 2], "reward_mean", "training reward (on-track rate of the samples)")):
             for m, rs in by_method.items():
-                series = _step_mean(rs, key)
+                series = _step_mean(rs, key) if (key != "kl_sampled" or m in OPSD) else None
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
             ax.set_title(title)

@@ -57,6 +57,17 @@ def test_a_method_that_generates_nothing_has_no_token_ratio():
     assert s["methods"]["sft"]["token_ratio_vs_grpo"] is None and s["methods"]["sft"]["token_ratio_per_seed"] == []
 
 
+def test_the_kl_column_is_left_empty_where_the_tokens_are_not_the_students_samples():
+    by = {"opsd_fixed": [with_base(record("opsd_fixed", 0, [0.3], 20))],
+          "kd_reference": [with_base(record("kd_reference", 0, [0.3], 0))]}
+    s = summarize(by)
+    assert s["methods"]["opsd_fixed"]["kl_sampled_last"] == pytest.approx(0.1)
+    assert s["methods"]["kd_reference"]["kl_sampled_first"] is None and s["methods"]["kd_reference"]["kl_sampled_last"] is None
+    row = next(line for line in table({"summary": s, "spec": {"eval_problems": 200}, "extract": "lenient"}).splitlines()
+               if line.startswith("| KD (reference)"))
+    assert "0.100" not in row and "— → —" in row
+
+
 def test_grpo_below_the_base_makes_the_ratio_undefined():
     by = {"grpo": [with_base(record("grpo", 0, [0.10], 100))], "opsd_fixed": [with_base(record("opsd_fixed", 0, [0.3], 20))]}
     text = table({"summary": summarize(by), "spec": {"eval_problems": 200}, "extract": "lenient"})
