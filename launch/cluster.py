@@ -241,6 +241,12 @@ class ActorPool:
 
         return ray.get([a.node_id.remote() for a in self.actors])
 
+    def threads(self) -> list[int]:
+        """The torch threads of each actor."""
+        import ray
+
+        return ray.get([a.threads.remote() for a in self.actors])
+
     def kill(self) -> None:
         import ray
 

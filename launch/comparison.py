@@ -5,7 +5,8 @@
     opsd bench learning --task toy               # the earlier tiny-model experiment (launch/experiment.py)
 
 Every method starts from the same model (the default recipe, configs/local.yaml: SmolLM2-135M-
-Instruct in bf16, the word-problem set, its prompts, sampling at T = 0.7, 64 new tokens) and runs
+Instruct, here pinned to float32, the word-problem set, its prompts, sampling at T = 0.7, 64 new
+tokens) and runs
 the same number of optimizer steps on the same number of rows per step, through
 ``launch.driver.train``:
 
@@ -88,7 +89,9 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
         f"train.steps={spec.steps}", f"train.prompts_per_step={spec.rows_per_step}", f"train.seed={seed}",
         f"rollout.seed={seed}", "train.checkpoint_every=0", f"eval.every={spec.eval_every}",
         f"eval.max_problems={spec.eval_problems}", "logging.progress=false", "logging.tensorboard=false",
-        f"model.dtype={spec.dtype}", *spec.overrides,
+        f"model.dtype={spec.dtype}",
+        # One thread per actor, as the runs finished before the num_threads keys existed had.
+        "rollout.num_threads=1", "scorer.num_threads=1", "learner.num_threads=1", *spec.overrides,
     ]
     per = {
         "opsd_fixed": ["algo=opsd", "teacher.mode=fixed", "logging.save_batches=true"],

@@ -177,6 +177,18 @@ class Trainer:
             self.scorers.on_restart = self._catch_up_scorer
         _say(f"actors ready in {time.perf_counter() - t0:.0f}s; {len(self.pairs)} training problems")
         self.log_placement()
+        if cfg.cluster.device == "cpu":
+            threads = self.thread_counts()
+            _say("threads per actor: " + ", ".join(f"{role} {'/'.join(map(str, n))}" for role, n in threads.items())
+                 + " (rollout|scorer|learner.num_threads)")
+
+    def thread_counts(self) -> dict[str, list[int]]:
+        """The torch threads of every actor, by role."""
+        counts = {"rollout": self.rollouts.threads()}
+        if self.scorers:
+            counts["scorer"] = self.scorers.threads()
+        counts["learner"] = self.learner.threads()
+        return counts
 
     def placement(self) -> dict[str, list[str]]:
         """The Ray node id of every actor, by role (learner ranks in rank order)."""

@@ -98,6 +98,9 @@ class RolloutConfig:
     num_workers: int = 1
     tensor_parallel_size: int = 1
     num_cpus_per_worker: float = 1.0
+    # torch/OpenMP threads of each worker on CPU; null: the CPUs Ray gives it (at least 1). In
+    # serial mode the stages never overlap, so each may use every core (configs/local.yaml).
+    num_threads: Optional[int] = None
     # Custom Ray resources each worker asks for, e.g. {opsd_rollout: 1} to keep it on the nodes
     # started with `ray start --resources='{"opsd_rollout": 8}'` (README, "More than one node").
     resources: Dict[str, float] = field(default_factory=dict)
@@ -119,6 +122,7 @@ class RolloutConfig:
 class ScorerConfig:
     num_workers: int = 1
     num_cpus_per_worker: float = 1.0
+    num_threads: Optional[int] = None  # as rollout.num_threads
     # Custom Ray resources each worker asks for, e.g. {opsd_scorer: 1} to keep it on the nodes
     # started with `ray start --resources='{"opsd_scorer": 8}'` (README, "More than one node").
     resources: Dict[str, float] = field(default_factory=dict)
@@ -133,6 +137,7 @@ class LearnerConfig:
     num_ranks: int = 2
     zero_stage: int = 2
     num_cpus_per_rank: float = 0.5
+    num_threads: Optional[int] = None  # per rank, as rollout.num_threads
     num_gpus_per_rank: float = 0.0
     # Custom Ray resources each rank asks for, e.g. {opsd_learner: 1} to keep it on the nodes
     # started with `ray start --resources='{"opsd_learner": 8}'` (README, "More than one node").
@@ -463,6 +468,11 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         raise ConfigError(f"config key 'rollout.top_p' = {cfg.rollout.top_p}; expected 0 < top_p <= 1")
     if not 0.0 < cfg.teacher.ema_decay < 1.0:
         raise ConfigError(f"config key 'teacher.ema_decay' = {cfg.teacher.ema_decay}; expected 0 < decay < 1")
+    for key in ("rollout.num_threads", "scorer.num_threads", "learner.num_threads"):
+        value = _get(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config key '{key}' = {value!r}; expected a whole number >= 1, or null for the CPUs "
+                              "Ray gives the actor")
     for key in ("loss.token_clip", "loss.is_clip"):
         value = _get(cfg, key)
         if value is not None and value <= 0:
@@ -560,6 +570,12 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         raise ConfigError(
             f"config key 'scorer.topk' = {cfg.scorer.topk} is larger than the model's vocabulary ({vocab_size})"
         )
+
+
+def actor_threads(num_threads: int | None, num_cpus: float) -> int:
+    """torch threads of an actor on CPU: ``num_threads`` when set, else the whole CPUs Ray
+    reserved for it, at least one (a fractional reservation shares a core)."""
+    return num_threads if num_threads is not None else max(1, int(num_cpus))
 
 
 def uses_scorer(cfg: Config) -> bool:

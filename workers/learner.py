@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes
-from opsd.config import Config, samples_per_prompt
+from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
@@ -98,6 +98,7 @@ class LearnerRank:
         if self.cpu:
             # Must be set before deepspeed is imported.
             os.environ["DS_ACCELERATOR"] = "cpu"
+            torch.set_num_threads(actor_threads(cfg.learner.num_threads, cfg.learner.num_cpus_per_rank))
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (the driver logs where each role landed)."""
@@ -107,6 +108,9 @@ class LearnerRank:
 
     def alive(self) -> bool:
         return True
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
     def master_address(self) -> tuple[str, int]:
         import ray
@@ -659,6 +663,12 @@ class LearnerGroup:
         import ray
 
         return ray.get([r.node_id.remote() for r in self.ranks])
+
+    def threads(self) -> list[int]:
+        """The torch threads of each rank."""
+        import ray
+
+        return ray.get([r.threads.remote() for r in self.ranks])
 
     def broken(self) -> bool:
         """Whether a rank has died (a failed call already shut the group down, or one that would)."""

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from opsd.config import Config
+from opsd.config import Config, actor_threads
 from workers.weight_sync import (
     BucketLayout, GroupSpec, WeightSyncError, WeightUpdate, check_against, check_layout, hf_param_shapes,
     make_receiver, require_version,
@@ -32,6 +32,12 @@ class RolloutWorker:
         # tensors into raw buffers and dataclasses into dicts. (Tensor-parallel workers are
         # still processes of their own; vLLM pickles what it sends them.)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cfg.cluster.device == "cpu":
+            import torch
+
+            # The engine runs in this process: its threads are this process's torch threads
+            # (vLLM's CPU worker then pins the count).
+            torch.set_num_threads(actor_threads(cfg.rollout.num_threads, cfg.rollout.num_cpus_per_worker))
         from vllm import LLM
 
         tp = cfg.rollout.tensor_parallel_size
@@ -63,6 +69,11 @@ class RolloutWorker:
 
     def get_version(self) -> int:
         return self.version
+
+    def threads(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (the driver logs where each role landed)."""

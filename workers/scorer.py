@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opsd.config import Config
+from opsd.config import Config, actor_threads
 from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
 from workers.weight_sync import (
@@ -60,7 +60,7 @@ class ScorerWorker:
 
         torch.manual_seed(cfg.train.seed)
         if cfg.cluster.device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            torch.set_num_threads(actor_threads(cfg.scorer.num_threads, cfg.scorer.num_cpus_per_worker))
         self.device = torch.device("cuda" if cfg.cluster.device == "cuda" else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
@@ -86,6 +86,9 @@ class ScorerWorker:
 
     def get_version(self) -> int:
         return self.version
+
+    def threads(self) -> int:
+        return torch.get_num_threads()
 
     @torch.no_grad()
     def teacher_targets(

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd.config import REPO_ROOT, Config, ConfigError, check, cpu_bf16_instructions, dtype_note, load_config
+from opsd.config import REPO_ROOT, Config, ConfigError, actor_threads, check, cpu_bf16_instructions, dtype_note, load_config
 
 
 def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -153,6 +153,8 @@ def test_invalid_choice_names_key_and_allowed_values(override, key, allowed):
     ("loss.token_clip=0", "loss.token_clip"),
     ("eval.n=0", "eval.n"),
     ("eval.temperature=-0.5", "eval.temperature"),
+    ("rollout.num_threads=0", "rollout.num_threads"),
+    ("learner.num_threads=-2", "learner.num_threads"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     assert f"'{key}'" in _error(None, [override])
@@ -286,3 +288,12 @@ def test_a_template_with_an_unknown_field_names_the_key():
 def test_tiny_config_is_the_fast_debug_run():
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml")
     assert cfg.model.path == "tiny" and cfg.rollout.kv_cache_mb == 256 and cfg.eval.every == 3
+
+
+def test_actor_threads_default_to_the_whole_cpus_ray_reserved():
+    # A fractional reservation shares a core: one thread, never zero.
+    assert [actor_threads(None, c) for c in (0.25, 0.5, 1.0, 1.5, 2.0, 8.0)] == [1, 1, 1, 1, 2, 8]
+    assert actor_threads(3, 0.5) == 3  # set explicitly: taken as written
+    assert load_config(None, ["scorer.num_threads=2"]).scorer.num_threads == 2
+    with pytest.raises(ConfigError, match="'scorer.num_threads'"):
+        load_config(None, ["scorer.num_threads=1.5"])
