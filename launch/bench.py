@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from launch.machine import machine  # noqa: F401  (also used as launch.bench.machine)
 
 MB = 2**20
 
@@ -36,36 +37,6 @@ def _median(xs: list[float]) -> float:
 
 def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
-
-
-def machine() -> dict:
-    """What the figures were measured on."""
-    import platform
-
-    from opsd.config import cpu_bf16_instructions
-
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                            "bf16_instructions": cpu_bf16_instructions()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["mem_gib"] = round(int(line.split()[1]) / 2**20, 1)
-                break
-    except OSError:
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
 
 
 class PeakRSS:

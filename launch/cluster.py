@@ -7,6 +7,7 @@ weights, so a step's prompts are neither lost nor done twice.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,13 @@ WORKER_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
 }
+
+
+def sample_seed(seed: int, step: int, uid: str) -> int:
+    """A per-prompt sampling seed that depends only on (run seed, step, prompt): retries and
+    resumed runs draw the same samples."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{uid}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def init_ray(cfg: Config) -> bool:

@@ -114,7 +114,7 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 def machine_name() -> str:
     """CPU model and core count: wall times are only comparable on one kind of machine."""
-    from launch.bench import machine
+    from launch.machine import machine
 
     m = machine()
     return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores"
@@ -364,7 +364,7 @@ def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_dir: Path, elapsed: float) -> dict:
-    from launch.bench import machine
+    from launch.machine import machine
 
     base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
-from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, unshard
+from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, sample_seed, unshard
 from launch.loggers import MetricsLogger, read_metrics
 from launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
 from launch.validate import actor_resources, custom_resource_needs, resource_needs
@@ -42,13 +41,6 @@ METRIC_FIELDS = (
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
     "update_skipped",
 )
-
-
-def sample_seed(seed: int, step: int, uid: str) -> int:
-    """A per-prompt sampling seed that depends only on (run seed, step, prompt): retries and
-    resumed runs draw the same samples."""
-    digest = hashlib.blake2b(f"{seed}:{step}:{uid}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def resolve_model(cfg: Config) -> str:

@@ -44,7 +44,7 @@ class ProblemResult(Graded):
 def eval_seed(seed: int, uid: str) -> int:
     """The sampling seed of one evaluation prompt; equals the driver's ``sample_seed(seed, -1,
     uid)``, so ``opsd eval`` and the in-training eval draw the same samples from the same weights."""
-    from launch.driver import sample_seed
+    from launch.cluster import sample_seed
 
     return sample_seed(seed, -1, uid)
 
@@ -151,7 +151,7 @@ def resolve_eval_model(model: str) -> ResolvedModel:
     if (p / "driver_state.json").is_file() and p.parent.name == "checkpoints":  # RUN/checkpoints/step_N
         return _checkpoint_hf(p, run_dir=p.parent.parent)
     if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():
-        from launch.driver import latest_checkpoint
+        from launch.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(p)
         if ckpt is None:

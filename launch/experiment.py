@@ -497,7 +497,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
     base = warm_run / "checkpoints" / f"step_{spec.warm_steps}" / "hf"
     t0 = time.perf_counter()
     if not (base / "config.json").exists():
-        from launch.driver import latest_checkpoint
+        from launch.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(warm_run) if warm_run.is_dir() else None
         if ckpt is not None and int(ckpt.name.split("_")[-1]) < spec.warm_steps:
@@ -522,7 +522,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
 
 def write_results(spec: LearningSpec, key: str, work: Path, warm_seconds: float, gap: dict,
                   methods: dict[str, list[dict]], t_start: float, out_dir: Path) -> dict:
-    from launch.bench import machine
+    from launch.machine import machine
 
     done = {m: c for m, c in methods.items() if c}
     results = {
