@@ -63,7 +63,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     if cfg.model.fp32_lm_head:
         fp32_lm_head(student.get_output_embeddings())
     scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
-    torch.set_num_threads(threads)  # the scorer sets its threads from OMP_NUM_THREADS
+    torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
     opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
     policy = PolicyLoss(student, loss_spec(cfg))

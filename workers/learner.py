@@ -1,7 +1,8 @@
 """The learner group: W Ray actors forming one DeepSpeed ZeRO data-parallel group.
 
-Every rank receives the same Arrow batch, takes rows ``rank::W``, recomputes the student's
-logits over prompt + response, and applies the configured objective from ``opsd.losses``. The
+Every rank receives the same Arrow batch, takes its share of the rows (``balanced_shards``: about
+equal tokens per rank, micro-batches of similar length), recomputes the student's logits over
+prompt + response, and applies the configured objective from ``opsd.losses``. The
 loss is normalised by the number of loss tokens in the whole global batch, so the update does
 not depend on how rows fall into micro-batches or ranks.
 """
@@ -37,6 +38,22 @@ def loss_spec(cfg: Config) -> LossSpec:
         token_clip=lc.token_clip, is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high,
         kl_coef=lc.kl_coef, old_logprobs=lc.old_logprobs, chunk_size=lc.chunk_size,
     )
+
+
+def balanced_shards(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Row indices for each rank: every row once, at most ceil(n / W) rows per rank (so no rank
+    needs more micro-batches than the DeepSpeed config has), the longest rows first, each to the
+    rank with the fewest tokens so far (ties: the lower rank). Within a rank the rows go shortest
+    first, so consecutive micro-batches hold rows of similar length and pad little. The same on
+    every rank: it reads only the lengths."""
+    cap = math.ceil(len(lengths) / world_size) if lengths else 0
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min((r for r in range(world_size) if len(shards[r]) < cap), key=lambda r: (loads[r], r))
+        shards[r].append(i)
+        loads[r] += lengths[i]
+    return [sorted(s, key=lambda i: (lengths[i], i)) for s in shards]
 
 
 def micro_batches_per_rank(cfg: Config) -> int:
@@ -267,7 +284,8 @@ class LearnerRank:
                 torch.tensor([index[g] for g in groups]),
             ).numpy()
         mb = self.cfg.learner.micro_batch_size
-        shards = [list(range(r, table.num_rows, self.world_size)) for r in range(self.world_size)]
+        lengths = [len(p) + len(r) for p, r in zip(_column(table, "prompt_ids"), _column(table, "response_ids"))]
+        shards = balanced_shards(lengths, self.world_size)
         chunks = [shards[self.rank][i : i + mb] for i in range(0, len(shards[self.rank]), mb)]
         pad_to = [0] * self.gas
         if self.cfg.learner.zero_stage == 3:
@@ -280,7 +298,7 @@ class LearnerRank:
                     pad_to[i // mb] = max(pad_to[i // mb], sum(per_row[j] for j in shard[i : i + mb]))
             # At least one position, so that a micro-batch with no loss tokens still calls the head.
             pad_to = [max(n, 1) for n in pad_to]
-        needed = math.ceil(len(shards[0]) / mb)  # rank 0 has the most rows: every rank raises alike
+        needed = max(math.ceil(len(s) / mb) for s in shards)  # the same on every rank: all raise alike
         if needed > self.gas:
             raise ValueError(
                 f"batch of {table.num_rows} rows needs {needed} micro-batches per rank, more than the {self.gas} "
