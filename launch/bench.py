@@ -617,6 +617,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--steps", type=int, default=3, help="measured steps on each side, after one warm-up step")
+    s = sub.add_parser("head", help="the teacher's targets with a bf16 LM head, an fp32 one and in fp32 throughout: "
+                       "differences and time (launch/bench_head.py)")
+    s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.add_argument("--rows", type=int, default=2, help="first N test problems, their reference solutions as responses")
     s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -704,6 +709,10 @@ def run(args: argparse.Namespace) -> dict:
             from launch.bench_step import bench_step
 
             report = bench_step(config, overrides, args.steps)
+        elif args.bench == "head":
+            from launch.bench_head import bench_head
+
+            report = bench_head(config, overrides, args.rows)
         else:
             report = bench_train(config, overrides)
     report["machine"] = machine()

@@ -118,3 +118,18 @@ def test_bench_step_reference_trains_the_step_it_times():
     with pytest.raises(ValueError, match="algo=grpo"):
         reference_steps(load_config(REPO_ROOT / "configs" / "grpo-local.yaml"), resolve_model_path("tiny"), 1,
                         threads=1)
+
+
+def test_bench_head_compares_targets_on_the_ids_both_top_k_lists_hold():
+    import numpy as np
+
+    from launch.bench_head import _compare
+
+    # One row, two positions, top-2. Position 0: same ids, log-probs off by 0.1 and 0.3; position 1:
+    # the lists share id 7 only (off by 0.5), and the top-1 ids differ.
+    ref = [(np.array([[1, 2], [5, 7]]), np.array([[-0.1, -2.0], [-0.2, -1.0]]), np.array([-0.1, -1.0]))]
+    other = [(np.array([[1, 2], [7, 9]]), np.array([[-0.2, -2.3], [-0.5, -3.0]]), np.array([-0.3, -0.5]))]
+    c = _compare(ref, other)
+    assert c["sampled_token_abs_mean"] == pytest.approx((0.2 + 0.5) / 2) and c["sampled_token_abs_max"] == pytest.approx(0.5)
+    assert c["topk_abs_mean"] == pytest.approx((0.1 + 0.3 + 0.5) / 3) and c["topk_abs_max"] == pytest.approx(0.5)
+    assert c["top1_agreement"] == pytest.approx(0.5)

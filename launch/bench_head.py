@@ -1,0 +1,83 @@
+"""`opsd bench head`: what the LM head's precision does to the teacher's targets, and what it costs.
+
+The scorer's own code (``ScorerWorker.teacher_targets``) runs in this process on the config's model,
+on the first ``rows`` test problems with their reference solutions as the responses (teacher
+prompt, teacher-forced: the same tokens for every variant), three times:
+
+    float32                        the reference
+    bfloat16                       bf16 weights, the head's matmul in bf16 (logits rounded to bf16)
+    bfloat16 + fp32 head           bf16 weights, the head's matmul in fp32 (model.fp32_lm_head)
+
+Reported for each bf16 variant against float32: the sampled-token log-prob difference (mean and
+max over positions, nats), the top-k log-prob difference on the ids both top-k lists hold, the
+share of positions whose top-1 id agrees, and the seconds of the forward (after one warm-up).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _compare(ref: list, other: list) -> dict:
+    tok = np.concatenate([np.abs(o[2] - r[2]) for r, o in zip(ref, other)])
+    top_diffs, top1 = [], []
+    for (r_ids, r_lp, _), (o_ids, o_lp, _) in zip(ref, other):
+        top1.append(r_ids[:, 0] == o_ids[:, 0])
+        for t in range(r_ids.shape[0]):
+            where = {int(i): float(v) for i, v in zip(o_ids[t], o_lp[t])}
+            top_diffs.extend(abs(float(v) - where[int(i)]) for i, v in zip(r_ids[t], r_lp[t]) if int(i) in where)
+    top = np.asarray(top_diffs)
+    return {"sampled_token_abs_mean": float(tok.mean()), "sampled_token_abs_max": float(tok.max()),
+            "topk_abs_mean": float(top.mean()), "topk_abs_max": float(top.max()),
+            "top1_agreement": float(np.concatenate(top1).mean())}
+
+
+def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[str], None] = print) -> dict:
+    from transformers import AutoTokenizer
+
+    from opsd.config import load_config
+    from opsd.data import load_problems
+    from opsd.models import resolve_model_path
+    from opsd.prompts import PromptBuilder
+    from workers.scorer import ScorerWorker
+
+    cfg = load_config(config, overrides)
+    model_path = resolve_model_path(cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.rollout.max_tokens)
+    d = cfg.data
+    problems = load_problems(d.test_path or d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
+                             answer_key=d.answer_key, id_key=d.id_key)[:rows]
+    pairs, _ = builder.build(problems, source=d.test_path or d.train_path)
+    contexts = [p.teacher_ids for p in pairs]
+    solutions = {pr.uid: pr.solution for pr in problems}
+    responses = [list(tok(solutions[p.uid], add_special_tokens=False)["input_ids"]) + [tok.eos_token_id] for p in pairs]
+    threads = int(cfg.cluster.num_cpus or 1)
+    out(f"bench head: {cfg.model.path}, {len(pairs)} rows, {sum(map(len, responses))} response positions, "
+        f"top-{cfg.scorer.topk}, {threads} threads")
+
+    def run(dtype: str, fp32_head: bool) -> tuple[list, float]:
+        c: Any = copy.deepcopy(cfg)
+        c.model.dtype, c.model.fp32_lm_head, c.scorer.num_threads = dtype, fp32_head, threads
+        scorer = ScorerWorker(c, model_path)
+        scorer.teacher_targets(contexts[:1], [responses[0][:4]])  # warm-up
+        t0 = time.perf_counter()
+        targets = scorer.teacher_targets(contexts, responses)
+        return targets, time.perf_counter() - t0
+
+    ref, ref_s = run("float32", False)
+    report: dict[str, Any] = {"model": cfg.model.path, "rows": len(pairs), "positions": sum(map(len, responses)),
+                              "topk": cfg.scorer.topk, "threads": threads, "float32_seconds": ref_s, "variants": {}}
+    out(f"  float32: {ref_s:.2f}s")
+    for name, fp32_head in (("bfloat16", False), ("bfloat16+fp32_head", True)):
+        targets, secs = run("bfloat16", fp32_head)
+        row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets)}
+        report["variants"][name] = row
+        out(f"  {name}: {secs:.2f}s ({row['vs_float32_time']:.2f}x float32); sampled-token |dlogp| mean "
+            f"{row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; top-k |dlogp| mean "
+            f"{row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; top-1 agrees {row['top1_agreement']:.3f}")
+    return report
