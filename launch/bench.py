@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.machine import machine  # noqa: F401  (also used as launch.bench.machine)
+from launch.machine import machine
 
 MB = 2**20
 

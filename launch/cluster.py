@@ -35,6 +35,19 @@ def sample_seed(seed: int, step: int, uid: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def _torch_threads(actor: Any) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def torch_threads(actors: list) -> list[int]:
+    """The torch threads each actor's process runs (any actor class: Ray's ``__ray_call__``)."""
+    import ray
+
+    return ray.get([a.__ray_call__.remote(_torch_threads) for a in actors])
+
+
 def init_ray(cfg: Config) -> bool:
     """Attach to a running cluster when told to (cluster.address or RAY_ADDRESS, as under
     ``ray job submit``), else start a local one. Returns True when this process started Ray."""
@@ -248,12 +261,6 @@ class ActorPool:
         import ray
 
         return ray.get([a.node_id.remote() for a in self.actors])
-
-    def threads(self) -> list[int]:
-        """The torch threads of each actor."""
-        import ray
-
-        return ray.get([a.threads.remote() for a in self.actors])
 
     def kill(self) -> None:
         import ray

@@ -26,7 +26,7 @@ from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
 from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
-from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, sample_seed, unshard
+from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, sample_seed, torch_threads, unshard
 from launch.loggers import MetricsLogger, read_metrics
 from launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
 from launch.validate import actor_resources, custom_resource_needs, resource_needs
@@ -176,10 +176,10 @@ class Trainer:
 
     def thread_counts(self) -> dict[str, list[int]]:
         """The torch threads of every actor, by role."""
-        counts = {"rollout": self.rollouts.threads()}
+        counts = {"rollout": torch_threads(self.rollouts.actors)}
         if self.scorers:
-            counts["scorer"] = self.scorers.threads()
-        counts["learner"] = self.learner.threads()
+            counts["scorer"] = torch_threads(self.scorers.actors)
+        counts["learner"] = torch_threads(self.learner.ranks)
         return counts
 
     def placement(self) -> dict[str, list[str]]:

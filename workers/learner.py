@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes
@@ -125,9 +126,6 @@ class LearnerRank:
 
     def alive(self) -> bool:
         return True
-
-    def threads(self) -> int:
-        return torch.get_num_threads()
 
     def master_address(self) -> tuple[str, int]:
         import ray
@@ -284,7 +282,8 @@ class LearnerRank:
                 torch.tensor([index[g] for g in groups]),
             ).numpy()
         mb = self.cfg.learner.micro_batch_size
-        lengths = [len(p) + len(r) for p, r in zip(_column(table, "prompt_ids"), _column(table, "response_ids"))]
+        lengths = (pc.list_value_length(table.column("prompt_ids")).to_numpy()
+                   + pc.list_value_length(table.column("response_ids")).to_numpy()).tolist()
         shards = balanced_shards(lengths, self.world_size)
         chunks = [shards[self.rank][i : i + mb] for i in range(0, len(shards[self.rank]), mb)]
         pad_to = [0] * self.gas
@@ -681,12 +680,6 @@ class LearnerGroup:
         import ray
 
         return ray.get([r.node_id.remote() for r in self.ranks])
-
-    def threads(self) -> list[int]:
-        """The torch threads of each rank."""
-        import ray
-
-        return ray.get([r.threads.remote() for r in self.ranks])
 
     def broken(self) -> bool:
         """Whether a rank has died (a failed call already shut the group down, or one that would)."""

@@ -70,11 +70,6 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
-    def threads(self) -> int:
-        import torch
-
-        return torch.get_num_threads()
-
     def node_id(self) -> str:
         """The Ray node this actor runs on (the driver logs where each role landed)."""
         import ray

@@ -87,9 +87,6 @@ class ScorerWorker:
     def get_version(self) -> int:
         return self.version
 
-    def threads(self) -> int:
-        return torch.get_num_threads()
-
     @torch.no_grad()
     def teacher_targets(
         self, contexts: list[list[int]], responses: list[list[int]]
