@@ -616,7 +616,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "forward, AdamW step) on the same model and batch (launch/bench_step.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
-    s.add_argument("--steps", type=int, default=3, help="measured steps on each side, after one warm-up step")
+    s.add_argument("--steps", type=int, help="measured steps on each side, after one warm-up step (default 3; "
+                   "--scaling: 2 per setting)")
+    s.add_argument("--scaling", action="store_true", help="instead: opsd's step time and tokens/s at 8/16/32 prompts "
+                   "per step (64 new tokens) and 64/128/256 new tokens (8 prompts)")
     s = sub.add_parser("head", help="the teacher's targets with a bf16 LM head, an fp32 one and in fp32 throughout: "
                        "differences and time (launch/bench_head.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
@@ -706,9 +709,12 @@ def run(args: argparse.Namespace) -> dict:
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
         elif args.bench == "step":
-            from launch.bench_step import bench_step
+            from launch.bench_step import bench_scaling, bench_step
 
-            report = bench_step(config, overrides, args.steps)
+            if args.scaling:
+                report = bench_scaling(config, overrides, args.steps or 2)
+            else:
+                report = bench_step(config, overrides, args.steps or 3)
         elif args.bench == "head":
             from launch.bench_head import bench_head
 

@@ -175,3 +175,38 @@ def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[
         f"{report['vs_single_process']:.2f}x; reference tokens/s / opsd tokens/s "
         f"{1 / report['vs_single_process_tokens_per_second']:.2f}x")
     return report
+
+
+SCALING = ((8, 64), (16, 64), (32, 64), (8, 128), (8, 256))
+
+
+def bench_scaling(config: str, overrides: list[str], steps: int = 2, settings=SCALING,
+                  out: Callable[[str], None] = print) -> dict:
+    """opsd's step time and tokens/s against prompts per step and against new tokens: one short
+    run per (prompts, max new tokens) setting, the first step of each left out (warm-up)."""
+    from launch.driver import train
+    from launch.loggers import read_metrics
+    from opsd.config import load_config
+
+    n = steps + 1
+    rows = []
+    out(f"bench step --scaling: {len(settings)} settings, {n} steps each (the first is warm-up)")
+    out(f"  {'prompts':>7s} {'max new':>7s} {'tokens/step':>11s} {'step s':>7s} {'tokens/s':>8s} "
+        f"{'rollout':>7s} {'score':>6s} {'train':>6s} {'sync':>5s}")
+    for prompts, tokens in settings:
+        base = load_config(config, overrides)
+        # Room for the longest (teacher) prompt and the new tokens.
+        ctx = max(base.model.max_model_len, base.prompt.max_prompt_len + tokens)
+        with tempfile.TemporaryDirectory(prefix="opsd-bench-scaling-") as tmp:
+            run_overrides = [*overrides, f"train.prompts_per_step={prompts}", f"rollout.max_tokens={tokens}",
+                             f"model.max_model_len={ctx}", f"train.steps={n}", "eval.every=0", "eval.at_start=false",
+                             "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
+                             f"run_dir={Path(tmp) / 'run'}"]
+            s = _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
+        s.update(prompts_per_step=prompts, max_tokens=tokens)
+        rows.append(s)
+        out(f"  {prompts:7d} {tokens:7d} {s['tokens_per_step']:11.0f} {s['step_seconds']:7.1f} "
+            f"{s['tokens_per_second']:8.1f} {s['rollout_seconds']:7.1f} {s['score_seconds']:6.1f} "
+            f"{s['train_seconds']:6.1f} {s['sync_seconds']:5.1f}")
+    return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
+            "scaling": rows}

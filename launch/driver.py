@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from omegaconf import OmegaConf
 
-from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, to_ipc_bytes, write_ipc
+from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes, write_ipc
 from opsd.config import (
     Config, ConfigError, check, distills, dtype_note, load_config, resolve_path, to_yaml, trains_on_references,
     uses_scorer,
 )
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
-from opsd.verify import score_response
 from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
 from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, sample_seed, torch_threads, unshard
 from launch.loggers import MetricsLogger, read_metrics
@@ -247,11 +247,12 @@ class Trainer:
         shards = round_robin(pairs, len(self.rollouts.actors))
         # algo=kd, kd.source=teacher_samples: the responses are sampled from the teacher prompt.
         teacher = self.cfg.algo == "kd"
+        # Each worker also grades its own samples: the answers travel with the prompts.
         args = [([p.teacher_ids if teacher else p.student_ids for p in s],
-                 [sample_seed(self.cfg.train.seed, step, p.uid) for p in s]) for s in shards]
+                 [sample_seed(self.cfg.train.seed, step, p.uid) for p in s], [p.answer for p in s]) for s in shards]
         return pairs, self.rollouts.submit(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, expect_version=self.policy_version,
+            top_p=cfg.top_p, top_k=cfg.top_k, expect_version=self.policy_version, extract=self.cfg.grading.extract,
         )
 
     def collect_rollouts(self, submitted: tuple[list[PromptPair], Pending]) -> list[dict]:
@@ -264,7 +265,7 @@ class Trainer:
                 rows.append({
                     "sample_id": f"{pair.uid}#{j}", "pair": pair, "response_ids": s.response_ids,
                     "rollout_logprobs": s.logprobs, "finish_reason": s.finish_reason,
-                    "policy_version": s.policy_version, "reward": score_response(s.text, pair.answer, self.cfg.grading.extract),
+                    "policy_version": s.policy_version, "reward": s.reward,
                 })
         return rows
 
@@ -300,7 +301,7 @@ class Trainer:
             })
         return rows
 
-    def score(self, rows: list[dict]) -> bytes:
+    def score(self, rows: list[dict]) -> pa.Table:
         """samples -> Arrow batch; with a scorer running, holding the teacher's targets.
 
         For GRPO the scorer is the frozen reference policy: it sees the student's own prompt, and
@@ -319,17 +320,15 @@ class Trainer:
         ]
         if self.scorers is None:
             samples = [Sample(**vars(q)) for q in reqs]
-            table = build_batch(samples, k=self.cfg.scorer.topk, temperature=self.cfg.loss.temperature,
-                                teacher_mode="none")
-            return to_ipc_bytes(table)
+            return build_batch(samples, k=self.cfg.scorer.topk, temperature=self.cfg.loss.temperature,
+                               teacher_mode="none")
         ns = len(self.scorers.actors)
         parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)], expect_version=self.teacher_version)
         table = concat_batches([from_ipc_bytes(p) for p in parts])
         # Restore the sampler's row order, which the shards interleaved.
         order = {r["sample_id"]: i for i, r in enumerate(rows)}
         ids = table.column("sample_id").to_pylist()
-        table = table.take(sorted(range(len(ids)), key=lambda i: order[ids[i]]))
-        return to_ipc_bytes(table)
+        return table.take(pa.array(sorted(range(len(ids)), key=lambda i: order[ids[i]]), pa.int64()))
 
     def sync(self) -> None:
         """Learner rank 0 -> rollout workers (and the teacher when it is live or EMA)."""
@@ -590,8 +589,6 @@ class Trainer:
 
     def train_one_step(self, step: int) -> dict:
         """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
-        import ray
-
         cfg = self.cfg
         t_step = t0 = time.perf_counter()
         references = trains_on_references(cfg)
@@ -613,10 +610,10 @@ class Trainer:
         batch = self.score(rows)
         score_s = time.perf_counter() - t0
         if cfg.logging.save_batches:
-            write_ipc(from_ipc_bytes(batch), self.run.batches / f"step_{step:06d}.arrow")
+            write_ipc(batch, self.run.batches / f"step_{step:06d}.arrow")
 
         t0 = time.perf_counter()
-        stats = self.learner.train_step(ray.put(batch))
+        stats = self.learner.train_step(batch)
         train_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -5,7 +5,10 @@ teacher's top-k columns are lists of fixed-size lists of k. Batches travel betwe
 Arrow IPC stream bytes and are written to disk in the same format; nothing here pickles.
 
 Batches without a teacher (GRPO, whose scorer is not started) carry ``opsd.teacher_mode=none``
-and nulls in the three teacher columns.
+and nulls in the three teacher columns. Batches whose objective reads only the teacher's
+sampled-token log-probability (GRPO's KL reference, OPSD's sampled-token objective) carry
+``opsd.targets=token`` and nulls in the two top-k columns; the default, ``opsd.targets=topk``, is
+also what a batch without the key means.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ SCHEMA_VERSION = 1
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprobs")
 PER_TOKEN_COLUMNS = ("rollout_logprobs", "teacher_token_logprobs", "loss_mask")
 TEACHER_MODES = ("fixed", "live", "ema", "none")
+TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
+TARGETS = ("topk", "token")
 
 
-def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed") -> pa.Schema:
-    """The batch schema for top-k width ``k``, with the metadata DESIGN.md lists."""
+def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", targets: str = "topk") -> pa.Schema:
+    """The batch schema for top-k width ``k``, with the metadata DESIGN.md lists; ``targets``:
+    ``topk`` (the top-k columns hold the teacher's top-k) or ``token`` (they are null)."""
     if k < 1:
         raise ValueError(f"top-k width must be >= 1, got {k}")
     if teacher_mode not in TEACHER_MODES:
         raise ValueError(f"teacher_mode {teacher_mode!r}: expected one of {TEACHER_MODES}")
+    if targets not in TARGETS:
+        raise ValueError(f"targets {targets!r}: expected one of {TARGETS}")
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
@@ -51,6 +59,7 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed") -> 
         "opsd.topk": str(k),
         "opsd.temperature": repr(float(temperature)),
         "opsd.teacher_mode": teacher_mode,
+        "opsd.targets": targets,
     }
     return pa.schema(fields, metadata=meta)
 
@@ -98,10 +107,13 @@ def _topk_array(rows: Sequence[np.ndarray | None], value_type: pa.DataType, k: i
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teacher_mode: str) -> pa.Table:
-    """Samples -> a validated table with the schema of :func:`schema`."""
-    sch = schema(k, temperature=temperature, teacher_mode=teacher_mode)
+def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teacher_mode: str,
+                targets: str = "topk") -> pa.Table:
+    """Samples -> a validated table with the schema of :func:`schema` (with ``targets=token`` the
+    samples' top-k fields are not read)."""
+    sch = schema(k, temperature=temperature, teacher_mode=teacher_mode, targets=targets)
     has_teacher = teacher_mode != "none"
+    has_topk = has_teacher and targets == "topk"
     token_lp = [s.teacher_token_logprobs for s in samples]
     columns = [
         pa.array([s.sample_id for s in samples], pa.string()),
@@ -109,8 +121,8 @@ def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teache
         _list_array([s.teacher_prompt_ids for s in samples], pa.int32()),
         _list_array([s.response_ids for s in samples], pa.int32()),
         _list_array([s.rollout_logprobs for s in samples], pa.float32()),
-        _topk_array([s.teacher_topk_ids if has_teacher else None for s in samples], pa.int32(), k),
-        _topk_array([s.teacher_topk_logprobs if has_teacher else None for s in samples], pa.float32(), k),
+        _topk_array([s.teacher_topk_ids if has_topk else None for s in samples], pa.int32(), k),
+        _topk_array([s.teacher_topk_logprobs if has_topk else None for s in samples], pa.float32(), k),
         _list_array(token_lp, pa.float32()) if has_teacher else pa.nulls(len(samples), pa.list_(pa.float32())),
         _list_array([s.loss_mask for s in samples], pa.bool_()),
         pa.array([s.reward for s in samples], pa.float32()),
@@ -172,6 +184,9 @@ def batch_meta(table: pa.Table) -> dict[str, str]:
         raise ValueError(
             f"batch schema version {meta['opsd.schema_version']} is not the supported version {SCHEMA_VERSION}"
         )
+    meta.setdefault("opsd.targets", "topk")  # batches written before the key existed
+    if meta["opsd.targets"] not in TARGETS:
+        raise ValueError(f"batch schema metadata 'opsd.targets' = {meta['opsd.targets']!r}: expected one of {TARGETS}")
     return meta
 
 
@@ -214,7 +229,8 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     meta = batch_meta(table)
     k = int(meta["opsd.topk"])
     teacher_mode = meta["opsd.teacher_mode"]
-    expected = schema(k, temperature=float(meta["opsd.temperature"]), teacher_mode=teacher_mode)
+    expected = schema(k, temperature=float(meta["opsd.temperature"]), teacher_mode=teacher_mode,
+                      targets=meta["opsd.targets"])
     for f in expected:
         if f.name not in table.column_names:
             raise ValueError(f"batch lacks column '{f.name}'")
@@ -226,11 +242,16 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
         raise ValueError(f"batch has unexpected columns {sorted(extra)}")
 
     has_teacher = teacher_mode != "none"
+    has_topk = has_teacher and meta["opsd.targets"] == "topk"
     for name in table.column_names:
         col = table.column(name)
         if name in TEACHER_COLUMNS and not has_teacher:
             if col.null_count != len(col):
                 raise ValueError(f"column '{name}' must be null when opsd.teacher_mode=none")
+            continue
+        if name in TOPK_COLUMNS and not has_topk:
+            if col.null_count != len(col):
+                raise ValueError(f"column '{name}' must be null when opsd.targets=token")
             continue
         row = _first_null_row(col)
         if row is not None:
@@ -238,8 +259,8 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
 
     n_tokens = _lengths(table.column("response_ids"))
     token_cols = [c for c in PER_TOKEN_COLUMNS if has_teacher or c not in TEACHER_COLUMNS]
-    if has_teacher:
-        token_cols += ["teacher_topk_ids", "teacher_topk_logprobs"]
+    if has_topk:
+        token_cols += list(TOPK_COLUMNS)
     for name in token_cols:
         lengths = _lengths(table.column(name))
         bad = np.flatnonzero(lengths != n_tokens)
@@ -249,7 +270,7 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
                 f"column '{name}' row {r}: {lengths[r]} entries but response_ids has {n_tokens[r]}"
             )
 
-    id_cols = ["prompt_ids", "teacher_prompt_ids", "response_ids"] + (["teacher_topk_ids"] if has_teacher else [])
+    id_cols = ["prompt_ids", "teacher_prompt_ids", "response_ids"] + (["teacher_topk_ids"] if has_topk else [])
     for name in id_cols:
         values, rows = _flat(table.column(name))
         bad = values < 0
@@ -260,7 +281,8 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
             rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
             raise ValueError(f"column '{name}' row {int(rows[i])}: token id {int(values[i])} outside {rng}")
 
-    lp_cols = ["rollout_logprobs"] + (["teacher_topk_logprobs", "teacher_token_logprobs"] if has_teacher else [])
+    lp_cols = (["rollout_logprobs"] + (["teacher_token_logprobs"] if has_teacher else [])
+               + (["teacher_topk_logprobs"] if has_topk else []))
     for name in lp_cols:
         values, rows = _flat(table.column(name))
         # -inf is a legal log-probability (a token the teacher rules out); NaN and > 0 are not.

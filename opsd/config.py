@@ -598,6 +598,13 @@ def distills(cfg: Config) -> bool:
     return cfg.algo in ("opsd", "kd")
 
 
+def batch_targets(cfg: Config) -> str:
+    """What the scorer writes: ``topk`` when the loss reads the teacher's top-k (the divergence
+    objectives of OPSD and KD), else ``token``, the sampled token's log-probability alone (GRPO's
+    KL reference, OPSD's sampled-token objective), which skips the top-k and its columns."""
+    return "topk" if distills(cfg) and cfg.loss.objective == "divergence" else "token"
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

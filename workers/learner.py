@@ -1,10 +1,11 @@
 """The learner group: W Ray actors forming one DeepSpeed ZeRO data-parallel group.
 
-Every rank receives the same Arrow batch, takes its share of the rows (``balanced_shards``: about
-equal tokens per rank, micro-batches of similar length), recomputes the student's logits over
-prompt + response, and applies the configured objective from ``opsd.losses``. The
-loss is normalised by the number of loss tokens in the whole global batch, so the update does
-not depend on how rows fall into micro-batches or ranks.
+The group plans the step once (``plan_ranks``: each rank's rows, about equal tokens per rank and
+micro-batches of similar length; the whole batch's loss-token count; GRPO's group advantages;
+ZeRO-3's per-micro-batch padding) and sends every rank only its own rows as an Arrow IPC slice.
+A rank recomputes the student's logits over prompt + response and applies the configured
+objective from ``opsd.losses``. The loss is normalised by the number of loss tokens in the whole
+global batch, so the update does not depend on how rows fall into micro-batches or ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 import socket
 import time
 from typing import Any, Iterator
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from opsd.batch import batch_meta, from_ipc_bytes
+from opsd.batch import batch_meta, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
@@ -55,6 +57,62 @@ def balanced_shards(lengths: list[int], world_size: int) -> list[list[int]]:
         shards[r].append(i)
         loads[r] += lengths[i]
     return [sorted(s, key=lambda i: (lengths[i], i)) for s in shards]
+
+
+@dataclass
+class RankPlan:
+    """What one rank needs besides its rows: ``rows`` index the whole batch (the rank receives
+    exactly these rows, in this order, shortest first); ``global_tokens`` is the loss-token count of
+    the whole batch (the loss normaliser); ``advantages`` (GRPO) are per row of this rank, computed
+    over whole groups, which may span ranks; ``pad_to`` (ZeRO-3) is per micro-batch the most loss
+    tokens any rank has in that micro-batch, else zeros."""
+
+    rows: list[int]
+    global_tokens: float
+    advantages: list[float] | None
+    pad_to: list[int]
+
+
+def plan_ranks(table: pa.Table, *, world_size: int, micro_batch_size: int, micro_batches: int,
+               grpo: bool = False, zero3: bool = False) -> list[RankPlan]:
+    """Split a batch over the ranks, once, in the group. Raises ValueError when a rank would need
+    more micro-batches than the DeepSpeed config was built for, before any rank has started."""
+    lengths = (pc.list_value_length(table.column("prompt_ids")).to_numpy()
+               + pc.list_value_length(table.column("response_ids")).to_numpy()).tolist()
+    shards = balanced_shards(lengths, world_size)
+    mb = micro_batch_size
+    needed = max((math.ceil(len(s) / mb) for s in shards), default=0)
+    if needed > micro_batches:
+        raise ValueError(
+            f"batch of {table.num_rows} rows needs {needed} micro-batches per rank, more than the {micro_batches} "
+            "the DeepSpeed config was built for (train.prompts_per_step x rollout.n)"
+        )
+    mask = table.column("loss_mask").combine_chunks()
+    flat = np.asarray(mask.flatten().to_numpy(zero_copy_only=False), dtype=bool)
+    # Loss tokens per row: differences of the running count at the row boundaries.
+    offsets = mask.offsets.to_numpy()
+    running = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+    per_row = running[offsets[1:] - offsets[0]] - running[offsets[:-1] - offsets[0]]
+    advantages = None
+    if grpo:
+        groups = [sid.rsplit("#", 1)[0] for sid in _column(table, "sample_id")]
+        index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        advantages = grpo_advantages(
+            torch.tensor(_column(table, "reward"), dtype=torch.float32),
+            torch.tensor([index[g] for g in groups]),
+        ).tolist()
+    pad_to = [0] * micro_batches
+    if zero3:
+        # ZeRO-3 gathers a module's weights on every call, so every rank must call the LM head
+        # equally often: pad micro-batch i to the most loss tokens any rank has in it, and to at
+        # least one position, so that a micro-batch with no loss tokens still calls the head.
+        for shard in shards:
+            for i in range(0, len(shard), mb):
+                pad_to[i // mb] = max(pad_to[i // mb], int(sum(per_row[j] for j in shard[i : i + mb])))
+        pad_to = [max(n, 1) for n in pad_to]
+    return [RankPlan(rows=shard, global_tokens=float(flat.sum()),
+                     advantages=[advantages[j] for j in shard] if advantages is not None else None, pad_to=pad_to)
+            for shard in shards]
 
 
 def micro_batches_per_rank(cfg: Config) -> int:
@@ -187,9 +245,10 @@ class LearnerRank:
 
     # --- training -----------------------------------------------------------------------
 
-    def _targets(self, table: pa.Table, rows: list[int], advantages: np.ndarray | None) -> dict:
-        """Inputs and flattened per-loss-token targets for the given rows."""
-        sub = table.take(rows)
+    def _targets(self, table: pa.Table, rows: list[int], advantages: list[float] | None) -> dict:
+        """Inputs and flattened per-loss-token targets for the given rows of this rank's table;
+        ``advantages`` are per row of that table."""
+        sub = table.take(pa.array(rows, pa.int64()))
         prompts = _column(sub, "prompt_ids")
         responses = _column(sub, "response_ids")
         masks = _column(sub, "loss_mask")
@@ -227,7 +286,7 @@ class LearnerRank:
             # For OPSD the scorer is the teacher; for GRPO it is the frozen reference policy,
             # whose sampled-token logprobs also give kl_sampled (the KL to the reference).
             t.teacher_logprobs = flat("teacher_token_logprobs", torch.float32)
-            if algo == "opsd":
+            if algo == "opsd" and self.spec.objective == "divergence":
                 t.topk_ids = flat("teacher_topk_ids", torch.long)
                 t.topk_logprobs = flat("teacher_topk_logprobs", torch.float32)
             elif algo == "grpo":
@@ -255,8 +314,9 @@ class LearnerRank:
         t = TokenTargets(sampled_ids=torch.zeros(1, dtype=torch.long), weight=torch.zeros(1))
         k = self.cfg.scorer.topk
         if self.spec.algo == "opsd":
-            t.topk_ids = torch.zeros(1, k, dtype=torch.long)
-            t.topk_logprobs = torch.full((1, k), -math.log(k))
+            if self.spec.objective == "divergence":
+                t.topk_ids = torch.zeros(1, k, dtype=torch.long)
+                t.topk_logprobs = torch.full((1, k), -math.log(k))
             t.teacher_logprobs = torch.zeros(1)
             t.rollout_logprobs = torch.zeros(1) if self._uses_ratio() else None
         if self.spec.algo == "grpo":
@@ -267,42 +327,21 @@ class LearnerRank:
                 t.teacher_logprobs = torch.zeros(1)
         return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
 
-    def train_step(self, batch_ipc: bytes) -> dict:
-        """One optimizer step on this rank's shard of the batch; returns summed statistics."""
+    def train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
+        """One optimizer step on this rank's rows (``batch_ipc`` holds only them, in ``plan.rows``'
+        order); returns summed statistics."""
         t0 = time.perf_counter()
         table = from_ipc_bytes(batch_ipc)
-        masks = table.column("loss_mask").combine_chunks()
-        global_tokens = float(np.asarray(masks.flatten().to_numpy(zero_copy_only=False), dtype=bool).sum())
-        advantages = None
-        if self.spec.algo == "grpo":
-            groups = [sid.rsplit("#", 1)[0] for sid in _column(table, "sample_id")]
-            index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-            advantages = grpo_advantages(
-                torch.tensor(_column(table, "reward"), dtype=torch.float32),
-                torch.tensor([index[g] for g in groups]),
-            ).numpy()
+        if table.num_rows != len(plan.rows):
+            raise ValueError(f"rank {self.rank}: got {table.num_rows} rows, planned {len(plan.rows)}")
+        global_tokens = plan.global_tokens
+        advantages = plan.advantages
         mb = self.cfg.learner.micro_batch_size
-        lengths = (pc.list_value_length(table.column("prompt_ids")).to_numpy()
-                   + pc.list_value_length(table.column("response_ids")).to_numpy()).tolist()
-        shards = balanced_shards(lengths, self.world_size)
-        chunks = [shards[self.rank][i : i + mb] for i in range(0, len(shards[self.rank]), mb)]
-        pad_to = [0] * self.gas
-        if self.cfg.learner.zero_stage == 3:
-            # ZeRO-3 gathers a module's weights on every call, so every rank must call the LM
-            # head equally often: pad micro-batch i to the most loss tokens any rank has in it.
-            # Each rank holds the whole batch, so this needs no communication.
-            per_row = [int(np.sum(m)) for m in _column(table, "loss_mask")]
-            for shard in shards:
-                for i in range(0, len(shard), mb):
-                    pad_to[i // mb] = max(pad_to[i // mb], sum(per_row[j] for j in shard[i : i + mb]))
-            # At least one position, so that a micro-batch with no loss tokens still calls the head.
-            pad_to = [max(n, 1) for n in pad_to]
-        needed = max(math.ceil(len(s) / mb) for s in shards)  # the same on every rank: all raise alike
-        if needed > self.gas:
-            raise ValueError(
-                f"batch of {table.num_rows} rows needs {needed} micro-batches per rank, more than the {self.gas} "
-                "the DeepSpeed config was built for (train.prompts_per_step x rollout.n)"
-            )
+        local = list(range(table.num_rows))
+        chunks = [local[i : i + mb] for i in range(0, len(local), mb)]
+        if len(chunks) > self.gas or len(plan.pad_to) != self.gas:
+            raise ValueError(f"rank {self.rank}: a plan of {len(chunks)} micro-batches for a DeepSpeed config of {self.gas}")
+        pad_to = plan.pad_to
         self.engine.train()
         totals: dict[str, float] = {}
         # DeepSpeed divides each backward by the accumulation steps and averages across ranks;
@@ -577,6 +616,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        self.cfg = cfg
         w = cfg.learner.num_ranks
         bundle = {"CPU": cfg.learner.num_cpus_per_rank, **cfg.learner.resources}
         if cfg.learner.num_gpus_per_rank:
@@ -601,11 +641,15 @@ class LearnerGroup:
         self.info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
 
     def _all(self, method: str, *args) -> list:
-        """Call every rank. If one fails, the others may wait forever in a collective: kill the
-        group and raise the first error instead of hanging."""
+        """Call every rank with the same arguments (see :meth:`_all_each`)."""
+        return self._all_each(method, [args] * len(self.ranks))
+
+    def _all_each(self, method: str, args_per_rank: list[tuple]) -> list:
+        """Call every rank, each with its own arguments. If one fails, the others may wait forever
+        in a collective: kill the group and raise the first error instead of hanging."""
         import ray
 
-        refs = [getattr(r, method).remote(*args) for r in self.ranks]
+        refs = [getattr(r, method).remote(*args) for r, args in zip(self.ranks, args_per_rank)]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -616,8 +660,16 @@ class LearnerGroup:
                 raise
         return ray.get(refs)
 
-    def train_step(self, batch_ref) -> dict:
-        per_rank = self._all("train_step", batch_ref)
+    def train_step(self, table: pa.Table) -> dict:
+        """One optimizer step on a batch: planned here, each rank sent only its own rows."""
+        import ray
+
+        c = self.cfg.learner
+        plans = plan_ranks(table, world_size=len(self.ranks), micro_batch_size=c.micro_batch_size,
+                           micro_batches=micro_batches_per_rank(self.cfg), grpo=self.cfg.algo == "grpo",
+                           zero3=c.zero_stage == 3)
+        parts = [ray.put(to_ipc_bytes(table.take(pa.array(p.rows, pa.int64())))) for p in plans]
+        per_rank = self._all_each("train_step", [(part, plan) for part, plan in zip(parts, plans)])
         summed: dict[str, float] = {}
         for stats in per_rank:
             for k, v in stats.items():

@@ -15,13 +15,16 @@ from workers.weight_sync import (
 
 @dataclass
 class Rollout:
-    """One sampled response. ``logprobs`` are the behaviour policy's (temperature 1, raw)."""
+    """One sampled response. ``logprobs`` are the behaviour policy's (temperature 1, raw);
+    ``reward`` is the verifier's 0/1 grade against the problem's answer, None when no answer was
+    given."""
 
     response_ids: list[int]
     logprobs: list[float]
     finish_reason: str
     text: str
     policy_version: int
+    reward: float | None = None
 
 
 class RolloutWorker:
@@ -84,6 +87,7 @@ class RolloutWorker:
         self,
         prompts: list[list[int]],
         seeds: list[int],
+        answers: list[str] | None = None,
         *,
         n: int,
         max_tokens: int,
@@ -91,11 +95,14 @@ class RolloutWorker:
         top_p: float = 1.0,
         top_k: int = -1,
         expect_version: int | None = None,
+        extract: str = "strict",
     ) -> list[list[Rollout]]:
         """``n`` samples for each prompt; one seed per prompt makes the samples reproducible.
 
         With ``expect_version``, refuses to sample from other weights (a restarted actor has the
-        initial ones until the driver brings it up to date).
+        initial ones until the driver brings it up to date). With ``answers`` (one per prompt),
+        every sample is graded here (``opsd.verify.score_response`` with ``extract``), off the
+        driver's critical path: the workers grade in parallel, while the next request waits.
         """
         require_version(self.version, expect_version, "rollout worker")
         from vllm import SamplingParams
@@ -111,13 +118,18 @@ class RolloutWorker:
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
         )
+        if answers is not None and len(answers) != len(prompts):
+            raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+        from opsd.verify import score_response
+
         result = []
-        for out in outs:
+        for i, out in enumerate(outs):
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version))
+                reward = None if answers is None else score_response(c.text, answers[i], extract)
+                samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, reward))
             result.append(samples)
         return result
 

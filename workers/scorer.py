@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opsd.config import Config, actor_threads
+from opsd.config import Config, actor_threads, batch_targets
 from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
 from workers.weight_sync import (
@@ -70,6 +70,8 @@ class ScorerWorker:
             fp32_lm_head(self.model.get_output_embeddings())
         self.cfg = cfg
         self.k = cfg.scorer.topk
+        # Whether the loss reads the teacher's top-k; if not, only the sampled token's logprob.
+        self.targets = batch_targets(cfg)
         self.temperature = cfg.loss.temperature
         self.mode = cfg.teacher.mode
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -91,7 +93,8 @@ class ScorerWorker:
     def teacher_targets(
         self, contexts: list[list[int]], responses: list[list[int]]
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]."""
+        """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]; the
+        first two are None when the loss does not read them (``self.targets == "token"``)."""
         out: list = [None] * len(contexts)
         full = [list(c) + list(r) for c, r in zip(contexts, responses)]
         decoder = self.model.get_decoder()
@@ -114,21 +117,29 @@ class ScorerWorker:
             # Project to the vocabulary a chunk of positions at a time: [chunk, V] logits, not [N, V].
             parts = [self._targets_for(sel[c : c + chunk], sampled[c : c + chunk], head)
                      for c in range(0, sel.shape[0], chunk)]
-            top_ids, top_lp, tok_lp = (torch.cat(x) for x in zip(*parts))
+            tok_lp = torch.cat([p[2] for p in parts])
+            topk = self.targets == "topk"
+            if topk:
+                top_ids, top_lp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             offset = 0
             for i in group:
                 t = len(responses[i])
                 sl = slice(offset, offset + t)
                 out[i] = (
-                    top_ids[sl].to(torch.int32).cpu().numpy(),
-                    top_lp[sl].cpu().numpy(),
+                    top_ids[sl].to(torch.int32).cpu().numpy() if topk else None,
+                    top_lp[sl].cpu().numpy() if topk else None,
                     tok_lp[sl].cpu().numpy(),
                 )
                 offset += t
         return out
 
-    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head) -> tuple[torch.Tensor, ...]:
-        logp = torch.log_softmax(head(hidden).float() / self.temperature, dim=-1)  # [n, V]
+    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head) -> tuple[torch.Tensor | None, ...]:
+        logits = head(hidden).float() / self.temperature  # [n, V]
+        if self.targets == "token":
+            # The sampled token's logprob alone: no [n, V] log-softmax kept, no top-k.
+            tok = logits.gather(-1, sampled[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            return None, None, tok
+        logp = torch.log_softmax(logits, dim=-1)  # [n, V]
         top_lp, top_ids = logp.topk(self.k, dim=-1)  # [n, k]
         return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1)
 
@@ -150,7 +161,8 @@ class ScorerWorker:
             )
             for r, (ids, lps, tok) in zip(requests, targets)
         ]
-        table = build_batch(samples, k=self.k, temperature=self.temperature, teacher_mode=self.mode)
+        table = build_batch(samples, k=self.k, temperature=self.temperature, teacher_mode=self.mode,
+                            targets=self.targets)
         return to_ipc_bytes(table)
 
     @torch.no_grad()

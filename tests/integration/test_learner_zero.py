@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from opsd.batch import read_ipc, to_ipc_bytes
+from opsd.batch import read_ipc
 from opsd.losses import token_divergence
 
 from .conftest import local_config
@@ -71,7 +71,7 @@ def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, 
         assert [i["gradient_checkpointing"] for i in group.info] == [checkpointing] * 2
         losses = []
         for table in tables:
-            stats = group.train_step(ray_session.put(to_ipc_bytes(table)))
+            stats = group.train_step(table)
             assert stats["tokens"] == stats["global_tokens"]  # every loss token counted exactly once
             losses.append(stats["loss_sum"] / stats["tokens"])
         state = group.full_state()
@@ -112,7 +112,7 @@ def test_zero3_in_bf16_runs_the_lm_head_in_float32(cli_run, tiny_model, ray_sess
     assert cfg.model.fp32_lm_head
     group = LearnerGroup(cfg, tiny_model)
     try:
-        stats = group.train_step(ray_session.put(to_ipc_bytes(table)))
+        stats = group.train_step(table)
     finally:
         group.shutdown()
     got = stats["loss_sum"] / stats["tokens"]

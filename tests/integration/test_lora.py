@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opsd.batch import read_ipc, to_ipc_bytes
+from opsd.batch import read_ipc
 
 from .conftest import local_config
 from .test_weight_sync import hf_logprobs
@@ -35,7 +35,7 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
         row = table.slice(0, 1).to_pylist()[0]
         seq = row["prompt_ids"] + row["response_ids"]
         for _ in range(2):  # B starts at zero: the first step moves B only, the second A too
-            group.train_step(ray.put(to_ipc_bytes(table)))
+            group.train_step(table)
         update = group.push_weights(1)
         # Merged weights under the base model's names (no peft prefixes, no lora_ tensors).
         sent = {name for h in update.handles for name in ray.get(h)[0]}  # (names, dtypes, arrays)

@@ -15,7 +15,6 @@ import torch
 
 from launch.driver import Trainer
 from launch.stopping import BadSteps
-from opsd.batch import from_ipc_bytes, to_ipc_bytes
 
 from .conftest import make_trainer, read_metrics
 
@@ -28,15 +27,14 @@ class PoisoningTrainer(Trainer):
     """Writes NaN into row 0's teacher log-probs at POISONED_STEPS; keeps the weights after each step."""
 
     def score(self, rows):
-        batch = super().score(rows)
+        table = super().score(rows)
         if self.step + 1 not in POISONED_STEPS:
-            return batch
-        table = from_ipc_bytes(batch)
+            return table
         i = table.schema.get_field_index("teacher_topk_logprobs")
         col = table.column(i).to_pylist()
         col[0] = [[math.nan] * len(pos) for pos in col[0]]
         self.poisoned = getattr(self, "poisoned", []) + [table.column("sample_id")[0].as_py()]
-        return to_ipc_bytes(table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type)))
+        return table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type))
 
     def train_one_step(self, step):
         row = super().train_one_step(step)

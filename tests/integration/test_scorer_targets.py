@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opsd.batch import batch_meta, read_ipc
+from opsd.batch import batch_meta, from_ipc_bytes, read_ipc
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +39,27 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
                 np.testing.assert_allclose(lp_at_got[mismatch], got_lp[mismatch], atol=1e-4)
             tok = logp.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1).numpy()
             np.testing.assert_allclose(np.array(row["teacher_token_logprobs"]), tok, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [["loss.objective=sampled_token"], ["algo=grpo", "loss.kl_coef=0.01"]],
+                         ids=["opsd-sampled-token", "grpo-kl-reference"])
+def test_an_objective_that_reads_no_top_k_gets_none_and_the_same_token_logprobs(overrides, cli_run, tiny_model):
+    """The scorer skips the top-k when the loss reads only the sampled token's logprob: the batch
+    says opsd.targets=token, its top-k columns are null, and the token logprobs are the ones the
+    default (top-k) scorer wrote for the same rows."""
+    from opsd.config import batch_targets
+    from workers.scorer import ScoreRequest, ScorerWorker
+
+    from .conftest import local_config
+
+    cfg = local_config(*overrides)
+    assert batch_targets(cfg) == "token" and batch_targets(local_config()) == "topk"
+    saved = read_ipc(sorted((cli_run / "batches").glob("step_*.arrow"))[0])
+    rows = saved.to_pylist()
+    fields = ScoreRequest.__dataclass_fields__
+    table = from_ipc_bytes(ScorerWorker(cfg, tiny_model).score([ScoreRequest(**{k: r[k] for k in fields}) for r in rows]))
+    assert batch_meta(table)["opsd.targets"] == "token" and batch_meta(saved)["opsd.targets"] == "topk"
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        assert table.column(name).null_count == table.num_rows
+    for a, b in zip(table.column("teacher_token_logprobs").to_pylist(), saved.column("teacher_token_logprobs").to_pylist()):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -15,6 +15,8 @@ import torch
 
 from opsd.batch import batch_meta, read_ipc
 from opsd.config import REPO_ROOT
+from opsd.data import load_problems
+from opsd.verify import score_response
 
 from .conftest import local_overrides, read_metrics
 
@@ -127,8 +129,13 @@ def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward
     k, temp = int(meta["opsd.topk"]), float(meta["opsd.temperature"])
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2)
+    answers = {p.uid: p.answer for p in load_problems(REPO_ROOT / "data" / "wordproblems" / "train.jsonl", id_key="id")}
     for r in table.to_pylist():
         ctx, resp = r["teacher_prompt_ids"], r["response_ids"]
+        # The rollout worker graded its sample: the grade of the decoded response against the
+        # problem's own answer, with the config's (lenient) extractor.
+        text = tok.decode(resp, skip_special_tokens=True)
+        assert r["reward"] == score_response(text, answers[r["sample_id"].rsplit("#", 1)[0]], "lenient"), text
         # The default teacher: the student's very prompt, with the reference solution in the system
         # message instead of SmolLM2's default one.
         student = tok.decode(r["prompt_ids"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from opsd.batch import read_ipc, to_ipc_bytes
+from opsd.batch import read_ipc
 from workers.weight_sync import WeightSyncError, from_store_object, store_object
 
 from .conftest import local_config
@@ -87,7 +87,7 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         seq = row["prompt_ids"] + row["response_ids"]
         before = np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0])
 
-        group.train_step(ray.put(to_ipc_bytes(table)))
+        group.train_step(table)
         update = group.push_weights(1)
         assert ray.get([w.load_weights.remote(update) for w in workers]) == [1, 1]
         assert ray.get([w.get_version.remote() for w in workers]) == [1, 1]
@@ -164,12 +164,12 @@ def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
                 assert torch.equal(t, state[name]), name
 
         before = np.array(ray.get(rollouts.actors[0].prompt_logprobs.remote([seq]))[0])
-        group.train_step(ray.put(to_ipc_bytes(table)))
+        group.train_step(table)
         sync.push(1, [rollouts, scorers])
         check(1)
         assert np.abs(np.array(ray.get(rollouts.actors[0].prompt_logprobs.remote([seq]))[0]) - before).max() > 1e-2
 
-        group.train_step(ray.put(to_ipc_bytes(table)))
+        group.train_step(table)
         victim = rollouts.actors[1]
         pid = ray.get(victim.ready.remote())["pid"]
         ray.kill(victim, no_restart=False)

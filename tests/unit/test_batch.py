@@ -7,6 +7,7 @@ import pytest
 from opsd.batch import (
     SCHEMA_VERSION,
     Sample,
+    batch_meta,
     build_batch,
     concat_batches,
     from_ipc_bytes,
@@ -37,7 +38,7 @@ DESIGN_COLUMNS = [
     ("teacher_version", pa.int64()),
     ("finish_reason", pa.string()),
 ]
-DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode"}
+DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode", "opsd.targets"}
 
 
 def _sample(i: int, T: int, *, teacher: bool = True) -> Sample:
@@ -163,6 +164,35 @@ def test_teacherless_batch_has_null_teacher_columns_and_validates():
 def test_teacherless_batch_ignores_teacher_fields_of_samples(samples):
     table = build_batch(samples, k=K, temperature=1.0, teacher_mode="none")
     assert table.column("teacher_topk_ids").null_count == len(samples)
+
+
+def test_a_token_targets_batch_has_null_top_k_columns_and_still_checks_the_token_logprobs(samples):
+    """opsd.targets=token (the loss reads only the sampled token's logprob): the top-k columns
+    are null, whatever the samples hold, and must stay null; the token logprobs are checked."""
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed", targets="token")
+    validate(table, vocab_size=VOCAB)
+    assert batch_meta(table)["opsd.targets"] == "token"
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        assert table.column(name).null_count == len(samples)
+    for got, s in zip(_col(table, "teacher_token_logprobs"), samples):
+        np.testing.assert_array_equal(np.float32(got), np.float32(s.teacher_token_logprobs))
+    full = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+    _raises(_set(table, "teacher_topk_ids", _col(full, "teacher_topk_ids")), "must be null when opsd.targets=token")
+    lp = _col(table, "teacher_token_logprobs")
+    lp[1][0] = float("nan")
+    _raises(_set(table, "teacher_token_logprobs", lp), "column 'teacher_token_logprobs' row 1")
+    with pytest.raises(ValueError, match="targets 'all'"):
+        schema(K, targets="all")
+
+
+def test_a_batch_written_before_opsd_targets_existed_reads_as_top_k(table):
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"opsd.targets"}
+    old = table.replace_schema_metadata(meta)
+    assert batch_meta(old)["opsd.targets"] == "topk"
+    validate(old, vocab_size=VOCAB)
+    bad = table.replace_schema_metadata({**meta, b"opsd.targets": b"some"})
+    with pytest.raises(ValueError, match="'opsd.targets' = 'some'"):
+        batch_meta(bad)
 
 
 def test_empty_batch_validates():
@@ -364,7 +394,7 @@ def test_null_inside_a_list_names_column_and_row(table, name, path):
 # --- validate: schema and metadata ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", sorted(DESIGN_METADATA))
+@pytest.mark.parametrize("key", sorted(DESIGN_METADATA - {"opsd.targets"}))  # optional: see above
 def test_missing_metadata_key_is_named(table, key):
     meta = dict(table.schema.metadata)
     del meta[key.encode()]
