@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from launch.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
+    from benchmarks.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
 
     run(args)
     return 0
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="measure weight-push bandwidth, step time split, loss memory, learning curves")
-    from launch.bench import add_arguments  # the standard library only: no ray, vllm or torch
+    from benchmarks.bench import add_arguments  # the standard library only: no ray, vllm or torch
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)

@@ -70,7 +70,7 @@ else
 fi
 
 # `opsd bench` through the CLI when opsd.config imports (omegaconf), else the same code directly.
-if "$PY" -c 'import launch.cli' 2>/dev/null; then BENCH=("$PY" -m launch.cli bench); else BENCH=("$PY" -m launch.bench); fi
+if "$PY" -c 'import launch.cli' 2>/dev/null; then BENCH=("$PY" -m launch.cli bench); else BENCH=("$PY" -m benchmarks.bench); fi
 if [ "$CUDA" = "1" ]; then
     step "bench loss, T=2048 (the default), fp32"
     run 120 "${BENCH[@]}" loss --json "$OUT_DIR/bench_loss_T2048_fp32.json"

@@ -1,5 +1,5 @@
 """`opsd bench learning --quick`: the comparisons end to end, as smoke runs (the SmolLM2 one,
-launch/comparison.py, on the tiny model; and `--task toy`, launch/experiment.py).
+benchmarks/comparison.py, on the tiny model; and `--task toy`, benchmarks/experiment.py).
 
 Marked slow (several Ray + vLLM + DeepSpeed runs in a row): `make test-slow` runs it, the default
 `make test` does not.

@@ -1,4 +1,4 @@
-"""launch/comparison.py without training: the report's arithmetic on hand-made runs, and the
+"""benchmarks/comparison.py without training: the report's arithmetic on hand-made runs, and the
 skip-what-is-finished bookkeeping."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from launch.comparison import ComparisonSpec, method_overrides, summarize, table, write_report
+from benchmarks.comparison import ComparisonSpec, method_overrides, summarize, table, write_report
 
 
 def record(method: str, seed: int, accs: list[float], tokens_per_step: int, *, base: bool = False) -> dict:

@@ -104,7 +104,7 @@ def test_copied_sources_are_in_the_build_context(path):
         for src in parts[:-1]:
             assert (REPO_ROOT / src).exists(), f"{path.name}: COPY source {src} is not in the repository"
     # What `pip install -e .` and the runs need must survive .dockerignore.
-    needed = ["pyproject.toml", "opsd/config.py", "workers/learner.py", "launch/cli.py",
+    needed = ["pyproject.toml", "opsd/config.py", "workers/learner.py", "launch/cli.py", "benchmarks/bench.py",
               "configs/local.yaml", "configs/tiny.yaml", "configs/qwen3-1.7b.yaml", "data/toy/train.jsonl",
               "data/wordproblems/train.jsonl"]
     readme = PYPROJECT["project"].get("readme")

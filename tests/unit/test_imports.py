@@ -7,7 +7,7 @@ import ast
 
 from opsd.config import REPO_ROOT
 
-PACKAGES = ("opsd", "workers", "launch")
+PACKAGES = ("opsd", "workers", "launch", "benchmarks")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -57,7 +57,16 @@ def test_find_cycle_finds_one():
 
 def test_no_module_of_the_project_imports_itself_through_others():
     graph = import_graph()
-    assert {"launch.driver", "launch.evaluate", "launch.bench", "workers.learner"} <= set(graph)
+    assert {"launch.driver", "launch.evaluate", "benchmarks.bench", "workers.learner"} <= set(graph)
     assert "launch.cluster" in graph["launch.driver"]  # the graph sees real imports
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_runtime_does_not_import_the_benchmarks():
+    """benchmarks/ drives and measures the runtime; only the CLI's `opsd bench` reaches into it."""
+    graph = import_graph()
+    reaching = sorted(m for m, deps in graph.items()
+                      if not m.startswith("benchmarks.") and m != "launch.cli" and any(d.startswith("benchmarks") for d in deps))
+    assert reaching == []
+    assert "benchmarks.bench" in graph["launch.cli"]

@@ -2,7 +2,7 @@
 
     opsd bench learning [--seeds 3] [--budget-minutes 45] [--out docs/results/smollm2]
     opsd bench learning --quick --out /tmp/q     # smoke version, tiny model (tests, marked slow)
-    opsd bench learning --task toy               # the earlier tiny-model experiment (launch/experiment.py)
+    opsd bench learning --task toy               # the earlier tiny-model experiment (benchmarks/experiment.py)
 
 Every method starts from the same model (the default recipe, configs/local.yaml: SmolLM2-135M-
 Instruct, here pinned to float32, the word-problem set, its prompts, sampling at T = 0.7, 64 new
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.experiment import _first_last, _fmt, _step_mean, first_reach, mean_curve
+from benchmarks.experiment import _first_last, _fmt, _step_mean, first_reach, mean_curve
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
@@ -114,7 +114,7 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 def machine_name() -> str:
     """CPU model and core count: wall times are only comparable on one kind of machine."""
-    from launch.machine import machine
+    from benchmarks.machine import machine
 
     m = machine()
     return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores"
@@ -364,7 +364,7 @@ def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_dir: Path, elapsed: float) -> dict:
-    from launch.machine import machine
+    from benchmarks.machine import machine
 
     base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None

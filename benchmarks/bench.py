@@ -4,12 +4,12 @@
     opsd bench train [CONFIG] [key=value ...]                    wall time and per-step split of a run
     opsd bench loss  [--vocab 151936 --tokens 2048 --chunk 1024] chunked vs unchunked loss memory/time
     opsd bench learning [--seeds 3] [--steps N] [--quick]         OPSD vs GRPO vs SFT learning curves
-                                                                  (launch/experiment.py, docs/RESULTS.md)
+                                                                  (benchmarks/experiment.py, docs/RESULTS.md)
 
 Only the standard library is imported at module level: ``bench loss`` must run on a GPU machine
 that has torch but no ray, vllm or deepspeed (scripts/gpu_check.sh), and ``opsd --help`` stays
 fast. Each ``bench_*`` function prints its figures and returns them as a dict; no test asserts
-a time. ``python -m launch.bench loss ...`` works without omegaconf (``launch.cli`` needs it).
+a time. ``python -m benchmarks.bench loss ...`` works without omegaconf (``launch.cli`` needs it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from launch.machine import machine
+from benchmarks.machine import machine
 
 MB = 2**20
 
@@ -589,7 +589,7 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
     import ray
 
     from launch.cluster import init_ray
-    from launch.task_report import task_report
+    from benchmarks.task_report import task_report
     from opsd.config import load_config
 
     cfg = load_config(config, overrides)
@@ -602,8 +602,8 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m launch.bench``)."""
-    from launch.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
+    """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m benchmarks.bench``)."""
+    from benchmarks.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
 
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sync", help="weight-push bandwidth of the object_store and gloo transports")
@@ -613,7 +613,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
     s.add_argument("--transports", nargs="+", choices=("object_store", "gloo"), default=["object_store", "gloo"])
     s = sub.add_parser("step", help="opsd's training step against a single-process loop (HF generate, teacher "
-                       "forward, AdamW step) on the same model and batch (launch/bench_step.py)")
+                       "forward, AdamW step) on the same model and batch (benchmarks/step.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--steps", type=int, help="measured steps on each side, after one warm-up step (default 3; "
@@ -621,7 +621,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--scaling", action="store_true", help="instead: opsd's step time and tokens/s at 8/16/32 prompts "
                    "per step (64 new tokens) and 64/128/256 new tokens (8 prompts)")
     s = sub.add_parser("head", help="the teacher's targets with a bf16 LM head, an fp32 one and in fp32 throughout: "
-                       "differences and time (launch/bench_head.py)")
+                       "differences and time (benchmarks/head.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--rows", type=int, default=2, help="first N test problems, their reference solutions as responses")
@@ -629,7 +629,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s = sub.add_parser("task", help="student vs teacher prompt on a task before training: greedy accuracy (strict "
-                       "and lenient) and the reference's log-prob per token (launch/task_report.py)")
+                       "and lenient) and the reference's log-prob per token (benchmarks/task_report.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--problems", type=int, default=400, help="first N problems of the test set (default 400)")
@@ -643,7 +643,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
     s = sub.add_parser("learning", help="OPSD vs GRPO vs SFT vs KD on SmolLM2 and the word problems, resumable "
-                       "(launch/comparison.py); --task toy: the tiny warm-started model (launch/experiment.py)")
+                       "(benchmarks/comparison.py); --task toy: the tiny warm-started model (benchmarks/experiment.py)")
     s.add_argument("--task", choices=("smollm2", "toy"), default="smollm2",
                    help="smollm2 (default): SmolLM2-135M-Instruct on data/wordproblems; toy: the earlier experiment")
     s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
@@ -679,13 +679,13 @@ def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]
 
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "learning" and args.task == "smollm2":
-        from launch.comparison import METHODS as COMPARISON_METHODS
-        from launch.comparison import ComparisonSpec, run_comparison
+        from benchmarks.comparison import METHODS as COMPARISON_METHODS
+        from benchmarks.comparison import ComparisonSpec, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
         report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
-        from launch.experiment import METHODS, LearningSpec, run_learning
+        from benchmarks.experiment import METHODS, LearningSpec, run_learning
 
         spec = _learning_spec(LearningSpec.quick() if args.quick else LearningSpec(), args, METHODS)
         if args.lr is not None:
@@ -709,14 +709,14 @@ def run(args: argparse.Namespace) -> dict:
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
         elif args.bench == "step":
-            from launch.bench_step import bench_scaling, bench_step
+            from benchmarks.step import bench_scaling, bench_step
 
             if args.scaling:
                 report = bench_scaling(config, overrides, args.steps or 2)
             else:
                 report = bench_step(config, overrides, args.steps or 3)
         elif args.bench == "head":
-            from launch.bench_head import bench_head
+            from benchmarks.head import bench_head
 
             report = bench_head(config, overrides, args.rows)
         else:
@@ -729,7 +729,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0

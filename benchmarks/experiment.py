@@ -522,7 +522,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
 
 def write_results(spec: LearningSpec, key: str, work: Path, warm_seconds: float, gap: dict,
                   methods: dict[str, list[dict]], t_start: float, out_dir: Path) -> dict:
-    from launch.machine import machine
+    from benchmarks.machine import machine
 
     done = {m: c for m, c in methods.items() if c}
     results = {
