@@ -618,8 +618,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--steps", type=int, help="measured steps on each side, after one warm-up step (default 3; "
                    "--scaling: 2 per setting)")
-    s.add_argument("--scaling", action="store_true", help="instead: opsd's step time and tokens/s at 8/16/32 prompts "
-                   "per step (64 new tokens) and 64/128/256 new tokens (8 prompts)")
+    s.add_argument("--staleness", type=int, nargs="+", metavar="S", help="instead: opsd's throughput at "
+                   "rollout.max_staleness = each S (e.g. 0 1 2), with the ratio of each to the first")
+    s.add_argument("--scaling", nargs="*", metavar="PROMPTSxTOKENS", help="instead: opsd's step time and tokens/s "
+                   "at 8/16/32 prompts per step (64 new tokens) and 64/128/256 new tokens (8 prompts); or at the "
+                   "settings given, e.g. --scaling 8x64 32x64")
     s = sub.add_parser("head", help="the teacher's targets with a bf16 LM head, an fp32 one and in fp32 throughout: "
                        "differences and time (benchmarks/head.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
@@ -677,6 +680,20 @@ def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]
     return spec
 
 
+def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
+    """``--scaling 8x64 16x64`` -> ((8, 64), (16, 64)); none given: the default table."""
+    from benchmarks.step import SCALING
+
+    out = []
+    for g in given:
+        try:
+            prompts, tokens = (int(x) for x in g.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"opsd bench step --scaling: {g!r} is not PROMPTSxTOKENS (e.g. 16x64)") from None
+        out.append((prompts, tokens))
+    return tuple(out) or SCALING
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "learning" and args.task == "smollm2":
         from benchmarks.comparison import METHODS as COMPARISON_METHODS
@@ -709,10 +726,12 @@ def run(args: argparse.Namespace) -> dict:
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
         elif args.bench == "step":
-            from benchmarks.step import bench_scaling, bench_step
+            from benchmarks.step import bench_scaling, bench_staleness, bench_step
 
-            if args.scaling:
-                report = bench_scaling(config, overrides, args.steps or 2)
+            if args.scaling is not None:
+                report = bench_scaling(config, overrides, args.steps or 2, _settings(args.scaling))
+            elif args.staleness:
+                report = bench_staleness(config, overrides, args.steps or 3, tuple(args.staleness))
             else:
                 report = bench_step(config, overrides, args.steps or 3)
         elif args.bench == "head":

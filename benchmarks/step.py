@@ -180,33 +180,64 @@ def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[
 SCALING = ((8, 64), (16, 64), (32, 64), (8, 128), (8, 256))
 
 
+def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -> dict:
+    """One short opsd run (no evaluation, no checkpoints): its steady-state step summary."""
+    from launch.driver import train
+    from launch.loggers import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
+        run_overrides = [*overrides, *extra, f"train.steps={steps + 1}", "eval.every=0", "eval.at_start=false",
+                         "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
+                         f"run_dir={Path(tmp) / 'run'}"]
+        return _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
+
+
 def bench_scaling(config: str, overrides: list[str], steps: int = 2, settings=SCALING,
                   out: Callable[[str], None] = print) -> dict:
     """opsd's step time and tokens/s against prompts per step and against new tokens: one short
     run per (prompts, max new tokens) setting, the first step of each left out (warm-up)."""
-    from launch.driver import train
-    from launch.loggers import read_metrics
     from opsd.config import load_config
 
-    n = steps + 1
+    base = load_config(config, overrides)
     rows = []
-    out(f"bench step --scaling: {len(settings)} settings, {n} steps each (the first is warm-up)")
-    out(f"  {'prompts':>7s} {'max new':>7s} {'tokens/step':>11s} {'step s':>7s} {'tokens/s':>8s} "
-        f"{'rollout':>7s} {'score':>6s} {'train':>6s} {'sync':>5s}")
+    out(f"bench step --scaling: {len(settings)} settings, {steps + 1} steps each (the first is warm-up)")
     for prompts, tokens in settings:
-        base = load_config(config, overrides)
         # Room for the longest (teacher) prompt and the new tokens.
         ctx = max(base.model.max_model_len, base.prompt.max_prompt_len + tokens)
-        with tempfile.TemporaryDirectory(prefix="opsd-bench-scaling-") as tmp:
-            run_overrides = [*overrides, f"train.prompts_per_step={prompts}", f"rollout.max_tokens={tokens}",
-                             f"model.max_model_len={ctx}", f"train.steps={n}", "eval.every=0", "eval.at_start=false",
-                             "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
-                             f"run_dir={Path(tmp) / 'run'}"]
-            s = _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
+        s = _opsd_run(config, overrides, [f"train.prompts_per_step={prompts}", f"rollout.max_tokens={tokens}",
+                                          f"model.max_model_len={ctx}"], steps)
         s.update(prompts_per_step=prompts, max_tokens=tokens)
         rows.append(s)
-        out(f"  {prompts:7d} {tokens:7d} {s['tokens_per_step']:11.0f} {s['step_seconds']:7.1f} "
+    out(f"  {'prompts':>7s} {'max new':>7s} {'tokens/step':>11s} {'step s':>7s} {'tokens/s':>8s} "
+        f"{'rollout':>7s} {'score':>6s} {'train':>6s} {'sync':>5s}")
+    for s in rows:
+        out(f"  {s['prompts_per_step']:7d} {s['max_tokens']:7d} {s['tokens_per_step']:11.0f} {s['step_seconds']:7.1f} "
             f"{s['tokens_per_second']:8.1f} {s['rollout_seconds']:7.1f} {s['score_seconds']:6.1f} "
             f"{s['train_seconds']:6.1f} {s['sync_seconds']:5.1f}")
     return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
             "scaling": rows}
+
+
+def bench_staleness(config: str, overrides: list[str], steps: int = 3, values=(0, 1, 2),
+                    out: Callable[[str], None] = print) -> dict:
+    """Throughput at rollout.max_staleness = s for each s, side by side in one invocation, and
+    the ratio of each to the first (serial at s = 0)."""
+    from opsd.config import load_config
+
+    base = load_config(config, overrides)
+    out(f"bench step --staleness: s = {', '.join(map(str, values))}, {steps + 1} steps each (the first is warm-up)")
+    rows = []
+    for v in values:
+        s = _opsd_run(config, overrides, [f"rollout.max_staleness={v}"], steps)
+        s["max_staleness"] = v
+        rows.append(s)
+    first = rows[0]
+    out(f"  {'s':>2s} {'step s':>7s} {'tokens/s':>8s} {'vs s=' + str(values[0]):>8s} {'rollout':>7s} {'score':>6s} "
+        f"{'train':>6s} {'sync':>5s}")
+    for s in rows:
+        s["throughput_ratio"] = s["tokens_per_second"] / first["tokens_per_second"]
+        s["step_ratio"] = first["step_seconds"] / s["step_seconds"]
+        out(f"  {s['max_staleness']:2d} {s['step_seconds']:7.1f} {s['tokens_per_second']:8.1f} {s['throughput_ratio']:7.2f}x "
+            f"{s['rollout_seconds']:7.1f} {s['score_seconds']:6.1f} {s['train_seconds']:6.1f} {s['sync_seconds']:5.1f}")
+    return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
+            "staleness": rows}

@@ -118,13 +118,14 @@ class Trainer:
         self.policy_version = 0
         self.teacher_version = 0
         self.tokens_total = 0
-        self.pending_indices: list[int] | None = None  # prompts to redo first after a resume
-        self.inflight_indices: list[int] | None = None  # prompts of the rollouts in flight
-        self.prefetched = False  # whether rollouts for the next step are already running
+        # Prompt batches to redo first after a resume: those in flight at the checkpoint, oldest first.
+        self.pending_indices: list[list[int]] = []
         self.bad_steps: list[int] = []  # the latest steps in a row whose update was skipped
         self.learner_restarts = 0
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
-        self.inflight: tuple | None = None  # (pairs, calls in flight) for the next step
+        # Rollouts running for the next steps (rollout.max_staleness = s > 0: up to s batches),
+        # oldest first: (prompt indices, pairs, calls in flight).
+        self.inflight: list[tuple[list[int], list[PromptPair], Pending]] = []
 
     def _columns(self) -> dict:
         d = self.cfg.data
@@ -269,12 +270,19 @@ class Trainer:
                 })
         return rows
 
-    def next_pairs(self) -> list[PromptPair]:
-        """The next prompts: those of rollouts in flight at the last checkpoint first, if any."""
-        indices = self.pending_indices or self.sampler.next_batch(self.cfg.train.prompts_per_step)
-        self.pending_indices = None
-        self.inflight_indices = indices
-        return [self.pairs[i] for i in indices]
+    def next_pairs(self) -> tuple[list[int], list[PromptPair]]:
+        """The next prompts (indices and pairs): those of rollouts in flight at the last
+        checkpoint first, if any."""
+        indices = self.pending_indices.pop(0) if self.pending_indices else self.sampler.next_batch(
+            self.cfg.train.prompts_per_step)
+        return indices, [self.pairs[i] for i in indices]
+
+    def _wait_inflight(self) -> None:
+        import ray
+
+        refs = [r for _, _, pending in self.inflight for r in pending.refs.values()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs))
 
     def reference_rows(self, pairs: list[PromptPair]) -> list[dict]:
         """SFT and KD from references: the reference solutions play the part of the responses
@@ -341,10 +349,7 @@ class Trainer:
             # Every receiver of a collective push takes part at the same moment: let the
             # overlapped rollouts finish first rather than have the learner wait inside a
             # broadcast (and its sync.timeout_s) for them.
-            import ray
-
-            refs = list(self.inflight[1].refs.values())
-            ray.wait(refs, num_returns=len(refs))
+            self._wait_inflight()
         self.weights.push(self.policy_version, pools)
         if len(pools) > 1:
             self.teacher_version = self.policy_version
@@ -383,9 +388,9 @@ class Trainer:
             state = {
                 "step": self.step, "policy_version": self.policy_version, "teacher_version": self.teacher_version,
                 "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
-                # Rollouts already running for the next step (rollout.max_staleness > 0): their
+                # Rollouts already running for the next steps (rollout.max_staleness > 0): their
                 # prompts were drawn from the sampler, so a resumed run must do them first.
-                "pending_indices": self.inflight_indices if self.prefetched else None,
+                "pending_indices": [indices for indices, _, _ in self.inflight],
             }
             (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
             write_manifest(tmp)
@@ -412,7 +417,9 @@ class Trainer:
         state = json.loads((ckpt / "driver_state.json").read_text())
         self.learner.load_checkpoint(str(ckpt / "learner"))
         self.sampler.load_state_dict(state["sampler"])
-        self.pending_indices = state.get("pending_indices")
+        pending = state.get("pending_indices") or []
+        # A checkpoint of one batch in flight (before up to s were) holds one flat list.
+        self.pending_indices = [pending] if pending and isinstance(pending[0], int) else [list(p) for p in pending]
         self.step = state["step"]
         self.tokens_total = state["tokens_generated_total"]
         self.policy_version = state["policy_version"] - 1
@@ -438,7 +445,7 @@ class Trainer:
         logger = MetricsLogger(run.path, cfg.logging, config=OmegaConf.to_container(cfg, resolve=True))
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="opsd train", unit="step",
                    disable=not cfg.logging.progress, dynamic_ncols=True)
-        self.inflight = None
+        self.inflight = []
         saved_at = self.step  # a resumed run starts at its checkpoint
         try:
             if self.step == 0 and cfg.eval.every and cfg.eval.at_start and self.eval_pairs:
@@ -516,14 +523,9 @@ class Trainer:
                   f"from {ckpt or 'the initial weights'} (restart {self.learner_restarts} of "
                   f"{cfg.train.max_actor_restarts})")
         self.learner.shutdown()
-        if self.inflight is not None:
-            import ray
-
-            # Rollouts for the next step, of weights about to be rewound: finished, then dropped.
-            refs = list(self.inflight[1].refs.values())
-            ray.wait(refs, num_returns=len(refs))
-            self.inflight = None
-        self.prefetched = False
+        # Rollouts for the next steps, of weights about to be rewound: finished, then dropped.
+        self._wait_inflight()
+        self.inflight = []
         self.bad_steps = []
         import ray
 
@@ -543,7 +545,7 @@ class Trainer:
         else:
             # The new group holds the initial weights: version 0, pushed to whoever moved on.
             self.sampler.load_state_dict(self.initial_sampler)
-            self.pending_indices = None
+            self.pending_indices = []
             self.step = self.tokens_total = 0
             self.policy_version = -1
             self.sync()
@@ -593,18 +595,23 @@ class Trainer:
         t_step = t0 = time.perf_counter()
         references = trains_on_references(cfg)
         if references:
-            rows = self.reference_rows(self.next_pairs())
+            rows = self.reference_rows(self.next_pairs()[1])
         else:
-            rows = self.collect_rollouts(self.inflight or self.submit_rollouts(self.next_pairs(), step))
-            self.inflight = None
+            if self.inflight:
+                _, pairs, pending = self.inflight.pop(0)
+            else:
+                pairs, pending = self.submit_rollouts(self.next_pairs()[1], step)
+            rows = self.collect_rollouts((pairs, pending))
         fresh = [r for r in rows if self.policy_version - r["policy_version"] <= cfg.rollout.max_staleness]
         dropped, rows = len(rows) - len(fresh), fresh
         rollout_s = time.perf_counter() - t0
-        self.prefetched = cfg.rollout.max_staleness > 0 and not references and step < cfg.train.steps
-        if self.prefetched:
-            # Off-policy by at most max_staleness: the next step's rollouts run on the current
-            # weights while the learner trains on this step's.
-            self.inflight = self.submit_rollouts(self.next_pairs(), step + 1)
+        if cfg.rollout.max_staleness > 0 and not references:
+            # Off-policy by at most max_staleness = s: up to s later steps' rollouts run on the
+            # current weights while the learner trains on this step's. The batch for step
+            # step + j is sampled with that step's seeds, so a resumed run draws the same samples.
+            while len(self.inflight) < cfg.rollout.max_staleness and step + len(self.inflight) < cfg.train.steps:
+                indices, pairs = self.next_pairs()
+                self.inflight.append((indices, *self.submit_rollouts(pairs, step + 1 + len(self.inflight))))
 
         t0 = time.perf_counter()
         batch = self.score(rows)

@@ -1,4 +1,4 @@
-"""rollout.max_staleness=1: the next step's rollouts run while the learner trains."""
+"""rollout.max_staleness = s: the next s steps' rollouts run while the learner trains."""
 
 from __future__ import annotations
 
@@ -33,3 +33,29 @@ def test_overlapped_rollouts_lag_one_version_and_resume_keeps_their_prompts(tmp_
     part = train(CONFIG, local_overrides(tmp_path / "part", "train.steps=2", *common))
     train(None, [f"train.resume={part}", "train.steps=3"])
     assert read_metrics(part)[2]["sample_ids"] == rows[2]["sample_ids"]
+
+
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
+def test_two_batches_in_flight_lag_up_to_two_versions_and_resume_redoes_both(tmp_path, ray_session):
+    common = ("rollout.max_staleness=2", "eval.every=0", "logging.save_batches=true", "train.checkpoint_every=2")
+    full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=4", *common))
+    rows = read_metrics(full)
+    versions = [set(read_ipc(full / "batches" / f"step_{s:06d}.arrow").column("policy_version").to_pylist())
+                for s in (1, 2, 3, 4)]
+    # Step 1 samples on version 0 and then starts steps 2 and 3 on it too; step 2 starts step 4
+    # on version 1. Step 3 trains on samples two versions old, the most max_staleness=2 allows.
+    assert versions == [{0}, {0}, {0}, {1}]
+    assert [r["step"] - 1 - min(v) for r, v in zip(rows, versions)] == [0, 1, 2, 2]  # versions behind
+    assert [r["dropped_stale"] for r in rows] == [0, 0, 0, 0]
+
+    # Stopping at step 2 leaves the rollouts of steps 3 and 4 in flight; the checkpoint records
+    # both batches of prompts, and the resumed run redoes them in order, with the same samples.
+    part = train(CONFIG, local_overrides(tmp_path / "part", "train.steps=2", *common))
+    import json
+
+    state = json.loads((part / "checkpoints" / "step_2" / "driver_state.json").read_text())
+    assert len(state["pending_indices"]) == 2
+    train(None, [f"train.resume={part}", "train.steps=4"])
+    resumed = read_metrics(part)
+    assert [r["sample_ids"] for r in resumed[2:]] == [r["sample_ids"] for r in rows[2:]]

@@ -133,3 +133,13 @@ def test_bench_head_compares_targets_on_the_ids_both_top_k_lists_hold():
     assert c["sampled_token_abs_mean"] == pytest.approx((0.2 + 0.5) / 2) and c["sampled_token_abs_max"] == pytest.approx(0.5)
     assert c["topk_abs_mean"] == pytest.approx((0.1 + 0.3 + 0.5) / 3) and c["topk_abs_max"] == pytest.approx(0.5)
     assert c["top1_agreement"] == pytest.approx(0.5)
+
+
+def test_bench_step_scaling_settings_parse_and_bad_ones_are_named():
+    from benchmarks.bench import _settings
+    from benchmarks.step import SCALING
+
+    assert _settings([]) == SCALING == ((8, 64), (16, 64), (32, 64), (8, 128), (8, 256))
+    assert _settings(["16x64", "8X256"]) == ((16, 64), (8, 256))
+    with pytest.raises(SystemExit, match="'16-64' is not PROMPTSxTOKENS"):
+        _settings(["16-64"])
