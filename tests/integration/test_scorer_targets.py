@@ -41,7 +41,7 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
             np.testing.assert_allclose(np.array(row["teacher_token_logprobs"]), tok, atol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [["loss.objective=sampled_token"], ["algo=grpo", "loss.kl_coef=0.01"]],
+@pytest.mark.parametrize("overrides", [["loss.objective=sampled_token"], ["algo=grpo", "rollout.n=2", "loss.kl_coef=0.01"]],
                          ids=["opsd-sampled-token", "grpo-kl-reference"])
 def test_an_objective_that_reads_no_top_k_gets_none_and_the_same_token_logprobs(overrides, cli_run, tiny_model):
     """The scorer skips the top-k when the loss reads only the sampled token's logprob: the batch
