@@ -49,13 +49,17 @@ def test_two_batches_in_flight_lag_up_to_two_versions_and_resume_redoes_both(tmp
     assert [r["step"] - 1 - min(v) for r, v in zip(rows, versions)] == [0, 1, 2, 2]  # versions behind
     assert [r["dropped_stale"] for r in rows] == [0, 0, 0, 0]
 
-    # Stopping at step 2 leaves the rollouts of steps 3 and 4 in flight; the checkpoint records
-    # both batches of prompts, and the resumed run redoes them in order, with the same samples.
-    part = train(CONFIG, local_overrides(tmp_path / "part", "train.steps=2", *common))
+    # The step-2 checkpoint was taken with the rollouts of steps 3 and 4 in flight: it records both
+    # batches of prompts, and a run resumed from it redoes them in order, with the same samples.
     import json
+    import shutil
 
-    state = json.loads((part / "checkpoints" / "step_2" / "driver_state.json").read_text())
+    state = json.loads((full / "checkpoints" / "step_2" / "driver_state.json").read_text())
     assert len(state["pending_indices"]) == 2
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_4")
     train(None, [f"train.resume={part}", "train.steps=4"])
     resumed = read_metrics(part)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["sample_ids"] for r in resumed[2:]] == [r["sample_ids"] for r in rows[2:]]
