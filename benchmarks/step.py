@@ -135,27 +135,32 @@ def _summary(rows: list[dict]) -> dict:
     return s
 
 
-def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[[str], None] = print) -> dict:
-    """opsd's step and the single-process reference, side by side (the first step of each is warm-up)."""
+def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -> dict:
+    """One short opsd run (no evaluation, no checkpoints): its steady-state step summary."""
     from launch.driver import train
     from launch.loggers import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
+        run_overrides = [*overrides, *extra, f"train.steps={steps + 1}", "eval.every=0", "eval.at_start=false",
+                         "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
+                         f"run_dir={Path(tmp) / 'run'}"]
+        return _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
+
+
+def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[[str], None] = print) -> dict:
+    """opsd's step and the single-process reference, side by side (the first step of each is warm-up)."""
     from opsd.config import load_config
     from opsd.models import resolve_model_path
 
     n = steps + 1
-    with tempfile.TemporaryDirectory(prefix="opsd-bench-step-") as tmp:
-        run_overrides = [*overrides, f"train.steps={n}", "eval.every=0", "eval.at_start=false",
-                         "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
-                         f"run_dir={Path(tmp) / 'run'}"]
-        cfg = load_config(config, run_overrides)
-        out(f"bench step: {cfg.model.path} ({cfg.model.dtype}), {cfg.train.prompts_per_step} prompts x at most "
-            f"{cfg.rollout.max_tokens} new tokens per step, {n} steps each (the first is warm-up), "
-            f"{cfg.cluster.num_cpus} CPUs")
-        run_dir = train(config, run_overrides)
-        opsd_rows = [r for r in read_metrics(run_dir) if r["step"] > 0]
+    cfg = load_config(config, [*overrides, f"train.steps={n}"])
+    out(f"bench step: {cfg.model.path} ({cfg.model.dtype}), {cfg.train.prompts_per_step} prompts x at most "
+        f"{cfg.rollout.max_tokens} new tokens per step, {n} steps each (the first is warm-up), "
+        f"{cfg.cluster.num_cpus} CPUs")
+    o = _opsd_run(config, overrides, [], steps)
     model_path = resolve_model_path(cfg.model.path)
     ref_rows = reference_steps(cfg, model_path, n, threads=int(cfg.cluster.num_cpus or 1), out=out)
-    o, r = _summary(opsd_rows), _summary(ref_rows)
+    r = _summary(ref_rows)
     stage_sum = sum(o[f"{k}_seconds"] for k in STAGES)
     report = {
         "config": config, "overrides": overrides, "model": cfg.model.path, "dtype": cfg.model.dtype,
@@ -178,18 +183,6 @@ def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[
 
 
 SCALING = ((8, 64), (16, 64), (32, 64), (8, 128), (8, 256))
-
-
-def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -> dict:
-    """One short opsd run (no evaluation, no checkpoints): its steady-state step summary."""
-    from launch.driver import train
-    from launch.loggers import read_metrics
-
-    with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
-        run_overrides = [*overrides, *extra, f"train.steps={steps + 1}", "eval.every=0", "eval.at_start=false",
-                         "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
-                         f"run_dir={Path(tmp) / 'run'}"]
-        return _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
 
 
 def bench_scaling(config: str, overrides: list[str], steps: int = 2, settings=SCALING,

@@ -15,14 +15,19 @@ pytestmark = pytest.mark.integration
 CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 
 
+def sampled_versions(run, steps: int) -> list[set[int]]:
+    """The policy versions that each step's saved batch was sampled with."""
+    return [set(read_ipc(run / "batches" / f"step_{s:06d}.arrow").column("policy_version").to_pylist())
+            for s in range(1, steps + 1)]
+
+
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
 @pytest.mark.slow
 def test_overlapped_rollouts_lag_one_version_and_resume_keeps_their_prompts(tmp_path, ray_session):
     common = ("rollout.max_staleness=1", "eval.every=0", "logging.save_batches=true", "train.checkpoint_every=2")
     full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=3", *common))
     rows = read_metrics(full)
-    versions = [set(read_ipc(full / "batches" / f"step_{s:06d}.arrow").column("policy_version").to_pylist())
-                for s in (1, 2, 3)]
+    versions = sampled_versions(full, 3)
     # Step 1 starts from version 0; each later step's samples were drawn while the previous
     # step trained, one version behind the policy that trains on them.
     assert versions == [{0}, {0}, {1}]
@@ -41,8 +46,7 @@ def test_two_batches_in_flight_lag_up_to_two_versions_and_resume_redoes_both(tmp
     common = ("rollout.max_staleness=2", "eval.every=0", "logging.save_batches=true", "train.checkpoint_every=2")
     full = train(CONFIG, local_overrides(tmp_path / "full", "train.steps=4", *common))
     rows = read_metrics(full)
-    versions = [set(read_ipc(full / "batches" / f"step_{s:06d}.arrow").column("policy_version").to_pylist())
-                for s in (1, 2, 3, 4)]
+    versions = sampled_versions(full, 4)
     # Step 1 samples on version 0 and then starts steps 2 and 3 on it too; step 2 starts step 4
     # on version 1. Step 3 trains on samples two versions old, the most max_staleness=2 allows.
     assert versions == [{0}, {0}, {0}, {1}]
