@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,21 @@ METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
-    "update_skipped",
+    "update_skipped", "score_overlapped",
 )
+
+
+@dataclass
+class InFlight:
+    """One later step's batch whose rollouts are running (rollout.max_staleness > 0)."""
+
+    indices: list[int]  # its prompts, as the sampler drew them (a checkpoint records them)
+    pairs: list[PromptPair]
+    rollouts: Pending
+    # Once the rollouts are back and being scored while the learner trains (scorer.overlap):
+    rows: list[dict] | None = None
+    dropped: int = 0  # rows too stale for the step that will train on them
+    scoring: tuple[list[dict], Pending] | None = None
 
 
 def resolve_model(cfg: Config) -> str:
@@ -124,8 +138,8 @@ class Trainer:
         self.learner_restarts = 0
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
         # Rollouts running for the next steps (rollout.max_staleness = s > 0: up to s batches),
-        # oldest first: (prompt indices, pairs, calls in flight).
-        self.inflight: list[tuple[list[int], list[PromptPair], Pending]] = []
+        # oldest first.
+        self.inflight: list[InFlight] = []
 
     def _columns(self) -> dict:
         d = self.cfg.data
@@ -259,7 +273,10 @@ class Trainer:
     def collect_rollouts(self, submitted: tuple[list[PromptPair], Pending]) -> list[dict]:
         """vLLM -> one row per sample, graded, in the sampler's order."""
         pairs, pending = submitted
-        outs = unshard(self.rollouts.collect(pending), len(pairs))
+        return self._rollout_rows(pairs, self.rollouts.collect(pending))
+
+    def _rollout_rows(self, pairs: list[PromptPair], results: list) -> list[dict]:
+        outs = unshard(results, len(pairs))
         rows = []
         for pair, samples in zip(pairs, outs):
             for j, s in enumerate(samples):
@@ -280,7 +297,8 @@ class Trainer:
     def _wait_inflight(self) -> None:
         import ray
 
-        refs = [r for _, _, pending in self.inflight for r in pending.refs.values()]
+        refs = [r for f in self.inflight for r in f.rollouts.refs.values()]
+        refs += [r for f in self.inflight if f.scoring for r in f.scoring[1].refs.values()]
         if refs:
             ray.wait(refs, num_returns=len(refs))
 
@@ -315,6 +333,12 @@ class Trainer:
         For GRPO the scorer is the frozen reference policy: it sees the student's own prompt, and
         its sampled-token logprobs feed the KL term.
         """
+        if self.scorers is None:
+            return build_batch([Sample(**vars(q)) for q in self._score_requests(rows)], k=self.cfg.scorer.topk,
+                               temperature=self.cfg.loss.temperature, teacher_mode="none")
+        return self.collect_score(self.submit_score(rows))
+
+    def _score_requests(self, rows: list[dict]) -> list[ScoreRequest]:
         reference_only = not distills(self.cfg)
         reqs = [
             ScoreRequest(
@@ -326,13 +350,18 @@ class Trainer:
             )
             for r in rows
         ]
-        if self.scorers is None:
-            samples = [Sample(**vars(q)) for q in reqs]
-            return build_batch(samples, k=self.cfg.scorer.topk, temperature=self.cfg.loss.temperature,
-                               teacher_mode="none")
+        return reqs
+
+    def submit_score(self, rows: list[dict]) -> tuple[list[dict], Pending]:
+        """Rows -> the scorers, in interleaved shards (returns at once)."""
+        reqs = self._score_requests(rows)
         ns = len(self.scorers.actors)
-        parts = self.scorers.map("score", [(reqs[i::ns],) for i in range(ns)], expect_version=self.teacher_version)
-        table = concat_batches([from_ipc_bytes(p) for p in parts])
+        return rows, self.scorers.submit("score", [(reqs[i::ns],) for i in range(ns)],
+                                         expect_version=self.teacher_version)
+
+    def collect_score(self, submitted: tuple[list[dict], Pending]) -> pa.Table:
+        rows, pending = submitted
+        table = concat_batches([from_ipc_bytes(p) for p in self.scorers.collect(pending)])
         # Restore the sampler's row order, which the shards interleaved.
         order = {r["sample_id"]: i for i, r in enumerate(rows)}
         ids = table.column("sample_id").to_pylist()
@@ -390,7 +419,7 @@ class Trainer:
                 "tokens_generated_total": self.tokens_total, "sampler": self.sampler.state_dict(),
                 # Rollouts already running for the next steps (rollout.max_staleness > 0): their
                 # prompts were drawn from the sampler, so a resumed run must do them first.
-                "pending_indices": [indices for indices, _, _ in self.inflight],
+                "pending_indices": [f.indices for f in self.inflight],
             }
             (tmp / "driver_state.json").write_text(json.dumps(state, indent=1))
             write_manifest(tmp)
@@ -477,7 +506,7 @@ class Trainer:
                     continue
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean'] or 0:.2f}",
-                                tok_s=f"{row['tokens_generated'] / max(row['rollout_seconds'], 1e-9):.0f}")
+                                tok_s=f"{row['tokens_generated'] / max(row['step_seconds'], 1e-9):.1f}")
         except ActorLost as exc:
             # The learner still holds step self.step, but the data position is mid-step: the run
             # goes back to its last complete checkpoint, like any other stop without one.
@@ -589,21 +618,62 @@ class Trainer:
             stop.signum,
         )
 
+    def _fresh(self, rows: list[dict], version: int) -> tuple[list[dict], int]:
+        """The rows at most rollout.max_staleness versions behind ``version`` (the policy that
+        trains on them), and how many were dropped."""
+        fresh = [r for r in rows if version - r["policy_version"] <= self.cfg.rollout.max_staleness]
+        return fresh, len(rows) - len(fresh)
+
+    def _overlaps_scoring(self) -> bool:
+        """Whether the next step's batch is scored while this step trains: only a teacher whose
+        weights the push leaves alone scores it then as it would after the push."""
+        cfg = self.cfg
+        return (cfg.scorer.overlap and cfg.rollout.max_staleness > 0 and self.scorers is not None
+                and cfg.teacher.mode == "fixed" and not trains_on_references(cfg))
+
+    def _score_ahead(self, training: list) -> None:
+        """While the learner trains (``training``: its refs), wait for the next batch's rollouts and
+        start scoring them. A rollout call that failed is left to the next step's collect, which
+        recovers its actor while the learner is idle (a catch-up push needs the pushed weights);
+        a learner rank that failed ends the wait, and collect_train reports it."""
+        import ray
+
+        if not self.inflight or self.inflight[0].scoring is not None:
+            return
+        ahead = self.inflight[0]
+        refs = [ahead.rollouts.refs[i] for i in range(len(ahead.rollouts.args))]
+        rolling, waiting = set(refs), refs + list(training)
+        while rolling & set(waiting):
+            (ref,), waiting = ray.wait(waiting, num_returns=1)
+            if ref not in rolling:
+                try:
+                    ray.get(ref)
+                except Exception:
+                    return
+        try:
+            results = ray.get(refs)
+        except Exception:
+            return
+        # The step that trains on them runs after this step's push: one version later.
+        ahead.rows, ahead.dropped = self._fresh(self._rollout_rows(ahead.pairs, results), self.policy_version + 1)
+        ahead.scoring = self.submit_score(ahead.rows)
+
     def train_one_step(self, step: int) -> dict:
         """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
         cfg = self.cfg
         t_step = t0 = time.perf_counter()
         references = trains_on_references(cfg)
+        scoring = None  # this step's batch being scored since the last step trained (scorer.overlap)
         if references:
-            rows = self.reference_rows(self.next_pairs()[1])
+            rows, dropped = self.reference_rows(self.next_pairs()[1]), 0
         else:
-            if self.inflight:
-                _, pairs, pending = self.inflight.pop(0)
+            ahead = self.inflight.pop(0) if self.inflight else None
+            if ahead is not None and ahead.scoring is not None:
+                rows, dropped, scoring = ahead.rows, ahead.dropped, ahead.scoring
             else:
-                pairs, pending = self.submit_rollouts(self.next_pairs()[1], step)
-            rows = self.collect_rollouts((pairs, pending))
-        fresh = [r for r in rows if self.policy_version - r["policy_version"] <= cfg.rollout.max_staleness]
-        dropped, rows = len(rows) - len(fresh), fresh
+                pairs, pending = (ahead.pairs, ahead.rollouts) if ahead else self.submit_rollouts(
+                    self.next_pairs()[1], step)
+                rows, dropped = self._fresh(self.collect_rollouts((pairs, pending)), self.policy_version)
         rollout_s = time.perf_counter() - t0
         if cfg.rollout.max_staleness > 0 and not references:
             # Off-policy by at most max_staleness = s: up to s later steps' rollouts run on the
@@ -611,16 +681,19 @@ class Trainer:
             # step + j is sampled with that step's seeds, so a resumed run draws the same samples.
             while len(self.inflight) < cfg.rollout.max_staleness and step + len(self.inflight) < cfg.train.steps:
                 indices, pairs = self.next_pairs()
-                self.inflight.append((indices, *self.submit_rollouts(pairs, step + 1 + len(self.inflight))))
+                self.inflight.append(InFlight(indices, *self.submit_rollouts(pairs, step + 1 + len(self.inflight))))
 
         t0 = time.perf_counter()
-        batch = self.score(rows)
+        batch = self.collect_score(scoring) if scoring else self.score(rows)
         score_s = time.perf_counter() - t0
         if cfg.logging.save_batches:
             write_ipc(batch, self.run.batches / f"step_{step:06d}.arrow")
 
         t0 = time.perf_counter()
-        stats = self.learner.train_step(batch)
+        training = self.learner.submit_train(batch)
+        if self._overlaps_scoring():
+            self._score_ahead(training)
+        stats = self.learner.collect_train(training)
         train_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -653,6 +726,7 @@ class Trainer:
             "rollout_seconds": rollout_s, "score_seconds": score_s, "train_seconds": train_s,
             "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
             "update_skipped": bool(stats.get("update_skipped", False)),
+            "score_overlapped": scoring is not None,
         }
         if row["update_skipped"]:
             row["nonfinite_sample_ids"] = stats.get("nonfinite_sample_ids", [])

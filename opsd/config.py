@@ -130,6 +130,10 @@ class ScorerConfig:
     topk: int = 64
     # Padded micro-batches are capped by this many tokens (rows x longest row).
     max_tokens_per_forward: int = 8192
+    # With rollout.max_staleness >= 1 and teacher.mode=fixed, the next step's rollouts are scored
+    # while the learner trains on this step's (the same batches, only earlier); false scores each
+    # batch in its own step, after the previous step's weight push.
+    overlap: bool = True
 
 
 @dataclass

@@ -645,11 +645,14 @@ class LearnerGroup:
         return self._all_each(method, [args] * len(self.ranks))
 
     def _all_each(self, method: str, args_per_rank: list[tuple]) -> list:
-        """Call every rank, each with its own arguments. If one fails, the others may wait forever
-        in a collective: kill the group and raise the first error instead of hanging."""
+        """Call every rank, each with its own arguments (see :meth:`_wait_all`)."""
+        return self._wait_all([getattr(r, method).remote(*args) for r, args in zip(self.ranks, args_per_rank)])
+
+    def _wait_all(self, refs: list) -> list:
+        """The results of one call per rank. If one fails, the others may wait forever in a
+        collective: kill the group and raise the first error instead of hanging."""
         import ray
 
-        refs = [getattr(r, method).remote(*args) for r, args in zip(self.ranks, args_per_rank)]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -662,6 +665,11 @@ class LearnerGroup:
 
     def train_step(self, table: pa.Table) -> dict:
         """One optimizer step on a batch: planned here, each rank sent only its own rows."""
+        return self.collect_train(self.submit_train(table))
+
+    def submit_train(self, table: pa.Table) -> list:
+        """Start :meth:`train_step` on every rank and return at once (one ref per rank), so that
+        the driver can prepare the next batch meanwhile; :meth:`collect_train` waits for it."""
         import ray
 
         c = self.cfg.learner
@@ -669,7 +677,11 @@ class LearnerGroup:
                            micro_batches=micro_batches_per_rank(self.cfg), grpo=self.cfg.algo == "grpo",
                            zero3=c.zero_stage == 3)
         parts = [ray.put(to_ipc_bytes(table.take(pa.array(p.rows, pa.int64())))) for p in plans]
-        per_rank = self._all_each("train_step", [(part, plan) for part, plan in zip(parts, plans)])
+        return [r.train_step.remote(part, plan) for r, part, plan in zip(self.ranks, parts, plans)]
+
+    def collect_train(self, refs: list) -> dict:
+        """The step's statistics summed over ranks (a rank that failed kills the group first)."""
+        per_rank = self._wait_all(refs)
         summed: dict[str, float] = {}
         for stats in per_rank:
             for k, v in stats.items():

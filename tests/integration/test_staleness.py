@@ -21,6 +21,25 @@ def sampled_versions(run, steps: int) -> list[set[int]]:
             for s in range(1, steps + 1)]
 
 
+def test_a_fixed_teacher_scores_the_next_batch_while_the_learner_trains_and_the_batches_are_unchanged(
+    tmp_path, ray_session
+):
+    common = ("rollout.max_staleness=1", "eval.every=0", "logging.save_batches=true", "train.checkpoint_every=0",
+              "train.steps=3", "teacher.mode=fixed")
+    ahead = train(CONFIG, local_overrides(tmp_path / "ahead", *common))
+    inline = train(CONFIG, local_overrides(tmp_path / "inline", *common, "scorer.overlap=false"))
+    # Step 1's batch is scored in its own step; steps 2 and 3 were scored while steps 1 and 2
+    # trained. With the overlap off, every batch is scored in its own step.
+    assert [r["score_overlapped"] for r in read_metrics(ahead)] == [False, True, True]
+    assert [r["score_overlapped"] for r in read_metrics(inline)] == [False, False, False]
+    # Scoring earlier changes nothing that is trained on: the same samples, the same teacher
+    # targets, the same losses.
+    for s in (1, 2, 3):
+        a, b = (read_ipc(run / "batches" / f"step_{s:06d}.arrow") for run in (ahead, inline))
+        assert a.equals(b), f"step {s}: the batch scored ahead differs from the one scored in its step"
+    assert [r["loss"] for r in read_metrics(ahead)] == [r["loss"] for r in read_metrics(inline)]
+
+
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
 @pytest.mark.slow
 def test_overlapped_rollouts_lag_one_version_and_resume_keeps_their_prompts(tmp_path, ray_session):
