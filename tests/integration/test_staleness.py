@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
+from launch import driver
 from launch.driver import train
 from opsd.batch import read_ipc
 from opsd.config import REPO_ROOT
 
-from .conftest import local_overrides, read_metrics
+from workers.rollout import RolloutWorker
+
+from .conftest import local_overrides, make_trainer, read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +44,47 @@ def test_a_fixed_teacher_scores_the_next_batch_while_the_learner_trains_and_the_
         a, b = (read_ipc(run / "batches" / f"step_{s:06d}.arrow") for run in (ahead, inline))
         assert a.equals(b), f"step {s}: the batch scored ahead differs from the one scored in its step"
     assert [r["loss"] for r in read_metrics(ahead)] == [r["loss"] for r in read_metrics(inline)]
+
+
+class DiesOnItsSecondRollout(RolloutWorker):
+    """Exits (once per run directory) inside its second ``generate``: with max_staleness=1 that is
+    the call for step 2, which step 1's training waits for to score it ahead."""
+
+    def generate(self, *args, **kwargs):
+        import os
+
+        self.calls = getattr(self, "calls", 0) + 1
+        marker = Path(self.cfg.run_dir) / "rollout-died"
+        if self.calls == 2 and not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return super().generate(*args, **kwargs)
+
+
+def test_a_rollout_worker_lost_while_the_learner_trains_is_recovered_in_the_next_step(
+    tmp_path, ray_session, monkeypatch
+):
+    # gloo: a restarted receiver is caught up over a group with learner rank 0, which must be idle
+    # then; so the batch it lost is left to the next step's collect instead of being scored ahead.
+    monkeypatch.setattr(driver, "RolloutWorker", DiesOnItsSecondRollout)
+    trainer, run_dir = make_trainer(
+        tmp_path, "rollout.max_staleness=1", "teacher.mode=fixed", "sync.transport=gloo", "data.max_rows=24",
+        "train.prompts_per_step=8", "train.steps=3", "train.checkpoint_every=0", "eval.every=0",
+    )
+    try:
+        trainer.run_steps(run_dir)
+        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
+        restarts = trainer.rollouts.restarts
+    finally:
+        trainer.shutdown()
+    assert (run_dir.path / "rollout-died").exists() and restarts == 1
+    assert versions == [3]  # the restarted worker was brought up to date, and kept up
+    rows = read_metrics(run_dir.path)
+    assert [r["score_overlapped"] for r in rows] == [False, False, True]
+    assert [r["dropped_stale"] for r in rows] == [0, 0, 0]
+    # 24 problems, 8 per step, 3 steps: one epoch, every prompt trained on once.
+    uids = Counter(sid.rsplit("#", 1)[0] for r in rows for sid in r["sample_ids"])
+    assert set(uids) == {p.uid for p in trainer.pairs} and set(uids.values()) == {1}
 
 
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
