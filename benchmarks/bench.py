@@ -620,6 +620,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--scaling: 2 per setting)")
     s.add_argument("--staleness", type=int, nargs="+", metavar="S", help="instead: opsd's throughput at "
                    "rollout.max_staleness = each S (e.g. 0 1 2), with the ratio of each to the first")
+    s.add_argument("--overlap", choices=("on", "off", "both"), default="on", help="with --staleness: "
+                   "scorer.overlap for S > 0 (both: each S > 0 with the next batch scored while the learner trains, "
+                   "and scored in its own step)")
     s.add_argument("--scaling", nargs="*", metavar="PROMPTSxTOKENS", help="instead: opsd's step time and tokens/s "
                    "at 8/16/32 prompts per step (64 new tokens) and 64/128/256 new tokens (8 prompts); or at the "
                    "settings given, e.g. --scaling 8x64 32x64")
@@ -731,7 +734,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.scaling is not None:
                 report = bench_scaling(config, overrides, args.steps or 2, _settings(args.scaling))
             elif args.staleness:
-                report = bench_staleness(config, overrides, args.steps or 3, tuple(args.staleness))
+                report = bench_staleness(config, overrides, args.steps or 3, tuple(args.staleness), args.overlap)
             else:
                 report = bench_step(config, overrides, args.steps or 3)
         elif args.bench == "head":

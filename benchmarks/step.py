@@ -132,6 +132,7 @@ def _summary(rows: list[dict]) -> dict:
     s["tokens_per_step"] = _mean([r["tokens_generated"] for r in steady])
     s["tokens_per_second"] = s["tokens_per_step"] / s["step_seconds"]
     s["steady_steps"] = len(steady)
+    s["score_overlapped"] = sum(bool(r.get("score_overlapped")) for r in steady)  # scored while the last step trained
     return s
 
 
@@ -211,26 +212,34 @@ def bench_scaling(config: str, overrides: list[str], steps: int = 2, settings=SC
             "scaling": rows}
 
 
-def bench_staleness(config: str, overrides: list[str], steps: int = 3, values=(0, 1, 2),
+def bench_staleness(config: str, overrides: list[str], steps: int = 3, values=(0, 1, 2), overlap: str = "on",
                     out: Callable[[str], None] = print) -> dict:
     """Throughput at rollout.max_staleness = s for each s, side by side in one invocation, and
-    the ratio of each to the first (serial at s = 0)."""
+    the ratio of each to the first (serial at s = 0). ``overlap``: scorer.overlap for s > 0
+    ("on", "off", or "both": each s > 0 twice, the next batch scored while the learner trains
+    and scored in its own step)."""
     from opsd.config import load_config
 
+    if overlap not in ("on", "off", "both"):
+        raise ValueError(f"--overlap must be on, off or both, not {overlap!r}")
     base = load_config(config, overrides)
-    out(f"bench step --staleness: s = {', '.join(map(str, values))}, {steps + 1} steps each (the first is warm-up)")
+    runs = [(v, o) for v in values for o in ((True, False) if overlap == "both" and v > 0 else (overlap != "off",))]
+    out(f"bench step --staleness: s = {', '.join(map(str, values))} (scorer.overlap {overlap}), {steps + 1} steps "
+        "each (the first is warm-up)")
     rows = []
-    for v in values:
-        s = _opsd_run(config, overrides, [f"rollout.max_staleness={v}"], steps)
-        s["max_staleness"] = v
+    for v, o in runs:
+        s = _opsd_run(config, overrides, [f"rollout.max_staleness={v}", f"scorer.overlap={str(o).lower()}"], steps)
+        s["max_staleness"], s["score_overlap"] = v, o
         rows.append(s)
     first = rows[0]
-    out(f"  {'s':>2s} {'step s':>7s} {'tokens/s':>8s} {'vs s=' + str(values[0]):>8s} {'rollout':>7s} {'score':>6s} "
-        f"{'train':>6s} {'sync':>5s}")
+    out(f"  {'s':>2s} {'overlap':>7s} {'step s':>7s} {'tokens/s':>8s} {'vs first':>8s} {'rollout':>7s} {'score':>6s} "
+        f"{'train':>6s} {'sync':>5s} {'scored ahead':>12s}")
     for s in rows:
         s["throughput_ratio"] = s["tokens_per_second"] / first["tokens_per_second"]
         s["step_ratio"] = first["step_seconds"] / s["step_seconds"]
-        out(f"  {s['max_staleness']:2d} {s['step_seconds']:7.1f} {s['tokens_per_second']:8.1f} {s['throughput_ratio']:7.2f}x "
-            f"{s['rollout_seconds']:7.1f} {s['score_seconds']:6.1f} {s['train_seconds']:6.1f} {s['sync_seconds']:5.1f}")
+        out(f"  {s['max_staleness']:2d} {'on' if s['score_overlap'] else 'off':>7s} {s['step_seconds']:7.1f} "
+            f"{s['tokens_per_second']:8.1f} {s['throughput_ratio']:7.2f}x {s['rollout_seconds']:7.1f} "
+            f"{s['score_seconds']:6.1f} {s['train_seconds']:6.1f} {s['sync_seconds']:5.1f} "
+            f"{s.get('score_overlapped', 0):12.0f}")
     return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
             "staleness": rows}
