@@ -11,6 +11,9 @@ prompt, teacher-forced: the same tokens for every variant), three times:
 Reported for each bf16 variant against float32: the sampled-token log-prob difference (mean and
 max over positions, nats), the top-k log-prob difference on the ids both top-k lists hold, the
 share of positions whose top-1 id agrees, and the seconds of the forward (after one warm-up).
+Also the learner's loss (``PolicyLoss`` with the config's ``loss.*``, forward only) of the same
+model as the student, on the student prompt followed by the same responses, against that
+variant's own targets: the difference that precision makes to what is trained on, end to end.
 """
 
 from __future__ import annotations
@@ -60,24 +63,56 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
     out(f"bench head: {cfg.model.path}, {len(pairs)} rows, {sum(map(len, responses))} response positions, "
         f"top-{cfg.scorer.topk}, {threads} threads")
 
-    def run(dtype: str, fp32_head: bool) -> tuple[list, float]:
+    students = [p.student_ids for p in pairs]
+
+    def run(dtype: str, fp32_head: bool) -> tuple[list, float, float]:
         c: Any = copy.deepcopy(cfg)
         c.model.dtype, c.model.fp32_lm_head, c.scorer.num_threads = dtype, fp32_head, threads
         scorer = ScorerWorker(c, model_path)
         scorer.teacher_targets(contexts[:1], [responses[0][:4]])  # warm-up
         t0 = time.perf_counter()
         targets = scorer.teacher_targets(contexts, responses)
-        return targets, time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        return targets, secs, _student_loss(c, scorer.model, scorer.pad_id, students, responses, targets)
 
-    ref, ref_s = run("float32", False)
+    ref, ref_s, ref_loss = run("float32", False)
     report: dict[str, Any] = {"model": cfg.model.path, "rows": len(pairs), "positions": sum(map(len, responses)),
-                              "topk": cfg.scorer.topk, "threads": threads, "float32_seconds": ref_s, "variants": {}}
-    out(f"  float32: {ref_s:.2f}s")
+                              "topk": cfg.scorer.topk, "threads": threads, "float32_seconds": ref_s,
+                              "float32_loss": ref_loss, "variants": {}}
+    out(f"  float32: {ref_s:.2f}s; loss {ref_loss:.6f}")
     for name, fp32_head in (("bfloat16", False), ("bfloat16+fp32_head", True)):
-        targets, secs = run("bfloat16", fp32_head)
-        row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets)}
+        targets, secs, loss = run("bfloat16", fp32_head)
+        row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets), "loss": loss,
+               "loss_abs_diff": abs(loss - ref_loss), "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss)}
         report["variants"][name] = row
         out(f"  {name}: {secs:.2f}s ({row['vs_float32_time']:.2f}x float32); sampled-token |dlogp| mean "
             f"{row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; top-k |dlogp| mean "
-            f"{row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; top-1 agrees {row['top1_agreement']:.3f}")
+            f"{row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; top-1 agrees {row['top1_agreement']:.3f}; "
+            f"loss {loss:.6f} (|d| {row['loss_abs_diff']:.2e}, {100 * row['loss_rel_diff']:.2f}% of float32's)")
     return report
+
+
+def _student_loss(cfg: Any, model: Any, pad_id: int, students: list, responses: list, targets: list) -> float:
+    """The learner's loss (forward only) of ``model`` as the student on student prompt + response,
+    against the teacher ``targets`` (per row: top-k ids, top-k logprobs, sampled-token logprob)."""
+    import torch
+
+    from opsd.losses import TokenTargets
+    from opsd.prompts import pad_right
+    from workers.learner import PolicyLoss, loss_spec
+
+    ids, mask = pad_right([list(p) + list(r) for p, r in zip(students, responses)], pad_id)
+    rows = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(responses)])
+    cols = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(students, responses)])
+
+    def cat(k: int, dtype: Any) -> Any:
+        parts = [row[k] for row in targets]
+        return None if parts[0] is None else torch.as_tensor(np.concatenate(parts), dtype=dtype)
+
+    n = int(rows.numel())
+    t = TokenTargets(sampled_ids=torch.as_tensor(np.concatenate(responses), dtype=torch.long),
+                     weight=torch.ones(n), topk_ids=cat(0, torch.long), topk_logprobs=cat(1, torch.float32),
+                     teacher_logprobs=cat(2, torch.float32))
+    with torch.no_grad():
+        loss, _ = PolicyLoss(model, loss_spec(cfg))(ids, mask, rows, cols, t, float(n))
+    return float(loss)

@@ -449,11 +449,15 @@ class LearnerRank:
             for g in self._bucket_groups()
         ]
 
-    def _full_buckets(self, device: torch.device | str = "cpu") -> Iterator[NamedTensors]:
+    def _full_buckets(self, device: torch.device | str = "cpu", *, copy: bool = True) -> Iterator[NamedTensors]:
         """Full-size tensors on ``device`` in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket
         at a time.
 
-        Every rank must iterate (the gathers are collective); only rank 0 gets tensors.
+        Every rank must iterate (the gathers are collective); only rank 0 gets tensors. With
+        ``copy=False`` a tensor may be the parameter itself (or ZeRO-3's gathered copy of it),
+        valid only until the next bucket is asked for: for a consumer that copies each bucket
+        out before it asks for the next (a push: into the object store or a broadcast buffer),
+        which then saves one copy of the weights.
         """
         import deepspeed
 
@@ -470,8 +474,13 @@ class LearnerRank:
                         w = p.detach()
                         if layer is not None and not getattr(layer, "merged", False):
                             w = w + layer.get_delta_weight("default")
-                        out.append((name, w.to(device, self.push_dtype).clone()))
-            yield out
+                        w = w.to(device, self.push_dtype)
+                        # A conversion or a LoRA merge already made a new tensor.
+                        if copy and w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+                            w = w.clone()
+                        out.append((name, w))
+                # Inside the gather: ZeRO-3 frees the full parameters when it ends.
+                yield out
 
     # --- collective weight groups (sync.transport = gloo | nccl); rank 0 only -----------------
 
@@ -500,12 +509,13 @@ class LearnerRank:
         whole learner group down over what a retry can fix).
         """
         if self.rank != 0:
-            for _ in self._full_buckets():
+            for _ in self._full_buckets(copy=False):
                 pass
             return None
+        # Both senders copy each bucket out (ray.put, pack) before they ask for the next one.
         if not self.sender.collective:
-            return self.sender.send(version, self._full_buckets())
-        buckets = self._full_buckets(self.sender.device)
+            return self.sender.send(version, self._full_buckets(copy=False))
+        buckets = self._full_buckets(self.sender.device, copy=False)
         update = collective_update(version, self.sender.name, self.weight_layout())
         try:
             self.sender.send(update, buckets, list(groups))

@@ -63,3 +63,22 @@ def test_an_objective_that_reads_no_top_k_gets_none_and_the_same_token_logprobs(
         assert table.column(name).null_count == table.num_rows
     for a, b in zip(table.column("teacher_token_logprobs").to_pylist(), saved.column("teacher_token_logprobs").to_pylist()):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bench_head_loss_is_zero_against_the_students_own_targets_and_not_against_another_context(tiny_model):
+    """`opsd bench head`'s loss: the learner's divergence of the student (student prompt +
+    response) against targets. Targets that the same model wrote from the student's own context
+    are the student's distribution, so the divergence is 0 (a position off by one would not
+    be); from another context it is not."""
+    from benchmarks.head import _student_loss
+    from workers.scorer import ScorerWorker
+
+    from .conftest import local_config
+
+    cfg = local_config()
+    scorer = ScorerWorker(cfg, tiny_model)
+    students, responses = [[5, 17, 40, 3], [8, 2]], [[11, 12, 13], [30, 31, 32, 33, 34]]
+    own = scorer.teacher_targets(students, responses)
+    assert abs(_student_loss(cfg, scorer.model, scorer.pad_id, students, responses, own)) < 1e-6
+    other = scorer.teacher_targets([[60, 61, 62] + s for s in students], responses)
+    assert _student_loss(cfg, scorer.model, scorer.pad_id, students, responses, other) > 1e-4
