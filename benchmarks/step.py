@@ -65,7 +65,9 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
     torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
-    opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+    # The same AdamW as the learner on CPU (its fused kernel; workers.learner.deepspeed_config).
+    opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
+                            fused=cfg.cluster.device == "cpu")
     policy = PolicyLoss(student, loss_spec(cfg))
     eos = tok.eos_token_id
     times = []
