@@ -97,22 +97,10 @@ def _student_loss(cfg: Any, model: Any, pad_id: int, students: list, responses: 
     against the teacher ``targets`` (per row: top-k ids, top-k logprobs, sampled-token logprob)."""
     import torch
 
-    from opsd.losses import TokenTargets
-    from opsd.prompts import pad_right
+    from benchmarks.step import policy_loss_inputs
     from workers.learner import PolicyLoss, loss_spec
 
-    ids, mask = pad_right([list(p) + list(r) for p, r in zip(students, responses)], pad_id)
-    rows = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(responses)])
-    cols = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(r)) for p, r in zip(students, responses)])
-
-    def cat(k: int, dtype: Any) -> Any:
-        parts = [row[k] for row in targets]
-        return None if parts[0] is None else torch.as_tensor(np.concatenate(parts), dtype=dtype)
-
-    n = int(rows.numel())
-    t = TokenTargets(sampled_ids=torch.as_tensor(np.concatenate(responses), dtype=torch.long),
-                     weight=torch.ones(n), topk_ids=cat(0, torch.long), topk_logprobs=cat(1, torch.float32),
-                     teacher_logprobs=cat(2, torch.float32))
+    inputs = policy_loss_inputs(students, responses, targets, [[1] * len(r) for r in responses], pad_id)
     with torch.no_grad():
-        loss, _ = PolicyLoss(model, loss_spec(cfg))(ids, mask, rows, cols, t, float(n))
+        loss, _ = PolicyLoss(model, loss_spec(cfg))(*inputs, float(sum(map(len, responses))))
     return float(loss)

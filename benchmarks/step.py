@@ -36,8 +36,8 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opsd.data import load_problems
-    from opsd.losses import TokenTargets, fp32_lm_head
-    from opsd.prompts import PromptBuilder, pad_right, response_loss_mask
+    from opsd.losses import fp32_lm_head
+    from opsd.prompts import PromptBuilder, response_loss_mask
     from workers.learner import PolicyLoss, loss_spec
     from workers.scorer import ScorerWorker, torch_dtype
 
@@ -98,23 +98,9 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
         loss_sum = 0.0
         for start in range(0, len(batch), lc.micro_batch_size):
             idx = range(start, min(start + lc.micro_batch_size, len(batch)))
-            seqs = [batch[i].student_ids + responses[i] for i in idx]
-            rows, cols, keep = [], [], []
-            for j, i in enumerate(idx):
-                m = torch.tensor(masks[i], dtype=torch.bool)
-                p = len(batch[i].student_ids)
-                pos = torch.arange(p - 1, p - 1 + len(responses[i]))[m]
-                rows.append(torch.full((len(pos),), j, dtype=torch.long))
-                cols.append(pos)
-                keep.append(m)
-            top_ids = torch.cat([torch.as_tensor(targets[i][0])[keep[j]] for j, i in enumerate(idx)]).long()
-            top_lp = torch.cat([torch.as_tensor(targets[i][1])[keep[j]] for j, i in enumerate(idx)])
-            tok_lp = torch.cat([torch.as_tensor(targets[i][2])[keep[j]] for j, i in enumerate(idx)])
-            sampled = torch.cat([torch.as_tensor(responses[i])[keep[j]] for j, i in enumerate(idx)]).long()
-            t = TokenTargets(sampled_ids=sampled, weight=torch.ones(len(sampled)), topk_ids=top_ids,
-                             topk_logprobs=top_lp, teacher_logprobs=tok_lp)
-            input_ids, attn = pad_right(seqs, pad_id)
-            loss, _ = policy(input_ids, attn, torch.cat(rows), torch.cat(cols), t, float(max(total, 1)))
+            inputs = policy_loss_inputs([batch[i].student_ids for i in idx], [responses[i] for i in idx],
+                                 [targets[i] for i in idx], [masks[i] for i in idx], pad_id)
+            loss, _ = policy(*inputs, float(max(total, 1)))
             loss.backward()
             loss_sum += loss.item()
         torch.nn.utils.clip_grad_norm_(student.parameters(), lc.grad_clip)
@@ -126,6 +112,36 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
         out(f"  reference step {step + 1}/{steps}: {t3 - t0:.1f} s (generate {t1 - t0:.1f}, teacher {t2 - t1:.1f}, "
             f"train {t3 - t2:.1f}), {times[-1]['tokens_generated']} tokens")
     return times
+
+
+def policy_loss_inputs(prompts: list, responses: list, targets: list, masks: list, pad_id: int) -> tuple:
+    """``PolicyLoss``'s inputs for rows of prompt + response: the padded ids and attention mask,
+    the (row, column) of each position that predicts a loss token (``masks``, per response token),
+    and the teacher's targets there (``targets`` per row, as ``ScorerWorker.teacher_targets``
+    returns them: top-k ids, top-k logprobs, sampled-token logprob; top-k may be None)."""
+    import torch
+
+    from opsd.losses import TokenTargets
+    from opsd.prompts import pad_right
+
+    rows, cols, keep = [], [], []
+    for j, (p, r, m) in enumerate(zip(prompts, responses, masks)):
+        m = torch.tensor(m, dtype=torch.bool)
+        pos = torch.arange(len(p) - 1, len(p) - 1 + len(r))[m]
+        rows.append(torch.full((len(pos),), j, dtype=torch.long))
+        cols.append(pos)
+        keep.append(m)
+
+    def at_loss_tokens(k: int, dtype: Any) -> Any:
+        if targets[0][k] is None:
+            return None
+        return torch.cat([torch.as_tensor(t[k])[m] for t, m in zip(targets, keep)]).to(dtype)
+
+    sampled = torch.cat([torch.as_tensor(r)[m] for r, m in zip(responses, keep)]).long()
+    t = TokenTargets(sampled_ids=sampled, weight=torch.ones(len(sampled)), topk_ids=at_loss_tokens(0, torch.long),
+                     topk_logprobs=at_loss_tokens(1, torch.float32), teacher_logprobs=at_loss_tokens(2, torch.float32))
+    input_ids, attn = pad_right([list(p) + list(r) for p, r in zip(prompts, responses)], pad_id)
+    return input_ids, attn, torch.cat(rows), torch.cat(cols), t
 
 
 def _summary(rows: list[dict]) -> dict:

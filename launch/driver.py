@@ -51,10 +51,11 @@ class InFlight:
     indices: list[int]  # its prompts, as the sampler drew them (a checkpoint records them)
     pairs: list[PromptPair]
     rollouts: Pending
-    # Once the rollouts are back and being scored while the learner trains (scorer.overlap):
-    rows: list[dict] | None = None
-    dropped: int = 0  # rows too stale for the step that will train on them
+    # Once the rollouts are back and being scored while the learner trains (scorer.overlap): the
+    # rows sent to the scorers and their calls, and how many were too stale for the step that
+    # will train on them.
     scoring: tuple[list[dict], Pending] | None = None
+    dropped: int = 0
 
 
 def resolve_model(cfg: Config) -> str:
@@ -655,8 +656,8 @@ class Trainer:
         except Exception:
             return
         # The step that trains on them runs after this step's push: one version later.
-        ahead.rows, ahead.dropped = self._fresh(self._rollout_rows(ahead.pairs, results), self.policy_version + 1)
-        ahead.scoring = self.submit_score(ahead.rows)
+        rows, ahead.dropped = self._fresh(self._rollout_rows(ahead.pairs, results), self.policy_version + 1)
+        ahead.scoring = self.submit_score(rows)
 
     def train_one_step(self, step: int) -> dict:
         """prompts -> rollouts -> scores -> train -> sync (-> eval); returns the metrics row."""
@@ -669,7 +670,8 @@ class Trainer:
         else:
             ahead = self.inflight.pop(0) if self.inflight else None
             if ahead is not None and ahead.scoring is not None:
-                rows, dropped, scoring = ahead.rows, ahead.dropped, ahead.scoring
+                scoring, dropped = ahead.scoring, ahead.dropped
+                rows = scoring[0]
             else:
                 pairs, pending = (ahead.pairs, ahead.rollouts) if ahead else self.submit_rollouts(
                     self.next_pairs()[1], step)
