@@ -235,14 +235,25 @@ class _SyncSender:
         from workers.weight_sync import BroadcastSender
 
         torch.manual_seed(0)
-        self.named = [(name, torch.randn(shape)) for name, shape in shapes]
+        # Views of one flat buffer, as DeepSpeed's ZeRO 1/2 keeps a learner's weights.
+        flat = torch.randn(sum(_numel(s) for _, s in shapes))
+        self.named, at = [], 0
+        for name, shape in shapes:
+            self.named.append((name, flat[at: at + _numel(shape)].view(shape)))
+            at += _numel(shape)
         self.broadcast = BroadcastSender("gloo", "cpu")
+        self.shared = None
 
-    def send(self, version: int, bucket_mb: float):
+    def send(self, version: int, bucket_mb: float, in_place: bool = False):
+        from workers.shared_weights import SharedWeights
         from workers.weight_sync import ObjectStoreSender, iter_buckets
 
+        if in_place and self.shared is None:
+            self.shared = SharedWeights(timeout_s=60)
+            assert self.shared.share(t for _, t in self.named) is None
         t0 = time.perf_counter()
-        update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb))
+        update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb),
+                                          shared=self.shared if in_place else None)
         return update, time.perf_counter() - t0
 
     # gloo: the group is formed once; each push is then one header and one broadcast per bucket.
@@ -273,10 +284,11 @@ class _SyncReceiver:
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
         import torch
 
-        from workers.weight_sync import BroadcastReceiver
+        from workers.weight_sync import BroadcastReceiver, ObjectStoreReceiver
 
         self.params = {name: torch.zeros(shape) for name, shape in shapes}
         self.broadcast = BroadcastReceiver("gloo")
+        self.store = ObjectStoreReceiver()  # keeps an in-place sender's memory mapped between pushes
 
     def _copy(self, named) -> float:
         import torch
@@ -291,12 +303,10 @@ class _SyncReceiver:
         return time.perf_counter() - t0
 
     def receive(self, update) -> tuple[int, float, float]:
-        from workers.weight_sync import ObjectStoreReceiver
-
         t0 = time.perf_counter()
-        named = ObjectStoreReceiver().receive(update)
-        fetch_s = time.perf_counter() - t0
-        return len(named), fetch_s, self._copy(named)
+        with self.store.receiving(update) as named:
+            fetch_s = time.perf_counter() - t0
+            return len(named), fetch_s, self._copy(named)
 
     def join(self, spec) -> None:
         self.broadcast.join(spec, spec.rank)
@@ -334,28 +344,35 @@ def _start_ray(num_cpus: int = 2) -> bool:
     return init_ray(load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"cluster.num_cpus={num_cpus}"]))
 
 
+SYNC_TRANSPORTS = ("object_store", "in_place", "gloo")
+
+
 def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 256), repeats: int = 3,
-               vllm: bool = True, transports: list[str] | tuple = ("object_store", "gloo"),
+               vllm: bool = True, transports: list[str] | tuple = SYNC_TRANSPORTS,
                out: Callable[[str], None] = print) -> dict:
     """Weight-push bandwidth between two Ray actors, per transport and bucket size.
 
+    The sender's weights are views of one flat buffer, as DeepSpeed's ZeRO 1/2 keeps a learner's.
     object_store: the sender puts every bucket into the object store (``send``), then the
-    receiver fetches them all (``fetch``). gloo: sender and receiver form a weight group once,
-    then each push broadcasts every bucket while the receiver stages it (``send`` and ``fetch``
-    overlap). Either way the receiver then copies the weights into its own (``copy``), and the
-    push is timed from the driver around all of it, and set against a memcpy of the same bytes
-    in the receiver (``of_memcpy``: memcpy seconds / push seconds). A push is at least two copies
-    (into the store or the socket, then into the weights), so 50% is its ceiling. Also, if ``vllm``, the in-place load time of
-    the tiny model into a vLLM RolloutWorker (RolloutWorker.load_weights: fetch, check,
-    reload_weights). nccl needs GPUs and is not measured here.
+    receiver fetches them all (``fetch``): two copies per push, so 50% of a memcpy is its
+    ceiling. in_place: object_store with sync.shared_memory, as on one host: the sender's buffer
+    is in shared memory (moved there on the first push, which is not timed) and ``send`` only
+    says where each tensor lies; the receiver maps it and copies from there (one copy). gloo:
+    sender and receiver form a weight group once, then each push broadcasts every bucket while
+    the receiver stages it (``send`` and ``fetch`` overlap). Every way the receiver then copies
+    the weights into its own (``copy``), and the push is timed from the driver around all of it,
+    and set against a memcpy of the same bytes in the receiver (``of_memcpy``: memcpy seconds /
+    push seconds). Each configuration is pushed once untimed first. Also, if ``vllm``, the
+    in-place load time of the tiny model into a vLLM RolloutWorker (RolloutWorker.load_weights:
+    fetch, check, reload_weights). nccl needs GPUs and is not measured here.
     """
     import ray
 
     from workers.weight_sync import GroupSpec, collective_update
 
-    unknown = sorted(set(transports) - {"object_store", "gloo"})
+    unknown = sorted(set(transports) - set(SYNC_TRANSPORTS))
     if unknown:
-        raise ValueError(f"bench sync measures object_store and gloo, not {unknown}")
+        raise ValueError(f"bench sync measures {', '.join(SYNC_TRANSPORTS)}, not {unknown}")
     config = qwen3_shaped_config(params_m)
     shapes = qwen3_shapes(config)
     n_params = sum(_numel(s) for _, s in shapes)
@@ -387,7 +404,7 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
                 totals, sends, fetches, copies = [], [], [], []
                 n_buckets = 0
                 layout = ray.get(sender.layout.remote(bmb)) if transport == "gloo" else None
-                for _ in range(repeats):
+                for i in range(repeats + 1):
                     version += 1
                     t0 = time.perf_counter()
                     if transport == "gloo":
@@ -396,15 +413,20 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
                         send_s = ray.get(sender.send_collective.remote(update, bmb))
                         n, fetch_s, copy_s = ray.get(got)
                     else:
-                        update, send_s = ray.get(sender.send.remote(version, bmb))
+                        update, send_s = ray.get(sender.send.remote(version, bmb, transport == "in_place"))
                         n, fetch_s, copy_s = ray.get(receiver.receive.remote(update))
-                    totals.append(time.perf_counter() - t0)
+                    total_s = time.perf_counter() - t0
                     assert n == update.num_tensors
+                    if transport == "in_place":
+                        assert update.shared is not None and all(isinstance(h, tuple) for h in update.handles)
                     n_buckets = len(update.handles)
+                    del update  # frees the buckets in the object store
+                    if i == 0:
+                        continue  # the untimed first push
+                    totals.append(total_s)
                     sends.append(send_s)
                     fetches.append(fetch_s)
                     copies.append(copy_s)
-                    del update  # frees the buckets in the object store
                 row = {
                     "transport": transport, "bucket_mb": bmb, "buckets": n_buckets,
                     "push_seconds": _median(totals), "send_seconds": _median(sends),
@@ -417,12 +439,12 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
                     f"(send {row['send_seconds']:.3f}, fetch {row['fetch_seconds']:.3f}, "
                     f"copy {row['copy_seconds']:.3f}) = {row['mb_per_s']:8.1f} MB/s, {100 * row['of_memcpy']:.0f}% of memcpy")
         by = {(r["transport"], r["bucket_mb"]): r for r in report["buckets"]}
-        if {"object_store", "gloo"} <= set(transports):
-            report["gloo_over_object_store"] = {
-                bmb: by[("object_store", bmb)]["push_seconds"] / by[("gloo", bmb)]["push_seconds"] for bmb in bucket_mb
-            }
-            out("  push time object_store / gloo: " + ", ".join(
-                f"{bmb:g} MB {r:.2f}x" for bmb, r in report["gloo_over_object_store"].items()))
+        for other in ("gloo", "in_place"):
+            if {"object_store", other} <= set(transports):
+                report[f"{other}_over_object_store"] = ratios = {
+                    bmb: by[("object_store", bmb)]["push_seconds"] / by[(other, bmb)]["push_seconds"] for bmb in bucket_mb
+                }
+                out(f"  push time object_store / {other}: " + ", ".join(f"{bmb:g} MB {r:.2f}x" for bmb, r in ratios.items()))
     finally:
         for a in (sender, receiver):
             if a is not None:
@@ -611,7 +633,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256])
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
-    s.add_argument("--transports", nargs="+", choices=("object_store", "gloo"), default=["object_store", "gloo"])
+    s.add_argument("--transports", nargs="+", choices=SYNC_TRANSPORTS, default=list(SYNC_TRANSPORTS),
+                   help="in_place: object_store with sync.shared_memory (receivers copy from the sender's memory)")
     s = sub.add_parser("step", help="opsd's training step against a single-process loop (HF generate, teacher "
                        "forward, AdamW step) on the same model and batch (benchmarks/step.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")

@@ -2,7 +2,10 @@
 
 ``object_store``: the learner puts the buckets into Ray's store, then each receiver fetches and
 loads them (:meth:`launch.cluster.ActorPool.broadcast_weights`); a restarted receiver catches up
-from the same handle.
+from the same handle. With ``sync.shared_memory`` and every receiver on learner rank 0's Ray
+node, the learner puts nothing: receivers copy its weights out of its memory in place
+(workers/shared_weights.py); a receiver restarted on another node is caught up through the
+store.
 
 ``gloo`` / ``nccl``: learner rank 0 and the receivers of one pool form a weight group (formed
 again whenever an actor of the pool has been restarted). The receivers are started first, then
@@ -43,12 +46,14 @@ class WeightSync:
         self.stores: dict[str, tuple[str, int]] = {}  # group name -> its store (to abort it)
         self.last_update: WeightUpdate | None = None  # object_store: what a restarted receiver loads
         self.version = 0  # the version of the weights the learner last pushed (and holds)
+        self._learner_node: str | None = None
 
     def push(self, version: int, pools: list[ActorPool]) -> None:
         """The learner's current weights, as ``version``, into every actor of ``pools``."""
         self.version = version  # the learner holds these weights from now on
         if not self.collective:
-            self.last_update = self.learner.push_weights(version)
+            shared = self.cfg.sync.shared_memory and self._on_learner_node([a for p in pools for a in p.actors])
+            self.last_update = self.learner.push_weights(version, shared=shared)
             for pool in pools:
                 pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return
@@ -119,7 +124,10 @@ class WeightSync:
         if self.version == 0:
             return
         if not self.collective:
-            ray.get(actor.load_weights.remote(self.last_update))
+            update = self.last_update
+            if update.shared is not None and not self._on_learner_node([actor]):
+                update = self.learner.push_weights(self.version)  # through the store, for this one
+            ray.get(actor.load_weights.remote(update))
             return
         name = f"{pool.kind}-catch-up"
         try:
@@ -133,6 +141,18 @@ class WeightSync:
                 ray.get(actor.leave_weight_group.remote())
             except Exception:
                 pass  # it is formed into its pool's group again before the next push anyway
+
+    def _on_learner_node(self, actors: list) -> bool:
+        """Whether every one of ``actors`` runs on learner rank 0's Ray node (False when one
+        cannot say: the push then goes through the store, which handles a dead receiver)."""
+        import ray
+
+        try:
+            if self._learner_node is None:
+                self._learner_node = self.learner.nodes()[0]  # the learner never moves
+            return all(n == self._learner_node for n in ray.get([a.node_id.remote() for a in actors], timeout=60))
+        except Exception:
+            return False
 
     # --- weight groups ------------------------------------------------------------------------
 

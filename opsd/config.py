@@ -200,6 +200,9 @@ class SyncConfig:
     bucket_mb: float = 64
     retries: int = 2
     timeout_s: float = 600.0  # gloo / nccl: longest wait for a group's rendezvous or one broadcast
+    # object_store with every receiver on learner rank 0's Ray node: receivers copy its weights
+    # straight out of its memory, one copy per push instead of two (workers/shared_weights.py)
+    shared_memory: bool = True
 
 
 @dataclass

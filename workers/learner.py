@@ -28,6 +28,7 @@ from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
 from workers.scorer import torch_dtype
+from workers.shared_weights import SharedWeights
 from workers.weight_sync import (
     BucketLayout, GroupSpec, NamedTensors, WeightUpdate, collective_update, make_sender,
 )
@@ -231,6 +232,7 @@ class LearnerRank:
         self.gas = micro_batches_per_rank(self.cfg)
         self.spec = loss_spec(self.cfg)
         self.sender = make_sender(self.cfg.sync.transport, self.device) if self.rank == 0 else None
+        self.shared: SharedWeights | None = None  # rank 0, after its first push in shared memory
         # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
         self.push_dtype = torch_dtype(self.cfg.model.dtype)
         self.step = 0
@@ -330,9 +332,18 @@ class LearnerRank:
                 t.teacher_logprobs = torch.zeros(1)
         return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
 
+    def _changing_weights(self):
+        """Around anything that changes the weights: receivers reading them in place wait, and
+        updates pushed before are refused afterwards (workers/shared_weights.py)."""
+        return self.shared.changing() if self.shared is not None and self.shared.active else nullcontext()
+
     def train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
         """One optimizer step on this rank's rows (``batch_ipc`` holds only them, in ``plan.rows``'
         order); returns summed statistics."""
+        with self._changing_weights():
+            return self._train_step(batch_ipc, plan)
+
+    def _train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
         t0 = time.perf_counter()
         table = from_ipc_bytes(batch_ipc)
         if table.num_rows != len(plan.rows):
@@ -500,11 +511,30 @@ class LearnerRank:
     def close_weight_group(self, name: str) -> None:
         self.sender.close(name)
 
-    def push_weights(self, version: int, groups: tuple[str, ...] = ()) -> WeightUpdate | dict | None:
+    def _share_weights(self) -> SharedWeights | None:
+        """Rank 0's weights in shared memory, for receivers on this host to copy in place; None
+        when they cannot be (ZeRO-3 gathers them per push; a LoRA merge or a dtype conversion
+        makes new tensors: those go through the object store)."""
+        if self.shared is None:
+            self.shared = SharedWeights(self.cfg.sync.timeout_s)
+            own = [] if self.cfg.learner.zero_stage == 3 else [
+                p.detach() for _, p, layer in self._named_for_export()
+                if layer is None and p.dtype == self.push_dtype and p.device.type == "cpu"
+            ]
+            why_not = self.shared.share(own)
+            if why_not is not None:
+                print(f"[opsd] learner rank 0: weights pushed through the object store, not in place: {why_not}",
+                      flush=True)
+        return self.shared if self.shared.active else None
+
+    def push_weights(self, version: int, groups: tuple[str, ...] = (), shared: bool = False) -> WeightUpdate | dict | None:
         """Rank 0 returns the update handle; the other ranks only take part in the gathers.
 
         Every weight is sent, also with LoRA: vLLM fuses projections (qkv, gate_up) and reloads a
         fused weight whole, so sending only the adapted q and v would leave k undefined.
+
+        ``shared`` (object_store, every receiver on this host): weights that lie in rank 0's
+        shared memory are not copied, the update says where they lie.
 
         With a collective transport rank 0 broadcasts each bucket to ``groups`` as it is
         gathered, and returns ``{"ok": ..., "error": ...}``: a failed broadcast is reported, not
@@ -517,7 +547,8 @@ class LearnerRank:
             return None
         # Both senders copy each bucket out (ray.put, pack) before they ask for the next one.
         if not self.sender.collective:
-            return self.sender.send(version, self._full_buckets(copy=False))
+            in_place = self._share_weights() if shared else None
+            return self.sender.send(version, self._full_buckets(copy=False), shared=in_place)
         buckets = self._full_buckets(self.sender.device, copy=False)
         update = collective_update(version, self.sender.name, self.weight_layout())
         try:
@@ -574,7 +605,8 @@ class LearnerRank:
                 return torch.load(path, map_location=map_location, weights_only=True)
 
         self.engine.checkpoint_engine.load = load
-        _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
+        with self._changing_weights():
+            _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
         self.step = int((client or {}).get("step", 0))
         return self.step
 
@@ -710,9 +742,10 @@ class LearnerGroup:
                     summed[k] = summed.get(k, 0.0) + v
         return summed
 
-    def push_weights(self, version: int) -> WeightUpdate:
-        """object_store: the update handle (collective pushes go through :meth:`submit_push`)."""
-        return self._all("push_weights", version)[0]
+    def push_weights(self, version: int, shared: bool = False) -> WeightUpdate:
+        """object_store: the update handle (collective pushes go through :meth:`submit_push`).
+        ``shared``: every receiver runs on rank 0's host (see LearnerRank.push_weights)."""
+        return self._all("push_weights", version, (), shared)[0]
 
     def submit_push(self, version: int, groups: tuple[str, ...]) -> list:
         """``push_weights`` on every rank without waiting (rank 0's ref first), so that the

@@ -175,12 +175,12 @@ class RolloutWorker:
             except Exception as exc:
                 raise WeightSyncError(f"vLLM could not take weight version {update.version}: {exc}") from exc
         else:
-            named = self.receiver.receive(update)
-            check_against(named, self.expected_shapes)
-            try:
-                self.llm.collective_rpc("opsd_load_weights", args=(named,))
-            except Exception as exc:
-                raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
+            with self.receiver.receiving(update) as named:
+                check_against(named, self.expected_shapes)
+                try:
+                    self.llm.collective_rpc("opsd_load_weights", args=(named,))
+                except Exception as exc:
+                    raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = update.version

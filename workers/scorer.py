@@ -174,10 +174,15 @@ class ScorerWorker:
         """
         if self.mode == "fixed":
             raise RuntimeError("a fixed teacher is never synced")
-        named = self.receiver.receive(update)
-        if update.version == self.version:
-            # A retried collective push reaches every member again; an EMA must not blend twice.
-            return self.version
+        with self.receiver.receiving(update) as named:
+            if update.version == self.version:
+                # A retried collective push reaches every member again; an EMA must not blend twice.
+                return self.version
+            self._load(named)
+        self.version = update.version
+        return self.version
+
+    def _load(self, named: list[tuple[str, torch.Tensor]]) -> None:
         check_against(named, self.shapes)
         params = dict(self.model.named_parameters())
         decay = self.cfg.teacher.ema_decay
@@ -189,8 +194,6 @@ class ScorerWorker:
             named = list(blended.items())
         for name, t in named:
             params[name].copy_(t.to(device=params[name].device, dtype=params[name].dtype))
-        self.version = update.version
-        return self.version
 
     def weight_group_size(self) -> int:
         return 1

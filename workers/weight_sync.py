@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from workers.shared_weights import SharedHandle, SharedReader, SharedTensor, SharedWeights, SharedWeightsError
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -66,6 +69,9 @@ class WeightUpdate:
     handles: tuple = ()  # transport-specific, one per bucket
     num_tensors: int = 0
     num_bytes: int = 0
+    # object_store on one host: where the buckets of ``handles`` that are SharedTensor tuples lie
+    # in learner rank 0's memory (workers/shared_weights.py)
+    shared: SharedHandle | None = None
 
 
 def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> Iterator[NamedTensors]:
@@ -111,6 +117,12 @@ class WeightReceiver:
     def receive(self, update: WeightUpdate) -> NamedTensors:
         raise NotImplementedError
 
+    @contextmanager
+    def receiving(self, update: WeightUpdate) -> Iterator[NamedTensors]:
+        """The whole update, for the caller to load inside the block (after which the tensors may
+        no longer be valid: they can view memory the receiver does not own)."""
+        yield self.receive(update)
+
 
 # numpy has no bfloat16: such tensors travel as int16 arrays of the same bytes.
 _NUMPY_STAND_IN = {torch.bfloat16: torch.int16}
@@ -154,40 +166,85 @@ class ObjectStoreSender(WeightSender):
     a receiver on the same host as zero-copy views, so a push costs one copy into the store and
     the receiver's own copy into its weights. Torch tensors put as they are would be pickled
     instead, which is several times slower.
+
+    Given ``shared`` (the sender's :class:`SharedWeights`), a tensor that lies in its shared
+    segments is not put at all: the update says where it lies, and a receiver on this host
+    copies it from there (one copy per push).
     """
 
     name = "object_store"
 
-    def send(self, version: int, buckets: Iterable[NamedTensors]) -> WeightUpdate:
+    def send(self, version: int, buckets: Iterable[NamedTensors], shared: SharedWeights | None = None) -> WeightUpdate:
         import ray
 
-        handles, n, nbytes = [], 0, 0
+        handles: list = []
+        n, nbytes = 0, 0
         for bucket in buckets:
-            names, dtypes, arrays = store_object(bucket)
-            handles.append(ray.put((names, dtypes, arrays)))
-            n += len(names)
-            nbytes += sum(a.nbytes for a in arrays)
-        return WeightUpdate(version, self.name, tuple(handles), n, nbytes)
+            located = [shared.locate(name, t) for name, t in bucket] if shared is not None else [None] * len(bucket)
+            in_place = tuple(st for st in located if st is not None)
+            if in_place:
+                handles.append(in_place)
+                nbytes += sum(st.nbytes for st in in_place)
+            rest = [pair for pair, st in zip(bucket, located) if st is None]
+            if rest:
+                names, dtypes, arrays = store_object(rest)
+                handles.append(ray.put((names, dtypes, arrays)))
+                nbytes += sum(a.nbytes for a in arrays)
+            n += len(bucket)
+        handle = None
+        if any(isinstance(h, tuple) for h in handles):
+            shared.publish(version)
+            handle = shared.handle()
+        return WeightUpdate(version, self.name, tuple(handles), n, nbytes, handle)
 
 
 class ObjectStoreReceiver(WeightReceiver):
     name = "object_store"
 
-    def receive(self, update: WeightUpdate) -> NamedTensors:
-        """The whole update, as tensors that view the object store's memory: the caller copies
-        them into its weights and does not write into them."""
+    def __init__(self):
+        self.shared = SharedReader()
+
+    @contextmanager
+    def receiving(self, update: WeightUpdate) -> Iterator[NamedTensors]:
+        """The whole update, as read-only tensors that view the object store's memory or the
+        learner's own: the caller copies them into its weights inside the block."""
         import ray
 
+        refs = [h for h in update.handles if not isinstance(h, tuple)]
+        in_place = [h for h in update.handles if isinstance(h, tuple)]
+        if in_place and update.shared is None:
+            raise WeightSyncError(f"weight version {update.version} has in-place buckets but no shared segments")
         try:
-            buckets = ray.get(list(update.handles))
+            fetched = iter(ray.get(refs) if refs else ())
         except Exception as exc:
             raise WeightSyncError(f"could not fetch weight version {update.version}: {exc}") from exc
-        named = [pair for bucket in buckets for pair in from_store_object(bucket)]
-        if len(named) != update.num_tensors:
-            raise WeightSyncError(
-                f"weight version {update.version}: received {len(named)} tensors, expected {update.num_tensors}"
-            )
-        return named
+        with ExitStack() as stack:
+            views = iter(())
+            if in_place:
+                try:
+                    views = iter(stack.enter_context(self.shared.reading(update.shared, update.version, in_place)))
+                except SharedWeightsError as exc:
+                    raise WeightSyncError(str(exc)) from exc
+            named: NamedTensors = []
+            for h in update.handles:
+                if isinstance(h, tuple):
+                    named.extend(next(views) for _ in h)
+                else:
+                    named.extend(from_store_object(next(fetched)))
+            if len(named) != update.num_tensors:
+                raise WeightSyncError(
+                    f"weight version {update.version}: received {len(named)} tensors, expected {update.num_tensors}"
+                )
+            yield named
+
+    def receive(self, update: WeightUpdate) -> NamedTensors:
+        """An update that lies only in the object store, as tensors that view its memory (which
+        stays valid for as long as they live)."""
+        if update.shared is not None:
+            raise WeightSyncError(f"weight version {update.version} lies in the learner's memory: read it "
+                                  f"inside ObjectStoreReceiver.receiving()")
+        with self.receiving(update) as named:
+            return named
 
 
 # --- collective transports: gloo and nccl ---------------------------------------------------
@@ -520,7 +577,7 @@ class BroadcastSender:
             raise WeightSyncError(f"weight version {update.version}: sent {sent} buckets, the layout has {len(update.handles)}")
 
 
-class BroadcastReceiver:
+class BroadcastReceiver(WeightReceiver):
     """A receiving process's end: stages the whole update on the host, then hands it over."""
 
     collective = True
