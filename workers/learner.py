@@ -162,6 +162,17 @@ def _full_shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
+def _object_store_bytes() -> int | None:
+    """The capacity of Ray's object store on this node (it may live in /dev/shm too)."""
+    import ray
+
+    try:
+        here = ray.get_runtime_context().get_node_id()
+        return int(next(n for n in ray.nodes() if n["NodeID"] == here)["Resources"]["object_store_memory"])
+    except Exception:
+        return None
+
+
 def _column(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist()
 
@@ -521,7 +532,7 @@ class LearnerRank:
                 p.detach() for _, p, layer in self._named_for_export()
                 if layer is None and p.dtype == self.push_dtype and p.device.type == "cpu"
             ]
-            why_not = self.shared.share(own)
+            why_not = self.shared.share(own, reserve_bytes=_object_store_bytes())
             if why_not is not None:
                 print(f"[opsd] learner rank 0: weights pushed through the object store, not in place: {why_not}",
                       flush=True)

@@ -123,8 +123,11 @@ class SharedWeights:
     def _write(self, version: int) -> None:
         self._header.copy_(torch.frombuffer(bytearray(_HEADER.pack(self.token, version)), dtype=torch.uint8))
 
-    def share(self, tensors: Iterable[torch.Tensor]) -> str | None:
-        """Move the storages behind ``tensors`` into shared memory (once each); None, or why not."""
+    def share(self, tensors: Iterable[torch.Tensor], reserve_bytes: int | None = None) -> str | None:
+        """Move the storages behind ``tensors`` into shared memory (once each); None, or why not.
+
+        ``reserve_bytes`` of /dev/shm are left free besides (Ray's object store lives there too:
+        a full tmpfs would crash whoever writes next); by default as much as the weights."""
         storages: dict[int, torch.UntypedStorage] = {}
         for t in tensors:
             if t.device.type != "cpu":
@@ -135,10 +138,11 @@ class SharedWeights:
         if len(self._segments) + len(storages) > MAX_SEGMENTS:
             return f"the weights lie in more than {MAX_SEGMENTS} storages"
         need = sum(s.nbytes() for s in storages.values() if not s.is_shared())
+        reserve = need if reserve_bytes is None else reserve_bytes
         free = _free_bytes(SHM_DIR)
-        # Ray's object store shares the same memory: leave it at least as much again.
-        if free is not None and 2 * need > free:
-            return f"{SHM_DIR} has {free / 2**20:.0f} MiB free, sharing the weights needs {need / 2**20:.0f} MiB twice over"
+        if free is not None and need + reserve > free:
+            return (f"{SHM_DIR} has {free / 2**20:.0f} MiB free, the weights need {need / 2**20:.0f} MiB and "
+                    f"{reserve / 2**20:.0f} MiB are kept for Ray's object store")
         with self.changing():
             for ptr, s in storages.items():
                 s.share_memory_()  # in place: a copy into shared memory, then the pointer moves

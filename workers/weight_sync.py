@@ -6,7 +6,12 @@ Two kinds of transport behind one registry, in the shape of a checkpoint engine:
   bucket somewhere, returns a small handle, and receivers fetch it whenever they are called::
 
       update = sender.send(version, buckets)      # on learner rank 0
-      tensors = receiver.receive(update)          # on each rollout worker / scorer, later
+      with receiver.receiving(update) as tensors: # on each rollout worker / scorer, later
+          load(tensors)
+
+  On one host the sender may skip the store: tensors that lie in its shared memory
+  (``send(..., shared=SharedWeights)``, workers/shared_weights.py) travel as where they lie,
+  and the receiver copies them from there inside ``receiving``, while the learner waits.
 
 * collective (``gloo`` over TCP between hosts' memory, ``nccl`` between GPUs): learner rank 0 and
   every receiving process (each vLLM worker of each engine, each scorer) form one process group

@@ -70,6 +70,35 @@ def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(r
     assert all("plasma" in g[4] for g in got), [g[4] for g in got]
 
 
+def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_through_the_store(ray_session):
+    from workers.shared_weights import SharedWeights
+    from workers.weight_sync import ObjectStoreSender
+
+    ray = ray_session
+    g = torch.Generator().manual_seed(1)
+    flat = torch.randn(5000, generator=g).to(torch.bfloat16)  # as ZeRO 1/2 holds a learner's weights
+    named = [("a.weight", flat[:4000].view(50, 80)), ("b.bias", flat[4000:4100]),
+             # a new tensor (as a LoRA merge or a dtype conversion makes) is not the sender's memory
+             ("c.weight", torch.randn(30, 30, generator=g)), ("d.weight", flat[4100:5000].view(30, 30))]
+    shared = SharedWeights(timeout_s=30)
+    assert shared.share([flat]) is None
+    update = ObjectStoreSender().send(5, [named[:3], named[3:]], shared=shared)
+    assert ["in place" if isinstance(h, tuple) else "store" for h in update.handles] == ["in place", "store", "in place"]
+    got = ray.get(ray.remote(_received_in_place_by_another_process).options(num_cpus=0).remote(update))
+    assert [g[:4] for g in got] == [(n, str(t.dtype), tuple(t.shape), _sha(t)) for n, t in named]
+    where = [g[4] for g in got]
+    # Read-only mappings of the sender's shared memory; the converted tensor lies in the store.
+    assert all("/dev/shm/torch_" in where[i] and where[i].split()[1] == "r--s" for i in (0, 1, 3)), where
+    assert "plasma" in where[2], where
+
+
+def _received_in_place_by_another_process(update):
+    from workers.weight_sync import ObjectStoreReceiver
+
+    with ObjectStoreReceiver().receiving(update) as named:
+        return [(name, str(t.dtype), tuple(t.shape), _sha(t), _mapping_of(t.data_ptr())) for name, t in named]
+
+
 def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +117,10 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         before = np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0])
 
         group.train_step(table)
-        update = group.push_weights(1)
+        # In place, as the driver pushes when every receiver is on learner rank 0's node: the
+        # update holds no bytes, the workers copy the learner's own weights.
+        update = group.push_weights(1, shared=True)
+        assert update.shared is not None and all(isinstance(h, tuple) for h in update.handles)
         assert ray.get([w.load_weights.remote(update) for w in workers]) == [1, 1]
         assert ray.get([w.get_version.remote() for w in workers]) == [1, 1]
 
@@ -103,13 +135,24 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
             np.testing.assert_allclose(got, expected, atol=1e-4)
 
         # All or nothing: an update with a wrong shape is refused before anything loads.
+        stored = group.push_weights(1)  # through the object store
+        assert stored.shared is None
         bad_bucket = [(name, t[:-1] if name.endswith("embed_tokens.weight") else t)
-                      for name, t in from_store_object(ray.get(update.handles[0]))]
-        bad = dataclasses.replace(update, version=2,
-                                  handles=(ray.put(store_object(bad_bucket)),) + tuple(update.handles[1:]))
+                      for name, t in from_store_object(ray.get(stored.handles[0]))]
+        bad = dataclasses.replace(stored, version=2,
+                                  handles=(ray.put(store_object(bad_bucket)),) + tuple(stored.handles[1:]))
         with pytest.raises(ray.exceptions.RayTaskError) as err:
             ray.get(workers[0].load_weights.remote(bad))
         assert isinstance(err.value.cause, WeightSyncError) and "embed_tokens.weight" in str(err.value)
+        assert ray.get(workers[0].get_version.remote()) == 1
+        np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), after[0])
+
+        # Once the learner has stepped again, the in-place update of version 1 no longer exists
+        # (its memory holds newer weights): it is refused, the worker keeps what it had.
+        group.train_step(table)
+        with pytest.raises(ray.exceptions.RayTaskError) as err:
+            ray.get(workers[0].load_weights.remote(dataclasses.replace(update, version=2)))
+        assert isinstance(err.value.cause, WeightSyncError) and "no pushed version" in str(err.value)
         assert ray.get(workers[0].get_version.remote()) == 1
         np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), after[0])
     finally:

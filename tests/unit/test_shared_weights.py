@@ -1,0 +1,138 @@
+"""In-place pushes on one host (workers/shared_weights.py): what a receiver reads is the sender's
+weights, bit for bit, at the version it was told, and never while the sender changes them.
+
+A receiver opens the sender's segments through /proc/<pid>/fd, and flock conflicts between two
+opens of a file also within one process, so these run sender and receiver in the test process;
+tests/integration/test_weight_sync.py does it across processes with a learner and vLLM."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+
+import pytest
+import torch
+
+from workers.shared_weights import SharedWeights, SharedWeightsError
+from workers.weight_sync import ObjectStoreReceiver, ObjectStoreSender, WeightSyncError, iter_buckets
+
+
+def _flat_weights(seed: int = 0) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """Views of one flat buffer, as ZeRO 1/2 holds a learner's weights, in two dtypes' worth."""
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(3000, generator=g).to(torch.bfloat16)
+    shapes = [("a.weight", (30, 40)), ("b.bias", (7,)), ("c.weight", (41, 43)), ("d.scale", ())]
+    named, at = [], 0
+    for name, shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        named.append((name, flat[at: at + n].view(shape)))
+        at += n
+    return flat, named
+
+
+def _mapping_of(address: int) -> str:
+    """The /proc/self/maps line of the memory that holds ``address``."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return line.strip()
+    return ""
+
+
+def _copies(receiver: ObjectStoreReceiver, update) -> list[tuple[str, torch.Tensor]]:
+    with receiver.receiving(update) as named:
+        return [(n, t.clone()) for n, t in named]
+
+
+def test_an_in_place_push_reads_the_senders_own_memory_bit_for_bit():
+    flat, named = _flat_weights()
+    before = [(n, t.clone()) for n, t in named]
+    shared = SharedWeights(timeout_s=5)
+    assert shared.share(t for _, t in named) is None
+    # Sharing moves the pages, not the tensors: the views keep their values and their buffer.
+    assert flat.untyped_storage().is_shared()
+    assert all(torch.equal(t, b) for (_, t), (_, b) in zip(named, before))
+    assert all(t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for _, t in named)
+
+    update = ObjectStoreSender().send(3, iter_buckets(named, bucket_mb=0.004), shared=shared)
+    assert update.shared is not None and len(update.shared.segments) == 1
+    assert len(update.handles) >= 2 and all(isinstance(h, tuple) for h in update.handles)
+    assert update.num_tensors == len(named) and update.num_bytes == sum(t.numel() * 2 for _, t in named)
+    receiver = ObjectStoreReceiver()
+    with receiver.receiving(update) as got:
+        assert [(n, t.dtype, tuple(t.shape)) for n, t in got] == [(n, t.dtype, tuple(t.shape)) for n, t in named]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, named))
+        # Views of a read-only shared mapping of the sender's segment: nothing was copied.
+        assert all(_mapping_of(t.data_ptr()).split()[1] == "r--s" for _, t in got)
+        assert "/dev/shm/torch_" in _mapping_of(got[0][1].data_ptr())
+    # A plain receive() cannot keep the sender from changing the memory under it.
+    with pytest.raises(WeightSyncError, match="receiving"):
+        receiver.receive(update)
+
+
+def test_an_update_is_refused_once_the_sender_has_changed_its_weights():
+    _, named = _flat_weights()
+    shared = SharedWeights(timeout_s=5)
+    shared.share(t for _, t in named)
+    receiver = ObjectStoreReceiver()
+    v1 = ObjectStoreSender().send(1, [named], shared=shared)
+    assert torch.equal(_copies(receiver, v1)[0][1], named[0][1])
+
+    with shared.changing():  # an optimizer step
+        for _, t in named:
+            t.add_(1.0)
+    with pytest.raises(WeightSyncError, match="version 1 is gone.*no pushed version"):
+        _copies(receiver, v1)
+    v2 = ObjectStoreSender().send(2, [named], shared=shared)
+    got = _copies(receiver, v2)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, named))
+    with pytest.raises(WeightSyncError, match="version 1 is gone.*they hold version 2"):
+        _copies(receiver, v1)
+
+
+def test_the_sender_cannot_change_its_weights_while_a_receiver_copies_them_nor_the_reverse():
+    _, named = _flat_weights()
+    shared = SharedWeights(timeout_s=0.2)
+    shared.share(t for _, t in named)
+    update = ObjectStoreSender().send(1, [named], shared=shared)
+    receiver = ObjectStoreReceiver()
+    with receiver.receiving(update):
+        with pytest.raises(SharedWeightsError, match="waiting for receivers to finish copying"):
+            with shared.changing():
+                pytest.fail("the weights changed under a receiver")
+    with shared.changing():
+        with pytest.raises(WeightSyncError, match="waiting for learner rank 0 to finish its step"):
+            _copies(receiver, update)
+    # Neither wait left a lock behind.
+    fcntl.flock(shared._header_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(shared._header_fd, fcntl.LOCK_UN)
+
+
+def test_a_receiver_that_cannot_reach_the_sender_says_what_to_do():
+    _, named = _flat_weights()
+    shared = SharedWeights(timeout_s=5)
+    shared.share(t for _, t in named)
+    update = ObjectStoreSender().send(1, [named], shared=shared)
+    gone = dataclasses.replace(update, shared=dataclasses.replace(update.shared, pid=2**22 + 1))
+    with pytest.raises(WeightSyncError, match="sync.shared_memory=false"):
+        _copies(ObjectStoreReceiver(), gone)
+    # Another process's descriptor of that number is not the header: told apart by its token.
+    forged = dataclasses.replace(update, shared=dataclasses.replace(update.shared, token=b"x" * 16))
+    with pytest.raises(WeightSyncError, match="not learner rank 0's weight header"):
+        _copies(ObjectStoreReceiver(), forged)
+
+
+def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room(monkeypatch):
+    import workers.shared_weights as sw
+
+    shared = SharedWeights(timeout_s=5)
+    monkeypatch.setattr(sw, "MAX_SEGMENTS", 2)
+    assert "more than 2 storages" in shared.share([torch.zeros(3), torch.zeros(3), torch.zeros(3)])
+    assert not shared.active
+    assert "is on meta" in shared.share([torch.zeros(3, device="meta")])
+    # Room is left in /dev/shm for Ray's object store, which lives there too.
+    assert "kept for Ray's object store" in shared.share([torch.zeros(3)], reserve_bytes=2**62)
+    assert not shared.active
