@@ -136,3 +136,33 @@ def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room
     # Room is left in /dev/shm for Ray's object store, which lives there too.
     assert "kept for Ray's object store" in shared.share([torch.zeros(3)], reserve_bytes=2**62)
     assert not shared.active
+
+
+_DIES_WHILE_COPYING = """
+import os, sys
+from workers.shared_weights import Segment, SharedHandle, SharedReader, SharedTensor
+pid, header_fd, fd, nbytes, version = map(int, sys.argv[1:6])
+handle = SharedHandle(pid, bytes.fromhex(sys.argv[6]), Segment(header_fd, 24), (Segment(fd, nbytes),), 5.0)
+with SharedReader().reading(handle, version, [(SharedTensor("a.weight", 0, 0, (30, 40), "bfloat16"),)]) as named:
+    assert named[0][1].shape == (30, 40)
+    print("copying", flush=True)
+    os._exit(3)  # killed mid-copy: the lock goes with the process
+"""
+
+
+def test_a_receiver_that_dies_while_it_copies_does_not_hold_up_the_learner():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, named = _flat_weights()
+    shared = SharedWeights(timeout_s=0.5)
+    shared.share(t for _, t in named)
+    update = ObjectStoreSender().send(4, [named], shared=shared)
+    h = update.shared
+    args = [str(x) for x in (h.pid, h.header.fd, h.segments[0].fd, h.segments[0].nbytes, 4)] + [h.token.hex()]
+    done = subprocess.run([sys.executable, "-c", _DIES_WHILE_COPYING, *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert done.returncode == 3 and "copying" in done.stdout, done.stderr
+    with shared.changing():  # the dead receiver's shared lock is gone: no wait, no timeout
+        named[0][1].add_(1.0)
