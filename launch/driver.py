@@ -40,7 +40,7 @@ METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
-    "update_skipped", "score_overlapped",
+    "update_skipped", "score_overlapped", "sync_in_place",
 )
 
 
@@ -729,6 +729,8 @@ class Trainer:
             "sync_seconds": sync_s, "sample_ids": [r["sample_id"] for r in rows],
             "update_skipped": bool(stats.get("update_skipped", False)),
             "score_overlapped": scoring is not None,
+            # object_store: whether the receivers copied the weights out of the learner's memory
+            "sync_in_place": self.weights.in_place,
         }
         if row["update_skipped"]:
             row["nonfinite_sample_ids"] = stats.get("nonfinite_sample_ids", [])

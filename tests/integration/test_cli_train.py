@@ -33,6 +33,8 @@ def test_run_dir_layout_and_metrics(cli_run, tiny_model):
         assert not missing, f"step {r['step']} lacks {missing}"
         assert r["policy_version"] == r["step"]
         assert r["teacher_version"] == 0  # fixed teacher
+        # object_store on one node: the rollout worker copied the learner's weights in place.
+        assert r["sync_in_place"] is (cfg.sync.transport == "object_store" and cfg.sync.shared_memory)
         total += r["tokens_generated"]
         assert r["tokens_generated_total"] == total
         assert all(math.isfinite(r[k]) for k in ("loss", "kl_sampled", "grad_norm", "lr"))

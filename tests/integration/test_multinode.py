@@ -32,6 +32,8 @@ def assert_every_prompt_once_in_order(result: dict) -> None:
     metrics = [m for m in result["metrics"] if m["step"] > 0]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    # The learner and the receivers are on different nodes: every push went through the store.
+    assert not any(m["sync_in_place"] for m in metrics)
     # The surviving history: one epoch of 24 problems, each once, in an uninterrupted run's order.
     assert [[sid.rsplit("#", 1)[0] for sid in m["sample_ids"]] for m in metrics] == result["expected_uids"]
     assert len({u for step in result["expected_uids"] for u in step}) == 24
