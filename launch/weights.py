@@ -47,7 +47,11 @@ class WeightSync:
         self.last_update: WeightUpdate | None = None  # object_store: what a restarted receiver loads
         self.version = 0  # the version of the weights the learner last pushed (and holds)
         self._learner_node: str | None = None
-        self.in_place = False  # whether the last push was read out of the learner's memory
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the last push was read out of the learner's memory (object_store, one node)."""
+        return self.last_update is not None and self.last_update.shared is not None
 
     def push(self, version: int, pools: list[ActorPool]) -> None:
         """The learner's current weights, as ``version``, into every actor of ``pools``."""
@@ -55,7 +59,6 @@ class WeightSync:
         if not self.collective:
             shared = self.cfg.sync.shared_memory and self._on_learner_node([a for p in pools for a in p.actors])
             self.last_update = self.learner.push_weights(version, shared=shared)
-            self.in_place = self.last_update.shared is not None
             for pool in pools:
                 pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return

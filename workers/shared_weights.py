@@ -102,7 +102,9 @@ def _lock(fd: int, how: int, timeout_s: float, what: str) -> None:
 
 
 def _fd_of(storage: torch.UntypedStorage) -> int:
-    fd, _ = storage._share_fd_cpu_()  # the storage is shared already: this only reports its fd
+    """Move ``storage`` into file-descriptor-backed shared memory in place (torch's own way of
+    sharing a CPU storage, whatever the process's sharing strategy), or just report its fd."""
+    fd, _ = storage._share_fd_cpu_()
     return fd
 
 
@@ -113,7 +115,6 @@ class SharedWeights:
         self.timeout_s = timeout_s
         self.token = secrets.token_bytes(16)
         self._header = torch.zeros(_HEADER.size, dtype=torch.uint8)
-        self._header.untyped_storage().share_memory_()
         self._header_fd = _fd_of(self._header.untyped_storage())
         self._segment_of: dict[int, int] = {}  # a storage's data_ptr -> its segment index
         self._segments: list[Segment] = []
@@ -144,10 +145,13 @@ class SharedWeights:
             return (f"{SHM_DIR} has {free / 2**20:.0f} MiB free, the weights need {need / 2**20:.0f} MiB and "
                     f"{reserve / 2**20:.0f} MiB are kept for Ray's object store")
         with self.changing():
-            for ptr, s in storages.items():
-                s.share_memory_()  # in place: a copy into shared memory, then the pointer moves
+            for s in storages.values():
+                try:
+                    fd = _fd_of(s)  # in place: a copy into shared memory, then the pointer moves
+                except RuntimeError as exc:  # e.g. shared already, another way
+                    return f"a weight's storage cannot be shared by file descriptor: {exc}"
                 self._segment_of[s.data_ptr()] = len(self._segments)
-                self._segments.append(Segment(_fd_of(s), s.nbytes()))
+                self._segments.append(Segment(fd, s.nbytes()))
                 self._storages.append(s)
         return None
 
