@@ -155,6 +155,14 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         assert isinstance(err.value.cause, WeightSyncError) and "no pushed version" in str(err.value)
         assert ray.get(workers[0].get_version.remote()) == 1
         np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), after[0])
+        # The next in-place push reads what that step wrote into the same shared memory.
+        update = group.push_weights(2, shared=True)
+        assert update.shared is not None and ray.get(workers[0].load_weights.remote(update)) == 2
+        model.load_state_dict(group.full_state(), strict=False)
+        model.tie_weights()
+        expected2 = hf_logprobs(model.eval(), seq)
+        assert np.abs(expected2 - expected).max() > 1e-2
+        np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), expected2, atol=1e-4)
     finally:
         for w in workers:
             ray.kill(w)
