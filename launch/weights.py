@@ -47,6 +47,8 @@ class WeightSync:
         self.last_update: WeightUpdate | None = None  # object_store: what a restarted receiver loads
         self.version = 0  # the version of the weights the learner last pushed (and holds)
         self._learner_node: str | None = None
+        self._pool_nodes: dict[str, tuple[int, bool]] = {}  # pool kind -> (its restarts, on the learner's node)
+        self._in_place_failed = False  # a receiver could not read in place: through the store from then on
 
     @property
     def in_place(self) -> bool:
@@ -57,10 +59,22 @@ class WeightSync:
         """The learner's current weights, as ``version``, into every actor of ``pools``."""
         self.version = version  # the learner holds these weights from now on
         if not self.collective:
-            shared = self.cfg.sync.shared_memory and self._on_learner_node([a for p in pools for a in p.actors])
+            shared = self.cfg.sync.shared_memory and not self._in_place_failed and all(map(self._local, pools))
             self.last_update = self.learner.push_weights(version, shared=shared)
-            for pool in pools:
-                pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
+            try:
+                for pool in pools:
+                    pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
+            except WeightSyncError as exc:
+                if self.last_update.shared is None:
+                    raise
+                # E.g. a receiver in another PID namespace, or restarted on another node before
+                # the driver noticed. The learner is idle and still holds this version.
+                print(f"opsd: warning: an in-place weight push failed ({_cause(exc)}); pushing through the "
+                      "object store from now on (sync.shared_memory)", flush=True)
+                self._in_place_failed = True
+                self.last_update = self.learner.push_weights(version)
+                for pool in pools:
+                    pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return
         import ray
 
@@ -130,9 +144,18 @@ class WeightSync:
             return
         if not self.collective:
             update = self.last_update
-            if update.shared is not None and not self._on_learner_node([actor]):
+            if update.shared is not None and (self._in_place_failed or not self._on_learner_node([actor])):
                 update = self.learner.push_weights(self.version)  # through the store, for this one
-            ray.get(actor.load_weights.remote(update))
+            try:
+                ray.get(actor.load_weights.remote(update))
+            except ray.exceptions.RayTaskError as exc:
+                if update.shared is None:
+                    raise
+                print(f"opsd: warning: a restarted {pool.kind} actor could not read the weights in place "
+                      f"({_cause(exc)}); pushing through the object store from now on (sync.shared_memory)",
+                      flush=True)
+                self._in_place_failed = True
+                ray.get(actor.load_weights.remote(self.learner.push_weights(self.version)))
             return
         name = f"{pool.kind}-catch-up"
         try:
@@ -146,6 +169,14 @@ class WeightSync:
                 ray.get(actor.leave_weight_group.remote())
             except Exception:
                 pass  # it is formed into its pool's group again before the next push anyway
+
+    def _local(self, pool: ActorPool) -> bool:
+        """Whether every actor of ``pool`` is on learner rank 0's node, asked again only after
+        one of them was restarted (asking runs a task on each actor, which waits while it works)."""
+        known = self._pool_nodes.get(pool.kind)
+        if known is None or known[0] != pool.restarts:
+            known = self._pool_nodes[pool.kind] = (pool.restarts, self._on_learner_node(pool.actors))
+        return known[1]
 
     def _on_learner_node(self, actors: list) -> bool:
         """Whether every one of ``actors`` runs on learner rank 0's Ray node (False when one

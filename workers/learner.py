@@ -534,8 +534,7 @@ class LearnerRank:
             ]
             why_not = self.shared.share(own, reserve_bytes=_object_store_bytes())
             if why_not is not None:
-                print(f"[opsd] learner rank 0: weights pushed through the object store, not in place: {why_not}",
-                      flush=True)
+                print(f"[opsd] learner rank 0: not every weight is pushed in place: {why_not}", flush=True)
         return self.shared if self.shared.active else None
 
     def push_weights(self, version: int, groups: tuple[str, ...] = (), shared: bool = False) -> WeightUpdate | dict | None:

@@ -134,7 +134,7 @@ class SharedWeights:
             if t.device.type != "cpu":
                 return f"a weight is on {t.device}"
             s = t.untyped_storage()
-            if s.data_ptr() not in self._segment_of:
+            if s.nbytes() and s.data_ptr() not in self._segment_of:  # an empty one has no memory to share
                 storages.setdefault(s.data_ptr(), s)
         if len(self._segments) + len(storages) > MAX_SEGMENTS:
             return f"the weights lie in more than {MAX_SEGMENTS} storages"
@@ -144,15 +144,20 @@ class SharedWeights:
         if free is not None and need + reserve > free:
             return (f"{SHM_DIR} has {free / 2**20:.0f} MiB free, the weights need {need / 2**20:.0f} MiB and "
                     f"{reserve / 2**20:.0f} MiB are kept for Ray's object store")
+        failed: list[str] = []
         with self.changing():
             for s in storages.values():
                 try:
                     fd = _fd_of(s)  # in place: a copy into shared memory, then the pointer moves
                 except RuntimeError as exc:  # e.g. shared already, another way
-                    return f"a weight's storage cannot be shared by file descriptor: {exc}"
+                    failed.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    continue
                 self._segment_of[s.data_ptr()] = len(self._segments)
                 self._segments.append(Segment(fd, s.nbytes()))
                 self._storages.append(s)
+        if failed:
+            return (f"{len(failed)} of {len(storages)} weight storages cannot be shared by file descriptor "
+                    f"({failed[0]}): their weights go through the object store")
         return None
 
     @property
@@ -161,8 +166,10 @@ class SharedWeights:
 
     def locate(self, name: str, t: torch.Tensor) -> SharedTensor | None:
         """Where ``t`` lies in a shared segment, or None when it is not a view of one."""
-        seg = self._segment_of.get(t.untyped_storage().data_ptr())
-        if seg is None or not t.is_contiguous():
+        ptr = t.untyped_storage().data_ptr()
+        seg = self._segment_of.get(ptr)
+        # The storage registered for that address must still be there (nothing moved it since).
+        if seg is None or self._storages[seg].data_ptr() != ptr or not t.is_contiguous() or t.numel() == 0:
             return None
         offset = t.data_ptr() - t.untyped_storage().data_ptr()
         return SharedTensor(name, seg, offset, tuple(t.shape), str(t.dtype).removeprefix("torch."))
@@ -245,10 +252,14 @@ class _Mapping:
             import numpy as np
 
             fd = self._open(seg.fd)
-            size = os.fstat(fd).st_size
-            if size < seg.nbytes:
-                raise SharedWeightsError(f"learner rank 0's weight segment {index} holds {size} bytes, not {seg.nbytes}")
-            m = mmap.mmap(fd, seg.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+            try:
+                size = os.fstat(fd).st_size
+                if size < seg.nbytes:
+                    raise SharedWeightsError(
+                        f"learner rank 0's weight segment {index} holds {size} bytes, not {seg.nbytes}")
+                m = mmap.mmap(fd, seg.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
+            finally:
+                os.close(self.fds.pop(seg.fd))  # the mapping keeps the memory; only the header's fd stays open
             self.maps.append(m)
             with warnings.catch_warnings():
                 # The mapping is read-only on purpose (a receiver must never write the learner's

@@ -217,6 +217,10 @@ class ObjectStoreReceiver(WeightReceiver):
 
         refs = [h for h in update.handles if not isinstance(h, tuple)]
         in_place = [h for h in update.handles if isinstance(h, tuple)]
+        if update.shared is None:
+            # Pushes through the store from here on (another node, or a restarted learner that
+            # could not share): do not keep an earlier learner's memory mapped.
+            self.shared.close()
         if in_place and update.shared is None:
             raise WeightSyncError(f"weight version {update.version} has in-place buckets but no shared segments")
         try:

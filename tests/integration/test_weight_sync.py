@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from opsd.batch import read_ipc
+from workers.rollout import RolloutWorker
 from workers.weight_sync import WeightSyncError, from_store_object, store_object
 
-from .conftest import local_config
+from .conftest import local_config, make_trainer, read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +168,35 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         for w in workers:
             ray.kill(w)
         group.shutdown()
+
+
+class InAnotherPidNamespace(RolloutWorker):
+    """Sees learner rank 0 under a pid that is not there, as a receiver in another container
+    would: every in-place read fails (the real error, from the real open of /proc/<pid>/fd)."""
+
+    def load_weights(self, update):
+        if update.shared is not None:
+            update = dataclasses.replace(update, shared=dataclasses.replace(update.shared, pid=2**22 + 1))
+        return super().load_weights(update)
+
+
+def test_a_receiver_that_cannot_read_in_place_gets_the_push_through_the_store(tmp_path, ray_session, monkeypatch,
+                                                                              capsys):
+    from launch import driver
+
+    monkeypatch.setattr(driver, "RolloutWorker", InAnotherPidNamespace)
+    trainer, run_dir = make_trainer(tmp_path, "data.max_rows=8", "train.prompts_per_step=4", "train.steps=2",
+                                    "train.checkpoint_every=0", "eval.every=0", "sync.retries=0")
+    try:
+        trainer.run_steps(run_dir)
+        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
+    finally:
+        trainer.shutdown()
+    assert versions == [2]
+    # The first push was tried in place and redone through the store; the next went there at once.
+    assert [r["sync_in_place"] for r in read_metrics(run_dir.path)] == [False, False]
+    out = capsys.readouterr().out
+    assert out.count("an in-place weight push failed") == 1 and "sync.shared_memory=false" in out
 
 
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.

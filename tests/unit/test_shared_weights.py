@@ -133,6 +133,9 @@ def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room
     assert "more than 2 storages" in shared.share([torch.zeros(3), torch.zeros(3), torch.zeros(3)])
     assert not shared.active
     assert "is on meta" in shared.share([torch.zeros(3, device="meta")])
+    # An empty weight has no memory to share (torch reports fd -1 for it): it is not located.
+    assert shared.share([torch.empty(0)]) is None and not shared.active
+    assert shared.locate("empty", torch.empty(0)) is None
     # Room is left in /dev/shm for Ray's object store, which lives there too.
     assert "kept for Ray's object store" in shared.share([torch.zeros(3)], reserve_bytes=2**62)
     assert not shared.active
@@ -166,3 +169,24 @@ def test_a_receiver_that_dies_while_it_copies_does_not_hold_up_the_learner():
     assert done.returncode == 3 and "copying" in done.stdout, done.stderr
     with shared.changing():  # the dead receiver's shared lock is gone: no wait, no timeout
         named[0][1].add_(1.0)
+
+
+def test_a_receiver_keeps_the_senders_memory_mapped_only_while_pushes_come_in_place():
+    import os
+
+    from workers.weight_sync import WeightUpdate
+
+    _, named = _flat_weights()
+    shared = SharedWeights(timeout_s=5)
+    shared.share(t for _, t in named)
+    receiver = ObjectStoreReceiver()
+    fds = len(os.listdir("/proc/self/fd"))
+    for version in (1, 2, 3):
+        _copies(receiver, ObjectStoreSender().send(version, [named], shared=shared))
+        # Mapped once, then reused, however many pushes: the header's fd (for its lock) and
+        # the descriptor Python's mmap keeps for each of its two mappings.
+        assert len(os.listdir("/proc/self/fd")) == fds + 3
+    # A push through the store (e.g. a restarted learner that could not share) drops the mapping.
+    with receiver.receiving(WeightUpdate(4, "object_store")) as got:
+        assert got == []
+    assert len(os.listdir("/proc/self/fd")) == fds
