@@ -250,7 +250,10 @@ class _SyncSender:
 
         if in_place and self.shared is None:
             self.shared = SharedWeights(timeout_s=60)
-            assert self.shared.share(t for _, t in self.named) is None
+            why_not = self.shared.share(t for _, t in self.named)
+            if why_not is not None:
+                raise RuntimeError(f"bench sync: the in_place sender cannot share its weights: {why_not}; "
+                                   "leave in_place out of --transports")
         t0 = time.perf_counter()
         update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb),
                                           shared=self.shared if in_place else None)
