@@ -68,11 +68,8 @@ class WeightSync:
                 if self.last_update.shared is None:
                     raise
                 # E.g. a receiver in another PID namespace, or restarted on another node before
-                # the driver noticed. The learner is idle and still holds this version.
-                print(f"opsd: warning: an in-place weight push failed ({_cause(exc)}); pushing through the "
-                      "object store from now on (sync.shared_memory)", flush=True)
-                self._in_place_failed = True
-                self.last_update = self.learner.push_weights(version)
+                # the driver noticed.
+                self.last_update = self._stop_in_place(f"an in-place weight push failed ({_cause(exc)})")
                 for pool in pools:
                     pool.broadcast_weights(self.last_update, retries=self.cfg.sync.retries)
             return
@@ -151,11 +148,9 @@ class WeightSync:
             except ray.exceptions.RayTaskError as exc:
                 if update.shared is None:
                     raise
-                print(f"opsd: warning: a restarted {pool.kind} actor could not read the weights in place "
-                      f"({_cause(exc)}); pushing through the object store from now on (sync.shared_memory)",
-                      flush=True)
-                self._in_place_failed = True
-                ray.get(actor.load_weights.remote(self.learner.push_weights(self.version)))
+                update = self._stop_in_place(f"a restarted {pool.kind} actor could not read the weights in "
+                                             f"place ({_cause(exc)})")
+                ray.get(actor.load_weights.remote(update))
             return
         name = f"{pool.kind}-catch-up"
         try:
@@ -169,6 +164,14 @@ class WeightSync:
                 ray.get(actor.leave_weight_group.remote())
             except Exception:
                 pass  # it is formed into its pool's group again before the next push anyway
+
+    def _stop_in_place(self, why: str) -> WeightUpdate:
+        """Push through the store from now on; returns the current version's update that way.
+        The learner is idle and holds that version whenever a receiver fails or is caught up."""
+        print(f"opsd: warning: {why}; pushing through the object store from now on (sync.shared_memory)",
+              flush=True)
+        self._in_place_failed = True
+        return self.learner.push_weights(self.version)
 
     def _local(self, pool: ActorPool) -> bool:
         """Whether every actor of ``pool`` is on learner rank 0's node, asked again only after

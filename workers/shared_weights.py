@@ -211,7 +211,7 @@ class _Mapping:
 
     def __init__(self, handle: SharedHandle):
         self.pid, self.token = handle.pid, handle.token
-        self.fds: dict[int, int] = {}
+        self.header_fd: int | None = None  # kept open for its lock; a segment's fd is closed once mapped
         self.segments: dict[int, torch.Tensor] = {}
         self.maps: list[mmap.mmap] = []
         try:
@@ -228,19 +228,15 @@ class _Mapping:
             raise
 
     def _open(self, fd: int) -> int:
-        if fd in self.fds:
-            return self.fds[fd]
         path = f"/proc/{self.pid}/fd/{fd}"
         try:
-            own = os.open(path, os.O_RDONLY)
+            return os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise SharedWeightsError(
                 f"cannot open learner rank 0's shared weights at {path} ({exc.strerror}): a receiver must run on "
                 f"the learner's host for sync.shared_memory; set sync.shared_memory=false to push through the "
                 f"object store"
             ) from exc
-        self.fds[fd] = own
-        return own
 
     def read_header(self) -> tuple[bytes, int]:
         return _HEADER.unpack(self.header[: _HEADER.size])
@@ -259,7 +255,7 @@ class _Mapping:
                         f"learner rank 0's weight segment {index} holds {size} bytes, not {seg.nbytes}")
                 m = mmap.mmap(fd, seg.nbytes, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
-                os.close(self.fds.pop(seg.fd))  # the mapping keeps the memory; only the header's fd stays open
+                os.close(fd)  # the mapping keeps the memory
             self.maps.append(m)
             with warnings.catch_warnings():
                 # The mapping is read-only on purpose (a receiver must never write the learner's
@@ -276,9 +272,9 @@ class _Mapping:
             except BufferError:
                 pass  # a view is still alive; the mapping goes with it
         self.maps.clear()
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        if self.header_fd is not None:
+            os.close(self.header_fd)
+            self.header_fd = None
 
 
 class SharedReader:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from opsd.batch import read_ipc
+from tests.memory_maps import mapping_of
 from workers.rollout import RolloutWorker
 from workers.weight_sync import WeightSyncError, from_store_object, store_object
 
@@ -30,22 +31,12 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
-def _mapping_of(address: int) -> str:
-    """The /proc/self/maps line of the memory that holds ``address``."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            if lo <= address < hi:
-                return line.strip()
-    return ""
-
-
 def _received_by_another_process(update):
     """In a Ray task (another process): what the receiver got, and where its memory lies."""
     from workers.weight_sync import ObjectStoreReceiver
 
     named = ObjectStoreReceiver().receive(update)
-    return [(name, str(t.dtype), tuple(t.shape), _sha(t), _mapping_of(t.data_ptr())) for name, t in named]
+    return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
 
 
 def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(ray_session):
@@ -97,7 +88,7 @@ def _received_in_place_by_another_process(update):
     from workers.weight_sync import ObjectStoreReceiver
 
     with ObjectStoreReceiver().receiving(update) as named:
-        return [(name, str(t.dtype), tuple(t.shape), _sha(t), _mapping_of(t.data_ptr())) for name, t in named]
+        return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
 
 
 def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):

@@ -13,6 +13,7 @@ import fcntl
 import pytest
 import torch
 
+from tests.memory_maps import mapping_of
 from workers.shared_weights import SharedWeights, SharedWeightsError
 from workers.weight_sync import ObjectStoreReceiver, ObjectStoreSender, WeightSyncError, iter_buckets
 
@@ -30,16 +31,6 @@ def _flat_weights(seed: int = 0) -> tuple[torch.Tensor, list[tuple[str, torch.Te
         named.append((name, flat[at: at + n].view(shape)))
         at += n
     return flat, named
-
-
-def _mapping_of(address: int) -> str:
-    """The /proc/self/maps line of the memory that holds ``address``."""
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-            if lo <= address < hi:
-                return line.strip()
-    return ""
 
 
 def _copies(receiver: ObjectStoreReceiver, update) -> list[tuple[str, torch.Tensor]]:
@@ -66,8 +57,8 @@ def test_an_in_place_push_reads_the_senders_own_memory_bit_for_bit():
         assert [(n, t.dtype, tuple(t.shape)) for n, t in got] == [(n, t.dtype, tuple(t.shape)) for n, t in named]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, named))
         # Views of a read-only shared mapping of the sender's segment: nothing was copied.
-        assert all(_mapping_of(t.data_ptr()).split()[1] == "r--s" for _, t in got)
-        assert "/dev/shm/torch_" in _mapping_of(got[0][1].data_ptr())
+        assert all(mapping_of(t.data_ptr()).split()[1] == "r--s" for _, t in got)
+        assert "/dev/shm/torch_" in mapping_of(got[0][1].data_ptr())
     # A plain receive() cannot keep the sender from changing the memory under it.
     with pytest.raises(WeightSyncError, match="receiving"):
         receiver.receive(update)
