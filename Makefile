@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@# installed transformers fails to import (operator torchvision::nms does not exist).
 	@# Text models need none of them.
 	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
-	$(PY) -m launch.cli doctor
+	$(PY) -m opsd.launch.cli doctor
 	@touch $(STAMP)
 
 train: setup

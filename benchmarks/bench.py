@@ -9,7 +9,7 @@
 Only the standard library is imported at module level: ``bench loss`` must run on a GPU machine
 that has torch but no ray, vllm or deepspeed (scripts/gpu_check.sh), and ``opsd --help`` stays
 fast. Each ``bench_*`` function prints its figures and returns them as a dict; no test asserts
-a time. ``python -m benchmarks.bench loss ...`` works without omegaconf (``launch.cli`` needs it).
+a time. ``python -m opsd.benchmarks.bench loss ...`` works without omegaconf (``opsd.launch.cli`` needs it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.machine import machine
+from opsd.benchmarks.machine import machine
 
 MB = 2**20
 
@@ -232,7 +232,7 @@ class _SyncSender:
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
         import torch
 
-        from workers.weight_sync import BroadcastSender
+        from opsd.workers.weight_sync import BroadcastSender
 
         torch.manual_seed(0)
         # Views of one flat buffer, as DeepSpeed's ZeRO 1/2 keeps a learner's weights.
@@ -245,8 +245,8 @@ class _SyncSender:
         self.shared = None
 
     def send(self, version: int, bucket_mb: float, in_place: bool = False):
-        from workers.shared_weights import SharedWeights
-        from workers.weight_sync import ObjectStoreSender, iter_buckets
+        from opsd.workers.shared_weights import SharedWeights
+        from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
 
         if in_place and self.shared is None:
             self.shared = SharedWeights(timeout_s=60)
@@ -261,7 +261,7 @@ class _SyncSender:
 
     # gloo: the group is formed once; each push is then one header and one broadcast per bucket.
     def layout(self, bucket_mb: float) -> list:
-        from workers.weight_sync import iter_buckets, layout_of
+        from opsd.workers.weight_sync import iter_buckets, layout_of
 
         return [layout_of(b) for b in iter_buckets(self.named, bucket_mb)]
 
@@ -274,7 +274,7 @@ class _SyncSender:
         self.broadcast.join(spec)
 
     def send_collective(self, update, bucket_mb: float) -> float:
-        from workers.weight_sync import iter_buckets
+        from opsd.workers.weight_sync import iter_buckets
 
         t0 = time.perf_counter()
         self.broadcast.send(update, iter_buckets(self.named, bucket_mb), ["bench"])
@@ -287,7 +287,7 @@ class _SyncReceiver:
     def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
         import torch
 
-        from workers.weight_sync import BroadcastReceiver, ObjectStoreReceiver
+        from opsd.workers.weight_sync import BroadcastReceiver, ObjectStoreReceiver
 
         self.params = {name: torch.zeros(shape) for name, shape in shapes}
         self.broadcast = BroadcastReceiver("gloo")
@@ -296,7 +296,7 @@ class _SyncReceiver:
     def _copy(self, named) -> float:
         import torch
 
-        from workers.weight_sync import check_against
+        from opsd.workers.weight_sync import check_against
 
         t0 = time.perf_counter()
         check_against(named, {k: tuple(v.shape) for k, v in self.params.items()})
@@ -339,7 +339,7 @@ def _start_ray(num_cpus: int = 2) -> bool:
     """Attach when RAY_ADDRESS says so, else start a local Ray the way `opsd train` does."""
     import ray
 
-    from launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray
     from opsd.config import REPO_ROOT, load_config
 
     if ray.is_initialized():
@@ -371,7 +371,7 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
     """
     import ray
 
-    from workers.weight_sync import GroupSpec, collective_update
+    from opsd.workers.weight_sync import GroupSpec, collective_update
 
     unknown = sorted(set(transports) - set(SYNC_TRANSPORTS))
     if unknown:
@@ -475,9 +475,9 @@ def _bench_vllm_load(repeats: int, out: Callable[[str], None]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from opsd.config import REPO_ROOT, load_config
-    from opsd.models import resolve_model_path
-    from workers.rollout import RolloutWorker
-    from workers.weight_sync import ObjectStoreSender, iter_buckets
+    from opsd.assets.models import resolve_model_path
+    from opsd.workers.rollout import RolloutWorker
+    from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
 
     model_path = resolve_model_path("tiny")
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["rollout.kv_cache_mb=64"])
@@ -562,9 +562,9 @@ OUTSIDE = (("setup", "config, tokenizer, prompts"), ("ray_start", "start or atta
 
 
 def bench_train(config: str | None, overrides: list[str], out: Callable[[str], None] = print) -> dict:
-    """Run `opsd train` (launch.driver.train) and break its wall time down: per-step phases from
+    """Run `opsd train` (opsd.launch.driver.train) and break its wall time down: per-step phases from
     metrics.jsonl, and the time outside the steps by timing the driver's own calls."""
-    import launch.driver as driver
+    import opsd.launch.driver as driver
 
     watch = _Stopwatch()
     watch.wrap(driver.Trainer, "__init__", "setup")
@@ -579,7 +579,7 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
     finally:
         watch.restore()
     wall = time.perf_counter() - t0
-    from launch.loggers import read_metrics
+    from opsd.launch.loggers import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0 is the baseline evaluation
     summary = summarize_metrics(rows)
@@ -613,8 +613,8 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
 def bench_task(config: str, overrides: list[str], problems: int) -> dict:
     import ray
 
-    from launch.cluster import init_ray
-    from benchmarks.task_report import task_report
+    from opsd.launch.cluster import init_ray
+    from opsd.benchmarks.task_report import task_report
     from opsd.config import load_config
 
     cfg = load_config(config, overrides)
@@ -627,8 +627,8 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m benchmarks.bench``)."""
-    from benchmarks.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
+    """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m opsd.benchmarks.bench``)."""
+    from opsd.benchmarks.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
 
     sub = p.add_subparsers(dest="bench", required=True)
     s = sub.add_parser("sync", help="weight-push bandwidth of the object_store and gloo transports")
@@ -711,7 +711,7 @@ def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]
 
 def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
     """``--scaling 8x64 16x64`` -> ((8, 64), (16, 64)); none given: the default table."""
-    from benchmarks.step import SCALING
+    from opsd.benchmarks.step import SCALING
 
     out = []
     for g in given:
@@ -725,13 +725,13 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "learning" and args.task == "smollm2":
-        from benchmarks.comparison import METHODS as COMPARISON_METHODS
-        from benchmarks.comparison import ComparisonSpec, run_comparison
+        from opsd.benchmarks.comparison import METHODS as COMPARISON_METHODS
+        from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
         report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
-        from benchmarks.experiment import METHODS, LearningSpec, run_learning
+        from opsd.benchmarks.experiment import METHODS, LearningSpec, run_learning
 
         spec = _learning_spec(LearningSpec.quick() if args.quick else LearningSpec(), args, METHODS)
         if args.lr is not None:
@@ -755,7 +755,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
         elif args.bench == "step":
-            from benchmarks.step import bench_scaling, bench_staleness, bench_step
+            from opsd.benchmarks.step import bench_scaling, bench_staleness, bench_step
 
             if args.scaling is not None:
                 report = bench_scaling(config, overrides, args.steps or 2, _settings(args.scaling))
@@ -764,7 +764,7 @@ def run(args: argparse.Namespace) -> dict:
             else:
                 report = bench_step(config, overrides, args.steps or 3)
         elif args.bench == "head":
-            from benchmarks.head import bench_head
+            from opsd.benchmarks.head import bench_head
 
             report = bench_head(config, overrides, args.rows)
         else:
@@ -777,7 +777,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m opsd.benchmarks.bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0

@@ -8,7 +8,7 @@ Every method starts from the same model (the default recipe, configs/local.yaml:
 Instruct, here pinned to float32, the word-problem set, its prompts, sampling at T = 0.7, 64 new
 tokens) and runs
 the same number of optimizer steps on the same number of rows per step, through
-``launch.driver.train``:
+``opsd.launch.driver.train``:
 
     opsd_fixed       OPSD, the teacher frozen at the initial weights (the default recipe)
     opsd_ema         OPSD, the teacher an EMA of the student (teacher.ema_decay)
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.experiment import _first_last, _fmt, _step_mean, first_reach, mean_curve
+from opsd.benchmarks.experiment import first_last, fmt, step_mean, first_reach, mean_curve
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
@@ -114,7 +114,7 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 def machine_name() -> str:
     """CPU model and core count: wall times are only comparable on one kind of machine."""
-    from benchmarks.machine import machine
+    from opsd.benchmarks.machine import machine
 
     m = machine()
     return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores"
@@ -122,7 +122,7 @@ def machine_name() -> str:
 
 def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float) -> dict:
     """What the report needs of one finished run: per-step series, evaluations, diagnostics."""
-    from launch.loggers import read_metrics
+    from opsd.launch.loggers import read_metrics
 
     rows = read_metrics(run_dir)
     steps, evals, clock = [], [], 0.0
@@ -162,7 +162,7 @@ def position_diagnostics(run_dir: Path, *, max_positions: int = 64, top: int = 1
     cfg_text = (run_dir / "config.yaml").read_text()
     from omegaconf import OmegaConf
 
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(OmegaConf.create(cfg_text).model.path))
     quarter = max(1, len(paths) // 4)
@@ -228,7 +228,7 @@ def summarize(by_method: dict[str, list[dict]]) -> dict:
             "run_wall_seconds_mean": statistics.fmean(r["run_wall_seconds"] for r in rs),
         }
         for key in ("kl_sampled", "response_len_mean", "reward_mean", "engine_mismatch", "clip_frac_rollout"):
-            row[f"{key}_first"], row[f"{key}_last"] = _first_last(rs, key)
+            row[f"{key}_first"], row[f"{key}_last"] = first_last(rs, key)
         if m not in OPSD:
             # The sampled-token gap estimates KL(student || teacher) only along the student's own
             # samples; KD's tokens are the reference's or the teacher's, where it is no KL at all.
@@ -262,8 +262,8 @@ def table(report: dict) -> str:
     s = report["summary"]
     lines = [
         f"Base held-out accuracy (step 0, {report['spec']['eval_problems']} problems, greedy, "
-        f"{report['extract']}): {_fmt(s['base_accuracy'])}. GRPO's final mean accuracy (the target of the "
-        f"token columns): {_fmt(s['grpo_final_accuracy_mean'])}.",
+        f"{report['extract']}): {fmt(s['base_accuracy'])}. GRPO's final mean accuracy (the target of the "
+        f"token columns): {fmt(s['grpo_final_accuracy_mean'])}.",
     ]
     target, base = s["grpo_final_accuracy_mean"], s["base_accuracy"]
     if target is not None and base is not None and target <= base:
@@ -284,11 +284,11 @@ def table(report: dict) -> str:
         lines.append(
             f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
             f"| {', '.join(f'{a:.3f}' for a in r['final_accuracies'])} | {r['final_format_rate_mean']:.2f} "
-            f"| {r['tokens_generated_total_mean']:,.0f} | {_fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
-            f"| {_fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {per_seed} | {r['train_wall_seconds_mean']:.0f} "
-            f"| {_fmt(r['kl_sampled_first'])} → {_fmt(r['kl_sampled_last'])} "
-            f"| {_fmt(r['response_len_mean_first'], '.1f')} → {_fmt(r['response_len_mean_last'], '.1f')} "
-            f"| {_fmt(r['reward_mean_first'], '.2f')} → {_fmt(r['reward_mean_last'], '.2f')} |"
+            f"| {r['tokens_generated_total_mean']:,.0f} | {fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
+            f"| {fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {per_seed} | {r['train_wall_seconds_mean']:.0f} "
+            f"| {fmt(r['kl_sampled_first'])} → {fmt(r['kl_sampled_last'])} "
+            f"| {fmt(r['response_len_mean_first'], '.1f')} → {fmt(r['response_len_mean_last'], '.1f')} "
+            f"| {fmt(r['reward_mean_first'], '.2f')} → {fmt(r['reward_mean_last'], '.2f')} |"
         )
     return "\n".join(lines + notes) + "\n"
 
@@ -322,7 +322,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
                                (axes[1, 1], "response_len_mean", "training response length (tokens)"),
                                (axes[0, 2], "reward_mean", "training reward (on-track rate of the samples)")):
             for m, rs in by_method.items():
-                series = _step_mean(rs, key) if (key != "kl_sampled" or m in OPSD) else None
+                series = step_mean(rs, key) if (key != "kl_sampled" or m in OPSD) else None
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
             ax.set_title(title)
@@ -364,7 +364,7 @@ def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_dir: Path, elapsed: float) -> dict:
-    from benchmarks.machine import machine
+    from opsd.benchmarks.machine import machine
 
     base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
@@ -389,8 +389,8 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
                    budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
     import ray
 
-    from launch.cluster import init_ray
-    from launch.driver import train
+    from opsd.launch.cluster import init_ray
+    from opsd.launch.driver import train
     from opsd.config import load_config
 
     t_start = time.perf_counter()

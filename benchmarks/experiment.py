@@ -4,7 +4,7 @@
 
 What it does, end to end, in one Python process with one local Ray (every run attaches to it):
 
-1. Builds a small Qwen3-architecture model (``opsd.tiny.build_tiny_model``; the tokenizer's BPE
+1. Builds a small Qwen3-architecture model (``opsd.assets.tiny.build_tiny_model``; the tokenizer's BPE
    also sees the experiment's prompt wording, so prompts stay short) under ``artifacts/learning``.
 2. Splits the toy train set: the first ``warm_rows`` rows warm-start the base model, the rest is
    what every method trains on. The toy test set is held out; nothing trains on it.
@@ -16,7 +16,7 @@ What it does, end to end, in one Python process with one local Ray (every run at
    and the mean log-probability of the reference solution under either context.
 5. From that base, for each seed: OPSD with a fixed teacher, OPSD with a live teacher, GRPO and
    SFT, the same number of optimizer steps and the same number of rows per step, all through
-   ``launch.driver.train``.
+   ``opsd.launch.driver.train``.
 6. Writes ``learning.json`` (curves per method and seed), ``learning.png`` (test accuracy against
    generated tokens and against wall time, mean and spread over seeds; teacher-student KL and
    response length over training) and ``learning.md`` (the table) into ``--out``.
@@ -112,13 +112,13 @@ def teacher_head(problem: str, solution: str) -> str:
 
 
 def write_splits(work: Path, spec: LearningSpec) -> dict[str, Path]:
-    """Fresh toy problems of ``spec.levels`` (``opsd.toydata.make_problem``, seed
+    """Fresh toy problems of ``spec.levels`` (``opsd.assets.toydata.make_problem``, seed
     ``spec.data_seed``; no expression is in two splits): warm.jsonl (the warm-start problems, each
     in both prompt formats, shuffled), train.jsonl (what the methods train on) and test.jsonl
     (held out)."""
     import random
 
-    from opsd.toydata import make_problem, write_jsonl
+    from opsd.assets.toydata import make_problem, write_jsonl
 
     sizes = {"warm": spec.warm_rows, "train": spec.train_rows, "test": spec.test_rows}
     splits: dict[str, list[dict]] = {k: [] for k in sizes}
@@ -157,8 +157,8 @@ def build_model(out: Path, spec: LearningSpec) -> Path:
     """The randomly initialised model; its BPE also sees the prompt wording in chat form."""
     if (out / "config.json").exists():
         return out
-    from opsd.toydata import read_jsonl
-    from opsd.tiny import build_tiny_model
+    from opsd.assets.toydata import read_jsonl
+    from opsd.assets.tiny import build_tiny_model
 
     corpus = []
     for r in read_jsonl(REPO_ROOT / "data" / "toy" / "train.jsonl"):
@@ -226,12 +226,12 @@ def base_report(base: str, spec: LearningSpec, paths: dict[str, Path], cfg_path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launch.cluster import ActorPool
-    from launch.evaluate import evaluate_pairs
+    from opsd.launch.cluster import ActorPool
+    from opsd.launch.evaluate import evaluate_pairs
     from opsd.config import load_config
     from opsd.data import load_problems
     from opsd.prompts import PromptBuilder, PromptPair
-    from workers.rollout import RolloutWorker
+    from opsd.workers.rollout import RolloutWorker
 
     cfg = load_config(cfg_path, [f"model.path={base}"])
     tok = AutoTokenizer.from_pretrained(base)
@@ -276,7 +276,7 @@ def base_report(base: str, spec: LearningSpec, paths: dict[str, Path], cfg_path:
 
 def read_curve(run_dir: Path, base_acc: float) -> dict:
     """Per-step series of one run, with a step-0 point (the base) on the accuracy curve."""
-    from launch.loggers import read_metrics
+    from opsd.launch.loggers import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if r["step"] > 0]  # step 0: the base, given here as base_acc
     wall = 0.0
@@ -348,10 +348,10 @@ def summarize(results: dict) -> dict:
             "tokens_generated_total_mean": statistics.fmean(tokens),
             "train_wall_seconds_mean": statistics.fmean(walls),
             "run_wall_seconds_mean": statistics.fmean(c["run_wall_seconds"] for c in curves),
-            "kl_sampled_first": _first_last(curves, "kl_sampled")[0],
-            "kl_sampled_last": _first_last(curves, "kl_sampled")[1],
-            "response_len_first": _first_last(curves, "response_len_mean")[0],
-            "response_len_last": _first_last(curves, "response_len_mean")[1],
+            "kl_sampled_first": first_last(curves, "kl_sampled")[0],
+            "kl_sampled_last": first_last(curves, "kl_sampled")[1],
+            "response_len_first": first_last(curves, "response_len_mean")[0],
+            "response_len_last": first_last(curves, "response_len_mean")[1],
             "kl_sampled_mean": statistics.fmean(kls) if kls else None,
         }
         if grpo_final is not None:
@@ -365,7 +365,7 @@ def summarize(results: dict) -> dict:
     return {"grpo_final_accuracy_mean": grpo_final, "methods": summary}
 
 
-def _first_last(curves: list[dict], key: str, k: int = 5) -> tuple[float | None, float | None]:
+def first_last(curves: list[dict], key: str, k: int = 5) -> tuple[float | None, float | None]:
     """Mean over seeds of the first k and the last k steps' values of ``key``."""
     firsts, lasts = [], []
     for c in curves:
@@ -376,7 +376,7 @@ def _first_last(curves: list[dict], key: str, k: int = 5) -> tuple[float | None,
     return (statistics.fmean(firsts) if firsts else None, statistics.fmean(lasts) if lasts else None)
 
 
-def _fmt(x: Any, spec: str = ".3f") -> str:
+def fmt(x: Any, spec: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     return format(x, spec)
@@ -389,7 +389,7 @@ def table(results: dict) -> str:
         f"Base (warm start) test accuracy: {base['student_accuracy']:.3f} with the student prompt, "
         f"{base['teacher_accuracy']:.3f} with the teacher prompt (reference solution in context), "
         f"{base['problems']} problems, greedy.",
-        f"GRPO final mean accuracy (the target): {_fmt(s['grpo_final_accuracy_mean'])}",
+        f"GRPO final mean accuracy (the target): {fmt(s['grpo_final_accuracy_mean'])}",
     ]
     target = s["grpo_final_accuracy_mean"]
     if target is not None and target <= base["student_accuracy"]:
@@ -405,11 +405,11 @@ def table(results: dict) -> str:
         lines.append(
             f"| {LABELS.get(m, m)} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
             f"| {', '.join(f'{a:.3f}' for a in r['final_accuracies'])} | {r['best_accuracy_mean']:.3f} "
-            f"| {r['tokens_generated_total_mean']:,.0f} | {_fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
-            f"| {_fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {r['train_wall_seconds_mean']:.0f} "
-            f"| {_fmt(r.get('wall_to_grpo_final'), '.0f')} "
-            f"| {_fmt(r['kl_sampled_first'])} → {_fmt(r['kl_sampled_last'])} "
-            f"| {_fmt(r['response_len_first'], '.1f')} → {_fmt(r['response_len_last'], '.1f')} |"
+            f"| {r['tokens_generated_total_mean']:,.0f} | {fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
+            f"| {fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {r['train_wall_seconds_mean']:.0f} "
+            f"| {fmt(r.get('wall_to_grpo_final'), '.0f')} "
+            f"| {fmt(r['kl_sampled_first'])} → {fmt(r['kl_sampled_last'])} "
+            f"| {fmt(r['response_len_first'], '.1f')} → {fmt(r['response_len_last'], '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -446,7 +446,7 @@ def plot(results: dict, out: Path) -> Path:
                                         "nats per token"),
                                        (axes[1, 1], "response_len_mean", "training response length", "tokens")):
             for m, curves in methods.items():
-                series = _step_mean(curves, key)
+                series = step_mean(curves, key)
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
             ax.set_title(title)
@@ -464,7 +464,7 @@ def plot(results: dict, out: Path) -> Path:
     return out
 
 
-def _step_mean(curves: list[dict], key: str) -> list[tuple[int, float]]:
+def step_mean(curves: list[dict], key: str) -> list[tuple[int, float]]:
     by: dict[int, list[float]] = {}
     for c in curves:
         for s in c["steps"]:
@@ -482,7 +482,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
     teacher-vs-student report. Ray must be initialised. Returns (base path, report, seconds)."""
     import shutil
 
-    from launch.driver import train
+    from opsd.launch.driver import train
 
     warm_cfg = common_config(spec, str(init), paths["warm"], paths["test"])
     warm_cfg.update(algo="sft")
@@ -497,7 +497,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
     base = warm_run / "checkpoints" / f"step_{spec.warm_steps}" / "hf"
     t0 = time.perf_counter()
     if not (base / "config.json").exists():
-        from launch.checkpoints import latest_checkpoint
+        from opsd.launch.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(warm_run) if warm_run.is_dir() else None
         if ckpt is not None and int(ckpt.name.split("_")[-1]) < spec.warm_steps:
@@ -522,7 +522,7 @@ def prepare_base(spec: LearningSpec, work: Path, paths: dict[str, Path], init: P
 
 def write_results(spec: LearningSpec, key: str, work: Path, warm_seconds: float, gap: dict,
                   methods: dict[str, list[dict]], t_start: float, out_dir: Path) -> dict:
-    from benchmarks.machine import machine
+    from opsd.benchmarks.machine import machine
 
     done = {m: c for m, c in methods.items() if c}
     results = {
@@ -544,8 +544,8 @@ def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path |
                  log: Callable[[str], None] = print) -> dict:
     import ray
 
-    from launch.cluster import init_ray
-    from launch.driver import train
+    from opsd.launch.cluster import init_ray
+    from opsd.launch.driver import train
     from opsd.config import load_config
 
     t_start = time.perf_counter()

@@ -44,9 +44,9 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
 
     from opsd.config import load_config
     from opsd.data import load_problems
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
     from opsd.prompts import PromptBuilder
-    from workers.scorer import ScorerWorker
+    from opsd.workers.scorer import ScorerWorker
 
     cfg = load_config(config, overrides)
     model_path = resolve_model_path(cfg.model.path)
@@ -97,8 +97,8 @@ def _student_loss(cfg: Any, model: Any, pad_id: int, students: list, responses: 
     against the teacher ``targets`` (per row: top-k ids, top-k logprobs, sampled-token logprob)."""
     import torch
 
-    from benchmarks.step import policy_loss_inputs
-    from workers.learner import PolicyLoss, loss_spec
+    from opsd.benchmarks.step import policy_loss_inputs
+    from opsd.workers.learner import PolicyLoss, loss_spec
 
     inputs = policy_loss_inputs(students, responses, targets, [[1] * len(r) for r in responses], pad_id)
     with torch.no_grad():

@@ -38,8 +38,8 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from opsd.data import load_problems
     from opsd.losses import fp32_lm_head
     from opsd.prompts import PromptBuilder, response_loss_mask
-    from workers.learner import PolicyLoss, loss_spec
-    from workers.scorer import ScorerWorker, torch_dtype
+    from opsd.workers.learner import PolicyLoss, loss_spec
+    from opsd.workers.scorer import ScorerWorker, torch_dtype
 
     if cfg.algo != "opsd" or cfg.teacher.mode != "fixed" or cfg.rollout.n != 1:
         raise ValueError("the single-process reference is the OPSD step with a fixed teacher and rollout.n=1; "
@@ -65,7 +65,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
     torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
-    # The same AdamW as the learner on CPU (its fused kernel; workers.learner.deepspeed_config).
+    # The same AdamW as the learner on CPU (its fused kernel; opsd.workers.learner.deepspeed_config).
     opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                             fused=cfg.cluster.device == "cpu")
     policy = PolicyLoss(student, loss_spec(cfg))
@@ -156,8 +156,8 @@ def _summary(rows: list[dict]) -> dict:
 
 def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -> dict:
     """One short opsd run (no evaluation, no checkpoints): its steady-state step summary."""
-    from launch.driver import train
-    from launch.loggers import read_metrics
+    from opsd.launch.driver import train
+    from opsd.launch.loggers import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="opsd-bench-") as tmp:
         run_overrides = [*overrides, *extra, f"train.steps={steps + 1}", "eval.every=0", "eval.at_start=false",
@@ -169,7 +169,7 @@ def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -
 def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[[str], None] = print) -> dict:
     """opsd's step and the single-process reference, side by side (the first step of each is warm-up)."""
     from opsd.config import load_config
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     n = steps + 1
     cfg = load_config(config, [*overrides, f"train.steps={n}"])

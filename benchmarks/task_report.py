@@ -29,13 +29,13 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
     rollout worker on a Ray cluster that must be initialised."""
     from transformers import AutoTokenizer
 
-    from launch.cluster import ActorPool
-    from launch.evaluate import evaluate_pairs
+    from opsd.launch.cluster import ActorPool
+    from opsd.launch.evaluate import evaluate_pairs
     from opsd.config import resolve_path
     from opsd.data import load_problems
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
     from opsd.prompts import PromptBuilder, PromptPair
-    from workers.rollout import RolloutWorker
+    from opsd.workers.rollout import RolloutWorker
 
     model_path = resolve_model_path(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from launch.stopping import RunFault
+from opsd.launch.stopping import RunFault
 
 
 MANIFEST = "manifest.json"

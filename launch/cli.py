@@ -30,7 +30,7 @@ def _split_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.driver import train
+    from opsd.launch.driver import train
 
     config, overrides = _split_config(args)
     if args.resume:
@@ -41,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from launch.validate import validate_config
+    from opsd.launch.validate import validate_config
 
     config, overrides = _split_config(args)
     for line in validate_config(config, overrides, check_data=not args.skip_data):
@@ -50,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from opsd.tiny import DEFAULT_TINY_DIR, ensure_tiny_model
+    from opsd.assets.tiny import DEFAULT_TINY_DIR, ensure_tiny_model
 
     out = ensure_tiny_model(Path(args.out) if args.out else DEFAULT_TINY_DIR)
     print(f"tiny model: {out}")
@@ -58,8 +58,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from opsd.gguf_import import ModelImportError, import_gguf
-    from opsd.models import MODELS
+    from opsd.assets.gguf import ModelImportError, import_gguf
+    from opsd.assets.models import MODELS
 
     try:
         if args.action == "list":
@@ -84,20 +84,20 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from launch.evaluate import main_eval
+    from opsd.launch.evaluate import main_eval
 
     return main_eval(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
+    from opsd.benchmarks.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
 
     run(args)
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from launch.plot import main_plot
+    from opsd.launch.plot import main_plot
 
     return main_plot(args)
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("bench", help="measure weight-push bandwidth, step time split, loss memory, learning curves")
-    from benchmarks.bench import add_arguments  # the standard library only: no ray, vllm or torch
+    from opsd.benchmarks.bench import add_arguments  # the standard library only: no ray, vllm or torch
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
@@ -201,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
-        from launch.stopping import RunFault, Stopped
+        from opsd.launch.stopping import RunFault, Stopped
         from opsd.data import DataError
-        from opsd.gguf_import import ModelError
+        from opsd.assets.gguf import ModelError
         from opsd.prompts import PromptTooLongError
 
         if isinstance(exc, Stopped):  # on request (SIGTERM, SIGINT), at a checkpoint

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from launch.stopping import ActorLost
+from opsd.launch.stopping import ActorLost
 from opsd.config import Config
-from workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
+from opsd.workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
 
 # Every actor gets these (a job's runtime_env may not set the same names: Ray refuses to merge).
 WORKER_ENV = {
@@ -104,7 +104,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _actor_errors() -> tuple[type[BaseException], ...]:
+def actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
     return (rex.RayActorError, rex.ActorUnavailableError)
@@ -150,7 +150,7 @@ class ActorPool:
         self.pids = ray.get([a.pid.remote() for a in self.actors])
         return ray.get([a.get_version.remote() for a in self.actors])
 
-    def _recover(self, actor: Any, error: BaseException) -> None:
+    def recover(self, actor: Any, error: BaseException) -> None:
         """Wait for a failed actor to be back, then bring it up to date (``on_restart``) once
         per new process: a death seen twice (by a failed call and by a later check) counts once."""
         import ray
@@ -161,7 +161,7 @@ class ActorPool:
             try:
                 pid = ray.get(actor.pid.remote(), timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
                 break
-            except _actor_errors() + (ray.exceptions.GetTimeoutError,):
+            except actor_errors() + (ray.exceptions.GetTimeoutError,):
                 if time.monotonic() > deadline:
                     asks = _asks(self.options)
                     raise ActorLost(
@@ -191,11 +191,11 @@ class ActorPool:
         for i, actor in enumerate(self.actors):
             try:
                 pid = ray.get(actor.pid.remote())
-            except _actor_errors() as exc:
-                self._recover(actor, exc)
+            except actor_errors() as exc:
+                self.recover(actor, exc)
                 continue
             if pid != self.pids[i]:
-                self._recover(actor, RuntimeError(f"{self.kind} {i} was restarted"))
+                self.recover(actor, RuntimeError(f"{self.kind} {i} was restarted"))
 
     def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
         """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""
@@ -214,13 +214,13 @@ class ActorPool:
                 results[i] = ray.get(ref)
                 del refs[i]
                 continue
-            except _actor_errors() as exc:
-                self._recover(self.actors[i], exc)
+            except actor_errors() as exc:
+                self.recover(self.actors[i], exc)
             except ray.exceptions.RayTaskError as exc:
                 if not isinstance(exc.cause, StaleWeightsError):
                     raise
                 # A call queued while the actor restarted reached it before its catch-up push.
-                self._recover(self.actors[i], exc)
+                self.recover(self.actors[i], exc)
             # The restarted actor now holds the newest weights, which may be newer than those
             # the call was made for (rollouts overlapping training); each result carries its
             # version, and the driver decides what is too stale.
@@ -244,8 +244,8 @@ class ActorPool:
             try:
                 ray.get(ref)
                 del refs[i]
-            except _actor_errors() as exc:
-                self._recover(self.actors[i], exc)  # the restart hook brings it to the current version
+            except actor_errors() as exc:
+                self.recover(self.actors[i], exc)  # the restart hook brings it to the current version
                 del refs[i]
             except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
                 attempts[i] += 1

@@ -26,15 +26,15 @@ from opsd.config import (
 )
 from opsd.data import DataError, EpochSampler, load_problems
 from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
-from launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
-from launch.cluster import ActorPool, Pending, _actor_errors, custom_parts, init_ray, round_robin, sample_seed, torch_threads, unshard
-from launch.loggers import MetricsLogger, read_metrics
-from launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
-from launch.validate import actor_resources, custom_resource_needs, resource_needs
-from launch.weights import WeightSync
-from workers.learner import LearnerGroup
-from workers.rollout import RolloutWorker
-from workers.scorer import ScoreRequest, ScorerWorker
+from opsd.launch.checkpoints import CheckpointError, latest_checkpoint, write_manifest
+from opsd.launch.cluster import ActorPool, Pending, actor_errors, custom_parts, init_ray, round_robin, sample_seed, torch_threads, unshard
+from opsd.launch.loggers import MetricsLogger, read_metrics
+from opsd.launch.stopping import ActorLost, BadSteps, LearnerLost, StopSignals, Stopped
+from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
+from opsd.launch.weights import WeightSync
+from opsd.workers.learner import LearnerGroup
+from opsd.workers.rollout import RolloutWorker
+from opsd.workers.scorer import ScoreRequest, ScorerWorker
 
 METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
@@ -60,7 +60,7 @@ class InFlight:
 
 def resolve_model(cfg: Config) -> str:
     """A named model (made on first use), a .gguf file (imported once), a directory or a hub id."""
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     return resolve_model_path(cfg.model.path)
 
@@ -93,7 +93,7 @@ class Trainer:
 
         self.cfg = cfg
         self.model_path = resolve_model(cfg)
-        from opsd.models import check_model_dir
+        from opsd.assets.models import check_model_dir
 
         check_model_dir(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -387,7 +387,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Greedy (or eval.temperature) answers on the held-out problems, graded by opsd.verify;
         the same code path as `opsd eval` (launch/evaluate.py)."""
-        from launch.evaluate import evaluate_pairs
+        from opsd.launch.evaluate import evaluate_pairs
 
         cfg = self.cfg.eval
         metrics, _ = evaluate_pairs(
@@ -524,7 +524,7 @@ class Trainer:
         chain, seen = exc, set()
         while chain is not None and id(chain) not in seen:
             seen.add(id(chain))
-            if isinstance(chain, _actor_errors()):
+            if isinstance(chain, actor_errors()):
                 return self.learner.broken()
             chain = chain.__cause__ or chain.__context__
         return False

@@ -44,7 +44,7 @@ class ProblemResult(Graded):
 def eval_seed(seed: int, uid: str) -> int:
     """The sampling seed of one evaluation prompt; equals the driver's ``sample_seed(seed, -1,
     uid)``, so ``opsd eval`` and the in-training eval draw the same samples from the same weights."""
-    from launch.cluster import sample_seed
+    from opsd.launch.cluster import sample_seed
 
     return sample_seed(seed, -1, uid)
 
@@ -66,7 +66,7 @@ def evaluate_pairs(
 ) -> tuple[dict[str, float], list[ProblemResult]]:
     """Generate ``n`` answers for every pair on the pool's actors and grade them.
 
-    ``rollouts`` is a :class:`launch.cluster.ActorPool` of RolloutWorkers. Pairs are dealt to
+    ``rollouts`` is a :class:`opsd.launch.cluster.ActorPool` of RolloutWorkers. Pairs are dealt to
     the actors round-robin; with ``chunk_size`` they go in rounds of at most that many prompts
     per actor, and ``progress(done, total)`` is called after each round. Answers are read with
     ``extract`` (opsd.verify.EXTRACTORS). Returns the summary (``problems``, ``n``, ``avg@n``,
@@ -78,7 +78,7 @@ def evaluate_pairs(
         raise ValueError("nothing to evaluate: no prompts")
     if n > 1 and temperature <= 0:
         raise ValueError(f"n={n} samples at temperature {temperature}: greedy samples are identical; use temperature > 0")
-    from launch.cluster import round_robin, unshard
+    from opsd.launch.cluster import round_robin, unshard
 
     nw = len(rollouts.actors)
     per_round = len(pairs) if chunk_size is None else max(1, chunk_size) * nw
@@ -133,7 +133,7 @@ class ResolvedModel:
 def resolve_eval_model(model: str) -> ResolvedModel:
     """``tiny``, an HF model directory, a run directory (its latest complete checkpoint's hf/), a
     checkpoint directory (``RUN/checkpoints/step_N``), or a hub id such as ``Qwen/Qwen3-1.7B``."""
-    from opsd.models import MODELS, resolve_model_path
+    from opsd.assets.models import MODELS, resolve_model_path
 
     if model in MODELS or model.endswith(".gguf"):
         return ResolvedModel(resolve_model_path(model))
@@ -151,7 +151,7 @@ def resolve_eval_model(model: str) -> ResolvedModel:
     if (p / "driver_state.json").is_file() and p.parent.name == "checkpoints":  # RUN/checkpoints/step_N
         return _checkpoint_hf(p, run_dir=p.parent.parent)
     if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / "metrics.jsonl").is_file():
-        from launch.checkpoints import latest_checkpoint
+        from opsd.launch.checkpoints import latest_checkpoint
 
         ckpt = latest_checkpoint(p)
         if ckpt is None:
@@ -236,9 +236,9 @@ def run_eval(
     import ray
     from transformers import AutoTokenizer
 
-    from launch.cluster import ActorPool, init_ray
+    from opsd.launch.cluster import ActorPool, init_ray
     from opsd.prompts import PromptBuilder
-    from workers.rollout import RolloutWorker
+    from opsd.workers.rollout import RolloutWorker
 
     if not data:
         raise EvalError("no --data files given")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from launch.loggers import read_metrics  # noqa: F401  (opsd plot reads what the logger wrote)
+from opsd.launch.loggers import read_metrics  # noqa: F401  (opsd plot reads what the logger wrote)
 
 # (title, metric key or "eval", y label)
 PANELS = (

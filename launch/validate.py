@@ -38,7 +38,7 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
 
 
 def _check_model(cfg: Config) -> str:
-    from opsd.models import MODELS, describe
+    from opsd.assets.models import MODELS, describe
 
     path = cfg.model.path
     named = describe(path)
@@ -121,7 +121,7 @@ def custom_resource_needs(cfg: Config) -> dict[str, float]:
 
 
 def _check_resources(cfg: Config) -> list[str]:
-    from workers.learner import micro_batches_per_rank
+    from opsd.workers.learner import micro_batches_per_rank
 
     cuda = cfg.cluster.device == "cuda"
     r, lr = cfg.rollout, cfg.learner

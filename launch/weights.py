@@ -1,7 +1,7 @@
 """Driver side of a weight push: learner rank 0 -> every rollout worker (and a live / EMA teacher).
 
 ``object_store``: the learner puts the buckets into Ray's store, then each receiver fetches and
-loads them (:meth:`launch.cluster.ActorPool.broadcast_weights`); a restarted receiver catches up
+loads them (:meth:`opsd.launch.cluster.ActorPool.broadcast_weights`); a restarted receiver catches up
 from the same handle. With ``sync.shared_memory`` and every receiver on learner rank 0's Ray
 node, the learner puts nothing: receivers copy its weights out of its memory in place
 (workers/shared_weights.py); a receiver restarted on another node is caught up through the
@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 from opsd.config import Config
-from launch.cluster import ActorPool, _actor_errors
-from workers.learner import LearnerGroup
-from workers.weight_sync import (
+from opsd.launch.cluster import ActorPool, actor_errors
+from opsd.workers.learner import LearnerGroup
+from opsd.workers.weight_sync import (
     COLLECTIVE, GroupSpec, WeightSyncError, WeightUpdate, abort_group, collective_update,
 )
 
@@ -82,7 +82,7 @@ class WeightSync:
                 for pool in pools:
                     self._ensure_group(pool)
                 errors = self._push_once(version, [(pool.kind, pool.actors, pool) for pool in pools])
-            except (WeightSyncError, ray.exceptions.RayTaskError, *_actor_errors()) as exc:
+            except (WeightSyncError, ray.exceptions.RayTaskError, *actor_errors()) as exc:
                 errors = [_cause(exc)]  # e.g. a member that could not join; formed again next try
             if not errors:
                 return
@@ -113,7 +113,7 @@ class WeightSync:
                 try:
                     ray.get(ref)
                     continue
-                except _actor_errors() as exc:
+                except actor_errors() as exc:
                     dead.append((pool, actor, exc))
                     reason = f"{pool.kind} {i} died during the push"
                 except ray.exceptions.RayTaskError as exc:
@@ -130,7 +130,7 @@ class WeightSync:
                 errors.append(f"learner rank 0: {sent['error']}")
         # The learner is idle again: a restarted receiver can be caught up now.
         for pool, actor, exc in dead:
-            pool._recover(actor, exc)
+            pool.recover(actor, exc)
         return errors
 
     def catch_up(self, pool: ActorPool, actor: Any) -> None:

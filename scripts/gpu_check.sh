@@ -9,7 +9,7 @@
 # (omegaconf, pytest: scripts/stage_gpu_pydeps.sh makes it on the CPU machine). Runs
 #   1. what the machine has (python, torch, CUDA, GPU, importable modules),
 #   2. python -m pytest tests/gpu -q         (the chunked loss and the scorer's forward on CUDA),
-#   3. python -m launch.cli bench loss       (chunked vs unchunked loss memory; T = 2048 and 8192,
+#   3. python -m opsd.launch.cli bench loss       (chunked vs unchunked loss memory; T = 2048 and 8192,
 #                                             fp32 and bf16)
 # and writes the log and the JSON figures to $OUT (default build/gpu-check). Without CUDA the
 # tests skip and the benchmark runs once at a small size, as a smoke test of the script.
@@ -70,7 +70,7 @@ else
 fi
 
 # `opsd bench` through the CLI when opsd.config imports (omegaconf), else the same code directly.
-if "$PY" -c 'import launch.cli' 2>/dev/null; then BENCH=("$PY" -m launch.cli bench); else BENCH=("$PY" -m benchmarks.bench); fi
+if "$PY" -c 'import opsd.launch.cli' 2>/dev/null; then BENCH=("$PY" -m opsd.launch.cli bench); else BENCH=("$PY" -m opsd.benchmarks.bench); fi
 if [ "$CUDA" = "1" ]; then
     step "bench loss, T=2048 (the default), fp32"
     run 120 "${BENCH[@]}" loss --json "$OUT_DIR/bench_loss_T2048_fp32.json"

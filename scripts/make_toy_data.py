@@ -3,7 +3,7 @@
     python scripts/make_toy_data.py [--set toy|wordproblems] [--out DIR] [--seed N] [--train N] [--test N]
 
 toy: data/toy/ (tests/unit/test_toydata.py checks it); wordproblems: data/wordproblems/, the
-default run's task (opsd/wordproblems.py). With the defaults the output is identical to the files
+default run's task (opsd/assets/wordproblems.py). With the defaults the output is identical to the files
 in the repository.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opsd import toydata, wordproblems
+from opsd.assets import toydata, wordproblems
 
 SETS = {
     "toy": (toydata.DEFAULT_TOY_DIR, toydata.DEFAULT_SEED, toydata.DEFAULT_SIZES, toydata.write_toy_data),

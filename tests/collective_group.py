@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 
-from workers.weight_sync import (
+from opsd.workers.weight_sync import (
     BroadcastReceiver, BroadcastSender, GroupSpec, WeightSyncError, abort_group, collective_update, layout_of,
 )
 

@@ -27,9 +27,9 @@ from opsd.batch import batch_meta, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
-from workers.scorer import torch_dtype
-from workers.shared_weights import SharedWeights
-from workers.weight_sync import (
+from opsd.workers.scorer import torch_dtype
+from opsd.workers.shared_weights import SharedWeights
+from opsd.workers.weight_sync import (
     BucketLayout, GroupSpec, NamedTensors, WeightUpdate, collective_update, make_sender,
 )
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from opsd.config import Config, actor_threads
-from workers.weight_sync import (
+from opsd.workers.weight_sync import (
     BucketLayout, GroupSpec, WeightSyncError, WeightUpdate, check_against, check_layout, hf_param_shapes,
     make_receiver, require_version,
 )
@@ -56,7 +56,7 @@ class RolloutWorker:
             distributed_executor_backend="uni" if tp == 1 else "mp",
             seed=cfg.rollout.seed + worker_index,
             trust_remote_code=cfg.model.trust_remote_code,
-            worker_extension_cls="workers.weight_sync.VllmWeightLoader",
+            worker_extension_cls="opsd.workers.weight_sync.VllmWeightLoader",
         )
         self.start_seconds = time.perf_counter() - t0
         self.cfg = cfg

@@ -16,7 +16,7 @@ import torch
 from opsd.config import Config, actor_threads, batch_targets
 from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
-from workers.weight_sync import (
+from opsd.workers.weight_sync import (
     BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, make_receiver, require_version,
 )
 

@@ -48,7 +48,7 @@ _HEADER = struct.Struct("<16sq")  # token (which sender), version held (NO_VERSI
 
 
 class SharedWeightsError(RuntimeError):
-    """Raised by the receiving side; workers.weight_sync re-raises it as a WeightSyncError."""
+    """Raised by the receiving side; opsd.workers.weight_sync re-raises it as a WeightSyncError."""
 
 
 @dataclass(frozen=True)

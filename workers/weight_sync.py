@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from workers.shared_weights import SharedHandle, SharedReader, SharedWeights, SharedWeightsError
+from opsd.workers.shared_weights import SharedHandle, SharedReader, SharedWeights, SharedWeightsError
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 

@@ -65,7 +65,7 @@ def report(name: str, data: dict) -> None:
 
 @pytest.mark.parametrize("beta,support", [(0.0, "topk"), (0.5, "topk"), (1.0, "topk"), (0.5, "topk_tail")])
 def test_chunked_loss_cuda_fp32_equals_cpu_fp64(beta, support):
-    from benchmarks.bench import _loss_inputs, loss_forward_backward
+    from opsd.benchmarks.bench import _loss_inputs, loss_forward_backward
 
     h, w, t = _loss_inputs(vocab=32000, tokens=1024, hidden=256, k=64, device="cpu", dtype=torch.float64)
     ref_loss, ref_gh, ref_gw = loss_forward_backward(h, w, t, 256, beta=beta, support=support)
@@ -78,7 +78,7 @@ def test_chunked_loss_cuda_fp32_equals_cpu_fp64(beta, support):
 
 
 def test_chunked_loss_bf16_close_to_fp32():
-    from benchmarks.bench import _loss_inputs, loss_forward_backward
+    from opsd.benchmarks.bench import _loss_inputs, loss_forward_backward
 
     h, w, t = _loss_inputs(vocab=151936, tokens=1024, hidden=1024, k=64, device="cuda", dtype=torch.float32)
     loss32, gh32, gw32 = loss_forward_backward(h, w, t, 512)
@@ -92,7 +92,7 @@ def test_chunked_loss_bf16_close_to_fp32():
 
 
 def test_chunked_loss_peak_memory_is_much_smaller():
-    from benchmarks.bench import bench_loss
+    from opsd.benchmarks.bench import bench_loss
 
     lines: list[str] = []
     r = bench_loss(vocab=151936, tokens=8192, chunk=1024, hidden=1024, k=64, device="cuda", dtype="float32",
@@ -108,7 +108,7 @@ def test_chunked_loss_peak_memory_is_much_smaller():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from opsd.tiny import build_tiny_model
+    from opsd.assets.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3"))
 
@@ -116,7 +116,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 def scorer(device: str, model_dir: str):
     pytest.importorskip("omegaconf", reason="opsd.config needs omegaconf (scripts/stage_gpu_pydeps.sh)")
     from opsd.config import REPO_ROOT, load_config
-    from workers.scorer import ScorerWorker
+    from opsd.workers.scorer import ScorerWorker
 
     # A small forward budget so that rows are split over several padded micro-batches.
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml",

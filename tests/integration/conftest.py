@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model, one `opsd train` run through the CLI, and a local Ray."""
+"""Shared fixtures: one `opsd train` run through the CLI, and a local Ray (the tiny model: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,13 @@ CLI_STEPS = 3
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> str:
-    from opsd.models import resolve_model_path
-
-    return resolve_model_path("tiny")
-
-
-@pytest.fixture(scope="session")
 def cli_run(tiny_model, tmp_path_factory) -> Path:
     """`opsd train` exactly as a user runs it (local Ray started by the command), batches saved.
 
     Runs before the in-process Ray fixture is created, so the two clusters never overlap.
     """
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    cmd = [sys.executable, "-m", "launch.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}", f"train.steps={CLI_STEPS}",
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}", f"train.steps={CLI_STEPS}",
            "logging.save_batches=true", "train.checkpoint_every=3", "logging.progress=false"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"opsd train failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
@@ -42,7 +35,7 @@ def ray_session(tiny_model, request):
     """One local Ray for the in-process tests (4 logical CPUs on 2 cores: actors mostly wait)."""
     import ray
 
-    from launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray
     from opsd.config import load_config
 
     # A CLI run, if any test needs it, must finish before this cluster starts.
@@ -73,7 +66,7 @@ def local_config(*overrides: str):
 
 def make_trainer(tmp_path: Path, *overrides: str, cls=None):
     """A started Trainer on the local config (the caller shuts it down) and its run directory."""
-    from launch.driver import RunDir, Trainer, prepare_config
+    from opsd.launch.driver import RunDir, Trainer, prepare_config
 
     cfg, run_path = prepare_config(str(REPO_ROOT / "configs" / "tiny.yaml"), local_overrides(tmp_path, *overrides))
     trainer = (cls or Trainer)(cfg)

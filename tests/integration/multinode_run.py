@@ -39,8 +39,8 @@ def main(out_path: str, work: str, mode: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    import launch.driver as driver
-    from launch.stopping import LearnerLost
+    import opsd.launch.driver as driver
+    from opsd.launch.stopping import LearnerLost
     from opsd.config import REPO_ROOT
 
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, **NODE_ARGS))

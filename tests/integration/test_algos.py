@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch.driver import train
+from opsd.launch.driver import train
 from opsd.batch import batch_meta, read_ipc
 from opsd.config import REPO_ROOT
 from opsd.losses import token_divergence
@@ -102,7 +102,7 @@ def _reference_loss_and_grad_norm(model, table, cfg) -> tuple[float, float]:
 def test_kd_from_references_distils_the_teacher_along_the_reference(tmp_path, ray_session, tiny_model):
     from transformers import AutoTokenizer
 
-    from launch.driver import prepare_config
+    from opsd.launch.driver import prepare_config
 
     overrides = local_overrides(tmp_path, "algo=kd", "kd.source=reference", "train.steps=2", "train.checkpoint_every=0",
                                 "eval.every=0", "logging.save_batches=true", "learner.lr=1e-3")
@@ -134,7 +134,7 @@ def test_kd_from_references_distils_the_teacher_along_the_reference(tmp_path, ra
 
 
 def test_kd_from_teacher_samples_trains_on_what_the_teacher_prompt_sampled(tmp_path, ray_session, tiny_model):
-    from launch.driver import prepare_config
+    from opsd.launch.driver import prepare_config
 
     overrides = local_overrides(tmp_path, "algo=kd", "kd.source=teacher_samples", "rollout.n=2", "train.steps=2",
                                 "train.prompts_per_step=4", "train.checkpoint_every=0", "eval.every=0",

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from launch.cli import main
+from opsd.launch.cli import main
 from opsd.evaluation import Graded, majority_correct
 from opsd.verify import extract_boxed, score_response
 

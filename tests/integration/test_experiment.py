@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 
 def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "launch.cli", "bench", "learning", "--quick", "--out", str(out), "--work-dir", str(work)]
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--quick", "--out", str(out), "--work-dir", str(work)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     report = json.loads((out / "comparison.json").read_text())
@@ -46,7 +46,7 @@ def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path)
 
 def test_bench_learning_toy_quick(tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "launch.cli", "bench", "learning", "--task", "toy", "--quick", "--out", str(out),
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--task", "toy", "--quick", "--out", str(out),
            "--work-dir", str(work)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from launch.driver import Trainer
+from opsd.launch.driver import Trainer
 
 from .conftest import make_trainer, read_metrics
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.checkpoints import CheckpointError, checkpoint_problem, latest_checkpoint
+from opsd.launch.checkpoints import CheckpointError, checkpoint_problem, latest_checkpoint
 
 from .conftest import make_trainer
 

@@ -55,7 +55,7 @@ def reference_losses(tiny_model, tables, cfg) -> tuple[list[float], dict]:
 @pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), pytest.param(3, True, marks=pytest.mark.slow)],
                          ids=["zero2", "zero3", "zero3-gradient-checkpointing"])
 def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, ray_session):
-    from workers.learner import LearnerGroup
+    from opsd.workers.learner import LearnerGroup
 
     tables = [read_ipc(p) for p in sorted((cli_run / "batches").glob("step_*.arrow"))]
     assert len(tables) == 3
@@ -103,7 +103,7 @@ def test_zero3_in_bf16_runs_the_lm_head_in_float32(cli_run, tiny_model, ray_sess
     """bf16 weights under ZeRO-3, whose hooks gather the (tied) head weight: the patched fp32
     head gets the gathered weight, and the first step's loss (before any update) is the
     single-process loss of the same bf16 weights with a float32 head."""
-    from workers.learner import LearnerGroup
+    from opsd.workers.learner import LearnerGroup
 
     table = read_ipc(sorted((cli_run / "batches").glob("step_*.arrow"))[0])
     tiny_model = _with_large_logits(tiny_model, tmp_path / "large-logits")

@@ -18,8 +18,8 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from workers.learner import LearnerGroup
-    from workers.rollout import RolloutWorker
+    from opsd.workers.learner import LearnerGroup
+    from opsd.workers.rollout import RolloutWorker
 
     ray = ray_session
     targets = ["q_proj", "v_proj", "gate_proj"]

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from launch.driver import Trainer
-from launch.stopping import BadSteps
+from opsd.launch.driver import Trainer
+from opsd.launch.stopping import BadSteps
 
 from .conftest import make_trainer, read_metrics
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoints import latest_checkpoint
+from opsd.launch.checkpoints import latest_checkpoint
 from opsd.config import REPO_ROOT
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ import threading
 import numpy as np
 import pytest
 
-import launch.driver as driver
-from launch.driver import train
-from launch.stopping import LearnerLost, Stopped
+import opsd.launch.driver as driver
+from opsd.launch.driver import train
+from opsd.launch.stopping import LearnerLost, Stopped
 from opsd.config import REPO_ROOT
 
 from .conftest import local_overrides, read_metrics

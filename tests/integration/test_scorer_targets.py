@@ -48,7 +48,7 @@ def test_an_objective_that_reads_no_top_k_gets_none_and_the_same_token_logprobs(
     says opsd.targets=token, its top-k columns are null, and the token logprobs are the ones the
     default (top-k) scorer wrote for the same rows."""
     from opsd.config import batch_targets
-    from workers.scorer import ScoreRequest, ScorerWorker
+    from opsd.workers.scorer import ScoreRequest, ScorerWorker
 
     from .conftest import local_config
 
@@ -70,8 +70,8 @@ def test_bench_head_loss_is_zero_against_the_students_own_targets_and_not_agains
     response) against targets. Targets that the same model wrote from the student's own context
     are the student's distribution, so the divergence is 0 (a position off by one would not
     be); from another context it is not."""
-    from benchmarks.head import _student_loss
-    from workers.scorer import ScorerWorker
+    from opsd.benchmarks.head import _student_loss
+    from opsd.workers.scorer import ScorerWorker
 
     from .conftest import local_config
 

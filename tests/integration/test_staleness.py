@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from launch import driver
-from launch.driver import train
+from opsd.launch import driver
+from opsd.launch.driver import train
 from opsd.batch import read_ipc
 from opsd.config import REPO_ROOT
-from workers.rollout import RolloutWorker
+from opsd.workers.rollout import RolloutWorker
 
 from .conftest import local_overrides, make_trainer, read_metrics
 

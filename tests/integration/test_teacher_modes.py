@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.driver import Trainer
+from opsd.launch.driver import Trainer
 
 from .conftest import make_trainer, read_metrics
 

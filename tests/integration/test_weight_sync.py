@@ -11,8 +11,8 @@ import torch
 
 from opsd.batch import read_ipc
 from tests.memory_maps import mapping_of
-from workers.rollout import RolloutWorker
-from workers.weight_sync import WeightSyncError, from_store_object, store_object
+from opsd.workers.rollout import RolloutWorker
+from opsd.workers.weight_sync import WeightSyncError, from_store_object, store_object
 
 from .conftest import local_config, make_trainer, read_metrics
 
@@ -33,14 +33,14 @@ def _sha(t: torch.Tensor) -> str:
 
 def _received_by_another_process(update):
     """In a Ray task (another process): what the receiver got, and where its memory lies."""
-    from workers.weight_sync import ObjectStoreReceiver
+    from opsd.workers.weight_sync import ObjectStoreReceiver
 
     named = ObjectStoreReceiver().receive(update)
     return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
 
 
 def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(ray_session):
-    from workers.weight_sync import ObjectStoreSender, iter_buckets
+    from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
 
     ray = ray_session
     g = torch.Generator().manual_seed(0)
@@ -63,8 +63,8 @@ def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(r
 
 
 def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_through_the_store(ray_session):
-    from workers.shared_weights import SharedWeights
-    from workers.weight_sync import ObjectStoreSender
+    from opsd.workers.shared_weights import SharedWeights
+    from opsd.workers.weight_sync import ObjectStoreSender
 
     ray = ray_session
     g = torch.Generator().manual_seed(1)
@@ -85,7 +85,7 @@ def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_throug
 
 
 def _received_in_place_by_another_process(update):
-    from workers.weight_sync import ObjectStoreReceiver
+    from opsd.workers.weight_sync import ObjectStoreReceiver
 
     with ObjectStoreReceiver().receiving(update) as named:
         return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
@@ -94,8 +94,8 @@ def _received_in_place_by_another_process(update):
 def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
     from transformers import AutoModelForCausalLM
 
-    from workers.learner import LearnerGroup
-    from workers.rollout import RolloutWorker
+    from opsd.workers.learner import LearnerGroup
+    from opsd.workers.rollout import RolloutWorker
 
     ray = ray_session
     # lr 1e-2 so that one step moves logprobs far beyond the comparison tolerance.
@@ -173,7 +173,7 @@ class InAnotherPidNamespace(RolloutWorker):
 
 def test_a_receiver_that_cannot_read_in_place_gets_the_push_through_the_store(tmp_path, ray_session, monkeypatch,
                                                                               capsys):
-    from launch import driver
+    from opsd.launch import driver
 
     monkeypatch.setattr(driver, "RolloutWorker", InAnotherPidNamespace)
     trainer, run_dir = make_trainer(tmp_path, "data.max_rows=8", "train.prompts_per_step=4", "train.steps=2",
@@ -198,11 +198,11 @@ def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
     reaches every receiver (the restarted one over its own catch-up group)."""
     from transformers import AutoModelForCausalLM
 
-    from launch.cluster import ActorPool
-    from launch.weights import WeightSync
-    from workers.learner import LearnerGroup
-    from workers.rollout import RolloutWorker
-    from workers.scorer import ScorerWorker
+    from opsd.launch.cluster import ActorPool
+    from opsd.launch.weights import WeightSync
+    from opsd.workers.learner import LearnerGroup
+    from opsd.workers.rollout import RolloutWorker
+    from opsd.workers.scorer import ScorerWorker
 
     ray = ray_session
     cfg = local_config(

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
+from opsd.launch.cli import main
 from opsd.config import REPO_ROOT
 
 TINY = "configs/tiny.yaml"
+pytestmark = pytest.mark.usefixtures("tiny_model")
 GOOD_ROW = {"problem": "What is 1 + 1?", "solution": "1 + 1 = 2. The answer is \\boxed{2}."}
 
 
@@ -142,7 +143,7 @@ def test_a_bad_eval_set_is_named_too(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_dir() -> Path:
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     return Path(resolve_model_path("tiny"))
 
@@ -244,7 +245,7 @@ def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_pat
     # the command's (a cluster this test process joined could grow, and would be waited for).
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", TINY, f"run_dir={run_dir}", override,
+        [sys.executable, "-m", "opsd.launch.cli", "train", TINY, f"run_dir={run_dir}", override,
          "eval.every=0", "cluster.num_cpus=4"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )

@@ -12,7 +12,7 @@ from opsd.config import REPO_ROOT
 
 
 def test_bench_loss_cli_prints_and_writes_figures(tmp_path, capsys):
-    from launch.cli import main
+    from opsd.launch.cli import main
 
     out = tmp_path / "loss.json"
     argv = ["bench", "loss", "--vocab", "600", "--tokens", "48", "--chunk", "16", "--hidden", "16",
@@ -35,7 +35,7 @@ def test_bench_loss_cli_prints_and_writes_figures(tmp_path, capsys):
 
 
 def test_bench_loss_bf16_returns_same_keys():
-    from benchmarks.bench import bench_loss
+    from opsd.benchmarks.bench import bench_loss
 
     lines: list[str] = []
     report = bench_loss(vocab=300, tokens=20, chunk=8, hidden=8, k=4, device="cpu", dtype="bfloat16", out=lines.append)
@@ -44,7 +44,7 @@ def test_bench_loss_bf16_returns_same_keys():
 
 
 def test_summarize_metrics_skips_the_first_step():
-    from benchmarks.bench import summarize_metrics
+    from opsd.benchmarks.bench import summarize_metrics
 
     def row(step, s):
         return {"step": step, "rollout_seconds": s, "score_seconds": 1.0, "train_seconds": 2.0, "sync_seconds": 0.5,
@@ -60,7 +60,7 @@ def test_summarize_metrics_skips_the_first_step():
 
 @pytest.mark.parametrize("params_m", [10, 100, 600])
 def test_qwen3_shaped_config_hits_the_size(params_m):
-    from benchmarks.bench import qwen3_shaped_config, qwen3_shapes
+    from opsd.benchmarks.bench import qwen3_shaped_config, qwen3_shapes
 
     shapes = qwen3_shapes(qwen3_shaped_config(params_m))
     n = sum(int(__import__("math").prod(s)) for _, s in shapes)
@@ -70,7 +70,7 @@ def test_qwen3_shaped_config_hits_the_size(params_m):
 
 def test_bench_module_imports_no_heavy_stack():
     """scripts/gpu_check.sh runs `bench loss` on a machine without ray, vllm or deepspeed."""
-    code = ("import sys, benchmarks.bench, launch.cli; launch.cli.build_parser(); "
+    code = ("import sys, opsd.benchmarks.bench, opsd.launch.cli; opsd.launch.cli.build_parser(); "
             "print(sorted(m for m in ('ray', 'vllm', 'deepspeed', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +80,7 @@ def test_bench_module_imports_no_heavy_stack():
 def test_stopwatch_times_and_restores():
     import types
 
-    from benchmarks.bench import _Stopwatch
+    from opsd.benchmarks.bench import _Stopwatch
 
     class Thing:
         def work(self, x):
@@ -102,9 +102,9 @@ def test_bench_step_reference_trains_the_step_it_times():
     JSD of the student against the teacher, > 0 on sampled answers); other algorithms are refused."""
     import math
 
-    from benchmarks.step import reference_steps
+    from opsd.benchmarks.step import reference_steps
     from opsd.config import load_config
-    from opsd.models import resolve_model_path
+    from opsd.assets.models import resolve_model_path
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["train.prompts_per_step=4", "rollout.max_tokens=16",
                                                            "learner.micro_batch_size=3"])
@@ -123,7 +123,7 @@ def test_bench_step_reference_trains_the_step_it_times():
 def test_bench_head_compares_targets_on_the_ids_both_top_k_lists_hold():
     import numpy as np
 
-    from benchmarks.head import _compare
+    from opsd.benchmarks.head import _compare
 
     # One row, two positions, top-2. Position 0: same ids, log-probs off by 0.1 and 0.3; position 1:
     # the lists share id 7 only (off by 0.5), and the top-1 ids differ.
@@ -136,8 +136,8 @@ def test_bench_head_compares_targets_on_the_ids_both_top_k_lists_hold():
 
 
 def test_bench_step_scaling_settings_parse_and_bad_ones_are_named():
-    from benchmarks.bench import _settings
-    from benchmarks.step import SCALING
+    from opsd.benchmarks.bench import _settings
+    from opsd.benchmarks.step import SCALING
 
     assert _settings([]) == SCALING == ((8, 64), (16, 64), (32, 64), (8, 128), (8, 256))
     assert _settings(["16x64", "8X256"]) == ((16, 64), (8, 256))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoints import MANIFEST, checkpoint_problem, latest_checkpoint, write_manifest
-from launch.stopping import StopSignals
+from opsd.launch.checkpoints import MANIFEST, checkpoint_problem, latest_checkpoint, write_manifest
+from opsd.launch.stopping import StopSignals
 
 
 def make_checkpoint(run: Path, step: int, *, manifest: bool = True) -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launch.cli import main
+from opsd.launch.cli import main
 
 
 def test_overlong_prompts_give_a_clear_error(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.comparison import ComparisonSpec, method_overrides, summarize, table, write_report
+from opsd.benchmarks.comparison import ComparisonSpec, method_overrides, summarize, table, write_report
 
 
 def record(method: str, seed: int, accs: list[float], tokens_per_step: int, *, base: bool = False) -> dict:

@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from launch.cli import main
-from launch.evaluate import (
+from opsd.launch.cli import main
+from opsd.launch.evaluate import (
     DEFAULT_SAMPLING_TEMPERATURE, EvalError, ResolvedModel, _load_eval_problems, default_report_path,
     eval_config, evaluate_pairs, format_table, resolve_eval_model,
 )
 from opsd.config import ConfigError, load_config, to_yaml
 from opsd.prompts import PromptPair
-from workers.rollout import Rollout
+from opsd.workers.rollout import Rollout
 
 
 def make_run(root, steps=(), complete=(), hf=()):

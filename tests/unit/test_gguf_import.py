@@ -1,4 +1,4 @@
-"""opsd/gguf_import.py: what it refuses, naming the file and the reason, and leaving nothing behind.
+"""opsd/assets/gguf.py: what it refuses, naming the file and the reason, and leaving nothing behind.
 The conversion of a real GGUF file is tested on SmolLM2 (tests/integration/test_smollm2.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opsd.gguf_import import ModelImportError, gguf_architecture, import_gguf, supported_architectures
+from opsd.assets.gguf import ModelImportError, gguf_architecture, import_gguf, supported_architectures
 
 gguf = pytest.importorskip("gguf")
 

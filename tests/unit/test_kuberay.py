@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.validate import resource_needs
+from opsd.launch.validate import resource_needs
 from opsd.config import REPO_ROOT, load_config
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -141,7 +141,7 @@ RUNTIME_ENV = REPO_ROOT / "launch" / "runtime_env.yaml"
 
 
 def test_runtime_env_does_not_clash_with_the_drivers_ray_init():
-    from launch.cluster import WORKER_ENV
+    from opsd.launch.cluster import WORKER_ENV
 
     env = load(RUNTIME_ENV)
     # Ray refuses a job whose runtime env and ray.init(runtime_env=...) set the same variable.

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from launch.loggers import MetricsLogger, require_wandb, scalars
+from opsd.launch.loggers import MetricsLogger, require_wandb, scalars
 from opsd.config import ConfigError, LoggingConfig
 
 ROWS = [

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from launch.cli import main
-from launch.plot import PANELS, plot_runs, read_metrics
+from opsd.launch.cli import main
+from opsd.launch.plot import PANELS, plot_runs, read_metrics
 
 
 def write_run(path, steps=12, eval_every=3, seed=0):
@@ -71,7 +71,7 @@ def test_cli_plot_several_runs(tmp_path, capsys):
     out = tmp_path / "cmp" / "both.png"
     assert main(["plot", str(a), str(b), "--labels", "beta0.5", "beta1", "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    from launch.plot import DPI, FIGSIZE
+    from opsd.launch.plot import DPI, FIGSIZE
 
     img = load_png(out)
     assert img.shape[:2] == (int(FIGSIZE[1] * DPI), int(FIGSIZE[0] * DPI))

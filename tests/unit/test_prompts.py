@@ -8,7 +8,7 @@ import torch
 from opsd.config import PromptConfig
 from opsd.data import Problem
 from opsd.prompts import PromptBuilder, PromptTooLongError, pad_right, response_loss_mask
-from opsd.tiny import IM_END, SPECIAL_TOKENS, build_tokenizer
+from opsd.assets.tiny import IM_END, SPECIAL_TOKENS, build_tokenizer
 
 GEN_PROMPT = "<|im_start|>assistant\n"
 EMPTY_THINK = "<think>\n\n</think>\n\n"

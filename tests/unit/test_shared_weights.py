@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tests.memory_maps import mapping_of
-from workers.shared_weights import SharedWeights, SharedWeightsError
-from workers.weight_sync import ObjectStoreReceiver, ObjectStoreSender, WeightSyncError, iter_buckets
+from opsd.workers.shared_weights import SharedWeights, SharedWeightsError
+from opsd.workers.weight_sync import ObjectStoreReceiver, ObjectStoreSender, WeightSyncError, iter_buckets
 
 
 def _flat_weights(seed: int = 0) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
@@ -117,7 +117,7 @@ def test_a_receiver_that_cannot_reach_the_sender_says_what_to_do():
 
 
 def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room(monkeypatch):
-    import workers.shared_weights as sw
+    import opsd.workers.shared_weights as sw
 
     shared = SharedWeights(timeout_s=5)
     monkeypatch.setattr(sw, "MAX_SEGMENTS", 2)
@@ -134,7 +134,7 @@ def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room
 
 _DIES_WHILE_COPYING = """
 import os, sys
-from workers.shared_weights import Segment, SharedHandle, SharedReader, SharedTensor
+from opsd.workers.shared_weights import Segment, SharedHandle, SharedReader, SharedTensor
 pid, header_fd, fd, nbytes, version = map(int, sys.argv[1:6])
 handle = SharedHandle(pid, bytes.fromhex(sys.argv[6]), Segment(header_fd, 24), (Segment(fd, nbytes),), 5.0)
 with SharedReader().reading(handle, version, [(SharedTensor("a.weight", 0, 0, (30, 40), "bfloat16"),)]) as named:
@@ -165,7 +165,7 @@ def test_a_receiver_that_dies_while_it_copies_does_not_hold_up_the_learner():
 def test_a_receiver_keeps_the_senders_memory_mapped_only_while_pushes_come_in_place():
     import os
 
-    from workers.weight_sync import WeightUpdate
+    from opsd.workers.weight_sync import WeightUpdate
 
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=5)

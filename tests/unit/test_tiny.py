@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd import tiny
-from opsd.tiny import (
+from opsd.assets import tiny
+from opsd.assets.tiny import (
     DEFAULT_TINY_DIR,
     SPECIAL_TOKENS,
     build_tiny_model,
@@ -16,7 +16,7 @@ from opsd.tiny import (
     tiny_dir,
     token_lengths,
 )
-from opsd.toydata import DEFAULT_TOY_DIR, read_jsonl
+from opsd.assets.toydata import DEFAULT_TOY_DIR, read_jsonl
 
 MSGS = [{"role": "system", "content": "Solve it."}, {"role": "user", "content": "What is 12 + 34?"}]
 GEN_PROMPT = "<|im_start|>assistant\n"
@@ -147,7 +147,7 @@ def test_transformers_loads_and_runs(model_dir, tok):
 
 
 def test_default_dir_and_env_override(monkeypatch, tmp_path):
-    assert DEFAULT_TINY_DIR == Path(tiny.__file__).resolve().parents[1] / "artifacts" / "tiny-qwen3"
+    assert DEFAULT_TINY_DIR == Path(tiny.__file__).resolve().parents[2] / "artifacts" / "tiny-qwen3"
     monkeypatch.delenv("OPSD_TINY_DIR", raising=False)
     assert tiny_dir() == DEFAULT_TINY_DIR
     monkeypatch.setenv("OPSD_TINY_DIR", str(tmp_path / "env"))

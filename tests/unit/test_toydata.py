@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd.toydata import (
+from opsd.assets.toydata import (
     DEFAULT_TOY_DIR,
     LEVELS,
     add_columns,

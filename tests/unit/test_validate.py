@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
-from launch.validate import validate_config
+from opsd.launch.cli import main
+from opsd.launch.validate import validate_config
 from opsd.config import REPO_ROOT, ConfigError, load_config
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -175,7 +175,7 @@ def test_cli_skip_data_flag(capsys):
 
 def test_validate_starts_and_imports_nothing_heavy():
     code = (
-        "import sys; from launch.validate import validate_config; "
+        "import sys; from opsd.launch.validate import validate_config; "
         "validate_config('configs/local.yaml', []); "
         "print(sorted(m for m in ('ray', 'vllm', 'deepspeed') if m in sys.modules))"
     )

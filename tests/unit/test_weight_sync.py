@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.collective_group import named, run_group, small_buckets
-from workers.weight_sync import (
+from opsd.workers.weight_sync import (
     BucketLayout, GroupSpec, WeightSyncError, check_layout, collective_update, iter_buckets, layout_of, pack, unpack,
 )
 
@@ -60,7 +60,7 @@ def test_group_spec_and_update_survive_vllms_msgpack():
     # RolloutWorker keeps vLLM's engine core in its own process; were it ever moved out, the
     # collective_rpc arguments would travel as msgpack, which turns dataclasses into dicts.
     serial = pytest.importorskip("vllm.v1.serial_utils")
-    from workers.weight_sync import spec_from, update_from
+    from opsd.workers.weight_sync import spec_from, update_from
 
     enc, dec = serial.MsgpackEncoder(), serial.MsgpackDecoder()
     spec = GroupSpec("rollout", "nccl", "10.0.0.7", 29400, 5, 3, 600.0)
@@ -128,7 +128,7 @@ def test_nccl_without_nccl_is_an_error_not_a_silent_no_op():
         pytest.skip("this machine has CUDA; tests/gpu/test_nccl_sync.py covers nccl there")
     from concurrent.futures import ThreadPoolExecutor
 
-    from workers.weight_sync import BroadcastGroup, open_store
+    from opsd.workers.weight_sync import BroadcastGroup, open_store
 
     store = open_store(2, 30.0)
     spec = GroupSpec("g", "nccl", "127.0.0.1", store.port, 2, 0, 30.0)

@@ -1,4 +1,4 @@
-"""The default run's word-problem set (opsd/wordproblems.py) and the shipped data/wordproblems/."""
+"""The default run's word-problem set (opsd/assets/wordproblems.py) and the shipped data/wordproblems/."""
 
 import hashlib
 import re
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from opsd.data import load_problems
-from opsd.toydata import read_jsonl
-from opsd.wordproblems import DEFAULT_DIR, DEFAULT_SIZES, LEVELS
+from opsd.assets.toydata import read_jsonl
+from opsd.assets.wordproblems import DEFAULT_DIR, DEFAULT_SIZES, LEVELS
 
 REPO = Path(__file__).resolve().parents[2]
 NUMBERS = re.compile(r"\d+")

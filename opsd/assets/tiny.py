@@ -53,7 +53,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from opsd.toydata import DEFAULT_TOY_DIR, read_jsonl
+from opsd.assets.toydata import DEFAULT_TOY_DIR, read_jsonl
+from opsd.config import REPO_ROOT
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -62,7 +63,7 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END, THINK_START, THINK_END)  # ids 0..4
 
-DEFAULT_TINY_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "tiny-qwen3"
+DEFAULT_TINY_DIR = REPO_ROOT / "artifacts" / "tiny-qwen3"
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"

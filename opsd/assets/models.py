@@ -5,7 +5,7 @@ directory, the checksum of what is fetched), made once under ``artifacts/`` and 
 Everything else ``model.path`` may be passes through :func:`resolve_model_path`:
 
 - a named model of :data:`MODELS`;
-- a ``.gguf`` file: imported once (opsd/gguf_import.py) into ``artifacts/gguf/<stem>-<sha>``;
+- a ``.gguf`` file: imported once (opsd/assets/gguf.py) into ``artifacts/gguf/<stem>-<sha>``;
 - a local Hugging Face model directory, or a hub id ("org/name"), used as given.
 
 No named model comes from a model hub. ``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0)
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from opsd.config import REPO_ROOT
-from opsd.gguf_import import ModelError, ModelImportError, import_gguf, is_imported, say, sha256_of
+from opsd.assets.gguf import ModelError, ModelImportError, import_gguf, is_imported, say, sha256_of
 
 
 def artifacts_dir() -> Path:
@@ -79,7 +79,7 @@ class NamedModel:
 
 
 def _make_tiny(out: Path) -> Path:
-    from opsd.tiny import ensure_tiny_model
+    from opsd.assets.tiny import ensure_tiny_model
 
     return ensure_tiny_model(out)
 

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from opsd.config import REPO_ROOT
+
 LEVELS = (1, 2, 3, 4, 5)
-DEFAULT_TOY_DIR = Path(__file__).resolve().parents[1] / "data" / "toy"
+DEFAULT_TOY_DIR = REPO_ROOT / "data" / "toy"
 DEFAULT_SEED = 0
 DEFAULT_SIZES = {"train": 4000, "test": 500}
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from opsd.toydata import ToyProblem, generate_splits, write_jsonl
+from opsd.assets.toydata import ToyProblem, generate_splits, write_jsonl
+from opsd.config import REPO_ROOT
 
 LEVELS = (1, 2, 3)
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "data" / "wordproblems"
+DEFAULT_DIR = REPO_ROOT / "data" / "wordproblems"
 DEFAULT_SEED = 0
 DEFAULT_SIZES = {"train": 900, "test": 400}
 
