@@ -16,27 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from opsd.benchmarks.figures import MB, mean, median
 from opsd.benchmarks.machine import machine
-
-MB = 2**20
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def _mean(xs: list[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
 
 
 class PeakRSS:
@@ -191,320 +181,6 @@ def bench_loss(vocab: int = 151936, tokens: int = 2048, chunk: int = 1024, hidde
     return report
 
 
-# --- bench sync ------------------------------------------------------------------------------
-
-
-def qwen3_shaped_config(params_m: float, vocab: int = 151936):
-    """A Qwen3Config of about ``params_m`` million parameters (tied embeddings, head_dim 128).
-
-    Per layer a Qwen3 block has ~12 h^2 parameters (q, o: h^2; k, v: h^2 / 2 with kv heads = heads
-    / 2; MLP 3 x h x 3h); the embedding has V x h. When the embedding alone is over budget the
-    vocabulary shrinks.
-    """
-    from transformers import Qwen3Config
-
-    target = params_m * 1e6
-    hidden = 512 if params_m < 300 else 1024 if params_m < 1500 else 2048
-    if vocab * hidden > 0.8 * target:
-        vocab = max(1024, int(0.5 * target / hidden))
-    layers = max(1, round((target - vocab * hidden) / (12 * hidden * hidden)))
-    heads = hidden // 128
-    return Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=128,
-        tie_word_embeddings=True, max_position_embeddings=4096,
-    )
-
-
-def qwen3_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
-    """Parameter names and shapes (what the learner pushes), from a model built on the meta device."""
-    import torch
-    from transformers import Qwen3ForCausalLM
-
-    with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-
-
-class _SyncSender:
-    """Holds random fp32 weights of the given shapes; pushes them as the learner's rank 0 does."""
-
-    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
-        import torch
-
-        from opsd.workers.weight_sync import BroadcastSender
-
-        torch.manual_seed(0)
-        # Views of one flat buffer, as DeepSpeed's ZeRO 1/2 keeps a learner's weights.
-        flat = torch.randn(sum(_numel(s) for _, s in shapes))
-        self.named, at = [], 0
-        for name, shape in shapes:
-            self.named.append((name, flat[at: at + _numel(shape)].view(shape)))
-            at += _numel(shape)
-        self.broadcast = BroadcastSender("gloo", "cpu")
-        self.shared = None
-
-    def send(self, version: int, bucket_mb: float, in_place: bool = False):
-        from opsd.workers.shared_weights import SharedWeights
-        from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
-
-        if in_place and self.shared is None:
-            self.shared = SharedWeights(timeout_s=60)
-            why_not = self.shared.share(t for _, t in self.named)
-            if why_not is not None:
-                raise RuntimeError(f"bench sync: the in_place sender cannot share its weights: {why_not}; "
-                                   "leave in_place out of --transports")
-        t0 = time.perf_counter()
-        update = ObjectStoreSender().send(version, iter_buckets(self.named, bucket_mb),
-                                          shared=self.shared if in_place else None)
-        return update, time.perf_counter() - t0
-
-    # gloo: the group is formed once; each push is then one header and one broadcast per bucket.
-    def layout(self, bucket_mb: float) -> list:
-        from opsd.workers.weight_sync import iter_buckets, layout_of
-
-        return [layout_of(b) for b in iter_buckets(self.named, bucket_mb)]
-
-    def open(self) -> tuple[str, int]:
-        import ray
-
-        return ray.util.get_node_ip_address(), self.broadcast.open("bench", 2, 300)
-
-    def join(self, spec) -> None:
-        self.broadcast.join(spec)
-
-    def send_collective(self, update, bucket_mb: float) -> float:
-        from opsd.workers.weight_sync import iter_buckets
-
-        t0 = time.perf_counter()
-        self.broadcast.send(update, iter_buckets(self.named, bucket_mb), ["bench"])
-        return time.perf_counter() - t0
-
-
-class _SyncReceiver:
-    """Receives a push and copies it into its own weights, as the scorer's load does."""
-
-    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]]):
-        import torch
-
-        from opsd.workers.weight_sync import BroadcastReceiver, ObjectStoreReceiver
-
-        self.params = {name: torch.zeros(shape) for name, shape in shapes}
-        self.broadcast = BroadcastReceiver("gloo")
-        self.store = ObjectStoreReceiver()  # keeps an in-place sender's memory mapped between pushes
-
-    def _copy(self, named) -> float:
-        import torch
-
-        from opsd.workers.weight_sync import check_against
-
-        t0 = time.perf_counter()
-        check_against(named, {k: tuple(v.shape) for k, v in self.params.items()})
-        with torch.no_grad():
-            for name, t in named:
-                self.params[name].copy_(t)
-        return time.perf_counter() - t0
-
-    def receive(self, update) -> tuple[int, float, float]:
-        t0 = time.perf_counter()
-        with self.store.receiving(update) as named:
-            fetch_s = time.perf_counter() - t0
-            return len(named), fetch_s, self._copy(named)
-
-    def join(self, spec) -> None:
-        self.broadcast.join(spec, spec.rank)
-
-    def memcpy(self, repeats: int) -> float:
-        """Median seconds to copy every weight into a second buffer of the same size: a plain
-        memcpy of the pushed bytes, in the receiving process, with its threads."""
-        import torch
-
-        spare = {name: torch.empty_like(t) for name, t in self.params.items()}
-        times = []
-        for _ in range(repeats + 1):  # the first pass also faults the spare pages in
-            t0 = time.perf_counter()
-            for name, t in self.params.items():
-                spare[name].copy_(t)
-            times.append(time.perf_counter() - t0)
-        return _median(times[1:])
-
-    def receive_collective(self, update) -> tuple[int, float, float]:
-        t0 = time.perf_counter()
-        named = self.broadcast.receive(update)
-        fetch_s = time.perf_counter() - t0
-        return len(named), fetch_s, self._copy(named)
-
-
-def _start_ray(num_cpus: int = 2) -> bool:
-    """Attach when RAY_ADDRESS says so, else start a local Ray the way `opsd train` does."""
-    import ray
-
-    from opsd.launch.cluster import init_ray
-    from opsd.config import REPO_ROOT, load_config
-
-    if ray.is_initialized():
-        return False
-    return init_ray(load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"cluster.num_cpus={num_cpus}"]))
-
-
-SYNC_TRANSPORTS = ("object_store", "in_place", "gloo")
-
-
-def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 256), repeats: int = 3,
-               vllm: bool = True, transports: list[str] | tuple = SYNC_TRANSPORTS,
-               out: Callable[[str], None] = print) -> dict:
-    """Weight-push bandwidth between two Ray actors, per transport and bucket size.
-
-    The sender's weights are views of one flat buffer, as DeepSpeed's ZeRO 1/2 keeps a learner's.
-    object_store: the sender puts every bucket into the object store (``send``), then the
-    receiver fetches them all (``fetch``): two copies per push, so 50% of a memcpy is its
-    ceiling. in_place: object_store with sync.shared_memory, as on one host: the sender's buffer
-    is in shared memory (moved there on the first push, which is not timed) and ``send`` only
-    says where each tensor lies; the receiver maps it and copies from there (one copy). gloo:
-    sender and receiver form a weight group once, then each push broadcasts every bucket while
-    the receiver stages it (``send`` and ``fetch`` overlap). Every way the receiver then copies
-    the weights into its own (``copy``), and the push is timed from the driver around all of it,
-    and set against a memcpy of the same bytes in the receiver (``of_memcpy``: memcpy seconds /
-    push seconds). Each configuration is pushed once untimed first. Also, if ``vllm``, the
-    in-place load time of the tiny model into a vLLM RolloutWorker (RolloutWorker.load_weights:
-    fetch, check, reload_weights). nccl needs GPUs and is not measured here.
-    """
-    import ray
-
-    from opsd.workers.weight_sync import GroupSpec, collective_update
-
-    unknown = sorted(set(transports) - set(SYNC_TRANSPORTS))
-    if unknown:
-        raise ValueError(f"bench sync measures {', '.join(SYNC_TRANSPORTS)}, not {unknown}")
-    config = qwen3_shaped_config(params_m)
-    shapes = qwen3_shapes(config)
-    n_params = sum(_numel(s) for _, s in shapes)
-    nbytes = 4 * n_params
-    started = _start_ray()
-    report: dict[str, Any] = {
-        "params": n_params, "bytes": nbytes, "model": {
-            "hidden": config.hidden_size, "layers": config.num_hidden_layers, "vocab": config.vocab_size},
-        "buckets": [],
-    }
-    out(f"bench sync: Qwen3-shaped random model, {n_params / 1e6:.1f} M params ({nbytes / MB:.0f} MB fp32), "
-        f"hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab {config.vocab_size}; "
-        f"{' and '.join(transports)}, sender and receiver in two actors, {repeats} pushes per bucket size")
-    sender = receiver = None
-    try:
-        sender = ray.remote(_SyncSender).options(num_cpus=0.5).remote(shapes)
-        receiver = ray.remote(_SyncReceiver).options(num_cpus=0.5).remote(shapes)
-        if "gloo" in transports:
-            host, port = ray.get(sender.open.remote())
-            ray.get([receiver.join.remote(GroupSpec("bench", "gloo", host, port, 2, 1, 300)),
-                     sender.join.remote(GroupSpec("bench", "gloo", host, port, 2, 0, 300))])
-        memcpy_s = ray.get(receiver.memcpy.remote(repeats))
-        report["memcpy_seconds"] = memcpy_s
-        report["memcpy_mb_per_s"] = nbytes / MB / memcpy_s
-        out(f"  memcpy of the same bytes in the receiver: {memcpy_s:.3f} s = {report['memcpy_mb_per_s']:.1f} MB/s")
-        version = 0
-        for transport in transports:
-            for bmb in bucket_mb:
-                totals, sends, fetches, copies = [], [], [], []
-                n_buckets = 0
-                layout = ray.get(sender.layout.remote(bmb)) if transport == "gloo" else None
-                for i in range(repeats + 1):
-                    version += 1
-                    t0 = time.perf_counter()
-                    if transport == "gloo":
-                        update = collective_update(version, "gloo", layout)
-                        got = receiver.receive_collective.remote(update)
-                        send_s = ray.get(sender.send_collective.remote(update, bmb))
-                        n, fetch_s, copy_s = ray.get(got)
-                    else:
-                        update, send_s = ray.get(sender.send.remote(version, bmb, transport == "in_place"))
-                        n, fetch_s, copy_s = ray.get(receiver.receive.remote(update))
-                    total_s = time.perf_counter() - t0
-                    assert n == update.num_tensors
-                    if transport == "in_place":
-                        assert update.shared is not None and all(isinstance(h, tuple) for h in update.handles)
-                    n_buckets = len(update.handles)
-                    del update  # frees the buckets in the object store
-                    if i == 0:
-                        continue  # the untimed first push
-                    totals.append(total_s)
-                    sends.append(send_s)
-                    fetches.append(fetch_s)
-                    copies.append(copy_s)
-                row = {
-                    "transport": transport, "bucket_mb": bmb, "buckets": n_buckets,
-                    "push_seconds": _median(totals), "send_seconds": _median(sends),
-                    "fetch_seconds": _median(fetches), "copy_seconds": _median(copies),
-                    "mb_per_s": nbytes / MB / _median(totals),
-                    "of_memcpy": memcpy_s / _median(totals),
-                }
-                report["buckets"].append(row)
-                out(f"  {transport:12s} bucket {bmb:6g} MB: {n_buckets:4d} buckets, push {row['push_seconds']:7.3f} s "
-                    f"(send {row['send_seconds']:.3f}, fetch {row['fetch_seconds']:.3f}, "
-                    f"copy {row['copy_seconds']:.3f}) = {row['mb_per_s']:8.1f} MB/s, {100 * row['of_memcpy']:.0f}% of memcpy")
-        by = {(r["transport"], r["bucket_mb"]): r for r in report["buckets"]}
-        for other in ("gloo", "in_place"):
-            if {"object_store", other} <= set(transports):
-                report[f"{other}_over_object_store"] = ratios = {
-                    bmb: by[("object_store", bmb)]["push_seconds"] / by[(other, bmb)]["push_seconds"] for bmb in bucket_mb
-                }
-                out(f"  push time object_store / {other}: " + ", ".join(f"{bmb:g} MB {r:.2f}x" for bmb, r in ratios.items()))
-    finally:
-        for a in (sender, receiver):
-            if a is not None:
-                ray.kill(a)
-    if vllm:
-        try:
-            report["vllm_tiny"] = _bench_vllm_load(repeats=max(repeats, 3), out=out)
-        except Exception as exc:  # vLLM missing or failing must not lose the figures above
-            out(f"  vLLM in-place load: skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-    if started:
-        ray.shutdown()
-    return report
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _bench_vllm_load(repeats: int, out: Callable[[str], None]) -> dict:
-    import ray
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from opsd.config import REPO_ROOT, load_config
-    from opsd.assets.models import resolve_model_path
-    from opsd.workers.rollout import RolloutWorker
-    from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
-
-    model_path = resolve_model_path("tiny")
-    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["rollout.kv_cache_mb=64"])
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
-    nbytes = sum(t.numel() * 4 for _, t in named)
-    t0 = time.perf_counter()
-    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, model_path, 0)
-    try:
-        ray.get(worker.get_version.remote())
-        start_s = time.perf_counter() - t0
-        times = []
-        for v in range(1, repeats + 1):
-            named = [(n, t + 1e-3) for n, t in named]
-            update = ObjectStoreSender().send(v, iter_buckets(named, cfg.sync.bucket_mb))
-            t0 = time.perf_counter()
-            assert ray.get(worker.load_weights.remote(update)) == v
-            times.append(time.perf_counter() - t0)
-    finally:
-        ray.kill(worker)
-    row = {"params": nbytes // 4, "engine_start_seconds": start_s, "load_seconds": _median(times),
-           "load_seconds_all": times}
-    out(f"  vLLM in-place load, tiny model ({nbytes // 4 / 1e6:.2f} M params): {row['load_seconds'] * 1e3:.1f} ms "
-        f"median of {repeats} (engine start {start_s:.1f} s)")
-    return row
-
-
 # --- bench train -----------------------------------------------------------------------------
 
 PHASES = ("rollout", "score", "train", "sync", "step")
@@ -517,7 +193,7 @@ def summarize_metrics(rows: list[dict]) -> dict:
     phases = {}
     for p in PHASES:
         xs = [r[f"{p}_seconds"] for r in steady if f"{p}_seconds" in r]
-        phases[p] = {"mean": _mean(xs), "median": _median(xs)}
+        phases[p] = {"mean": mean(xs), "median": median(xs)}
     gen = sum(r.get("tokens_generated", 0) for r in steady)
     rollout_s = sum(r.get("rollout_seconds", 0.0) for r in steady)
     step_s = sum(r.get("step_seconds", 0.0) for r in steady)
@@ -629,15 +305,17 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m opsd.benchmarks.bench``)."""
     from opsd.benchmarks.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
+    from opsd.benchmarks.sync import TRANSPORTS as SYNC_TRANSPORTS
 
     sub = p.add_subparsers(dest="bench", required=True)
-    s = sub.add_parser("sync", help="weight-push bandwidth of the object_store and gloo transports")
+    s = sub.add_parser("sync", help="weight-push bandwidth of each transport between two actors (benchmarks/sync.py)")
     s.add_argument("--params-m", type=float, default=100, help="model size in millions of parameters")
     s.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256])
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--no-vllm", action="store_true", help="skip the vLLM in-place load of the tiny model")
     s.add_argument("--transports", nargs="+", choices=SYNC_TRANSPORTS, default=list(SYNC_TRANSPORTS),
-                   help="in_place: object_store with sync.shared_memory (receivers copy from the sender's memory)")
+                   help="in_place: what object_store pushes become on one host with sync.shared_memory (receivers "
+                   "copy from the sender's memory)")
     s = sub.add_parser("step", help="opsd's training step against a single-process loop (HF generate, teacher "
                        "forward, AdamW step) on the same model and batch (benchmarks/step.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
@@ -741,6 +419,8 @@ def run(args: argparse.Namespace) -> dict:
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)
     elif args.bench == "sync":
+        from opsd.benchmarks.sync import bench_sync
+
         report = bench_sync(args.params_m, args.bucket_mb, args.repeats, vllm=not args.no_vllm,
                             transports=args.transports)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 def machine() -> dict:
     """What the figures were measured on."""
-    from opsd.config import cpu_bf16_instructions
+    from opsd.dtypes import cpu_bf16_instructions
 
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "bf16_instructions": cpu_bf16_instructions()}

@@ -16,17 +16,14 @@ samplers draw different answers of different lengths).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from opsd.benchmarks.figures import mean
+
 STAGES = ("rollout", "score", "train", "sync")
-
-
-def _mean(xs: list[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
 
 
 def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
@@ -39,7 +36,8 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from opsd.losses import fp32_lm_head
     from opsd.prompts import PromptBuilder, response_loss_mask
     from opsd.workers.learner import PolicyLoss, loss_spec
-    from opsd.workers.scorer import ScorerWorker, torch_dtype
+    from opsd.dtypes import torch_dtype
+    from opsd.workers.scorer import ScorerWorker
 
     if cfg.algo != "opsd" or cfg.teacher.mode != "fixed" or cfg.rollout.n != 1:
         raise ValueError("the single-process reference is the OPSD step with a fixed teacher and rollout.n=1; "
@@ -146,8 +144,8 @@ def policy_loss_inputs(prompts: list, responses: list, targets: list, masks: lis
 
 def _summary(rows: list[dict]) -> dict:
     steady = rows[1:] if len(rows) > 1 else rows
-    s = {f"{k}_seconds": _mean([r[f"{k}_seconds"] for r in steady]) for k in (*STAGES, "step")}
-    s["tokens_per_step"] = _mean([r["tokens_generated"] for r in steady])
+    s = {f"{k}_seconds": mean([r[f"{k}_seconds"] for r in steady]) for k in (*STAGES, "step")}
+    s["tokens_per_step"] = mean([r["tokens_generated"] for r in steady])
     s["tokens_per_second"] = s["tokens_per_step"] / s["step_seconds"]
     s["steady_steps"] = len(steady)
     s["score_overlapped"] = sum(bool(r.get("score_overlapped")) for r in steady)  # scored while the last step trained

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from opsd.launch.stopping import ActorLost
 from opsd.config import Config
-from opsd.workers.weight_sync import StaleWeightsError, WeightSyncError, WeightUpdate
+from opsd.workers.transports.base import StaleWeightsError
 
 # Every actor gets these (a job's runtime_env may not set the same names: Ray refuses to merge).
 WORKER_ENV = {
@@ -230,31 +230,6 @@ class ActorPool:
 
     def map(self, method: str, per_actor_args: list[tuple], **kwargs) -> list:
         return self.collect(self.submit(method, per_actor_args, **kwargs))
-
-    def broadcast_weights(self, update: WeightUpdate, *, retries: int) -> None:
-        """Every actor loads ``update`` (in parallel). Each load is all-or-nothing; a failed one
-        is retried, then fails loudly naming the receiver. A receiver that died is restarted and
-        caught up by the restart hook instead."""
-        import ray
-
-        refs = {i: a.load_weights.remote(update) for i, a in enumerate(self.actors)}
-        attempts = dict.fromkeys(refs, 0)
-        while refs:
-            i, ref = next(iter(refs.items()))
-            try:
-                ray.get(ref)
-                del refs[i]
-            except actor_errors() as exc:
-                self.recover(self.actors[i], exc)  # the restart hook brings it to the current version
-                del refs[i]
-            except (WeightSyncError, ray.exceptions.RayTaskError) as exc:
-                attempts[i] += 1
-                if attempts[i] > retries:
-                    raise WeightSyncError(
-                        f"{self.kind} {i} failed to load weight version {update.version} after "
-                        f"{retries + 1} tries: {exc}"
-                    ) from exc
-                refs[i] = self.actors[i].load_weights.remote(update)
 
     def nodes(self) -> list[str]:
         """The Ray node id each actor runs on."""

@@ -16,6 +16,8 @@ from typing import Any, Dict, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from opsd.dtypes import DTYPES, auto_dtype, cpu_bf16_instructions
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -196,12 +198,13 @@ class TeacherConfig:
 
 @dataclass
 class SyncConfig:
-    transport: str = "object_store"  # object_store | gloo | nccl (see workers/weight_sync.py)
+    # object_store | in_place | gloo | nccl, or a plug-in "module:attribute" (workers/transports/)
+    transport: str = "object_store"
     bucket_mb: float = 64
     retries: int = 2
     timeout_s: float = 600.0  # gloo / nccl: longest wait for a group's rendezvous or one broadcast
-    # object_store with every receiver on learner rank 0's Ray node: receivers copy its weights
-    # straight out of its memory, one copy per push instead of two (workers/shared_weights.py)
+    # object_store with every receiver on learner rank 0's Ray node: pushes go in_place instead,
+    # receivers copy its weights straight out of its memory (workers/transports/in_place.py)
     shared_memory: bool = True
 
 
@@ -276,7 +279,7 @@ class Config:
 _CHOICES = {
     "algo": ("opsd", "grpo", "sft", "kd"),
     "kd.source": ("reference", "teacher_samples"),
-    "model.dtype": ("float32", "bfloat16", "float16"),  # and "auto", resolved by load_config
+    "model.dtype": DTYPES,  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
     "grading.extract": ("strict", "lenient"),
     "learner.zero_stage": (0, 1, 2, 3),
@@ -284,7 +287,6 @@ _CHOICES = {
     "loss.support": ("topk", "topk_tail"),
     "loss.old_logprobs": ("learner", "rollout"),
     "teacher.mode": ("fixed", "live", "ema"),
-    "sync.transport": ("object_store", "gloo", "nccl"),
     "cluster.device": ("cpu", "cuda"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -394,23 +396,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg  # type: ignore[return-value]
 
 
-def cpu_bf16_instructions() -> list[str]:
-    """The CPU's bf16 matmul instructions (amx_bf16, avx512_bf16) that this machine's Linux reports."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted({"amx_bf16", "avx512_bf16"} & set(flags))
-
-
-def auto_dtype(device: str) -> str:
-    """model.dtype=auto: bfloat16 where it is fast (CUDA; a CPU with AMX or AVX512-BF16), else float32."""
-    if device == "cuda" or cpu_bf16_instructions():
-        return "bfloat16"
-    return "float32"
-
-
 def dtype_note(cfg: Config) -> str | None:
     """A warning when a half-precision dtype will be slow on this CPU, else None."""
     if cfg.cluster.device != "cpu" or cfg.model.dtype == "float32" or cpu_bf16_instructions():
@@ -514,10 +499,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
             f"config key 'learner.zero_stage' = 0 with learner.num_ranks={cfg.learner.num_ranks}: use a ZeRO "
             "stage (1, 2 or 3) for more than one rank"
         )
-    if cfg.sync.transport == "nccl" and cfg.cluster.device != "cuda":
-        raise ConfigError(
-            "config key 'sync.transport' = 'nccl' needs cluster.device=cuda; on CPU use gloo or object_store"
-        )
+    _check_transport(cfg)
     if cfg.sync.timeout_s <= 0:
         raise ConfigError(f"config key 'sync.timeout_s' = {cfg.sync.timeout_s} must be positive")
     if cfg.cluster.place_timeout_s <= 0:
@@ -576,6 +558,25 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     if vocab_size is not None and cfg.scorer.topk > vocab_size:
         raise ConfigError(
             f"config key 'scorer.topk' = {cfg.scorer.topk} is larger than the model's vocabulary ({vocab_size})"
+        )
+
+
+def _check_transport(cfg: Config) -> None:
+    """sync.transport names a registered transport that runs on cluster.device. The transports
+    live in the runtime (opsd.workers.transports), which imports this module: their registry is
+    read by name, as a plug-in is (opsd/registry.py), and imports nothing heavy."""
+    from opsd.registry import RegistryError, load_attribute
+
+    registry = load_attribute("opsd.workers.transports:TRANSPORTS")
+    try:
+        found = load_attribute("opsd.workers.transports:transport")(cfg.sync.transport)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.cluster.device not in found.devices:
+        usable = [n for n in registry.names() if cfg.cluster.device in registry.get(n).devices]
+        raise ConfigError(
+            f"config key 'sync.transport' = {cfg.sync.transport!r} needs cluster.device="
+            f"{' or '.join(found.devices)}; on {cfg.cluster.device} use one of {usable}"
         )
 
 

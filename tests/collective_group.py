@@ -1,4 +1,4 @@
-"""One collective weight push between real processes, for the tests of workers/weight_sync.py:
+"""One collective weight push between real processes, for the tests of workers/transports/broadcast.py:
 a sender (learner rank 0's end) and receivers, each in a spawned process, reporting how it
 ended. tests/unit/test_weight_sync.py runs it over gloo on CPU, tests/gpu/test_nccl_sync.py over
 NCCL on two GPUs.
@@ -18,9 +18,9 @@ from datetime import timedelta
 
 import torch
 
-from opsd.workers.weight_sync import (
-    BroadcastReceiver, BroadcastSender, GroupSpec, WeightSyncError, abort_group, collective_update, layout_of,
-)
+from opsd.workers.transports import transport
+from opsd.workers.transports.base import GroupSpec, WeightSyncError, announce, layout_of
+from opsd.workers.transports.broadcast import abort_group
 
 TIMEOUT_S = 120.0  # far above what any case needs: an error that mentions it was a hang
 
@@ -63,7 +63,7 @@ def _sender(backend, device, buckets, port_q, result_q, world, version, case, fi
     sender = None
     try:
         _use(device)
-        sender = BroadcastSender(backend, device)
+        sender = transport(backend).make_sender(device, TIMEOUT_S)
         _send(sender, backend, device, buckets, port_q, result_q, world, version, case)
     except BaseException:
         result_q.put(("sender", "crash", traceback.format_exc()))
@@ -73,18 +73,18 @@ def _sender(backend, device, buckets, port_q, result_q, world, version, case, fi
 
 
 def _send(sender, backend, device, buckets, port_q, result_q, world, version, case) -> None:
-    port_q.put(sender.open("g", world, TIMEOUT_S))
+    port_q.put(sender.open("g", world))
     try:
         sender.join(GroupSpec("g", backend, "127.0.0.1", 0, world, 0, TIMEOUT_S))
     except WeightSyncError as exc:
         result_q.put(("sender", "error", str(exc)))
         return
     data = [[(n, t.to(device)) for n, t in b] for b in BUCKETS[buckets]()]
-    update = collective_update(version, backend, [layout_of(b) for b in data])
+    layout = [layout_of(b) for b in data]
     if case == "bad_bucket":  # the learner yields something other than the layout it announced
         data[1] = [(n, t.float()) for n, t in data[1]]
     try:
-        sender.send(update, data, ["g"])
+        sender.send(version, data, layout=layout, groups=["g"])
         result_q.put(("sender", "ok", None))
     except WeightSyncError as exc:
         sender.close("g", f"the sender failed: {exc}")
@@ -95,7 +95,7 @@ def _receiver(backend, device, buckets, port, result_q, world, rank, version, ca
     who = f"receiver{rank}"
     try:
         _use(device)
-        receiver = BroadcastReceiver(backend, device)
+        receiver = transport(backend).make_receiver(device, TIMEOUT_S)
         if case == "no_show" and rank == 2:
             return  # never joins: the driver sees its actor fail and aborts the group
         try:
@@ -107,8 +107,8 @@ def _receiver(backend, device, buckets, port, result_q, world, rank, version, ca
             os._exit(3)
         layout = [layout_of(b) for b in BUCKETS[buckets]()]
         try:
-            got = receiver.receive(collective_update(version, backend, layout))
-            result_q.put((who, "ok", _by_value(got)))
+            with receiver.receiving(announce(version, backend, layout)) as got:
+                result_q.put((who, "ok", _by_value(got)))
         except WeightSyncError as exc:
             result_q.put((who, "error", str(exc)))
     except BaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 import socket
 import time
@@ -27,10 +27,10 @@ from opsd.batch import batch_meta, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
-from opsd.workers.scorer import torch_dtype
-from opsd.workers.shared_weights import SharedWeights
-from opsd.workers.weight_sync import (
-    BucketLayout, GroupSpec, NamedTensors, WeightUpdate, collective_update, make_sender,
+from opsd.dtypes import torch_dtype
+from opsd.workers.transports import transport
+from opsd.workers.transports.base import (
+    BucketLayout, GroupSpec, NamedTensors, WeightSender, WeightSyncError, WeightUpdate,
 )
 
 
@@ -162,17 +162,6 @@ def _full_shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-def _object_store_bytes() -> int | None:
-    """The capacity of Ray's object store on this node (it may live in /dev/shm too)."""
-    import ray
-
-    try:
-        here = ray.get_runtime_context().get_node_id()
-        return int(next(n for n in ray.nodes() if n["NodeID"] == here)["Resources"]["object_store_memory"])
-    except Exception:
-        return None
-
-
 def _column(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist()
 
@@ -242,8 +231,7 @@ class LearnerRank:
         self.device = self.engine.device
         self.gas = micro_batches_per_rank(self.cfg)
         self.spec = loss_spec(self.cfg)
-        self.sender = make_sender(self.cfg.sync.transport, self.device) if self.rank == 0 else None
-        self.shared: SharedWeights | None = None  # rank 0, after its first push in shared memory
+        self.senders: dict[str, WeightSender] = {}  # rank 0: one per transport it has pushed through
         # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
         self.push_dtype = torch_dtype(self.cfg.model.dtype)
         self.step = 0
@@ -343,10 +331,14 @@ class LearnerRank:
                 t.teacher_logprobs = torch.zeros(1)
         return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
 
-    def _changing_weights(self):
-        """Around anything that changes the weights: receivers reading them in place wait, and
-        updates pushed before are refused afterwards (workers/shared_weights.py)."""
-        return self.shared.changing() if self.shared is not None and self.shared.active else nullcontext()
+    @contextmanager
+    def _changing_weights(self) -> Iterator[None]:
+        """Around anything that changes the weights: every sender is told (receivers reading them
+        in place wait, and updates pushed before are refused afterwards: transports/in_place.py)."""
+        with ExitStack() as stack:
+            for sender in self.senders.values():
+                stack.enter_context(sender.changing())
+            yield
 
     def train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
         """One optimizer step on this rank's rows (``batch_ipc`` holds only them, in ``plan.rows``'
@@ -507,69 +499,61 @@ class LearnerRank:
                 # Inside the gather: ZeRO-3 frees the full parameters when it ends.
                 yield out
 
-    # --- collective weight groups (sync.transport = gloo | nccl); rank 0 only -----------------
+    # --- weights out: pushes (rank 0 sends; every rank takes part in ZeRO-3's gathers) -------
 
-    def open_weight_group(self, name: str, world_size: int) -> tuple[str, int]:
-        """Host the rendezvous of a new weight group; returns (host, port) for its members."""
-        import ray
+    def _sender(self, name: str) -> WeightSender:
+        if name not in self.senders:
+            sender = transport(name).make_sender(self.device, self.cfg.sync.timeout_s)
+            # The weights that keep their memory between pushes: rank 0's own parameters in the
+            # push dtype (ZeRO-3 gathers them anew for each push; a LoRA merge or a conversion
+            # makes new tensors).
+            sender.prepare([] if self.cfg.learner.zero_stage == 3 else [
+                p.detach() for _, p, layer in self._named_for_export() if layer is None and p.dtype == self.push_dtype
+            ])
+            self.senders[name] = sender
+        return self.senders[name]
 
-        port = self.sender.open(name, world_size, self.cfg.sync.timeout_s)
-        return ray.util.get_node_ip_address(), port
-
-    def join_weight_group(self, spec: GroupSpec) -> None:
-        self.sender.join(spec)
-
-    def close_weight_group(self, name: str) -> None:
-        self.sender.close(name)
-
-    def _share_weights(self) -> SharedWeights | None:
-        """Rank 0's weights in shared memory, for receivers on this host to copy in place; None
-        when they cannot be (ZeRO-3 gathers them per push; a LoRA merge or a dtype conversion
-        makes new tensors: those go through the object store)."""
-        if self.shared is None:
-            self.shared = SharedWeights(self.cfg.sync.timeout_s)
-            own = [] if self.cfg.learner.zero_stage == 3 else [
-                p.detach() for _, p, layer in self._named_for_export()
-                if layer is None and p.dtype == self.push_dtype and p.device.type == "cpu"
-            ]
-            why_not = self.shared.share(own, reserve_bytes=_object_store_bytes())
-            if why_not is not None:
-                print(f"[opsd] learner rank 0: not every weight is pushed in place: {why_not}", flush=True)
-        return self.shared if self.shared.active else None
-
-    def push_weights(self, version: int, groups: tuple[str, ...] = (), shared: bool = False) -> WeightUpdate | dict | None:
-        """Rank 0 returns the update handle; the other ranks only take part in the gathers.
+    def push_weights(self, version: int, transport_name: str, groups: tuple[str, ...] = ()) -> dict | None:
+        """Push the current weights as ``version`` through ``transport_name`` (to ``groups``, for a
+        collective transport). Rank 0 returns ``{"ok", "update", "error", "num_bytes"}``; the other
+        ranks only take part in the gathers and return None.
 
         Every weight is sent, also with LoRA: vLLM fuses projections (qkv, gate_up) and reloads a
-        fused weight whole, so sending only the adapted q and v would leave k undefined.
-
-        ``shared`` (object_store, every receiver on this host): weights that lie in rank 0's
-        shared memory are not copied, the update says where they lie.
-
-        With a collective transport rank 0 broadcasts each bucket to ``groups`` as it is
-        gathered, and returns ``{"ok": ..., "error": ...}``: a failed broadcast is reported, not
-        raised, because the other ranks still have gathers to finish (and a raise would take the
-        whole learner group down over what a retry can fix).
+        fused weight whole, so sending only the adapted q and v would leave k undefined. A failed
+        send is reported, not raised: the other ranks still have gathers to finish, and a raise
+        would take the whole learner group down over what a retry can fix.
         """
         if self.rank != 0:
             for _ in self._full_buckets(copy=False):
                 pass
             return None
-        # Both senders copy each bucket out (ray.put, pack) before they ask for the next one.
-        if not self.sender.collective:
-            in_place = self._share_weights() if shared else None
-            return self.sender.send(version, self._full_buckets(copy=False), shared=in_place)
-        buckets = self._full_buckets(self.sender.device, copy=False)
-        update = collective_update(version, self.sender.name, self.weight_layout())
+        sender = self._sender(transport_name)
+        # Every sender copies each bucket out (ray.put, a broadcast) before it asks for the next.
+        buckets = self._full_buckets(sender.device, copy=False)
         try:
-            self.sender.send(update, buckets, list(groups))
-            return {"ok": True, "error": None, "num_bytes": update.num_bytes}
-        except Exception as exc:  # a broken group, or e.g. out of memory packing a bucket
+            update = sender.send(version, buckets, layout=self.weight_layout(), groups=groups)
+            return {"ok": True, "update": update, "error": None, "num_bytes": update.num_bytes}
+        except Exception as exc:  # a broken group, a full object store, out of memory packing a bucket
             for g in groups:
-                self.sender.close(g, f"the sender failed: {type(exc).__name__}: {exc}")
+                sender.close(g, f"the sender failed: {type(exc).__name__}: {exc}")
             for _ in buckets:  # the other ranks are still gathering these
                 pass
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "num_bytes": 0}
+            return {"ok": False, "update": None, "error": f"{type(exc).__name__}: {exc}", "num_bytes": 0}
+
+    # --- collective transports' groups; rank 0 only -------------------------------------------
+
+    def open_weight_group(self, name: str, world_size: int, transport_name: str) -> tuple[str, int]:
+        """Host the rendezvous of a new weight group; returns (host, port) for its members."""
+        import ray
+
+        port = self._sender(transport_name).open(name, world_size)
+        return ray.util.get_node_ip_address(), port
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        self._sender(spec.backend).join(spec)
+
+    def close_weight_group(self, name: str, transport_name: str) -> None:
+        self._sender(transport_name).close(name)
 
     def export_hf(self, out_dir: str) -> str | None:
         """HF-format weights (LoRA merged) that transformers and vLLM load directly."""
@@ -752,36 +736,40 @@ class LearnerGroup:
                     summed[k] = summed.get(k, 0.0) + v
         return summed
 
-    def push_weights(self, version: int, shared: bool = False) -> WeightUpdate:
-        """object_store: the update handle (collective pushes go through :meth:`submit_push`).
-        ``shared``: every receiver runs on rank 0's host (see LearnerRank.push_weights)."""
-        return self._all("push_weights", version, (), shared)[0]
-
-    def submit_push(self, version: int, groups: tuple[str, ...]) -> list:
+    def submit_push(self, version: int, transport_name: str, groups: tuple[str, ...] = ()) -> list:
         """``push_weights`` on every rank without waiting (rank 0's ref first), so that the
-        caller can watch the receivers meanwhile. A rank that raises leaves the others in a
-        collective: the caller must then :meth:`shutdown` the group, as :meth:`_all` does."""
-        return [r.push_weights.remote(version, groups) for r in self.ranks]
+        caller can watch the receivers of a collective push meanwhile. A rank that raises leaves
+        the others in a collective: the caller must then :meth:`shutdown` the group, as
+        :meth:`push` does."""
+        return [r.push_weights.remote(version, transport_name, groups) for r in self.ranks]
+
+    def push(self, version: int, transport_name: str) -> WeightUpdate:
+        """A store-and-forward push: the update handle, once rank 0 has sent it."""
+        sent = self._wait_all(self.submit_push(version, transport_name))[0]
+        if not sent["ok"]:
+            raise WeightSyncError(f"learner rank 0 could not push weight version {version} through "
+                                  f"{transport_name}: {sent['error']}")
+        return sent["update"]
 
     def weight_layout(self) -> list[BucketLayout]:
         import ray
 
         return ray.get(self.ranks[0].weight_layout.remote())
 
-    def open_weight_group(self, name: str, world_size: int) -> tuple[str, int]:
+    def open_weight_group(self, name: str, world_size: int, transport_name: str) -> tuple[str, int]:
         import ray
 
-        return ray.get(self.ranks[0].open_weight_group.remote(name, world_size))
+        return ray.get(self.ranks[0].open_weight_group.remote(name, world_size, transport_name))
 
     def join_weight_group(self, spec: GroupSpec):
         """Returns at once (an ObjectRef): rank 0 joins while the receivers do."""
         return self.ranks[0].join_weight_group.remote(spec)
 
-    def close_weight_group(self, name: str) -> None:
+    def close_weight_group(self, name: str, transport_name: str) -> None:
         import ray
 
         if self.ranks:  # after a failure the group is gone, and its weight groups with it
-            ray.get(self.ranks[0].close_weight_group.remote(name))
+            ray.get(self.ranks[0].close_weight_group.remote(name, transport_name))
 
     def export_hf(self, out_dir: str) -> str:
         return self._all("export_hf", out_dir)[0]

@@ -6,10 +6,13 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 from opsd.config import Config, actor_threads
-from opsd.workers.weight_sync import (
-    BucketLayout, GroupSpec, WeightSyncError, WeightUpdate, check_against, check_layout, hf_param_shapes,
-    make_receiver, require_version,
+from opsd.workers.transports import Receivers, transport
+from opsd.workers.transports.base import (
+    BucketLayout, GroupSpec, NamedTensors, WeightSyncError, WeightUpdate, check_against, check_layout,
+    require_version,
 )
 
 
@@ -56,15 +59,15 @@ class RolloutWorker:
             distributed_executor_backend="uni" if tp == 1 else "mp",
             seed=cfg.rollout.seed + worker_index,
             trust_remote_code=cfg.model.trust_remote_code,
-            worker_extension_cls="opsd.workers.weight_sync.VllmWeightLoader",
+            worker_extension_cls="opsd.workers.rollout.VllmWeightLoader",
         )
         self.start_seconds = time.perf_counter() - t0
         self.cfg = cfg
         self.version = 0
         self.tp = tp
-        self.collective = cfg.sync.transport != "object_store"
-        # Collective pushes are received inside vLLM's workers (VllmWeightLoader), one per TP rank.
-        self.receiver = None if self.collective else make_receiver(cfg.sync.transport)
+        # Store-and-forward pushes are read here and handed to the engine; collective ones are
+        # received inside vLLM's workers (VllmWeightLoader), one member per tensor-parallel rank.
+        self.receivers = Receivers("cpu", cfg.sync.timeout_s)
         self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
     def ready(self) -> dict:
@@ -164,7 +167,7 @@ class RolloutWorker:
 
     def load_weights(self, update: WeightUpdate) -> int:
         """Stage the whole update, check it, then load it in place; on failure keep the old version."""
-        if self.collective:
+        if transport(update.transport).collective:
             # A push that is retried reaches every member again; one already at that version
             # takes part in the broadcast but does not load it twice.
             load = update.version != self.version
@@ -172,16 +175,74 @@ class RolloutWorker:
                 self.llm.collective_rpc("opsd_receive_weights", args=(update, load))
             except WeightSyncError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # whatever vLLM's workers raised, as the push's failure
                 raise WeightSyncError(f"vLLM could not take weight version {update.version}: {exc}") from exc
         else:
-            with self.receiver.receiving(update) as named:
+            with self.receivers.receiving(update) as named:
                 check_against(named, self.expected_shapes)
                 try:
                     self.llm.collective_rpc("opsd_load_weights", args=(named,))
-                except Exception as exc:
+                except Exception as exc:  # whatever vLLM raised, as the push's failure
                     raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version
+
+
+def hf_param_shapes(model_path: str, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of the HF model at ``model_path``, built on the meta device.
+
+    vLLM fuses some projections (qkv, gate_up), so a vLLM receiver checks updates against the
+    checkpoint layout the learner sends rather than against its own parameters.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+class VllmWeightLoader:
+    """vLLM worker extension (``worker_extension_cls``): loads pushed weights in place.
+
+    Method names carry an ``opsd_`` prefix because vLLM workers already define
+    ``update_weights`` and friends.
+    """
+
+    def opsd_join_group(self, spec: GroupSpec | dict) -> None:
+        """Join a collective weight group; each process of a tensor-parallel engine is a member."""
+        from opsd.workers.transports.broadcast import spec_from
+
+        spec = spec_from(spec)
+        if getattr(self, "opsd_receivers", None) is None:
+            self.opsd_receivers = Receivers(self.device, spec.timeout_s)
+        self.opsd_receivers.join(spec, spec.rank + self.rank)
+
+    def opsd_leave_group(self) -> None:
+        if getattr(self, "opsd_receivers", None) is not None:
+            self.opsd_receivers.close()
+
+    def opsd_receive_weights(self, update: WeightUpdate | dict, load: bool) -> int:
+        """Take part in a collective push; load it unless this engine holds that version already
+        (a retried push reaches every member of the group again)."""
+        from opsd.workers.transports.broadcast import update_from
+
+        update = update_from(update)
+        if getattr(self, "opsd_receivers", None) is None:
+            raise WeightSyncError(f"weight version {update.version}: this engine is in no weight group")
+        with self.opsd_receivers.receiving(update) as named:
+            return self.opsd_load_weights(named) if load else 0
+
+    def opsd_load_weights(self, named: NamedTensors) -> int:
+        self.reload_weights(weights_iterator=iter(named))
+        model = self.model_runner.get_model()
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", None):
+            # With tied embeddings vLLM reloads the weight through the embedding only; kernels
+            # derived from it for the head (the CPU backend's packed GEMM copy) keep the old
+            # values unless the head is processed again.
+            head.quant_method.process_weights_after_loading(head)
+        return len(named)

@@ -16,8 +16,10 @@ import torch
 from opsd.config import Config, actor_threads, batch_targets
 from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
-from opsd.workers.weight_sync import (
-    BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, make_receiver, require_version,
+from opsd.dtypes import torch_dtype
+from opsd.workers.transports import Receivers
+from opsd.workers.transports.base import (
+    BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, require_version,
 )
 
 
@@ -32,10 +34,6 @@ class ScoreRequest:
     reward: float
     policy_version: int
     finish_reason: str
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -79,7 +77,7 @@ class ScorerWorker:
             raise ValueError(f"scorer.topk={self.k} is larger than the vocabulary ({self.vocab_size})")
         self.version = 0
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
-        self.receiver = make_receiver(cfg.sync.transport, self.device)
+        self.receivers = Receivers(self.device, cfg.sync.timeout_s)
         self.shapes = {name: tuple(p.shape) for name, p in self.model.named_parameters()}
         # The EMA is kept in fp32: in bf16 a (1 - decay) step is below the rounding of most weights.
         self.ema = (
@@ -174,7 +172,7 @@ class ScorerWorker:
         """
         if self.mode == "fixed":
             raise RuntimeError("a fixed teacher is never synced")
-        with self.receiver.receiving(update) as named:
+        with self.receivers.receiving(update) as named:
             if update.version == self.version:
                 # A retried collective push reaches every member again; an EMA must not blend twice.
                 return self.version
@@ -202,10 +200,10 @@ class ScorerWorker:
         check_layout(layout, self.shapes)
 
     def join_weight_group(self, spec: GroupSpec) -> None:
-        self.receiver.join(spec, spec.rank)
+        self.receivers.join(spec, spec.rank)
 
     def leave_weight_group(self) -> None:
-        self.receiver.close()
+        self.receivers.close()
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (the driver logs where each role landed)."""

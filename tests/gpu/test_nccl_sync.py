@@ -1,4 +1,4 @@
-"""sync.transport=nccl: the collective weight protocol of workers/weight_sync.py over vLLM's
+"""sync.transport=nccl: the collective weight protocol of workers/transports/broadcast.py over vLLM's
 PyNccl between two processes on two GPUs (a sender and a receiver), with the harness that
 tests/unit/test_weight_sync.py runs over gloo on CPU (tests/collective_group.py).
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_sync_reports_every_transport(ray_session):
-    from opsd.benchmarks.bench import bench_sync
+    from opsd.benchmarks.sync import bench_sync
 
     lines: list[str] = []
     report = bench_sync(params_m=2, bucket_mb=[0.5, 4], repeats=1, vllm=False, out=lines.append)

@@ -36,7 +36,7 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
         seq = row["prompt_ids"] + row["response_ids"]
         for _ in range(2):  # B starts at zero: the first step moves B only, the second A too
             group.train_step(table)
-        update = group.push_weights(1)
+        update = group.push(1, "object_store")
         # Merged weights under the base model's names (no peft prefixes, no lora_ tensors).
         sent = {name for h in update.handles for name in ray.get(h)[0]}  # (names, dtypes, arrays)
         assert sent == set(dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()))

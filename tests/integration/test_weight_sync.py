@@ -12,7 +12,8 @@ import torch
 from opsd.batch import read_ipc
 from tests.memory_maps import mapping_of
 from opsd.workers.rollout import RolloutWorker
-from opsd.workers.weight_sync import WeightSyncError, from_store_object, store_object
+from opsd.workers.transports.base import WeightSyncError
+from opsd.workers.transports.object_store import from_store_object, store_object
 
 from .conftest import local_config, make_trainer, read_metrics
 
@@ -33,14 +34,15 @@ def _sha(t: torch.Tensor) -> str:
 
 def _received_by_another_process(update):
     """In a Ray task (another process): what the receiver got, and where its memory lies."""
-    from opsd.workers.weight_sync import ObjectStoreReceiver
+    from opsd.workers.transports.object_store import ObjectStoreReceiver
 
-    named = ObjectStoreReceiver().receive(update)
-    return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
+    with ObjectStoreReceiver().receiving(update) as named:
+        return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
 
 
 def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(ray_session):
-    from opsd.workers.weight_sync import ObjectStoreSender, iter_buckets
+    from opsd.workers.transports.base import iter_buckets
+    from opsd.workers.transports.object_store import ObjectStoreSender
 
     ray = ray_session
     g = torch.Generator().manual_seed(0)
@@ -63,8 +65,8 @@ def test_object_store_push_is_bit_exact_in_every_dtype_and_read_without_a_copy(r
 
 
 def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_through_the_store(ray_session):
-    from opsd.workers.shared_weights import SharedWeights
-    from opsd.workers.weight_sync import ObjectStoreSender
+    from opsd.workers.transports.in_place import InPlaceSender
+    from opsd.workers.transports.shared_memory import SharedWeights
 
     ray = ray_session
     g = torch.Generator().manual_seed(1)
@@ -74,7 +76,9 @@ def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_throug
              ("c.weight", torch.randn(30, 30, generator=g)), ("d.weight", flat[4100:5000].view(30, 30))]
     shared = SharedWeights(timeout_s=30)
     assert shared.share([flat]) is None
-    update = ObjectStoreSender().send(5, [named[:3], named[3:]], shared=shared)
+    sender = InPlaceSender("cpu", 30)
+    sender.shared = shared
+    update = sender.send(5, [named[:3], named[3:]])
     assert ["in place" if isinstance(h, tuple) else "store" for h in update.handles] == ["in place", "store", "in place"]
     got = ray.get(ray.remote(_received_in_place_by_another_process).options(num_cpus=0).remote(update))
     assert [g[:4] for g in got] == [(n, str(t.dtype), tuple(t.shape), _sha(t)) for n, t in named]
@@ -85,9 +89,9 @@ def test_an_in_place_push_reaches_another_process_bit_exact_with_the_rest_throug
 
 
 def _received_in_place_by_another_process(update):
-    from opsd.workers.weight_sync import ObjectStoreReceiver
+    from opsd.workers.transports.in_place import InPlaceReceiver
 
-    with ObjectStoreReceiver().receiving(update) as named:
+    with InPlaceReceiver().receiving(update) as named:
         return [(name, str(t.dtype), tuple(t.shape), _sha(t), mapping_of(t.data_ptr())) for name, t in named]
 
 
@@ -111,8 +115,8 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         group.train_step(table)
         # In place, as the driver pushes when every receiver is on learner rank 0's node: the
         # update holds no bytes, the workers copy the learner's own weights.
-        update = group.push_weights(1, shared=True)
-        assert update.shared is not None and all(isinstance(h, tuple) for h in update.handles)
+        update = group.push(1, "in_place")
+        assert update.source is not None and all(isinstance(h, tuple) for h in update.handles)
         assert ray.get([w.load_weights.remote(update) for w in workers]) == [1, 1]
         assert ray.get([w.get_version.remote() for w in workers]) == [1, 1]
 
@@ -127,8 +131,8 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
             np.testing.assert_allclose(got, expected, atol=1e-4)
 
         # All or nothing: an update with a wrong shape is refused before anything loads.
-        stored = group.push_weights(1)  # through the object store
-        assert stored.shared is None
+        stored = group.push(1, "object_store")
+        assert stored.source is None
         bad_bucket = [(name, t[:-1] if name.endswith("embed_tokens.weight") else t)
                       for name, t in from_store_object(ray.get(stored.handles[0]))]
         bad = dataclasses.replace(stored, version=2,
@@ -148,8 +152,8 @@ def test_push_reaches_every_rollout_worker(cli_run, tiny_model, ray_session):
         assert ray.get(workers[0].get_version.remote()) == 1
         np.testing.assert_allclose(np.array(ray.get(workers[0].prompt_logprobs.remote([seq]))[0]), after[0])
         # The next in-place push reads what that step wrote into the same shared memory.
-        update = group.push_weights(2, shared=True)
-        assert update.shared is not None and ray.get(workers[0].load_weights.remote(update)) == 2
+        update = group.push(2, "in_place")
+        assert update.source is not None and ray.get(workers[0].load_weights.remote(update)) == 2
         model.load_state_dict(group.full_state(), strict=False)
         model.tie_weights()
         expected2 = hf_logprobs(model.eval(), seq)
@@ -166,8 +170,8 @@ class InAnotherPidNamespace(RolloutWorker):
     would: every in-place read fails (the real error, from the real open of /proc/<pid>/fd)."""
 
     def load_weights(self, update):
-        if update.shared is not None:
-            update = dataclasses.replace(update, shared=dataclasses.replace(update.shared, pid=2**22 + 1))
+        if update.source is not None:
+            update = dataclasses.replace(update, source=dataclasses.replace(update.source, pid=2**22 + 1))
         return super().load_weights(update)
 
 
@@ -253,3 +257,34 @@ def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
         rollouts.kill()
         scorers.kill()
         group.shutdown()
+
+
+def test_a_transport_added_through_the_registry_alone_carries_every_push(tmp_path, tiny_model, ray_session):
+    """tests/plugins/directory_transport.py is a transport of its own (a safetensors file per
+    bucket in a directory), named in the config by ``module:attribute``: the learner sends through
+    it, the vLLM workers receive through it, with no change anywhere else, and what they load is
+    the learner's weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    name = "tests.plugins.directory_transport:DIRECTORY"
+    trainer, run_dir = make_trainer(tmp_path, "data.max_rows=8", "train.prompts_per_step=4", "train.steps=2",
+                                    "train.checkpoint_every=0", "eval.every=0", f"sync.transport={name}")
+    try:
+        trainer.run_steps(run_dir)
+        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
+        update = trainer.weights.last_update
+        sent = {k: v for path in update.handles for k, v in load_file(path).items()}
+        state = trainer.learner.full_state()
+        seq = trainer.pairs[0].student_ids + [5, 6, 7]
+        served = np.array(ray_session.get(trainer.rollouts.actors[0].prompt_logprobs.remote([seq]))[0])
+    finally:
+        trainer.shutdown()
+    assert versions == [2] and update.transport == name and update.version == 2
+    assert update.num_tensors == len(sent) == len(state) and set(sent) == set(state)
+    assert all(torch.equal(sent[k], state[k]) for k in state)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    np.testing.assert_allclose(served, hf_logprobs(model.eval(), seq), atol=1e-4)
+    assert [r["sync_in_place"] for r in read_metrics(run_dir.path)] == [False, False]

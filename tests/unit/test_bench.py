@@ -60,7 +60,7 @@ def test_summarize_metrics_skips_the_first_step():
 
 @pytest.mark.parametrize("params_m", [10, 100, 600])
 def test_qwen3_shaped_config_hits_the_size(params_m):
-    from opsd.benchmarks.bench import qwen3_shaped_config, qwen3_shapes
+    from opsd.benchmarks.sync import qwen3_shaped_config, qwen3_shapes
 
     shapes = qwen3_shapes(qwen3_shaped_config(params_m))
     n = sum(int(__import__("math").prod(s)) for _, s in shapes)

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from opsd.config import REPO_ROOT, Config, ConfigError, actor_threads, check, cpu_bf16_instructions, dtype_note, load_config
+from opsd.config import REPO_ROOT, Config, ConfigError, actor_threads, check, dtype_note, load_config
+from opsd.dtypes import cpu_bf16_instructions
 
 
 def _write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:

@@ -1,4 +1,4 @@
-"""workers/weight_sync.py without Ray: buckets, packing, layouts, and the gloo broadcast protocol
+"""workers/transports without Ray: buckets, packing, layouts, and the gloo broadcast protocol
 between real processes (a sender and two receivers), including members that fail."""
 
 from __future__ import annotations
@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from tests.collective_group import named, run_group, small_buckets
-from opsd.workers.weight_sync import (
-    BucketLayout, GroupSpec, WeightSyncError, check_layout, collective_update, iter_buckets, layout_of, pack, unpack,
+from opsd.workers.transports.base import (
+    BucketLayout, GroupSpec, WeightSyncError, announce, check_layout, iter_buckets, layout_of,
 )
+from opsd.workers.transports.broadcast import pack, unpack
 
 
 def test_iter_buckets_respects_the_limit_and_keeps_order():
@@ -52,7 +53,7 @@ def test_check_layout_names_the_tensor():
 
 def test_collective_update_totals():
     layout = [layout_of(named()[:2]), layout_of(named()[2:])]
-    update = collective_update(4, "gloo", layout)
+    update = announce(4, "gloo", layout)
     assert update.version == 4 and update.num_tensors == 5 and update.num_bytes == 4 * (35 + 25 + 5 + 15 + 5)
 
 
@@ -60,11 +61,11 @@ def test_group_spec_and_update_survive_vllms_msgpack():
     # RolloutWorker keeps vLLM's engine core in its own process; were it ever moved out, the
     # collective_rpc arguments would travel as msgpack, which turns dataclasses into dicts.
     serial = pytest.importorskip("vllm.v1.serial_utils")
-    from opsd.workers.weight_sync import spec_from, update_from
+    from opsd.workers.transports.broadcast import spec_from, update_from
 
     enc, dec = serial.MsgpackEncoder(), serial.MsgpackDecoder()
     spec = GroupSpec("rollout", "nccl", "10.0.0.7", 29400, 5, 3, 600.0)
-    update = collective_update(7, "nccl", [layout_of(named()[:2]), layout_of([(n, t.half()) for n, t in named()[2:]])])
+    update = announce(7, "nccl", [layout_of(named()[:2]), layout_of([(n, t.half()) for n, t in named()[2:]])])
     spec_wire, update_wire, load = dec.decode(enc.encode((spec, update, True)))
     assert isinstance(spec_wire, dict) and isinstance(update_wire, dict)  # what the engine gets
     assert spec_from(spec_wire) == spec and update_from(update_wire) == update and load is True
@@ -128,7 +129,7 @@ def test_nccl_without_nccl_is_an_error_not_a_silent_no_op():
         pytest.skip("this machine has CUDA; tests/gpu/test_nccl_sync.py covers nccl there")
     from concurrent.futures import ThreadPoolExecutor
 
-    from opsd.workers.weight_sync import BroadcastGroup, open_store
+    from opsd.workers.transports.broadcast import BroadcastGroup, open_store
 
     store = open_store(2, 30.0)
     spec = GroupSpec("g", "nccl", "127.0.0.1", store.port, 2, 0, 30.0)

@@ -1,8 +1,7 @@
-"""One host, one copy: receivers copy learner rank 0's weights straight out of its memory.
+"""The memory behind the ``in_place`` transport (in_place.py): receivers on learner rank 0's host
+copy its weights straight out of its memory, one copy per push instead of two.
 
-With ``sync.transport=object_store`` and every receiver on learner rank 0's Ray node
-(``sync.shared_memory``), a push does not have to copy the weights into the object store first.
-On its first such push rank 0 moves the storages behind its weights into shared memory, in place
+On its first in-place push rank 0 moves the storages behind its weights into shared memory, in place
 (torch's ``share_memory_``: every tensor that views a storage keeps viewing it, only the pages
 behind it move). Under ZeRO 1 and 2 that is DeepSpeed's one flat buffer per parameter group;
 without ZeRO it is each parameter's own storage. From then on a push only says where each tensor
@@ -48,7 +47,7 @@ _HEADER = struct.Struct("<16sq")  # token (which sender), version held (NO_VERSI
 
 
 class SharedWeightsError(RuntimeError):
-    """Raised by the receiving side; opsd.workers.weight_sync re-raises it as a WeightSyncError."""
+    """Raised by the receiving side; the in_place receiver re-raises it as a WeightSyncError."""
 
 
 @dataclass(frozen=True)

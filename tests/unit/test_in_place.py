@@ -1,4 +1,4 @@
-"""In-place pushes on one host (workers/shared_weights.py): what a receiver reads is the sender's
+"""In-place pushes on one host (workers/transports/in_place.py, shared_memory.py): what a receiver reads is the sender's
 weights, bit for bit, at the version it was told, and never while the sender changes them.
 
 A receiver opens the sender's segments through /proc/<pid>/fd, and flock conflicts between two
@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from tests.memory_maps import mapping_of
-from opsd.workers.shared_weights import SharedWeights, SharedWeightsError
-from opsd.workers.weight_sync import ObjectStoreReceiver, ObjectStoreSender, WeightSyncError, iter_buckets
+from opsd.workers.transports import Receivers
+from opsd.workers.transports.base import WeightSyncError, WeightUpdate, iter_buckets
+from opsd.workers.transports.in_place import InPlaceReceiver, InPlaceSender
+from opsd.workers.transports.shared_memory import SharedWeights, SharedWeightsError
 
 
 def _flat_weights(seed: int = 0) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
@@ -33,7 +35,14 @@ def _flat_weights(seed: int = 0) -> tuple[torch.Tensor, list[tuple[str, torch.Te
     return flat, named
 
 
-def _copies(receiver: ObjectStoreReceiver, update) -> list[tuple[str, torch.Tensor]]:
+def _send(shared: SharedWeights, version: int, buckets) -> WeightUpdate:
+    """An in_place push of weights that ``shared`` holds in shared memory already."""
+    sender = InPlaceSender("cpu", shared.timeout_s)
+    sender.shared = shared
+    return sender.send(version, buckets)
+
+
+def _copies(receiver: InPlaceReceiver | Receivers, update) -> list[tuple[str, torch.Tensor]]:
     with receiver.receiving(update) as named:
         return [(n, t.clone()) for n, t in named]
 
@@ -48,28 +57,25 @@ def test_an_in_place_push_reads_the_senders_own_memory_bit_for_bit():
     assert all(torch.equal(t, b) for (_, t), (_, b) in zip(named, before))
     assert all(t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for _, t in named)
 
-    update = ObjectStoreSender().send(3, iter_buckets(named, bucket_mb=0.004), shared=shared)
-    assert update.shared is not None and len(update.shared.segments) == 1
+    update = _send(shared, 3, iter_buckets(named, bucket_mb=0.004))
+    assert update.source is not None and len(update.source.segments) == 1
     assert len(update.handles) >= 2 and all(isinstance(h, tuple) for h in update.handles)
     assert update.num_tensors == len(named) and update.num_bytes == sum(t.numel() * 2 for _, t in named)
-    receiver = ObjectStoreReceiver()
+    receiver = InPlaceReceiver()
     with receiver.receiving(update) as got:
         assert [(n, t.dtype, tuple(t.shape)) for n, t in got] == [(n, t.dtype, tuple(t.shape)) for n, t in named]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, named))
         # Views of a read-only shared mapping of the sender's segment: nothing was copied.
         assert all(mapping_of(t.data_ptr()).split()[1] == "r--s" for _, t in got)
         assert "/dev/shm/torch_" in mapping_of(got[0][1].data_ptr())
-    # A plain receive() cannot keep the sender from changing the memory under it.
-    with pytest.raises(WeightSyncError, match="receiving"):
-        receiver.receive(update)
 
 
 def test_an_update_is_refused_once_the_sender_has_changed_its_weights():
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=5)
     shared.share(t for _, t in named)
-    receiver = ObjectStoreReceiver()
-    v1 = ObjectStoreSender().send(1, [named], shared=shared)
+    receiver = InPlaceReceiver()
+    v1 = _send(shared, 1, [named])
     assert torch.equal(_copies(receiver, v1)[0][1], named[0][1])
 
     with shared.changing():  # an optimizer step
@@ -77,7 +83,7 @@ def test_an_update_is_refused_once_the_sender_has_changed_its_weights():
             t.add_(1.0)
     with pytest.raises(WeightSyncError, match="version 1 is gone.*no pushed version"):
         _copies(receiver, v1)
-    v2 = ObjectStoreSender().send(2, [named], shared=shared)
+    v2 = _send(shared, 2, [named])
     got = _copies(receiver, v2)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, named))
     with pytest.raises(WeightSyncError, match="version 1 is gone.*they hold version 2"):
@@ -88,8 +94,8 @@ def test_the_sender_cannot_change_its_weights_while_a_receiver_copies_them_nor_t
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=0.2)
     shared.share(t for _, t in named)
-    update = ObjectStoreSender().send(1, [named], shared=shared)
-    receiver = ObjectStoreReceiver()
+    update = _send(shared, 1, [named])
+    receiver = InPlaceReceiver()
     with receiver.receiving(update):
         with pytest.raises(SharedWeightsError, match="waiting for receivers to finish copying"):
             with shared.changing():
@@ -106,18 +112,18 @@ def test_a_receiver_that_cannot_reach_the_sender_says_what_to_do():
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=5)
     shared.share(t for _, t in named)
-    update = ObjectStoreSender().send(1, [named], shared=shared)
-    gone = dataclasses.replace(update, shared=dataclasses.replace(update.shared, pid=2**22 + 1))
+    update = _send(shared, 1, [named])
+    gone = dataclasses.replace(update, source=dataclasses.replace(update.source, pid=2**22 + 1))
     with pytest.raises(WeightSyncError, match="sync.shared_memory=false"):
-        _copies(ObjectStoreReceiver(), gone)
+        _copies(InPlaceReceiver(), gone)
     # Another process's descriptor of that number is not the header: told apart by its token.
-    forged = dataclasses.replace(update, shared=dataclasses.replace(update.shared, token=b"x" * 16))
+    forged = dataclasses.replace(update, source=dataclasses.replace(update.source, token=b"x" * 16))
     with pytest.raises(WeightSyncError, match="not learner rank 0's weight header"):
-        _copies(ObjectStoreReceiver(), forged)
+        _copies(InPlaceReceiver(), forged)
 
 
 def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room(monkeypatch):
-    import opsd.workers.shared_weights as sw
+    import opsd.workers.transports.shared_memory as sw
 
     shared = SharedWeights(timeout_s=5)
     monkeypatch.setattr(sw, "MAX_SEGMENTS", 2)
@@ -134,7 +140,7 @@ def test_weights_are_not_shared_off_the_cpu_in_too_many_storages_or_without_room
 
 _DIES_WHILE_COPYING = """
 import os, sys
-from opsd.workers.shared_weights import Segment, SharedHandle, SharedReader, SharedTensor
+from opsd.workers.transports.shared_memory import Segment, SharedHandle, SharedReader, SharedTensor
 pid, header_fd, fd, nbytes, version = map(int, sys.argv[1:6])
 handle = SharedHandle(pid, bytes.fromhex(sys.argv[6]), Segment(header_fd, 24), (Segment(fd, nbytes),), 5.0)
 with SharedReader().reading(handle, version, [(SharedTensor("a.weight", 0, 0, (30, 40), "bfloat16"),)]) as named:
@@ -152,8 +158,8 @@ def test_a_receiver_that_dies_while_it_copies_does_not_hold_up_the_learner():
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=0.5)
     shared.share(t for _, t in named)
-    update = ObjectStoreSender().send(4, [named], shared=shared)
-    h = update.shared
+    update = _send(shared, 4, [named])
+    h = update.source
     args = [str(x) for x in (h.pid, h.header.fd, h.segments[0].fd, h.segments[0].nbytes, 4)] + [h.token.hex()]
     done = subprocess.run([sys.executable, "-c", _DIES_WHILE_COPYING, *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
@@ -165,15 +171,13 @@ def test_a_receiver_that_dies_while_it_copies_does_not_hold_up_the_learner():
 def test_a_receiver_keeps_the_senders_memory_mapped_only_while_pushes_come_in_place():
     import os
 
-    from opsd.workers.weight_sync import WeightUpdate
-
     _, named = _flat_weights()
     shared = SharedWeights(timeout_s=5)
     shared.share(t for _, t in named)
-    receiver = ObjectStoreReceiver()
+    receiver = Receivers()  # a receiving actor's ends, one per transport
     fds = len(os.listdir("/proc/self/fd"))
     for version in (1, 2, 3):
-        _copies(receiver, ObjectStoreSender().send(version, [named], shared=shared))
+        _copies(receiver, _send(shared, version, [named]))
         # Mapped once, then reused, however many pushes: the header's fd (for its lock) and
         # the descriptor Python's mmap keeps for each of its two mappings.
         assert len(os.listdir("/proc/self/fd")) == fds + 3
