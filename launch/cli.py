@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"opsd: config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
+    except Exception as exc:  # the kinds below become one line; any other is raised again, with its traceback
         # Imported here: `opsd --help` and `opsd bench` must not load torch.
         from opsd.launch.stopping import RunFault, Stopped
         from opsd.data import DataError

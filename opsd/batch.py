@@ -1,8 +1,12 @@
-"""The Arrow batch: the contract between the scorer and the learner (DESIGN.md).
+"""The Arrow batch: the contract between the scorer and the learner (docs/DESIGN.md, "The batch").
 
-One row per sample. Per-token columns are lists of length T (the row's response length); the
-teacher's top-k columns are lists of fixed-size lists of k. Batches travel between actors as
-Arrow IPC stream bytes and are written to disk in the same format; nothing here pickles.
+One row per :class:`Sample`, the one record a sample is from the moment its rollout comes back
+(the driver makes it, the scorer adds the teacher's targets, :func:`build_batch` turns a list of
+them into a table). Every column is one line of :data:`COLUMNS`, which the schema, the builder and
+the validation all read: a new column is a field of ``Sample`` and a line there. Per-token columns
+are lists of length T (the row's response length); the teacher's top-k columns are lists of
+fixed-size lists of k. Batches travel between actors as Arrow IPC stream bytes and are written to
+disk in the same format; nothing here pickles.
 
 Batches without a teacher (GRPO, whose scorer is not started) carry ``opsd.teacher_mode=none``
 and nulls in the three teacher columns. Batches whose objective reads only the teacher's
@@ -16,22 +20,55 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
 
-TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_token_logprobs")
-PER_TOKEN_COLUMNS = ("rollout_logprobs", "teacher_token_logprobs", "loss_mask")
 TEACHER_MODES = ("fixed", "live", "ema", "none")
-TOPK_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs")
 TARGETS = ("topk", "token")
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the batch. ``shape``: "row" (one value per row), "list" (a list per row),
+    "token" (a list of the row's T response tokens), "topk" (T lists of k). ``needs``: None (always
+    there), "teacher" (null without a teacher), "topk" (null also with opsd.targets=token).
+    ``check``: "ids" (token ids in the vocabulary) or "logprob" (finite or -inf, <= 0)."""
+
+    name: str
+    value: Callable[[], pa.DataType]
+    shape: str = "row"
+    needs: str | None = None
+    check: str | None = None
+
+    def type(self, k: int) -> pa.DataType:
+        if self.shape == "topk":
+            return pa.list_(pa.list_(self.value(), k))
+        return pa.list_(self.value()) if self.shape in ("list", "token") else self.value()
+
+
+COLUMNS = (
+    Column("sample_id", pa.string),  # the dataset row's id + "#" + the sample's index
+    Column("prompt_ids", pa.int32, "list", check="ids"),  # the student's prompt
+    Column("teacher_prompt_ids", pa.int32, "list", check="ids"),  # the teacher's context
+    Column("response_ids", pa.int32, "list", check="ids"),  # the sampled tokens (T)
+    Column("rollout_logprobs", pa.float32, "token", check="logprob"),  # the sampler's, temperature 1
+    Column("teacher_topk_ids", pa.int32, "topk", "topk", check="ids"),
+    Column("teacher_topk_logprobs", pa.float32, "topk", "topk", check="logprob"),  # loss temperature applied
+    Column("teacher_token_logprobs", pa.float32, "token", "teacher", check="logprob"),  # of the sampled token
+    Column("loss_mask", pa.bool_, "token"),
+    Column("reward", pa.float32),  # the verifier's grade
+    Column("policy_version", pa.int64),  # the weights that sampled the response
+    Column("teacher_version", pa.int64),  # the weights that scored it (-1: no teacher)
+    Column("finish_reason", pa.string),  # stop | length | abort
+)
+
+
 def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", targets: str = "topk") -> pa.Schema:
-    """The batch schema for top-k width ``k``, with the metadata DESIGN.md lists; ``targets``:
+    """The batch schema for top-k width ``k``, with the metadata docs/DESIGN.md lists; ``targets``:
     ``topk`` (the top-k columns hold the teacher's top-k) or ``token`` (they are null)."""
     if k < 1:
         raise ValueError(f"top-k width must be >= 1, got {k}")
@@ -39,21 +76,6 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", tar
         raise ValueError(f"teacher_mode {teacher_mode!r}: expected one of {TEACHER_MODES}")
     if targets not in TARGETS:
         raise ValueError(f"targets {targets!r}: expected one of {TARGETS}")
-    fields = [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("teacher_prompt_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("rollout_logprobs", pa.list_(pa.float32()), nullable=False),
-        pa.field("teacher_topk_ids", pa.list_(pa.list_(pa.int32(), k))),
-        pa.field("teacher_topk_logprobs", pa.list_(pa.list_(pa.float32(), k))),
-        pa.field("teacher_token_logprobs", pa.list_(pa.float32())),
-        pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-        pa.field("reward", pa.float32(), nullable=False),
-        pa.field("policy_version", pa.int64(), nullable=False),
-        pa.field("teacher_version", pa.int64(), nullable=False),
-        pa.field("finish_reason", pa.string(), nullable=False),
-    ]
     meta = {
         "opsd.schema_version": str(SCHEMA_VERSION),
         "opsd.topk": str(k),
@@ -61,12 +83,13 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", tar
         "opsd.teacher_mode": teacher_mode,
         "opsd.targets": targets,
     }
-    return pa.schema(fields, metadata=meta)
+    return pa.schema([pa.field(c.name, c.type(k), nullable=c.needs is not None) for c in COLUMNS], metadata=meta)
 
 
 @dataclass
 class Sample:
-    """One row before it becomes Arrow. Teacher fields are None for teacher-less batches."""
+    """One sample, from its rollout to its row of the batch (one field per column). The teacher's
+    fields are None until the scorer fills them, and stay None in a batch without a teacher."""
 
     sample_id: str
     prompt_ids: Sequence[int]
@@ -107,30 +130,31 @@ def _topk_array(rows: Sequence[np.ndarray | None], value_type: pa.DataType, k: i
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
+def _present(column: Column, teacher_mode: str, targets: str) -> bool:
+    """Whether a batch of this teacher mode and targets holds values in ``column`` (else nulls)."""
+    if column.needs is None:
+        return True
+    return teacher_mode != "none" and (column.needs == "teacher" or targets == "topk")
+
+
 def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teacher_mode: str,
                 targets: str = "topk") -> pa.Table:
-    """Samples -> a validated table with the schema of :func:`schema` (with ``targets=token`` the
-    samples' top-k fields are not read)."""
+    """Samples -> a validated table with the schema of :func:`schema` (the samples' fields of
+    columns the batch holds as nulls are not read)."""
     sch = schema(k, temperature=temperature, teacher_mode=teacher_mode, targets=targets)
-    has_teacher = teacher_mode != "none"
-    has_topk = has_teacher and targets == "topk"
-    token_lp = [s.teacher_token_logprobs for s in samples]
-    columns = [
-        pa.array([s.sample_id for s in samples], pa.string()),
-        _list_array([s.prompt_ids for s in samples], pa.int32()),
-        _list_array([s.teacher_prompt_ids for s in samples], pa.int32()),
-        _list_array([s.response_ids for s in samples], pa.int32()),
-        _list_array([s.rollout_logprobs for s in samples], pa.float32()),
-        _topk_array([s.teacher_topk_ids if has_topk else None for s in samples], pa.int32(), k),
-        _topk_array([s.teacher_topk_logprobs if has_topk else None for s in samples], pa.float32(), k),
-        _list_array(token_lp, pa.float32()) if has_teacher else pa.nulls(len(samples), pa.list_(pa.float32())),
-        _list_array([s.loss_mask for s in samples], pa.bool_()),
-        pa.array([s.reward for s in samples], pa.float32()),
-        pa.array([s.policy_version for s in samples], pa.int64()),
-        pa.array([s.teacher_version for s in samples], pa.int64()),
-        pa.array([s.finish_reason for s in samples], pa.string()),
-    ]
-    table = pa.Table.from_arrays(columns, schema=sch)
+    arrays = []
+    for column, field in zip(COLUMNS, sch):
+        if not _present(column, teacher_mode, targets):
+            arrays.append(pa.nulls(len(samples), field.type))
+            continue
+        values = [getattr(s, column.name) for s in samples]
+        if column.shape == "topk":
+            arrays.append(_topk_array(values, column.value(), k))
+        elif column.shape in ("list", "token"):
+            arrays.append(_list_array(values, column.value()))
+        else:
+            arrays.append(pa.array(values, column.value()))
+    table = pa.Table.from_arrays(arrays, schema=sch)
     validate(table)
     return table
 
@@ -241,55 +265,48 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     if extra:
         raise ValueError(f"batch has unexpected columns {sorted(extra)}")
 
-    has_teacher = teacher_mode != "none"
-    has_topk = has_teacher and meta["opsd.targets"] == "topk"
-    for name in table.column_names:
-        col = table.column(name)
-        if name in TEACHER_COLUMNS and not has_teacher:
+    present = {c.name: _present(c, teacher_mode, meta["opsd.targets"]) for c in COLUMNS}
+    for column in COLUMNS:
+        col = table.column(column.name)
+        if not present[column.name]:
             if col.null_count != len(col):
-                raise ValueError(f"column '{name}' must be null when opsd.teacher_mode=none")
-            continue
-        if name in TOPK_COLUMNS and not has_topk:
-            if col.null_count != len(col):
-                raise ValueError(f"column '{name}' must be null when opsd.targets=token")
+                why = "opsd.teacher_mode=none" if teacher_mode == "none" else "opsd.targets=token"
+                raise ValueError(f"column '{column.name}' must be null when {why}")
             continue
         row = _first_null_row(col)
         if row is not None:
-            raise ValueError(f"column '{name}' row {row}: null value")
+            raise ValueError(f"column '{column.name}' row {row}: null value")
 
     n_tokens = _lengths(table.column("response_ids"))
-    token_cols = [c for c in PER_TOKEN_COLUMNS if has_teacher or c not in TEACHER_COLUMNS]
-    if has_topk:
-        token_cols += list(TOPK_COLUMNS)
-    for name in token_cols:
-        lengths = _lengths(table.column(name))
+    for column in COLUMNS:
+        if column.shape not in ("token", "topk") or not present[column.name]:
+            continue
+        lengths = _lengths(table.column(column.name))
         bad = np.flatnonzero(lengths != n_tokens)
         if len(bad):
             r = int(bad[0])
             raise ValueError(
-                f"column '{name}' row {r}: {lengths[r]} entries but response_ids has {n_tokens[r]}"
+                f"column '{column.name}' row {r}: {lengths[r]} entries but response_ids has {n_tokens[r]}"
             )
 
-    id_cols = ["prompt_ids", "teacher_prompt_ids", "response_ids"] + (["teacher_topk_ids"] if has_topk else [])
-    for name in id_cols:
-        values, rows = _flat(table.column(name))
-        bad = values < 0
-        if vocab_size is not None:
-            bad |= values >= vocab_size
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-            raise ValueError(f"column '{name}' row {int(rows[i])}: token id {int(values[i])} outside {rng}")
-
-    lp_cols = (["rollout_logprobs"] + (["teacher_token_logprobs"] if has_teacher else [])
-               + (["teacher_topk_logprobs"] if has_topk else []))
-    for name in lp_cols:
-        values, rows = _flat(table.column(name))
-        # -inf is a legal log-probability (a token the teacher rules out); NaN and > 0 are not.
-        bad = np.isnan(values) | (values > 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"column '{name}' row {int(rows[i])}: logprob {values[i]} is NaN or > 0")
+    for column in COLUMNS:
+        if column.check is None or not present[column.name]:
+            continue
+        values, rows = _flat(table.column(column.name))
+        if column.check == "ids":
+            bad = values < 0
+            if vocab_size is not None:
+                bad |= values >= vocab_size
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise ValueError(f"column '{column.name}' row {int(rows[i])}: token id {int(values[i])} outside {rng}")
+        else:
+            # -inf is a legal log-probability (a token the teacher rules out); NaN and > 0 are not.
+            bad = np.isnan(values) | (values > 0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"column '{column.name}' row {int(rows[i])}: logprob {values[i]} is NaN or > 0")
 
     reward = table.column("reward").to_numpy()
     if np.isnan(reward).any():

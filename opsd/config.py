@@ -344,7 +344,7 @@ def parse_overrides(items: list[str], schema: DictConfig | None = None) -> DictC
         try:
             layer = OmegaConf.from_dotlist([item])
             parsed = OmegaConf.select(layer, key)
-        except Exception:
+        except Exception:  # whatever OmegaConf's parser rejects; judged below (a string key takes it as written)
             layer, parsed = None, None
         if _is_string_key(schema, key) and not isinstance(parsed, str) and not (parsed is None and raw == "null"):
             layer = OmegaConf.create()
@@ -369,7 +369,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file not found: {p}")
         try:
             layers.append((str(p), OmegaConf.load(p)))
-        except Exception as exc:
+        except Exception as exc:  # YAML's scanner, parser and constructor errors alike become one line
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             what = getattr(exc, "problem", None) or " ".join(str(exc).split())

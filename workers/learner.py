@@ -28,6 +28,7 @@ from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.prompts import pad_right
 from opsd.dtypes import torch_dtype
+from opsd.workers.deepspeed_compat import check_version, load_checkpoints_as_tensors, optimizer_step_skipped
 from opsd.workers.transports import transport
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, NamedTensors, WeightSender, WeightSyncError, WeightUpdate,
@@ -205,6 +206,7 @@ class LearnerRank:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
+        check_version()
         deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl", auto_mpi_discovery=False)
         torch.manual_seed(self.cfg.train.seed)
         model = AutoModelForCausalLM.from_pretrained(
@@ -407,16 +409,8 @@ class LearnerRank:
         if all(bool(torch.isfinite(g).all()) for g in grads):
             self.engine.step()
             return True
-        optimizer = self.engine.optimizer
-        own = vars(optimizer).get("step")
-        optimizer.step = lambda *args, **kwargs: None  # this once: DeepSpeed still zeroes the grads
-        try:
+        with optimizer_step_skipped(self.engine):  # DeepSpeed still zeroes the grads
             self.engine.step()
-        finally:
-            if own is None:
-                del optimizer.step
-            else:
-                optimizer.step = own
         return False
 
     # --- weights out ----------------------------------------------------------------------
@@ -587,18 +581,7 @@ class LearnerRank:
         self.engine.save_checkpoint(ckpt_dir, tag="learner", client_state={"step": self.step})
 
     def load_checkpoint(self, ckpt_dir: str) -> int:
-        # DeepSpeed reads its files with torch.load(weights_only=False), i.e. it unpickles
-        # whatever is on disk. Restrict it to tensors, plain containers and the few DeepSpeed
-        # value types its checkpoints hold.
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        def load(path, map_location=None):
-            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-                return torch.load(path, map_location=map_location, weights_only=True)
-
-        self.engine.checkpoint_engine.load = load
+        load_checkpoints_as_tensors(self.engine)  # never unpickle what is on disk
         with self._changing_weights():
             _, client = self.engine.load_checkpoint(ckpt_dir, tag="learner")
         self.step = int((client or {}).get("step", 0))
@@ -697,7 +680,7 @@ class LearnerGroup:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(done[0])
-            except Exception:
+            except ray.exceptions.RayError:
                 self.shutdown()
                 raise
         return ray.get(refs)
@@ -797,7 +780,7 @@ class LearnerGroup:
             return True
         try:
             ray.get([r.alive.remote() for r in self.ranks], timeout=60)
-        except Exception:
+        except ray.exceptions.RayError:
             return True
         return False
 

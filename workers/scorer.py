@@ -7,33 +7,24 @@ log-probability. Rows are scored in padded micro-batches capped by a token budge
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from opsd.config import Config, actor_threads, batch_targets
+from opsd.dtypes import torch_dtype
 from opsd.losses import fp32_lm_head
 from opsd.prompts import pad_right
-from opsd.dtypes import torch_dtype
 from opsd.workers.transports import Receivers
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, require_version,
 )
 
-
-@dataclass
-class ScoreRequest:
-    sample_id: str
-    prompt_ids: list[int]
-    teacher_prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]
-    loss_mask: list[bool]
-    reward: float
-    policy_version: int
-    finish_reason: str
+if TYPE_CHECKING:  # the teacher's forward needs no Arrow: the GPU checks (tests/gpu) run it without pyarrow
+    from opsd.batch import Sample
 
 
 def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -141,25 +132,17 @@ class ScorerWorker:
         top_lp, top_ids = logp.topk(self.k, dim=-1)  # [n, k]
         return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1)
 
-    def score(self, requests: list[ScoreRequest], expect_version: int | None = None) -> bytes:
-        """Rollouts -> a validated Arrow batch (IPC stream bytes)."""
-        # Imported here: the teacher's forward (teacher_targets) needs no Arrow, and the GPU
-        # checks (tests/gpu) run it where pyarrow may be missing.
-        from opsd.batch import Sample, build_batch, to_ipc_bytes
+    def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
+        """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC
+        stream bytes)."""
+        from opsd.batch import build_batch, to_ipc_bytes
 
         require_version(self.version, expect_version, "scorer")
-        targets = self.teacher_targets([r.teacher_prompt_ids for r in requests], [r.response_ids for r in requests])
-        samples = [
-            Sample(
-                sample_id=r.sample_id, prompt_ids=r.prompt_ids, teacher_prompt_ids=r.teacher_prompt_ids,
-                response_ids=r.response_ids, rollout_logprobs=r.rollout_logprobs, loss_mask=r.loss_mask,
-                reward=r.reward, policy_version=r.policy_version, finish_reason=r.finish_reason,
-                teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
-                teacher_version=self.version,
-            )
-            for r, (ids, lps, tok) in zip(requests, targets)
-        ]
-        table = build_batch(samples, k=self.k, temperature=self.temperature, teacher_mode=self.mode,
+        targets = self.teacher_targets([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples])
+        scored = [dataclasses.replace(s, teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
+                                      teacher_version=self.version)
+                  for s, (ids, lps, tok) in zip(samples, targets)]
+        table = build_batch(scored, k=self.k, temperature=self.temperature, teacher_mode=self.mode,
                             targets=self.targets)
         return to_ipc_bytes(table)
 

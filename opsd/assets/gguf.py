@@ -59,7 +59,7 @@ def gguf_architecture(path: Path) -> str:
         return bytes(field.parts[field.data[0]]).decode()
     except KeyError as exc:
         raise ModelImportError(f"{path}: a GGUF file without 'general.architecture' in its metadata") from exc
-    except Exception as exc:
+    except Exception as exc:  # the reader fails in many ways on a file that is not GGUF
         raise ModelImportError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
@@ -136,7 +136,7 @@ def _load_dequantised(src: Path):
     try:
         gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    except Exception as exc:
+    except Exception as exc:  # transformers fails in many ways on a model it cannot load
         raise ModelImportError(f"{src}: transformers could not load it ({type(exc).__name__}: {exc})") from exc
     config = gguf_model.config
     if hasattr(config, "quantization_config"):

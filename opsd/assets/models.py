@@ -183,7 +183,7 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Non
     try:
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
-    except Exception as exc:
+    except Exception as exc:  # transformers fails in many ways on a directory it cannot load
         raise ModelError(f"model.path={d}: transformers cannot load it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if getattr(tok, "chat_template", None) is None:

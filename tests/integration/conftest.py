@@ -66,7 +66,8 @@ def local_config(*overrides: str):
 
 def make_trainer(tmp_path: Path, *overrides: str, cls=None):
     """A started Trainer on the local config (the caller shuts it down) and its run directory."""
-    from opsd.launch.driver import RunDir, Trainer, prepare_config
+    from opsd.launch.checkpoints import RunDir
+    from opsd.launch.driver import Trainer, prepare_config
 
     cfg, run_path = prepare_config(str(REPO_ROOT / "configs" / "tiny.yaml"), local_overrides(tmp_path, *overrides))
     trainer = (cls or Trainer)(cfg)

@@ -68,7 +68,7 @@ def main(out_path: str, work: str, mode: str) -> None:
                     nodes["learner"] = cluster.add_node(num_cpus=1, resources=LEARNER, **NODE_ARGS)
                 out["nodes"]["after learner lost"] = node_ids()
             row = super().train_one_step(step)
-            out["placement"][str(step)] = self.placement()
+            out["placement"][str(step)] = self.actors.placement()
             return row
 
     run = Path(work) / "run"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from opsd.launch.driver import METRIC_FIELDS
+from opsd.launch.metrics import METRIC_FIELDS
 from opsd.batch import read_ipc, validate
 from opsd.config import load_config
 

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.integration
 
 
 class KillingTrainer(Trainer):
-    def submit_rollouts(self, pairs, step):
+    def train_one_step(self, step):
         import ray
 
-        if step == 2:
-            actor = self.rollouts.actors[0]
+        if step == 2:  # before its rollouts are submitted
+            actor = self.actors.rollouts.actors[0]
             self.pid_before = ray.get(actor.ready.remote())["pid"]
             ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts); the driver retries
-        return super().submit_rollouts(pairs, step)
+        return super().train_one_step(step)
 
 
 # With gloo the restarted actor must also rejoin the collective: kept in the default run. The
@@ -37,8 +37,8 @@ def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_
     )
     try:
         trainer.run_steps(run_dir)
-        pid_after = ray.get(trainer.rollouts.actors[0].ready.remote())["pid"]
-        version_after = ray.get(trainer.rollouts.actors[0].get_version.remote())
+        pid_after = ray.get(trainer.actors.rollouts.actors[0].ready.remote())["pid"]
+        version_after = ray.get(trainer.actors.rollouts.actors[0].get_version.remote())
     finally:
         trainer.shutdown()
     assert pid_after != trainer.pid_before, "the rollout actor was not restarted"
@@ -47,4 +47,4 @@ def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_
     assert [m["dropped_stale"] for m in metrics] == [0, 0]
     uids = Counter(sid.rsplit("#", 1)[0] for m in metrics for sid in m["sample_ids"])
     assert len(uids) == 16 and set(uids.values()) == {1}
-    assert {p.uid for p in trainer.pairs} == set(uids)
+    assert {p.uid for p in trainer.data.pairs} == set(uids)

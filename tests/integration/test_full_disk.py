@@ -40,7 +40,7 @@ def test_a_checkpoint_that_does_not_fit_fails_clearly_and_keeps_the_previous_one
 
         trainer.train_one_step(2)
         trainer.step = 2
-        ray.get([r.__ray_call__.remote(_limit_file_size, LIMIT) for r in trainer.learner.ranks])
+        ray.get([r.__ray_call__.remote(_limit_file_size, LIMIT) for r in trainer.actors.learner.ranks])
         with pytest.raises(CheckpointError) as failed:
             trainer.save_checkpoint()
     finally:

@@ -26,9 +26,9 @@ POISONED_STEPS = (2, 4, 5)
 class PoisoningTrainer(Trainer):
     """Writes NaN into row 0's teacher log-probs at POISONED_STEPS; keeps the weights after each step."""
 
-    def score(self, rows):
-        table = super().score(rows)
-        if self.step + 1 not in POISONED_STEPS:
+    def score(self, ready):
+        table = super().score(ready)
+        if ready.step not in POISONED_STEPS:
             return table
         i = table.schema.get_field_index("teacher_topk_logprobs")
         col = table.column(i).to_pylist()
@@ -39,7 +39,7 @@ class PoisoningTrainer(Trainer):
     def train_one_step(self, step):
         row = super().train_one_step(step)
         self.weights_after = getattr(self, "weights_after", {})
-        self.weights_after[step] = self.learner.full_state()
+        self.weights_after[step] = self.actors.learner.full_state()
         return row
 
 

@@ -104,15 +104,15 @@ class LearnerKillingTrainer(driver.Trainer):
     kill_in: tuple[int, ...] = (3,)
     victim = 1
 
-    def score(self, rows):
+    def score(self, ready):
         import ray
 
-        batch = super().score(rows)
+        batch = super().score(ready)
         self.killed = getattr(self, "killed", [])
-        step = self.step + 1
+        step = ready.step
         if step in self.kill_in and step not in self.killed:
             self.killed.append(step)
-            ray.kill(self.learner.ranks[self.victim])
+            ray.kill(self.actors.learner.ranks[self.victim])
         return batch
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd.launch import driver
+from opsd.launch import actors
 from opsd.launch.driver import train
 from opsd.batch import read_ipc
 from opsd.config import REPO_ROOT
@@ -65,15 +65,15 @@ def test_a_rollout_worker_lost_while_the_learner_trains_is_recovered_in_the_next
 ):
     # gloo: a restarted receiver is caught up over a group with learner rank 0, which must be idle
     # then; so the batch it lost is left to the next step's collect instead of being scored ahead.
-    monkeypatch.setattr(driver, "RolloutWorker", DiesOnItsSecondRollout)
+    monkeypatch.setattr(actors, "RolloutWorker", DiesOnItsSecondRollout)
     trainer, run_dir = make_trainer(
         tmp_path, "rollout.max_staleness=1", "teacher.mode=fixed", "sync.transport=gloo", "data.max_rows=24",
         "train.prompts_per_step=8", "train.steps=3", "train.checkpoint_every=0", "eval.every=0",
     )
     try:
         trainer.run_steps(run_dir)
-        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
-        restarts = trainer.rollouts.restarts
+        versions = ray_session.get([a.get_version.remote() for a in trainer.actors.rollouts.actors])
+        restarts = trainer.actors.rollouts.restarts
     finally:
         trainer.shutdown()
     assert (run_dir.path / "rollout-died").exists() and restarts == 1
@@ -83,7 +83,7 @@ def test_a_rollout_worker_lost_while_the_learner_trains_is_recovered_in_the_next
     assert [r["dropped_stale"] for r in rows] == [0, 0, 0]
     # 24 problems, 8 per step, 3 steps: one epoch, every prompt trained on once.
     uids = Counter(sid.rsplit("#", 1)[0] for r in rows for sid in r["sample_ids"])
-    assert set(uids) == {p.uid for p in trainer.pairs} and set(uids.values()) == {1}
+    assert set(uids) == {p.uid for p in trainer.data.pairs} and set(uids.values()) == {1}
 
 
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.

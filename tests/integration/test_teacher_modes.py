@@ -18,7 +18,7 @@ class RecordingTrainer(Trainer):
     def sync(self) -> None:
         super().sync()
         self.policy_history = getattr(self, "policy_history", [])
-        self.policy_history.append(self.learner.full_state())
+        self.policy_history.append(self.actors.learner.full_state())
 
 
 class RepushingTrainer(RecordingTrainer):
@@ -28,13 +28,13 @@ class RepushingTrainer(RecordingTrainer):
     def sync(self) -> None:
         super().sync()
         if self.teacher_version == self.policy_version:
-            self.weights.push(self.policy_version, [self.scorers])
+            self.actors.weights.push(self.policy_version, [self.actors.scorers])
 
 
 def teacher_state(trainer) -> dict[str, torch.Tensor]:
     import ray
 
-    return ray.get(trainer.scorers.actors[0].state_dict_cpu.remote())
+    return ray.get(trainer.actors.scorers.actors[0].state_dict_cpu.remote())
 
 
 def initial_state(tiny_model) -> dict[str, torch.Tensor]:
@@ -53,7 +53,7 @@ def run(tmp_path, *overrides, cls=RecordingTrainer):
     trainer, run_dir = make_trainer(tmp_path, *COMMON, *overrides, cls=cls)
     try:
         trainer.run_steps(run_dir)
-        versions = ray.get([a.get_version.remote() for a in trainer.scorers.actors])
+        versions = ray.get([a.get_version.remote() for a in trainer.actors.scorers.actors])
         return trainer.policy_history, teacher_state(trainer), versions, read_metrics(run_dir.path)
     finally:
         trainer.shutdown()

@@ -18,7 +18,7 @@ def test_every_role_runs_the_threads_its_config_names(tmp_path, ray_session):
                                 "eval.every=0", "train.checkpoint_every=0")
     try:
         # Set explicitly for rollout and scorer; the learner's default is its (fractional) CPU: 1.
-        assert trainer.thread_counts() == {"rollout": [2], "scorer": [2], "learner": [1, 1]}
+        assert trainer.actors.thread_counts() == {"rollout": [2], "scorer": [2], "learner": [1, 1]}
         trainer.run = run
         row = trainer.train_one_step(1)  # vLLM pins torch's thread count after start; it still runs
         assert row["samples"] > 0 and math.isfinite(row["loss"])

@@ -177,14 +177,14 @@ class InAnotherPidNamespace(RolloutWorker):
 
 def test_a_receiver_that_cannot_read_in_place_gets_the_push_through_the_store(tmp_path, ray_session, monkeypatch,
                                                                               capsys):
-    from opsd.launch import driver
+    from opsd.launch import actors
 
-    monkeypatch.setattr(driver, "RolloutWorker", InAnotherPidNamespace)
+    monkeypatch.setattr(actors, "RolloutWorker", InAnotherPidNamespace)
     trainer, run_dir = make_trainer(tmp_path, "data.max_rows=8", "train.prompts_per_step=4", "train.steps=2",
                                     "train.checkpoint_every=0", "eval.every=0", "sync.retries=0")
     try:
         trainer.run_steps(run_dir)
-        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
+        versions = ray_session.get([a.get_version.remote() for a in trainer.actors.rollouts.actors])
     finally:
         trainer.shutdown()
     assert versions == [2]
@@ -272,12 +272,12 @@ def test_a_transport_added_through_the_registry_alone_carries_every_push(tmp_pat
                                     "train.checkpoint_every=0", "eval.every=0", f"sync.transport={name}")
     try:
         trainer.run_steps(run_dir)
-        versions = ray_session.get([a.get_version.remote() for a in trainer.rollouts.actors])
-        update = trainer.weights.last_update
+        versions = ray_session.get([a.get_version.remote() for a in trainer.actors.rollouts.actors])
+        update = trainer.actors.weights.last_update
         sent = {k: v for path in update.handles for k, v in load_file(path).items()}
-        state = trainer.learner.full_state()
-        seq = trainer.pairs[0].student_ids + [5, 6, 7]
-        served = np.array(ray_session.get(trainer.rollouts.actors[0].prompt_logprobs.remote([seq]))[0])
+        state = trainer.actors.learner.full_state()
+        seq = trainer.data.pairs[0].student_ids + [5, 6, 7]
+        served = np.array(ray_session.get(trainer.actors.rollouts.actors[0].prompt_logprobs.remote([seq]))[0])
     finally:
         trainer.shutdown()
     assert versions == [2] and update.transport == name and update.version == 2

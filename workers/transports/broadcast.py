@@ -164,7 +164,7 @@ class BroadcastGroup:
                 self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
             else:
                 self._init_nccl(prefixed, spec)
-        except BaseException as exc:
+        except BaseException as exc:  # whatever stopped it joining (an interrupt too): the others are told, then it is raised
             _raise_abort(store, f"rank {rank} could not join: {exc}")
             self.close()
             if isinstance(exc, WeightSyncError):
@@ -345,7 +345,7 @@ class BroadcastReceiver(WeightReceiver):
                 group.broadcast(flat)
                 staged.extend(unpack(flat.to("cpu"), layout))
             return staged
-        except BaseException as exc:
+        except BaseException as exc:  # whatever stopped the receive: the group is aborted, then it is raised
             if not group.closed:
                 group.abort(f"a receiver (rank {group.rank}) failed: {exc}")
             if isinstance(exc, WeightSyncError):

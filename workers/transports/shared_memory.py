@@ -222,7 +222,7 @@ class _Mapping:
                     f"/proc/{self.pid}/fd/{handle.header.fd} is not learner rank 0's weight header (a process of "
                     f"that pid on another host?)"
                 )
-        except BaseException:
+        except BaseException:  # nothing half-open is left behind, whatever the failure
             self.close()
             raise
 

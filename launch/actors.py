@@ -1,0 +1,137 @@
+"""A run's actors: the rollout workers (vLLM), the scorers (the teacher), the learner group (DeepSpeed
+ZeRO) and the weight sync between them; how they start, where they landed, how many threads each
+runs, and how they go."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from opsd.config import Config, ConfigError, dtype_note, uses_scorer
+from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
+from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
+from opsd.launch.weights import WeightSync
+from opsd.workers.learner import LearnerGroup
+from opsd.workers.rollout import RolloutWorker
+from opsd.workers.scorer import ScorerWorker
+
+
+def say(msg: str) -> None:
+    print(f"opsd: {msg}", flush=True)
+
+
+@dataclass
+class Actors:
+    rollouts: ActorPool
+    scorers: ActorPool | None  # None when the objective scores nothing (GRPO without its KL term, SFT)
+    learner: LearnerGroup
+    weights: WeightSync
+
+    def replace_learner(self, learner: LearnerGroup) -> None:
+        """A new learner group (after one died), with a weight sync of its own."""
+        self.learner = learner
+        self.weights = WeightSync(self.learner.cfg, learner)
+
+    def thread_counts(self) -> dict[str, list[int]]:
+        """The torch threads of every actor, by role."""
+        counts = {"rollout": torch_threads(self.rollouts.actors)}
+        if self.scorers:
+            counts["scorer"] = torch_threads(self.scorers.actors)
+        counts["learner"] = torch_threads(self.learner.ranks)
+        return counts
+
+    def placement(self) -> dict[str, list[str]]:
+        """The Ray node id of every actor, by role (learner ranks in rank order)."""
+        where = {"rollout": self.rollouts.nodes(), "learner": self.learner.nodes()}
+        if self.scorers:
+            where["scorer"] = self.scorers.nodes()
+        return where
+
+    def log_placement(self) -> None:
+        """One line saying where the roles run, when they span more than one Ray node."""
+        where = self.placement()
+        nodes = sorted({n for ids in where.values() for n in ids})
+        if len(nodes) > 1:
+            short = {n: f"node {k + 1} ({n[:8]})" for k, n in enumerate(nodes)}
+            say("placement: " + "; ".join(f"{role} on {', '.join(short[n] for n in ids)}" for role, ids in where.items()))
+
+    def shutdown(self) -> None:
+        """Kill the run's actors (the Ray cluster itself is left to whoever started it)."""
+        for pool in (self.rollouts, self.scorers):
+            if pool is not None:
+                pool.kill()
+        self.learner.shutdown()
+
+
+def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) -> Actors:
+    """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up)."""
+    check_capacity(cfg, strict=local_cluster)
+    t0 = time.perf_counter()
+    scorers = f"{cfg.scorer.num_workers} scorer(s), " if uses_scorer(cfg) else ""
+    say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
+        f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
+    note = dtype_note(cfg)
+    if note:
+        say(f"warning: {note}")
+    gpu = 1 if cfg.cluster.device == "cuda" else 0
+    kw = dict(max_restarts=cfg.train.max_actor_restarts, place_timeout=cfg.cluster.place_timeout_s)
+    rollouts = ActorPool(
+        "rollout", RolloutWorker, cfg.rollout.num_workers,
+        {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size,
+         **_resources(cfg.rollout.resources)},
+        (cfg, model_path), **kw,
+    )
+    scorer_pool = None
+    if uses_scorer(cfg):
+        scorer_pool = ActorPool(
+            "scorer", ScorerWorker, cfg.scorer.num_workers,
+            {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
+             **_resources(cfg.scorer.resources)},
+            (cfg, model_path), **kw,
+        )
+    learner = LearnerGroup(cfg, model_path)
+    actors = Actors(rollouts, scorer_pool, learner, WeightSync(cfg, learner))
+    rollouts.wait_ready()
+    if scorer_pool:
+        scorer_pool.wait_ready()
+    say(f"actors ready in {time.perf_counter() - t0:.0f}s")
+    actors.log_placement()
+    if cfg.cluster.device == "cpu":
+        threads = actors.thread_counts()
+        say("threads per actor: " + ", ".join(f"{role} {'/'.join(map(str, n))}" for role, n in threads.items())
+            + " (rollout|scorer|learner.num_threads)")
+    return actors
+
+
+def check_capacity(cfg: Config, *, strict: bool) -> None:
+    """Ray waits forever for an actor that does not fit; say so up front instead."""
+    import ray
+
+    gpus, cpus = resource_needs(cfg)
+    have = ray.cluster_resources()
+    short = [f"{need:g} {kind}s (the cluster has {have.get(kind, 0):g})"
+             for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
+    short += [f"{need:g} of the custom resource {name!r} (the cluster has {have.get(name, 0):g}; nodes offer it "
+              f"with `ray start --resources`)"
+              for name, need in custom_resource_needs(cfg).items() if need > have.get(name, 0) + 1e-9]
+    if not short:
+        return
+    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{custom_suffix(getattr(cfg, role).resources)}"
+                      for role, n, c, g, _ in actor_resources(cfg))
+    msg = (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
+           "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, the roles' "
+           ".resources, ...) or give "
+           "the cluster more (cluster.num_cpus for a local one)")
+    if strict:
+        raise ConfigError(msg)
+    print(f"opsd: warning: {msg}; waiting for the cluster to provide them")
+
+
+def _resources(resources: dict) -> dict:
+    """Ray actor options for a role's custom resources (none: no option at all)."""
+    return {"resources": dict(resources)} if resources else {}
+
+
+def custom_suffix(resources: dict) -> str:
+    """' / 1 opsd_learner' for a role's custom resources."""
+    return "".join(f" / {p}" for p in custom_parts(resources))

@@ -1,0 +1,66 @@
+"""The two places where opsd reaches into DeepSpeed, where DeepSpeed has no public hook
+(docs/DESIGN.md, "DeepSpeed"). Everything else the learner does goes through DeepSpeed's public API.
+
+Checked against the versions in :data:`CHECKED`: their engine keeps its checkpoint reader in
+``engine.checkpoint_engine.load(path, map_location)`` and steps its optimizer through
+``engine.optimizer.step()`` inside ``engine.step()``. On any other version :func:`check_version`
+refuses to start the learner, naming this file, rather than let either hook silently miss.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+CHECKED = ("0.19.8",)
+
+
+def check_version() -> None:
+    import deepspeed
+
+    if deepspeed.__version__ not in CHECKED:
+        raise RuntimeError(
+            f"DeepSpeed {deepspeed.__version__} is installed; opsd's two hooks into its internals "
+            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step) were checked against "
+            f"{', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check both "
+            "hooks against this version and add it to CHECKED"
+        )
+
+
+def load_checkpoints_as_tensors(engine: Any) -> None:
+    """Make ``engine.load_checkpoint`` read its files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed reads them with ``weights_only=False``, i.e. it unpickles whatever is on disk; this
+    restricts it to tensors, plain containers and the few DeepSpeed value types its checkpoints
+    hold."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    reader = getattr(engine, "checkpoint_engine", None)
+    if reader is None or not callable(getattr(reader, "load", None)):
+        raise RuntimeError("this DeepSpeed engine has no checkpoint_engine.load to restrict "
+                           "(workers/deepspeed_compat.py)")
+    reader.load = load
+
+
+@contextmanager
+def optimizer_step_skipped(engine: Any) -> Iterator[None]:
+    """Inside the block, ``engine.step()`` zeroes the gradients and advances DeepSpeed's counters
+    as usual, but the optimizer does not step: for an update that must not be applied where
+    DeepSpeed would apply it (fp32 without ZeRO has no overflow check of its own)."""
+    optimizer = engine.optimizer
+    own = vars(optimizer).get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own
