@@ -32,11 +32,9 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opsd.data import load_problems
-    from opsd.losses import fp32_lm_head
-    from opsd.prompts import PromptBuilder, response_loss_mask
-    from opsd.workers.learner import PolicyLoss, loss_spec
     from opsd.dtypes import torch_dtype
+    from opsd.losses import fp32_lm_head
+    from opsd.workers.learner import PolicyLoss, loss_spec
     from opsd.workers.scorer import ScorerWorker
 
     if cfg.algo != "opsd" or cfg.teacher.mode != "fixed" or cfg.rollout.n != 1:
@@ -46,18 +44,9 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     torch.manual_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(model_path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len,
-                            max_new_tokens=cfg.rollout.max_tokens)
     per_step = cfg.train.prompts_per_step
-    d = cfg.data
-    problems = load_problems(d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
-                             answer_key=d.answer_key, id_key=d.id_key)
-    pairs, _ = builder.build(problems[: per_step * steps], source=d.train_path)
-    if len(pairs) < per_step * steps:
-        raise ValueError(f"{d.train_path}: {len(pairs)} usable prompts, the reference needs {per_step * steps}")
-
-    dtype = torch_dtype(cfg.model.dtype)
-    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    pairs = _reference_prompts(cfg, tok, per_step * steps)
+    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.model.dtype))
     if cfg.model.fp32_lm_head:
         fp32_lm_head(student.get_output_embeddings())
     scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
@@ -67,42 +56,15 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                             fused=cfg.cluster.device == "cpu")
     policy = PolicyLoss(student, loss_spec(cfg))
-    eos = tok.eos_token_id
     times = []
     for step in range(steps):
         batch = pairs[step * per_step : (step + 1) * per_step]
         t0 = time.perf_counter()
-        student.eval()
-        width = max(len(p.student_ids) for p in batch)
-        ids = torch.tensor([[pad_id] * (width - len(p.student_ids)) + p.student_ids for p in batch])
-        mask = torch.tensor([[0] * (width - len(p.student_ids)) + [1] * len(p.student_ids) for p in batch])
-        with torch.no_grad():
-            gen = student.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None,
-                max_new_tokens=cfg.rollout.max_tokens, pad_token_id=pad_id,
-            )[:, width:].tolist()
-        responses = []
-        for row in gen:
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            responses.append(row[:cut])
+        responses = _generate(cfg, student, batch, pad_id, tok.eos_token_id)
         t1 = time.perf_counter()
         targets = scorer.teacher_targets([p.teacher_ids for p in batch], responses)
         t2 = time.perf_counter()
-        student.train()
-        opt.zero_grad(set_to_none=True)
-        masks = [response_loss_mask(len(r), skip_first=cfg.loss.skip_first) for r in responses]
-        total = sum(sum(m) for m in masks)
-        loss_sum = 0.0
-        for start in range(0, len(batch), lc.micro_batch_size):
-            idx = range(start, min(start + lc.micro_batch_size, len(batch)))
-            inputs = policy_loss_inputs([batch[i].student_ids for i in idx], [responses[i] for i in idx],
-                                 [targets[i] for i in idx], [masks[i] for i in idx], pad_id)
-            loss, _ = policy(*inputs, float(max(total, 1)))
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), lc.grad_clip)
-        opt.step()
+        loss_sum = _train(cfg, student, policy, opt, batch, responses, targets, pad_id)
         t3 = time.perf_counter()
         times.append({"rollout_seconds": t1 - t0, "score_seconds": t2 - t1, "train_seconds": t3 - t2,
                       "sync_seconds": 0.0, "step_seconds": t3 - t0, "loss": loss_sum,
@@ -110,6 +72,63 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
         out(f"  reference step {step + 1}/{steps}: {t3 - t0:.1f} s (generate {t1 - t0:.1f}, teacher {t2 - t1:.1f}, "
             f"train {t3 - t2:.1f}), {times[-1]['tokens_generated']} tokens")
     return times
+
+
+def _reference_prompts(cfg: Any, tok: Any, needed: int) -> list:
+    from opsd.data import load_problems
+    from opsd.prompts import PromptBuilder
+
+    builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len,
+                            max_new_tokens=cfg.rollout.max_tokens)
+    d = cfg.data
+    problems = load_problems(d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
+                             answer_key=d.answer_key, id_key=d.id_key)
+    pairs, _ = builder.build(problems[:needed], source=d.train_path)
+    if len(pairs) < needed:
+        raise ValueError(f"{d.train_path}: {len(pairs)} usable prompts, the reference needs {needed}")
+    return pairs
+
+
+def _generate(cfg: Any, student: Any, batch: list, pad_id: int, eos: int) -> list[list[int]]:
+    """HF generate on the student prompts (left-padded), each response cut after its EOS."""
+    import torch
+
+    student.eval()
+    width = max(len(p.student_ids) for p in batch)
+    ids = torch.tensor([[pad_id] * (width - len(p.student_ids)) + p.student_ids for p in batch])
+    mask = torch.tensor([[0] * (width - len(p.student_ids)) + [1] * len(p.student_ids) for p in batch])
+    with torch.no_grad():
+        gen = student.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k if cfg.rollout.top_k > 0 else None,
+            max_new_tokens=cfg.rollout.max_tokens, pad_token_id=pad_id,
+        )[:, width:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in gen]
+
+
+def _train(cfg: Any, student: Any, policy: Any, opt: Any, batch: list, responses: list, targets: list,
+           pad_id: int) -> float:
+    """One AdamW step on the loss summed over micro-batches (the global token mean); the loss."""
+    import torch
+
+    from opsd.prompts import response_loss_mask
+
+    lc = cfg.learner
+    student.train()
+    opt.zero_grad(set_to_none=True)
+    masks = [response_loss_mask(len(r), skip_first=cfg.loss.skip_first) for r in responses]
+    total = sum(sum(m) for m in masks)
+    loss_sum = 0.0
+    for start in range(0, len(batch), lc.micro_batch_size):
+        idx = range(start, min(start + lc.micro_batch_size, len(batch)))
+        inputs = policy_loss_inputs([batch[i].student_ids for i in idx], [responses[i] for i in idx],
+                                    [targets[i] for i in idx], [masks[i] for i in idx], pad_id)
+        loss, _ = policy(*inputs, float(max(total, 1)))
+        loss.backward()
+        loss_sum += loss.item()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), lc.grad_clip)
+    opt.step()
+    return loss_sum
 
 
 def policy_loss_inputs(prompts: list, responses: list, targets: list, masks: list, pad_id: int) -> tuple:

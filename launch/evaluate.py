@@ -234,40 +234,19 @@ def run_eval(
 ) -> tuple[dict, Path]:
     """``opsd eval``: evaluate ``model`` on each file of ``data``; returns (report, report path)."""
     import ray
-    from transformers import AutoTokenizer
 
-    from opsd.launch.cluster import ActorPool, init_ray
-    from opsd.prompts import PromptBuilder
-    from opsd.workers.rollout import RolloutWorker
+    from opsd.launch.cluster import init_ray
 
     if not data:
         raise EvalError("no --data files given")
     resolved = resolve_eval_model(model)
     cfg = eval_config(resolved, config=config, overrides=overrides, n=n, temperature=temperature, max_tokens=max_tokens)
     ev = cfg.eval
-    names = _dataset_names(list(data))
-    sets = []
-    for name, path in zip(names, data):
-        problems = _load_eval_problems(path, cfg)
-        if limit:
-            problems = problems[:limit]
-        sets.append((name, path, problems))
-
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
-    builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=ev.max_tokens)
-    built = []
-    for name, path, problems in sets:
-        pairs, skipped = builder.build(problems, source=str(path))
-        if not pairs:
-            raise EvalError(f"{path}: all {len(problems)} problems skipped as over-long (prompt.overlong=skip)")
-        built.append((name, path, pairs, skipped))
-
-    out_path = Path(out) if out else default_report_path(resolved, names, ev.n)
+    built = _eval_sets(resolved, cfg, list(data), limit)
+    out_path = Path(out) if out else default_report_path(resolved, [name for name, *_ in built], ev.n)
     total = sum(len(p) for _, _, p, _ in built)
     log(f"opsd eval: {resolved.path}: {total} problems in {len(built)} dataset(s), n={ev.n}, "
         f"temperature={ev.temperature}, max_tokens={ev.max_tokens}, {cfg.rollout.num_workers} rollout worker(s)")
-    started = init_ray(cfg)
-    pool = None
     report: dict[str, Any] = {
         "model": model, "model_path": resolved.path,
         "run_dir": str(resolved.run_dir) if resolved.run_dir else None,
@@ -277,13 +256,57 @@ def run_eval(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "datasets": {},
     }
+    started = init_ray(cfg)
     try:
-        gpu = 1 if cfg.cluster.device == "cuda" else 0
-        pool = ActorPool(
-            "rollout", RolloutWorker, cfg.rollout.num_workers,
-            {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size},
-            (cfg, resolved.path), max_restarts=cfg.train.max_actor_restarts,
-        )
+        report["datasets"] = _evaluate_sets(cfg, resolved.path, built, seed=seed, save_responses=save_responses,
+                                            log=log)
+    finally:
+        if started:
+            ray.shutdown()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    log(format_table(report))
+    log(f"report: {out_path}")
+    return report, out_path
+
+
+def _eval_sets(resolved: ResolvedModel, cfg: Config, data: list[str], limit: int | None) -> list[tuple]:
+    """(name, path, prompt pairs, skipped uids) per data file: every row read and checked, and its
+    prompts built, before any actor starts."""
+    from transformers import AutoTokenizer
+
+    from opsd.prompts import PromptBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
+    builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
+                            max_new_tokens=cfg.eval.max_tokens)
+    built = []
+    for name, path in zip(_dataset_names(data), data):
+        problems = _load_eval_problems(path, cfg)
+        if limit:
+            problems = problems[:limit]
+        pairs, skipped = builder.build(problems, source=str(path))
+        if not pairs:
+            raise EvalError(f"{path}: all {len(problems)} problems skipped as over-long (prompt.overlong=skip)")
+        built.append((name, path, pairs, skipped))
+    return built
+
+
+def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: int, save_responses: bool,
+                   log: Callable[[str], None]) -> dict[str, dict]:
+    """Rollout workers of their own generate and grade every set; the report's datasets section."""
+    from opsd.launch.cluster import ActorPool
+    from opsd.workers.rollout import RolloutWorker
+
+    ev = cfg.eval
+    gpu = 1 if cfg.cluster.device == "cuda" else 0
+    pool = ActorPool(
+        "rollout", RolloutWorker, cfg.rollout.num_workers,
+        {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": gpu * cfg.rollout.tensor_parallel_size},
+        (cfg, model_path), max_restarts=cfg.train.max_actor_restarts,
+    )
+    datasets = {}
+    try:
         t0 = time.perf_counter()
         pool.wait_ready()
         log(f"opsd eval: {len(pool.actors)} vLLM worker(s) ready in {time.perf_counter() - t0:.0f}s")
@@ -298,20 +321,13 @@ def run_eval(
                 chunk_size=64, progress=progress, extract=cfg.grading.extract,
             )
             metrics["seconds"] = time.perf_counter() - t0
-            report["datasets"][name] = {
+            datasets[name] = {
                 "path": str(path), "metrics": metrics, "skipped": list(skipped),
                 "problems": [_problem_record(r, save_responses) for r in results],
             }
     finally:
-        if pool is not None:
-            pool.kill()
-        if started:
-            ray.shutdown()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=1) + "\n")
-    log(format_table(report))
-    log(f"report: {out_path}")
-    return report, out_path
+        pool.kill()
+    return datasets
 
 
 def _problem_record(r: ProblemResult, save_responses: bool) -> dict:

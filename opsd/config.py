@@ -429,6 +429,24 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     ``vocab_size`` is known only once the model's config is read; pass it to check
     ``scorer.topk`` against it.
     """
+    _check_values(cfg)
+    _check_templates(cfg)
+    _check_teacher(cfg)
+    _check_runtime(cfg)
+    _check_objective(cfg)
+    if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
+        raise ConfigError(
+            f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
+            "set eval.temperature > 0 or eval.n=1"
+        )
+    if vocab_size is not None and cfg.scorer.topk > vocab_size:
+        raise ConfigError(
+            f"config key 'scorer.topk' = {cfg.scorer.topk} is larger than the model's vocabulary ({vocab_size})"
+        )
+
+
+def _check_values(cfg: Config) -> None:
+    """Each value on its own: one of its choices, positive, in its range."""
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -470,6 +488,9 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
 
+
+def _check_templates(cfg: Config) -> None:
+    """The prompt templates use only the fields they are given."""
     for key, fields in (("prompt.teacher_template", ("problem", "solution", "instruction")),
                         ("prompt.teacher_system", ("problem", "solution"))):
         template = _get(cfg, key)
@@ -483,7 +504,8 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
                 f"{', '.join('{' + f + '}' for f in fields)} (write {{{{ and }}}} for literal braces)"
             ) from None
 
-    # Combinations.
+
+def _check_teacher(cfg: Config) -> None:
     if cfg.teacher.mode == "fixed" and cfg.teacher.sync_every != 1:
         raise ConfigError(
             "config key 'teacher.sync_every' only applies to teacher.mode=ema (a fixed teacher is never "
@@ -494,6 +516,10 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
             "config key 'teacher.sync_every' must be 1 for teacher.mode=live (the live teacher follows every "
             "push); use teacher.mode=ema for a lagged teacher"
         )
+
+
+def _check_runtime(cfg: Config) -> None:
+    """The learner group, the weight transport, the roles' resources, tensor parallelism."""
     if cfg.learner.zero_stage == 0 and cfg.learner.num_ranks > 1:
         raise ConfigError(
             f"config key 'learner.zero_stage' = 0 with learner.num_ranks={cfg.learner.num_ranks}: use a ZeRO "
@@ -514,6 +540,10 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
                 raise ConfigError(f"config key '{key}' = {amount:g}; expected > 0 (leave the name out instead)")
     if cfg.rollout.tensor_parallel_size > 1 and cfg.cluster.device != "cuda":
         raise ConfigError("config key 'rollout.tensor_parallel_size' > 1 needs cluster.device=cuda")
+
+
+def _check_objective(cfg: Config) -> None:
+    """What the objective needs of the samples, the loss and the teacher."""
     ratio_on_rollout = (cfg.algo == "grpo" and cfg.loss.old_logprobs == "rollout") or (
         cfg.algo == "opsd" and cfg.loss.objective == "sampled_token" and cfg.loss.is_clip is not None
     )
@@ -550,15 +580,6 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
         )
     if cfg.algo == "grpo" and cfg.rollout.n < 2:
         raise ConfigError("config key 'rollout.n' must be >= 2 for algo=grpo (advantages are normalised per group)")
-    if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
-        raise ConfigError(
-            f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
-            "set eval.temperature > 0 or eval.n=1"
-        )
-    if vocab_size is not None and cfg.scorer.topk > vocab_size:
-        raise ConfigError(
-            f"config key 'scorer.topk' = {cfg.scorer.topk} is larger than the model's vocabulary ({vocab_size})"
-        )
 
 
 def _check_transport(cfg: Config) -> None:

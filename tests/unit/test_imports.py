@@ -216,3 +216,14 @@ def test_the_source_tree_maps_exactly_the_three_subpackages():
                          cwd=REPO_ROOT).stdout.splitlines()
     assert out == [str(REPO_ROOT / "workers" / "learner.py"), str(REPO_ROOT / "launch" / "cli.py"),
                    str(REPO_ROOT / "benchmarks" / "bench.py"), "no opsd.tests"]
+
+
+def test_no_function_of_the_runtime_is_over_80_lines():
+    """Longer functions are split where the split names a real step (docs/DESIGN.md, "Layout")."""
+    long = []
+    for name, tree in _trees().items():
+        if name.startswith("opsd.benchmarks"):
+            continue
+        long += [f"{name}.{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []
