@@ -5,7 +5,7 @@ flattens the batch to the N positions that count and hands them to :func:`chunke
 adds the vocabulary projection chunk by chunk so that only one chunk's ``[n, V]`` logits exist at
 any time, in the forward pass and in the backward pass.
 
-Divergence conventions (DESIGN.md, "Losses"), with p_T the teacher and p_S the student:
+Divergence conventions (docs/DESIGN.md, "Losses"), with p_T the teacher and p_S the student:
 
 - ``beta = 0``: forward KL(p_T || p_S)
 - ``beta = 1``: reverse KL(p_S || p_T)

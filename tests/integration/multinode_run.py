@@ -100,7 +100,7 @@ def main(out_path: str, work: str, mode: str) -> None:
         # The order an uninterrupted run draws its prompts in: the same sampler, replayed.
         cfg, _ = driver.prepare_config(config, overrides)
         fresh = plain(cfg)
-        out["expected_uids"] = [[fresh.pairs[i].uid for i in fresh.sampler.next_batch(4)] for _ in range(6)]
+        out["expected_uids"] = [[fresh.data.pairs[i].uid for i in fresh.data.sampler.next_batch(4)] for _ in range(6)]
     finally:
         driver.Trainer = plain
         ray.shutdown()
