@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from opsd.batch import Sample
 from opsd.config import Config
+from opsd.objectives import objective
 
 METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
@@ -29,6 +30,7 @@ class StepFacts:
     seconds: dict[str, float]  # rollout, score, train, sync
     score_overlapped: bool
     sync_in_place: bool
+    skipped: int = 0  # samples left out of the loss: their teacher context did not apply
 
 
 def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) -> dict:
@@ -37,24 +39,25 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
     tokens = max(stats["tokens"], 1.0)
     n = max(len(samples), 1)
     resp_tokens = sum(len(s.response_ids) for s in samples)
+    graded = all(s.reward is not None for s in samples)
     row = {
         "step": facts.step, "policy_version": facts.policy_version, "teacher_version": facts.teacher_version,
         "loss": stats["loss_sum"] / tokens,
         # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
         "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
-        # GRPO: tokens whose ratio the loss clipped; mean |logp_vllm - logp_learner| (temperature
-        # 1); and the tokens a ratio against vLLM's logprobs would clip (engine noise, on-policy).
-        "clip_frac": stats["clipped_tokens"] / tokens if cfg.algo == "grpo" else None,
-        "engine_mismatch": stats["mismatch_sum"] / tokens if "mismatch_sum" in stats else None,
-        "clip_frac_rollout": stats["rollout_clipped_tokens"] / tokens if "rollout_clipped_tokens" in stats else None,
+        # The objective's own (GRPO: the tokens whose ratio the loss clipped, mean |logp_vllm -
+        # logp_learner| at temperature 1, the tokens a ratio on vLLM's logprobs would clip).
+        "clip_frac": None, "engine_mismatch": None, "clip_frac_rollout": None,
+        **objective(cfg.algo).row(stats, tokens),
         "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-        # For kd.source=teacher_samples: the reward of the teacher-prompted samples.
-        "reward_mean": sum(s.reward for s in samples) / n if facts.generated else None,
+        # For kd.source=teacher_samples: the reward of the teacher-prompted samples. None also
+        # when the data has no answers to grade against.
+        "reward_mean": sum(s.reward for s in samples) / n if facts.generated and graded else None,
         "response_len_mean": resp_tokens / n,
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
         "tokens_generated": resp_tokens if facts.generated else 0,
         "tokens_generated_total": facts.tokens_total,
-        "samples": len(samples), "dropped_stale": facts.dropped,
+        "samples": len(samples), "dropped_stale": facts.dropped, "context_skipped": facts.skipped,
         **{f"{stage}_seconds": s for stage, s in facts.seconds.items()},
         "sample_ids": [s.sample_id for s in samples],
         "update_skipped": bool(stats.get("update_skipped", False)),

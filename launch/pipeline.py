@@ -11,7 +11,9 @@ training (``scorer.overlap``); docs/DESIGN.md, "One step".
 
 A sample is one :class:`opsd.batch.Sample` from the moment its rollout comes back to the batch:
 the scorer adds the teacher's targets to the same records, and without a scorer they become the
-batch as they are.
+batch as they are. Its teacher prompts are the teacher context's (:class:`TeacherPrompts`): built
+once per problem for a context that does not read the samples, here after each rollout for one
+that does (the majority of the prompt's samples, a contrastive teacher's wrong samples).
 """
 
 from __future__ import annotations
@@ -21,11 +23,60 @@ from typing import Any
 
 import pyarrow as pa
 
-from opsd.batch import Sample, build_batch, concat_batches, from_ipc_bytes
+from opsd.batch import ContextScores, Sample, build_batch, concat_batches, from_ipc_bytes
 from opsd.config import Config, distills, trains_on_references
+from opsd.contexts import context
+from opsd.contexts.base import PRIMARY, ContextInput, GroupSample
 from opsd.launch.cluster import ActorPool, Pending, round_robin, sample_seed, unshard
 from opsd.launch.problems import TrainingSet
+from opsd.objectives import objective, scored_contexts
 from opsd.prompts import PromptPair, response_loss_mask
+from opsd.verify import extract_answer
+
+
+class TeacherPrompts:
+    """The teacher's prompt ids of each sample: the primary context's, and those of the other
+    named contexts the objective reads. None for a context that does not apply to a sample (or
+    whose prompt and response would not fit model.max_model_len); None for the primary one leaves
+    the sample out of the loss."""
+
+    def __init__(self, cfg: Config, data: TrainingSet):
+        self.cfg, self.data = cfg, data
+        self.reads_context = distills(cfg)  # else the scorer reads the student's own prompt (or nothing)
+        self.context = context(cfg.teacher.context) if self.reads_context else None
+        self.others = [n for n in scored_contexts(cfg) if n != PRIMARY]
+        self.templates = data.builder.templates()
+
+    def of_group(self, pair: PromptPair, rollouts: list, step: int) -> list[tuple[list[int] | None, dict]]:
+        """(primary ids, {other context: ids}) for each of a prompt's rollouts."""
+        n = len(rollouts)
+        if not self.reads_context:
+            return [(pair.student_ids, {})] * n
+        if not self.context.uses_samples and not self.others:
+            return [(pair.teacher_ids, {})] * n
+        extract = self.cfg.grading.extract
+        group = tuple(GroupSample(r.text, extract_answer(r.text, extract), r.reward, len(r.response_ids))
+                      for r in rollouts)
+        problem = self.data.problems[pair.uid]
+        other = self.data.view.other(pair.uid)
+        seed = sample_seed(self.cfg.train.seed, step, pair.uid)
+        built: dict = {}
+        out = []
+        for j, r in enumerate(rollouts):
+            key = j if getattr(self.context, "per_sample", False) else None
+            if key not in built:
+                built[key] = self.context.build(self.cfg, ContextInput(problem, group, key, other, seed), self.templates)
+            messages = built[key]
+            fit = len(r.response_ids)
+            primary = pair.teacher_ids if not self.context.uses_samples else self._ids(messages.get(PRIMARY), fit)
+            out.append((primary, {name: self._ids(messages.get(name), fit) for name in self.others}))
+        return out
+
+    def _ids(self, messages: list[dict] | None, response_tokens: int) -> list[int] | None:
+        if messages is None:
+            return None
+        ids = self.data.builder.teacher_context_ids(messages)
+        return ids if len(ids) + response_tokens <= self.cfg.model.max_model_len else None
 
 
 @dataclass
@@ -40,6 +91,8 @@ class InFlight:
     # will train on them.
     scoring: tuple[list[Sample], Pending] | None = None
     dropped: int = 0
+    skipped: int = 0
+    step: int = 0  # the step that will train on it
 
 
 @dataclass
@@ -51,6 +104,7 @@ class Ready:
     dropped: int = 0  # rollouts too stale for this step's policy
     generated: bool = True  # False: the responses are reference solutions (SFT, KD from references)
     scoring: Pending | None = None  # scored since the last step trained (scorer.overlap)
+    skipped: int = 0  # samples left out of the loss: their teacher context did not apply
 
 
 class Pipeline:
@@ -63,6 +117,8 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.inflight: list[InFlight] = []  # later steps' batches, oldest first
         self.pending: list[list[int]] = []  # prompt batches to redo first after a resume, oldest first
+        self.teachers = TeacherPrompts(cfg, data)
+        self.responses = objective(cfg.algo).responses(cfg)
 
     # --- what train_one_step calls ---------------------------------------------------------------
 
@@ -73,14 +129,15 @@ class Pipeline:
         ahead = self.inflight.pop(0) if self.inflight else None
         if ahead is not None and ahead.scoring is not None:
             samples, scoring = ahead.scoring
-            return Ready(step, samples, ahead.dropped, scoring=scoring)
+            return Ready(step, samples, ahead.dropped, scoring=scoring, skipped=ahead.skipped)
         if ahead is None:
             pairs = self.next_prompts()[1]
             pending = self.submit_rollouts(pairs, step, policy_version)
         else:
             pairs, pending = ahead.pairs, ahead.rollouts
-        samples, dropped = self.fresh(self.samples_of(pairs, self.rollouts.collect(pending)), policy_version)
-        return Ready(step, samples, dropped)
+        samples, skipped = self.samples_of(pairs, self.rollouts.collect(pending), step)
+        samples, dropped = self.fresh(samples, policy_version)
+        return Ready(step, samples, dropped, skipped=skipped)
 
     def fill(self, step: int, policy_version: int) -> None:
         """Off-policy by at most max_staleness = s: up to s later steps' rollouts run on the current
@@ -92,7 +149,8 @@ class Pipeline:
         while len(self.inflight) < s and step + len(self.inflight) < self.cfg.train.steps:
             indices, pairs = self.next_prompts()
             ahead_step = step + 1 + len(self.inflight)
-            self.inflight.append(InFlight(indices, pairs, self.submit_rollouts(pairs, ahead_step, policy_version)))
+            self.inflight.append(InFlight(indices, pairs, self.submit_rollouts(pairs, ahead_step, policy_version),
+                                          step=ahead_step))
 
     def score(self, ready: Ready, teacher_version: int) -> pa.Table:
         """Samples -> the Arrow batch; with a scorer running, holding the teacher's targets.
@@ -131,7 +189,8 @@ class Pipeline:
             results = ray.get(refs)
         except ray.exceptions.RayError:
             return
-        samples, ahead.dropped = self.fresh(self.samples_of(ahead.pairs, results), version)
+        samples, ahead.skipped = self.samples_of(ahead.pairs, results, ahead.step)
+        samples, ahead.dropped = self.fresh(samples, version)
         ahead.scoring = samples, self.submit_score(samples, teacher_version)
 
     def drain(self) -> None:
@@ -160,8 +219,8 @@ class Pipeline:
         """prompts -> vLLM: each prompt goes to one worker, n samples each (returns at once)."""
         cfg = self.cfg.rollout
         shards = round_robin(pairs, len(self.rollouts.actors))
-        # algo=kd, kd.source=teacher_samples: the responses are sampled from the teacher prompt.
-        teacher = self.cfg.algo == "kd"
+        # KD from teacher samples: the responses are sampled from the teacher's context.
+        teacher = self.responses == "teacher"
         # Each worker also grades its own samples: the answers travel with the prompts.
         args = [([p.teacher_ids if teacher else p.student_ids for p in s],
                  [sample_seed(self.cfg.train.seed, step, p.uid) for p in s], [p.answer for p in s]) for s in shards]
@@ -170,15 +229,17 @@ class Pipeline:
             top_p=cfg.top_p, top_k=cfg.top_k, expect_version=policy_version, extract=self.cfg.grading.extract,
         )
 
-    def samples_of(self, pairs: list[PromptPair], results: list) -> list[Sample]:
+    def samples_of(self, pairs: list[PromptPair], results: list, step: int) -> tuple[list[Sample], int]:
         """The rollout workers' results (sharded as submit_rollouts dealt them) -> one sample per
-        response, in the sampler's order."""
-        samples = []
+        response, in the sampler's order, with the teacher prompts of its contexts; and how many
+        are left out of the loss because their teacher context did not apply."""
+        samples, skipped = [], 0
         for pair, rollouts in zip(pairs, unshard(results, len(pairs))):
-            for j, r in enumerate(rollouts):
+            for j, (r, (teacher, others)) in enumerate(zip(rollouts, self.teachers.of_group(pair, rollouts, step))):
+                skipped += teacher is None
                 samples.append(self._sample(pair, j, r.response_ids, r.logprobs, r.reward, r.policy_version,
-                                            r.finish_reason))
-        return samples
+                                            r.finish_reason, teacher, others))
+        return samples, skipped
 
     def reference_samples(self, pairs: list[PromptPair], policy_version: int) -> list[Sample]:
         """SFT and KD from references: the reference solutions play the part of the responses
@@ -189,7 +250,8 @@ class Pipeline:
         samples = []
         for pair in pairs:
             # The reference is text; it is tokenised once here, and EOS closes the turn.
-            ids = list(self.tokenizer(self.data.solutions[pair.uid], add_special_tokens=False)["input_ids"]) + [eos]
+            solution = self.data.problems[pair.uid].solution
+            ids = list(self.tokenizer(solution, add_special_tokens=False)["input_ids"]) + [eos]
             prompt = len(pair.teacher_ids if teacher else pair.student_ids)
             if prompt + len(ids) > limit:
                 if self.cfg.prompt.overlong == "skip":
@@ -199,18 +261,22 @@ class Pipeline:
                     f"row {pair.uid}: {'teacher ' if teacher else ''}prompt ({prompt} tokens) + reference solution "
                     f"({len(ids)}) is longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
                 )
-            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop"))
+            teacher = pair.teacher_ids if self.teachers.reads_context else pair.student_ids
+            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", teacher, {}))
         return samples
 
-    def _sample(self, pair: PromptPair, j: int, response: list[int], logprobs: list[float], reward: float,
-                version: int, finish_reason: str) -> Sample:
-        # GRPO's scorer is the frozen reference policy: it reads the student's own prompt.
-        teacher_prompt = pair.teacher_ids if distills(self.cfg) else pair.student_ids
+    def _sample(self, pair: PromptPair, j: int, response: list[int], logprobs: list[float], reward: float | None,
+                version: int, finish_reason: str, teacher: list[int] | None, others: dict) -> Sample:
+        mask = response_loss_mask(len(response), skip_first=self.cfg.loss.skip_first)
+        if teacher is None:
+            # Its teacher context does not apply (its prompt's samples do not agree enough): scored
+            # on the student's own prompt, but not trained on.
+            teacher, mask = pair.student_ids, [False] * len(response)
         return Sample(
-            sample_id=f"{pair.uid}#{j}", prompt_ids=pair.student_ids, teacher_prompt_ids=teacher_prompt,
-            response_ids=response, rollout_logprobs=logprobs,
-            loss_mask=response_loss_mask(len(response), skip_first=self.cfg.loss.skip_first),
-            reward=reward, policy_version=version, finish_reason=finish_reason,
+            sample_id=f"{pair.uid}#{j}", prompt_ids=pair.student_ids, teacher_prompt_ids=teacher,
+            response_ids=response, rollout_logprobs=logprobs, loss_mask=mask, reward=reward,
+            policy_version=version, finish_reason=finish_reason,
+            others={name: ContextScores(ids) for name, ids in others.items()},
         )
 
     def fresh(self, samples: list[Sample], version: int) -> tuple[list[Sample], int]:
@@ -235,3 +301,4 @@ class Pipeline:
         cfg = self.cfg
         return (cfg.scorer.overlap and cfg.rollout.max_staleness > 0 and self.scorers is not None
                 and cfg.teacher.mode == "fixed" and not trains_on_references(cfg))
+

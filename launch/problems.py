@@ -1,26 +1,35 @@
 """A run's problems as prompts: the training set (prompt pairs, the sampler that visits them, the
-reference solutions) and the held-out set, checked before anything starts."""
+problems themselves for the teacher contexts built per step) and the held-out set, checked
+before anything starts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsd.config import Config, ConfigError, resolve_path
-from opsd.data import DataError, EpochSampler, load_problems
+from opsd.config import Config, ConfigError, dataset_needs, distills, resolve_path
+from opsd.contexts import context
+from opsd.contexts.base import PRIMARY, ContextInput, DatasetView
+from opsd.data import DataError, EpochSampler, Problem, load_problems
 from opsd.prompts import PromptBuilder, PromptPair
 
 
 @dataclass
 class TrainingSet:
-    pairs: list[PromptPair]  # the usable training problems, as student and teacher prompt ids
-    solutions: dict[str, str]  # uid -> reference solution (SFT and KD from references train on it)
+    pairs: list[PromptPair]  # the usable training problems, as student (and teacher) prompt ids
+    problems: dict[str, Problem]  # uid -> the row (solution, answer) for the contexts built per step
     sampler: EpochSampler  # the order the run visits pairs in; its state is in every checkpoint
+    view: DatasetView  # the rest of the set, for contexts that read another problem
+    builder: PromptBuilder  # renders a context's messages as token ids, with the run's templates
     eval_pairs: list[PromptPair] = field(default_factory=list)  # held-out problems (eval.every > 0)
     skipped: list[str] = field(default_factory=list)  # uids left out as over-long (prompt.overlong=skip)
 
     def __post_init__(self) -> None:
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
+
+    @property
+    def solutions(self) -> dict[str, str]:
+        return {uid: p.solution for uid, p in self.problems.items()}
 
 
 def columns(cfg: Config) -> dict:
@@ -30,14 +39,20 @@ def columns(cfg: Config) -> dict:
 
 def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     """Every training row read, checked and turned into prompt ids; the held-out rows too when the
-    run evaluates. Raises a DataError or ConfigError naming the file, row or key."""
+    run evaluates. A row must hold a solution or an answer only when the objective or the teacher
+    context needs it. Raises a DataError or ConfigError naming the file, row or key."""
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
     train_path = resolve_path(cfg.data.train_path)
-    problems = load_problems(train_path, **columns(cfg))
+    needs = dataset_needs(cfg)
+    # A set of worked solutions has answers (each solution's last \boxed{} if no column holds them):
+    # one without is malformed. A set of bare problems may have neither, when nothing needs them.
+    problems = load_problems(train_path, **columns(cfg), require_solution="solution" in needs,
+                             require_answer=bool({"solution", "answer"} & set(needs)), needed_by=needs)
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
-    pairs, skipped = builder.build(problems, source=str(train_path))
+    view = DatasetView(problems, cfg.train.seed)
+    pairs, skipped = builder.build(problems, source=str(train_path), teacher=_static_teacher(cfg, builder, view))
     if not pairs:
         raise DataError(
             f"{train_path}: no usable problems (all {len(problems)} skipped as over-long); raise "
@@ -51,7 +66,22 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
             f"problems in {train_path}"
         )
     sampler = EpochSampler(len(pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True)
-    return TrainingSet(pairs, {p.uid: p.solution for p in problems}, sampler, _eval_pairs(cfg, tokenizer), skipped)
+    return TrainingSet(pairs, {p.uid: p for p in problems}, sampler, view, builder, _eval_pairs(cfg, tokenizer),
+                       skipped)
+
+
+def _static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
+    """The teacher's messages per problem when the teacher context does not read the samples
+    (built once, lengths checked now); None per problem when it does, or when the scorer reads the
+    student's own prompt, or when there is no teacher."""
+    if not distills(cfg):
+        return lambda problem: None
+    ctx = context(cfg.teacher.context)
+    if ctx.uses_samples:
+        return lambda problem: None
+    templates = builder.templates()
+    return lambda problem: ctx.build(cfg, ContextInput(problem, other=view.other(problem.uid), seed=cfg.train.seed),
+                                     templates)[PRIMARY]
 
 
 def _eval_pairs(cfg: Config, tokenizer: Any) -> list[PromptPair]:
@@ -62,4 +92,6 @@ def _eval_pairs(cfg: Config, tokenizer: Any) -> list[PromptPair]:
     # Evaluation answers get eval.max_tokens, so its prompts get the rest of the context.
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.eval.max_tokens)
+    # Built as ever (the teacher's prompt counts in the length check), so that a held-out set
+    # keeps the same problems across versions of opsd.
     return builder.build(problems, source=str(eval_path))[0]

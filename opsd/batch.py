@@ -13,19 +13,31 @@ and nulls in the three teacher columns. Batches whose objective reads only the t
 sampled-token log-probability (GRPO's KL reference, OPSD's sampled-token objective) carry
 ``opsd.targets=token`` and nulls in the two top-k columns; the default, ``opsd.targets=topk``, is
 also what a batch without the key means.
+
+Schema version 2 (version 1 batches still read):
+
+- A batch scored under more than one teacher context (a contrastive teacher's wrong ones) names
+  the others in ``opsd.contexts`` (JSON, name -> "topk" | "token") and carries, per context ``c``,
+  ``teacher_prompt_ids:c`` and ``teacher_token_logprobs:c`` (and, for "topk", the two top-k
+  columns with that suffix); a row whose sample the context does not apply to is null in all of
+  them. The primary context keeps the columns above.
+- A batch of a dataset without answers (a solution-free teacher) says ``opsd.rewards=none`` and
+  its reward column is null; otherwise every reward is the verifier's grade.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 TEACHER_MODES = ("fixed", "live", "ema", "none")
 TARGETS = ("topk", "token")
@@ -35,8 +47,9 @@ TARGETS = ("topk", "token")
 class Column:
     """One column of the batch. ``shape``: "row" (one value per row), "list" (a list per row),
     "token" (a list of the row's T response tokens), "topk" (T lists of k). ``needs``: None (always
-    there), "teacher" (null without a teacher), "topk" (null also with opsd.targets=token).
-    ``check``: "ids" (token ids in the vocabulary) or "logprob" (finite or -inf, <= 0)."""
+    there), "teacher" (null without a teacher), "topk" (null also with opsd.targets=token),
+    "context" (a named context's: null in the rows it does not apply to), "graded" (null with
+    opsd.rewards=none). ``check``: "ids" (token ids in the vocabulary) or "logprob" (finite or -inf, <= 0)."""
 
     name: str
     value: Callable[[], pa.DataType]
@@ -60,22 +73,42 @@ COLUMNS = (
     Column("teacher_topk_logprobs", pa.float32, "topk", "topk", check="logprob"),  # loss temperature applied
     Column("teacher_token_logprobs", pa.float32, "token", "teacher", check="logprob"),  # of the sampled token
     Column("loss_mask", pa.bool_, "token"),
-    Column("reward", pa.float32),  # the verifier's grade
+    Column("reward", pa.float32, needs="graded"),  # the verifier's grade
     Column("policy_version", pa.int64),  # the weights that sampled the response
     Column("teacher_version", pa.int64),  # the weights that scored it (-1: no teacher)
     Column("finish_reason", pa.string),  # stop | length | abort
 )
 
 
-def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", targets: str = "topk") -> pa.Schema:
+def context_columns(name: str, targets: str) -> tuple[Column, ...]:
+    """The columns of the named context ``name`` (not the primary one)."""
+    cols = (Column(f"teacher_prompt_ids:{name}", pa.int32, "list", "context", check="ids"),
+            Column(f"teacher_token_logprobs:{name}", pa.float32, "token", "context", check="logprob"))
+    if targets == "topk":
+        cols += (Column(f"teacher_topk_ids:{name}", pa.int32, "topk", "context", check="ids"),
+                 Column(f"teacher_topk_logprobs:{name}", pa.float32, "topk", "context", check="logprob"))
+    return cols
+
+
+def columns_of(contexts: dict[str, str]) -> tuple[Column, ...]:
+    return COLUMNS + tuple(c for name, targets in contexts.items() for c in context_columns(name, targets))
+
+
+def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", targets: str = "topk",
+           contexts: dict[str, str] | None = None, graded: bool = True) -> pa.Schema:
     """The batch schema for top-k width ``k``, with the metadata docs/DESIGN.md lists; ``targets``:
-    ``topk`` (the top-k columns hold the teacher's top-k) or ``token`` (they are null)."""
+    ``topk`` (the top-k columns hold the teacher's top-k) or ``token`` (they are null);
+    ``contexts``: the other named contexts and their targets; ``graded``: the rewards are grades."""
     if k < 1:
         raise ValueError(f"top-k width must be >= 1, got {k}")
     if teacher_mode not in TEACHER_MODES:
         raise ValueError(f"teacher_mode {teacher_mode!r}: expected one of {TEACHER_MODES}")
     if targets not in TARGETS:
         raise ValueError(f"targets {targets!r}: expected one of {TARGETS}")
+    contexts = dict(contexts or {})
+    for name, t in contexts.items():
+        if t not in TARGETS or not name or ":" in name:
+            raise ValueError(f"context {name!r}: targets {t!r}; expected a name without ':' and one of {TARGETS}")
     meta = {
         "opsd.schema_version": str(SCHEMA_VERSION),
         "opsd.topk": str(k),
@@ -83,7 +116,23 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", tar
         "opsd.teacher_mode": teacher_mode,
         "opsd.targets": targets,
     }
-    return pa.schema([pa.field(c.name, c.type(k), nullable=c.needs is not None) for c in COLUMNS], metadata=meta)
+    if contexts:
+        meta["opsd.contexts"] = json.dumps(contexts, sort_keys=True)
+    if not graded:
+        meta["opsd.rewards"] = "none"
+    fields = [pa.field(c.name, c.type(k), nullable=c.needs is not None) for c in columns_of(contexts)]
+    return pa.schema(fields, metadata=meta)
+
+
+@dataclass
+class ContextScores:
+    """A sample under one named context other than the primary: its prompt ids (None: the context
+    does not apply to this sample), and the scorer's targets for it."""
+
+    prompt_ids: Sequence[int] | None
+    token_logprobs: Sequence[float] | None = None  # [T]
+    topk_ids: np.ndarray | None = None  # [T, k]
+    topk_logprobs: np.ndarray | None = None  # [T, k]
 
 
 @dataclass
@@ -104,6 +153,17 @@ class Sample:
     teacher_topk_logprobs: np.ndarray | None = None  # [T, k]
     teacher_token_logprobs: Sequence[float] | None = None  # [T]
     teacher_version: int = -1
+    others: dict[str, ContextScores] = field(default_factory=dict)  # the other named contexts
+
+    def value(self, column: str):
+        """This sample's value of ``column`` (a named context's columns read ``others``)."""
+        if ":" not in column:
+            return getattr(self, column)
+        field_name, name = column.split(":", 1)
+        scores = self.others.get(name)
+        if scores is None or scores.prompt_ids is None:
+            return None
+        return getattr(scores, field_name.removeprefix("teacher_"))
 
 
 def _list_array(rows: Sequence[Sequence], value_type: pa.DataType) -> pa.Array:
@@ -130,25 +190,43 @@ def _topk_array(rows: Sequence[np.ndarray | None], value_type: pa.DataType, k: i
     return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
 
-def _present(column: Column, teacher_mode: str, targets: str) -> bool:
-    """Whether a batch of this teacher mode and targets holds values in ``column`` (else nulls)."""
-    if column.needs is None:
+def _present(column: Column, teacher_mode: str, targets: str, graded: bool = True) -> bool:
+    """Whether a batch of this teacher mode and targets holds values in ``column`` (else nulls;
+    a named context's columns are there, null in some rows)."""
+    if column.needs in (None, "context"):
         return True
+    if column.needs == "graded":
+        return graded
     return teacher_mode != "none" and (column.needs == "teacher" or targets == "topk")
 
 
+def _nullable_array(values: list, column: Column, k: int) -> pa.Array:
+    """A named context's column: None where the context does not apply to the row."""
+    rows = [None if v is None else np.asarray(v).reshape(-1, k).tolist() if column.shape == "topk" else list(v)
+            for v in values]
+    return pa.array(rows, type=column.type(k))
+
+
 def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teacher_mode: str,
-                targets: str = "topk") -> pa.Table:
+                targets: str = "topk", contexts: dict[str, str] | None = None) -> pa.Table:
     """Samples -> a validated table with the schema of :func:`schema` (the samples' fields of
-    columns the batch holds as nulls are not read)."""
-    sch = schema(k, temperature=temperature, teacher_mode=teacher_mode, targets=targets)
+    columns the batch holds as nulls are not read). The rewards are grades unless every sample's
+    reward is None."""
+    ungraded = [s.reward is None for s in samples]
+    if any(ungraded) and not all(ungraded):
+        raise ValueError("reward is missing for some rows but not others (a batch mixes graded and ungraded data)")
+    graded = not (samples and all(ungraded))
+    sch = schema(k, temperature=temperature, teacher_mode=teacher_mode, targets=targets, contexts=contexts,
+                 graded=graded)
     arrays = []
-    for column, field in zip(COLUMNS, sch):
-        if not _present(column, teacher_mode, targets):
-            arrays.append(pa.nulls(len(samples), field.type))
+    for column, field_ in zip(columns_of(dict(contexts or {})), sch):
+        if not _present(column, teacher_mode, targets, graded):
+            arrays.append(pa.nulls(len(samples), field_.type))
             continue
-        values = [getattr(s, column.name) for s in samples]
-        if column.shape == "topk":
+        values = [s.value(column.name) for s in samples]
+        if column.needs == "context":
+            arrays.append(_nullable_array(values, column, k))
+        elif column.shape == "topk":
             arrays.append(_topk_array(values, column.value(), k))
         elif column.shape in ("list", "token"):
             arrays.append(_list_array(values, column.value()))
@@ -204,11 +282,13 @@ def batch_meta(table: pa.Table) -> dict[str, str]:
     for key in ("opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode"):
         if key not in meta:
             raise ValueError(f"batch schema metadata lacks '{key}'")
-    if int(meta["opsd.schema_version"]) != SCHEMA_VERSION:
+    if int(meta["opsd.schema_version"]) not in READABLE_VERSIONS:
         raise ValueError(
-            f"batch schema version {meta['opsd.schema_version']} is not the supported version {SCHEMA_VERSION}"
+            f"batch schema version {meta['opsd.schema_version']} is not a supported version {READABLE_VERSIONS}"
         )
     meta.setdefault("opsd.targets", "topk")  # batches written before the key existed
+    meta.setdefault("opsd.contexts", "{}")  # one context (version 1, and most batches)
+    meta.setdefault("opsd.rewards", "graded")
     if meta["opsd.targets"] not in TARGETS:
         raise ValueError(f"batch schema metadata 'opsd.targets' = {meta['opsd.targets']!r}: expected one of {TARGETS}")
     return meta
@@ -248,13 +328,26 @@ def _first_null_row(col: pa.ChunkedArray | pa.Array) -> int | None:
         arr = arr.flatten()
 
 
+def contexts_of(table: pa.Table) -> dict[str, str]:
+    """The batch's named contexts besides the primary one, with their targets."""
+    try:
+        found = json.loads(batch_meta(table)["opsd.contexts"])
+    except ValueError as exc:
+        raise ValueError(f"batch schema metadata 'opsd.contexts' is not JSON: {exc}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"batch schema metadata 'opsd.contexts' = {found!r}: expected a mapping of names")
+    return found
+
+
 def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     """Raise ``ValueError`` naming the column and row of the first violation of the contract."""
     meta = batch_meta(table)
     k = int(meta["opsd.topk"])
     teacher_mode = meta["opsd.teacher_mode"]
+    graded = meta["opsd.rewards"] != "none"
+    contexts = contexts_of(table)
     expected = schema(k, temperature=float(meta["opsd.temperature"]), teacher_mode=teacher_mode,
-                      targets=meta["opsd.targets"])
+                      targets=meta["opsd.targets"], contexts=contexts, graded=graded)
     for f in expected:
         if f.name not in table.column_names:
             raise ValueError(f"batch lacks column '{f.name}'")
@@ -265,31 +358,37 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     if extra:
         raise ValueError(f"batch has unexpected columns {sorted(extra)}")
 
-    present = {c.name: _present(c, teacher_mode, meta["opsd.targets"]) for c in COLUMNS}
-    for column in COLUMNS:
+    columns = columns_of(contexts)
+    present = {c.name: _present(c, teacher_mode, meta["opsd.targets"], graded) for c in columns}
+    for column in columns:
         col = table.column(column.name)
         if not present[column.name]:
             if col.null_count != len(col):
-                why = "opsd.teacher_mode=none" if teacher_mode == "none" else "opsd.targets=token"
+                why = ("opsd.rewards=none" if column.needs == "graded" else
+                       "opsd.teacher_mode=none" if teacher_mode == "none" else "opsd.targets=token")
                 raise ValueError(f"column '{column.name}' must be null when {why}")
+            continue
+        if column.needs == "context":
+            _check_context_rows(table, column)
             continue
         row = _first_null_row(col)
         if row is not None:
             raise ValueError(f"column '{column.name}' row {row}: null value")
 
     n_tokens = _lengths(table.column("response_ids"))
-    for column in COLUMNS:
+    for column in columns:
         if column.shape not in ("token", "topk") or not present[column.name]:
             continue
         lengths = _lengths(table.column(column.name))
-        bad = np.flatnonzero(lengths != n_tokens)
+        absent = np.asarray(table.column(column.name).combine_chunks().is_null())
+        bad = np.flatnonzero((lengths != n_tokens) & ~absent)
         if len(bad):
             r = int(bad[0])
             raise ValueError(
                 f"column '{column.name}' row {r}: {lengths[r]} entries but response_ids has {n_tokens[r]}"
             )
 
-    for column in COLUMNS:
+    for column in columns:
         if column.check is None or not present[column.name]:
             continue
         values, rows = _flat(table.column(column.name))
@@ -308,9 +407,25 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(f"column '{column.name}' row {int(rows[i])}: logprob {values[i]} is NaN or > 0")
 
-    reward = table.column("reward").to_numpy()
-    if np.isnan(reward).any():
-        raise ValueError(f"column 'reward' row {int(np.flatnonzero(np.isnan(reward))[0])}: NaN")
+    if graded:
+        reward = table.column("reward").to_numpy()
+        if np.isnan(reward).any():
+            raise ValueError(f"column 'reward' row {int(np.flatnonzero(np.isnan(reward))[0])}: NaN")
+
+
+def _check_context_rows(table: pa.Table, column: Column) -> None:
+    """A named context's row is null in all its columns or in none, and holds no null inside."""
+    name = column.name.split(":", 1)[1]
+    prompt = np.asarray(table.column(f"teacher_prompt_ids:{name}").combine_chunks().is_null())
+    col = table.column(column.name).combine_chunks()
+    absent = np.asarray(col.is_null())
+    differ = np.flatnonzero(absent != prompt)
+    if len(differ):
+        raise ValueError(f"column '{column.name}' row {int(differ[0])}: null where teacher_prompt_ids:{name} is not "
+                         "(a context applies to a row in all its columns or in none)")
+    row = _first_null_row(col.filter(pa.array(~absent)))
+    if row is not None:
+        raise ValueError(f"column '{column.name}' row {int(np.flatnonzero(~absent)[row])}: null value")
 
 
 def tail_mass(topk_logprobs: np.ndarray) -> np.ndarray:

@@ -17,12 +17,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opsd.dtypes import DTYPES, auto_dtype, cpu_bf16_instructions
+from opsd.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and what was expected."""
+__all__ = ["Config", "ConfigError", "check", "load_config"]
 
 
 @dataclass
@@ -163,7 +163,18 @@ class LossConfig:
     beta: float = 0.5
     support: str = "topk"  # topk | topk_tail
     temperature: float = 1.0
-    token_clip: Optional[float] = None
+    token_clip: Optional[float] = None  # caps each token's loss (its gradient is then removed)
+    # The per-token divergence clip of the OPSD authors' code (March 2026): pointwise caps each
+    # vocabulary term of a token's divergence before the sum (their form); scale caps the token's
+    # divergence by scaling it, keeping a smaller gradient (opsd/losses.py divergence_from_logprobs).
+    divergence_clip: Optional[float] = None
+    divergence_clip_mode: str = "pointwise"  # pointwise | scale
+    # PW-OPSD (arXiv 2605.21606): each token's loss times w = min + (1 - min) * sigmoid((f - center)
+    # / width), f its relative position in its response ((i - 0.5) / T); the paper's 0.25, 0.30, 0.10.
+    position_weight: bool = False
+    position_weight_min: float = 0.25
+    position_weight_center: float = 0.30
+    position_weight_width: float = 0.10
     is_clip: Optional[float] = None
     skip_first: int = 0
     chunk_size: int = 1024
@@ -176,6 +187,11 @@ class LossConfig:
     # the ratio is exactly 1; "rollout" takes vLLM's logprobs (temperature 1), which corrects
     # stale rollouts (rollout.max_staleness > 0) but also carries the engines' mismatch.
     old_logprobs: str = "learner"
+    # algo=contrastive (RLCSD, opsd/objectives/contrastive.py): r = scale * tanh(e / tau) moves the
+    # advantage of the tokens where |r| > threshold; RLCSD's shipped values.
+    contrast_tau: float = 0.02
+    contrast_scale: float = 0.5
+    contrast_threshold: float = 0.02
 
 
 @dataclass
@@ -194,6 +210,19 @@ class TeacherConfig:
     mode: str = "fixed"  # fixed | live | ema
     ema_decay: float = 0.99
     sync_every: int = 1
+    # What the teacher reads besides the problem (opsd/contexts/): solution | answer | none |
+    # other_problem | majority | contrastive, or a plug-in "module:attribute".
+    context: str = "solution"
+    # majority: the share of the group the majority answer needs (else the prompt is left out of
+    # the step's loss), and its hint: shortest (the shortest agreeing sample) | answer.
+    min_agreement: float = 0.5
+    majority_hint: str = "shortest"
+    # contrastive: how many wrong contexts, and where they come from: group (the prompt's samples
+    # the verifier graded wrong) | other_problems.
+    wrong_contexts: int = 4
+    wrong_from: str = "group"
+    # A plug-in context's own options (it reads them from here).
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,7 +286,7 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    algo: str = "opsd"  # opsd | grpo | sft | kd
+    algo: str = "opsd"  # opsd | grpo | sft | kd | contrastive, or a plug-in "module:attribute" (opsd/objectives/)
     run_dir: Optional[str] = None  # default runs/<timestamp>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -277,7 +306,6 @@ class Config:
 
 
 _CHOICES = {
-    "algo": ("opsd", "grpo", "sft", "kd"),
     "kd.source": ("reference", "teacher_samples"),
     "model.dtype": DTYPES,  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
@@ -285,6 +313,7 @@ _CHOICES = {
     "learner.zero_stage": (0, 1, 2, 3),
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
+    "loss.divergence_clip_mode": ("pointwise", "scale"),
     "loss.old_logprobs": ("learner", "rollout"),
     "teacher.mode": ("fixed", "live", "ema"),
     "cluster.device": ("cpu", "cuda"),
@@ -543,43 +572,45 @@ def _check_runtime(cfg: Config) -> None:
 
 
 def _check_objective(cfg: Config) -> None:
-    """What the objective needs of the samples, the loss and the teacher."""
-    ratio_on_rollout = (cfg.algo == "grpo" and cfg.loss.old_logprobs == "rollout") or (
-        cfg.algo == "opsd" and cfg.loss.objective == "sampled_token" and cfg.loss.is_clip is not None
-    )
-    if ratio_on_rollout and cfg.loss.temperature != 1.0:
-        raise ConfigError(
-            f"config key 'loss.temperature' = {cfg.loss.temperature} with an importance ratio on the rollout "
-            "logprobs (algo=grpo with loss.old_logprobs=rollout, or loss.is_clip): those are the policy's at "
-            "temperature 1, so the ratio would not be 1 on-policy; use loss.temperature=1"
-        )
-    if cfg.algo == "grpo" and cfg.loss.old_logprobs == "learner":
-        if cfg.loss.temperature != cfg.rollout.temperature:
+    """The objective (``algo``) and the teacher context are plug-ins, found through their registries;
+    each checks the combinations it cannot run."""
+    from opsd.contexts import context
+    from opsd.objectives import objective
+    from opsd.registry import RegistryError
+
+    try:
+        obj = objective(cfg.algo)
+        ctx = context(cfg.teacher.context) if obj.teacher(cfg) == "context" else None
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    obj.check(cfg)
+    if ctx is not None:
+        ctx.check(cfg)
+        if ctx.uses_samples and obj.responses(cfg) != "student":
             raise ConfigError(
-                f"config key 'loss.temperature' = {cfg.loss.temperature} with algo=grpo and loss.old_logprobs="
-                f"learner: the policy gradient is that of the sampler, so it must be rollout.temperature="
-                f"{cfg.rollout.temperature}"
+                f"teacher.context={cfg.teacher.context!r} is built from the student's samples, and algo={cfg.algo} "
+                "has none of the student's samples to build it from; use a context that does not read them "
+                "(solution, answer, none, other_problem)"
             )
-        if cfg.rollout.max_staleness > 0:
-            raise ConfigError(
-                f"config key 'rollout.max_staleness' = {cfg.rollout.max_staleness} with algo=grpo and "
-                "loss.old_logprobs=learner: stale rollouts would be treated as on-policy; set "
-                "loss.old_logprobs=rollout (the ratio then corrects for the older weights; loss.temperature=1) "
-                "or rollout.max_staleness=0"
-            )
-    if cfg.algo == "grpo" and cfg.loss.kl_coef > 0 and cfg.teacher.mode != "fixed":
-        raise ConfigError(
-            f"config key 'teacher.mode' = {cfg.teacher.mode!r} with algo=grpo and loss.kl_coef > 0: GRPO's KL "
-            "reference is the initial policy; use teacher.mode=fixed"
-        )
-    if cfg.algo == "kd" and cfg.loss.objective != "divergence":
-        raise ConfigError(
-            f"config key 'loss.objective' = {cfg.loss.objective!r} with algo=kd: the sampled-token objective is a "
-            "policy-gradient estimate that needs the student's own samples; off-policy distillation uses "
-            "loss.objective=divergence (any loss.beta and loss.support)"
-        )
-    if cfg.algo == "grpo" and cfg.rollout.n < 2:
-        raise ConfigError("config key 'rollout.n' must be >= 2 for algo=grpo (advantages are normalised per group)")
+    for key in ("loss.divergence_clip", "loss.position_weight_width"):
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
+    if not 0.0 <= cfg.loss.position_weight_min <= 1.0:
+        raise ConfigError(f"config key 'loss.position_weight_min' = {cfg.loss.position_weight_min}; expected 0..1")
+
+
+def dataset_needs(cfg: Config) -> dict[str, str]:
+    """What every training row must hold, and who needs it: {"solution": "teacher.context=solution"}."""
+    from opsd.contexts import context
+    from opsd.objectives import objective
+
+    obj = objective(cfg.algo)
+    needs = {field: f"algo={cfg.algo}" for field in obj.needs(cfg)}
+    if obj.teacher(cfg) == "context":
+        needs.update({f: f"teacher.context={cfg.teacher.context}" for f in context(cfg.teacher.context).needs(cfg)
+                      if f not in needs})
+    return needs
 
 
 def _check_transport(cfg: Config) -> None:
@@ -608,14 +639,19 @@ def actor_threads(num_threads: int | None, num_cpus: float) -> int:
 
 
 def uses_scorer(cfg: Config) -> bool:
-    """OPSD and KD score with the teacher; GRPO needs a scorer only as the frozen KL reference."""
-    return cfg.algo in ("opsd", "kd") or (cfg.algo == "grpo" and cfg.loss.kl_coef > 0)
+    """Whether the objective scores its samples with a teacher (OPSD, KD, contrastive) or a frozen
+    reference (GRPO's KL term)."""
+    from opsd.objectives import objective
+
+    return objective(cfg.algo).teacher(cfg) is not None
 
 
 def trains_on_references(cfg: Config) -> bool:
     """SFT, and KD from the reference solutions: the responses are the references, nothing is
     sampled."""
-    return cfg.algo == "sft" or (cfg.algo == "kd" and cfg.kd.source == "reference")
+    from opsd.objectives import objective
+
+    return objective(cfg.algo).responses(cfg) == "reference"
 
 
 def samples_per_prompt(cfg: Config) -> int:
@@ -623,15 +659,11 @@ def samples_per_prompt(cfg: Config) -> int:
 
 
 def distills(cfg: Config) -> bool:
-    """OPSD and KD: the loss matches the teacher's distribution (the teacher prompt is scored)."""
-    return cfg.algo in ("opsd", "kd")
+    """Whether the scorer reads the teacher context (OPSD, KD, contrastive), not the student's own
+    prompt (GRPO's frozen reference)."""
+    from opsd.objectives import objective
 
-
-def batch_targets(cfg: Config) -> str:
-    """What the scorer writes: ``topk`` when the loss reads the teacher's top-k (the divergence
-    objectives of OPSD and KD), else ``token``, the sampled token's log-probability alone (GRPO's
-    KL reference, OPSD's sampled-token objective), which skips the top-k and its columns."""
-    return "topk" if distills(cfg) and cfg.loss.objective == "divergence" else "token"
+    return objective(cfg.algo).teacher(cfg) == "context"
 
 
 def to_yaml(cfg: Config) -> str:

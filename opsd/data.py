@@ -34,7 +34,7 @@ class Problem:
     uid: str  # stable row id: "<source>:<row index from 0>" or the configured id column
     problem: str
     solution: str  # "" when loaded with require_solution=False and the row has none
-    answer: str
+    answer: str | None  # None when loaded with require_answer=False and the row has none
 
 
 def load_problems(
@@ -45,6 +45,8 @@ def load_problems(
     answer_key: str = "answer",
     id_key: str | None = None,
     require_solution: bool = True,
+    require_answer: bool = True,
+    needed_by: dict[str, str] | None = None,
 ) -> list[Problem]:
     """Read and validate every row of a problem set.
 
@@ -55,7 +57,59 @@ def load_problems(
     Ids come from the `id_key` column when the file has one (then every row needs one, and no
     two may be equal); when no row has that key, or `id_key` is None, a row's id is
     "<file stem>:<row index from 0>", the same on every run and resume of the same file.
+
+    A row without a solution (or without an answer) is an error only when ``require_solution``
+    (``require_answer``) says so; ``needed_by`` names who needs each (``{"solution":
+    "teacher.context=solution"}``), for the error. Answers are graded against, so a set has them
+    for every row or for none: one row without an answer among rows with one is an error anyway.
     """
+    rows, source, where = _read_rows(path)
+    if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):
+        id_key = None  # no id column: ids from the file and row
+    problems: list[Problem] = []
+    first_row_of_uid: dict[str, int] = {}
+    unanswered: list[str] = []  # where the rows without an answer are
+    for index, (row_no, row) in enumerate(rows):
+        at = f"{path}, {where} {row_no}"
+        if not isinstance(row, dict):
+            raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
+        problem = _text(row, problem_key, at)
+        why = {k: f" ({v} needs it)" for k, v in (needed_by or {}).items()}
+        if require_solution or not _is_blank(row.get(solution_key)):
+            solution = _text(row, solution_key, at, why.get("solution", ""))
+        else:
+            solution = ""
+        answer = None if row.get(answer_key) is None else _text(row, answer_key, at)
+        if answer is None:
+            answer = extract_boxed(solution) if solution else None
+            if (answer is None or not answer.strip()) and require_answer:
+                raise DataError(
+                    f"{at}: no answer: key {answer_key!r} is absent and the "
+                    f"{solution_key!r} field has no \\boxed{{...}} to take it from{why.get('answer', '')}"
+                )
+        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
+        if uid in first_row_of_uid:
+            raise DataError(
+                f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}"
+            )
+        first_row_of_uid[uid] = row_no
+        answer = answer.strip() if answer is not None and answer.strip() else None
+        if answer is None:
+            unanswered.append(at)
+        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer))
+    if not problems:
+        raise DataError(f"{path}: no rows")
+    if unanswered and len(unanswered) < len(problems):
+        raise DataError(
+            f"{unanswered[0]}: no answer: key {answer_key!r} is absent and the {solution_key!r} field has no "
+            f"\\boxed{{...}} to take it from, while other rows have one (a set has answers for every row or for none)"
+        )
+    return problems
+
+
+def _read_rows(path: str | Path) -> tuple[list[tuple[int, Any]], str, str]:
+    """(row number, row) of every row of a problem set, its source name for ids, and what a row is
+    called in errors ("line" or "row")."""
     path_str = str(path)
     split = None
     if "::" in path_str:
@@ -79,46 +133,15 @@ def load_problems(
         where = "row"
     else:
         raise DataError(f"{file}: unknown format {file.suffix!r}; expected {FORMATS}")
-
-    if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):
-        id_key = None  # no id column: ids from the file and row
-    problems: list[Problem] = []
-    first_row_of_uid: dict[str, int] = {}
-    for index, (row_no, row) in enumerate(rows):
-        at = f"{path}, {where} {row_no}"
-        if not isinstance(row, dict):
-            raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
-        problem = _text(row, problem_key, at)
-        if require_solution or not _is_blank(row.get(solution_key)):
-            solution = _text(row, solution_key, at)
-        else:
-            solution = ""
-        answer = None if row.get(answer_key) is None else _text(row, answer_key, at)
-        if answer is None:
-            answer = extract_boxed(solution) if solution else None
-            if answer is None or not answer.strip():
-                raise DataError(
-                    f"{at}: no answer: key {answer_key!r} is absent and the "
-                    f"{solution_key!r} field has no \\boxed{{...}} to take it from"
-                )
-        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
-        if uid in first_row_of_uid:
-            raise DataError(
-                f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}"
-            )
-        first_row_of_uid[uid] = row_no
-        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer.strip()))
-    if not problems:
-        raise DataError(f"{path}: no rows")
-    return problems
+    return rows, source, where
 
 
-def _text(row: dict, key: str, at: str) -> str:
+def _text(row: dict, key: str, at: str, why: str = "") -> str:
     value = row.get(key)
     if value is None:
         state = "is null" if key in row else "is missing"
         keys = ", ".join(repr(k) for k in row)
-        raise DataError(f"{at}: key {key!r} {state} (row has {keys})")
+        raise DataError(f"{at}: key {key!r} {state}{why} (row has {keys})")
     if not isinstance(value, str):
         got = f"{type(value).__name__} {value!r:.80}"
         raise DataError(f"{at}: key {key!r} must be a string, got {got}")

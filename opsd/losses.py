@@ -30,7 +30,7 @@ micro-batch loss by 1 / G accumulation steps (DeepSpeed's ``engine.backward`` do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-ALGOS = ("opsd", "grpo", "sft")
-OBJECTIVES = ("divergence", "sampled_token")
+OBJECTIVES = ("divergence", "sampled_token")  # loss.objective: the two forms of OPSD's loss
 SUPPORTS = ("topk", "topk_tail")
+CLIP_MODES = ("pointwise", "scale")
 
 
 def fp32_lm_head(head: torch.nn.Module) -> torch.nn.Module:
@@ -88,20 +88,33 @@ def _check_divergence_args(beta: float, support: str, temperature: float) -> Non
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _student_logprobs(logits: Tensor, temperature: float) -> Tensor:
+def student_logprobs(logits: Tensor, temperature: float) -> Tensor:
     logits = logits.to(_compute_dtype(logits.dtype))
     if temperature != 1.0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
 
 
-def _divergence_from_logprobs(
+def divergence_from_logprobs(
     logp: Tensor,  # [N, V] student log-softmax, temperature applied
     topk_ids: Tensor,  # [N, k]
     topk_logprobs: Tensor,  # [N, k] teacher, over the full vocabulary
     beta: float,
     support: str,
+    *,
+    clip: float | None = None,
+    clip_mode: str = "pointwise",
 ) -> Tensor:  # [N]
+    """The per-position divergence of :func:`token_divergence` from the student's log-softmax,
+    with the optional per-token divergence clip (``loss.divergence_clip``):
+
+    - ``pointwise`` (the OPSD authors' code, March 2026): each category's term of the sum is
+      capped at ``clip`` before the sum, sum_v min(d_v, clip), so a category whose term is over
+      the cap carries no gradient and the others keep theirs;
+    - ``scale``: the token's divergence D is capped at ``clip`` by scaling, D * min(1, clip / D) with
+      the factor held constant, so the token's gradient is scaled down to at most clip's worth
+      instead of removed (``loss.token_clip``, which caps D itself, removes it).
+    """
     dtype = logp.dtype
     floor = _log_floor(dtype)
     topk_ids = topk_ids.long()
@@ -127,12 +140,21 @@ def _divergence_from_logprobs(
         lt = torch.cat([lt, lt_tail], dim=-1)  # [N, k+1]
 
     ps, pt = ls.exp(), lt.exp()
+    pointwise = clip is not None and clip_mode == "pointwise"
     if beta == 0.0:
-        return (pt * (lt - ls)).sum(-1)
-    if beta == 1.0:
-        return (ps * (ls - lt)).sum(-1)
-    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))  # log m
-    return beta * (pt * (lt - lm)).sum(-1) + (1.0 - beta) * (ps * (ls - lm)).sum(-1)
+        terms = [pt * (lt - ls)]  # [N, k(+1)] each
+    elif beta == 1.0:
+        terms = [ps * (ls - lt)]
+    else:
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))  # log m
+        terms = [beta * (pt * (lt - lm)), (1.0 - beta) * (ps * (ls - lm))]
+    if pointwise:
+        terms = [sum(terms).clamp(max=clip)]
+    divergence = sum(t.sum(-1) for t in terms)
+    if clip is not None and clip_mode == "scale":
+        factor = (clip / divergence.detach().clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
+        divergence = divergence * factor
+    return divergence
 
 
 def token_divergence(
@@ -170,8 +192,8 @@ def token_divergence(
             f"expected student_logits [N, V] and topk_ids/topk_logprobs [N, k]; got "
             f"{tuple(student_logits.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_logprobs.shape)}"
         )
-    logp = _student_logprobs(student_logits, temperature)
-    return _divergence_from_logprobs(logp, topk_ids, topk_logprobs, beta, support)
+    logp = student_logprobs(student_logits, temperature)
+    return divergence_from_logprobs(logp, topk_ids, topk_logprobs, beta, support)
 
 
 def sampled_token_loss(
@@ -238,7 +260,7 @@ def grpo_advantages(
     return centred / (std[inv] + eps)
 
 
-def _grpo_terms(
+def grpo_terms(
     student_logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
@@ -275,7 +297,7 @@ def grpo_token_loss(
         loss = -min(r * A, clip(r, 1 - clip_low, 1 + clip_high) * A)
                + kl_coef * (exp(lp_ref - lp) - (lp_ref - lp) - 1)     (k3, when ref_logprobs given)
     """
-    loss, _ = _grpo_terms(
+    loss, _ = grpo_terms(
         student_logprobs, old_logprobs, advantages, clip_low, clip_high, ref_logprobs, kl_coef
     )
     return loss
@@ -284,7 +306,7 @@ def grpo_token_loss(
 def sft_token_loss(student_logits: Tensor, target_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """Cross-entropy ``-log softmax(logits / temperature)[target]`` per position, ``[N, V] -> [N]``.
     """
-    logp = _student_logprobs(student_logits, temperature)
+    logp = student_logprobs(student_logits, temperature)
     return -logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
 
 
@@ -305,12 +327,15 @@ def skip_first_mask(loss_mask: Tensor, n: int) -> Tensor:
 
 @dataclass(frozen=True)
 class LossSpec:
-    algo: str = "opsd"  # "opsd" | "grpo" | "sft"
-    objective: str = "divergence"  # opsd only: "divergence" | "sampled_token"
+    algo: str = "opsd"  # the objective (opsd.objectives.OBJECTIVES): opsd | grpo | sft | kd | contrastive | ...
+    objective: str = "divergence"  # opsd and kd: "divergence" | "sampled_token"
     beta: float = 0.5
     support: str = "topk"  # "topk" | "topk_tail"
     temperature: float = 1.0
     token_clip: float | None = None  # clamp each token's loss at this max (opsd)
+    # The per-token divergence clip (divergence_from_logprobs): None | c, "pointwise" | "scale".
+    divergence_clip: float | None = None
+    divergence_clip_mode: str = "pointwise"
     is_clip: float | None = None  # truncated importance ratio cap (opsd sampled_token)
     clip_low: float = 0.2  # grpo
     clip_high: float = 0.2  # grpo
@@ -320,14 +345,25 @@ class LossSpec:
     # fires on engine noise); "rollout": the sampler's logprobs (vLLM's, temperature 1), which
     # correct stale rollouts but carry the engines' mismatch.
     old_logprobs: str = "learner"
+    # contrastive (RLCSD): r = scale * tanh(e / tau), used where |r| > threshold
+    contrast_tau: float = 0.02
+    contrast_scale: float = 0.5
+    contrast_threshold: float = 0.02
     chunk_size: int = 1024  # positions per chunk
 
     def __post_init__(self) -> None:
-        if self.algo not in ALGOS:
-            raise ValueError(f"loss.algo must be one of {ALGOS}, got {self.algo!r}")
+        from opsd.objectives import objective
+        from opsd.registry import RegistryError
+
+        try:
+            objective(self.algo)
+        except RegistryError as exc:
+            raise ValueError(f"loss.algo: {exc}") from None
         if self.objective not in OBJECTIVES:
             raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         _check_divergence_args(self.beta, self.support, self.temperature)
+        if self.divergence_clip_mode not in CLIP_MODES:
+            raise ValueError(f"loss.divergence_clip_mode must be one of {CLIP_MODES}, got {self.divergence_clip_mode!r}")
         if self.old_logprobs not in ("learner", "rollout"):
             raise ValueError(f"loss.old_logprobs must be 'learner' or 'rollout', got {self.old_logprobs!r}")
         if self.chunk_size < 1:
@@ -339,13 +375,27 @@ class TokenTargets:
     """One row per loss position, already flattened and masked by the learner."""
 
     sampled_ids: Tensor  # [N] long, the response token at each position
-    weight: Tensor  # [N] float, 1.0 for loss tokens (0 allowed)
+    weight: Tensor  # [N] float, 1.0 for loss tokens (0 allowed): what the statistics count
     topk_ids: Tensor | None = None  # [N, k]
     topk_logprobs: Tensor | None = None  # [N, k]
     teacher_logprobs: Tensor | None = None  # [N]
     rollout_logprobs: Tensor | None = None  # [N]
     advantages: Tensor | None = None  # [N]
     ref_logprobs: Tensor | None = None  # [N]
+    # [N] a factor on each token's loss that the statistics do not count (loss.position_weight)
+    scale: Tensor | None = None
+    # [N, ...] inputs of an objective's own (by name), e.g. the contrastive credit
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Tensor | None]:
+        """Every per-position tensor by name, the extra ones included."""
+        found = {name: getattr(self, name) for name in _TARGET_FIELDS}
+        return {**found, **self.extra}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Tensor | None]) -> "TokenTargets":
+        own = {k: v for k, v in fields.items() if k in _TARGET_FIELDS}
+        return cls(**own, extra={k: v for k, v in fields.items() if k not in _TARGET_FIELDS and v is not None})
 
 
 _TARGET_FIELDS = (
@@ -357,30 +407,17 @@ _TARGET_FIELDS = (
     "rollout_logprobs",
     "advantages",
     "ref_logprobs",
+    "scale",
 )
 
 
-def _required(spec: LossSpec) -> tuple[str, ...]:
-    if spec.algo == "opsd" and spec.objective == "divergence":
-        return ("topk_ids", "topk_logprobs")
-    if spec.algo == "opsd":
-        return ("teacher_logprobs",)
-    if spec.algo == "grpo":
-        return ("advantages",)
-    return ()
+def _stat_names(spec: LossSpec, present: set[str]) -> list[str]:
+    from opsd.objectives import objective
 
-
-def _stat_names(spec: LossSpec, targets: TokenTargets) -> list[str]:
     names = ["loss_sum", "tokens", "entropy_sum"]
-    if targets.teacher_logprobs is not None:
+    if "teacher_logprobs" in present:
         names.append("kl_sampled_sum")
-    if spec.algo == "grpo" or (spec.algo == "opsd" and spec.token_clip is not None):
-        names.append("clipped_tokens")
-    if spec.algo == "grpo" and targets.rollout_logprobs is not None:
-        # The sampler against this learner, both at temperature 1: mean |logp_vllm - logp_learner|,
-        # and the tokens a ratio taken against the sampler's logprobs would clip.
-        names += ["mismatch_sum", "rollout_clipped_tokens"]
-    return names
+    return names + objective(spec.algo).stat_names(spec, present)
 
 
 def _chunk_loss(
@@ -390,42 +427,15 @@ def _chunk_loss(
     hidden: Tensor,  # [n, H]
     t: dict[str, Tensor | None],  # TokenTargets fields sliced to the chunk
 ) -> tuple[Tensor, Tensor]:  # (sum of weight * loss, stats [len(names)])
+    from opsd.objectives import objective
+
     logits = head(hidden)
-    logp = _student_logprobs(logits, spec.temperature)  # [n, V]
+    logp = student_logprobs(logits, spec.temperature)  # [n, V]
     lp_sampled = logp.gather(-1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)  # [n]
-    clipped = None
-
-    if spec.algo == "opsd" and spec.objective == "divergence":
-        loss = _divergence_from_logprobs(
-            logp, t["topk_ids"], t["topk_logprobs"], spec.beta, spec.support
-        )
-    elif spec.algo == "opsd":
-        loss = sampled_token_loss(
-            lp_sampled, t["teacher_logprobs"], t["rollout_logprobs"], is_clip=spec.is_clip
-        )
-    elif spec.algo == "grpo":
-        # The learner's own log-probs as the old policy: one update per batch, so they are those
-        # of this very forward and the ratio is exactly 1 (the plain policy gradient).
-        use_rollout = spec.old_logprobs == "rollout" and t["rollout_logprobs"] is not None
-        old = t["rollout_logprobs"] if use_rollout else lp_sampled.detach()
-        loss, clipped = _grpo_terms(
-            lp_sampled,
-            old,
-            t["advantages"],
-            spec.clip_low,
-            spec.clip_high,
-            t["ref_logprobs"],
-            spec.kl_coef,
-        )
-    else:
-        loss = -lp_sampled
-
-    if spec.algo == "opsd" and spec.token_clip is not None:
-        clipped = loss > spec.token_clip
-        loss = loss.clamp(max=spec.token_clip)
-
+    loss, parts = objective(spec.algo).loss(spec, logits, logp, lp_sampled, t)
     w = t["weight"].to(loss.dtype)  # [n]
-    loss_sum = (w * loss).sum()
+    scaled = loss if t.get("scale") is None else loss * t["scale"].to(loss.dtype)
+    loss_sum = (w * scaled).sum()
     with torch.no_grad():
         values = {
             "loss_sum": loss_sum.detach(),
@@ -435,16 +445,8 @@ def _chunk_loss(
         if "kl_sampled_sum" in names:
             gap = t["teacher_logprobs"].to(loss.dtype) - lp_sampled
             values["kl_sampled_sum"] = (w * gap).sum()
-        if "clipped_tokens" in names:
-            values["clipped_tokens"] = (w * clipped.to(loss.dtype)).sum()
-        if "mismatch_sum" in names:
-            at_one = lp_sampled if spec.temperature == 1.0 else _student_logprobs(logits, 1.0).gather(
-                -1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)
-            rollout = t["rollout_logprobs"].to(at_one.dtype)
-            values["mismatch_sum"] = (w * (rollout - at_one).abs()).sum()
-            ratio = torch.exp(at_one - rollout)
-            outside = (ratio < 1.0 - spec.clip_low) | (ratio > 1.0 + spec.clip_high)
-            values["rollout_clipped_tokens"] = (w * outside.to(loss.dtype)).sum()
+        for name, per_token in parts.items():
+            values[name] = (w * per_token.to(loss.dtype)).sum()
         stats = torch.stack([values[k] for k in names])
     return loss_sum, stats
 
@@ -483,28 +485,31 @@ def chunked_loss(
     Each chunk runs under non-reentrant activation checkpointing, so nothing of width V is kept
     between the forward and the backward pass; peak memory is O(chunk_size x V), not O(N x V).
     """
+    from opsd.objectives import objective
+
     if not normalizer > 0:
         raise ValueError(f"chunked_loss: normalizer must be > 0, got {normalizer}")
     n_pos = hidden.shape[0]
-    fields = {name: getattr(targets, name) for name in _TARGET_FIELDS}
+    fields = targets.fields()
     for name, value in fields.items():
         if value is not None and value.shape[0] != n_pos:
             raise ValueError(
                 f"TokenTargets.{name} has {value.shape[0]} rows, hidden has {n_pos} positions"
             )
-    missing = [name for name in _required(spec) if fields[name] is None]
+    missing = [name for name in objective(spec.algo).fields(spec) if fields.get(name) is None]
     if missing:
         raise ValueError(
             f"loss algo={spec.algo!r} objective={spec.objective!r} needs TokenTargets fields "
             f"{missing}, which are None"
         )
-    names = _stat_names(spec, targets)
+    names = _stat_names(spec, {k for k, v in fields.items() if v is not None})
     if n_pos == 0:
         # Still part of the graph, so an engine that expects every rank to call backward can.
         return hidden.sum() * 0.0, {k: 0.0 for k in names}
+    keys = list(fields)
 
     def run(h: Tensor, *chunk_fields: Tensor | None) -> tuple[Tensor, Tensor]:
-        return _chunk_loss(head, spec, names, h, dict(zip(_TARGET_FIELDS, chunk_fields)))
+        return _chunk_loss(head, spec, names, h, dict(zip(keys, chunk_fields)))
 
     total = None
     chunk_stats = []

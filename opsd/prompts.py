@@ -1,6 +1,9 @@
-"""Student and teacher prompts as token ids, built once per problem from the chat template.
+"""Student and teacher prompts as token ids, from the chat template.
 
-The student's context holds the problem only; the teacher's also holds the reference solution.
+The student's context holds the problem only; the teacher's also holds what the teacher context
+(opsd/contexts/) gives it, by default the reference solution. A context that does not read the
+student's samples is built once per problem here; one that does is built after each rollout
+(launch/pipeline.py), through the same templates.
 The response the student sampled is appended to either context as the very same ids: nothing
 here decodes a response and encodes it again, which could change its tokenisation and put the
 teacher's targets at the wrong positions.
@@ -9,11 +12,12 @@ teacher's targets at the wrong positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from opsd.config import PromptConfig
+from opsd.contexts.base import Templates
 from opsd.data import Problem
 
 
@@ -25,8 +29,8 @@ class PromptTooLongError(ValueError):
 class PromptPair:
     uid: str
     student_ids: list[int]
-    teacher_ids: list[int]
-    answer: str
+    teacher_ids: list[int] | None  # None: the teacher's context is built per step from the samples
+    answer: str | None  # None: the dataset has no answer (nothing is graded)
 
 
 def _template_ids(tokenizer: Any, messages: list[dict], *, thinking: bool) -> list[int]:
@@ -63,33 +67,46 @@ class PromptBuilder:
         )
         return [{"role": "user", "content": content}]
 
+    def templates(self) -> Templates:
+        return Templates(self.student_messages, self.teacher_messages)
+
     def student_ids(self, problem: str) -> list[int]:
         return _template_ids(self.tokenizer, self.student_messages(problem), thinking=self.cfg.student_thinking)
 
     def teacher_ids(self, problem: str, solution: str) -> list[int]:
-        return _template_ids(
-            self.tokenizer, self.teacher_messages(problem, solution), thinking=self.cfg.teacher_thinking
-        )
+        return self.teacher_context_ids(self.teacher_messages(problem, solution))
 
-    def build(self, problems: Sequence[Problem], *, source: str = "") -> tuple[list[PromptPair], list[str]]:
+    def teacher_context_ids(self, messages: list[dict]) -> list[int]:
+        """A teacher context's messages (opsd/contexts/) as token ids."""
+        return _template_ids(self.tokenizer, messages, thinking=self.cfg.teacher_thinking)
+
+    @property
+    def prompt_limit(self) -> int:
+        """The most tokens a prompt may have: prompt.max_prompt_len, and room for the response."""
+        return min(self.cfg.max_prompt_len, self.max_model_len - self.max_new_tokens)
+
+    def build(self, problems: Sequence[Problem], *, source: str = "",
+              teacher: Callable[[Problem], list[dict] | None] | None = None) -> tuple[list[PromptPair], list[str]]:
         """Prompts for each problem; returns (pairs, uids skipped as over-long).
 
-        With ``prompt.overlong=error`` an over-long prompt raises :class:`PromptTooLongError`
-        naming the row; with ``skip`` it is left out and its uid returned.
+        ``teacher(problem)`` gives the teacher's messages (None: no teacher prompt now); by default
+        the reference solution in the configured template. With ``prompt.overlong=error`` an
+        over-long prompt raises :class:`PromptTooLongError` naming the row; with ``skip`` it is left
+        out and its uid returned.
         """
         pairs: list[PromptPair] = []
         skipped: list[str] = []
-        budget = self.max_model_len - self.max_new_tokens
         for p in problems:
             s_ids = self.student_ids(p.problem)
-            t_ids = self.teacher_ids(p.problem, p.solution)
-            limit = min(self.cfg.max_prompt_len, budget)
-            worst = max(len(s_ids), len(t_ids))
+            messages = self.teacher_messages(p.problem, p.solution) if teacher is None else teacher(p)
+            t_ids = None if messages is None else self.teacher_context_ids(messages)
+            limit = self.prompt_limit
+            worst = max(len(s_ids), len(t_ids or ()))
             if worst > limit:
                 if self.cfg.overlong == "skip":
                     skipped.append(p.uid)
                     continue
-                which = "teacher" if len(t_ids) >= len(s_ids) else "student"
+                which = "teacher" if len(t_ids or ()) >= len(s_ids) else "student"
                 raise PromptTooLongError(
                     f"{source + ': ' if source else ''}row {p.uid}: the {which} prompt has {worst} tokens, more than "
                     f"{limit} (prompt.max_prompt_len={self.cfg.max_prompt_len}, model.max_model_len="

@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 
-__all__ = ["EXTRACTORS", "extract_answer", "extract_boxed", "extract_last_number", "is_equivalent", "score_response"]
+__all__ = ["EXTRACTORS", "extract_answer", "extract_boxed", "extract_last_number", "is_equivalent", "normalise_answer",
+           "score_response"]
 
 # `\boxed` and `\fbox`, but not a longer command that starts the same way (`\boxedfoo`).
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -150,8 +151,8 @@ def _equivalent(pred: str, gold: str, *, stage_timeout_s: int | None) -> bool:
     if not gold_parsed or not pred_parsed:
         # Nothing extracted at all (empty or brace soup): the only evidence left is the text,
         # and two blanks agreeing is no evidence.
-        norm_pred = _normalise(pred)
-        return bool(norm_pred) and norm_pred == _normalise(gold)
+        norm_pred = normalise_answer(pred)
+        return bool(norm_pred) and norm_pred == normalise_answer(gold)
     # Gold goes first: math-verify is asymmetric (an equation "x=5" in gold accepts "5").
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=stage_timeout_s))
 
@@ -161,7 +162,9 @@ _SIZING_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
 _SPACING_RE = re.compile(r"\\[ ,;:!]|~")
 
 
-def _normalise(answer: str) -> str:
+def normalise_answer(answer: str) -> str:
+    """An answer as written, minus what does not change it: text wrappers, \\dfrac, \\left/\\right,
+    spacing commands, dollars, whitespace, a final period, case."""
     s = answer
     while True:
         unwrapped = _TEXT_WRAPPER_RE.sub(r"\1", s)

@@ -23,9 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from opsd.batch import batch_meta, from_ipc_bytes, to_ipc_bytes
+from opsd.batch import batch_meta, contexts_of, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
+from opsd.objectives import objective
+from opsd.objectives.base import FIELD_SHAPES
 from opsd.prompts import pad_right
 from opsd.dtypes import torch_dtype
 from opsd.workers.deepspeed_compat import check_version, load_checkpoints_as_tensors, optimizer_step_skipped
@@ -38,11 +40,53 @@ from opsd.workers.transports.base import (
 def loss_spec(cfg: Config) -> LossSpec:
     lc = cfg.loss
     return LossSpec(
-        # KD's loss is OPSD's: the same targets, along sequences the student did not sample.
-        algo="opsd" if cfg.algo == "kd" else cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
-        token_clip=lc.token_clip, is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high,
-        kl_coef=lc.kl_coef, old_logprobs=lc.old_logprobs, chunk_size=lc.chunk_size,
+        algo=cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
+        token_clip=lc.token_clip, divergence_clip=lc.divergence_clip, divergence_clip_mode=lc.divergence_clip_mode,
+        is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high, kl_coef=lc.kl_coef,
+        old_logprobs=lc.old_logprobs, contrast_tau=lc.contrast_tau, contrast_scale=lc.contrast_scale,
+        contrast_threshold=lc.contrast_threshold, chunk_size=lc.chunk_size,
     )
+
+
+def position_weights(lengths: list[int], *, low: float, center: float, width: float) -> np.ndarray:
+    """PW-OPSD's weight of every response token, rows after one another: w = low + (1 - low) *
+    sigmoid((f - center) / width), f = (i - 0.5) / T the token's relative position in its row's
+    response (i from 1, T its length)."""
+    f = np.concatenate([(np.arange(1, t + 1) - 0.5) / t for t in lengths]) if lengths else np.zeros(0)
+    return low + (1.0 - low) / (1.0 + np.exp(-(f - center) / width))
+
+
+class BatchColumns:
+    """A batch's columns at the loss positions of some of its rows, as an objective reads them
+    (opsd/objectives/base.py): flattened over rows, one entry per loss position. A named context
+    that does not apply to a row reads as NaN there."""
+
+    def __init__(self, sub: pa.Table, keep: np.ndarray, lengths: list[int], table: pa.Table):
+        self.sub, self.keep, self.lengths = sub, keep, lengths
+        self.has_teacher = batch_meta(table)["opsd.teacher_mode"] != "none"
+        self.contexts = list(contexts_of(table))
+
+    def column(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self.sub.column_names:
+            context = f" (the teacher context {name.split(':', 1)[1]!r})" if ":" in name else ""
+            raise ValueError(f"the batch has no column {name!r}{context}, which the objective reads")
+        col = self.sub.column(name).combine_chunks()
+        if col.null_count:  # a named context absent from some rows: NaN per token there
+            rows = [np.full((t,) + _trailing(col.type), np.nan) if v is None else np.asarray(v, dtype=np.float64)
+                    for v, t in zip(col.to_pylist(), self.lengths)]
+            arr = np.concatenate(rows) if rows else np.zeros(0)
+        else:
+            values = col.flatten()
+            if pa.types.is_fixed_size_list(values.type):
+                arr = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, values.type.list_size)
+            else:
+                arr = values.to_numpy(zero_copy_only=False)
+        return torch.as_tensor(np.ascontiguousarray(arr[self.keep]), dtype=dtype)
+
+
+def _trailing(list_type: pa.DataType) -> tuple[int, ...]:
+    inner = list_type.value_type
+    return (inner.list_size,) if pa.types.is_fixed_size_list(inner) else ()
 
 
 def balanced_shards(lengths: list[int], world_size: int) -> list[list[int]]:
@@ -233,6 +277,7 @@ class LearnerRank:
         self.device = self.engine.device
         self.gas = micro_batches_per_rank(self.cfg)
         self.spec = loss_spec(self.cfg)
+        self.objective = objective(self.cfg.algo)
         self.senders: dict[str, WeightSender] = {}  # rank 0: one per transport it has pushed through
         # Weights travel in the serving dtype (the fp32 master copy stays in the optimizer).
         self.push_dtype = torch_dtype(self.cfg.model.dtype)
@@ -253,7 +298,7 @@ class LearnerRank:
 
     def _targets(self, table: pa.Table, rows: list[int], advantages: list[float] | None) -> dict:
         """Inputs and flattened per-loss-token targets for the given rows of this rank's table;
-        ``advantages`` are per row of that table."""
+        ``advantages`` are per row of that table. What the loss reads is the objective's to say."""
         sub = table.take(pa.array(rows, pa.int64()))
         prompts = _column(sub, "prompt_ids")
         responses = _column(sub, "response_ids")
@@ -267,49 +312,27 @@ class LearnerRank:
             sel_cols.append(pos)
             keep_flat.append(m)
         keep = np.concatenate(keep_flat) if keep_flat else np.zeros(0, bool)
-
-        def flat(name: str, dtype: torch.dtype) -> torch.Tensor:
-            col = sub.column(name).combine_chunks()
-            values = col.flatten()
-            if pa.types.is_fixed_size_list(values.type):
-                k = values.type.list_size
-                arr = values.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
-            else:
-                arr = values.to_numpy(zero_copy_only=False)
-            return torch.as_tensor(np.ascontiguousarray(arr[keep]), dtype=dtype)
-
-        has_teacher = batch_meta(table)["opsd.teacher_mode"] != "none"
-        algo = self.spec.algo
-        t = TokenTargets(
-            sampled_ids=flat("response_ids", torch.long),
-            weight=torch.ones(int(keep.sum()), dtype=torch.float32),
-            # Behaviour logprobs enter through an importance ratio (OPSD's sampled-token objective
-            # when loss.is_clip is set; GRPO with loss.old_logprobs=rollout) or, for GRPO, only
-            # into the engine-mismatch statistics.
-            rollout_logprobs=flat("rollout_logprobs", torch.float32) if self._uses_ratio() else None,
-        )
-        if has_teacher:
-            # For OPSD the scorer is the teacher; for GRPO it is the frozen reference policy,
-            # whose sampled-token logprobs also give kl_sampled (the KL to the reference).
-            t.teacher_logprobs = flat("teacher_token_logprobs", torch.float32)
-            if algo == "opsd" and self.spec.objective == "divergence":
-                t.topk_ids = flat("teacher_topk_ids", torch.long)
-                t.topk_logprobs = flat("teacher_topk_logprobs", torch.float32)
-            elif algo == "grpo":
-                t.ref_logprobs = t.teacher_logprobs
+        batch = BatchColumns(sub, keep, [len(r) for r in responses], table)
+        fields = {"sampled_ids": batch.column("response_ids", torch.long),
+                  "weight": torch.ones(int(keep.sum()), dtype=torch.float32),
+                  **self.objective.inputs(self.spec, batch)}
         if advantages is not None:
             per_row = [np.full(int(np.sum(m)), advantages[i]) for i, m in zip(rows, keep_flat)]
-            t.advantages = torch.as_tensor(np.concatenate(per_row) if per_row else np.zeros(0), dtype=torch.float32)
+            fields["advantages"] = torch.as_tensor(np.concatenate(per_row) if per_row else np.zeros(0),
+                                                   dtype=torch.float32)
+        lc = self.cfg.loss
+        if lc.position_weight:
+            w = position_weights([len(r) for r in responses], low=lc.position_weight_min,
+                                 center=lc.position_weight_center, width=lc.position_weight_width)
+            fields["scale"] = torch.as_tensor(w[keep], dtype=torch.float32)
         return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
-                "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int), "targets": t}
-
-    def _uses_ratio(self) -> bool:
-        return self.spec.algo == "grpo" or (self.spec.objective == "sampled_token" and self.spec.is_clip is not None)
+                "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int),
+                "targets": TokenTargets.from_fields(fields)}
 
     def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)
         t = inputs["targets"]
-        t = TokenTargets(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in vars(t).items()})
+        t = TokenTargets.from_fields({k: (v.to(self.device) if v is not None else v) for k, v in t.fields().items()})
         return self.engine(
             ids.to(self.device), mask.to(self.device), torch.as_tensor(inputs["rows"]).to(self.device),
             torch.as_tensor(inputs["cols"]).to(self.device), t, normalizer, pad_to,
@@ -317,21 +340,15 @@ class LearnerRank:
 
     def _empty_micro_batch(self) -> dict:
         """One pad token with zero weight: keeps every rank's collective calls in step."""
-        t = TokenTargets(sampled_ids=torch.zeros(1, dtype=torch.long), weight=torch.zeros(1))
         k = self.cfg.scorer.topk
-        if self.spec.algo == "opsd":
-            if self.spec.objective == "divergence":
-                t.topk_ids = torch.zeros(1, k, dtype=torch.long)
-                t.topk_logprobs = torch.full((1, k), -math.log(k))
-            t.teacher_logprobs = torch.zeros(1)
-            t.rollout_logprobs = torch.zeros(1) if self._uses_ratio() else None
-        if self.spec.algo == "grpo":
-            t.rollout_logprobs = torch.zeros(1)
-            t.advantages = torch.zeros(1)
-            if self.cfg.loss.kl_coef > 0:
-                t.ref_logprobs = torch.zeros(1)
-                t.teacher_logprobs = torch.zeros(1)
-        return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int), "targets": t}
+        fields = {"sampled_ids": torch.zeros(1, dtype=torch.long), "weight": torch.zeros(1)}
+        for name in self.objective.fields(self.spec):
+            shape, dtype = FIELD_SHAPES.get(name, ((), torch.float32))
+            fields[name] = torch.zeros((1, *(k if d == "k" else d for d in shape)), dtype=dtype)
+        if "topk_logprobs" in fields:
+            fields["topk_logprobs"].fill_(-math.log(k))  # a valid (uniform) distribution: nothing turns NaN
+        return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int),
+                "targets": TokenTargets.from_fields(fields)}
 
     @contextmanager
     def _changing_weights(self) -> Iterator[None]:
@@ -613,19 +630,20 @@ class PolicyLoss(torch.nn.Module):
 
 
 def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch.Tensor, TokenTargets]:
-    """Append zero-weight positions up to ``n`` (valid values, so nothing turns NaN)."""
+    """Append zero-weight positions up to ``n`` (valid values, so nothing turns NaN: a uniform
+    top-k)."""
     extra = n - hidden.shape[0]
     hidden = torch.cat([hidden, hidden.new_zeros(extra, hidden.shape[1])])
     padded = {}
-    for name, v in vars(t).items():
-        if not isinstance(v, torch.Tensor):
+    for name, v in t.fields().items():
+        if v is None:
             padded[name] = v
             continue
         fill = torch.zeros((extra, *v.shape[1:]), dtype=v.dtype, device=v.device)
         if name == "topk_logprobs":
             fill.fill_(-math.log(v.shape[1]))
         padded[name] = torch.cat([v, fill])
-    return hidden, TokenTargets(**padded)
+    return hidden, TokenTargets.from_fields(padded)
 
 
 class LearnerGroup:
@@ -696,7 +714,7 @@ class LearnerGroup:
 
         c = self.cfg.learner
         plans = plan_ranks(table, world_size=len(self.ranks), micro_batch_size=c.micro_batch_size,
-                           micro_batches=micro_batches_per_rank(self.cfg), grpo=self.cfg.algo == "grpo",
+                           micro_batches=micro_batches_per_rank(self.cfg), grpo=objective(self.cfg.algo).groups,
                            zero3=c.zero_stage == 3)
         parts = [ray.put(to_ipc_bytes(table.take(pa.array(p.rows, pa.int64())))) for p in plans]
         return [r.train_step.remote(part, plan) for r, part, plan in zip(self.ranks, parts, plans)]

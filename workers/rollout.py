@@ -131,7 +131,7 @@ class RolloutWorker:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                reward = None if answers is None else score_response(c.text, answers[i], extract)
+                reward = None if answers is None or answers[i] is None else score_response(c.text, answers[i], extract)
                 samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, reward))
             result.append(samples)
         return result

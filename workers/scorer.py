@@ -1,6 +1,9 @@
 """ScorerWorker: teacher-context forward passes that turn rollouts into an Arrow batch.
 
-The teacher sees teacher_prompt_ids + response_ids. Its logits at the positions that predict the
+The teacher sees teacher_prompt_ids + response_ids, and, for an objective that reads several
+teacher contexts (a contrastive teacher's wrong ones), each other context's prompt + the same
+response. Which contexts and which targets (top-k, or the sampled token's log-probability alone)
+come from the objective's and the context's declarations (opsd.objectives.scored_contexts). Its logits at the positions that predict the
 response tokens, divided by the loss temperature, give the top-k targets and the sampled token's
 log-probability. Rows are scored in padded micro-batches capped by a token budget.
 """
@@ -14,9 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from opsd.config import Config, actor_threads, batch_targets
+from opsd.config import Config, actor_threads
 from opsd.dtypes import torch_dtype
 from opsd.losses import fp32_lm_head
+from opsd.objectives import PRIMARY, scored_contexts
 from opsd.prompts import pad_right
 from opsd.workers.transports import Receivers
 from opsd.workers.transports.base import (
@@ -59,8 +63,10 @@ class ScorerWorker:
             fp32_lm_head(self.model.get_output_embeddings())
         self.cfg = cfg
         self.k = cfg.scorer.topk
-        # Whether the loss reads the teacher's top-k; if not, only the sampled token's logprob.
-        self.targets = batch_targets(cfg)
+        # Per named context: whether the loss reads the teacher's top-k, or only the sampled
+        # token's logprob (which skips the top-k and its columns).
+        self.contexts = scored_contexts(cfg)
+        self.targets = self.contexts.get(PRIMARY, "token")
         self.temperature = cfg.loss.temperature
         self.mode = cfg.teacher.mode
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -80,10 +86,12 @@ class ScorerWorker:
 
     @torch.no_grad()
     def teacher_targets(
-        self, contexts: list[list[int]], responses: list[list[int]]
+        self, contexts: list[list[int]], responses: list[list[int]], targets: str | None = None
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]; the
-        first two are None when the loss does not read them (``self.targets == "token"``)."""
+        first two are None when the loss does not read them (``targets`` "token"; default: the
+        primary context's)."""
+        targets = targets or self.targets
         out: list = [None] * len(contexts)
         full = [list(c) + list(r) for c, r in zip(contexts, responses)]
         decoder = self.model.get_decoder()
@@ -104,10 +112,10 @@ class ScorerWorker:
             sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [N, H]
             sampled = torch.cat([torch.as_tensor(responses[i], dtype=torch.long) for i in group]).to(self.device)
             # Project to the vocabulary a chunk of positions at a time: [chunk, V] logits, not [N, V].
-            parts = [self._targets_for(sel[c : c + chunk], sampled[c : c + chunk], head)
+            parts = [self._targets_for(sel[c : c + chunk], sampled[c : c + chunk], head, targets)
                      for c in range(0, sel.shape[0], chunk)]
             tok_lp = torch.cat([p[2] for p in parts])
-            topk = self.targets == "topk"
+            topk = targets == "topk"
             if topk:
                 top_ids, top_lp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             offset = 0
@@ -122,9 +130,10 @@ class ScorerWorker:
                 offset += t
         return out
 
-    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head) -> tuple[torch.Tensor | None, ...]:
+    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head,
+                     targets: str) -> tuple[torch.Tensor | None, ...]:
         logits = head(hidden).float() / self.temperature  # [n, V]
-        if self.targets == "token":
+        if targets == "token":
             # The sampled token's logprob alone: no [n, V] log-softmax kept, no top-k.
             tok = logits.gather(-1, sampled[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
             return None, None, tok
@@ -135,15 +144,23 @@ class ScorerWorker:
     def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
         """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC
         stream bytes)."""
-        from opsd.batch import build_batch, to_ipc_bytes
+        from opsd.batch import ContextScores, build_batch, to_ipc_bytes
 
         require_version(self.version, expect_version, "scorer")
-        targets = self.teacher_targets([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples])
+        responses = [s.response_ids for s in samples]
+        targets = self.teacher_targets([s.teacher_prompt_ids for s in samples], responses)
         scored = [dataclasses.replace(s, teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
-                                      teacher_version=self.version)
+                                      teacher_version=self.version, others={})
                   for s, (ids, lps, tok) in zip(samples, targets)]
+        others = {name: t for name, t in self.contexts.items() if name != PRIMARY}
+        for name, kind in others.items():
+            prompts = {i: s.others[name].prompt_ids for i, s in enumerate(samples)
+                       if name in s.others and s.others[name].prompt_ids is not None}
+            found = self.teacher_targets(list(prompts.values()), [responses[i] for i in prompts], kind)
+            for i, (ids, lps, tok) in zip(prompts, found):
+                scored[i].others[name] = ContextScores(prompts[i], tok, ids, lps)
         table = build_batch(scored, k=self.k, temperature=self.temperature, teacher_mode=self.mode,
-                            targets=self.targets)
+                            targets=self.targets, contexts=others)
         return to_ipc_bytes(table)
 
     @torch.no_grad()

@@ -508,8 +508,7 @@ def test_chunked_loss_global_token_mean_over_uneven_micro_batches():
     g_hidden, g_weight = torch.autograd.grad(full, (hidden, head.weight))
 
     def slice_targets(sl):
-        fields = targets.__dict__.items()
-        return TokenTargets(**{k: None if v is None else v[sl] for k, v in fields})
+        return TokenTargets.from_fields({k: None if v is None else v[sl] for k, v in targets.fields().items()})
 
     def accumulate(normalizer_of):
         hidden.grad = None

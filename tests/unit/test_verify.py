@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from opsd.verify import _normalise, extract_answer, extract_boxed, is_equivalent, score_response
+from opsd.verify import extract_answer, normalise_answer as _normalise, extract_boxed, is_equivalent, score_response
 
 # (prediction, gold) pairs that mean the same number / object.
 EQUIVALENT = [
