@@ -304,7 +304,7 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommands (shared by ``opsd bench`` and ``python -m opsd.benchmarks.bench``)."""
-    from opsd.benchmarks.comparison import METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
+    from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS  # no torch: `opsd --help` stays fast
     from opsd.benchmarks.sync import TRANSPORTS as SYNC_TRANSPORTS
 
     sub = p.add_subparsers(dest="bench", required=True)
@@ -403,7 +403,7 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 def run(args: argparse.Namespace) -> dict:
     if args.bench == "learning" and args.task == "smollm2":
-        from opsd.benchmarks.comparison import METHODS as COMPARISON_METHODS
+        from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
         from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)

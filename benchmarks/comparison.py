@@ -18,6 +18,20 @@ the same number of optimizer steps on the same number of rows per step, through
     kd_reference     off-policy distillation: the teacher's targets along the reference solution
     kd_samples       off-policy distillation: along samples drawn from the teacher prompt
 
+and the teacher contexts and loss shapings of OPSD's successors (issue 23), each otherwise the
+recipe of opsd_fixed:
+
+    opsd_answer      the teacher reads the final answer only (teacher.context=answer)
+    opsd_none        the teacher reads nothing more than the student (teacher.context=none)
+    opsd_other       the teacher reads another problem's worked solution (other_problem, OP²SD)
+    opsd_majority    solution-free: the majority of the student's own 8 samples of the prompt, on
+                     the training set with its solutions and answers removed (majority, U-OPSD);
+                     2 prompts x 8 samples per step, as GRPO
+    contrastive      RLCSD: GRPO's advantage moved by the teacher's contrast between the correct
+                     hint and 4 wrong samples of the prompt; 2 prompts x 8 samples, as GRPO
+    opsd_shaped      the reference solution with PW-OPSD's position weights and the OPSD authors'
+                     per-token divergence clip (pointwise, 0.05)
+
 Resumable in chunks: each finished (method, seed) run writes ``<out>/runs/<method>-s<seed>.json``;
 a rerun skips those, redraws the report (``comparison.json``, ``comparison.png``,
 ``comparison.md``) and goes on with the rest. ``--budget-minutes`` stops before a run that
@@ -43,16 +57,26 @@ from opsd.benchmarks.experiment import first_last, fmt, step_mean, first_reach, 
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
+CONTEXT_METHODS = ("opsd_answer", "opsd_none", "opsd_other", "opsd_majority", "contrastive", "opsd_shaped")
+ALL_METHODS = METHODS + CONTEXT_METHODS
 LABELS = {
     "opsd_fixed": "OPSD (fixed teacher)", "opsd_ema": "OPSD (EMA teacher)",
     "opsd_fixed_tail": "OPSD (fixed, topk_tail)", "grpo": "GRPO", "sft": "SFT",
     "kd_reference": "KD (reference)", "kd_samples": "KD (teacher samples)",
+    "opsd_answer": "OPSD, answer only", "opsd_none": "OPSD, no privileged context",
+    "opsd_other": "OPSD, another problem's solution", "opsd_majority": "OPSD, majority (no solutions)",
+    "contrastive": "RLCSD (contrastive)", "opsd_shaped": "OPSD + position weight + clip",
 }
 COLORS = {
     "opsd_fixed": "tab:blue", "opsd_ema": "tab:cyan", "opsd_fixed_tail": "tab:purple", "grpo": "tab:red",
     "sft": "tab:green", "kd_reference": "tab:orange", "kd_samples": "tab:brown",
+    "opsd_answer": "tab:olive", "opsd_none": "tab:gray", "opsd_other": "tab:pink", "opsd_majority": "gold",
+    "contrastive": "darkred", "opsd_shaped": "navy",
 }
-OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail")
+# The methods that train on the student's own samples with a teacher's per-token targets: their
+# sampled-token gap estimates KL(student || teacher), and their saved batches are read for it.
+OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "opsd_answer", "opsd_none", "opsd_other", "opsd_majority",
+        "opsd_shaped")
 
 
 @dataclass
@@ -69,7 +93,7 @@ class ComparisonSpec:
     # Pinned rather than model.dtype=auto, so that runs finished on different machines (with and
     # without fast bf16 matmuls) belong to one experiment.
     dtype: str = "float32"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     overrides: list[str] = field(default_factory=list)  # applied to every run (the quick model)
 
     @classmethod
@@ -83,8 +107,10 @@ class ComparisonSpec:
         return {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods")}
 
 
-def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: float) -> list[str]:
-    """The command-line overrides of one run on top of spec.config."""
+def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: float,
+                     bare_train: str | None = None) -> list[str]:
+    """The command-line overrides of one run on top of spec.config; ``bare_train``: the training
+    set without solutions and answers (opsd_majority)."""
     common = [
         f"train.steps={spec.steps}", f"train.prompts_per_step={spec.rows_per_step}", f"train.seed={seed}",
         f"rollout.seed={seed}", "train.checkpoint_every=0", f"eval.every={spec.eval_every}",
@@ -103,9 +129,23 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
         "sft": ["algo=sft"],
         "kd_reference": ["algo=kd", "kd.source=reference", "teacher.mode=fixed"],
         "kd_samples": ["algo=kd", "kd.source=teacher_samples", "teacher.mode=fixed"],
+        "opsd_answer": ["algo=opsd", "teacher.mode=fixed", "teacher.context=answer", "logging.save_batches=true"],
+        "opsd_none": ["algo=opsd", "teacher.mode=fixed", "teacher.context=none", "logging.save_batches=true"],
+        "opsd_other": ["algo=opsd", "teacher.mode=fixed", "teacher.context=other_problem", "logging.save_batches=true"],
+        "opsd_majority": ["algo=opsd", "teacher.mode=fixed", "teacher.context=majority", f"rollout.n={spec.grpo_n}",
+                          f"train.prompts_per_step={max(1, spec.rows_per_step // spec.grpo_n)}",
+                          f"data.train_path={bare_train}", "logging.save_batches=true"],
+        # GRPO's settings (the learner's own old log-probs at the sampling temperature), with
+        # RLCSD's contrast between the correct hint and up to 4 wrong samples of the prompt.
+        "contrastive": ["algo=contrastive", "teacher.mode=fixed", "teacher.context=contrastive",
+                        "teacher.wrong_contexts=4", f"rollout.n={spec.grpo_n}",
+                        f"train.prompts_per_step={max(1, spec.rows_per_step // spec.grpo_n)}",
+                        f"loss.temperature={temperature}", "loss.old_logprobs=learner", "loss.kl_coef=0"],
+        "opsd_shaped": ["algo=opsd", "teacher.mode=fixed", "loss.position_weight=true", "loss.divergence_clip=0.05",
+                        "loss.divergence_clip_mode=pointwise", "logging.save_batches=true"],
     }
     if method not in per:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}")
     return common + per[method]
 
 
@@ -385,6 +425,25 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
 # --- the whole experiment -------------------------------------------------------------------------------
 
 
+def bare_training_set(cfg: Any, work: Path) -> Path:
+    """The training set with its solutions and answers removed: what a solution-free teacher
+    (opsd_majority) trains on. Rows keep their ids, so that sample ids match the other runs'."""
+    from opsd.config import resolve_path
+    from opsd.data import load_problems
+
+    out = work / "data" / "train_bare.jsonl"
+    if not out.is_file():
+        d = cfg.data
+        problems = load_problems(resolve_path(d.train_path), problem_key=d.problem_key, solution_key=d.solution_key,
+                                 answer_key=d.answer_key, id_key=d.id_key)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"id": p.uid, "problem": p.problem}) + "\n" for p in problems))
+        tmp.rename(out)
+    return out
+
+
+
 def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                    budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
     import ray
@@ -434,7 +493,8 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
                     break
             run_dir = work / "runs" / f"{method}-s{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
-            overrides = [f"run_dir={run_dir}", *method_overrides(spec, method, seed, base_cfg.rollout.temperature)]
+            overrides = [f"run_dir={run_dir}", *method_overrides(spec, method, seed, base_cfg.rollout.temperature,
+                                                                 str(bare_training_set(base_cfg, work)))]
             if has_base:
                 overrides.append("eval.at_start=false")  # the shared step-0 point is measured already
             log(f"learning: {method} seed {seed} ({len(done) + 1} of {spec.seeds * len(spec.methods)})")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from opsd.config import Config, ConfigError, dtype_note, uses_scorer
+from opsd.config import Config, ConfigError, notes, uses_scorer
 from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
 from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
 from opsd.launch.weights import WeightSync
@@ -70,8 +70,7 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
     scorers = f"{cfg.scorer.num_workers} scorer(s), " if uses_scorer(cfg) else ""
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
-    note = dtype_note(cfg)
-    if note:
+    for note in notes(cfg):
         say(f"warning: {note}")
     gpu = 1 if cfg.cluster.device == "cuda" else 0
     kw = dict(max_restarts=cfg.train.max_actor_restarts, place_timeout=cfg.cluster.place_timeout_s)

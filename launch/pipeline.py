@@ -261,8 +261,8 @@ class Pipeline:
                     f"row {pair.uid}: {'teacher ' if teacher else ''}prompt ({prompt} tokens) + reference solution "
                     f"({len(ids)}) is longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
                 )
-            teacher = pair.teacher_ids if self.teachers.reads_context else pair.student_ids
-            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", teacher, {}))
+            context_ids = pair.teacher_ids if teacher else pair.student_ids
+            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", context_ids, {}))
         return samples
 
     def _sample(self, pair: PromptPair, j: int, response: list[int], logprobs: list[float], reward: float | None,

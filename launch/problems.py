@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsd.config import Config, ConfigError, dataset_needs, distills, resolve_path
+from opsd.config import Config, ConfigError, distills, resolve_path, training_rows
 from opsd.contexts import context
 from opsd.contexts.base import PRIMARY, ContextInput, DatasetView
 from opsd.data import DataError, EpochSampler, Problem, load_problems
@@ -44,11 +44,7 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
     train_path = resolve_path(cfg.data.train_path)
-    needs = dataset_needs(cfg)
-    # A set of worked solutions has answers (each solution's last \boxed{} if no column holds them):
-    # one without is malformed. A set of bare problems may have neither, when nothing needs them.
-    problems = load_problems(train_path, **columns(cfg), require_solution="solution" in needs,
-                             require_answer=bool({"solution", "answer"} & set(needs)), needed_by=needs)
+    problems = load_problems(train_path, **columns(cfg), **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
     view = DatasetView(problems, cfg.train.seed)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from opsd.config import Config, ConfigError, dtype_note, load_config, resolve_path, samples_per_prompt, uses_scorer
+from opsd.config import (
+    Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, training_rows, uses_scorer,
+)
 from opsd.data import DataError, load_problems
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
@@ -28,9 +30,7 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     algo = f"algo=kd, kd.source={cfg.kd.source}" if cfg.algo == "kd" else f"algo={cfg.algo}"
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
              _check_model(cfg)]
-    note = dtype_note(cfg)
-    if note:
-        lines.append(f"warning: {note}")
+    lines += [f"warning: {note}" for note in notes(cfg)]
     lines += _check_data(cfg) if check_data else ["data: not read (--skip-data)"]
     lines += _check_resources(cfg)
     lines.append("ok")
@@ -72,7 +72,7 @@ def _check_data(cfg: Config) -> list[str]:
     for key, value in sets:
         path = _resolve_data_path(value)
         try:
-            problems = load_problems(path, **columns)
+            problems = load_problems(path, **columns, **(training_rows(cfg) if key == "data.train_path" else {}))
         except FileNotFoundError:
             raise ConfigError(
                 f"config key '{key}' = {value!r}: {path} does not exist (use --skip-data to check the config "

@@ -425,6 +425,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg  # type: ignore[return-value]
 
 
+def notes(cfg: Config) -> list[str]:
+    """Warnings about a config that runs but likely not as meant: a slow dtype, and whatever the
+    teacher context says of it (TeacherContext.note)."""
+    from opsd.contexts import context
+    from opsd.objectives import objective
+
+    found = [dtype_note(cfg)]
+    if objective(cfg.algo).teacher(cfg) == "context":
+        found.append(context(cfg.teacher.context).note(cfg))
+    return [n for n in found if n]
+
+
 def dtype_note(cfg: Config) -> str | None:
     """A warning when a half-precision dtype will be slow on this CPU, else None."""
     if cfg.cluster.device != "cpu" or cfg.model.dtype == "float32" or cpu_bf16_instructions():
@@ -636,6 +648,16 @@ def actor_threads(num_threads: int | None, num_cpus: float) -> int:
     """torch threads of an actor on CPU: ``num_threads`` when set, else the whole CPUs Ray
     reserved for it, at least one (a fractional reservation shares a core)."""
     return num_threads if num_threads is not None else max(1, int(num_cpus))
+
+
+def training_rows(cfg: Config) -> dict:
+    """What load_problems requires of every training row: a solution or an answer only when the
+    objective or the teacher context needs one (dataset_needs). A set of worked solutions has
+    answers (each solution's last \\boxed{} if no column holds them): one without is malformed; a
+    set of bare problems may have neither, when nothing needs them."""
+    needs = dataset_needs(cfg)
+    return dict(require_solution="solution" in needs, require_answer=bool({"solution", "answer"} & set(needs)),
+                needed_by=needs)
 
 
 def uses_scorer(cfg: Config) -> bool:

@@ -75,6 +75,10 @@ class TeacherContext:
     def check(self, cfg: Any) -> None:
         """Raise opsd.errors.ConfigError, naming the key, for a combination that cannot run."""
 
+    def note(self, cfg: Any) -> str | None:
+        """A warning for a combination that runs but likely not as meant, else None."""
+        return None
+
     def build(self, cfg: Any, item: ContextInput, templates: Templates) -> dict[str, Messages | None]:
         """The teacher's messages per named context. None for a context that does not apply to
         this sample (a wrong context with no wrong sibling to take it from); None for the primary

@@ -41,10 +41,13 @@ class Majority(TeacherContext):
     name = "majority"
     uses_samples = True
 
-    def check(self, cfg):
+    def note(self, cfg):
         if cfg.rollout.n < 2:
-            raise ConfigError(f"teacher.context=majority needs rollout.n >= 2 (the majority of the student's own "
-                              f"samples of a prompt); got rollout.n={cfg.rollout.n}")
+            return (f"teacher.context=majority with rollout.n={cfg.rollout.n}: the majority of one sample is that "
+                    "sample, so the teacher reads the student's own answer; set rollout.n >= 2 (U-OPSD uses 8)")
+        return None
+
+    def check(self, cfg):
         if cfg.teacher.majority_hint not in ("shortest", "answer"):
             raise ConfigError(f"config key 'teacher.majority_hint' = {cfg.teacher.majority_hint!r}; expected "
                               "'shortest' or 'answer'")

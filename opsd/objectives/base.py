@@ -10,7 +10,7 @@ called a chunk of positions at a time by ``opsd.losses.chunked_loss``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,8 +30,6 @@ FIELD_SHAPES: dict[str, tuple[tuple, torch.dtype]] = {
     "advantages": ((), torch.float32),
     "ref_logprobs": ((), torch.float32),
 }
-
-Column = Callable[[str, torch.dtype], Tensor]  # a batch column at the loss positions, flattened
 
 
 class Objective:
@@ -77,8 +75,10 @@ class Objective:
         the loss reads."""
         return ()
 
-    def inputs(self, spec: Any, column: Column, has_teacher: bool) -> dict[str, Tensor]:
-        """Those inputs from the batch: ``column(name, dtype)`` is a column at the loss positions."""
+    def inputs(self, spec: Any, batch: Any) -> dict[str, Tensor]:
+        """Those inputs from the batch: ``batch.column(name, dtype)`` is a column at the loss
+        positions (a named context's reads NaN where it does not apply); ``batch.contexts`` the
+        batch's other named contexts; ``batch.has_teacher`` whether it was scored."""
         return {}
 
     def stat_names(self, spec: Any, present: set[str]) -> list[str]:

@@ -47,18 +47,19 @@ def test_an_objective_that_reads_no_top_k_gets_none_and_the_same_token_logprobs(
     """The scorer skips the top-k when the loss reads only the sampled token's logprob: the batch
     says opsd.targets=token, its top-k columns are null, and the token logprobs are the ones the
     default (top-k) scorer wrote for the same rows."""
-    from opsd.config import batch_targets
+    from opsd.objectives import scored_contexts
     from opsd.batch import Sample
     from opsd.workers.scorer import ScorerWorker
 
     from .conftest import local_config
 
     cfg = local_config(*overrides)
-    assert batch_targets(cfg) == "token" and batch_targets(local_config()) == "topk"
+    assert scored_contexts(cfg)["teacher"] == "token" and scored_contexts(local_config())["teacher"] == "topk"
     saved = read_ipc(sorted((cli_run / "batches").glob("step_*.arrow"))[0])
     rows = saved.to_pylist()
     # The samples as the driver sends them: no teacher targets yet.
-    fields = [f for f in Sample.__dataclass_fields__ if f == "teacher_prompt_ids" or not f.startswith("teacher_")]
+    fields = ["sample_id", "prompt_ids", "teacher_prompt_ids", "response_ids", "rollout_logprobs", "loss_mask", "reward",
+              "policy_version", "finish_reason"]
     table = from_ipc_bytes(ScorerWorker(cfg, tiny_model).score([Sample(**{k: r[k] for k in fields}) for r in rows]))
     assert batch_meta(table)["opsd.targets"] == "token" and batch_meta(saved)["opsd.targets"] == "topk"
     for name in ("teacher_topk_ids", "teacher_topk_logprobs"):

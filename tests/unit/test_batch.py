@@ -464,3 +464,85 @@ def test_concat_of_nothing_is_an_error():
 def test_tail_mass_is_the_mass_outside_top_k():
     lp = np.log(np.array([[0.5, 0.25, 0.125], [0.6, 0.3, 0.1]], dtype=np.float32))
     np.testing.assert_allclose(tail_mass(lp), [0.125, 0.0], atol=1e-6)
+
+
+# --- schema version 2: named contexts, ungraded batches ---------------------------------------
+
+
+def _with_contexts(samples, absent_in: dict[str, set[int]]):
+    """The samples with two other named contexts: wrong_0 ("token") and alt ("topk"), absent in
+    the rows ``absent_in`` names."""
+    from opsd.batch import ContextScores
+
+    rng = np.random.default_rng(7)
+    for i, s in enumerate(samples):
+        T = len(s.response_ids)
+        s.others = {
+            "wrong_0": ContextScores(None) if i in absent_in.get("wrong_0", ()) else
+            ContextScores(list(rng.integers(0, VOCAB, 6)), list(-rng.random(T))),
+            "alt": ContextScores(None) if i in absent_in.get("alt", ()) else
+            ContextScores(list(rng.integers(0, VOCAB, 3)), list(-rng.random(T)), rng.integers(0, VOCAB, (T, K)),
+                          -rng.random((T, K)) * 4),
+        }
+    return samples
+
+
+CONTEXTS = {"wrong_0": "token", "alt": "topk"}
+
+
+def test_a_batch_of_several_contexts_holds_each_context_and_nulls_where_one_does_not_apply(samples):
+    from opsd.batch import contexts_of
+
+    samples = _with_contexts(samples, {"wrong_0": {1}})
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed", contexts=CONTEXTS)
+    validate(table, vocab_size=VOCAB)
+    assert contexts_of(table) == CONTEXTS and batch_meta(table)["opsd.schema_version"] == "2"
+    assert [f.name for f in table.schema][len(DESIGN_COLUMNS):] == [
+        "teacher_prompt_ids:wrong_0", "teacher_token_logprobs:wrong_0", "teacher_prompt_ids:alt",
+        "teacher_token_logprobs:alt", "teacher_topk_ids:alt", "teacher_topk_logprobs:alt"]
+    assert _col(table, "teacher_prompt_ids:wrong_0")[1] is None
+    assert _col(table, "teacher_token_logprobs:wrong_0")[1] is None
+    for i in (0, 2):
+        s = samples[i].others["wrong_0"]
+        assert _col(table, "teacher_prompt_ids:wrong_0")[i] == [int(x) for x in s.prompt_ids]
+        np.testing.assert_array_equal(np.float32(_col(table, "teacher_token_logprobs:wrong_0")[i]),
+                                      np.float32(s.token_logprobs))
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(np.array(_col(table, "teacher_topk_ids:alt")[i]), s.others["alt"].topk_ids)
+    # The IPC round trip keeps it all, metadata included.
+    assert from_ipc_bytes(to_ipc_bytes(table)).equals(table, check_metadata=True)
+
+
+def test_a_context_row_must_be_null_in_all_its_columns_or_in_none(samples):
+    table = build_batch(_with_contexts(samples, {}), k=K, temperature=1.0, teacher_mode="fixed", contexts=CONTEXTS)
+    lp = _col(table, "teacher_token_logprobs:wrong_0")
+    lp[2] = None
+    _raises(_set(table, "teacher_token_logprobs:wrong_0", lp), "column 'teacher_token_logprobs:wrong_0' row 2")
+    lp = _col(table, "teacher_token_logprobs:wrong_0")
+    lp[0] = lp[0][:-1]
+    _raises(_set(table, "teacher_token_logprobs:wrong_0", lp), "row 0: 3 entries but response_ids has 4")
+    lp = _col(table, "teacher_topk_logprobs:alt")
+    lp[1][0][0] = 0.5
+    _raises(_set(table, "teacher_topk_logprobs:alt", lp), "column 'teacher_topk_logprobs:alt' row 1: logprob 0.5")
+    meta = dict(table.schema.metadata)
+    meta[b"opsd.contexts"] = b'{"wrong_0": "token", "alt": "topk", "wrong_1": "token"}'
+    _raises(table.replace_schema_metadata(meta), "batch lacks column 'teacher_prompt_ids:wrong_1'")
+
+
+def test_a_batch_of_schema_version_1_still_reads(table):
+    meta = dict(table.schema.metadata)
+    meta[b"opsd.schema_version"] = b"1"
+    validate(table.replace_schema_metadata(meta), vocab_size=VOCAB)
+
+
+def test_an_ungraded_batch_has_null_rewards_and_a_graded_one_none():
+    samples = [_sample(0, 3), _sample(1, 2)]
+    for s in samples:
+        s.reward = None
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+    validate(table, vocab_size=VOCAB)
+    assert batch_meta(table)["opsd.rewards"] == "none" and table.column("reward").null_count == 2
+    _raises(_set(table, "reward", [0.0, 1.0]), "column 'reward' must be null when opsd.rewards=none")
+    samples[0].reward = 1.0
+    with pytest.raises(ValueError, match="reward is missing for some rows"):
+        build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")

@@ -572,3 +572,139 @@ def test_chunked_loss_missing_targets_name_the_field():
     targets.topk_ids = None
     with pytest.raises(ValueError, match="topk_ids"):
         chunked_loss(hidden, head, targets, LossSpec(), normalizer=1.0)
+
+
+# ---------------------------------------------------------------- loss shaping of the successors
+
+
+def np_terms(p_t, p_s, beta):
+    """The per-category terms whose sum np_div is."""
+    if beta == 0.0:
+        return [a * math.log(a / b) if a > 0 else 0.0 for a, b in zip(p_t, p_s)]
+    if beta == 1.0:
+        return [b * math.log(b / a) if b > 0 else 0.0 for a, b in zip(p_t, p_s)]
+    m = [beta * a + (1 - beta) * b for a, b in zip(p_t, p_s)]
+    return [beta * (a * math.log(a / mi) if a > 0 else 0.0) + (1 - beta) * (b * math.log(b / mi) if b > 0 else 0.0)
+            for a, b, mi in zip(p_t, p_s, m)]
+
+
+@pytest.mark.parametrize("support", SUPPORTS)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_pointwise_divergence_clip_caps_each_category_of_the_sum(support, beta):
+    """The OPSD authors' clip: sum_v min(d_v, c), brute force; a capped category carries no
+    gradient and the others keep exactly the gradient they have unclipped."""
+    from opsd.losses import divergence_from_logprobs
+
+    student, _, ids, lp = make_case(6, 9, 4, seed=21, scale=3.0)
+    clip = 0.05
+    logp = torch.log_softmax(student, -1)
+    want = []
+    for z, i, t in zip(student.numpy(), ids.numpy(), lp.numpy()):
+        ps_full = np_softmax(z)
+        ps, pt = [ps_full[j] for j in i], [math.exp(v) for v in t]
+        if support == "topk":
+            ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+        else:
+            ps.append(1.0 - sum(ps))
+            pt.append(1.0 - sum(pt))
+        want.append(sum(min(d, clip) for d in np_terms(pt, ps, beta)))
+    got = divergence_from_logprobs(logp, ids, lp, beta, support, clip=clip)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9, atol=1e-12)
+    assert (got.numpy() < divergence_from_logprobs(logp, ids, lp, beta, support).numpy()).any()  # the cap bites
+    # Gradient: by finite differences of the brute-force value (no category sits at the cap).
+    x = student.clone().requires_grad_()
+    divergence_from_logprobs(torch.log_softmax(x, -1), ids, lp, beta, support, clip=clip).sum().backward()
+    eps = 1e-6
+    num = torch.zeros_like(student)
+    for r in range(student.shape[0]):
+        for c in range(student.shape[1]):
+            plus, minus = student.clone(), student.clone()
+            plus[r, c] += eps
+            minus[r, c] -= eps
+            f = lambda s: divergence_from_logprobs(torch.log_softmax(s, -1), ids, lp, beta, support, clip=clip).sum()  # noqa: E731
+            num[r, c] = (f(plus) - f(minus)) / (2 * eps)
+    np.testing.assert_allclose(x.grad.numpy(), num.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_scale_divergence_clip_caps_the_value_and_scales_the_gradient_instead_of_removing_it():
+    from opsd.losses import divergence_from_logprobs
+
+    student, _, ids, lp = make_case(8, 9, 4, seed=5, scale=3.0)
+    plain = divergence_from_logprobs(torch.log_softmax(student, -1), ids, lp, 0.5, "topk")
+    clip = float(plain.median())
+    x, y = student.clone().requires_grad_(), student.clone().requires_grad_()
+    got = divergence_from_logprobs(torch.log_softmax(x, -1), ids, lp, 0.5, "topk", clip=clip, clip_mode="scale")
+    np.testing.assert_allclose(got.detach().numpy(), np.minimum(plain.numpy(), clip), rtol=1e-12)
+    got.sum().backward()
+    factor = torch.clamp(clip / plain, max=1.0)  # each token's gradient, scaled down to the cap
+    (divergence_from_logprobs(torch.log_softmax(y, -1), ids, lp, 0.5, "topk") * factor).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-14)
+    over = plain > clip
+    assert over.any() and (x.grad[over].abs().sum(-1) > 0).all()  # clipped tokens still learn (token_clip: 0)
+
+
+def test_position_weights_are_pw_opsds_sigmoid_over_each_rows_own_length():
+    from opsd.workers.learner import position_weights
+
+    got = position_weights([1, 4, 10], low=0.25, center=0.30, width=0.10)
+    want = []
+    for t in (1, 4, 10):
+        for i in range(1, t + 1):
+            f = (i - 0.5) / t
+            want.append(0.25 + 0.75 / (1.0 + math.exp(-(f - 0.30) / 0.10)))
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[1] < got[4] and abs(got[-1] - 1.0) < 0.02  # early tokens weigh less; the last ones ~1
+
+
+def test_a_loss_scale_multiplies_each_tokens_loss_but_not_the_token_count():
+    hidden, head, targets = make_batch(seed=4)
+    spec = LossSpec(algo="opsd", beta=0.5, support="topk")
+    scale = torch.linspace(0.25, 1.0, N, dtype=torch.float64)
+    scaled = TokenTargets.from_fields({**targets.fields(), "scale": scale})
+    loss, stats = chunked_loss(hidden, head, scaled, spec, normalizer=7.0)
+    per_token = reference_token_losses(hidden, head, targets, spec)
+    torch.testing.assert_close(loss, (targets.weight * scale * per_token).sum() / 7.0, rtol=1e-12, atol=1e-14)
+    assert stats["tokens"] == float(targets.weight.sum())
+
+
+def test_the_contrast_is_the_correct_teachers_logprob_over_the_mean_of_the_wrong_ones():
+    from opsd.objectives.contrastive import contrast
+
+    correct = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    wrong = torch.tensor([[-1.5, -3.0], [-1.0, math.nan], [math.nan, math.nan]], dtype=torch.float64)
+    want = [-1.0 - math.log((math.exp(-1.5) + math.exp(-3.0)) / 2), -2.0 - (-1.0), 0.0]
+    np.testing.assert_allclose(contrast(correct, wrong).numpy(), want, rtol=1e-12)
+
+
+def test_modulated_advantages_move_by_the_bounded_credit_and_keep_the_verifiers_sign():
+    from opsd.objectives.contrastive import modulated_advantages
+
+    a = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 0.2, 0.5], dtype=torch.float64)
+    e = torch.tensor([0.05, -0.05, 0.05, -0.05, 0.3, -0.3, 0.0001], dtype=torch.float64)
+    got, moved = modulated_advantages(a, e, tau=0.02, scale=0.5, threshold=0.02)
+    want, want_moved = [], []
+    for ai, ei in zip(a.tolist(), e.tolist()):
+        r = 0.5 * math.tanh(ei / 0.02)
+        m = abs(r) > 0.02
+        x = ai + (r if m else 0.0)
+        want.append(max(x, 0.0) if ai > 0 else min(x, 0.0) if ai < 0 else 0.0)
+        want_moved.append(m)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    assert moved.tolist() == want_moved == [True, True, True, True, True, True, False]
+    assert got[5] == 0.0  # a positive advantage pushed below zero stops at zero
+
+
+def test_the_contrastive_loss_is_grpos_with_the_modulated_advantages():
+    from opsd.objectives.contrastive import modulated_advantages
+
+    hidden, head, targets = make_batch(seed=6)
+    credit = torch.linspace(-0.1, 0.1, N, dtype=torch.float64)
+    spec = LossSpec(algo="contrastive", clip_low=0.2, clip_high=0.28)
+    t = TokenTargets.from_fields({**targets.fields(), "contrast": credit})
+    loss, stats = chunked_loss(hidden, head, t, spec, normalizer=9.0)
+    lp = torch.log_softmax(head(hidden), -1).gather(-1, t.sampled_ids[:, None])[:, 0]
+    a, moved = modulated_advantages(t.advantages, credit, tau=0.02, scale=0.5, threshold=0.02)
+    want = grpo_token_loss(lp, lp.detach(), a, clip_low=0.2, clip_high=0.28)
+    torch.testing.assert_close(loss, (t.weight * want).sum() / 9.0, rtol=1e-12, atol=1e-14)
+    assert stats["moved_tokens"] == float((t.weight * moved).sum())
+    assert stats["contrast_sum"] == pytest.approx(float((t.weight * credit).sum()), rel=1e-12)
