@@ -428,14 +428,11 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
 def bare_training_set(cfg: Any, work: Path) -> Path:
     """The training set with its solutions and answers removed: what a solution-free teacher
     (opsd_majority) trains on. Rows keep their ids, so that sample ids match the other runs'."""
-    from opsd.config import resolve_path
-    from opsd.data import load_problems
+    from opsd.launch.problems import read_problems
 
     out = work / "data" / "train_bare.jsonl"
     if not out.is_file():
-        d = cfg.data
-        problems = load_problems(resolve_path(d.train_path), problem_key=d.problem_key, solution_key=d.solution_key,
-                                 answer_key=d.answer_key, id_key=d.id_key)
+        problems = read_problems(cfg, cfg.data.train_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"id": p.uid, "problem": p.problem}) + "\n" for p in problems))

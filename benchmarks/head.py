@@ -43,7 +43,7 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
     from transformers import AutoTokenizer
 
     from opsd.config import load_config
-    from opsd.data import load_problems
+    from opsd.launch.problems import read_problems
     from opsd.assets.models import resolve_model_path
     from opsd.prompts import PromptBuilder
     from opsd.workers.scorer import ScorerWorker
@@ -53,8 +53,7 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
     tok = AutoTokenizer.from_pretrained(model_path)
     builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.rollout.max_tokens)
     d = cfg.data
-    problems = load_problems(d.test_path or d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
-                             answer_key=d.answer_key, id_key=d.id_key)[:rows]
+    problems = read_problems(cfg, d.test_path or d.train_path)[:rows]
     pairs, _ = builder.build(problems, source=d.test_path or d.train_path)
     contexts = [p.teacher_ids for p in pairs]
     solutions = {pr.uid: pr.solution for pr in problems}

@@ -75,14 +75,13 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
 
 
 def _reference_prompts(cfg: Any, tok: Any, needed: int) -> list:
-    from opsd.data import load_problems
+    from opsd.launch.problems import read_problems
     from opsd.prompts import PromptBuilder
 
     builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
     d = cfg.data
-    problems = load_problems(d.train_path, problem_key=d.problem_key, solution_key=d.solution_key,
-                             answer_key=d.answer_key, id_key=d.id_key)
+    problems = read_problems(cfg, d.train_path)
     pairs, _ = builder.build(problems[:needed], source=d.train_path)
     if len(pairs) < needed:
         raise ValueError(f"{d.train_path}: {len(pairs)} usable prompts, the reference needs {needed}")

@@ -31,18 +31,15 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
 
     from opsd.launch.cluster import ActorPool
     from opsd.launch.evaluate import evaluate_pairs
-    from opsd.config import resolve_path
-    from opsd.data import load_problems
+    from opsd.launch.problems import read_problems
     from opsd.assets.models import resolve_model_path
     from opsd.prompts import PromptBuilder, PromptPair
     from opsd.workers.rollout import RolloutWorker
 
     model_path = resolve_model_path(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    test_path = resolve_path(cfg.eval.path or cfg.data.test_path)
-    d = cfg.data
-    problems = load_problems(test_path, problem_key=d.problem_key, solution_key=d.solution_key,
-                             answer_key=d.answer_key, id_key=d.id_key)[:problems_n]
+    test_path = cfg.eval.path or cfg.data.test_path
+    problems = read_problems(cfg, test_path)[:problems_n]
     builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.eval.max_tokens)
     pairs, _ = builder.build(problems, source=str(test_path))
     # The teacher's context as a prompt of its own: answers written after reading the solution.

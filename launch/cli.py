@@ -83,6 +83,20 @@ def cmd_model(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from opsd.assets.datasets import describe, ensure, named
+
+    if args.action == "list":
+        print("\n".join(describe()))
+        return 0
+    dataset = named(args.name)
+    if dataset is None:
+        print(f"opsd data fetch: {args.name!r} is not a named data set (opsd data list)", file=sys.stderr)
+        return 2
+    print(f"data: {ensure(dataset)}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from opsd.launch.evaluate import main_eval
 
@@ -155,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="import: the model directory to write (safetensors, fp32, tokenizer, chat template)")
     p.set_defaults(func=cmd_model)
 
+    p = sub.add_parser("data", help="named data sets: list them (rows, source, licence) or make one now")
+    p.add_argument("action", choices=("list", "fetch"))
+    p.add_argument("name", nargs="?", default="", help="fetch: a named set (gsm8k, math-500, math:algebra:1-2, ...)")
+    p.set_defaults(func=cmd_data)
+
     p = sub.add_parser("doctor", help="check that the installed stack imports")
     p.set_defaults(func=cmd_doctor)
 
@@ -163,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'tiny', an HF model directory or hub id, a run directory (its latest complete "
                    "checkpoint) or a checkpoint directory RUN/checkpoints/step_N")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE",
-                   help="one or more .jsonl/.parquet files with 'problem' and 'answer' (results per file)")
+                   help="one or more problem sets with 'problem' and 'answer' (results per set): named ones "
+                   "(math-500, gsm8k-test; opsd data list), .jsonl/.parquet files, dataset directories, hub ids")
     p.add_argument("--n", type=int, help="samples per problem (default: eval.n of the config)")
     p.add_argument("--temperature", type=float,
                    help="sampling temperature (default: eval.temperature; 0.6 when n > 1 and that is 0)")

@@ -180,13 +180,9 @@ def _dataset_names(paths: Sequence[str]) -> list[str]:
 def _load_eval_problems(path: str, cfg: Config):
     """Problems with ``answer`` (or a boxed answer in the solution); an id column is used when the
     file has one, else rows are numbered. Solutions are dropped: only the student prompt is used."""
-    from opsd.config import resolve_path
-    from opsd.data import load_problems
+    from opsd.launch.problems import read_problems
 
-    d = cfg.data
-    real = str(resolve_path(path)) if "::" not in path else path
-    problems = load_problems(real, problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key,
-                             id_key=d.id_key, require_solution=False)
+    problems = read_problems(cfg, path, require_solution=False)
     return [dataclasses.replace(p, solution="") for p in problems]
 
 
@@ -348,12 +344,14 @@ def default_report_path(model: ResolvedModel, names: Sequence[str], n: int) -> P
 
 
 def format_table(report: dict) -> str:
-    rows = [("dataset", "problems", "n", "avg@n", "pass@n", "maj@n", "strict", "lenient", "format", "len")]
+    rows = [("dataset", "problems", "n", "avg@n ± se", "pass@n ± se", "maj@n ± se", "strict", "lenient", "format",
+             "len")]
     for name, d in report["datasets"].items():
         m = d["metrics"]
         k = int(m["n"])
-        rows.append((name, str(m["problems"]), str(k), f"{m[f'avg@{k}']:.3f}", f"{m[f'pass@{k}']:.3f}",
-                     f"{m[f'maj@{k}']:.3f}", f"{m['accuracy_strict']:.3f}", f"{m['accuracy_lenient']:.3f}",
+        rows.append((name, str(m["problems"]), str(k), *(f"{m[f'{s}@{k}']:.3f} ± {m.get(f'{s}@{k}_se', 0.0):.3f}"
+                                                         for s in ("avg", "pass", "maj")),
+                     f"{m['accuracy_strict']:.3f}", f"{m['accuracy_lenient']:.3f}",
                      f"{m['format_rate']:.3f}", f"{m['response_len_mean']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

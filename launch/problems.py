@@ -10,6 +10,7 @@ from typing import Any
 from opsd.config import Config, ConfigError, distills, resolve_path, training_rows
 from opsd.contexts import context
 from opsd.contexts.base import PRIMARY, ContextInput, DatasetView
+from opsd.assets.datasets import resolve_data
 from opsd.data import DataError, EpochSampler, Problem, load_problems
 from opsd.prompts import PromptBuilder, PromptPair
 
@@ -32,9 +33,16 @@ class TrainingSet:
         return {uid: p.solution for uid, p in self.problems.items()}
 
 
-def columns(cfg: Config) -> dict:
+def read_problems(cfg: Config, path: str, **requirements) -> list[Problem]:
+    """The problem set a config names: a named dataset (made on first use, opsd/assets/datasets.py),
+    a file or directory (relative to the working directory, else the repository), or a hub id;
+    ``PATH::SPLIT`` picks a split. Read with the config's column names, dataset config and answer
+    format; ``requirements`` as load_problems takes them."""
     d = cfg.data
-    return dict(problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key, id_key=d.id_key)
+    file, sep, split = resolve_data(path).partition("::")
+    return load_problems(f"{resolve_path(file)}{sep}{split}", problem_key=d.problem_key, solution_key=d.solution_key,
+                         answer_key=d.answer_key, id_key=d.id_key, dataset_config=d.dataset_config,
+                         answer_format=d.answer_format, **requirements)
 
 
 def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
@@ -43,8 +51,8 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     context needs it. Raises a DataError or ConfigError naming the file, row or key."""
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
-    train_path = resolve_path(cfg.data.train_path)
-    problems = load_problems(train_path, **columns(cfg), **training_rows(cfg))
+    train_path = cfg.data.train_path
+    problems = read_problems(cfg, train_path, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
     view = DatasetView(problems, cfg.train.seed)
@@ -83,8 +91,8 @@ def _static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
 def _eval_pairs(cfg: Config, tokenizer: Any) -> list[PromptPair]:
     if not cfg.eval.every:
         return []
-    eval_path = resolve_path(cfg.eval.path or cfg.data.test_path)
-    problems = load_problems(eval_path, **columns(cfg))[: cfg.eval.max_problems]
+    eval_path = cfg.eval.path or cfg.data.test_path
+    problems = read_problems(cfg, eval_path)[: cfg.eval.max_problems]
     # Evaluation answers get eval.max_tokens, so its prompts get the rest of the context.
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.eval.max_tokens)

@@ -13,7 +13,8 @@ from typing import Sequence
 from opsd.config import (
     Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, training_rows, uses_scorer,
 )
-from opsd.data import DataError, load_problems
+from opsd.data import DataError
+from opsd.launch.problems import read_problems
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -66,13 +67,11 @@ def _check_data(cfg: Config) -> list[str]:
     sets = [("data.train_path", cfg.data.train_path)]
     if cfg.eval.every:
         sets.append(("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path))
-    d = cfg.data
-    columns = dict(problem_key=d.problem_key, solution_key=d.solution_key, answer_key=d.answer_key, id_key=d.id_key)
     lines = []
     for key, value in sets:
         path = _resolve_data_path(value)
         try:
-            problems = load_problems(path, **columns, **(training_rows(cfg) if key == "data.train_path" else {}))
+            problems = read_problems(cfg, value, **(training_rows(cfg) if key == "data.train_path" else {}))
         except FileNotFoundError:
             raise ConfigError(
                 f"config key '{key}' = {value!r}: {path} does not exist (use --skip-data to check the config "

@@ -18,8 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from opsd.dtypes import DTYPES, auto_dtype, cpu_bf16_instructions
 from opsd.errors import ConfigError
+from opsd.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 __all__ = ["Config", "ConfigError", "check", "load_config"]
@@ -63,6 +63,11 @@ class DataConfig:
     id_key: Optional[str] = "id"
     shuffle: bool = True
     max_rows: Optional[int] = None  # keep the first N rows (debugging)
+    # A hub dataset's config (e.g. main for openai/gsm8k); its split goes after the path, PATH::SPLIT.
+    dataset_config: Optional[str] = None
+    # How a solution writes its answer: auto | boxed (the last \boxed{}) | gsm8k (a last line
+    # "#### N"; the "<<...>>" calculator annotations are stripped from what the teacher reads).
+    answer_format: str = "auto"
 
 
 @dataclass
@@ -90,9 +95,10 @@ class PromptConfig:
 @dataclass
 class GradingConfig:
     # How a response's final answer is read, for rewards and held-out accuracy (opsd/verify.py):
-    # strict = the last \boxed{}; lenient = that, else the last number in the response. Evaluation
-    # reports both; this one is the headline and the reward.
-    extract: str = "strict"
+    # strict = the last \boxed{}; lenient = that, else the last number in the response; auto = the
+    # named dataset's own (GSM8K lenient, MATH strict; opsd/assets/datasets.py), else strict.
+    # Evaluation reports both; this one is the headline and the reward.
+    extract: str = "auto"
 
 
 @dataclass
@@ -309,7 +315,8 @@ _CHOICES = {
     "kd.source": ("reference", "teacher_samples"),
     "model.dtype": DTYPES,  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
-    "grading.extract": ("strict", "lenient"),
+    "data.answer_format": ("auto", "boxed", "gsm8k"),
+    "grading.extract": ("strict", "lenient", "auto"),  # auto: resolved by load_config
     "learner.zero_stage": (0, 1, 2, 3),
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
@@ -421,8 +428,22 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(_describe(exc)) from exc
     if cfg.model.dtype == "auto":
         cfg.model.dtype = auto_dtype(cfg.cluster.device)
+    if cfg.grading.extract == "auto":
+        cfg.grading.extract = default_grading(cfg.data.train_path)
     check(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def default_grading(train_path: str) -> str:
+    """grading.extract=auto: the named dataset's own way of reading answers, else strict."""
+    from opsd.assets.datasets import named
+    from opsd.data import DataError
+
+    try:
+        dataset = named(train_path)
+    except DataError:
+        dataset = None  # a malformed facet: the data check names it
+    return dataset.grading if dataset is not None else "strict"
 
 
 def notes(cfg: Config) -> list[str]:

@@ -1,7 +1,9 @@
 """Math problems from disk, and the deterministic order in which training visits them.
 
-`load_problems` reads JSON Lines, Parquet, or a directory written by `datasets.save_to_disk`,
-checks every row up front and names file, row and key in any error. `EpochSampler` turns
+`load_problems` reads JSON Lines, Parquet, a directory written by `datasets.save_to_disk`, or a
+dataset in the hub's layout (a hub id such as ``openai/gsm8k``, fetched where the run has a hub,
+or a local directory laid out as one), checks every row up front and names file, row and key in
+any error. Answers are read as each dataset writes them (:func:`solution_and_answer`). `EpochSampler` turns
 (seed, epoch) into a permutation, so the data position in a checkpoint is three integers and a
 resumed run sees exactly the batches an uninterrupted one would have.
 """
@@ -9,6 +11,7 @@ resumed run sees exactly the batches an uninterrupted one would have.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,43 @@ from opsd.verify import extract_boxed
 __all__ = ["DataError", "EpochSampler", "Problem", "load_problems"]
 
 FORMATS = (
-    "a .jsonl file (one JSON object per line), a .parquet file, or a directory saved with "
-    "datasets' save_to_disk (for a DatasetDict, pick the split with 'DIR::SPLIT'; default 'train')"
+    "a .jsonl file (one JSON object per line), a .parquet file, a directory saved with datasets' save_to_disk, "
+    "or a hub dataset (an id such as openai/gsm8k, or a local directory in the hub's layout; its config in "
+    "data.dataset_config); pick a split with 'PATH::SPLIT' (default 'train')"
 )
+# A hub dataset id: "org/name".
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+ANSWER_FORMATS = ("auto", "boxed", "gsm8k")
+_GSM8K_FINAL = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(text: str) -> tuple[str, str, int] | None:
+    """GSM8K's way of writing a solution: working lines with calculator annotations (``<<4*2=8>>``),
+    then ``#### N``. Returns the working without the annotations and with "The answer is \\boxed{N}."
+    as its last line (what a teacher reads), N, and the number of working lines; None when
+    ``text`` is not written that way."""
+    found = _GSM8K_FINAL.search(text)
+    if found is None or text[found.end():].strip():
+        return None
+    answer = found.group(1).strip()
+    steps = [_ANNOTATION.sub("", line).strip() for line in text[:found.start()].splitlines() if line.strip()]
+    return "\n".join(steps + [f"The answer is \\boxed{{{answer}}}."]), answer, len(steps)
+
+
+def solution_and_answer(solution: str, answer_format: str = "auto") -> tuple[str, str | None]:
+    """A solution as a teacher should read it, and the answer it gives: ``gsm8k`` (``#### N``, see
+    :func:`gsm8k_solution`), ``boxed`` (the last \\boxed{}), ``auto`` (GSM8K's form when the
+    solution ends with it, else boxed)."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer format {answer_format!r}; expected one of {ANSWER_FORMATS}")
+    if answer_format in ("auto", "gsm8k"):
+        parsed = gsm8k_solution(solution)
+        if parsed is not None:
+            return parsed[0], parsed[1]
+        if answer_format == "gsm8k":
+            return solution, None
+    return solution, extract_boxed(solution)
 
 
 class DataError(ValueError):
@@ -47,12 +84,16 @@ def load_problems(
     require_solution: bool = True,
     require_answer: bool = True,
     needed_by: dict[str, str] | None = None,
+    dataset_config: str | None = None,
+    answer_format: str = "auto",
 ) -> list[Problem]:
     """Read and validate every row of a problem set.
 
     `path` is a .jsonl or .parquet file, or a `save_to_disk` directory; `DIR::SPLIT` chooses a
-    split of a saved DatasetDict, which otherwise must have a "train" split. When a row has no
-    answer (key absent or null), the answer is the last \\boxed{} of its solution.
+    split of a saved DatasetDict, which otherwise must have a "train" split; a hub dataset (an id, or
+    a directory in the hub's layout) is read with ``datasets.load_dataset`` and its
+    ``dataset_config``. A solution is read in ``answer_format`` (:func:`solution_and_answer`); when a
+    row has no answer (key absent or null), the answer is the one its solution gives.
 
     Ids come from the `id_key` column when the file has one (then every row needs one, and no
     two may be equal); when no row has that key, or `id_key` is None, a row's id is
@@ -63,7 +104,7 @@ def load_problems(
     "teacher.context=solution"}``), for the error. Answers are graded against, so a set has them
     for every row or for none: one row without an answer among rows with one is an error anyway.
     """
-    rows, source, where = _read_rows(path)
+    rows, source, where = _read_rows(path, dataset_config)
     if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):
         id_key = None  # no id column: ids from the file and row
     problems: list[Problem] = []
@@ -76,12 +117,14 @@ def load_problems(
         problem = _text(row, problem_key, at)
         why = {k: f" ({v} needs it)" for k, v in (needed_by or {}).items()}
         if require_solution or not _is_blank(row.get(solution_key)):
-            solution = _text(row, solution_key, at, why.get("solution", ""))
+            solution, given = solution_and_answer(_text(row, solution_key, at, why.get("solution", "")), answer_format)
         else:
-            solution = ""
+            solution, given = "", None
         answer = None if row.get(answer_key) is None else _text(row, answer_key, at)
+        if answer is not None and answer_format != "boxed" and (written := gsm8k_solution(answer)) is not None:
+            answer = written[1]  # an answer column in GSM8K's form (openai/gsm8k's "answer" is its solution)
         if answer is None:
-            answer = extract_boxed(solution) if solution else None
+            answer = given
             if (answer is None or not answer.strip()) and require_answer:
                 raise DataError(
                     f"{at}: no answer: key {answer_key!r} is absent and the "
@@ -107,7 +150,7 @@ def load_problems(
     return problems
 
 
-def _read_rows(path: str | Path) -> tuple[list[tuple[int, Any]], str, str]:
+def _read_rows(path: str | Path, dataset_config: str | None = None) -> tuple[list[tuple[int, Any]], str, str]:
     """(row number, row) of every row of a problem set, its source name for ids, and what a row is
     called in errors ("line" or "row")."""
     path_str = str(path)
@@ -115,8 +158,12 @@ def _read_rows(path: str | Path) -> tuple[list[tuple[int, Any]], str, str]:
     if "::" in path_str:
         path_str, split = path_str.rsplit("::", 1)
     file = Path(path_str)
+    if not file.exists() and HUB_ID.match(path_str):
+        return _read_hub(path_str, dataset_config, split), f"{path_str.replace('/', '_')}/{split or 'train'}", "row"
     if not file.exists():
         raise FileNotFoundError(f"problem set {path_str!r} does not exist; expected {FORMATS}")
+    if file.is_dir() and not _saved_to_disk(file):
+        return _read_hub(str(file), dataset_config, split), f"{file.name}/{split or 'train'}", "row"
     if split is not None and not file.is_dir():
         raise DataError(
             f"{path}: '::{split}' selects a split, which only a saved dataset directory has"
@@ -194,6 +241,24 @@ def _read_parquet(file: Path) -> list[tuple[int, Any]]:
     except Exception as e:  # pyarrow raises several types for "this is not parquet"
         raise DataError(f"{file}: cannot read as Parquet: {e}") from e
     return list(enumerate(table.to_pylist(), start=1))
+
+
+def _saved_to_disk(directory: Path) -> bool:
+    """Whether ``directory`` was written by datasets' save_to_disk (else: a hub-layout directory)."""
+    return (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file()
+
+
+def _read_hub(name: str, config: str | None, split: str | None) -> list[tuple[int, Any]]:
+    """A hub dataset, or a local directory in the hub's layout (files per config and split, a
+    README naming them): datasets.load_dataset."""
+    import datasets  # deferred: slow to import and only needed for this format
+
+    try:
+        loaded = datasets.load_dataset(name, config, split=split or "train")
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # datasets' ways of saying no such set/config/split
+        raise DataError(f"{name}{f' (config {config!r})' if config else ''}, split {split or 'train'!r}: cannot load "
+                        f"it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); expected {FORMATS}") from e
+    return list(enumerate(loaded.to_list(), start=1))
 
 
 def _read_saved_dataset(directory: Path, split: str | None) -> tuple[list[tuple[int, Any]], str]:

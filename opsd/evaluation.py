@@ -1,7 +1,9 @@
-"""Accuracy summaries over n sampled answers per problem: avg@n, pass@n, maj@n, format rate."""
+"""Accuracy summaries over n sampled answers per problem: avg@n, pass@n, maj@n, format rate, each
+with its standard error over problems (the spread a different draw of problems would give)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -51,8 +53,20 @@ def mean_accuracy(graded: Sequence[Graded]) -> float:
     return sum(sum(g.correct) / len(g.correct) for g in graded) / len(graded)
 
 
+def standard_error(per_problem: Sequence[float]) -> float:
+    """The standard error of the mean of per-problem scores (sample standard deviation / sqrt m;
+    for 0/1 scores sqrt(p (1 - p) / m) up to the m / (m - 1) correction); 0 for one problem."""
+    m = len(per_problem)
+    if m < 2:
+        return 0.0
+    mean = sum(per_problem) / m
+    return math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (m - 1) / m)
+
+
 def summarize(graded: Sequence[Graded], responses: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
-    """avg@n, pass@n, maj@n of ``graded``. The format rate counts responses with a closed
+    """avg@n, pass@n, maj@n of ``graded``, and their standard errors (``avg@n_se``, ...): over
+    problems, each problem's score (its fraction of correct answers, whether any is correct,
+    whether the majority is) counts once. The format rate counts responses with a closed
     ``\\boxed{}``, whatever extraction graded them; it needs ``responses`` unless the answers were
     extracted strictly (then an answer is a box)."""
     if not graded:
@@ -63,11 +77,14 @@ def summarize(graded: Sequence[Graded], responses: Sequence[Sequence[str]] | Non
         boxed = [[a is not None for a in g.answers] for g in graded]
     else:
         boxed = [[extract_boxed(r) is not None for r in rs] for rs in responses]
-    return {
-        "problems": m,
-        "n": n,
-        f"avg@{n}": mean_accuracy(graded),
-        f"pass@{n}": sum(any(g.correct) for g in graded) / m,
-        f"maj@{n}": sum(majority_correct(g) for g in graded) / m,
-        "format_rate": sum(sum(b) / len(b) for b in boxed) / m,
+    scores = {
+        f"avg@{n}": [sum(g.correct) / len(g.correct) for g in graded],
+        f"pass@{n}": [float(any(g.correct)) for g in graded],
+        f"maj@{n}": [float(majority_correct(g)) for g in graded],
     }
+    out: dict[str, float] = {"problems": m, "n": n}
+    for key, per_problem in scores.items():
+        out[key] = sum(per_problem) / m
+        out[f"{key}_se"] = standard_error(per_problem)
+    out["format_rate"] = sum(sum(b) / len(b) for b in boxed) / m
+    return out

@@ -15,7 +15,6 @@ that file is a finished conversion, and an interrupted one leaves nothing that l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from opsd.assets.wheels import say, sha256_of
 
 MARKER = "opsd_import.json"
 
@@ -33,18 +34,6 @@ class ModelError(ValueError):
 
 class ModelImportError(ModelError):
     """A file that cannot be turned into a model directory; the message names it and says why."""
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_architecture(path: Path) -> str:

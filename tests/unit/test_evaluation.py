@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from opsd.evaluation import Graded, grade, majority_correct, summarize
@@ -64,7 +66,13 @@ def test_summary_matches_hand_computed_values(graded):
     assert s["pass@4"] == pytest.approx(3 / 4)
     assert s["maj@4"] == pytest.approx(1 / 4)
     assert s["format_rate"] == pytest.approx((3 / 4 + 1 + 0 + 1) / 4)
-    assert set(s) == {"problems", "n", "avg@4", "pass@4", "maj@4", "format_rate"}
+    assert set(s) == {"problems", "n", "avg@4", "pass@4", "maj@4", "format_rate", "avg@4_se", "pass@4_se", "maj@4_se"}
+    # Standard errors over the 4 problems, by hand: per-problem scores, their sample standard
+    # deviation, over sqrt(4).
+    for key, scores in (("avg@4", [0.5, 0.5, 0.0, 0.5]), ("pass@4", [1, 1, 0, 1]), ("maj@4", [1, 0, 0, 0])):
+        mean = sum(scores) / 4
+        assert s[f"{key}_se"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in scores) / 3 / 4))
+    assert s["pass@4_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4 * 4 / 3))  # sqrt(p(1-p)/m), m/(m-1)
 
 
 def test_single_sample_metrics_coincide(graded):

