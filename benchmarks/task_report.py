@@ -21,7 +21,7 @@ import statistics
 import time
 from typing import Callable
 
-from opsd.config import Config
+from opsd.config import Config, dataset_needs
 
 
 def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = print) -> dict:
@@ -31,7 +31,10 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
 
     from opsd.launch.cluster import ActorPool
     from opsd.launch.evaluate import evaluate_pairs
-    from opsd.launch.problems import read_problems
+    from opsd.contexts import context
+    from opsd.contexts.base import DatasetView, boxed
+    from opsd.errors import ConfigError
+    from opsd.launch.problems import read_problems, static_teacher
     from opsd.assets.models import resolve_model_path
     from opsd.prompts import PromptBuilder, PromptPair
     from opsd.workers.rollout import RolloutWorker
@@ -39,20 +42,27 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
     model_path = resolve_model_path(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     test_path = cfg.eval.path or cfg.data.test_path
-    problems = read_problems(cfg, test_path)[:problems_n]
+    if context(cfg.teacher.context).uses_samples:
+        raise ConfigError(f"teacher.context={cfg.teacher.context} is built from the student's samples; opsd bench "
+                          "task measures a teacher context fixed per problem (solution, answer, none, other_problem)")
+    problems = read_problems(cfg, test_path, require_solution="solution" in dataset_needs(cfg))[:problems_n]
     builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.eval.max_tokens)
-    pairs, _ = builder.build(problems, source=str(test_path))
-    # The teacher's context as a prompt of its own: answers written after reading the solution.
-    as_teacher = [PromptPair(p.uid, p.teacher_ids, p.teacher_ids, p.answer) for p in pairs]
+    pairs, _ = builder.build(problems, source=str(test_path),
+                             teacher=static_teacher(cfg, builder, DatasetView(problems, cfg.train.seed)))
+    # The teacher's context as a prompt of its own: answers written after reading what it holds.
+    as_teacher = [PromptPair(p.uid, p.teacher_ids, p.teacher_ids, p.answer, p.verifier) for p in pairs]
     eos = tok.eos_token_id
-    refs = [list(tok(p.solution, add_special_tokens=False)["input_ids"]) + [eos] for p in problems]
+    # The reference: the worked solution, or for a task with none, its answer as one boxed line.
+    refs = [list(tok(p.solution or f"The answer is {boxed(p.answer or '')}.", add_special_tokens=False)["input_ids"])
+            + [eos] for p in problems]
 
     pool = ActorPool("rollout", RolloutWorker, 1, {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": 0},
                      (cfg, model_path), max_restarts=0)
     report: dict = {"model": cfg.model.path, "model_path": model_path, "data": str(test_path), "problems": len(pairs),
                     "dtype": cfg.model.dtype, "max_tokens": cfg.eval.max_tokens, "grading": cfg.grading.extract,
                     "student_instruction": cfg.prompt.student_instruction,
-                    "teacher_template": cfg.prompt.teacher_template}
+                    "teacher_context": cfg.teacher.context, "teacher_template": cfg.prompt.teacher_template,
+                    "teacher_system": cfg.prompt.teacher_system}
     try:
         pool.wait_ready()
         for role, prompts in (("student", pairs), ("teacher", as_teacher)):

@@ -94,9 +94,9 @@ def evaluate_pairs(
             expect_version=expect_version,
         )
         for pair, samples in zip(chunk, unshard(outs, len(chunk))):  # the caller's order, not the shards'
-            g = grade(pair.uid, [s.text for s in samples], pair.answer, extract)
+            g = grade(pair.uid, [s.text for s in samples], pair.answer, extract, pair.verifier)
             results.append(ProblemResult(
-                g.uid, g.answers, g.correct, g.gold,
+                g.uid, g.answers, g.correct, g.gold, g.verifier,
                 response_lens=[len(s.response_ids) for s in samples],
                 finish_reasons=[s.finish_reason for s in samples],
                 responses=[s.text for s in samples],
@@ -111,7 +111,8 @@ def summarize_results(results: Sequence[ProblemResult], extract: str = "strict")
     and the truncated fraction."""
     metrics = summarize(results, [r.responses for r in results])
     for mode in EXTRACTORS:
-        regraded = results if mode == extract else [grade(r.uid, r.responses, r.gold, mode) for r in results]
+        regraded = results if mode == extract else [grade(r.uid, r.responses, r.gold, mode, r.verifier)
+                                                    for r in results]
         metrics[f"accuracy_{mode}"] = mean_accuracy(regraded)
     lens = [x for r in results for x in r.response_lens]
     reasons = [x for r in results for x in r.finish_reasons]

@@ -223,7 +223,8 @@ class Pipeline:
         teacher = self.responses == "teacher"
         # Each worker also grades its own samples: the answers travel with the prompts.
         args = [([p.teacher_ids if teacher else p.student_ids for p in s],
-                 [sample_seed(self.cfg.train.seed, step, p.uid) for p in s], [p.answer for p in s]) for s in shards]
+                 [sample_seed(self.cfg.train.seed, step, p.uid) for p in s], [p.answer for p in s],
+                 [p.verifier for p in s]) for s in shards]
         return self.rollouts.submit(
             "generate", args, n=cfg.n, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=cfg.top_k, expect_version=policy_version, extract=self.cfg.grading.extract,

@@ -56,7 +56,7 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
     view = DatasetView(problems, cfg.train.seed)
-    pairs, skipped = builder.build(problems, source=str(train_path), teacher=_static_teacher(cfg, builder, view))
+    pairs, skipped = builder.build(problems, source=str(train_path), teacher=static_teacher(cfg, builder, view))
     if not pairs:
         raise DataError(
             f"{train_path}: no usable problems (all {len(problems)} skipped as over-long); raise "
@@ -74,7 +74,7 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
                        skipped)
 
 
-def _static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
+def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
     """The teacher's messages per problem when the teacher context does not read the samples
     (built once, lengths checked now); None per problem when it does, or when the scorer reads the
     student's own prompt, or when there is no teacher."""
@@ -92,7 +92,8 @@ def _eval_pairs(cfg: Config, tokenizer: Any) -> list[PromptPair]:
     if not cfg.eval.every:
         return []
     eval_path = cfg.eval.path or cfg.data.test_path
-    problems = read_problems(cfg, eval_path)[: cfg.eval.max_problems]
+    # Graded by answer: a held-out set of bare problems and answers (a procedural task's) is fine.
+    problems = read_problems(cfg, eval_path, require_solution=False)[: cfg.eval.max_problems]
     # Evaluation answers get eval.max_tokens, so its prompts get the rest of the context.
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.eval.max_tokens)

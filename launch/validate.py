@@ -13,6 +13,7 @@ from typing import Sequence
 from opsd.config import (
     Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, training_rows, uses_scorer,
 )
+from opsd.assets.datasets import named
 from opsd.data import DataError
 from opsd.launch.problems import read_problems
 
@@ -79,7 +80,9 @@ def _check_data(cfg: Config) -> list[str]:
             ) from None
         except DataError as exc:
             raise ConfigError(f"config key '{key}': {exc}") from exc
-        lines.append(f"data: {key} {path}: {len(problems)} problems")
+        dataset = named(value)
+        about = f" ({dataset.summary})" if dataset else ""
+        lines.append(f"data: {key} {value if dataset else path}: {len(problems)} problems{about}")
     if not cfg.eval.every:
         lines.append("data: evaluation is off (eval.every=0); the test set is not read")
     return lines

@@ -72,6 +72,7 @@ class Problem:
     problem: str
     solution: str  # "" when loaded with require_solution=False and the row has none
     answer: str | None  # None when loaded with require_answer=False and the row has none
+    verifier: str | None = None  # a procedural task's own grader of this row (opsd/assets/procedural.py)
 
 
 def load_problems(
@@ -139,7 +140,8 @@ def load_problems(
         answer = answer.strip() if answer is not None and answer.strip() else None
         if answer is None:
             unanswered.append(at)
-        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer))
+        verifier = row.get("verifier") if isinstance(row.get("verifier"), str) else None
+        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer, verifier=verifier))
     if not problems:
         raise DataError(f"{path}: no rows")
     if unanswered and len(unanswered) < len(problems):

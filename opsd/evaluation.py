@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from opsd.verify import extract_answer, extract_boxed, is_equivalent
+from opsd.verify import extract_answer, extract_boxed, is_equivalent, score_response
 
 
 @dataclass
@@ -19,11 +19,16 @@ class Graded:
     answers: list[str | None]  # extracted \boxed{} content per response (None: no answer found)
     correct: list[bool]
     gold: str
+    verifier: str | None = None  # a procedural task's own grader, when it is not math-verify
 
 
-def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict") -> Graded:
-    """Each response's answer under ``extract`` (opsd.verify.EXTRACTORS), checked against ``gold``."""
+def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict", verifier: str | None = None) -> Graded:
+    """Each response's answer under ``extract`` (opsd.verify.EXTRACTORS), checked against ``gold``
+    (or by a procedural task's ``verifier``)."""
     answers = [extract_answer(r, extract) for r in responses]
+    if verifier is not None:
+        return Graded(uid, answers, [score_response(r, gold, extract, verifier) == 1.0 for r in responses], gold,
+                      verifier)
     return Graded(uid, answers, [is_equivalent(a, gold) if a is not None else False for a in answers], gold)
 
 

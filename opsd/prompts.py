@@ -31,6 +31,7 @@ class PromptPair:
     student_ids: list[int]
     teacher_ids: list[int] | None  # None: the teacher's context is built per step from the samples
     answer: str | None  # None: the dataset has no answer (nothing is graded)
+    verifier: str | None = None  # grades by a procedural task's own verifier instead of math-verify
 
 
 def _template_ids(tokenizer: Any, messages: list[dict], *, thinking: bool) -> list[int]:
@@ -113,7 +114,7 @@ class PromptBuilder:
                     f"{self.max_model_len} minus {self.max_new_tokens} new tokens). Raise those limits or set "
                     "prompt.overlong=skip to drop such rows (they are counted)."
                 )
-            pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer))
+            pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer, p.verifier))
         return pairs, skipped
 
 

@@ -91,6 +91,7 @@ class RolloutWorker:
         prompts: list[list[int]],
         seeds: list[int],
         answers: list[str] | None = None,
+        verifiers: list[str | None] | None = None,
         *,
         n: int,
         max_tokens: int,
@@ -131,7 +132,9 @@ class RolloutWorker:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                reward = None if answers is None or answers[i] is None else score_response(c.text, answers[i], extract)
+                verifier = verifiers[i] if verifiers is not None else None
+                reward = None if answers is None or answers[i] is None else score_response(
+                    c.text, answers[i], extract, verifier)
                 samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, reward))
             result.append(samples)
         return result

