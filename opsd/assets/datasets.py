@@ -216,7 +216,8 @@ def procedural(name: str) -> NamedDataset | None:
     task, part = found
     seed, size = gym.PARTS[part]
     return NamedDataset(name, f"reasoning-gym's {task}, {size} problems generated from seed {seed} ({part}); graded "
-                        "by the task's own verifier; no worked solutions (teacher.context=answer)", size, "strict",
+                        "by the task's own verifier; worked solutions only where the task writes them (gsm_symbolic), else "
+                        "teacher.context=answer", size, "strict",
                         lambda read: gym.rows(task, part), "reasoning-gym (PyPI), generated", "Apache-2.0", None)
 
 

@@ -5,7 +5,9 @@ A task's problems and answers are generated from a seed; each problem is graded 
 verifier (``score_answer``), not by math-verify. Parts, never sharing a seed: ``reasoning_gym:<task>``
 (2,000 problems, seed 0, for training), ``reasoning_gym:<task>:val`` (200, seed 1) and
 ``reasoning_gym:<task>:test`` (400, seed 2). Most tasks give an answer and no worked solution: the
-teacher then reads the answer (``teacher.context=answer``).
+teacher then reads the answer (``teacher.context=answer``). A task whose entries carry a worked
+solution (gsm_symbolic's ``answer_cot``, written as GSM8K writes its solutions) gives it as the row's
+``solution``, so that the teacher can read it (``teacher.context=solution``).
 
 A row's ``verifier`` says where its problem came from (``reasoning_gym:<task>:<seed>:<size>:<index>``),
 so that any process can regenerate the entry and grade against it.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+
+from opsd.data import gsm8k_solution
 
 PREFIX = "reasoning_gym"
 PARTS = {"train": (0, 2000), "val": (1, 200), "test": (2, 400)}
@@ -56,15 +60,41 @@ def parse(name: str) -> tuple[str, str] | None:
 
 
 def rows(task: str, part: str) -> list[dict]:
-    """A part of a task as rows of opsd's data format (no solution: the task has none)."""
+    """A part of a task as rows of opsd's data format; a ``solution`` only where the task writes one."""
     seed, size = PARTS[part]
     data = _dataset(task, seed, size)
     out = []
     for i in range(size):
         entry = data[i]
-        out.append({"id": f"{PREFIX}/{task}/{part}/{i}", "problem": entry["question"], "answer": str(entry["answer"]),
-                    "verifier": f"{PREFIX}:{task}:{seed}:{size}:{i}"})
+        row = {"id": f"{PREFIX}/{task}/{part}/{i}", "problem": entry["question"], "answer": str(entry["answer"]),
+               "verifier": f"{PREFIX}:{task}:{seed}:{size}:{i}"}
+        solution = worked_solution(entry)
+        if solution is not None:
+            row["solution"] = solution
+        out.append(row)
     return out
+
+
+def worked_solution(entry: dict) -> str | None:
+    """The entry's worked solution as a teacher reads it (GSM8K's form: the working, then "The
+    answer is \\boxed{N}."), or None when the task writes none or its answer is not the entry's."""
+    cot = (entry.get("metadata") or {}).get("answer_cot")
+    parsed = gsm8k_solution(cot) if isinstance(cot, str) else None
+    answer = str(entry["answer"]).strip()
+    if parsed is None or not _same_number(parsed[1], answer):
+        return None
+    working, _, _ = parsed[0].rpartition("\n")
+    # The entry's own answer on the last line ("#### 36.0" grades as the answer "36").
+    return f"{working}\nThe answer is \\boxed{{{answer}}}." if working else f"The answer is \\boxed{{{answer}}}."
+
+
+def _same_number(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return float(a.replace(",", "")) == float(b.replace(",", ""))
+    except ValueError:
+        return False
 
 
 def score(verifier: str, answer: str | None) -> float:

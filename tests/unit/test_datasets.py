@@ -183,3 +183,19 @@ def test_a_procedural_task_is_generated_from_its_seed_and_graded_by_its_own_veri
     assert problems[0].verifier == first["verifier"] and problems[0].solution == ""
     with pytest.raises(DataError, match="reasoning_gym has no task 'no_such_task'"):
         datasets.ensure(datasets.named("reasoning_gym:no_such_task"), log=lambda m: None)
+
+
+def test_a_procedural_task_with_worked_solutions_gives_them_to_the_teacher():
+    rg = pytest.importorskip("reasoning_gym")
+
+    data = rows("reasoning_gym:gsm_symbolic:val")
+    entries = rg.create_dataset("gsm_symbolic", seed=1, size=200)
+    assert len(data) == 200 and all("solution" in r for r in data)
+    for row, entry in zip(data, entries):  # 7 of them end "#### 36.0" where the answer is "36"
+        cot = entry["metadata"]["answer_cot"]
+        # GSM8K's form: the working lines as written (no blank ones), "#### N" turned into a boxed last line.
+        working = [line.strip() for line in cot[: cot.rindex("####")].splitlines() if line.strip()]
+        assert row["solution"].splitlines() == working + [f"The answer is \\boxed{{{entry['answer']}}}."]
+        assert row["answer"] == entry["answer"] and row["problem"] == entry["question"]
+    problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:gsm_symbolic:val"), log=lambda m: None))
+    assert problems[0].solution == data[0]["solution"] and problems[0].answer == data[0]["answer"]
