@@ -354,8 +354,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
     s = sub.add_parser("learning", help="OPSD vs GRPO vs SFT vs KD on SmolLM2 and the word problems, resumable "
                        "(benchmarks/comparison.py); --task toy: the tiny warm-started model (benchmarks/experiment.py)")
-    s.add_argument("--task", choices=("smollm2", "toy"), default="smollm2",
-                   help="smollm2 (default): SmolLM2-135M-Instruct on data/wordproblems; toy: the earlier experiment")
+    s.add_argument("--task", choices=("smollm2", "sparse", "toy"), default="smollm2",
+                   help="smollm2 (default): SmolLM2-135M-Instruct on data/wordproblems; sparse: OPSD, GRPO, SFT and KD "
+                   "at tuned learning rates where rewards are sparse (benchmarks/sparse.py); toy: the earlier experiment")
     s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
     s.add_argument("--steps", type=int, help="optimizer steps per run (default 20, toy 30; --quick: 2)")
     s.add_argument("--quick", action="store_true", help="a smoke version: tiny model, a few steps, one seed")
@@ -408,6 +409,12 @@ def run(args: argparse.Namespace) -> dict:
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
         report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
+    elif args.bench == "learning" and args.task == "sparse":
+        from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
+        from opsd.benchmarks.sparse import SparseSpec, run_sparse
+
+        spec = _learning_spec(SparseSpec.quick() if args.quick else SparseSpec(), args, SPARSE_METHODS)
+        report = run_sparse(spec, args.out or "docs/results/sparse", args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
         from opsd.benchmarks.experiment import METHODS, LearningSpec, run_learning
 

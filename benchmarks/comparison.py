@@ -384,8 +384,8 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
         spec = report["spec"]
-        fig.suptitle(f"opsd bench learning: SmolLM2-135M-Instruct, word problems; {spec['steps']} steps x "
-                     f"{spec['rows_per_step']} rows; mean ± std over seeds")
+        fig.suptitle(report.get("title") or f"opsd bench learning: SmolLM2-135M-Instruct, word problems; "
+                     f"{spec['steps']} steps x {spec['rows_per_step']} rows; mean ± std over seeds")
         fig.tight_layout()
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out)

@@ -32,7 +32,8 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
     from opsd.launch.cluster import ActorPool
     from opsd.launch.evaluate import evaluate_pairs
     from opsd.contexts import context
-    from opsd.contexts.base import DatasetView, boxed
+    from opsd.contexts.answer import answer_hint
+    from opsd.contexts.base import DatasetView
     from opsd.errors import ConfigError
     from opsd.launch.problems import read_problems, static_teacher
     from opsd.assets.models import resolve_model_path
@@ -52,8 +53,8 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
     # The teacher's context as a prompt of its own: answers written after reading what it holds.
     as_teacher = [PromptPair(p.uid, p.teacher_ids, p.teacher_ids, p.answer, p.verifier) for p in pairs]
     eos = tok.eos_token_id
-    # The reference: the worked solution, or for a task with none, its answer as one boxed line.
-    refs = [list(tok(p.solution or f"The answer is {boxed(p.answer or '')}.", add_special_tokens=False)["input_ids"])
+    # The reference: the worked solution, or for a task with none, its answer as the answer-only teacher reads it.
+    refs = [list(tok(p.solution or answer_hint(p.answer or ""), add_special_tokens=False)["input_ids"])
             + [eos] for p in problems]
 
     pool = ActorPool("rollout", RolloutWorker, 1, {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": 0},

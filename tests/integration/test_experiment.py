@@ -12,7 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from opsd.benchmarks.comparison import ALL_METHODS
 from opsd.config import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -24,10 +26,9 @@ def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     report = json.loads((out / "comparison.json").read_text())
-    assert report["runs_done"] == report["runs_planned"] == 7
+    assert report["runs_done"] == report["runs_planned"] == len(ALL_METHODS) == 13
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert set(runs) == {f"{m}-s0" for m in ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft",
-                                               "kd_reference", "kd_samples")}
+    assert set(runs) == {f"{m}-s0" for m in ALL_METHODS}
     for name, r in runs.items():
         assert [s["step"] for s in r["steps"]] == [1, 2]
         assert r["evals"][-1]["step"] == 2
@@ -40,8 +41,33 @@ def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path)
     assert (out / "comparison.png").stat().st_size > 10_000 and "| SFT |" in (out / "comparison.md").read_text()
     # A rerun has nothing left to do: it redraws the report without starting anything.
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "7 of 7 runs already done" in again.stdout, again.stdout[-2000:]
+    assert again.returncode == 0 and "13 of 13 runs already done" in again.stdout, again.stdout[-2000:]
     assert "starting" not in again.stdout
+
+
+def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_rate(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--task", "sparse", "--quick", "--out", str(out),
+           "--work-dir", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    report = json.loads((out / "sparse.json").read_text())
+    assert report["runs_done"] == report["runs_planned"] == 4 * (2 + 1)
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    for m in ("opsd_fixed", "grpo", "sft", "kd_reference"):
+        sweep = [runs[f"sweep-{m}-lr{lr}"] for lr in ("1e-05", "0.0001")]
+        # Each sweep run trained at its own rate and was evaluated on the validation part.
+        for r, lr in zip(sweep, (1e-5, 1e-4)):
+            cfg = OmegaConf.load(work / "runs" / f"sweep-{m}-lr{lr:g}" / "config.yaml")
+            assert r["lr"] == lr == float(cfg.learner.lr) and cfg.eval.path == "data/toy/test.jsonl"
+        test_run = runs[f"{m}-s0"]
+        assert test_run["lr"] == report["chosen_lr"][m] and test_run["phase"] == "test"
+        assert [e["step"] for e in test_run["evals"]][-1] == 2
+    # The step-0 point is measured once per evaluation set: once in the sweep, once in the test runs.
+    assert sum(r["evals"][0]["step"] == 0 for r in runs.values()) == 2
+    assert "| GRPO |" in (out / "sparse.md").read_text()
+    again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "12 of 12 runs done" in again.stdout, again.stdout[-2000:]
 
 
 def test_bench_learning_toy_quick(tmp_path):

@@ -1,0 +1,254 @@
+"""``opsd bench learning --task sparse``: OPSD, GRPO, SFT and KD where the student's own reward is
+sparse, each at its own tuned learning rate (issue 24, item 7; docs/RESULTS.md).
+
+    opsd bench learning --task sparse [--budget-minutes 120] [--out docs/results/sparse]
+
+Two phases, resumable run by run like ``opsd bench learning``:
+
+1. **Sweep.** Each method at each of ``SparseSpec.lrs`` for ``sweep_steps`` steps, one seed (0),
+   evaluated at its end on the validation part (never the test part). The chosen rate is the one
+   with the best final validation accuracy; on a tie, the smaller rate.
+2. **Runs.** Each method at its chosen rate, ``seeds`` seeds of ``steps`` steps, evaluated on the
+   test part at step 0 (once, shared) and every ``eval_every`` steps, so that the generated tokens
+   each method needs to reach GRPO's final accuracy are read off measured points.
+
+Finished runs land in ``<out>/runs/sweep-<method>-lr<lr>.json`` and ``<out>/runs/<method>-s<seed>.json``
+and are skipped on a rerun; ``<out>/spec.json`` keeps runs of other settings out. The report
+(``sparse.json``, ``sparse.md``, ``sparse.png``) is redrawn after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, _curves_with_base, method_overrides, plot,
+                                        run_record, summarize, table)
+from opsd.benchmarks.experiment import fmt
+from opsd.config import REPO_ROOT
+
+METHODS = ("opsd_fixed", "grpo", "sft", "kd_reference")
+
+
+@dataclass
+class SparseSpec:
+    """What decides the numbers; ``<out>/spec.json`` holds it, and another spec refuses that directory."""
+
+    task: str = "gsm8k"  # the training part; ``val`` and ``test`` name the others
+    val: str = "gsm8k-val"
+    test: str = "gsm8k-test"
+    config: str = "configs/gsm8k.yaml"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    lrs: list[float] = field(default_factory=lambda: [3e-6, 1e-5, 3e-5])
+    sweep_steps: int = 20
+    steps: int = 40
+    seeds: int = 3
+    rows_per_step: int = 16
+    grpo_n: int = 8
+    eval_every: int = 10
+    val_problems: int = 150
+    test_problems: int = 400
+    max_tokens: int = 256  # training samples and evaluation answers alike
+    dtype: str = "bfloat16"
+    overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def quick(cls) -> "SparseSpec":
+        """Both phases in a few steps on the tiny random model and the toy set: the wiring only."""
+        return cls(task="data/toy/train.jsonl", val="data/toy/test.jsonl", test="data/toy/test.jsonl",
+                   config="configs/tiny.yaml", lrs=[1e-5, 1e-4], sweep_steps=2, steps=2, seeds=1, rows_per_step=4,
+                   grpo_n=2, eval_every=2, val_problems=8, test_problems=8, max_tokens=24, dtype="float32",
+                   overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"])
+
+    def runs_planned(self) -> int:
+        return len(self.methods) * (len(self.lrs) + self.seeds)
+
+
+def _comparison_spec(spec: SparseSpec, *, steps: int, eval_every: int, eval_problems: int) -> ComparisonSpec:
+    return ComparisonSpec(config=spec.config, seeds=1, steps=steps, rows_per_step=spec.rows_per_step,
+                          grpo_n=spec.grpo_n, eval_every=eval_every, eval_problems=eval_problems, dtype=spec.dtype,
+                          methods=list(spec.methods), overrides=list(spec.overrides))
+
+
+def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep: bool, temperature: float) -> list[str]:
+    """One run's overrides: the comparison's per-method recipe (benchmarks/comparison.py) on this
+    task, at ``lr``, evaluated on the validation part (sweep) or the test part."""
+    steps = spec.sweep_steps if sweep else spec.steps
+    cspec = _comparison_spec(spec, steps=steps, eval_every=steps if sweep else spec.eval_every,
+                             eval_problems=spec.val_problems if sweep else spec.test_problems)
+    return [*method_overrides(cspec, method, seed, temperature), f"data.train_path={spec.task}",
+            f"eval.path={spec.val if sweep else spec.test}", f"learner.lr={lr:g}", f"rollout.max_tokens={spec.max_tokens}",
+            f"eval.max_tokens={spec.max_tokens}", "prompt.overlong=skip",
+            # The stages run one after another: each may use both cores (configs/local.yaml).
+            "rollout.num_threads=2", "scorer.num_threads=2"]
+
+
+def choose_lr(sweep: list[dict]) -> float:
+    """The rate with the best final validation accuracy; on a tie, the smaller."""
+    return min(sweep, key=lambda r: (-r["evals"][-1]["accuracy"], r["lr"]))["lr"]
+
+
+def standard_error(p: float, n: int) -> float:
+    """The binomial standard error of an accuracy p measured on n problems."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str, float]) -> str:
+    head = "| method | " + " | ".join(f"lr {lr:g}" for lr in spec.lrs) + " | chosen |"
+    lines = [f"Validation accuracy ({spec.val}, {spec.val_problems} problems, greedy) after {spec.sweep_steps} steps, "
+             "seed 0; in brackets the binomial standard error.", "", head,
+             "| --- | " + " | ".join("---" for _ in spec.lrs) + " | --- |"]
+    for m in spec.methods:
+        by_lr = {r["lr"]: r["evals"][-1]["accuracy"] for r in sweep.get(m, [])}
+        cells = [f"{by_lr[lr]:.3f} ({standard_error(by_lr[lr], spec.val_problems):.3f})" if lr in by_lr else "—"
+                 for lr in spec.lrs]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {fmt(chosen.get(m), 'g')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path) -> dict:
+    from opsd.benchmarks.machine import machine
+
+    by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.methods}
+    chosen = {m: choose_lr(rs) for m, rs in by_sweep.items() if len(rs) == len(spec.lrs)}
+    base = next((r["evals"][0] for r in runs if r["evals"] and r["evals"][0]["step"] == 0), None)
+    base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
+    by_method = {m: _curves_with_base([r for r in runs if r["method"] == m], base_point)
+                 for m in spec.methods if any(r["method"] == m for r in runs)}
+    report = {"spec": asdict(spec) | {"eval_problems": spec.test_problems}, "extract": extract, "machine": machine(),
+              "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs}
+                                             for m, rs in by_sweep.items()},
+              "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
+              "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in sweep + runs),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "title": f"opsd bench learning --task sparse: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} steps x "
+                       f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
+    md = [sweep_table(spec, by_sweep, chosen)]
+    if by_method:
+        report["summary"] = summarize(by_method)
+        for m, row in report["summary"]["methods"].items():
+            row["lr"] = chosen.get(m)
+            row["final_accuracy_se"] = standard_error(row["final_accuracy_mean"], spec.test_problems)
+        md += ["", f"Test ({spec.test}, {spec.test_problems} problems, greedy): one run's binomial standard error at "
+               "accuracy p is sqrt(p(1-p)/n); at the mean final accuracies: " + ", ".join(
+                   f"{LABELS.get(m, m)} {r['final_accuracy_se']:.3f}" for m, r in report["summary"]["methods"].items())
+               + ".", "", table(report)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sparse.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "sparse.md").write_text("\n".join(md))
+    if by_method:
+        plot(report, by_method, out_dir / "sparse.png")
+    return report
+
+
+# --- the experiment -------------------------------------------------------------------------------------
+
+
+def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float | None, key: str) -> bool:
+    if budget_minutes is None:
+        return True
+    walls = [r["run_wall_seconds"] for r in done if r["method"] == method and r.get("phase") == key] or \
+            [r["run_wall_seconds"] for r in done if r["method"] == method] or [r["run_wall_seconds"] for r in done]
+    return time.perf_counter() - t_start + (max(walls) if walls else 0.0) <= budget_minutes * 60
+
+
+def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | None = None,
+               budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
+    """Both phases (see the module docstring); returns the report."""
+    import ray
+
+    from opsd.config import load_config
+    from opsd.launch.cluster import init_ray
+    from opsd.launch.driver import train
+
+    t_start = time.perf_counter()
+    out_dir, runs_out = Path(out_dir), Path(out_dir) / "runs"
+    runs_out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else REPO_ROOT / "artifacts" / "sparse"
+    config = str(REPO_ROOT / spec.config) if not Path(spec.config).is_absolute() else spec.config
+    base_cfg = load_config(config, [*spec.overrides, f"data.train_path={spec.task}"])
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != asdict(spec):
+        raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
+    spec_file.write_text(json.dumps(asdict(spec), indent=1) + "\n")
+
+    def load(prefix: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(runs_out.glob(f"{prefix}*.json"))]
+
+    sweep = load("sweep-")
+    runs = [r for r in load("") if r.get("phase") == "test"]
+    todo_sweep = [(m, lr) for m in spec.methods for lr in spec.lrs
+                  if not any(r["method"] == m and r["lr"] == lr for r in sweep)]
+    log(f"sparse: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
+    started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or \
+        len(runs) < spec.seeds * len(spec.methods) else False
+    try:
+        for method, lr in todo_sweep:
+            if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep"):
+                log(f"sparse: stopping before the sweep of {method} at lr {lr:g}: it would not fit in "
+                    f"--budget-minutes={budget_minutes:g}; run the same command again to go on")
+                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+            name = f"sweep-{method}-lr{lr:g}"
+            record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep, log)
+            _save(runs_out, name, record)
+            sweep.append(record)
+            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+        chosen = {m: choose_lr([r for r in sweep if r["method"] == m]) for m in spec.methods}
+        log("sparse: chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
+        for seed in range(spec.seeds):  # seed-major: a cut-short experiment has every method at the seeds it reached
+            for method in spec.methods:
+                if any(r["method"] == method and r["seed"] == seed for r in runs):
+                    continue
+                if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
+                    log(f"sparse: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
+                        f"{budget_minutes:g}; run the same command again to go on")
+                    return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+                name = f"{method}-s{seed}"
+                record = _one_run(spec, work / "runs" / name, method, seed, chosen[method], False, base_cfg, config,
+                                  train, runs, log)
+                _save(runs_out, name, record)
+                runs.append(record)
+                write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+    finally:
+        if started:
+            ray.shutdown()
+    report = write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+    log((out_dir / "sparse.md").read_text())
+    log(f"sparse: wrote {out_dir / 'sparse.json'}, {out_dir / 'sparse.md'}, {out_dir / 'sparse.png'} "
+        f"({time.perf_counter() - t_start:.0f}s)")
+    return report
+
+
+def _one_run(spec: SparseSpec, run_dir: Path, method: str, seed: int, lr: float, sweep: bool, base_cfg, config: str,
+             train, done: list[dict], log: Callable[[str], None]) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+    overrides = [f"run_dir={run_dir}", *run_overrides(spec, method, seed, lr, sweep=sweep,
+                                                       temperature=base_cfg.rollout.temperature)]
+    # The step-0 point of an evaluation set is measured once and shared: every run starts from the
+    # same weights and evaluates greedily on the same problems.
+    if any(r["evals"] and r["evals"][0]["step"] == 0 for r in done):
+        overrides.append("eval.at_start=false")
+    phase = "sweep" if sweep else "test"
+    log(f"sparse: {phase} run {method} seed {seed} lr {lr:g}")
+    t0 = time.perf_counter()
+    train(config, overrides)
+    record = run_record(run_dir, method, seed, base_cfg.grading.extract, time.perf_counter() - t0)
+    record |= {"lr": lr, "phase": phase}
+    last = record["evals"][-1]
+    log(f"sparse: {phase} run {method} seed {seed} lr {lr:g}: accuracy {last['accuracy']:.3f} at step "
+        f"{last['step']}, {record['steps'][-1]['tokens_generated_total']} tokens, {record['run_wall_seconds']:.0f}s")
+    return record
+
+
+def _save(runs_out: Path, name: str, record: dict) -> None:
+    tmp = runs_out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.rename(runs_out / f"{name}.json")

@@ -1,0 +1,58 @@
+"""The sparse-reward comparison's choices (benchmarks/sparse.py): which learning rate wins the
+sweep, what each run is told, and the standard error it reports."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from opsd.benchmarks.sparse import SparseSpec, choose_lr, run_overrides, standard_error
+
+
+def sweep(*pairs):
+    return [{"lr": lr, "evals": [{"step": 0, "accuracy": 0.05}, {"step": 20, "accuracy": acc}]} for lr, acc in pairs]
+
+
+def test_the_best_final_validation_accuracy_wins_and_a_tie_goes_to_the_smaller_rate():
+    assert choose_lr(sweep((3e-6, 0.10), (1e-5, 0.14), (3e-5, 0.12))) == 1e-5
+    assert choose_lr(sweep((3e-5, 0.12), (1e-5, 0.12), (3e-6, 0.08))) == 1e-5
+    # Against brute force: the order of the sweep's runs does not matter.
+    rng = random.Random(0)
+    for _ in range(200):
+        runs = sweep(*[(lr, rng.choice([0.0, 0.05, 0.1])) for lr in (3e-6, 1e-5, 3e-5, 1e-4)])
+        best = max(r["evals"][-1]["accuracy"] for r in runs)
+        expected = min(r["lr"] for r in runs if r["evals"][-1]["accuracy"] == best)
+        rng.shuffle(runs)
+        assert choose_lr(runs) == expected
+
+
+def overrides_as_dict(items):
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = value  # the last one wins, as in load_config
+    return out
+
+
+def test_sweep_runs_see_the_validation_part_and_test_runs_the_test_part():
+    spec = SparseSpec()
+    sweep_run = overrides_as_dict(run_overrides(spec, "opsd_fixed", 0, 3e-6, sweep=True, temperature=0.7))
+    assert sweep_run["eval.path"] == "gsm8k-val" and sweep_run["learner.lr"] == "3e-06"
+    assert sweep_run["train.steps"] == str(spec.sweep_steps) == sweep_run["eval.every"]
+    assert sweep_run["eval.max_problems"] == str(spec.val_problems) and sweep_run["data.train_path"] == "gsm8k"
+    test_run = overrides_as_dict(run_overrides(spec, "grpo", 2, 1e-5, sweep=False, temperature=0.7))
+    assert test_run["eval.path"] == "gsm8k-test" and test_run["eval.every"] == str(spec.eval_every)
+    assert test_run["train.steps"] == str(spec.steps) and test_run["train.seed"] == "2"
+    # GRPO: rows_per_step / grpo_n prompts of grpo_n samples each, at the chosen rate.
+    assert test_run["rollout.n"] == str(spec.grpo_n)
+    assert test_run["train.prompts_per_step"] == str(spec.rows_per_step // spec.grpo_n)
+    assert test_run["learner.lr"] == "1e-05" and test_run["rollout.max_tokens"] == str(spec.max_tokens)
+
+
+def test_standard_error_is_the_binomial_one():
+    for p, n in ((0.1, 400), (0.5, 150), (0.0, 10)):
+        draws = [[1 if random.Random(i * 1000 + j).random() < p else 0 for j in range(n)] for i in range(2000)]
+        means = [sum(d) / n for d in draws]
+        mean = sum(means) / len(means)
+        empirical = math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1))
+        assert math.isclose(standard_error(p, n), empirical, rel_tol=0.08, abs_tol=1e-12)
