@@ -256,6 +256,7 @@ def run_eval(
     started = init_ray(cfg)
     try:
         report["datasets"] = _evaluate_sets(cfg, resolved.path, built, seed=seed, save_responses=save_responses,
+                                            gradings=eval_gradings(cfg, [path for _, path, *_ in built], overrides),
                                             log=log)
     finally:
         if started:
@@ -282,15 +283,36 @@ def _eval_sets(resolved: ResolvedModel, cfg: Config, data: list[str], limit: int
         problems = _load_eval_problems(path, cfg)
         if limit:
             problems = problems[:limit]
-        pairs, skipped = builder.build(problems, source=str(path))
+        # Only the student's prompt is evaluated: no teacher prompt is built or length-checked.
+        pairs, skipped = builder.build(problems, source=str(path), teacher=lambda problem: None)
         if not pairs:
             raise EvalError(f"{path}: all {len(problems)} problems skipped as over-long (prompt.overlong=skip)")
         built.append((name, path, pairs, skipped))
     return built
 
 
+def eval_gradings(cfg: Config, paths: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """How each set's answers are read: a named set's own way (GSM8K lenient, MATH strict), unless
+    ``grading.extract=...`` is given on the command line; any other set by the config's."""
+    from opsd.config import default_grading
+
+    if any(o.split("=", 1)[0].strip() == "grading.extract" for o in overrides):
+        return [cfg.grading.extract] * len(paths)
+    return [default_grading(str(p)) if named_dataset(str(p)) else cfg.grading.extract for p in paths]
+
+
+def named_dataset(path: str) -> bool:
+    from opsd.assets.datasets import named
+    from opsd.data import DataError
+
+    try:
+        return named(path) is not None
+    except DataError:
+        return False
+
+
 def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: int, save_responses: bool,
-                   log: Callable[[str], None]) -> dict[str, dict]:
+                   gradings: Sequence[str], log: Callable[[str], None]) -> dict[str, dict]:
     """Rollout workers of their own generate and grade every set; the report's datasets section."""
     from opsd.launch.cluster import ActorPool
     from opsd.workers.rollout import RolloutWorker
@@ -307,7 +329,7 @@ def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: in
         t0 = time.perf_counter()
         pool.wait_ready()
         log(f"opsd eval: {len(pool.actors)} vLLM worker(s) ready in {time.perf_counter() - t0:.0f}s")
-        for name, path, pairs, skipped in built:
+        for (name, path, pairs, skipped), extract in zip(built, gradings):
             t0 = time.perf_counter()
 
             def progress(done: int, of: int, name=name, t0=t0) -> None:
@@ -315,11 +337,11 @@ def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: in
 
             metrics, results = evaluate_pairs(
                 pool, pairs, n=ev.n, max_tokens=ev.max_tokens, temperature=ev.temperature, seed=seed,
-                chunk_size=64, progress=progress, extract=cfg.grading.extract,
+                chunk_size=64, progress=progress, extract=extract,
             )
             metrics["seconds"] = time.perf_counter() - t0
             datasets[name] = {
-                "path": str(path), "metrics": metrics, "skipped": list(skipped),
+                "path": str(path), "grading": extract, "metrics": metrics, "skipped": list(skipped),
                 "problems": [_problem_record(r, save_responses) for r in results],
             }
     finally:
@@ -345,12 +367,12 @@ def default_report_path(model: ResolvedModel, names: Sequence[str], n: int) -> P
 
 
 def format_table(report: dict) -> str:
-    rows = [("dataset", "problems", "n", "avg@n ± se", "pass@n ± se", "maj@n ± se", "strict", "lenient", "format",
-             "len")]
+    rows = [("dataset", "problems", "n", "graded", "avg@n ± se", "pass@n ± se", "maj@n ± se", "strict", "lenient",
+             "format", "len")]
     for name, d in report["datasets"].items():
         m = d["metrics"]
         k = int(m["n"])
-        rows.append((name, str(m["problems"]), str(k), *(f"{m[f'{s}@{k}']:.3f} ± {m.get(f'{s}@{k}_se', 0.0):.3f}"
+        rows.append((name, str(m["problems"]), str(k), d.get("grading", report.get("grading", "?")), *(f"{m[f'{s}@{k}']:.3f} ± {m.get(f'{s}@{k}_se', 0.0):.3f}"
                                                          for s in ("avg", "pass", "maj")),
                      f"{m['accuracy_strict']:.3f}", f"{m['accuracy_lenient']:.3f}",
                      f"{m['format_rate']:.3f}", f"{m['response_len_mean']:.0f}"))

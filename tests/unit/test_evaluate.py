@@ -10,7 +10,7 @@ from opsd.launch.evaluate import (
     DEFAULT_SAMPLING_TEMPERATURE, EvalError, ResolvedModel, _load_eval_problems, default_report_path,
     eval_config, evaluate_pairs, format_table, resolve_eval_model,
 )
-from opsd.config import ConfigError, load_config, to_yaml
+from opsd.config import REPO_ROOT, ConfigError, load_config, to_yaml
 from opsd.prompts import PromptPair
 from opsd.workers.rollout import Rollout
 
@@ -158,3 +158,15 @@ def test_evaluate_pairs_order_chunks_and_metrics():
         evaluate_pairs(pool, pairs, n=2, max_tokens=8, temperature=0.0)
     table = format_table({"datasets": {"toy": {"metrics": metrics}}})
     assert "avg@n" in table and "0.500" in table and "toy" in table
+
+
+def test_each_named_set_is_graded_its_own_way_unless_the_command_line_says_otherwise():
+    from opsd.launch.evaluate import eval_gradings
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["grading.extract=strict"])
+    sets = ["gsm8k-test", "math-500", "math:algebra:1-2", "data/toy/test.jsonl", "math:no_subject:1"]
+    # GSM8K by its last number, MATH by its box; a file (and a malformed facet) by the config's.
+    assert eval_gradings(cfg, sets, []) == ["lenient", "strict", "strict", "strict", "strict"]
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["grading.extract=lenient"])
+    assert eval_gradings(cfg, sets, []) == ["lenient", "strict", "strict", "lenient", "lenient"]
+    assert eval_gradings(cfg, sets, ["grading.extract=lenient"]) == ["lenient"] * 5
