@@ -96,7 +96,6 @@ def _loss_inputs(vocab: int, tokens: int, hidden: int, k: int, device: str, dtyp
 
 def loss_forward_backward(h, w, targets, chunk: int, *, beta: float = 0.5, support: str = "topk"):
     """One chunked_loss forward + backward; returns (loss, grad of hidden, grad of head weight)."""
-
     from opsd.losses import LossSpec, chunked_loss
 
     h = h.detach().requires_grad_(True)
@@ -287,9 +286,7 @@ def bench_train(config: str | None, overrides: list[str], out: Callable[[str], N
 
 
 def bench_task(config: str, overrides: list[str], problems: int) -> dict:
-    import ray
-
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.benchmarks.task_report import task_report
     from opsd.config import load_config
 
@@ -299,7 +296,7 @@ def bench_task(config: str, overrides: list[str], problems: int) -> dict:
         return task_report(cfg, problems)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -443,9 +443,7 @@ def bare_training_set(cfg: Any, work: Path) -> Path:
 
 def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                    budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
-    import ray
-
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.launch.driver import train
     from opsd.config import load_config
 
@@ -508,7 +506,7 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
             report = write_report(spec, done, extract, out_dir, time.perf_counter() - t_start)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     log(table(report))
     left = spec.seeds * len(spec.methods) - len(done)
     log(f"learning: {len(done)} runs done, {left} left; wrote {out_dir / 'comparison.json'}, "

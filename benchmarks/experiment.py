@@ -542,9 +542,7 @@ def write_results(spec: LearningSpec, key: str, work: Path, warm_seconds: float,
 
 def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    import ray
-
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.launch.driver import train
     from opsd.config import load_config
 
@@ -584,7 +582,7 @@ def run_learning(spec: LearningSpec, out_dir: str | Path, work_dir: str | Path |
                 results = write_results(spec, key, work, warm_seconds, gap, methods, t_start, out_dir)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     log(table(results))
     log(f"learning: wrote {out_dir / 'learning.json'}, {out_dir / 'learning.png'}, {out_dir / 'learning.md'} "
         f"({results['total_wall_seconds']:.0f}s in all)")

@@ -163,10 +163,8 @@ def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float |
 def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
     """Both phases (see the module docstring); returns the report."""
-    import ray
-
     from opsd.config import load_config
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.launch.driver import train
 
     t_start = time.perf_counter()
@@ -219,7 +217,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
                 write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     report = write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
     log((out_dir / "sparse.md").read_text())
     log(f"sparse: wrote {out_dir / 'sparse.json'}, {out_dir / 'sparse.md'}, {out_dir / 'sparse.png'} "

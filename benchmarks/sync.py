@@ -248,7 +248,9 @@ def bench_sync(params_m: float = 100, bucket_mb: list[float] | tuple = (16, 64, 
         except Exception as exc:  # vLLM missing or failing must not lose the figures above
             out(f"  vLLM in-place load: skipped ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     if started:
-        ray.shutdown()
+        from opsd.launch.cluster import shutdown_ray
+
+        shutdown_ray()
     return report
 
 

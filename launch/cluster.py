@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from opsd.launch.localhead import LocalCluster
 from opsd.launch.stopping import ActorLost
 from opsd.config import Config
 from opsd.workers.transports.base import StaleWeightsError
@@ -62,19 +63,47 @@ def init_ray(cfg: Config) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
-    ray.init(
-        # "local": a cluster of this run's own, even when another one runs on this machine (a
-        # `ray start` head, a test's cluster), which a plain ray.init() would join.
-        address="local",
-        num_cpus=cfg.cluster.num_cpus,
-        include_dashboard=cfg.cluster.dashboard,
-        dashboard_host="127.0.0.1",
-        runtime_env=env,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    global _LOCAL
+    # A cluster of this run's own, even when another one runs on this machine (a `ray start`
+    # head, a test's cluster), in a session of its own: a signal to the driver's process group
+    # does not reach it, and it ends with the driver however the driver ends (launch/localhead.py).
+    local = LocalCluster(num_cpus=cfg.cluster.num_cpus, dashboard=cfg.cluster.dashboard)
+    _token_auth_as_ray_init_would()
+    try:
+        ray.init(address=local.start(), runtime_env=env, log_to_driver=True, configure_logging=True,
+                 logging_level="WARNING")
+    except BaseException:
+        local.stop()
+        raise
+    _LOCAL = local
     return True
+
+
+_LOCAL: LocalCluster | None = None
+
+
+def _token_auth_as_ray_init_would() -> None:
+    """Token authentication for the run's own cluster, as ray.init gives a local cluster: on
+    unless RAY_AUTH_MODE says otherwise, with the token of ~/.ray/auth_token (made if missing).
+    The mode is set in this process's environment, which the cluster's keeper inherits."""
+    from ray._private.authentication.authentication_token_setup import (enable_token_auth_by_default,
+                                                                          ensure_token_if_auth_enabled)
+
+    enable_token_auth_by_default()
+    ensure_token_if_auth_enabled()
+
+
+def shutdown_ray() -> None:
+    """ray.shutdown(), and the end of the local cluster init_ray started, if it started one."""
+    import ray
+
+    global _LOCAL
+    try:
+        ray.shutdown()
+    finally:
+        local, _LOCAL = _LOCAL, None
+        if local is not None:
+            local.stop()
 
 
 def round_robin(items: list, n: int) -> list[list]:

@@ -26,7 +26,7 @@ from opsd.batch import write_ipc
 from opsd.config import Config, ConfigError, check, load_config, to_yaml
 from opsd.launch.actors import Actors, say, start_actors
 from opsd.launch.checkpoints import RunDir, RunState, latest_checkpoint, read_teacher, resume_hint, write_checkpoint
-from opsd.launch.cluster import init_ray
+from opsd.launch.cluster import init_ray, shutdown_ray
 from opsd.launch.loggers import MetricsLogger, read_metrics
 from opsd.launch.metrics import StepFacts, eval_summary, step_row
 from opsd.launch.pipeline import Pipeline, Ready
@@ -308,8 +308,6 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
 
 
 def train(config_path: str | None, overrides: list[str]) -> Path:
-    import ray
-
     cfg, run_path = prepare_config(config_path, overrides)
     # The config, the model and every data row are checked (Trainer) before the run directory
     # exists; a new run that fails before its first step leaves none behind.
@@ -345,5 +343,5 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         stop.restore()
         trainer.shutdown()
         if started:
-            ray.shutdown()
+            shutdown_ray()
     return run.path

@@ -230,9 +230,7 @@ def run_eval(
     log: Callable[[str], None] = print,
 ) -> tuple[dict, Path]:
     """``opsd eval``: evaluate ``model`` on each file of ``data``; returns (report, report path)."""
-    import ray
-
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
 
     if not data:
         raise EvalError("no --data files given")
@@ -260,7 +258,7 @@ def run_eval(
                                             log=log)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n")
     log(format_table(report))

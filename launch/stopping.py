@@ -1,4 +1,5 @@
-"""Stopping a run on request: SIGTERM (Kubernetes preemption, `ray job stop`) or SIGINT (Ctrl-C)."""
+"""Stopping a run on request: SIGTERM (Kubernetes preemption, `ray job stop`, a scheduler's stop),
+SIGINT (Ctrl-C) or SIGHUP (a closed terminal)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ class ActorLost(RunFault):
 
 
 class StopSignals:
-    """The first SIGTERM or SIGINT asks the run to stop after the step in progress, with a
+    """The first SIGTERM, SIGINT or SIGHUP asks the run to stop after the step in progress, with a
     checkpoint; a second one stops it at once (as KeyboardInterrupt).
 
-    SIGTERM is what Kubernetes sends on preemption and what `ray job stop` sends the entrypoint;
-    SIGINT is Ctrl-C. Installed after ray.init, which sets a SIGTERM handler of its own, and only
+    SIGTERM is what Kubernetes sends on preemption, what `ray job stop` sends the entrypoint and
+    what `timeout`, SLURM's scancel and systemd send a whole process group (a local run's Ray
+    cluster is out of that group: launch/localhead.py); SIGINT is Ctrl-C; SIGHUP a closed terminal. Installed after ray.init, which sets a SIGTERM handler of its own, and only
     from the main thread (the only one Python delivers signals to).
     """
 
@@ -51,7 +53,7 @@ class StopSignals:
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self._saved[sig] = signal.signal(sig, self._on_signal)
         return self
 

@@ -35,7 +35,7 @@ def ray_session(tiny_model, request):
     """One local Ray for the in-process tests (4 logical CPUs on 2 cores: actors mostly wait)."""
     import ray
 
-    from opsd.launch.cluster import init_ray
+    from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.config import load_config
 
     # A CLI run, if any test needs it, must finish before this cluster starts.
@@ -44,7 +44,7 @@ def ray_session(tiny_model, request):
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=4"])
     init_ray(cfg)
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 def read_metrics(run_dir: Path, *, baseline: bool = False) -> list[dict]:
