@@ -335,6 +335,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("train", help="run `opsd train` and split its time per phase")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s = sub.add_parser("soak", help="a long run (1,000 tiny steps by default) sampling every actor's memory and file "
+                       "descriptors, /dev/shm and the run directory (benchmarks/soak.py)")
+    s.add_argument("config", nargs="?", help="YAML config (default: configs/tiny.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    s.add_argument("--sample-every", type=int, default=25, help="sample every N steps (default 25)")
+    s.add_argument("--out", default="docs/bench/soak", help="where soak.json and soak.png go (default docs/bench/soak)")
     s = sub.add_parser("task", help="student vs teacher prompt on a task before training: greedy accuracy (strict "
                        "and lenient) and the reference's log-prob per token (benchmarks/task_report.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
@@ -435,9 +442,13 @@ def run(args: argparse.Namespace) -> dict:
         if config is None:
             from opsd.config import REPO_ROOT
 
-            config = str(REPO_ROOT / "configs" / "local.yaml")
+            config = str(REPO_ROOT / "configs" / ("tiny.yaml" if args.bench == "soak" else "local.yaml"))
         if args.bench == "task":
             report = bench_task(config, overrides, args.problems)
+        elif args.bench == "soak":
+            from opsd.benchmarks.soak import bench_soak
+
+            report = bench_soak(config, overrides, steps=args.steps, sample_every=args.sample_every, out_dir=Path(args.out))
         elif args.bench == "step":
             from opsd.benchmarks.step import bench_scaling, bench_staleness, bench_step
 

@@ -231,7 +231,7 @@ def position_diagnostics(run_dir: Path, *, max_positions: int = 64, top: int = 1
 # --- the report ---------------------------------------------------------------------------------------
 
 
-def _curves_with_base(records: list[dict], base: dict | None) -> list[dict]:
+def curves_with_base(records: list[dict], base: dict | None) -> list[dict]:
     """Each run's evaluations with the shared step-0 point in front."""
     out = []
     for r in records:
@@ -408,7 +408,7 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
 
     base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
-    by_method = {m: _curves_with_base([r for r in records if r["method"] == m], base_point)
+    by_method = {m: curves_with_base([r for r in records if r["method"] == m], base_point)
                  for m in spec.methods if any(r["method"] == m for r in records)}
     report = {"spec": asdict(spec), "extract": extract, "machine": machine(),
               "runs_done": len(records), "runs_planned": spec.seeds * len(spec.methods),

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, _curves_with_base, method_overrides, plot,
+from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, method_overrides, plot,
                                         run_record, summarize, table)
 from opsd.benchmarks.experiment import fmt
 from opsd.config import REPO_ROOT
@@ -121,7 +121,7 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     chosen = {m: choose_lr(rs) for m, rs in by_sweep.items() if len(rs) == len(spec.lrs)}
     base = next((r["evals"][0] for r in runs if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
-    by_method = {m: _curves_with_base([r for r in runs if r["method"] == m], base_point)
+    by_method = {m: curves_with_base([r for r in runs if r["method"] == m], base_point)
                  for m in spec.methods if any(r["method"] == m for r in runs)}
     report = {"spec": asdict(spec) | {"eval_problems": spec.test_problems}, "extract": extract, "machine": machine(),
               "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs}

@@ -48,18 +48,22 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
                           "task measures a teacher context fixed per problem (solution, answer, none, other_problem)")
     problems = read_problems(cfg, test_path, require_solution="solution" in dataset_needs(cfg))[:problems_n]
     builder = PromptBuilder(tok, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.eval.max_tokens)
-    pairs, _ = builder.build(problems, source=str(test_path),
+    pairs, skipped = builder.build(problems, source=str(test_path),
                              teacher=static_teacher(cfg, builder, DatasetView(problems, cfg.train.seed)))
     # The teacher's context as a prompt of its own: answers written after reading what it holds.
     as_teacher = [PromptPair(p.uid, p.teacher_ids, p.teacher_ids, p.answer, p.verifier) for p in pairs]
     eos = tok.eos_token_id
     # The reference: the worked solution, or for a task with none, its answer as the answer-only teacher reads it.
-    refs = [list(tok(p.solution or answer_hint(p.answer or ""), add_special_tokens=False)["input_ids"])
-            + [eos] for p in problems]
+    by_uid = {p.uid: p for p in problems}
+    refs = {p.uid: list(tok(by_uid[p.uid].solution or answer_hint(p.answer or ""), add_special_tokens=False)["input_ids"])
+            + [eos] for p in pairs}
+    # Scored only where both prompts followed by the reference fit the engine's context.
+    fits = [p for p in pairs if max(len(p.student_ids), len(p.teacher_ids)) + len(refs[p.uid]) <= cfg.model.max_model_len]
 
     pool = ActorPool("rollout", RolloutWorker, 1, {"num_cpus": cfg.rollout.num_cpus_per_worker, "num_gpus": 0},
                      (cfg, model_path), max_restarts=0)
     report: dict = {"model": cfg.model.path, "model_path": model_path, "data": str(test_path), "problems": len(pairs),
+                    "skipped_overlong": len(skipped),
                     "dtype": cfg.model.dtype, "max_tokens": cfg.eval.max_tokens, "grading": cfg.grading.extract,
                     "student_instruction": cfg.prompt.student_instruction,
                     "teacher_context": cfg.teacher.context, "teacher_template": cfg.prompt.teacher_template,
@@ -78,15 +82,24 @@ def task_report(cfg: Config, problems_n: int, *, log: Callable[[str], None] = pr
                 f"{metrics['accuracy_lenient']:.3f} lenient; format {metrics['format_rate']:.3f}; "
                 f"{metrics['response_len_mean']:.0f} tokens ({report[role]['seconds']:.0f}s)")
         for role, attr in (("student", "student_ids"), ("teacher", "teacher_ids")):
-            seqs = [list(getattr(p, attr)) + ref for p, ref in zip(pairs, refs)]
+            if not fits:
+                report[role]["reference_logprob_per_token"] = None
+                continue
+            seqs = [list(getattr(p, attr)) + refs[p.uid] for p in fits]
             lps = pool.map("prompt_logprobs", [(seqs,)])[0]
-            per_token = [statistics.fmean(lp[-len(ref):]) for lp, ref in zip(lps, refs)]
+            per_token = [statistics.fmean(lp[-len(refs[p.uid]):]) for lp, p in zip(lps, fits)]
             report[role]["reference_logprob_per_token"] = statistics.fmean(per_token)
+        report["reference_scored"] = len(fits)
     finally:
         pool.kill()
     for mode in ("strict", "lenient"):
         s, t = report["student"][f"accuracy_{mode}"], report["teacher"][f"accuracy_{mode}"]
         report[f"teacher_over_student_{mode}"] = t / s if s else None
-    log(f"task: reference log-prob per token {report['student']['reference_logprob_per_token']:.3f} after the "
-        f"student prompt, {report['teacher']['reference_logprob_per_token']:.3f} after the teacher prompt")
+    if fits:
+        log(f"task: reference log-prob per token {report['student']['reference_logprob_per_token']:.3f} after the "
+            f"student prompt, {report['teacher']['reference_logprob_per_token']:.3f} after the teacher prompt "
+            f"({len(fits)} of {len(pairs)} problems, those whose prompt and reference fit model.max_model_len)")
+    else:
+        log(f"task: no problem's prompt and reference fit model.max_model_len={cfg.model.max_model_len}; "
+            "reference log-probs not measured")
     return report

@@ -109,6 +109,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def prune_checkpoints(checkpoints: Path, keep: int, newest: Path) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (``keep`` 0: none is deleted);
+    returns what was deleted. ``newest``, the one just written (complete: its manifest was written
+    before its rename), is always kept."""
+    if keep <= 0:
+        return []
+    done = sorted((int(d.name.split("_")[-1]), d) for d in checkpoints.glob("step_*")
+                  if d.name.split("_")[-1].isdigit() and d.is_dir())
+    old = [d for _, d in done[:-keep] if d != newest]
+    for d in old:
+        # Renamed first, so a kill during the delete leaves a name resume never reads.
+        doomed = d.with_name(f".{d.name}.deleting")
+        os.replace(d, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in checkpoints.glob(".step_*.deleting"):  # a delete a kill interrupted earlier
+        shutil.rmtree(leftover, ignore_errors=True)
+    return old
+
+
 @dataclass
 class RunState:
     """The driver's part of a checkpoint: where the run is, besides the learner's weights."""

@@ -93,6 +93,12 @@ def _token_auth_as_ray_init_would() -> None:
     ensure_token_if_auth_enabled()
 
 
+def local_cluster_session() -> int | None:
+    """The session id of the local cluster init_ray started (its keeper leads it), or None."""
+    local = _LOCAL
+    return local.proc.pid if local is not None and local.proc is not None else None
+
+
 def shutdown_ray() -> None:
     """ray.shutdown(), and the end of the local cluster init_ray started, if it started one."""
     import ray

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 from opsd.batch import write_ipc
 from opsd.config import Config, ConfigError, check, load_config, to_yaml
 from opsd.launch.actors import Actors, say, start_actors
-from opsd.launch.checkpoints import RunDir, RunState, latest_checkpoint, read_teacher, resume_hint, write_checkpoint
+from opsd.launch.checkpoints import (RunDir, RunState, latest_checkpoint, prune_checkpoints, read_teacher, resume_hint,
+                                     write_checkpoint)
 from opsd.launch.cluster import init_ray, shutdown_ray
 from opsd.launch.loggers import MetricsLogger, read_metrics
 from opsd.launch.metrics import StepFacts, eval_summary, step_row
@@ -160,8 +161,10 @@ class Trainer:
             import ray
 
             teacher = lambda: ray.get(self.actors.scorers.actors[0].state_dict_cpu.remote())  # noqa: E731
-        return write_checkpoint(self.run.checkpoints, state, self.actors.learner, export_hf=self.cfg.train.export_hf,
+        ckpt = write_checkpoint(self.run.checkpoints, state, self.actors.learner, export_hf=self.cfg.train.export_hf,
                                 teacher=teacher, learner_died=lambda exc: learner_died(exc, self.actors.learner))
+        prune_checkpoints(self.run.checkpoints, self.cfg.train.keep_checkpoints, ckpt)
+        return ckpt
 
     def restore(self, ckpt: Path, run: RunDir) -> None:
         """The learner, the data position and the versions of ``ckpt``; its weights pushed to every
@@ -217,7 +220,7 @@ class Trainer:
                 except Exception as exc:  # a learner rank's death is recovered from; anything else ends the run
                     if not learner_died(exc, self.actors.learner):
                         raise
-                    self._restart_learner(exc, bar)  # back to the last checkpoint, or to step 0
+                    self._recover_learner(exc, bar)  # back to the last checkpoint, or to step 0
                     bar.reset(total=cfg.train.steps)
                     bar.update(self.step)
                     saved_at = self.step
@@ -235,6 +238,18 @@ class Trainer:
         summary = eval_summary(read_metrics(run.path), cfg.grading.extract)
         if summary:
             say(summary)
+
+    def _recover_learner(self, exc: BaseException, bar: Any) -> None:
+        """_restart_learner until a new group is up and restored: a new group whose rank dies while
+        it starts or loads the checkpoint is one more learner death, restarted the same way and
+        counted against train.max_actor_restarts like any other."""
+        while True:
+            try:
+                return self._restart_learner(exc, bar)
+            except Exception as again:
+                if not learner_died(again, self.actors.learner):
+                    raise
+                exc = again
 
     def _restart_learner(self, exc: BaseException, bar: Any) -> None:
         """A new learner group from the last complete checkpoint (or the initial weights when none

@@ -32,6 +32,10 @@ class LocalClusterError(RuntimeError):
     """The local cluster did not come up; the message holds the end of its log."""
 
 
+# The local clusters' Ray temp dir (sessions and logs): short, as Ray's socket paths must be.
+TEMP_DIR = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray-opsd")
+
+
 class LocalCluster:
     """A Ray head of this run's own, in a session of its own, kept by this module's process.
 
@@ -52,7 +56,10 @@ class LocalCluster:
         with socket.socket() as s:  # a free port now; taken by the GCS a moment later
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        options = [f"--port={port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+        # A temp dir of opsd's own: `ray start` records its address in the temp dir's
+        # ray_current_cluster, and a plain ray.init() elsewhere on this machine joins the cluster
+        # named in the default one (or fails on it, once this cluster is gone).
+        options = [f"--port={port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={TEMP_DIR}",
                    f"--include-dashboard={'true' if self.dashboard else 'false'}", "--dashboard-host=127.0.0.1"]
         if self.num_cpus is not None:
             options.append(f"--num-cpus={self.num_cpus}")

@@ -103,6 +103,7 @@ class NumericsWatch:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.bad_steps: list[int] = []  # the latest steps in a row whose update was skipped
+        self.overflow_skips = 0  # fp16 updates skipped by the loss scaler, the loss finite
 
     def reset(self) -> None:
         self.bad_steps = []
@@ -112,7 +113,12 @@ class NumericsWatch:
             self.bad_steps = []
             return
         if self.cfg.model.dtype == "float16" and not row["nonfinite_sample_ids"]:
-            return  # fp16 loss scaling skips on overflow while it calibrates: normal, not a fault
+            # fp16 loss scaling skips on overflow while it calibrates: normal, not a fault, but
+            # counted and said (the learning-rate schedule does not advance on it either).
+            self.overflow_skips += 1
+            write(f"opsd: step {row['step']}: the fp16 loss scale overflowed and the update was skipped "
+                  f"({self.overflow_skips} such step(s) in this run)")
+            return
         self.bad_steps.append(row["step"])
         ids = row["nonfinite_sample_ids"]
         named = f"the loss of samples {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}" if ids else "the gradient"

@@ -250,6 +250,7 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None  # a run dir to continue from
     checkpoint_every: int = 3
+    keep_checkpoints: int = 0  # the newest N complete checkpoints stay, older ones are deleted; 0 keeps all
     export_hf: bool = True
     max_actor_restarts: int = 2
     # A step whose loss or gradient norm is not finite is never applied; this many in a row stop
@@ -529,7 +530,8 @@ def _check_values(cfg: Config) -> None:
     ):
         positive(key)
     for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",
-                "rollout.temperature", "eval.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries"):
+                "rollout.temperature", "eval.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries",
+                "train.keep_checkpoints"):
         positive(key, allow_zero=True)
 
     if not 0.0 <= cfg.loss.beta <= 1.0:

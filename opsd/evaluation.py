@@ -22,12 +22,23 @@ class Graded:
     verifier: str | None = None  # a procedural task's own grader, when it is not math-verify
 
 
+def reward(text: str, gold: str, mode: str = "strict", verifier: str | None = None) -> float:
+    """A response's reward: with a procedural task's ``verifier`` (opsd/assets/procedural.py) that
+    task's own grade of the extracted answer, which may be partial; otherwise
+    :func:`opsd.verify.score_response` (1.0 or 0.0)."""
+    if verifier is not None:
+        from opsd.assets.procedural import score  # deferred: only procedural rows carry a verifier
+
+        return score(verifier, extract_answer(text, mode))
+    return score_response(text, gold, mode)
+
+
 def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict", verifier: str | None = None) -> Graded:
     """Each response's answer under ``extract`` (opsd.verify.EXTRACTORS), checked against ``gold``
     (or by a procedural task's ``verifier``)."""
     answers = [extract_answer(r, extract) for r in responses]
     if verifier is not None:
-        return Graded(uid, answers, [score_response(r, gold, extract, verifier) == 1.0 for r in responses], gold,
+        return Graded(uid, answers, [reward(r, gold, extract, verifier) == 1.0 for r in responses], gold,
                       verifier)
     return Graded(uid, answers, [is_equivalent(a, gold) if a is not None else False for a in answers], gold)
 

@@ -128,13 +128,9 @@ def is_equivalent(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> boo
     return _WORKER.equivalent(pred, gold, timeout_s)
 
 
-def score_response(text: str, gold: str, mode: str = "strict", verifier: str | None = None) -> float:
-    """1.0 when the answer `extract_answer(text, mode)` is equivalent to `gold`, else 0.0; with a
-    ``verifier`` (a procedural task's, opsd/assets/procedural.py), that task's own grade."""
-    if verifier is not None:
-        from opsd.assets.procedural import score
-
-        return score(verifier, extract_answer(text, mode))
+def score_response(text: str, gold: str, mode: str = "strict") -> float:
+    """1.0 when the answer `extract_answer(text, mode)` is equivalent to `gold`, else 0.0. A procedural
+    task's own grader is applied above this module: :func:`opsd.evaluation.reward`."""
     return 1.0 if is_equivalent(extract_answer(text, mode), gold) else 0.0
 
 

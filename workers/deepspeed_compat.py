@@ -51,16 +51,22 @@ def load_checkpoints_as_tensors(engine: Any) -> None:
 
 @contextmanager
 def optimizer_step_skipped(engine: Any) -> Iterator[None]:
-    """Inside the block, ``engine.step()`` zeroes the gradients and advances DeepSpeed's counters
-    as usual, but the optimizer does not step: for an update that must not be applied where
-    DeepSpeed would apply it (fp32 without ZeRO has no overflow check of its own)."""
-    optimizer = engine.optimizer
-    own = vars(optimizer).get("step")
-    optimizer.step = lambda *args, **kwargs: None
+    """Inside the block, ``engine.step()`` zeroes the gradients and advances DeepSpeed's step
+    counters as usual, but neither the optimizer nor the learning-rate schedule steps: for an
+    update that must not be applied where DeepSpeed would apply it (fp32 without ZeRO has no
+    overflow check of its own). DeepSpeed's own overflow skip leaves the schedule where it was
+    too, so a run's schedule counts applied updates only, whichever path skipped (docs/DESIGN.md,
+    "Faults")."""
+    stubbed = [obj for obj in (engine.optimizer, getattr(engine, "lr_scheduler", None)) if obj is not None]
+    own = [vars(obj).get("step") for obj in stubbed]
+    for obj in stubbed:
+        obj.step = lambda *args, **kwargs: None
     try:
         yield
+        engine.skipped_steps += 1
     finally:
-        if own is None:
-            del optimizer.step
-        else:
-            optimizer.step = own
+        for obj, method in zip(stubbed, own):
+            if method is None:
+                del obj.step
+            else:
+                obj.step = method

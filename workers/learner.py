@@ -677,8 +677,11 @@ class LearnerGroup:
             ).remote(cfg, model_path, i, w)
             for i in range(w)
         ]
-        addr, port = ray.get(self.ranks[0].master_address.remote())
-        self.info = ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        # A rank that dies while the group starts must not leave the others waiting in the
+        # rendezvous: _wait_all shuts the whole group down and raises its error (a learner death
+        # like any other, which the driver recovers from: launch/driver.py, _recover_learner).
+        addr, port = self._wait_all([self.ranks[0].master_address.remote()])[0]
+        self.info = self._wait_all([r.setup.remote(addr, port) for r in self.ranks])
 
     def _all(self, method: str, *args) -> list:
         """Call every rank with the same arguments (see :meth:`_all_each`)."""

@@ -105,7 +105,7 @@ class RolloutWorker:
 
         With ``expect_version``, refuses to sample from other weights (a restarted actor has the
         initial ones until the driver brings it up to date). With ``answers`` (one per prompt),
-        every sample is graded here (``opsd.verify.score_response`` with ``extract``), off the
+        every sample is graded here (``opsd.evaluation.reward`` with ``extract``), off the
         driver's critical path: the workers grade in parallel, while the next request waits.
         """
         require_version(self.version, expect_version, "rollout worker")
@@ -124,7 +124,7 @@ class RolloutWorker:
         )
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-        from opsd.verify import score_response
+        from opsd.evaluation import reward as grade_reward
 
         result = []
         for i, out in enumerate(outs):
@@ -133,7 +133,7 @@ class RolloutWorker:
                 ids = list(c.token_ids)
                 lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
                 verifier = verifiers[i] if verifiers is not None else None
-                reward = None if answers is None or answers[i] is None else score_response(
+                reward = None if answers is None or answers[i] is None else grade_reward(
                     c.text, answers[i], extract, verifier)
                 samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, reward))
             result.append(samples)

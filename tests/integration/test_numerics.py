@@ -70,10 +70,38 @@ def test_non_finite_steps_are_skipped_and_enough_in_a_row_stop_the_run(zero_stag
         assert poisoned in r["nonfinite_sample_ids"]  # named with the rest of its micro-batch
         assert set(r["nonfinite_sample_ids"]) <= set(r["sample_ids"])
     assert "nonfinite_sample_ids" not in rows[0] and math.isfinite(rows[2]["loss"])
-
     w = trainer.weights_after
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     assert same(w[2], w[1]), "the NaN step changed the weights"
     assert not same(w[3], w[2]), "the good step after it did not train"
     assert same(w[5], w[3]) and same(w[4], w[3])
     assert all(bool(torch.isfinite(t).all()) for t in w[5].values())
+
+
+WARMUP = 20  # steps of linear learning-rate warmup: the whole run is inside it
+
+
+# Both paths: DeepSpeed's overflow check under ZeRO-2, opsd's own check without ZeRO.
+@pytest.mark.parametrize("zero_stage, ranks", [(0, 1), pytest.param(2, 2, marks=pytest.mark.slow)],
+                         ids=["zero0-opsd-skips", "zero2-deepspeed-skips"])
+def test_the_learning_rate_schedule_counts_applied_updates_only(zero_stage, ranks, tmp_path, ray_session):
+    """A run with skipped steps follows the schedule of a run without them (docs/DESIGN.md, "Faults")."""
+    trainer, run = make_trainer(
+        tmp_path, "train.steps=6", "train.checkpoint_every=0", "eval.every=0", "train.max_bad_steps=3",
+        "train.prompts_per_step=4", f"learner.zero_stage={zero_stage}", f"learner.num_ranks={ranks}",
+        f"learner.warmup_steps={WARMUP}", cls=PoisoningTrainer,
+    )
+    try:
+        trainer.run_steps(run)
+    finally:
+        trainer.shutdown()
+    rows = read_metrics(run.path)
+    assert [r["update_skipped"] for r in rows] == [False, True, False, True, True, False]
+    # The logged rate is the next step's. DeepSpeed's WarmupLR sits at position -1 before the first
+    # update and gives lr * position / WARMUP: after the k-th applied update, lr * (k - 1) / WARMUP.
+    lr, applied = trainer.cfg.learner.lr, 0
+    for r in rows:
+        applied += not r["update_skipped"]
+        assert r["lr"] == pytest.approx(lr * max(applied - 1, 0) / WARMUP, rel=1e-6, abs=1e-12), [
+            (x["step"], x["lr"]) for x in rows]
+    assert rows[-1]["lr"] > 0  # the schedule moved

@@ -58,13 +58,16 @@ def test_bench_task_measures_a_procedural_task_with_the_answer_only_teacher(tiny
     from opsd.benchmarks.task_report import task_report
 
     cfg = local_config(f"data.test_path=reasoning_gym:{TASK}:test", "teacher.context=answer", "eval.max_tokens=16",
-                       "prompt.max_prompt_len=448", "model.max_model_len=512", "prompt.overlong=skip")
+                       "prompt.max_prompt_len=448", "model.max_model_len=1024", "prompt.overlong=skip")
     lines: list[str] = []
     report = task_report(cfg, 6, log=lines.append)
-    assert report["problems"] == 6 and report["teacher_context"] == "answer"
+    assert report["problems"] + report["skipped_overlong"] == 6 and report["teacher_context"] == "answer"
+    # The reference is scored only where prompt and reference fit the context, and here they all do.
+    assert report["reference_scored"] == report["problems"] > 0
     for role in ("student", "teacher"):
         acc = report[role]["accuracy_strict"]
-        assert 0.0 <= acc <= 1.0 and math.isclose(acc * 6, round(acc * 6))
+        n = report["problems"]
+        assert 0.0 <= acc <= 1.0 and math.isclose(acc * n, round(acc * n))
         assert math.isfinite(report[role]["reference_logprob_per_token"]) and report[role][
             "reference_logprob_per_token"] < 0
     assert any(line.startswith("task: teacher prompt") for line in lines), lines

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,14 @@ VENV_BIN = Path(sys.executable).parent
 HEAD_START_TIMEOUT = 120
 JOB_TIMEOUT = 600
 STEPS = 2
+TOKEN = secrets.token_hex(32)
+
+
+def api_get(address: str, path: str, token: str | None = TOKEN) -> dict:
+    """GET a dashboard REST path, with the cluster's token as the `ray` CLI sends it."""
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    with urllib.request.urlopen(urllib.request.Request(f"{address}{path}", headers=headers), timeout=30) as r:
+        return json.load(r)
 
 
 def free_port() -> int:
@@ -80,11 +89,12 @@ def job_env() -> dict:
     # told that the cluster is single-node; this keeps GCS, raylet, workers and the job's driver
     # (which inherits this environment) on loopback.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # Ray 2.60 turns token authentication on for a new head when a token file exists in the home
-    # directory (another local cluster may have created one), but its `ray job` CLI sends the
-    # token only when RAY_AUTH_MODE=token is set: the CLI then gets 401 from the dashboard. Say
-    # which mode, for the head, the CLI and the job alike; this cluster is loopback-only.
-    env["RAY_AUTH_MODE"] = "disabled"
+    # Token authentication on, as the README tells a cluster user to run it (and as KubeRay's
+    # authOptions does it): the mode and the token in the environment of the head, of the
+    # submitting CLI and so of the job's driver. The token is this test's own, not the one a
+    # local cluster may have left in ~/.ray/auth_token.
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = TOKEN
     # On SIGTERM `ray start --block` first drains the node for up to 30 s (for Serve); nothing
     # here needs that.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
@@ -240,9 +250,12 @@ def test_ray_job_submit_trains(ray_head, tmp_path):
     status = ray_cli("job", "status", "--address", address, job_id, timeout=60)
     text = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout)
     assert "succeeded" in text.lower(), diagnose(f"job status:\n{text}\n{status.stderr}")
-    with urllib.request.urlopen(f"{address}/api/jobs/{job_id}", timeout=30) as r:
-        info = json.load(r)
+    info = api_get(address, f"/api/jobs/{job_id}")
     assert info["status"] == "SUCCEEDED", diagnose(f"job info: {info}")
+    # The cluster runs with token authentication: a request without the token is refused.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api_get(address, f"/api/jobs/{job_id}", token=None)
+    assert refused.value.code in (401, 403), refused.value
 
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -277,5 +290,4 @@ def test_ray_job_submit_trains(ray_head, tmp_path):
     assert latest_checkpoint(run_dir) == run_dir / "checkpoints" / f"step_{step}"  # verified by its manifest
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
     assert [r["step"] for r in rows] == list(range(1, step + 1))
-    with urllib.request.urlopen(f"{address}/api/jobs/{resume_id}", timeout=30) as r:
-        assert json.load(r)["status"] == "STOPPED"
+    assert api_get(address, f"/api/jobs/{resume_id}")["status"] == "STOPPED"

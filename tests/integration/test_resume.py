@@ -11,6 +11,7 @@ same samples and the same losses.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 
@@ -18,9 +19,11 @@ import numpy as np
 import pytest
 
 import opsd.launch.driver as driver
+import opsd.workers.learner as learner_module
 from opsd.launch.driver import train
 from opsd.launch.stopping import LearnerLost, Stopped
 from opsd.config import REPO_ROOT
+from opsd.workers.learner import LearnerRank
 
 from .conftest import local_overrides, read_metrics
 
@@ -127,6 +130,55 @@ def test_a_dead_learner_rank_is_replaced_from_the_last_checkpoint_and_the_run_re
     assert "a learner rank died in step 3" in out and f"restarting the learner group from {ckpt} (restart 1 of 2)" in out
     assert "learner group restarted at step 2" in out
     # Steps 3 and 4 trained once each in the surviving history (metrics rewound to step 2).
+    assert_repeats(read_metrics(full), read_metrics(run))
+
+
+FAULTS = REPO_ROOT / "artifacts" / "test-faults"  # markers a DyingRank process looks for
+
+
+class DyingRank(LearnerRank):
+    """A learner rank whose process dies (as an OOM kill would end it) in setup() or
+    load_checkpoint() when the test left a marker for that call and rank; the marker is used up."""
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        die_if_marked(f"setup-{self.rank}")
+        return super().setup(master_addr, master_port)
+
+    def load_checkpoint(self, ckpt_dir: str) -> int:
+        die_if_marked(f"load_checkpoint-{self.rank}")
+        return super().load_checkpoint(ckpt_dir)
+
+
+def die_if_marked(name: str) -> None:
+    try:
+        (FAULTS / name).unlink()  # exactly one process gets to remove it
+    except FileNotFoundError:
+        return
+    os._exit(1)
+
+
+@pytest.mark.parametrize("where", ["setup", "load_checkpoint"])
+def test_a_new_learner_group_that_dies_while_starting_or_restoring_is_restarted_again(
+    where, full, tmp_path, ray_session, monkeypatch, capsys
+):
+    class KillsThenMarks(LearnerKillingTrainer):
+        def score(self, ready):
+            if ready.step in self.kill_in and ready.step not in getattr(self, "killed", []):
+                FAULTS.mkdir(parents=True, exist_ok=True)
+                (FAULTS / f"{where}-1").touch()  # for the group that replaces the killed one
+            return super().score(ready)
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "Trainer", KillsThenMarks)
+        m.setattr(learner_module, "LearnerRank", DyingRank)
+        run = train(CONFIG, local_overrides(tmp_path, "train.steps=4", *COMMON))
+    out = capsys.readouterr().out
+    ckpt = run / "checkpoints" / "step_2"
+    assert not (FAULTS / f"{where}-1").exists(), "the new group never reached the faulty call"
+    assert f"restarting the learner group from {ckpt} (restart 1 of 2)" in out
+    # The replacement died in its first setup() or load_checkpoint(): one more restart, counted.
+    assert f"restarting the learner group from {ckpt} (restart 2 of 2)" in out, out[-3000:]
+    assert out.count("learner group restarted at step 2") == 1
     assert_repeats(read_metrics(full), read_metrics(run))
 
 

@@ -25,7 +25,7 @@ import pytest
 
 from opsd.config import REPO_ROOT
 from opsd.launch.checkpoints import latest_checkpoint
-from opsd.launch.localhead import session_members
+from opsd.launch.localhead import TEMP_DIR, session_members
 
 pytestmark = pytest.mark.integration
 
@@ -137,8 +137,13 @@ def run_of(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_to_the_whole_process_group_stops_the_run_with_a_checkpoint(run_of, signum):
+    started = time.time()
     run = run_of()
     run.wait_for_steps(2)
+    # The cluster records its address in a Ray temp dir of opsd's own, not in the default one where
+    # a plain ray.init() elsewhere on the machine would find it (and join it, or fail on it later).
+    assert f"--temp-dir={TEMP_DIR}" in cmdline(run.keeper).split()
+    assert os.stat(os.path.join(TEMP_DIR, "ray_current_cluster")).st_mtime >= started - 1
     os.killpg(run.proc.pid, signum)
     code = run.proc.wait(timeout=300)
     text = run.output()

@@ -14,6 +14,7 @@ import pytest
 
 from opsd.assets import datasets
 from opsd.data import DataError, load_problems, solution_and_answer
+from opsd.evaluation import reward
 from opsd.verify import score_response
 
 
@@ -175,8 +176,8 @@ def test_a_procedural_task_is_generated_from_its_seed_and_graded_by_its_own_veri
     assert data == rows("reasoning_gym:basic_arithmetic:val")  # the same problems from the same seed
     first = data[0]
     # The task's own verifier: the right answer scores 1, another 0, through opsd's grading.
-    assert score_response(f"\\boxed{{{first['answer']}}}", first["answer"], "strict", first["verifier"]) == 1.0
-    assert score_response("\\boxed{banana}", first["answer"], "strict", first["verifier"]) == 0.0
+    assert reward(f"\\boxed{{{first['answer']}}}", first["answer"], "strict", first["verifier"]) == 1.0
+    assert reward("\\boxed{banana}", first["answer"], "strict", first["verifier"]) == 0.0
     assert procedural.score(first["verifier"], None) == 0.0
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:basic_arithmetic:val"), log=lambda m: None),
                              require_solution=False)

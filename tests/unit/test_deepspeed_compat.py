@@ -3,6 +3,7 @@ them on a DeepSpeed they were not checked against."""
 
 from __future__ import annotations
 
+import math
 import pickle
 from types import SimpleNamespace
 
@@ -48,11 +49,20 @@ def test_a_skipped_optimizer_step_changes_nothing_and_the_next_one_steps():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4))
     optimizer = torch.optim.AdamW([w], lr=0.1)
-    engine = SimpleNamespace(optimizer=optimizer)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / 10)  # a warmup
+    engine = SimpleNamespace(optimizer=optimizer, lr_scheduler=schedule, skipped_steps=0)
+    own_step = vars(optimizer)["step"]  # the schedule wraps the optimizer's step in one of its own
     w.grad = torch.ones(4)
     before = w.detach().clone()
     with deepspeed_compat.optimizer_step_skipped(engine):
         engine.optimizer.step()
-    assert torch.equal(w.detach(), before) and optimizer.state == {}  # no update, no moment estimates
-    engine.optimizer.step()  # the optimizer's own step is back
-    assert not torch.equal(w.detach(), before) and "step" not in vars(optimizer)
+        engine.lr_scheduler.step()
+    # no update, no moment estimates, the schedule where it was, the skip counted as DeepSpeed counts its own
+    assert torch.equal(w.detach(), before) and optimizer.state == {}
+    assert schedule.last_epoch == 0 and math.isclose(optimizer.param_groups[0]["lr"], 0.01)
+    assert engine.skipped_steps == 1
+    engine.optimizer.step()  # the optimizer's and the schedule's own steps are back
+    engine.lr_scheduler.step()
+    assert schedule.last_epoch == 1 and math.isclose(optimizer.param_groups[0]["lr"], 0.02)
+    assert not torch.equal(w.detach(), before)
+    assert vars(optimizer)["step"] is own_step and "step" not in vars(schedule)

@@ -193,3 +193,10 @@ def test_a_stopped_or_preempted_job_has_time_to_checkpoint(path):
         for pattern in patterns:
             assert all(re.search(pattern, line) for line in finds), pattern
             assert not any(re.search(pattern, line) for line in [*misses, " ".join(hook)]), pattern
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_cluster_requires_a_token(path):
+    """Ray's dashboard and job API run code for whoever reaches them: every manifest turns on
+    KubeRay's token authentication (the README's `ray job submit` section does the same by hand)."""
+    assert load(path)["spec"]["rayClusterSpec"].get("authOptions") == {"mode": "token"}

@@ -19,6 +19,8 @@ forms the group again before it retries. The driver can raise the flag from outs
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -125,6 +127,24 @@ def _poll(store: Any, done: Callable[[], bool], *, timeout_s: float, what: str, 
         pause = min(2 * pause, 0.01)
 
 
+def gloo_devices(store_host: str, store_port: int) -> list:
+    """The network devices a gloo member listens and connects on. By default the local address
+    that routes to the group's store (learner rank 0's node): the one the other members can reach
+    it at. Gloo's own default is the address the host name resolves to, which in a container or
+    a network namespace is often loopback or an address of another network, and the members
+    then cannot connect. ``GLOO_SOCKET_IFNAME`` (torch's variable, comma-separated interfaces)
+    overrides it."""
+    import torch.distributed as dist
+
+    interfaces = [i for i in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if i]
+    if interfaces:
+        return [dist.ProcessGroupGloo.create_device(interface=i) for i in interfaces]
+    with socket.socket(socket.AF_INET6 if ":" in store_host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((store_host, store_port))  # UDP: no packet is sent, the route is looked up
+        local = probe.getsockname()[0]
+    return [dist.ProcessGroupGloo.create_device(hostname=local)]
+
+
 def _indexed(device: torch.device | str) -> torch.device:
     """PyNccl compares devices exactly: a bare ``cuda`` must name its GPU."""
     device = torch.device(device)
@@ -161,7 +181,10 @@ class BroadcastGroup:
                   what=f"weight group '{spec.name}' rank {rank} joining", on_abort=lambda: None)
             prefixed = dist.PrefixStore(f"opsd/{spec.name}", store)
             if spec.backend == "gloo":
-                self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
+                options = dist.ProcessGroupGloo._Options()
+                options._timeout = timedelta(seconds=spec.timeout_s)
+                options._devices = gloo_devices(spec.host, spec.port)
+                self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, options)
             else:
                 self._init_nccl(prefixed, spec)
         except BaseException as exc:  # whatever stopped it joining (an interrupt too): the others are told, then it is raised

@@ -1,0 +1,175 @@
+"""``opsd bench soak``: a long run watched for what grows.
+
+It runs ``opsd train`` (by default configs/tiny.yaml for 1,000 steps, in-place weight pushes on one
+host, a checkpoint every 100 steps, the newest 2 kept) and every ``sample_every`` steps records,
+for the driver, each rollout worker, scorer and learner rank: its resident memory and its open
+file descriptors; for the rest of the local Ray cluster (GCS, raylet, dashboard agent: the
+processes of the cluster's session that are not actors) their summed resident memory; the bytes
+and files in /dev/shm; and the run directory's size. The report gives each series at the end of
+warm-up, at the end, and its least-squares growth per 1,000 steps after warm-up, and draws them
+(soak.png). Processes on another host than the driver are not sampled.
+
+Figures and the machine go to docs/BENCHMARKS.md ("Soak").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULTS = ("train.checkpoint_every=100", "train.keep_checkpoints=2", "eval.every=0", "logging.tensorboard=false")
+
+
+def _pid(_actor: Any) -> int:
+    return os.getpid()
+
+
+def proc_rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of ``pid`` in MiB; None when it cannot be read (gone, another host)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def proc_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def dir_usage(path: Path) -> tuple[int, int]:
+    """(bytes, files) under ``path``, by the blocks they take (a sparse file counts what it uses)."""
+    total = files = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue  # removed meanwhile
+            total += st.st_blocks * 512
+            files += 1
+    return total, files
+
+
+def sample(trainer: Any, step: int, cluster_session: int | None) -> dict:
+    """One row of the soak's series (see the module docstring)."""
+    import ray
+
+    from opsd.launch.localhead import session_members
+
+    actors = trainer.actors
+    roles = {"rollout": actors.rollouts.actors, "learner": actors.learner.ranks}
+    if actors.scorers is not None:
+        roles["scorer"] = actors.scorers.actors
+    pids = {role: ray.get([a.__ray_call__.remote(_pid) for a in handles]) for role, handles in roles.items()}
+    pids["driver"] = [os.getpid()]
+    row: dict = {"step": step, "time": time.time()}
+    for role, ps in pids.items():
+        for i, pid in enumerate(ps):
+            row[f"rss_mb/{role}{i}"] = proc_rss_mb(pid)
+            row[f"fds/{role}{i}"] = proc_fds(pid)
+    if cluster_session is not None:
+        actor_pids = {p for ps in pids.values() for p in ps}
+        others = [p for p in session_members(cluster_session) if p not in actor_pids]
+        row["rss_mb/ray_daemons"] = sum(proc_rss_mb(p) or 0.0 for p in others)
+        row["processes/ray_daemons"] = len(others)
+    shm_bytes, row["shm_files"] = dir_usage(Path("/dev/shm"))
+    row["shm_mb"] = shm_bytes / 2**20
+    run_bytes, row["run_dir_files"] = dir_usage(trainer.run.path)
+    row["run_dir_mb"] = run_bytes / 2**20
+    row["checkpoints"] = len(list(trainer.run.checkpoints.glob("step_*")))
+    row["restarts"] = actors.rollouts.restarts + (actors.scorers.restarts if actors.scorers else 0)
+    return row
+
+
+def growth(samples: list[dict], key: str, warmup_step: int) -> dict | None:
+    """The series ``key`` at the end of warm-up and at the end, and its least-squares slope per
+    1,000 steps over the samples after warm-up."""
+    pts = [(r["step"], r[key]) for r in samples if r.get(key) is not None and r["step"] >= warmup_step]
+    if len(pts) < 2:
+        return None
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+    first = next((r[key] for r in samples if r.get(key) is not None), None)
+    return {"first": first, "after_warmup": pts[0][1], "end": pts[-1][1], "max": max(y for _, y in pts),
+            "per_1000_steps": slope * 1000}
+
+
+def plot(samples: list[dict], path: Path, warmup_step: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [("resident memory (MiB)", "rss_mb/"), ("open file descriptors", "fds/"),
+              ("/dev/shm (MiB)", "shm_mb"), ("run directory (MiB)", "run_dir_mb")]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    steps = [r["step"] for r in samples]
+    for ax, (title, prefix) in zip(axes.flat, groups):
+        for key in sorted({k for r in samples for k in r if k.startswith(prefix)}):
+            ax.plot(steps, [r.get(key) for r in samples], label=key.split("/")[-1] if "/" in key else key)
+        ax.axvline(warmup_step, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_soak(config: str, overrides: list[str], *, steps: int, sample_every: int, out_dir: Path,
+               warmup_steps: int | None = None, out: Callable[[str], None] = print) -> dict:
+    import opsd.launch.driver as driver
+    from opsd.launch.cluster import local_cluster_session
+
+    warmup = warmup_steps if warmup_steps is not None else max(sample_every, steps // 10)
+    samples: list[dict] = []
+    in_place: list[bool] = []
+
+    class Watched(driver.Trainer):
+        def train_one_step(self, step: int) -> dict:
+            row = super().train_one_step(step)
+            in_place.append(bool(row.get("sync_in_place")))
+            if step == 1 or step % sample_every == 0 or step == self.cfg.train.steps:
+                samples.append(sample(self, step, local_cluster_session()))
+                s = samples[-1]
+                out(f"soak: step {step}: learner0 {s.get('rss_mb/learner0') or 0:.0f} MiB, rollout0 "
+                    f"{s.get('rss_mb/rollout0') or 0:.0f} MiB, driver {s['rss_mb/driver0'] or 0:.0f} MiB, "
+                    f"/dev/shm {s['shm_mb']:.0f} MiB, run dir {s['run_dir_mb']:.0f} MiB")
+            return row
+
+    plain, driver.Trainer = driver.Trainer, Watched
+    t0 = time.perf_counter()
+    try:
+        run_dir = driver.train(config, [*DEFAULTS, f"train.steps={steps}", *overrides])
+    finally:
+        driver.Trainer = plain
+    wall = time.perf_counter() - t0
+    keys = sorted({k for r in samples for k in r} - {"step", "time"})
+    report = {"config": config, "overrides": [*DEFAULTS, f"train.steps={steps}", *overrides], "run_dir": str(run_dir),
+              "steps": len(in_place), "wall_seconds": wall, "warmup_step": warmup, "sample_every": sample_every,
+              "in_place_pushes": sum(in_place), "growth": {k: growth(samples, k, warmup) for k in keys},
+              "samples": samples}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "soak.json").write_text(json.dumps(report, indent=1))
+    plot(samples, out_dir / "soak.png", warmup)
+    out(f"bench soak: {report['steps']} steps in {wall / 60:.1f} min, {report['in_place_pushes']} pushes in place; "
+        f"after step {warmup} (warm-up):")
+    out(f"  {'series':24s} {'first':>9s} {'warm':>9s} {'end':>9s} {'max':>9s} {'per 1k steps':>13s}")
+    for key, g in report["growth"].items():
+        if g is not None:
+            out(f"  {key:24s} {g['first']:9.1f} {g['after_warmup']:9.1f} {g['end']:9.1f} {g['max']:9.1f} "
+                f"{g['per_1000_steps']:+13.2f}")
+    out(f"  figures: {out_dir / 'soak.json'}, {out_dir / 'soak.png'}")
+    return report
