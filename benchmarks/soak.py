@@ -2,10 +2,12 @@
 
 It runs ``opsd train`` (by default configs/tiny.yaml for 1,000 steps, in-place weight pushes on one
 host, a checkpoint every 100 steps, the newest 2 kept) and every ``sample_every`` steps records,
-for the driver, each rollout worker, scorer and learner rank: its resident memory and its open
-file descriptors; for the rest of the local Ray cluster (GCS, raylet, dashboard agent: the
-processes of the cluster's session that are not actors) their summed resident memory; the bytes
-and files in /dev/shm; and the run directory's size. The report gives each series at the end of
+for the driver, each rollout worker, scorer and learner rank: its resident memory, the shared
+memory part of it, and its open file descriptors; for the rest of the local Ray cluster (GCS,
+raylet, dashboard agent: the processes of the cluster's session that are not actors) their summed
+resident memory; the machine's shared memory (/proc/meminfo: torch's and Ray's segments are
+unlinked, so /dev/shm alone lists none of them) and the bytes and files in /dev/shm; and the run
+directory's size. The report gives each series at the end of
 warm-up, at the end, and its least-squares growth per 1,000 steps after warm-up, and draws them
 (soak.png). Processes on another host than the driver are not sampled.
 
@@ -27,16 +29,27 @@ def _pid(_actor: Any) -> int:
     return os.getpid()
 
 
-def proc_rss_mb(pid: int) -> float | None:
-    """Resident memory (VmRSS) of ``pid`` in MiB; None when it cannot be read (gone, another host)."""
+def _kib_field(path: str, field: str) -> float | None:
+    """A ``Field:  N kB`` line of a /proc file, in MiB; None when it cannot be read."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def proc_rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of ``pid`` in MiB; None when it cannot be read (gone, another host)."""
+    return _kib_field(f"/proc/{pid}/status", "VmRSS")
+
+
+def proc_shmem_mb(pid: int) -> float | None:
+    """The part of ``pid``'s resident memory that is shared memory (RssShmem: Ray's object store
+    mapping, the learner's weights shared for in-place pushes)."""
+    return _kib_field(f"/proc/{pid}/status", "RssShmem")
 
 
 def proc_fds(pid: int) -> int | None:
@@ -76,6 +89,7 @@ def sample(trainer: Any, step: int, cluster_session: int | None) -> dict:
     for role, ps in pids.items():
         for i, pid in enumerate(ps):
             row[f"rss_mb/{role}{i}"] = proc_rss_mb(pid)
+            row[f"shmem_mb/{role}{i}"] = proc_shmem_mb(pid)
             row[f"fds/{role}{i}"] = proc_fds(pid)
     if cluster_session is not None:
         actor_pids = {p for ps in pids.values() for p in ps}
@@ -84,6 +98,9 @@ def sample(trainer: Any, step: int, cluster_session: int | None) -> dict:
         row["processes/ray_daemons"] = len(others)
     shm_bytes, row["shm_files"] = dir_usage(Path("/dev/shm"))
     row["shm_mb"] = shm_bytes / 2**20
+    # All shared memory of the machine (tmpfs, /dev/shm, memfd and unlinked segments, which
+    # /dev/shm does not list): other processes' too.
+    row["machine_shmem_mb"] = _kib_field("/proc/meminfo", "Shmem")
     run_bytes, row["run_dir_files"] = dir_usage(trainer.run.path)
     row["run_dir_mb"] = run_bytes / 2**20
     row["checkpoints"] = len(list(trainer.run.checkpoints.glob("step_*")))
@@ -112,12 +129,13 @@ def plot(samples: list[dict], path: Path, warmup_step: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("resident memory (MiB)", "rss_mb/"), ("open file descriptors", "fds/"),
-              ("/dev/shm (MiB)", "shm_mb"), ("run directory (MiB)", "run_dir_mb")]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    groups = [("resident memory (MiB)", "rss_mb/"), ("of it shared memory (MiB)", "shmem_mb/"),
+              ("open file descriptors", "fds/"), ("machine's shared memory, /dev/shm (MiB)", ("machine_shmem_mb", "shm_mb")),
+              ("run directory (MiB)", "run_dir_mb"), ("checkpoints kept", "checkpoints")]
+    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
     steps = [r["step"] for r in samples]
     for ax, (title, prefix) in zip(axes.flat, groups):
-        for key in sorted({k for r in samples for k in r if k.startswith(prefix)}):
+        for key in sorted({k for r in samples for k in r if k.startswith(prefix)}):  # prefix: a str or a tuple
             ax.plot(steps, [r.get(key) for r in samples], label=key.split("/")[-1] if "/" in key else key)
         ax.axvline(warmup_step, color="grey", linestyle=":", linewidth=1)
         ax.set_title(title)
