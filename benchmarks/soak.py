@@ -52,6 +52,23 @@ def proc_shmem_mb(pid: int) -> float | None:
     return _kib_field(f"/proc/{pid}/status", "RssShmem")
 
 
+def proc_name(pid: int) -> str:
+    """A process's name as ps shows it (Ray names its workers ``ray::...``)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        first = argv[0].decode(errors="replace")
+        if first.startswith("ray::") or "/" not in first:
+            return first.split()[0] if first else "?"
+        if b"-m" in argv[1:]:  # python -m module
+            return argv[argv.index(b"-m", 1) + 1].decode(errors="replace")
+        # a script or binary by path: its base name
+        script = next((a.decode(errors="replace") for a in argv[1:] if a.endswith(b".py")), first)
+        return os.path.basename(script)
+    except OSError:
+        return "?"
+
+
 def proc_fds(pid: int) -> int | None:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -96,6 +113,9 @@ def sample(trainer: Any, step: int, cluster_session: int | None) -> dict:
         others = [p for p in session_members(cluster_session) if p not in actor_pids]
         row["rss_mb/ray_daemons"] = sum(proc_rss_mb(p) or 0.0 for p in others)
         row["processes/ray_daemons"] = len(others)
+        for p in others:  # and each by name (gcs_server, raylet, the dashboard agent, idle workers...)
+            key = f"daemon_rss_mb/{proc_name(p)}"
+            row[key] = row.get(key, 0.0) + (proc_rss_mb(p) or 0.0)
     shm_bytes, row["shm_files"] = dir_usage(Path("/dev/shm"))
     row["shm_mb"] = shm_bytes / 2**20
     # All shared memory of the machine (tmpfs, /dev/shm, memfd and unlinked segments, which
@@ -179,6 +199,9 @@ def bench_soak(config: str, overrides: list[str], *, steps: int, sample_every: i
               "steps": len(in_place), "wall_seconds": wall, "warmup_step": warmup, "sample_every": sample_every,
               "in_place_pushes": sum(in_place), "growth": {k: growth(samples, k, warmup) for k in keys},
               "samples": samples}
+    from opsd.benchmarks.machine import machine
+
+    report["machine"] = machine()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1))
     plot(samples, out_dir / "soak.png", warmup)

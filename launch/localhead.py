@@ -143,7 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     # The driver's death, however it dies: this process is handed to another parent.
     while not stop["requested"] and child.poll() is None and os.getppid() == args.parent:
         time.sleep(0.2)
-    return _end(child, args.grace_s)
+    orphaned = os.getppid() != args.parent
+    code = _end(child, args.grace_s)
+    if orphaned:  # no driver will read (and delete) this process's log: it goes with it
+        _remove_own_log()
+    return code
+
+
+def _remove_own_log() -> None:
+    """Delete the file this process's stdout writes to, when it is a regular file under the
+    temp dir (LocalCluster's log)."""
+    import tempfile
+
+    try:
+        path = os.readlink("/proc/self/fd/1")
+        if os.path.dirname(path) == tempfile.gettempdir() and os.path.basename(path).startswith("opsd-localhead-"):
+            os.unlink(path)
+    except OSError:
+        pass  # no such file, or not ours to remove
 
 
 def _end(child: subprocess.Popen | None, grace_s: float) -> int:

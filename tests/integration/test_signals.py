@@ -177,6 +177,9 @@ def test_a_second_group_signal_stops_at_once_and_leaves_nothing(run_of):
 def test_nothing_outlives_a_driver_killed_with_sigkill(run_of):
     run = run_of()
     run.wait_for_steps(1)
+    log = Path(os.readlink(f"/proc/{run.keeper}/fd/1"))  # the keeper's log, which the driver would delete
+    assert log.name.startswith("opsd-localhead-") and log.is_file()
     os.kill(run.proc.pid, signal.SIGKILL)
     assert run.proc.wait(timeout=30) == -signal.SIGKILL
     assert run.leftovers() == {}
+    assert not log.exists()  # nor does its log file outlive it
