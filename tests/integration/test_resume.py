@@ -157,8 +157,9 @@ def die_if_marked(name: str) -> None:
     os._exit(1)
 
 
-# The restore variant is slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
-@pytest.mark.parametrize("where", ["setup", pytest.param("load_checkpoint", marks=pytest.mark.slow)])
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores.
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["setup", "load_checkpoint"])
 def test_a_new_learner_group_that_dies_while_starting_or_restoring_is_restarted_again(
     where, full, tmp_path, ray_session, monkeypatch, capsys
 ):
