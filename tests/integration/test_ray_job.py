@@ -47,10 +47,17 @@ def api_get(address: str, path: str, token: str | None = TOKEN) -> dict:
         return json.load(r)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked (one at a time, the
+    kernel may hand the same ephemeral port out twice, and Ray refuses two components on one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def ports_free(lo: int, hi: int) -> bool:
@@ -63,11 +70,11 @@ def ports_free(lo: int, hi: int) -> bool:
     return True
 
 
-def worker_port_range(width: int = 64) -> tuple[int, int]:
-    """A range of free ports away from Ray's default worker range (10002-19999)."""
+def worker_port_range(width: int = 64, avoid: frozenset[int] = frozenset()) -> tuple[int, int]:
+    """A range of free ports away from Ray's default worker range (10002-19999) and from ``avoid``."""
     for _ in range(50):
         lo = random.randrange(30000, 45000)
-        if ports_free(lo, lo + width - 1):
+        if ports_free(lo, lo + width - 1) and not any(lo <= p < lo + width for p in avoid):
             return lo, lo + width - 1
     raise RuntimeError("no free range of worker ports found")
 
@@ -123,16 +130,18 @@ class RayHead:
     def __init__(self, temp_dir: Path, log: Path):
         self.temp_dir = temp_dir
         self.log = log
-        self.dashboard_port = free_port()
-        lo, hi = worker_port_range()
+        picked = free_ports(9)
+        ports = iter(picked)
+        self.dashboard_port = next(ports)
+        lo, hi = worker_port_range(avoid=frozenset(picked))
         cmd = [
             ray_exe(), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+            "--node-ip-address", "127.0.0.1", "--port", str(next(ports)),
             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(next(ports)), "--dashboard-agent-grpc-port", str(next(ports)),
+            "--runtime-env-agent-port", str(next(ports)), "--metrics-export-port", str(next(ports)),
+            "--ray-client-server-port", str(next(ports)),
+            "--node-manager-port", str(next(ports)), "--object-manager-port", str(next(ports)),
             "--min-worker-port", str(lo), "--max-worker-port", str(hi),
             "--num-cpus", "2", "--object-store-memory", str(512 * 2**20),
             "--temp-dir", str(temp_dir),
