@@ -93,15 +93,19 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
+def finished_checkpoints(checkpoints: Path) -> list[Path]:
+    """The ``step_N`` folders under ``checkpoints``, oldest first by N (a ``.step_N.tmp`` is unfinished
+    and never one of them); whether each verifies is not checked here."""
+    done = [(int(d.name.split("_")[-1]), d) for d in checkpoints.glob("step_*")
+            if d.name.split("_")[-1].isdigit() and d.is_dir()]
+    return [d for _, d in sorted(done)]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies against its manifest. A newer, damaged one is passed
     over with a warning; an unfinished one (.step_N.tmp, left by a kill during the write) is never
     a candidate."""
-    done = []
-    for d in (run_dir / "checkpoints").glob("step_*"):
-        if d.name.split("_")[-1].isdigit() and d.is_dir():
-            done.append((int(d.name.split("_")[-1]), d))
-    for _, d in sorted(done, reverse=True):
+    for d in reversed(finished_checkpoints(run_dir / "checkpoints")):
         problem = checkpoint_problem(d)
         if problem is None:
             return d
@@ -115,9 +119,7 @@ def prune_checkpoints(checkpoints: Path, keep: int, newest: Path) -> list[Path]:
     before its rename), is always kept."""
     if keep <= 0:
         return []
-    done = sorted((int(d.name.split("_")[-1]), d) for d in checkpoints.glob("step_*")
-                  if d.name.split("_")[-1].isdigit() and d.is_dir())
-    old = [d for _, d in done[:-keep] if d != newest]
+    old = [d for d in finished_checkpoints(checkpoints)[:-keep] if d != newest]
     for d in old:
         # Renamed first, so a kill during the delete leaves a name resume never reads.
         doomed = d.with_name(f".{d.name}.deleting")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -20,11 +21,19 @@ from opsd.config import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
-def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path):
+def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
+    """`opsd bench learning [--task T] --quick` into tmp_path: (its command, the results dir, the work dir),
+    after a first run that must succeed."""
     out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--quick", "--out", str(out), "--work-dir", str(work)]
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", *task, "--quick", "--out", str(out),
+           "--work-dir", str(work)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return cmd, out, work
+
+
+def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path):
+    cmd, out, work = bench_learning(tmp_path)
     report = json.loads((out / "comparison.json").read_text())
     assert report["runs_done"] == report["runs_planned"] == len(ALL_METHODS) == 13
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
@@ -46,11 +55,7 @@ def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path)
 
 
 def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_rate(tmp_path):
-    out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--task", "sparse", "--quick", "--out", str(out),
-           "--work-dir", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    cmd, out, work = bench_learning(tmp_path, "--task", "sparse")
     report = json.loads((out / "sparse.json").read_text())
     assert report["runs_done"] == report["runs_planned"] == 4 * (2 + 1)
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
@@ -71,11 +76,7 @@ def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_
 
 
 def test_bench_learning_toy_quick(tmp_path):
-    out, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", "--task", "toy", "--quick", "--out", str(out),
-           "--work-dir", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    cmd, out, work = bench_learning(tmp_path, "--task", "toy")
     results = json.loads((out / "learning.json").read_text())
     assert set(results["methods"]) == {"opsd_fixed", "opsd_live", "grpo", "sft"}
     for method, curves in results["methods"].items():
