@@ -138,7 +138,7 @@ def policy_loss_inputs(prompts: list, responses: list, targets: list, masks: lis
     import torch
 
     from opsd.losses import TokenTargets
-    from opsd.prompts import pad_right
+    from opsd.scoring import pad_right
 
     rows, cols, keep = [], [], []
     for j, (p, r, m) in enumerate(zip(prompts, responses, masks)):

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
 from opsd.config import PromptConfig
 from opsd.contexts.base import Templates
 from opsd.data import Problem
@@ -125,14 +123,3 @@ def response_loss_mask(num_tokens: int, *, skip_first: int = 0) -> list[bool]:
     tokenizer whose pad equals EOS, an id test would drop the EOS the student must learn to emit.
     """
     return [i >= skip_first for i in range(num_tokens)]
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest row: (ids [B, L] long, attention_mask [B, L] long from lengths)."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask

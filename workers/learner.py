@@ -28,7 +28,7 @@ from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.objectives import objective
 from opsd.objectives.base import FIELD_SHAPES
-from opsd.prompts import pad_right
+from opsd.scoring import pad_right
 from opsd.dtypes import torch_dtype
 from opsd.workers.deepspeed_compat import check_version, load_checkpoints_as_tensors, optimizer_step_skipped
 from opsd.workers.transports import transport

@@ -3,9 +3,8 @@
 The teacher sees teacher_prompt_ids + response_ids, and, for an objective that reads several
 teacher contexts (a contrastive teacher's wrong ones), each other context's prompt + the same
 response. Which contexts and which targets (top-k, or the sampled token's log-probability alone)
-come from the objective's and the context's declarations (opsd.objectives.scored_contexts). Its logits at the positions that predict the
-response tokens, divided by the loss temperature, give the top-k targets and the sampled token's
-log-probability. Rows are scored in padded micro-batches capped by a token budget.
+come from the objective's and the context's declarations (opsd.objectives.scored_contexts). The
+forward itself is opsd.scoring.teacher_targets (torch only, shared with the GPU script).
 """
 
 from __future__ import annotations
@@ -14,14 +13,13 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from opsd.config import Config, actor_threads
 from opsd.dtypes import torch_dtype
 from opsd.losses import fp32_lm_head
 from opsd.objectives import PRIMARY, scored_contexts
-from opsd.prompts import pad_right
+from opsd.scoring import RowTargets, teacher_targets
 from opsd.workers.transports import Receivers
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, require_version,
@@ -29,22 +27,6 @@ from opsd.workers.transports.base import (
 
 if TYPE_CHECKING:  # the teacher's forward needs no Arrow: the GPU checks (tests/gpu) run it without pyarrow
     from opsd.batch import Sample
-
-
-def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped so that rows x longest row <= max_tokens (longest first, to pad little)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = max([lengths[j] for j in cur] + [lengths[i]])
-        if cur and width * (len(cur) + 1) > max_tokens:
-            groups.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        groups.append(cur)
-    return groups
 
 
 class ScorerWorker:
@@ -84,62 +66,17 @@ class ScorerWorker:
     def get_version(self) -> int:
         return self.version
 
-    @torch.no_grad()
     def teacher_targets(
         self, contexts: list[list[int]], responses: list[list[int]], targets: str | None = None
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    ) -> list[RowTargets]:
         """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]; the
         first two are None when the loss does not read them (``targets`` "token"; default: the
         primary context's)."""
-        targets = targets or self.targets
-        out: list = [None] * len(contexts)
-        full = [list(c) + list(r) for c, r in zip(contexts, responses)]
-        decoder = self.model.get_decoder()
-        head = self.model.get_output_embeddings()
-        chunk = self.cfg.loss.chunk_size
-        for group in micro_batches([len(s) for s in full], self.cfg.scorer.max_tokens_per_forward):
-            ids, mask = pad_right([full[i] for i in group], self.pad_id)
-            hidden = decoder(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
-            ).last_hidden_state
-            # Position p predicts token p + 1: the response's T tokens are predicted from
-            # positions len(context) - 1 .. len(context) + T - 2.
-            rows, cols = [], []
-            for j, i in enumerate(group):
-                start, t = len(contexts[i]) - 1, len(responses[i])
-                rows.append(torch.full((t,), j, dtype=torch.long))
-                cols.append(torch.arange(start, start + t))
-            sel = hidden[torch.cat(rows).to(self.device), torch.cat(cols).to(self.device)]  # [N, H]
-            sampled = torch.cat([torch.as_tensor(responses[i], dtype=torch.long) for i in group]).to(self.device)
-            # Project to the vocabulary a chunk of positions at a time: [chunk, V] logits, not [N, V].
-            parts = [self._targets_for(sel[c : c + chunk], sampled[c : c + chunk], head, targets)
-                     for c in range(0, sel.shape[0], chunk)]
-            tok_lp = torch.cat([p[2] for p in parts])
-            topk = targets == "topk"
-            if topk:
-                top_ids, top_lp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            offset = 0
-            for i in group:
-                t = len(responses[i])
-                sl = slice(offset, offset + t)
-                out[i] = (
-                    top_ids[sl].to(torch.int32).cpu().numpy() if topk else None,
-                    top_lp[sl].cpu().numpy() if topk else None,
-                    tok_lp[sl].cpu().numpy(),
-                )
-                offset += t
-        return out
-
-    def _targets_for(self, hidden: torch.Tensor, sampled: torch.Tensor, head,
-                     targets: str) -> tuple[torch.Tensor | None, ...]:
-        logits = head(hidden).float() / self.temperature  # [n, V]
-        if targets == "token":
-            # The sampled token's logprob alone: no [n, V] log-softmax kept, no top-k.
-            tok = logits.gather(-1, sampled[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            return None, None, tok
-        logp = torch.log_softmax(logits, dim=-1)  # [n, V]
-        top_lp, top_ids = logp.topk(self.k, dim=-1)  # [n, k]
-        return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1)
+        return teacher_targets(
+            self.model, contexts, responses, k=self.k, temperature=self.temperature,
+            chunk_size=self.cfg.loss.chunk_size, max_tokens=self.cfg.scorer.max_tokens_per_forward,
+            pad_id=self.pad_id, topk=(targets or self.targets) == "topk",
+        )
 
     def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
         """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC

@@ -153,3 +153,41 @@ def test_scorer_teacher_targets_cuda_equals_cpu(tiny_model_dir):
             swapped += int(differ.sum())
     total = sum(len(r) for r in responses) * k
     assert swapped <= 0.01 * total
+
+
+# --- the fp32 LM head on CUDA -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_lm_head_cuda_half_matmul_gives_the_float64_logits(dtype):
+    """Without a gradient (the scorer) the fp32 head on CUDA runs a half-precision matmul with fp32
+    accumulation and output (opsd.losses._half_mm_to_fp32); with one (the learner) it casts. Both
+    must give the float64 logits of the half-precision operands to fp32 summation error and keep
+    the [B, T, H] shape; the cast path carries the gradient to the half weight."""
+    from opsd.losses import fp32_lm_head
+
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden_size = 32000, 2048
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden_size, generator=g) * 0.05)
+    head = fp32_lm_head(head.to("cuda", dtype))
+    h = (torch.randn(2, 96, hidden_size, generator=g) * 1.5).to("cuda", dtype)
+    exact = h.double() @ head.weight.double().T
+    scale = exact.abs().max().item()
+    assert 10 < scale < 100  # a real model's logit range
+    with torch.no_grad():
+        fast = head(h)
+    with_grad = head(h)
+    assert with_grad.requires_grad and not fast.requires_grad
+    for logits in (fast, with_grad):
+        assert logits.dtype == torch.float32 and logits.shape == (2, 96, vocab)
+        # fp32 rounding of a sum of 2,048 exact products: ~1e-6 of the logits' scale
+        err = (logits.double() - exact).abs().max().item()
+        assert err < 1e-5 * scale, err
+    target = torch.randint(0, vocab, (2, 96), generator=g).cuda()
+    torch.log_softmax(with_grad, dim=-1).gather(-1, target[..., None]).sum().backward()
+    w64 = head.weight.detach().double().requires_grad_(True)
+    torch.log_softmax(h.double() @ w64.T, dim=-1).gather(-1, target[..., None]).sum().backward()
+    assert head.weight.grad.dtype == dtype
+    assert rel(head.weight.grad, w64.grad) < 1e-2

@@ -7,7 +7,8 @@ import torch
 
 from opsd.config import PromptConfig
 from opsd.data import Problem
-from opsd.prompts import PromptBuilder, PromptTooLongError, pad_right, response_loss_mask
+from opsd.prompts import PromptBuilder, PromptTooLongError, response_loss_mask
+from opsd.scoring import pad_right
 from opsd.assets.tiny import IM_END, SPECIAL_TOKENS, build_tokenizer
 
 GEN_PROMPT = "<|im_start|>assistant\n"

@@ -1,0 +1,294 @@
+#!/usr/bin/env python
+"""The teacher's scoring and the learner's loss at Qwen3-1.7B's shape on one CUDA GPU, against
+that GPU's limits (docs/BENCHMARKS.md, "On a GPU"; issue 26, item 4).
+
+Needs torch and transformers only (no Ray, vLLM, DeepSpeed, omegaconf or pyarrow) and no network:
+the model has Qwen3-1.7B's configuration with random weights, built on the GPU. It runs the code
+opsd runs:
+
+- scorer: opsd.scoring.teacher_targets (the scorer actor's forward, top-k extraction and the copy
+  of the targets to host memory included) on 32,768 tokens per forward (configs/qwen3-1.7b.yaml's
+  scorer.max_tokens_per_forward) in rows of 2,048 and 8,192 tokens, a quarter of each row the
+  teacher's context and the rest the response; with the LM head in fp32 (model.fp32_lm_head, the
+  default) and in bf16. The decoder alone and the top-k stage alone (head, log-softmax, top-k, copy
+  to host, on random hidden states) are timed too.
+- learner: the learner's forward (decoder, then opsd.losses.chunked_loss on the response positions,
+  the fp32 head, chunks of 1,024) and backward on 8,192 tokens per micro-batch, with and without
+  gradient checkpointing; every weight trainable (the recipe trains LoRA adapters, whose backward
+  skips the weight gradients, so this is the upper end). No optimizer step and no DeepSpeed.
+
+Limits, both kinds reported: the spec sheet's dense bf16 FLOP/s and memory bandwidth where the GPU's
+name is known (SPECS), and what this script measures on the GPU (an 8192^3 bf16 matmul, a device
+copy of 2 GiB). FLOPs counted: 2 per multiply-add of every linear layer; attention 4 T^2 d per layer
+halved for the causal mask; the head 2 H V per scored position; a backward twice its forward.
+Recomputation (gradient checkpointing, the chunked head) is not counted as useful work.
+
+    python scripts/gpu_roofline.py [--json OUT.json] [--tiny]
+
+--tiny runs a small model on whatever device there is (a check of the script, not a figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head  # noqa: E402
+from opsd.scoring import pad_right, targets_from_hidden, teacher_targets  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core FLOP/s and memory bandwidth from the vendors' data sheets.
+SPECS = {
+    "H200": (989e12, 4.8e12),
+    "H100 80GB HBM3": (989e12, 3.35e12),  # SXM
+    "H100 PCIe": (756e12, 2.0e12),
+    "H100 NVL": (835e12, 3.9e12),
+    "A100-SXM4-80GB": (312e12, 2.039e12),
+    "A100-SXM4-40GB": (312e12, 1.555e12),
+    "L40S": (362e12, 0.864e12),
+}
+
+QWEN3_1_7B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rope_theta=1_000_000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+TINY = dict(QWEN3_1_7B, vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def limits(device: torch.device, tiny: bool) -> dict:
+    """The spec sheet's peaks (when the GPU is known) and the measured ones."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    spec = next((v for k, v in SPECS.items() if k in name), (None, None))
+    n = 1024 if tiny else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mm = timed(lambda: a @ b, device, 3 if tiny else 10)
+    src = torch.empty(2**(24 if tiny else 30), device=device, dtype=torch.bfloat16)  # 2 GiB on a GPU
+    dst = torch.empty_like(src)
+    cp = timed(lambda: dst.copy_(src), device, 3 if tiny else 10)
+    return {"gpu": name, "spec_flops": spec[0], "spec_bytes_per_s": spec[1],
+            "measured_flops": 2 * n**3 / mm, "measured_bytes_per_s": 2 * 2 * 2**(24 if tiny else 30) / cp}
+
+
+def build_model(shape: dict, device: torch.device):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**shape)
+    with device:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model
+
+
+def flops(shape: dict, model, seq_len: int, rows: int, scored: int) -> dict:
+    """Forward FLOPs of ``rows`` sequences of ``seq_len`` tokens with ``scored`` head positions."""
+    layer_params = sum(m.weight.numel() for m in model.get_decoder().layers.modules()
+                       if isinstance(m, torch.nn.Linear))
+    attn_width = shape["num_attention_heads"] * shape["head_dim"]
+    decoder = rows * (2 * layer_params * seq_len + 2 * seq_len**2 * attn_width * shape["num_hidden_layers"])
+    head = 2 * shape["hidden_size"] * shape["vocab_size"] * scored
+    return {"decoder": decoder, "head": head, "layer_params": layer_params}
+
+
+def scorer_rows(shape: dict, seq_len: int, total: int, device: torch.device):
+    g = torch.Generator().manual_seed(seq_len)
+    rows = max(1, total // seq_len)
+    ctx = seq_len // 4
+    ids = torch.randint(0, shape["vocab_size"], (rows, seq_len), generator=g).tolist()
+    return [r[:ctx] for r in ids], [r[ctx:] for r in ids]
+
+
+def bench_scorer(shape: dict, model, limits_: dict, seq_len: int, total: int, fp32_head: bool,
+                 device: torch.device, repeats: int) -> dict:
+    contexts, responses = scorer_rows(shape, seq_len, total, device)
+    head = model.get_output_embeddings()
+    plain_forward = head.forward
+    if fp32_head:
+        fp32_lm_head(head)
+    try:
+        def score():
+            return teacher_targets(model, contexts, responses, k=64, temperature=1.0, chunk_size=1024,
+                                   max_tokens=total, pad_id=0)
+
+        def decoder_only():
+            with torch.no_grad():
+                ids, mask = pad_right([c + r for c, r in zip(contexts, responses)], 0)
+                model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+
+        scored = sum(len(r) for r in responses)
+        hidden = torch.randn(scored, shape["hidden_size"], device=device, dtype=torch.bfloat16)
+        sampled = torch.randint(0, shape["vocab_size"], (scored,), device=device)
+
+        @torch.no_grad()
+        def topk_only():  # the head, log-softmax, top-k and the copy to host of each chunk
+            for c in range(0, scored, 1024):
+                parts = targets_from_hidden(hidden[c : c + 1024], sampled[c : c + 1024], head, k=64,
+                                            temperature=1.0, topk=True)
+                [x.cpu() for x in parts]
+
+        t_all = timed(score, device, repeats)
+        t_dec = timed(decoder_only, device, repeats)
+        t_top = timed(topk_only, device, repeats)
+    finally:
+        head.forward = plain_forward
+    tokens = len(contexts) * seq_len
+    f = flops(shape, model, seq_len, len(contexts), scored)
+    chunks = -(-scored // 1024)
+    # Least traffic of the top-k stage: the head's bf16 weight read per chunk (the fp32 head without
+    # a gradient is a bf16 matmul with fp32 output, opsd.losses.fp32_lm_head) and the [n, V] fp32
+    # logits written once and read once.
+    topk_bytes = chunks * 2 * shape["hidden_size"] * shape["vocab_size"] + 8 * scored * shape["vocab_size"]
+    return {"seq_len": seq_len, "rows": len(contexts), "tokens": tokens, "scored": scored, "fp32_head": fp32_head,
+            "seconds": t_all, "decoder_seconds": t_dec, "topk_seconds": t_top,
+            "tokens_per_s": tokens / t_all, "decoder_tflops": f["decoder"] / t_dec / 1e12,
+            "topk_tflops": f["head"] / t_top / 1e12, "topk_gb_per_s": topk_bytes / t_top / 1e9,
+            "flops": f["decoder"] + f["head"],
+            "floor_seconds": floor(f["decoder"] + f["head"], topk_bytes, limits_)}
+
+
+def floor(n_flops: float, n_bytes: float, lim: dict) -> dict:
+    """The least time the work could take at the spec and at the measured limits."""
+    out = {}
+    for kind in ("spec", "measured"):
+        peak, bw = lim[f"{kind}_flops"], lim[f"{kind}_bytes_per_s"]
+        if peak and bw:
+            out[kind] = max(n_flops / peak, n_bytes / bw)
+    return out
+
+
+def loss_targets(n: int, vocab: int, device: torch.device, seed: int) -> TokenTargets:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, 64), generator=g)
+    lp = torch.log_softmax(torch.randn(n, 64, generator=g) * 2, dim=-1) + torch.log(torch.tensor(0.9))
+    return TokenTargets(sampled_ids=ids[:, 0].to(device), weight=torch.ones(n, device=device),
+                        topk_ids=ids.to(device), topk_logprobs=lp.to(device), teacher_logprobs=lp[:, 0].to(device))
+
+
+def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, checkpointing: bool,
+                  device: torch.device, repeats: int) -> dict:
+    contexts, responses = scorer_rows(shape, seq_len, total, device)
+    rows = len(contexts)
+    ids = torch.tensor([c + r for c, r in zip(contexts, responses)], device=device)
+    mask = torch.ones_like(ids)
+    ctx = len(contexts[0])
+    sel_rows = torch.arange(rows, device=device).repeat_interleave(seq_len - ctx)
+    sel_cols = torch.arange(ctx - 1, seq_len - 1, device=device).repeat(rows)
+    targets = loss_targets(len(sel_rows), shape["vocab_size"], device, seq_len)
+    spec = LossSpec(beta=0.5, support="topk", chunk_size=1024)
+    head = fp32_lm_head(model.get_output_embeddings())
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+    def step():
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        loss, _ = chunked_loss(hidden[sel_rows, sel_cols], head, targets, spec, normalizer=float(len(sel_rows)))
+        loss.backward()
+        model.zero_grad(set_to_none=False)
+
+    step()  # the gradients exist from here on: the peak below is above weights + gradients
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    seconds = timed(step, device, repeats)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    model.eval()
+    model.gradient_checkpointing_disable()
+    f = flops(shape, model, seq_len, rows, len(sel_rows))
+    useful = 3 * (f["decoder"] + f["head"])
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seq_len": seq_len, "rows": rows, "tokens": rows * seq_len, "loss_positions": len(sel_rows),
+            "checkpointing": checkpointing, "seconds": seconds, "tokens_per_s": rows * seq_len / seconds,
+            "tflops": useful / seconds / 1e12, "flops": useful,
+            "peak_gib": peak / 2**30, "peak_above_weights_and_grads_gib": (peak - base) / 2**30 if peak else 0.0,
+            "weights_gib": weight_bytes / 2**30,
+            # weights and gradients read and written once each: a floor far below the FLOP one
+            "floor_seconds": floor(useful, 4 * weight_bytes, limits_)}
+
+
+def table(res: dict) -> str:
+    lim = res["limits"]
+    peak = lim["spec_flops"] or lim["measured_flops"]
+    lines = [f"GPU {lim['gpu']}: spec {fmt(lim['spec_flops'], 1e12)} TFLOP/s bf16, {fmt(lim['spec_bytes_per_s'], 1e12)} TB/s; "
+             f"measured {lim['measured_flops'] / 1e12:.0f} TFLOP/s (bf16 matmul), {lim['measured_bytes_per_s'] / 1e12:.2f} TB/s (copy)",
+             "", "| scorer | T | rows | fp32 head | tokens/s | s | decoder s | top-k s | decoder TFLOP/s | top-k TFLOP/s | top-k GB/s | of peak | floor s (spec) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["scorer"]:
+        lines.append(f"| | {r['seq_len']} | {r['rows']} | {r['fp32_head']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | "
+                     f"{r['decoder_seconds']:.3f} | {r['topk_seconds']:.3f} | {r['decoder_tflops']:.0f} | {r['topk_tflops']:.0f} | "
+                     f"{r['topk_gb_per_s']:.0f} | {r['flops'] / r['seconds'] / peak:.0%} | {fmt(r['floor_seconds'].get('spec'), 1, '.3f')} |")
+    lines += ["", "| learner | T | rows | checkpointing | tokens/s | s | TFLOP/s | of peak | peak GiB | above weights+grads GiB | floor s (spec) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["learner"]:
+        lines.append(f"| | {r['seq_len']} | {r['rows']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | "
+                     f"{r['tflops']:.0f} | {r['flops'] / r['seconds'] / peak:.0%} | {r['peak_gib']:.1f} | "
+                     f"{r['peak_above_weights_and_grads_gib']:.1f} | {fmt(r['floor_seconds'].get('spec'), 1, '.3f')} |")
+    return "\n".join(lines)
+
+
+def fmt(x, scale, spec=".0f") -> str:
+    return "n/a" if x is None else format(x / scale, spec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_roofline.json"))
+    p.add_argument("--tiny", action="store_true", help="a small model on any device: checks the script")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --tiny to check the script on CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False  # opsd's default: the fp32 head is true fp32
+    shape = TINY if args.tiny else QWEN3_1_7B
+    total, lengths = (512, (128, 256)) if args.tiny else (32768, (2048, 8192))
+    res = {"torch": torch.__version__, "shape": shape, "limits": limits(device, args.tiny), "scorer": [], "learner": []}
+    print(json.dumps(res["limits"]), flush=True)
+    model = build_model(shape, device)
+    model.eval()
+    for seq_len in lengths:
+        for fp32_head in (True, False):
+            res["scorer"].append(bench_scorer(shape, model, res["limits"], seq_len, total, fp32_head, device, args.repeats))
+            print(json.dumps(res["scorer"][-1]), flush=True)
+    for seq_len in lengths:
+        for ckpt in (True, False):
+            res["learner"].append(bench_learner(shape, model, res["limits"], seq_len, total // 4, ckpt, device,
+                                                args.repeats))
+            print(json.dumps(res["learner"][-1]), flush=True)
+    res["table"] = table(res)
+    print(res["table"])
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
