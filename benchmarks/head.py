@@ -8,6 +8,8 @@ prompt, teacher-forced: the same tokens for every variant), three times:
     bfloat16                       bf16 weights, the head's matmul in bf16 (logits rounded to bf16)
     bfloat16 + fp32 head           bf16 weights, the head's matmul in fp32 (model.fp32_lm_head)
 
+and then with ``scorer.backend=vllm`` (a vLLM engine's prompt log-probs) in float32 and bfloat16.
+
 Reported for each bf16 variant against float32: the sampled-token log-prob difference (mean and
 max over positions, nats), the top-k log-prob difference on the ids both top-k lists hold, the
 share of positions whose top-1 id agrees, and the seconds of the forward (after one warm-up).
@@ -39,7 +41,8 @@ def _compare(ref: list, other: list) -> dict:
             "top1_agreement": float(np.concatenate(top1).mean())}
 
 
-def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[str], None] = print) -> dict:
+def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[str], None] = print,
+               engines: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from opsd.config import load_config
@@ -88,7 +91,36 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
             f"{row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; top-k |dlogp| mean "
             f"{row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; top-1 agrees {row['top1_agreement']:.3f}; "
             f"loss {loss:.6f} (|d| {row['loss_abs_diff']:.2e}, {100 * row['loss_rel_diff']:.2f}% of float32's)")
+    if engines:
+        for dtype in ("float32", "bfloat16"):
+            targets, secs = _engine_targets(cfg, model_path, dtype, threads, contexts, responses)
+            row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets)}
+            report["variants"][f"vllm {dtype}"] = row
+            out(f"  vllm {dtype} (scorer.backend=vllm): {secs:.2f}s ({row['vs_float32_time']:.2f}x float32); "
+                f"sampled-token |dlogp| mean {row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; "
+                f"top-k |dlogp| mean {row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; "
+                f"top-1 agrees {row['top1_agreement']:.3f}")
     return report
+
+
+def _engine_targets(cfg: Any, model_path: str, dtype: str, threads: int, contexts: list,
+                    responses: list) -> tuple[list, float]:
+    """The vLLM scorer's targets (prompt log-probs of a vLLM engine in this process) and seconds."""
+    import gc
+
+    from opsd.workers.rollout import EngineScorerWorker
+
+    c: Any = copy.deepcopy(cfg)
+    c.model.dtype, c.scorer.num_threads, c.scorer.backend = dtype, threads, "vllm"
+    engine = EngineScorerWorker(c, model_path)
+    try:
+        engine.teacher_targets(contexts[:1], [responses[0][:4]])  # warm-up
+        t0 = time.perf_counter()
+        targets = engine.teacher_targets(contexts, responses)
+        return targets, time.perf_counter() - t0
+    finally:
+        del engine
+        gc.collect()
 
 
 def _student_loss(cfg: Any, model: Any, pad_id: int, students: list, responses: list, targets: list) -> float:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from opsd.config import Config, ConfigError, notes, uses_scorer
+from opsd.config import Config, ConfigError, notes, scorer_actors, uses_scorer
 from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
 from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
 from opsd.launch.weights import WeightSync
 from opsd.workers.learner import LearnerGroup
-from opsd.workers.rollout import RolloutWorker
+from opsd.workers.rollout import EngineScorerWorker, RolloutWorker
 from opsd.workers.scorer import ScorerWorker
 
 
@@ -23,9 +23,17 @@ def say(msg: str) -> None:
 @dataclass
 class Actors:
     rollouts: ActorPool
-    scorers: ActorPool | None  # None when the objective scores nothing (GRPO without its KL term, SFT)
+    # None when the objective scores nothing (GRPO without its KL term, SFT), or when the rollout
+    # engines score the live teacher themselves (scorer.on_rollout_engines)
+    scorers: ActorPool | None
     learner: LearnerGroup
     weights: WeightSync
+    scores_on_rollouts: bool = False
+
+    @property
+    def scoring(self) -> ActorPool | None:
+        """The pool whose actors score the teacher (its ``score`` method), if any."""
+        return self.rollouts if self.scores_on_rollouts else self.scorers
 
     def replace_learner(self, learner: LearnerGroup) -> None:
         """A new learner group (after one died), with a weight sync of its own."""
@@ -67,7 +75,10 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
     """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up)."""
     check_capacity(cfg, strict=local_cluster)
     t0 = time.perf_counter()
-    scorers = f"{cfg.scorer.num_workers} scorer(s), " if uses_scorer(cfg) else ""
+    backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
+    scorers = f"{cfg.scorer.num_workers} scorer(s) ({backend}), " if scorer_actors(cfg) else ""
+    if uses_scorer(cfg) and not scorer_actors(cfg):
+        scorers = "no scorer (the rollout engines score the live teacher), "
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
     for note in notes(cfg):
@@ -81,15 +92,16 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
         (cfg, model_path), **kw,
     )
     scorer_pool = None
-    if uses_scorer(cfg):
+    if scorer_actors(cfg):
         scorer_pool = ActorPool(
-            "scorer", ScorerWorker, cfg.scorer.num_workers,
+            "scorer", EngineScorerWorker if cfg.scorer.backend == "vllm" else ScorerWorker, cfg.scorer.num_workers,
             {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
              **_resources(cfg.scorer.resources)},
             (cfg, model_path), **kw,
         )
     learner = LearnerGroup(cfg, model_path)
-    actors = Actors(rollouts, scorer_pool, learner, WeightSync(cfg, learner))
+    actors = Actors(rollouts, scorer_pool, learner, WeightSync(cfg, learner),
+                    scores_on_rollouts=uses_scorer(cfg) and cfg.scorer.on_rollout_engines)
     rollouts.wait_ready()
     if scorer_pool:
         scorer_pool.wait_ready()

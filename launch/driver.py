@@ -69,7 +69,7 @@ class Trainer:
         rollouts.on_restart = lambda actor: self.actors.weights.catch_up(rollouts, actor)
         if scorers is not None:
             scorers.on_restart = self._catch_up_scorer
-        self.pipeline = self.pipeline_cls(self.cfg, self.data, rollouts, scorers, self.tokenizer)
+        self.pipeline = self.pipeline_cls(self.cfg, self.data, rollouts, self.actors.scoring, self.tokenizer)
 
     def _catch_up_scorer(self, actor: Any) -> None:
         if self.cfg.teacher.mode == "live":
@@ -136,7 +136,7 @@ class Trainer:
             # broadcast (and its sync.timeout_s) for them.
             self.pipeline.drain()
         self.actors.weights.push(self.policy_version, pools)
-        if len(pools) > 1:
+        if len(pools) > 1 or self.actors.scores_on_rollouts:
             self.teacher_version = self.policy_version
 
     def evaluate(self) -> dict[str, float]:

@@ -11,7 +11,8 @@ import re
 from typing import Sequence
 
 from opsd.config import (
-    Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, training_rows, uses_scorer,
+    Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, scorer_actors, training_rows,
+    uses_scorer,
 )
 from opsd.assets.datasets import named
 from opsd.data import DataError
@@ -100,7 +101,7 @@ def actor_resources(cfg: Config) -> list[tuple[str, int, float, float, str]]:
     cuda = cfg.cluster.device == "cuda"
     roles = [("rollout", r.num_workers, r.num_cpus_per_worker, r.tensor_parallel_size if cuda else 0,
               "rollout.tensor_parallel_size")]
-    if uses_scorer(cfg):
+    if scorer_actors(cfg):
         roles.append(("scorer", s.num_workers, s.num_cpus_per_worker, s.num_gpus_per_worker,
                       "scorer.num_gpus_per_worker"))
     roles.append(("learner", lr.num_ranks, lr.num_cpus_per_rank, lr.num_gpus_per_rank, "learner.num_gpus_per_rank"))
@@ -175,8 +176,10 @@ def _check_resources(cfg: Config) -> list[str]:
     )
     sc = cfg.sync
     receivers = f"{r.num_workers} rollout engine{'s' if r.num_workers > 1 else ''}"
-    if uses_scorer(cfg) and cfg.teacher.mode != "fixed":
+    if scorer_actors(cfg) and cfg.teacher.mode != "fixed":
         receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
+    elif uses_scorer(cfg):
+        receivers += " (the live teacher: they score it by prefill)"
     how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
            "nccl": "broadcast over NCCL (GPU to GPU)"}[sc.transport]
     lines.append(f"sync: learner rank 0 -> {receivers}, {how}, {sc.bucket_mb:g} MB buckets"

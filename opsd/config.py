@@ -142,6 +142,14 @@ class ScorerConfig:
     # while the learner trains on this step's (the same batches, only earlier); false scores each
     # batch in its own step, after the previous step's weight push.
     overlap: bool = True
+    # What computes the teacher's targets (docs/DESIGN.md, "The teacher on the inference engine"):
+    # "transformers", a forward of the Hugging Face model (the fp32 LM head included); "vllm", the
+    # prefill-only prompt log-probs of a vLLM engine (its top-k and the sampled token's), with the
+    # rollout.* engine settings (kv_cache_mb, gpu_memory_utilization, enforce_eager).
+    backend: str = "transformers"
+    # A live teacher is the policy the rollout engines already hold: they score the teacher
+    # contexts themselves (by prompt log-probs), and no scorer actor is started.
+    on_rollout_engines: bool = False
 
 
 @dataclass
@@ -324,6 +332,7 @@ _CHOICES = {
     "loss.divergence_clip_mode": ("pointwise", "scale"),
     "loss.old_logprobs": ("learner", "rollout"),
     "teacher.mode": ("fixed", "live", "ema"),
+    "scorer.backend": ("transformers", "vllm"),
     "cluster.device": ("cpu", "cuda"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -570,6 +579,7 @@ def _check_templates(cfg: Config) -> None:
 
 
 def _check_teacher(cfg: Config) -> None:
+    _check_engine_scoring(cfg)
     if cfg.teacher.mode == "fixed" and cfg.teacher.sync_every != 1:
         raise ConfigError(
             "config key 'teacher.sync_every' only applies to teacher.mode=ema (a fixed teacher is never "
@@ -579,6 +589,29 @@ def _check_teacher(cfg: Config) -> None:
         raise ConfigError(
             "config key 'teacher.sync_every' must be 1 for teacher.mode=live (the live teacher follows every "
             "push); use teacher.mode=ema for a lagged teacher"
+        )
+
+
+def _check_engine_scoring(cfg: Config) -> None:
+    """What a teacher scored by vLLM prompt log-probs can and cannot be."""
+    engine = cfg.scorer.backend == "vllm" or cfg.scorer.on_rollout_engines
+    where = "scorer.on_rollout_engines=true" if cfg.scorer.on_rollout_engines else "scorer.backend=vllm"
+    if engine and cfg.loss.temperature != 1.0:
+        raise ConfigError(
+            f"{where} with loss.temperature={cfg.loss.temperature}: vLLM's prompt log-probs are those of the "
+            "raw logits (temperature 1), and a top-k at temperature 1 cannot be rescaled to another "
+            "temperature without the full vocabulary; use scorer.backend=transformers"
+        )
+    if engine and cfg.teacher.mode == "ema":
+        raise ConfigError(
+            f"{where} with teacher.mode=ema: the EMA is blended in the transformers scorer's fp32 copy of the "
+            "weights; use scorer.backend=transformers, or teacher.mode=fixed|live"
+        )
+    if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live":
+        raise ConfigError(
+            f"scorer.on_rollout_engines=true with teacher.mode={cfg.teacher.mode}: the rollout engines hold the "
+            "current policy, so they can only be a live teacher; a fixed teacher needs weights of its own "
+            "(scorer.backend=vllm runs it on a vLLM engine of its own)"
         )
 
 
@@ -689,6 +722,11 @@ def uses_scorer(cfg: Config) -> bool:
     from opsd.objectives import objective
 
     return objective(cfg.algo).teacher(cfg) is not None
+
+
+def scorer_actors(cfg: Config) -> bool:
+    """Whether the run starts scorer actors: a teacher is scored, and not by the rollout engines."""
+    return uses_scorer(cfg) and not cfg.scorer.on_rollout_engines
 
 
 def trains_on_references(cfg: Config) -> bool:

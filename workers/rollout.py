@@ -1,4 +1,5 @@
-"""RolloutWorker: a Ray actor that owns a vLLM engine and samples student responses."""
+"""RolloutWorker: a Ray actor that owns a vLLM engine and samples student responses; the same
+engine scores teacher contexts by prefill (docs/DESIGN.md, "The teacher on the inference engine")."""
 
 from __future__ import annotations
 
@@ -6,14 +7,23 @@ import os
 import time
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 import torch
 
 from opsd.config import Config, actor_threads
+from opsd.objectives import PRIMARY, scored_contexts
+from opsd.scoring import RowTargets
+from opsd.workers.scorer import scored_batch
 from opsd.workers.transports import Receivers, transport
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, NamedTensors, WeightSyncError, WeightUpdate, check_against, check_layout,
     require_version,
 )
+
+if TYPE_CHECKING:
+    from opsd.batch import Sample
 
 
 @dataclass
@@ -31,6 +41,11 @@ class Rollout:
 
 
 class RolloutWorker:
+    """A vLLM engine that samples the student's responses, and, with scorer.on_rollout_engines
+    (a live teacher), scores the teacher contexts by prefill (``score``)."""
+
+    role = "rollout"
+
     def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
         # Keep the engine core in this actor's process, on CPU and GPU alike: start-up is faster,
         # and collective_rpc hands its arguments to the model's workers as Python objects.
@@ -43,10 +58,13 @@ class RolloutWorker:
 
             # The engine runs in this process: its threads are this process's torch threads
             # (vLLM's CPU worker then pins the count).
-            torch.set_num_threads(actor_threads(cfg.rollout.num_threads, cfg.rollout.num_cpus_per_worker))
+            own = getattr(cfg, self.role)
+            torch.set_num_threads(actor_threads(own.num_threads, own.num_cpus_per_worker))
         from vllm import LLM
 
-        tp = cfg.rollout.tensor_parallel_size
+        # An engine that scores serves top-k prompt log-probs: vLLM caps them at max_logprobs (20).
+        scores = self.role == "scorer" or cfg.scorer.on_rollout_engines
+        tp = cfg.rollout.tensor_parallel_size if self.role == "rollout" else 1
         t0 = time.perf_counter()
         self.llm = LLM(
             model=model_path,
@@ -60,6 +78,7 @@ class RolloutWorker:
             seed=cfg.rollout.seed + worker_index,
             trust_remote_code=cfg.model.trust_remote_code,
             worker_extension_cls="opsd.workers.rollout.VllmWeightLoader",
+            max_logprobs=max(20, cfg.scorer.topk) if scores else 20,
         )
         self.start_seconds = time.perf_counter() - t0
         self.cfg = cfg
@@ -69,6 +88,8 @@ class RolloutWorker:
         # received inside vLLM's workers (VllmWeightLoader), one member per tensor-parallel rank.
         self.receivers = Receivers("cpu", cfg.sync.timeout_s)
         self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        # Per named teacher context: "topk" or "token" (opsd.objectives.scored_contexts).
+        self.contexts = scored_contexts(cfg) if scores else {}
 
     def ready(self) -> dict:
         return {"version": self.version, "start_seconds": self.start_seconds, "pid": os.getpid()}
@@ -152,6 +173,22 @@ class RolloutWorker:
             result.append([float(step[tok].logprob) for step, tok in zip(steps, seq[1:])])
         return result
 
+    # --- the teacher by prefill (scorer.backend=vllm, scorer.on_rollout_engines) -------------
+
+    def teacher_targets(
+        self, contexts: list[list[int]], responses: list[list[int]], targets: str | None = None
+    ) -> list[RowTargets]:
+        """As ScorerWorker.teacher_targets, read from this engine's prompt log-probs."""
+        return engine_teacher_targets(self.llm, contexts, responses, k=self.cfg.scorer.topk,
+                                      topk=(targets or self.contexts.get(PRIMARY, "token")) == "topk")
+
+    def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
+        """Samples -> the same samples with the teacher's targets, as an Arrow batch (IPC bytes)."""
+        require_version(self.version, expect_version, f"{self.role} engine")
+        return scored_batch(samples, self.teacher_targets, self.contexts, k=self.cfg.scorer.topk,
+                            temperature=self.cfg.loss.temperature, mode=self.cfg.teacher.mode,
+                            version=self.version)
+
     # --- weights in -------------------------------------------------------------------------
 
     def weight_group_size(self) -> int:
@@ -191,6 +228,52 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version
+
+
+class EngineScorerWorker(RolloutWorker):
+    """scorer.backend=vllm: the teacher on a vLLM engine of its own (a fixed or live teacher), with
+    the scorer's resources and the rollout engines' settings; it never samples."""
+
+    role = "scorer"
+
+    def __init__(self, cfg: Config, model_path: str):
+        super().__init__(cfg, model_path, worker_index=0)
+
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("a scorer engine scores; it does not sample (RolloutWorker.generate)")
+
+
+def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[list[int]], *, k: int,
+                           topk: bool) -> list[RowTargets]:
+    """The teacher's targets from vLLM's prompt log-probs of ``context + response``.
+
+    Entry p of the prompt log-probs is the distribution of token p given tokens < p (raw logits,
+    temperature 1: config.py refuses another loss.temperature), holding the top ``k`` and the
+    prompt's own token; the response's tokens are entries len(context) .. len(context) + T - 1.
+    The top-k is ordered by log-probability, as torch.topk orders it.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k if topk else 0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=list(c) + list(r)) for c, r in zip(contexts, responses)],
+                        params, use_tqdm=False)
+    result: list[RowTargets] = []
+    for c, r, out in zip(contexts, responses, outs):
+        steps = out.prompt_logprobs[len(c): len(c) + len(r)]
+        tok = np.array([step[t].logprob for step, t in zip(steps, r)], dtype=np.float32)
+        if not topk:
+            result.append((None, None, tok))
+            continue
+        ids = np.empty((len(r), k), dtype=np.int32)
+        lps = np.empty((len(r), k), dtype=np.float32)
+        for j, step in enumerate(steps):
+            # k entries, plus the response's token when it is not among them
+            best = sorted(step.items(), key=lambda item: -item[1].logprob)[:k]
+            ids[j] = [t for t, _ in best]
+            lps[j] = [lp.logprob for _, lp in best]
+        result.append((ids, lps, tok))
+    return result
 
 
 def hf_param_shapes(model_path: str, *, trust_remote_code: bool = False) -> dict[str, tuple[int, ...]]:

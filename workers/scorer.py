@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -27,6 +27,31 @@ from opsd.workers.transports.base import (
 
 if TYPE_CHECKING:  # the teacher's forward needs no Arrow: the GPU checks (tests/gpu) run it without pyarrow
     from opsd.batch import Sample
+
+
+def scored_batch(samples: list[Sample], targets_of: Callable[..., list[RowTargets]], contexts: dict[str, str], *,
+                 k: int, temperature: float, mode: str, version: int) -> bytes:
+    """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC
+    stream bytes). ``targets_of(contexts, responses, kind)`` is a teacher's forward (this module's
+    scorer, or a vLLM engine's prefill); ``contexts`` maps each named teacher context the objective
+    reads to "topk" or "token"."""
+    from opsd.batch import ContextScores, build_batch, to_ipc_bytes
+
+    primary = contexts.get(PRIMARY, "token")
+    responses = [s.response_ids for s in samples]
+    targets = targets_of([s.teacher_prompt_ids for s in samples], responses, primary)
+    scored = [dataclasses.replace(s, teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
+                                  teacher_version=version, others={})
+              for s, (ids, lps, tok) in zip(samples, targets)]
+    others = {name: kind for name, kind in contexts.items() if name != PRIMARY}
+    for name, kind in others.items():
+        prompts = {i: s.others[name].prompt_ids for i, s in enumerate(samples)
+                   if name in s.others and s.others[name].prompt_ids is not None}
+        found = targets_of(list(prompts.values()), [responses[i] for i in prompts], kind)
+        for i, (ids, lps, tok) in zip(prompts, found):
+            scored[i].others[name] = ContextScores(prompts[i], tok, ids, lps)
+    table = build_batch(scored, k=k, temperature=temperature, teacher_mode=mode, targets=primary, contexts=others)
+    return to_ipc_bytes(table)
 
 
 class ScorerWorker:
@@ -81,24 +106,9 @@ class ScorerWorker:
     def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
         """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC
         stream bytes)."""
-        from opsd.batch import ContextScores, build_batch, to_ipc_bytes
-
         require_version(self.version, expect_version, "scorer")
-        responses = [s.response_ids for s in samples]
-        targets = self.teacher_targets([s.teacher_prompt_ids for s in samples], responses)
-        scored = [dataclasses.replace(s, teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
-                                      teacher_version=self.version, others={})
-                  for s, (ids, lps, tok) in zip(samples, targets)]
-        others = {name: t for name, t in self.contexts.items() if name != PRIMARY}
-        for name, kind in others.items():
-            prompts = {i: s.others[name].prompt_ids for i, s in enumerate(samples)
-                       if name in s.others and s.others[name].prompt_ids is not None}
-            found = self.teacher_targets(list(prompts.values()), [responses[i] for i in prompts], kind)
-            for i, (ids, lps, tok) in zip(prompts, found):
-                scored[i].others[name] = ContextScores(prompts[i], tok, ids, lps)
-        table = build_batch(scored, k=self.k, temperature=self.temperature, teacher_mode=self.mode,
-                            targets=self.targets, contexts=others)
-        return to_ipc_bytes(table)
+        return scored_batch(samples, self.teacher_targets, self.contexts, k=self.k, temperature=self.temperature,
+                            mode=self.mode, version=self.version)
 
     @torch.no_grad()
     def load_weights(self, update: WeightUpdate) -> int:

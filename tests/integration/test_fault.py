@@ -27,13 +27,21 @@ class KillingTrainer(Trainer):
 
 # With gloo the restarted actor must also rejoin the collective: kept in the default run. The
 # object_store case is the same accounting without a group: `make test-slow`.
-@pytest.mark.parametrize("transport", [pytest.param("object_store", marks=pytest.mark.slow), "gloo"])
+# "on-engine": a live teacher scored by the rollout engines (scorer.on_rollout_engines), whose
+# restarted actor must score with the current weights too.
+ON_ENGINE = ("teacher.mode=live", "scorer.on_rollout_engines=true")
+
+
+@pytest.mark.parametrize("transport", [pytest.param("object_store", marks=pytest.mark.slow), "gloo",
+                                       pytest.param("on-engine", marks=pytest.mark.slow)])
 def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_session):
     ray = ray_session
+    extra = ON_ENGINE if transport == "on-engine" else ()
+    transport = "object_store" if transport == "on-engine" else transport
     # 16 problems, 8 per step, 2 steps: exactly one epoch.
     trainer, run_dir = make_trainer(
         tmp_path, "data.max_rows=16", "train.prompts_per_step=8", "train.steps=2",
-        "train.checkpoint_every=0", "eval.every=0", f"sync.transport={transport}", cls=KillingTrainer,
+        "train.checkpoint_every=0", "eval.every=0", f"sync.transport={transport}", *extra, cls=KillingTrainer,
     )
     try:
         trainer.run_steps(run_dir)
