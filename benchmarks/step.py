@@ -34,12 +34,13 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
 
     from opsd.dtypes import torch_dtype
     from opsd.losses import fp32_lm_head
+    from opsd.scoring import teacher_targets
     from opsd.workers.learner import PolicyLoss, loss_spec
     from opsd.workers.scorer import ScorerWorker
 
-    if cfg.algo != "opsd" or cfg.teacher.mode != "fixed" or cfg.rollout.n != 1:
-        raise ValueError("the single-process reference is the OPSD step with a fixed teacher and rollout.n=1; "
-                         f"got algo={cfg.algo}, teacher.mode={cfg.teacher.mode}, rollout.n={cfg.rollout.n}")
+    if cfg.algo != "opsd" or cfg.teacher.mode not in ("fixed", "live") or cfg.rollout.n != 1:
+        raise ValueError("the single-process reference is the OPSD step with a fixed or live teacher and "
+                         f"rollout.n=1; got algo={cfg.algo}, teacher.mode={cfg.teacher.mode}, rollout.n={cfg.rollout.n}")
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -49,7 +50,8 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     student = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.model.dtype))
     if cfg.model.fp32_lm_head:
         fp32_lm_head(student.get_output_embeddings())
-    scorer = ScorerWorker(cfg, model_path)  # the teacher: its own frozen copy, as in opsd
+    # A fixed teacher: its own frozen copy, as in opsd; a live one is the student itself.
+    scorer = ScorerWorker(cfg, model_path) if cfg.teacher.mode == "fixed" else None
     torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
     # The same AdamW as the learner on CPU (its fused kernel; opsd.workers.learner.deepspeed_config).
@@ -62,7 +64,13 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
         t0 = time.perf_counter()
         responses = _generate(cfg, student, batch, pad_id, tok.eos_token_id)
         t1 = time.perf_counter()
-        targets = scorer.teacher_targets([p.teacher_ids for p in batch], responses)
+        if scorer is not None:
+            targets = scorer.teacher_targets([p.teacher_ids for p in batch], responses)
+        else:
+            student.eval()
+            targets = teacher_targets(student, [p.teacher_ids for p in batch], responses, k=cfg.scorer.topk,
+                                      temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+                                      max_tokens=cfg.scorer.max_tokens_per_forward, pad_id=pad_id)
         t2 = time.perf_counter()
         loss_sum = _train(cfg, student, policy, opt, batch, responses, targets, pad_id)
         t3 = time.perf_counter()
@@ -179,7 +187,59 @@ def _opsd_run(config: str, overrides: list[str], extra: list[str], steps: int) -
         run_overrides = [*overrides, *extra, f"train.steps={steps + 1}", "eval.every=0", "eval.at_start=false",
                          "train.checkpoint_every=0", "logging.progress=false", "logging.tensorboard=false",
                          f"run_dir={Path(tmp) / 'run'}"]
-        return _summary([r for r in read_metrics(train(config, run_overrides)) if r["step"] > 0])
+        with ActorMemory() as memory:
+            run = train(config, run_overrides)
+        return {**_summary([r for r in read_metrics(run) if r["step"] > 0]), "actor_peak_mb": memory.peak_mb()}
+
+
+class ActorMemory:
+    """Peak resident and proportional memory (RSS, PSS) of this process's Ray actors, by actor class,
+    summed over the actors of a class at each sample: what each role holds (PSS shares a shared
+    library's pages among the processes that map it)."""
+
+    def __init__(self, interval: float = 1.0):
+        import threading
+
+        self.interval = interval
+        self.peaks: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        now: dict[str, dict[str, float]] = {}
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                title = (proc.cmdline() or [""])[0]
+                if not title.startswith("ray::") or title.startswith("ray::IDLE"):
+                    continue
+                role = title[5:].split(".")[0].split(" ")[0]
+                mem = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue  # gone between the listing and the read
+            agg = now.setdefault(role, {"rss": 0.0, "pss": 0.0})
+            agg["rss"] += mem.rss / 2**20
+            agg["pss"] += getattr(mem, "pss", 0) / 2**20
+        for role, agg in now.items():
+            peak = self.peaks.setdefault(role, {"rss": 0.0, "pss": 0.0})
+            for k in agg:
+                peak[k] = max(peak[k], agg[k])
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "ActorMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mb(self) -> dict[str, dict[str, float]]:
+        return {role: {k: round(v, 1) for k, v in p.items()} for role, p in sorted(self.peaks.items())}
 
 
 def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[[str], None] = print) -> dict:
@@ -211,6 +271,8 @@ def bench_step(config: str, overrides: list[str], steps: int = 3, out: Callable[
         out(f"  {label:9s} {o[f'{k}_seconds']:8.2f} {r[f'{k}_seconds']:12.2f}")
     out(f"  tokens/s  {o['tokens_per_second']:8.1f} {r['tokens_per_second']:12.1f}  "
         f"({o['tokens_per_step']:.0f} and {r['tokens_per_step']:.0f} tokens per step)")
+    out("  Ray processes' peak memory, MiB (RSS / PSS): " + ", ".join(
+        f"{role} {m['rss']:.0f} / {m['pss']:.0f}" for role, m in o["actor_peak_mb"].items()))
     out(f"  overhead (opsd step / sum of its stages) {report['overhead']:.3f}; opsd step / reference step "
         f"{report['vs_single_process']:.2f}x; reference tokens/s / opsd tokens/s "
         f"{1 / report['vs_single_process_tokens_per_second']:.2f}x")

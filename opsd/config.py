@@ -595,7 +595,8 @@ def _check_teacher(cfg: Config) -> None:
 def _check_engine_scoring(cfg: Config) -> None:
     """What a teacher scored by vLLM prompt log-probs can and cannot be."""
     engine = cfg.scorer.backend == "vllm" or cfg.scorer.on_rollout_engines
-    where = "scorer.on_rollout_engines=true" if cfg.scorer.on_rollout_engines else "scorer.backend=vllm"
+    where = ("config key 'scorer.on_rollout_engines' = true" if cfg.scorer.on_rollout_engines
+             else "config key 'scorer.backend' = vllm")
     if engine and cfg.loss.temperature != 1.0:
         raise ConfigError(
             f"{where} with loss.temperature={cfg.loss.temperature}: vLLM's prompt log-probs are those of the "
@@ -609,9 +610,9 @@ def _check_engine_scoring(cfg: Config) -> None:
         )
     if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live":
         raise ConfigError(
-            f"scorer.on_rollout_engines=true with teacher.mode={cfg.teacher.mode}: the rollout engines hold the "
-            "current policy, so they can only be a live teacher; a fixed teacher needs weights of its own "
-            "(scorer.backend=vllm runs it on a vLLM engine of its own)"
+            f"{where} with teacher.mode={cfg.teacher.mode}: the rollout engines hold the current policy, so "
+            "they can only be a live teacher; a fixed teacher needs weights of its own (scorer.backend=vllm "
+            "runs it on a vLLM engine of its own)"
         )
 
 

@@ -84,8 +84,11 @@ def test_the_vllm_scorer_gives_the_transformers_scorers_targets_in_float32(cli_r
         np.testing.assert_allclose(tok, want["teacher_token_logprobs"], atol=1e-4, rtol=0)
 
 
-def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(tmp_path, tiny_model, ray_session,
-                                                                             monkeypatch):
+# "vllm-scorer": a live teacher on a vLLM scorer actor of its own, which takes every push as a
+# rollout engine does (`make test-slow`).
+@pytest.mark.parametrize("where", ["rollout-engines", pytest.param("vllm-scorer", marks=pytest.mark.slow)])
+def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(where, tmp_path, tiny_model,
+                                                                             ray_session, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     import opsd.launch.actors as actors_module
@@ -107,14 +110,18 @@ def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(tmp
 
     monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
     trainer, run_dir = make_trainer(
-        tmp_path, "teacher.mode=live", "scorer.on_rollout_engines=true", "logging.save_batches=true",
+        tmp_path, "teacher.mode=live", "logging.save_batches=true",
+        "scorer.on_rollout_engines=true" if where == "rollout-engines" else "scorer.backend=vllm",
         "train.steps=2", "train.checkpoint_every=0", "eval.every=0", "learner.lr=1e-2",
         # step 2's rollouts run on the initial weights while step 1 trains; its score call queues
         # behind them on the same engine and must score with the pushed weights
         "rollout.max_staleness=1", cls=Recording)
     try:
-        assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
-        assert trainer.actors.scorers is None and trainer.actors.scoring is trainer.actors.rollouts
+        if where == "rollout-engines":
+            assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
+            assert trainer.actors.scorers is None and trainer.actors.scoring is trainer.actors.rollouts
+        else:
+            assert pools == [("rollout", "RolloutWorker"), ("scorer", "EngineScorerWorker")]
         trainer.run_steps(run_dir)
     finally:
         trainer.shutdown()
@@ -155,3 +162,30 @@ def test_a_stopped_run_that_scores_on_the_rollout_engines_resumes_and_repeats_th
     resumed = driver.train(None, [f"train.resume={tmp_path / 'part' / 'run'}"])
     assert_repeats(read_metrics(full), read_metrics(resumed))
     assert [m["teacher_version"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
+
+
+# `make test-slow`: a second CLI run (the SmolLM2 one is in test_smollm2.py).
+@pytest.mark.slow
+def test_a_run_with_the_vllm_scorer_trains_and_its_batches_hold_the_transformers_targets(tmp_path, tiny_model):
+    import math
+    import subprocess
+    import sys
+
+    from opsd.config import REPO_ROOT
+    from opsd.workers.scorer import ScorerWorker
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "opsd.launch.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}", "train.steps=2",
+           "logging.save_batches=true", "train.checkpoint_every=0", "eval.every=0", "logging.progress=false",
+           "scorer.backend=vllm"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"opsd train failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    assert "1 scorer(s) (vLLM)" in proc.stdout
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2] and all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+    scorer = ScorerWorker(local_config(), tiny_model)  # the transformers scorer, in this process
+    for path in sorted((run_dir / "batches").glob("step_*.arrow")):
+        rows = read_ipc(path).to_pylist()
+        want = scorer.teacher_targets([r["teacher_prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
+        for row, (ids, lps, tok) in zip(rows, want):
+            assert_same_targets(row, ids, lps, tok)

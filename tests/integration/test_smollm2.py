@@ -113,7 +113,10 @@ def test_vllm_follows_transformers_greedily_on_smollm2(smollm2, ray_session):
         np.testing.assert_allclose(np.array(sample.logprobs), logp.numpy(), atol=2e-3)
 
 
-def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward(smollm2, tmp_path, ray_session):
+# The vLLM scorer (scorer.backend=vllm) against the same plain forward: `make test-slow`.
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward(backend, smollm2, tmp_path,
+                                                                                  ray_session):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opsd.launch.driver import train
@@ -121,6 +124,7 @@ def test_one_training_step_on_smollm2_has_the_teacher_targets_of_a_plain_forward
     run = train(str(REPO_ROOT / "configs" / "local.yaml"), local_overrides(
         tmp_path, "train.steps=1", "train.prompts_per_step=4", "train.checkpoint_every=0", "eval.every=0",
         "model.dtype=float32", "logging.save_batches=true", "learner.micro_batch_size=2", "rollout.kv_cache_mb=256",
+        f"scorer.backend={backend}",
     ))
     (row,) = read_metrics(run)
     assert row["samples"] == 4 and math.isfinite(row["loss"]) and row["loss"] > 0 and row["grad_norm"] > 0

@@ -189,6 +189,12 @@ def test_boundary_values_are_accepted():
     (["learner.zero_stage=0", "learner.num_ranks=2"], "learner.zero_stage"),
     (["eval.n=4", "eval.temperature=0"], "eval.n"),
     (["rollout.tensor_parallel_size=2", "cluster.device=cpu"], "rollout.tensor_parallel_size"),
+    # vLLM's prompt log-probs are at temperature 1, and the EMA lives in the transformers scorer.
+    (["scorer.backend=vllm", "loss.temperature=0.7"], "scorer.backend"),
+    (["scorer.backend=vllm", "teacher.mode=ema"], "scorer.backend"),
+    (["scorer.on_rollout_engines=true", "teacher.mode=fixed"], "scorer.on_rollout_engines"),
+    (["scorer.on_rollout_engines=true", "teacher.mode=ema"], "scorer.on_rollout_engines"),
+    (["scorer.on_rollout_engines=true", "teacher.mode=live", "loss.temperature=0.7"], "scorer.on_rollout_engines"),
 ])
 def test_impossible_combination_names_the_key(overrides, key):
     assert f"'{key}'" in _error(None, overrides)
@@ -205,6 +211,9 @@ def test_impossible_combination_names_the_key(overrides, key):
     ["algo=grpo", "rollout.n=4", "loss.old_logprobs=rollout", "rollout.max_staleness=1"],
     ["algo=kd"],
     ["algo=kd", "kd.source=teacher_samples", "loss.support=topk_tail", "loss.beta=0"],
+    ["scorer.backend=vllm"],
+    ["scorer.backend=vllm", "teacher.mode=live"],
+    ["scorer.on_rollout_engines=true", "teacher.mode=live"],
 ])
 def test_the_possible_neighbours_of_those_combinations_load(overrides):
     load_config(None, overrides)
