@@ -178,7 +178,7 @@ def _check_resources(cfg: Config) -> list[str]:
     receivers = f"{r.num_workers} rollout engine{'s' if r.num_workers > 1 else ''}"
     if scorer_actors(cfg) and cfg.teacher.mode != "fixed":
         receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
-    elif uses_scorer(cfg):
+    elif uses_scorer(cfg) and cfg.scorer.on_rollout_engines:
         receivers += " (the live teacher: they score it by prefill)"
     how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
            "nccl": "broadcast over NCCL (GPU to GPU)"}[sc.transport]

@@ -66,12 +66,18 @@ def fp32_lm_head(head: torch.nn.Module) -> torch.nn.Module:
             # tensor-core matmul that accumulates and writes fp32 gives the fp32 matmul's logits (up
             # to summation order) without the [V, H] fp32 copy of the weight per call: 4x faster
             # top-k extraction at Qwen3-1.7B's shape on an H200 (docs/BENCHMARKS.md, "On a GPU").
-            flat = torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), out_dtype=torch.float32)
-            return flat.view(*hidden.shape[:-1], weight.shape[0])
+            try:
+                flat = torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), out_dtype=torch.float32)
+                return flat.view(*hidden.shape[:-1], weight.shape[0])
+            except TypeError:  # a torch whose mm has no out_dtype: cast, from now on
+                _HALF_MM_TO_FP32["available"] = False
         return F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
 
     head.forward = forward
     return head
+
+
+_HALF_MM_TO_FP32 = {"available": True}
 
 
 def _half_mm_to_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -79,8 +85,8 @@ def _half_mm_to_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> boo
     kernel for it), both operands of the same half type, no bias, and no gradient wanted (torch
     has no derivative for it: the scorer's forward uses it, the learner's loss keeps the cast)."""
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return (weight.is_cuda and hidden.is_cuda and bias is None and hidden.dtype == weight.dtype
-            and weight.dtype in (torch.bfloat16, torch.float16) and not wants_grad)
+    return (_HALF_MM_TO_FP32["available"] and weight.is_cuda and hidden.is_cuda and bias is None
+            and hidden.dtype == weight.dtype and weight.dtype in (torch.bfloat16, torch.float16) and not wants_grad)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

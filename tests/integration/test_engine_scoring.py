@@ -52,6 +52,9 @@ def forward_targets(model, ctx: list[int], resp: list[int], k: int):
     return ids.numpy(), lp.numpy(), tok.numpy()
 
 
+# `make test-slow` (a vLLM engine of its own; the default run keeps under 20 minutes): the on-engine
+# test below runs the same prompt log-probs path.
+@pytest.mark.slow
 def test_the_vllm_scorer_gives_the_transformers_scorers_targets_in_float32(cli_run, ray_session):
     """The samples of a saved batch (scored by the transformers scorer), scored again by a vLLM
     scorer actor: the same Arrow batch, the same targets; and the sampled-token-only form."""

@@ -62,6 +62,11 @@ def test_sync_line_names_the_receivers():
            "16 MB buckets, waits at most 600 s" in lines
     lines = validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [], check_data=False)
     assert "sync: learner rank 0 -> 1 rollout engine, through Ray's object store, 64 MB buckets" in lines
+    lines = validate_config(str(REPO_ROOT / "configs" / "local.yaml"),
+                            ["teacher.mode=live", "scorer.on_rollout_engines=true"], check_data=False)
+    assert ("sync: learner rank 0 -> 1 rollout engine (the live teacher: they score it by prefill), through Ray's "
+            "object store, 64 MB buckets") in lines
+    assert any(line.startswith("resources:") and "scorer" not in line for line in lines)
 
 
 @pytest.mark.parametrize("name,tokens", [("qwen3-1.7b.yaml", 1024), ("qwen3-4b.yaml", 1024), ("qwen3-8b.yaml", 2048)])
