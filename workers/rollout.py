@@ -255,6 +255,8 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    if not contexts:  # e.g. no row of the batch has a second teacher context
+        return []
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k if topk else 0, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(c) + list(r)) for c, r in zip(contexts, responses)],
                         params, use_tqdm=False)
