@@ -41,8 +41,7 @@ def _compare(ref: list, other: list) -> dict:
             "top1_agreement": float(np.concatenate(top1).mean())}
 
 
-def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[str], None] = print,
-               engines: bool = True) -> dict:
+def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[str], None] = print) -> dict:
     from transformers import AutoTokenizer
 
     from opsd.config import load_config
@@ -71,10 +70,7 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
         c: Any = copy.deepcopy(cfg)
         c.model.dtype, c.model.fp32_lm_head, c.scorer.num_threads = dtype, fp32_head, threads
         scorer = ScorerWorker(c, model_path)
-        scorer.teacher_targets(contexts[:1], [responses[0][:4]])  # warm-up
-        t0 = time.perf_counter()
-        targets = scorer.teacher_targets(contexts, responses)
-        secs = time.perf_counter() - t0
+        targets, secs = _timed_targets(scorer, contexts, responses)
         return targets, secs, _student_loss(c, scorer.model, scorer.pad_id, students, responses, targets)
 
     ref, ref_s, ref_loss = run("float32", False)
@@ -91,16 +87,23 @@ def bench_head(config: str, overrides: list[str], rows: int = 2, out: Callable[[
             f"{row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; top-k |dlogp| mean "
             f"{row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; top-1 agrees {row['top1_agreement']:.3f}; "
             f"loss {loss:.6f} (|d| {row['loss_abs_diff']:.2e}, {100 * row['loss_rel_diff']:.2f}% of float32's)")
-    if engines:
-        for dtype in ("float32", "bfloat16"):
-            targets, secs = _engine_targets(cfg, model_path, dtype, threads, contexts, responses)
-            row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets)}
-            report["variants"][f"vllm {dtype}"] = row
-            out(f"  vllm {dtype} (scorer.backend=vllm): {secs:.2f}s ({row['vs_float32_time']:.2f}x float32); "
-                f"sampled-token |dlogp| mean {row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; "
-                f"top-k |dlogp| mean {row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; "
-                f"top-1 agrees {row['top1_agreement']:.3f}")
+    for dtype in ("float32", "bfloat16"):
+        targets, secs = _engine_targets(cfg, model_path, dtype, threads, contexts, responses)
+        row = {"seconds": secs, "vs_float32_time": secs / ref_s, **_compare(ref, targets)}
+        report["variants"][f"vllm {dtype}"] = row
+        out(f"  vllm {dtype} (scorer.backend=vllm): {secs:.2f}s ({row['vs_float32_time']:.2f}x float32); "
+            f"sampled-token |dlogp| mean {row['sampled_token_abs_mean']:.4f} max {row['sampled_token_abs_max']:.4f}; "
+            f"top-k |dlogp| mean {row['topk_abs_mean']:.4f} max {row['topk_abs_max']:.4f}; "
+            f"top-1 agrees {row['top1_agreement']:.3f}")
     return report
+
+
+def _timed_targets(scorer: Any, contexts: list, responses: list) -> tuple[list, float]:
+    """A scorer's targets of every row and their seconds, after a one-row warm-up."""
+    scorer.teacher_targets(contexts[:1], [responses[0][:4]])
+    t0 = time.perf_counter()
+    targets = scorer.teacher_targets(contexts, responses)
+    return targets, time.perf_counter() - t0
 
 
 def _engine_targets(cfg: Any, model_path: str, dtype: str, threads: int, contexts: list,
@@ -114,10 +117,7 @@ def _engine_targets(cfg: Any, model_path: str, dtype: str, threads: int, context
     c.model.dtype, c.scorer.num_threads, c.scorer.backend = dtype, threads, "vllm"
     engine = EngineScorerWorker(c, model_path)
     try:
-        engine.teacher_targets(contexts[:1], [responses[0][:4]])  # warm-up
-        t0 = time.perf_counter()
-        targets = engine.teacher_targets(contexts, responses)
-        return targets, time.perf_counter() - t0
+        return _timed_targets(engine, contexts, responses)
     finally:
         del engine
         gc.collect()

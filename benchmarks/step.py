@@ -208,13 +208,15 @@ class ActorMemory:
     def _sample(self) -> None:
         import psutil
 
+        from opsd.benchmarks.soak import proc_name
+
         now: dict[str, dict[str, float]] = {}
         for proc in psutil.Process().children(recursive=True):
+            name = proc_name(proc.pid)
+            if not name.startswith("ray::") or name.startswith("ray::IDLE"):
+                continue
+            role = name[5:].split(".")[0]
             try:
-                title = (proc.cmdline() or [""])[0]
-                if not title.startswith("ray::") or title.startswith("ray::IDLE"):
-                    continue
-                role = title[5:].split(".")[0].split(" ")[0]
                 mem = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # gone between the listing and the read

@@ -116,7 +116,7 @@ def flops(shape: dict, model, seq_len: int, rows: int, scored: int) -> dict:
     return {"decoder": decoder, "head": head, "layer_params": layer_params}
 
 
-def scorer_rows(shape: dict, seq_len: int, total: int, device: torch.device):
+def scorer_rows(shape: dict, seq_len: int, total: int):
     g = torch.Generator().manual_seed(seq_len)
     rows = max(1, total // seq_len)
     ctx = seq_len // 4
@@ -126,7 +126,7 @@ def scorer_rows(shape: dict, seq_len: int, total: int, device: torch.device):
 
 def bench_scorer(shape: dict, model, limits_: dict, seq_len: int, total: int, fp32_head: bool,
                  device: torch.device, repeats: int) -> dict:
-    contexts, responses = scorer_rows(shape, seq_len, total, device)
+    contexts, responses = scorer_rows(shape, seq_len, total)
     head = model.get_output_embeddings()
     plain_forward = head.forward
     if fp32_head:
@@ -192,7 +192,7 @@ def loss_targets(n: int, vocab: int, device: torch.device, seed: int) -> TokenTa
 
 def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, checkpointing: bool,
                   device: torch.device, repeats: int) -> dict:
-    contexts, responses = scorer_rows(shape, seq_len, total, device)
+    contexts, responses = scorer_rows(shape, seq_len, total)
     rows = len(contexts)
     ids = torch.tensor([c + r for c, r in zip(contexts, responses)], device=device)
     mask = torch.ones_like(ids)

@@ -162,16 +162,9 @@ class RolloutWorker:
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probabilities of tokens 1.. of each sequence under the current weights (for checks)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
-        result = []
-        for seq, out in zip(sequences, outs):
-            steps = out.prompt_logprobs[1:]  # position 0 has no prediction
-            result.append([float(step[tok].logprob) for step, tok in zip(steps, seq[1:])])
-        return result
+        found = engine_teacher_targets(self.llm, [s[:1] for s in sequences], [s[1:] for s in sequences],
+                                       k=0, topk=False)
+        return [tok.astype(float).tolist() for _, _, tok in found]
 
     # --- the teacher by prefill (scorer.backend=vllm, scorer.on_rollout_engines) -------------
 
