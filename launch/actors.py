@@ -78,7 +78,7 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
     backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
     scorers = f"{cfg.scorer.num_workers} scorer(s) ({backend}), " if scorer_actors(cfg) else ""
     if uses_scorer(cfg) and not scorer_actors(cfg):
-        scorers = "no scorer (the rollout engines score the live teacher), "
+        scorers = f"no scorer (the rollout engines score the {cfg.teacher.mode} teacher), "
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
     for note in notes(cfg):

@@ -136,7 +136,8 @@ class Trainer:
             # broadcast (and its sync.timeout_s) for them.
             self.pipeline.drain()
         self.actors.weights.push(self.policy_version, pools)
-        if len(pools) > 1 or self.actors.scores_on_rollouts:
+        if len(pools) > 1 or (self.actors.scores_on_rollouts and mode != "fixed"):
+            # (a fixed teacher on the rollout engines is the base they keep under a LoRA adapter)
             self.teacher_version = self.policy_version
 
     def evaluate(self) -> dict[str, float]:

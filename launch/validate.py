@@ -179,10 +179,13 @@ def _check_resources(cfg: Config) -> list[str]:
     if scorer_actors(cfg) and cfg.teacher.mode != "fixed":
         receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
     elif uses_scorer(cfg) and cfg.scorer.on_rollout_engines:
-        receivers += " (the live teacher: they score it by prefill)"
+        receivers += (" (the live teacher: they score it by prefill)" if cfg.teacher.mode == "live" else
+                      f" (they score the {cfg.teacher.mode} teacher by prefill, on the base weights)")
     how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
-           "nccl": "broadcast over NCCL (GPU to GPU)"}[sc.transport]
-    lines.append(f"sync: learner rank 0 -> {receivers}, {how}, {sc.bucket_mb:g} MB buckets"
+           "nccl": "broadcast over NCCL (GPU to GPU)",
+           "in_place": "read in place from the learner's memory (same host)"}.get(sc.transport, f"through {sc.transport}")
+    what = " the LoRA adapter alone," if cfg.model.lora.enabled and cfg.model.lora.serve == "adapter" else ""
+    lines.append(f"sync: learner rank 0 -> {receivers},{what} {how}, {sc.bucket_mb:g} MB buckets"
                  + (f", waits at most {sc.timeout_s:g} s" if sc.transport != "object_store" else ""))
     budget = cfg.model.max_model_len - r.max_tokens
     if budget <= 0:

@@ -34,6 +34,11 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # What the rollout engines serve. merged: every push carries the whole model with the adapters
+    # merged in. adapter: a push carries the adapter alone, which the engines serve as a vLLM LoRA
+    # adapter over the base weights they keep; with scorer.on_rollout_engines a fixed teacher (the
+    # base) is then scored on the same engines (opsd/lora.py).
+    serve: str = "merged"
 
 
 @dataclass
@@ -322,6 +327,7 @@ class Config:
 
 _CHOICES = {
     "kd.source": ("reference", "teacher_samples"),
+    "model.lora.serve": ("merged", "adapter"),
     "model.dtype": DTYPES,  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
     "data.answer_format": ("auto", "boxed", "gsm8k"),
@@ -505,6 +511,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     _check_templates(cfg)
     _check_teacher(cfg)
     _check_runtime(cfg)
+    _check_lora(cfg)
     _check_objective(cfg)
     if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
         raise ConfigError(
@@ -608,11 +615,47 @@ def _check_engine_scoring(cfg: Config) -> None:
             f"{where} with teacher.mode=ema: the EMA is blended in the transformers scorer's fp32 copy of the "
             "weights; use scorer.backend=transformers, or teacher.mode=fixed|live"
         )
-    if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live":
+    adapters = cfg.model.lora.enabled and cfg.model.lora.serve == "adapter"
+    if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live" and not adapters:
         raise ConfigError(
             f"{where} with teacher.mode={cfg.teacher.mode}: the rollout engines hold the current policy, so "
             "they can only be a live teacher; a fixed teacher needs weights of its own (scorer.backend=vllm "
-            "runs it on a vLLM engine of its own)"
+            "runs it on a vLLM engine of its own), or LoRA with model.lora.serve=adapter (the engines keep the "
+            "base weights, the fixed teacher, and serve the student as an adapter)"
+        )
+
+
+def _check_lora(cfg: Config) -> None:
+    """model.lora.serve=adapter: who can take a push that holds the adapter alone."""
+    from opsd.lora import VLLM_MAX_RANKS
+    from opsd.workers.transports import transport
+
+    lc = cfg.model.lora
+    if lc.serve != "adapter":
+        return
+    if not lc.enabled:
+        raise ConfigError("config key 'model.lora.serve' = adapter needs model.lora.enabled=true")
+    if lc.r > VLLM_MAX_RANKS[-1]:
+        raise ConfigError(f"config key 'model.lora.r' = {lc.r}: vLLM serves adapters of rank at most "
+                          f"{VLLM_MAX_RANKS[-1]}; use model.lora.serve=merged")
+    head = sorted(set(lc.target_modules) & {"lm_head", "embed_tokens"})
+    if head:
+        raise ConfigError(
+            f"config key 'model.lora.target_modules' holds {head} with model.lora.serve=adapter: vLLM's prompt "
+            "log-probs (the teacher's targets) do not apply an adapter of the head or the embedding to every "
+            "token; use model.lora.serve=merged"
+        )
+    if transport(cfg.sync.transport).collective:
+        raise ConfigError(
+            f"config key 'model.lora.serve' = adapter with sync.transport={cfg.sync.transport}: an adapter is "
+            "loaded by the engine from its own files, not received inside vLLM's workers; it is small, so use "
+            "sync.transport=object_store (or in_place on one host)"
+        )
+    if scorer_actors(cfg) and cfg.scorer.backend == "transformers" and cfg.teacher.mode != "fixed":
+        raise ConfigError(
+            f"config key 'model.lora.serve' = adapter with teacher.mode={cfg.teacher.mode} on transformers scorer "
+            "actors: they load whole weights, and every push would hold the adapter alone; use "
+            "scorer.on_rollout_engines=true (teacher.mode=live) or scorer.backend=vllm, or model.lora.serve=merged"
         )
 
 

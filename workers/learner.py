@@ -26,6 +26,7 @@ import torch
 from opsd.batch import batch_meta, contexts_of, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
+from opsd.lora import peft_config, saved_name
 from opsd.objectives import objective
 from opsd.objectives.base import FIELD_SHAPES
 from opsd.scoring import pad_right
@@ -261,14 +262,12 @@ class LearnerRank:
         if self.cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = self.cfg.model.lora.enabled
+        # model.lora.serve=adapter: pushes carry the adapter alone (opsd/lora.py)
+        self.push_adapter = self.lora and self.cfg.model.lora.serve == "adapter"
         if self.lora:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            lc = self.cfg.model.lora
-            model = get_peft_model(
-                model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                  target_modules=list(lc.target_modules), task_type="CAUSAL_LM"),
-            )
+            model = get_peft_model(model, peft_config(self.cfg.model.lora))
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
@@ -432,8 +431,15 @@ class LearnerRank:
 
     # --- weights out ----------------------------------------------------------------------
 
-    def _named_for_export(self) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
-        """(HF name, parameter, LoRA layer or None). With LoRA the adapters are merged on export."""
+    def _named_for_export(self, adapter: bool = False) -> Iterator[tuple[str, torch.nn.Parameter, Any]]:
+        """(HF name, parameter, LoRA layer or None). With LoRA the adapters are merged on export;
+        with ``adapter`` (a push under model.lora.serve=adapter) the export is the adapter alone,
+        under peft's saved names."""
+        if adapter:
+            for name, p in self.module.named_parameters():
+                if (saved := saved_name(name)) is not None:
+                    yield saved, p, None
+            return
         if not self.lora:
             for name, p in self.module.named_parameters():
                 yield name, p, None
@@ -452,13 +458,13 @@ class LearnerRank:
                 continue
             yield name[len(prefix):].replace(".base_layer", ""), p, None
 
-    def _bucket_groups(self) -> list[list]:
+    def _bucket_groups(self, adapter: bool = False) -> list[list]:
         """The export entries in buckets of at most sync.bucket_mb (in the push dtype)."""
         limit = self.cfg.sync.bucket_mb * 2**20
         bucket: list = []
         size = 0
         groups: list[list] = []
-        for e in self._named_for_export():
+        for e in self._named_for_export(adapter):
             nbytes = _full_shape(e[1]).numel() * self.push_dtype.itemsize
             if bucket and size + nbytes > limit:
                 groups.append(bucket)
@@ -474,10 +480,11 @@ class LearnerRank:
         dtype = str(self.push_dtype).removeprefix("torch.")
         return [
             BucketLayout(tuple(name for name, _, _ in g), tuple(tuple(_full_shape(p)) for _, p, _ in g), dtype)
-            for g in self._bucket_groups()
+            for g in self._bucket_groups(self.push_adapter)
         ]
 
-    def _full_buckets(self, device: torch.device | str = "cpu", *, copy: bool = True) -> Iterator[NamedTensors]:
+    def _full_buckets(self, device: torch.device | str = "cpu", *, copy: bool = True,
+                      adapter: bool = False) -> Iterator[NamedTensors]:
         """Full-size tensors on ``device`` in buckets of sync.bucket_mb; ZeRO-3 gathers one bucket
         at a time.
 
@@ -490,7 +497,7 @@ class LearnerRank:
         import deepspeed
 
         zero3 = self.cfg.learner.zero_stage == 3
-        for group in self._bucket_groups():
+        for group in self._bucket_groups(adapter):
             params = [p for _, p, _ in group]
             if self.lora:
                 params += [q for _, _, m in group if m is not None for n, q in m.named_parameters() if "lora_" in n]
@@ -519,7 +526,8 @@ class LearnerRank:
             # push dtype (ZeRO-3 gathers them anew for each push; a LoRA merge or a conversion
             # makes new tensors).
             sender.prepare([] if self.cfg.learner.zero_stage == 3 else [
-                p.detach() for _, p, layer in self._named_for_export() if layer is None and p.dtype == self.push_dtype
+                p.detach() for _, p, layer in self._named_for_export(self.push_adapter)
+                if layer is None and p.dtype == self.push_dtype
             ])
             self.senders[name] = sender
         return self.senders[name]
@@ -529,18 +537,19 @@ class LearnerRank:
         collective transport). Rank 0 returns ``{"ok", "update", "error", "num_bytes"}``; the other
         ranks only take part in the gathers and return None.
 
-        Every weight is sent, also with LoRA: vLLM fuses projections (qkv, gate_up) and reloads a
-        fused weight whole, so sending only the adapted q and v would leave k undefined. A failed
+        With LoRA every merged weight is sent (model.lora.serve=merged): vLLM fuses projections (qkv,
+        gate_up) and reloads a fused weight whole, so sending only the adapted q and v would leave k
+        undefined; with model.lora.serve=adapter the adapter alone is sent. A failed
         send is reported, not raised: the other ranks still have gathers to finish, and a raise
         would take the whole learner group down over what a retry can fix.
         """
         if self.rank != 0:
-            for _ in self._full_buckets(copy=False):
+            for _ in self._full_buckets(copy=False, adapter=self.push_adapter):
                 pass
             return None
         sender = self._sender(transport_name)
         # Every sender copies each bucket out (ray.put, a broadcast) before it asks for the next.
-        buckets = self._full_buckets(sender.device, copy=False)
+        buckets = self._full_buckets(sender.device, copy=False, adapter=self.push_adapter)
         try:
             update = sender.send(version, buckets, layout=self.weight_layout(), groups=groups)
             return {"ok": True, "update": update, "error": None, "num_bytes": update.num_bytes}

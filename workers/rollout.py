@@ -4,7 +4,10 @@ engine scores teacher contexts by prefill (docs/DESIGN.md, "The teacher on the i
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING, Any
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 
 from opsd.config import Config, actor_threads
+from opsd.lora import adapter_shapes, vllm_max_rank, write_adapter
 from opsd.objectives import PRIMARY, scored_contexts
 from opsd.scoring import RowTargets
 from opsd.workers.scorer import scored_batch
@@ -65,6 +69,15 @@ class RolloutWorker:
         # An engine that scores serves top-k prompt log-probs: vLLM caps them at max_logprobs (20).
         scores = self.role == "scorer" or cfg.scorer.on_rollout_engines
         tp = cfg.rollout.tensor_parallel_size if self.role == "rollout" else 1
+        # model.lora.serve=adapter: pushes hold the adapter alone, served over the base weights,
+        # which this engine keeps (opsd/lora.py)
+        lc = cfg.model.lora
+        self.serves_adapter = lc.enabled and lc.serve == "adapter"
+        # Only the adapted modules get vLLM's LoRA layers: a LoRA-wrapped LM head breaks prompt
+        # log-probs of a batch (vLLM's logits LoRA maps one adapter per request, not per token:
+        # vllm-project/vllm#29955, #51594), and opsd never adapts the head (config.py).
+        lora = dict(enable_lora=True, max_lora_rank=vllm_max_rank(lc.r), max_loras=1,
+                    lora_target_modules=list(lc.target_modules)) if self.serves_adapter else {}
         t0 = time.perf_counter()
         self.llm = LLM(
             model=model_path,
@@ -79,6 +92,7 @@ class RolloutWorker:
             trust_remote_code=cfg.model.trust_remote_code,
             worker_extension_cls="opsd.workers.rollout.VllmWeightLoader",
             max_logprobs=max(20, cfg.scorer.topk) if scores else 20,
+            **lora,
         )
         self.start_seconds = time.perf_counter() - t0
         self.cfg = cfg
@@ -87,7 +101,18 @@ class RolloutWorker:
         # Store-and-forward pushes are read here and handed to the engine; collective ones are
         # received inside vLLM's workers (VllmWeightLoader), one member per tensor-parallel rank.
         self.receivers = Receivers("cpu", cfg.sync.timeout_s)
-        self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.model_path = model_path
+        if self.serves_adapter:
+            self.expected_shapes = adapter_shapes(model_path, lc, trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            self.expected_shapes = hf_param_shapes(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        # The adapter of the weights version this engine holds (None: the base, version 0), and the
+        # folder it was loaded from; a new vLLM adapter id for every load.
+        self.adapter: Any = None
+        self.adapter_root = tempfile.mkdtemp(prefix="opsd-adapter-") if self.serves_adapter else None
+        if self.adapter_root:  # at exit too; an actor killed outright leaves its current adapter behind
+            weakref.finalize(self, shutil.rmtree, self.adapter_root, True)
+        self.adapters_loaded = 0
         # Per named teacher context: "topk" or "token" (opsd.objectives.scored_contexts).
         self.contexts = scored_contexts(cfg) if scores else {}
 
@@ -141,7 +166,8 @@ class RolloutWorker:
             for seed in seeds
         ]
         outs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False,
+            lora_request=self.adapter,
         )
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
@@ -163,7 +189,7 @@ class RolloutWorker:
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """Log-probabilities of tokens 1.. of each sequence under the current weights (for checks)."""
         found = engine_teacher_targets(self.llm, [s[:1] for s in sequences], [s[1:] for s in sequences],
-                                       k=0, topk=False)
+                                       k=0, topk=False, adapter=self.adapter)
         return [tok.astype(float).tolist() for _, _, tok in found]
 
     # --- the teacher by prefill (scorer.backend=vllm, scorer.on_rollout_engines) -------------
@@ -173,14 +199,22 @@ class RolloutWorker:
     ) -> list[RowTargets]:
         """As ScorerWorker.teacher_targets, read from this engine's prompt log-probs."""
         return engine_teacher_targets(self.llm, contexts, responses, k=self.cfg.scorer.topk,
-                                      topk=(targets or self.contexts.get(PRIMARY, "token")) == "topk")
+                                      topk=(targets or self.contexts.get(PRIMARY, "token")) == "topk",
+                                      adapter=self.adapter if self.teacher_follows_pushes else None)
+
+    @property
+    def teacher_follows_pushes(self) -> bool:
+        """Whether the teacher this engine scores is the weights pushed to it; otherwise (a fixed
+        teacher on engines that serve the student as an adapter) it is the base weights, version 0."""
+        return self.cfg.teacher.mode != "fixed" or not self.serves_adapter
 
     def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:
         """Samples -> the same samples with the teacher's targets, as an Arrow batch (IPC bytes)."""
-        require_version(self.version, expect_version, f"{self.role} engine")
+        teacher_version = self.version if self.teacher_follows_pushes else 0
+        require_version(teacher_version, expect_version, f"{self.role} engine's teacher")
         return scored_batch(samples, self.teacher_targets, self.contexts, k=self.cfg.scorer.topk,
                             temperature=self.cfg.loss.temperature, mode=self.cfg.teacher.mode,
-                            version=self.version)
+                            version=teacher_version)
 
     # --- weights in -------------------------------------------------------------------------
 
@@ -213,14 +247,38 @@ class RolloutWorker:
         else:
             with self.receivers.receiving(update) as named:
                 check_against(named, self.expected_shapes)
-                try:
-                    self.llm.collective_rpc("opsd_load_weights", args=(named,))
-                except Exception as exc:  # whatever vLLM raised, as the push's failure
-                    raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
+                if self.serves_adapter:
+                    self._load_adapter(named, update.version)
+                else:
+                    try:
+                        self.llm.collective_rpc("opsd_load_weights", args=(named,))
+                    except Exception as exc:  # whatever vLLM raised, as the push's failure
+                        raise WeightSyncError(f"vLLM could not load weight version {update.version}: {exc}") from exc
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.version = update.version
         return self.version
+
+    def _load_adapter(self, named: NamedTensors, version: int) -> None:
+        """A pushed adapter -> a vLLM LoRA adapter, under a new id; the previous one is removed once
+        the new one has loaded (vLLM loads before it evicts, so a failure keeps the old one)."""
+        from vllm.lora.request import LoRARequest
+
+        self.adapters_loaded += 1
+        folder = os.path.join(self.adapter_root, f"v{version}-{self.adapters_loaded}")
+        try:
+            write_adapter(folder, named, self.cfg.model.lora, self.model_path)
+            new = LoRARequest(f"opsd-policy-v{version}", self.adapters_loaded, folder)
+            self.llm.llm_engine.add_lora(new)
+        except Exception as exc:  # a full disk, a module vLLM cannot adapt: the push's failure
+            shutil.rmtree(folder, ignore_errors=True)
+            raise WeightSyncError(f"vLLM could not load the LoRA adapter of weight version {version}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        old, self.adapter = self.adapter, new
+        if old is not None:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+
 
 
 class EngineScorerWorker(RolloutWorker):
@@ -237,8 +295,9 @@ class EngineScorerWorker(RolloutWorker):
 
 
 def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[list[int]], *, k: int,
-                           topk: bool) -> list[RowTargets]:
-    """The teacher's targets from vLLM's prompt log-probs of ``context + response``.
+                           topk: bool, adapter: Any = None) -> list[RowTargets]:
+    """The teacher's targets from vLLM's prompt log-probs of ``context + response`` (with the LoRA
+    request ``adapter`` over the engine's weights, when given).
 
     Entry p of the prompt log-probs is the distribution of token p given tokens < p (raw logits,
     temperature 1: config.py refuses another loss.temperature), holding the top ``k`` and the
@@ -252,7 +311,7 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
         return []
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k if topk else 0, detokenize=False)
     outs = llm.generate([TokensPrompt(prompt_token_ids=list(c) + list(r)) for c, r in zip(contexts, responses)],
-                        params, use_tqdm=False)
+                        params, use_tqdm=False, lora_request=adapter)
     result: list[RowTargets] = []
     for c, r, out in zip(contexts, responses, outs):
         steps = out.prompt_logprobs[len(c): len(c) + len(r)]

@@ -142,21 +142,27 @@ def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(whe
             assert_same_targets(row, *forward_targets(model, row["teacher_prompt_ids"], row["response_ids"], 64))
 
 
-# `make test-slow`: two runs of four steps.
+# `make test-slow`: two runs of four steps each. "lora-adapter": the engines serve the student as a
+# LoRA adapter and score the fixed teacher on their base weights (model.lora.serve=adapter).
+ON_ENGINE = {"live": ("teacher.mode=live", "scorer.on_rollout_engines=true"),
+             "lora-adapter": ("model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4",
+                              "model.lora.alpha=8", "learner.lr=5e-2", "scorer.on_rollout_engines=true")}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("teacher", list(ON_ENGINE))
 def test_a_stopped_run_that_scores_on_the_rollout_engines_resumes_and_repeats_the_uninterrupted_one(
-    tmp_path, ray_session, monkeypatch
+    teacher, tmp_path, ray_session, monkeypatch
 ):
-    """test_resume's SIGTERM case with the live teacher on the rollout engines: the resumed run
-    scores with the restored policy's weights, pushed to fresh engines."""
+    """test_resume's SIGTERM case with the teacher on the rollout engines: the resumed run
+    samples (and a live teacher scores) with the restored policy's weights, pushed to fresh engines."""
     import opsd.launch.driver as driver
     from opsd.launch.stopping import Stopped
 
     from .conftest import local_overrides
     from .test_resume import CONFIG, SignalledTrainer, assert_repeats
 
-    common = ("train.steps=4", "train.checkpoint_every=2", "eval.every=0", "teacher.mode=live",
-              "scorer.on_rollout_engines=true")
+    common = ("train.steps=4", "train.checkpoint_every=2", "eval.every=0", *ON_ENGINE[teacher])
     full = driver.train(CONFIG, local_overrides(tmp_path / "full", *common))
     with monkeypatch.context() as m:
         m.setattr(driver, "Trainer", SignalledTrainer)
@@ -164,7 +170,8 @@ def test_a_stopped_run_that_scores_on_the_rollout_engines_resumes_and_repeats_th
             driver.train(CONFIG, local_overrides(tmp_path / "part", *common))
     resumed = driver.train(None, [f"train.resume={tmp_path / 'part' / 'run'}"])
     assert_repeats(read_metrics(full), read_metrics(resumed))
-    assert [m["teacher_version"] for m in read_metrics(resumed)] == [1, 2, 3, 4]
+    want = [1, 2, 3, 4] if teacher == "live" else [0, 0, 0, 0]
+    assert [m["teacher_version"] for m in read_metrics(resumed)] == want
 
 
 # `make test-slow`: a second CLI run (the SmolLM2 one is in test_smollm2.py).

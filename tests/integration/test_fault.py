@@ -29,15 +29,20 @@ class KillingTrainer(Trainer):
 # object_store case is the same accounting without a group: `make test-slow`.
 # "on-engine": a live teacher scored by the rollout engines (scorer.on_rollout_engines), whose
 # restarted actor must score with the current weights too.
-ON_ENGINE = ("teacher.mode=live", "scorer.on_rollout_engines=true")
+# "lora-adapter": the engines serve the student as a LoRA adapter and score the fixed teacher on
+# their base weights (model.lora.serve=adapter); the restarted actor must get the adapter back.
+ON_ENGINE = {"on-engine": ("teacher.mode=live", "scorer.on_rollout_engines=true"),
+             "lora-adapter": ("model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4",
+                              "model.lora.alpha=8", "scorer.on_rollout_engines=true")}
 
 
 @pytest.mark.parametrize("transport", [pytest.param("object_store", marks=pytest.mark.slow), "gloo",
-                                       pytest.param("on-engine", marks=pytest.mark.slow)])
+                                       pytest.param("on-engine", marks=pytest.mark.slow),
+                                       pytest.param("lora-adapter", marks=pytest.mark.slow)])
 def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_session):
     ray = ray_session
-    extra = ON_ENGINE if transport == "on-engine" else ()
-    transport = "object_store" if transport == "on-engine" else transport
+    extra = ON_ENGINE.get(transport, ())
+    transport = "object_store" if transport in ON_ENGINE else transport
     # 16 problems, 8 per step, 2 steps: exactly one epoch.
     trainer, run_dir = make_trainer(
         tmp_path, "data.max_rows=16", "train.prompts_per_step=8", "train.steps=2",

@@ -64,3 +64,80 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
     finally:
         ray.kill(worker)
         group.shutdown()
+
+
+def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher_on_their_base_weights(
+    tmp_path, tiny_model, ray_session, monkeypatch
+):
+    """model.lora.serve=adapter with scorer.on_rollout_engines and a fixed teacher: no scorer actor;
+    pushes hold the adapter alone; the rollouts are sampled by the adapted policy (their log-probs
+    are the merged model's) while the same engines' teacher targets stay those of the base model,
+    at teacher version 0, also for batches scored while the learner trained (rollout.max_staleness=1,
+    scorer.overlap)."""
+    from transformers import AutoModelForCausalLM
+
+    import opsd.launch.actors as actors_module
+    from opsd.launch.cluster import ActorPool
+    from opsd.launch.driver import Trainer
+
+    from .conftest import make_trainer, read_metrics
+    from .test_engine_scoring import assert_same_targets, forward_targets
+
+    class Recording(Trainer):
+        def sync(self) -> None:
+            super().sync()
+            self.policy_history = getattr(self, "policy_history", [])
+            self.policy_history.append(self.actors.learner.full_state())  # merged, base names
+
+    pools = []
+
+    class CountedPool(ActorPool):
+        def __init__(self, name, cls, *args, **kwargs):
+            pools.append((name, cls.__name__))
+            super().__init__(name, cls, *args, **kwargs)
+
+    monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
+    trainer, run_dir = make_trainer(
+        tmp_path, "model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4", "model.lora.alpha=8",
+        "scorer.on_rollout_engines=true", "teacher.mode=fixed", "logging.save_batches=true", "train.steps=3",
+        "train.checkpoint_every=0", "eval.every=0", "learner.lr=5e-2", "rollout.max_staleness=1", cls=Recording)
+    try:
+        assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
+        names = [n for bucket in trainer.actors.learner.weight_layout() for n in bucket.names]
+        assert names and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in names)
+        trainer.run_steps(run_dir)
+        rows = read_ipc(run_dir.path / "batches" / "step_000003.arrow").to_pylist()
+        seqs = [r["prompt_ids"] + r["response_ids"] for r in rows[:4]]  # prompt log-probs of a batch, adapted
+        engine_now = ray_session.get(trainer.actors.rollouts.actors[0].prompt_logprobs.remote(seqs))
+    finally:
+        trainer.shutdown()
+
+    metrics = read_metrics(run_dir.path)
+    assert [(m["policy_version"], m["teacher_version"]) for m in metrics] == [(1, 0), (2, 0), (3, 0)]
+    assert all(m.get("score_overlapped") for m in metrics[1:])  # steps 2 and 3 were scored while the learner trained
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+    def adapted(state):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        assert not model.load_state_dict(state, strict=False).unexpected_keys
+        model.tie_weights()
+        return model.eval()
+
+    # The engine now holds the last push's adapter: the merged model's log-probs, not the base's.
+    last = adapted(trainer.policy_history[-1])
+    for seq, got in zip(seqs, engine_now):
+        want = hf_logprobs(last, seq)
+        np.testing.assert_allclose(np.array(got), want, atol=1e-4)
+    assert np.abs(want - hf_logprobs(base, seq)).max() > 1e-3, "the adapters did not move the model enough to test"
+    # Step 3 was sampled after the first push (one step stale): by the adapter of version 1.
+    assert {r["policy_version"] for r in rows} == {1}
+    first = adapted(trainer.policy_history[0])
+    for row in rows[:4]:
+        lp = hf_logprobs(first, row["prompt_ids"] + row["response_ids"])[len(row["prompt_ids"]) - 1:]
+        np.testing.assert_allclose(np.array(row["rollout_logprobs"]), lp, atol=1e-4)
+    # Every batch's teacher is the base model, scored on the same engines.
+    for step in (1, 2, 3):
+        table = read_ipc(run_dir.path / "batches" / f"step_{step:06d}.arrow")
+        assert set(table.column("teacher_version").to_pylist()) == {0}
+        for row in table.to_pylist():
+            assert_same_targets(row, *forward_targets(base, row["teacher_prompt_ids"], row["response_ids"], 64))

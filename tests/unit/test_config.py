@@ -195,6 +195,16 @@ def test_boundary_values_are_accepted():
     (["scorer.on_rollout_engines=true", "teacher.mode=fixed"], "scorer.on_rollout_engines"),
     (["scorer.on_rollout_engines=true", "teacher.mode=ema"], "scorer.on_rollout_engines"),
     (["scorer.on_rollout_engines=true", "teacher.mode=live", "loss.temperature=0.7"], "scorer.on_rollout_engines"),
+    # A push that holds the LoRA adapter alone: only vLLM engines outside a collective group take it,
+    # never the head's adapter (prompt log-probs would not apply it per token).
+    (["model.lora.serve=adapter"], "model.lora.serve"),
+    (["model.lora.enabled=true", "model.lora.serve=adapter", "sync.transport=gloo"], "model.lora.serve"),
+    (["model.lora.enabled=true", "model.lora.serve=adapter", "teacher.mode=live"], "model.lora.serve"),
+    (["model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.target_modules=[q_proj,lm_head]"],
+     "model.lora.target_modules"),
+    (["model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=1024"], "model.lora.r"),
+    (["model.lora.enabled=true", "model.lora.serve=bf16"], "model.lora.serve"),
+    (["model.lora.enabled=true", "scorer.on_rollout_engines=true", "teacher.mode=fixed"], "scorer.on_rollout_engines"),
 ])
 def test_impossible_combination_names_the_key(overrides, key):
     assert f"'{key}'" in _error(None, overrides)
@@ -214,6 +224,11 @@ def test_impossible_combination_names_the_key(overrides, key):
     ["scorer.backend=vllm"],
     ["scorer.backend=vllm", "teacher.mode=live"],
     ["scorer.on_rollout_engines=true", "teacher.mode=live"],
+    ["model.lora.enabled=true", "model.lora.serve=adapter"],  # a fixed teacher on scorer actors
+    ["model.lora.enabled=true", "model.lora.serve=adapter", "scorer.on_rollout_engines=true"],
+    ["model.lora.enabled=true", "model.lora.serve=adapter", "scorer.on_rollout_engines=true", "teacher.mode=live"],
+    ["model.lora.enabled=true", "model.lora.serve=adapter", "scorer.backend=vllm", "teacher.mode=live"],
+    ["model.lora.enabled=true", "model.lora.serve=adapter", "sync.transport=in_place"],
 ])
 def test_the_possible_neighbours_of_those_combinations_load(overrides):
     load_config(None, overrides)

@@ -67,6 +67,12 @@ def test_sync_line_names_the_receivers():
     assert ("sync: learner rank 0 -> 1 rollout engine (the live teacher: they score it by prefill), through Ray's "
             "object store, 64 MB buckets") in lines
     assert any(line.startswith("resources:") and "scorer" not in line for line in lines)
+    lines = validate_config(str(REPO_ROOT / "configs" / "local.yaml"),
+                            ["model.lora.enabled=true", "model.lora.serve=adapter", "scorer.on_rollout_engines=true",
+                             "sync.transport=in_place"], check_data=False)
+    assert ("sync: learner rank 0 -> 1 rollout engine (they score the fixed teacher by prefill, on the base "
+            "weights), the LoRA adapter alone, read in place from the learner's memory (same host), 64 MB buckets, "
+            "waits at most 600 s") in lines
 
 
 @pytest.mark.parametrize("name,tokens", [("qwen3-1.7b.yaml", 1024), ("qwen3-4b.yaml", 1024), ("qwen3-8b.yaml", 2048)])
