@@ -174,6 +174,7 @@ def _summary(rows: list[dict]) -> dict:
     s["tokens_per_step"] = mean([r["tokens_generated"] for r in steady])
     s["tokens_per_second"] = s["tokens_per_step"] / s["step_seconds"]
     s["steady_steps"] = len(steady)
+    s["sync_mb"] = steady[-1].get("sync_mb", 0.0)  # the same every push
     s["score_overlapped"] = sum(bool(r.get("score_overlapped")) for r in steady)  # scored while the last step trained
     return s
 

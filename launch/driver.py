@@ -112,7 +112,7 @@ class Trainer:
         row = step_row(cfg, ready.samples, stats, StepFacts(
             step, self.policy_version, self.teacher_version, self.tokens_total, ready.dropped, ready.generated,
             seconds, score_overlapped=ready.scoring is not None, sync_in_place=self.actors.weights.in_place,
-            skipped=ready.skipped,
+            skipped=ready.skipped, sync_mb=self.actors.weights.pushed_bytes / 2**20,
         ))
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) and self.data.eval_pairs:
             row.update(self.evaluate())

@@ -13,7 +13,7 @@ METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
-    "update_skipped", "score_overlapped", "sync_in_place",
+    "update_skipped", "score_overlapped", "sync_in_place", "sync_mb",
 )
 
 
@@ -31,6 +31,7 @@ class StepFacts:
     score_overlapped: bool
     sync_in_place: bool
     skipped: int = 0  # samples left out of the loss: their teacher context did not apply
+    sync_mb: float = 0.0  # what the step's push moved to each receiver
 
 
 def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) -> dict:
@@ -64,6 +65,8 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         "score_overlapped": facts.score_overlapped,
         # object_store: whether the receivers copied the weights out of the learner's memory
         "sync_in_place": facts.sync_in_place,
+        # the whole model, or the LoRA adapter alone (model.lora.serve=adapter)
+        "sync_mb": facts.sync_mb,
     }
     if row["update_skipped"]:
         row["nonfinite_sample_ids"] = stats.get("nonfinite_sample_ids", [])

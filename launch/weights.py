@@ -52,6 +52,7 @@ class WeightSync:
         elif self.primary.same_host:
             self.one_host, self.primary = self.primary, transport(self.primary.fallback)
         self.layout = learner.weight_layout() if self.primary.collective else None
+        self._pushed_bytes: int | None = None
         self.formed: dict[str, int] = {}  # pool kind -> its restart count when its group was formed
         self.stores: dict[str, tuple[str, int]] = {}  # group name -> its store (to abort it)
         self.last_update: WeightUpdate | None = None  # store-and-forward: what a restarted receiver loads
@@ -63,6 +64,13 @@ class WeightSync:
     def collective(self) -> bool:
         """Whether every receiver takes part in a push at the moment the learner sends it."""
         return self.primary.collective
+
+    @property
+    def pushed_bytes(self) -> int:
+        """What one push moves to each receiver (the learner's layout: the same for every push)."""
+        if self._pushed_bytes is None:
+            self._pushed_bytes = sum(bucket.nbytes for bucket in self.layout or self.learner.weight_layout())
+        return self._pushed_bytes
 
     @property
     def in_place(self) -> bool:

@@ -41,6 +41,11 @@ def test_run_dir_layout_and_metrics(cli_run, tiny_model):
         assert r["loss"] >= 0
         assert len(r["sample_ids"]) == r["samples"] == cfg.train.prompts_per_step
 
+    # Each push moved the whole model in the serving dtype (float32), every parameter once (a tied
+    # head is the embedding's parameter).
+    params = AutoModelForCausalLM.from_pretrained(tiny_model).parameters()
+    assert [r["sync_mb"] for r in rows] == [pytest.approx(sum(p.numel() for p in params) * 4 / 2**20)] * len(rows)
+
     vocab = AutoConfig.from_pretrained(tiny_model).vocab_size
     for step in range(1, CLI_STEPS + 1):
         table = read_ipc(cli_run / "batches" / f"step_{step:06d}.arrow")

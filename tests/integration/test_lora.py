@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,7 @@ def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher
     import opsd.launch.actors as actors_module
     from opsd.launch.cluster import ActorPool
     from opsd.launch.driver import Trainer
+    from opsd.lora import adapter_shapes
 
     from .conftest import make_trainer, read_metrics
     from .test_engine_scoring import assert_same_targets, forward_targets
@@ -106,6 +109,8 @@ def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher
         names = [n for bucket in trainer.actors.learner.weight_layout() for n in bucket.names]
         assert names and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in names)
         trainer.run_steps(run_dir)
+        adapter_mb = sum(math.prod(shape) for shape in adapter_shapes(tiny_model, trainer.cfg.model.lora).values()) \
+            * 4 / 2**20  # float32
         rows = read_ipc(run_dir.path / "batches" / "step_000003.arrow").to_pylist()
         seqs = [r["prompt_ids"] + r["response_ids"] for r in rows[:4]]  # prompt log-probs of a batch, adapted
         engine_now = ray_session.get(trainer.actors.rollouts.actors[0].prompt_logprobs.remote(seqs))
@@ -114,6 +119,7 @@ def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher
 
     metrics = read_metrics(run_dir.path)
     assert [(m["policy_version"], m["teacher_version"]) for m in metrics] == [(1, 0), (2, 0), (3, 0)]
+    assert [m["sync_mb"] for m in metrics] == [pytest.approx(adapter_mb)] * 3  # the adapter alone
     assert all(m.get("score_overlapped") for m in metrics[1:])  # steps 2 and 3 were scored while the learner trained
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
