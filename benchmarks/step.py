@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opsd.dtypes import torch_dtype
+    from opsd.lora import peft_config
     from opsd.losses import fp32_lm_head
     from opsd.scoring import teacher_targets
     from opsd.workers.learner import PolicyLoss, loss_spec
@@ -50,12 +52,18 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     student = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(cfg.model.dtype))
     if cfg.model.fp32_lm_head:
         fp32_lm_head(student.get_output_embeddings())
-    # A fixed teacher: its own frozen copy, as in opsd; a live one is the student itself.
-    scorer = ScorerWorker(cfg, model_path) if cfg.teacher.mode == "fixed" else None
+    lora = cfg.model.lora.enabled
+    if lora:
+        from peft import get_peft_model
+
+        student = get_peft_model(student, peft_config(cfg.model.lora))
+    # A fixed teacher: its own frozen copy, as in opsd (with LoRA: the student with its adapters
+    # off, as the engines serve it with model.lora.serve=adapter); a live one is the student itself.
+    scorer = ScorerWorker(cfg, model_path) if cfg.teacher.mode == "fixed" and not lora else None
     torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
     # The same AdamW as the learner on CPU (its fused kernel; opsd.workers.learner.deepspeed_config).
-    opt = torch.optim.AdamW(student.parameters(), lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                             fused=cfg.cluster.device == "cpu")
     policy = PolicyLoss(student, loss_spec(cfg))
     times = []
@@ -68,9 +76,10 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
             targets = scorer.teacher_targets([p.teacher_ids for p in batch], responses)
         else:
             student.eval()
-            targets = teacher_targets(student, [p.teacher_ids for p in batch], responses, k=cfg.scorer.topk,
-                                      temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
-                                      max_tokens=cfg.scorer.max_tokens_per_forward, pad_id=pad_id)
+            with student.disable_adapter() if lora and cfg.teacher.mode == "fixed" else nullcontext():
+                targets = teacher_targets(student, [p.teacher_ids for p in batch], responses, k=cfg.scorer.topk,
+                                          temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+                                          max_tokens=cfg.scorer.max_tokens_per_forward, pad_id=pad_id)
         t2 = time.perf_counter()
         loss_sum = _train(cfg, student, policy, opt, batch, responses, targets, pad_id)
         t3 = time.perf_counter()

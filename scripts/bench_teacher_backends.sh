@@ -25,6 +25,11 @@ for dtype in bfloat16 float32; do
   bench "step-$dtype-transformers-live" "model.dtype=$dtype" teacher.mode=live
   bench "step-$dtype-rollout-engines-live" "model.dtype=$dtype" teacher.mode=live scorer.on_rollout_engines=true
 done
+# LoRA (r=64) with a fixed teacher: merged pushes and a transformers scorer, against the adapter alone
+# served by the engines, which score the teacher on their base weights (model.lora.serve=adapter).
+bench "step-bfloat16-lora-merged-fixed" model.dtype=bfloat16 model.lora.enabled=true
+bench "step-bfloat16-lora-adapter-engines-fixed" model.dtype=bfloat16 model.lora.enabled=true \
+  model.lora.serve=adapter scorer.on_rollout_engines=true
 if [[ ! -f $out/head.json ]]; then
   "$opsd" bench head configs/local.yaml --rows 8 --json "$out/head.json.tmp"
   mv "$out/head.json.tmp" "$out/head.json"

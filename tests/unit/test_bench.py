@@ -97,9 +97,12 @@ def test_stopwatch_times_and_restores():
     assert Thing.work is orig_work and mod.helper is orig_helper
 
 
-def test_bench_step_reference_trains_the_step_it_times():
+@pytest.mark.parametrize("lora", [(), ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8")],
+                         ids=["full", "lora"])
+def test_bench_step_reference_trains_the_step_it_times(lora):
     """The single-process loop of `opsd bench step`: every stage runs and the loss is OPSD's (a
-    JSD of the student against the teacher, > 0 on sampled answers); other algorithms are refused."""
+    JSD of the student against the teacher, > 0 on sampled answers); other algorithms are refused.
+    With LoRA the fixed teacher is the student with its adapters off."""
     import math
 
     from opsd.benchmarks.step import reference_steps
@@ -107,7 +110,7 @@ def test_bench_step_reference_trains_the_step_it_times():
     from opsd.assets.models import resolve_model_path
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["train.prompts_per_step=4", "rollout.max_tokens=16",
-                                                           "learner.micro_batch_size=3"])
+                                                           "learner.micro_batch_size=3", *lora])
     rows = reference_steps(cfg, resolve_model_path("tiny"), 2, threads=1, out=lambda m: None)
     assert len(rows) == 2
     for r in rows:
