@@ -468,7 +468,7 @@ def notes(cfg: Config) -> list[str]:
     from opsd.contexts import context
     from opsd.objectives import objective
 
-    found = [dtype_note(cfg)]
+    found = [dtype_note(cfg), lora_note(cfg)]
     if objective(cfg.algo).teacher(cfg) == "context":
         found.append(context(cfg.teacher.context).note(cfg))
     return [n for n in found if n]
@@ -481,6 +481,15 @@ def dtype_note(cfg: Config) -> str | None:
     return (f"model.dtype={cfg.model.dtype} on a CPU without AMX or AVX512-BF16: torch runs its matmuls there "
             f"in a slow fallback (~60x slower than float32 on an AVX2 machine); model.dtype=auto or float32 "
             f"is faster here")
+
+
+def lora_note(cfg: Config) -> str | None:
+    """A warning for LoRA adapters served by vLLM on CPU, where its LoRA kernels are plain torch."""
+    lc = cfg.model.lora
+    if cfg.cluster.device != "cpu" or not (lc.enabled and lc.serve == "adapter"):
+        return None
+    return ("model.lora.serve=adapter on CPU: vLLM's CPU LoRA kernels are plain torch ops, and rollouts ran 17x "
+            "slower than with merged weights on SmolLM2 (docs/BENCHMARKS.md); model.lora.serve=merged is faster here")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

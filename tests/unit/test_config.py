@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from opsd.config import REPO_ROOT, Config, ConfigError, actor_threads, check, dtype_note, load_config
+from opsd.config import REPO_ROOT, Config, ConfigError, actor_threads, check, dtype_note, load_config, lora_note
 from opsd.dtypes import cpu_bf16_instructions
 
 
@@ -284,6 +284,16 @@ def test_auto_dtype_reads_the_cpu_flags(tmp_path, monkeypatch, flags, device, ex
     assert cfg.model.dtype == expected
     note = dtype_note(load_config(None, ["model.dtype=bfloat16", f"cluster.device={device}"]))
     assert (note is not None) == (expected == "float32") and (note is None or "model.dtype=bfloat16" in note)
+
+
+@pytest.mark.parametrize("overrides,warned", [
+    (["model.lora.enabled=true", "model.lora.serve=adapter"], True),
+    (["model.lora.enabled=true", "model.lora.serve=adapter", "cluster.device=cuda"], False),
+    (["model.lora.enabled=true"], False),
+])
+def test_lora_adapters_on_cpu_engines_come_with_a_warning(overrides, warned):
+    note = lora_note(load_config(None, overrides))
+    assert (note is not None) == warned and (note is None or "model.lora.serve=merged" in note)
 
 
 def test_local_config_values_take_effect():
