@@ -70,9 +70,10 @@ class RolloutWorker:
         scores = self.role == "scorer" or cfg.scorer.on_rollout_engines
         tp = cfg.rollout.tensor_parallel_size if self.role == "rollout" else 1
         # model.lora.serve=adapter: pushes hold the adapter alone, served over the base weights,
-        # which this engine keeps (opsd/lora.py)
+        # which this engine keeps (opsd/lora.py); a scorer engine of a fixed teacher gets no pushes
         lc = cfg.model.lora
-        self.serves_adapter = lc.enabled and lc.serve == "adapter"
+        self.serves_adapter = (lc.enabled and lc.serve == "adapter"
+                               and (self.role == "rollout" or cfg.teacher.mode != "fixed"))
         # Only the adapted modules get vLLM's LoRA layers: a LoRA-wrapped LM head breaks prompt
         # log-probs of a batch (vLLM's logits LoRA maps one adapter per request, not per token:
         # vllm-project/vllm#29955, #51594), and opsd never adapts the head (config.py).
