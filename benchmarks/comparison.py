@@ -59,6 +59,9 @@ from opsd.config import REPO_ROOT
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
 CONTEXT_METHODS = ("opsd_answer", "opsd_none", "opsd_other", "opsd_majority", "contrastive", "opsd_shaped")
 ALL_METHODS = METHODS + CONTEXT_METHODS
+# Run after every other method has all its seeds (issue 23 ranks none, other_problem, majority and
+# contrastive first when the budget cannot hold them all).
+RUN_LAST = ("opsd_answer", "opsd_shaped")
 LABELS = {
     "opsd_fixed": "OPSD (fixed teacher)", "opsd_ema": "OPSD (EMA teacher)",
     "opsd_fixed_tail": "OPSD (fixed, topk_tail)", "grpo": "GRPO", "sft": "SFT",
@@ -444,6 +447,13 @@ def bare_training_set(cfg: Any, work: Path) -> Path:
 
 
 
+def run_order(methods: list[str], seeds: int, finished: set[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The (method, seed) runs still to do. Seed-major, so that a cut-short experiment has every
+    method at the seeds it reached; RUN_LAST's methods after all the others' seeds."""
+    groups = ([m for m in methods if m not in RUN_LAST], [m for m in methods if m in RUN_LAST])
+    return [(m, s) for group in groups for s in range(seeds) for m in group if (m, s) not in finished]
+
+
 def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                    budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
     from opsd.launch.cluster import init_ray, shutdown_ray
@@ -469,8 +479,7 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
 
     done = load_done()
     finished = {(r["method"], r["seed"]) for r in done}
-    # Seed-major: a cut-short experiment has every method at the seeds it reached.
-    todo = [(m, s) for s in range(spec.seeds) for m in spec.methods if (m, s) not in finished]
+    todo = run_order(spec.methods, spec.seeds, finished)
     log(f"learning: {len(finished)} of {spec.seeds * len(spec.methods)} runs already done in {runs_out}; "
         f"{len(todo)} to go")
     report = write_report(spec, done, extract, out_dir, 0.0) if done else None

@@ -88,8 +88,13 @@ def test_the_vllm_scorer_gives_the_transformers_scorers_targets_in_float32(cli_r
 
 
 # "vllm-scorer": a live teacher on a vLLM scorer actor of its own, which takes every push as a
-# rollout engine does (`make test-slow`).
-@pytest.mark.parametrize("where", ["rollout-engines", pytest.param("vllm-scorer", marks=pytest.mark.slow)])
+# rollout engine does; "lora-adapter": the rollout engines serve the policy as a LoRA adapter and
+# score the live teacher with it (`make test-slow`, both).
+LORA_ADAPTER = ("model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4", "model.lora.alpha=8")
+
+
+@pytest.mark.parametrize("where", ["rollout-engines", pytest.param("vllm-scorer", marks=pytest.mark.slow),
+                                   pytest.param("lora-adapter", marks=pytest.mark.slow)])
 def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(where, tmp_path, tiny_model,
                                                                              ray_session, monkeypatch):
     from transformers import AutoModelForCausalLM
@@ -114,13 +119,14 @@ def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(whe
     monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
     trainer, run_dir = make_trainer(
         tmp_path, "teacher.mode=live", "logging.save_batches=true",
-        "scorer.on_rollout_engines=true" if where == "rollout-engines" else "scorer.backend=vllm",
+        "scorer.backend=vllm" if where == "vllm-scorer" else "scorer.on_rollout_engines=true",
+        *(LORA_ADAPTER if where == "lora-adapter" else ()),
         "train.steps=2", "train.checkpoint_every=0", "eval.every=0", "learner.lr=1e-2",
         # step 2's rollouts run on the initial weights while step 1 trains; its score call queues
         # behind them on the same engine and must score with the pushed weights
         "rollout.max_staleness=1", cls=Recording)
     try:
-        if where == "rollout-engines":
+        if where != "vllm-scorer":
             assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
             assert trainer.actors.scorers is None and trainer.actors.scoring is trainer.actors.rollouts
         else:
@@ -145,8 +151,7 @@ def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(whe
 # `make test-slow`: two runs of four steps each. "lora-adapter": the engines serve the student as a
 # LoRA adapter and score the fixed teacher on their base weights (model.lora.serve=adapter).
 ON_ENGINE = {"live": ("teacher.mode=live", "scorer.on_rollout_engines=true"),
-             "lora-adapter": ("model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4",
-                              "model.lora.alpha=8", "learner.lr=5e-2", "scorer.on_rollout_engines=true")}
+             "lora-adapter": (*LORA_ADAPTER, "learner.lr=5e-2", "scorer.on_rollout_engines=true")}
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from opsd.benchmarks.comparison import ComparisonSpec, method_overrides, summarize, table, write_report
+from opsd.benchmarks.comparison import (
+    ComparisonSpec, method_overrides, run_order, summarize, table, write_report,
+)
 
 
 def record(method: str, seed: int, accs: list[float], tokens_per_step: int, *, base: bool = False) -> dict:
@@ -96,3 +98,13 @@ def test_every_method_has_its_overrides_and_grpo_samples_eight_at_the_sampling_t
     assert grpo.rollout.n * grpo.train.prompts_per_step == spec.rows_per_step  # equal rows per step
     with pytest.raises(ValueError, match="unknown method"):
         method_overrides(spec, "ppo", 0, 0.7)
+
+
+def test_runs_go_seed_by_seed_and_answer_and_shaped_come_last():
+    methods = ["opsd_fixed", "opsd_answer", "opsd_none", "opsd_shaped", "contrastive"]
+    finished = {("opsd_fixed", 0), ("opsd_answer", 0), ("opsd_none", 0), ("opsd_fixed", 1)}
+    assert run_order(methods, 3, finished) == [
+        ("contrastive", 0), ("opsd_none", 1), ("contrastive", 1),
+        ("opsd_fixed", 2), ("opsd_none", 2), ("contrastive", 2),
+        ("opsd_shaped", 0), ("opsd_answer", 1), ("opsd_shaped", 1), ("opsd_answer", 2), ("opsd_shaped", 2),
+    ]
