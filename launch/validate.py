@@ -123,6 +123,23 @@ def custom_resource_needs(cfg: Config) -> dict[str, float]:
     return need
 
 
+def _sync_line(cfg: Config) -> str:
+    """Who receives the pushes, what a push holds, and how it travels."""
+    sc, r = cfg.sync, cfg.rollout
+    receivers = f"{r.num_workers} rollout engine{'s' if r.num_workers > 1 else ''}"
+    if scorer_actors(cfg) and cfg.teacher.mode != "fixed":
+        receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
+    elif uses_scorer(cfg) and cfg.scorer.on_rollout_engines:
+        receivers += (" (the live teacher: they score it by prefill)" if cfg.teacher.mode == "live" else
+                      f" (they score the {cfg.teacher.mode} teacher by prefill, on the base weights)")
+    how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
+           "nccl": "broadcast over NCCL (GPU to GPU)",
+           "in_place": "read in place from the learner's memory (same host)"}.get(sc.transport, f"through {sc.transport}")
+    what = " the LoRA adapter alone," if cfg.model.lora.enabled and cfg.model.lora.serve == "adapter" else ""
+    return (f"sync: learner rank 0 -> {receivers},{what} {how}, {sc.bucket_mb:g} MB buckets"
+            + (f", waits at most {sc.timeout_s:g} s" if sc.transport != "object_store" else ""))
+
+
 def _check_resources(cfg: Config) -> list[str]:
     from opsd.workers.learner import micro_batches_per_rank
 
@@ -174,19 +191,7 @@ def _check_resources(cfg: Config) -> list[str]:
         f"learner: {rows} rows per step, {per_rank} per rank as {micro} micro-batch{'es' if micro > 1 else ''} "
         f"of {lr.micro_batch_size}, ZeRO-{lr.zero_stage}{lora}"
     )
-    sc = cfg.sync
-    receivers = f"{r.num_workers} rollout engine{'s' if r.num_workers > 1 else ''}"
-    if scorer_actors(cfg) and cfg.teacher.mode != "fixed":
-        receivers += f" and {cfg.scorer.num_workers} {cfg.teacher.mode} teacher{'s' if cfg.scorer.num_workers > 1 else ''}"
-    elif uses_scorer(cfg) and cfg.scorer.on_rollout_engines:
-        receivers += (" (the live teacher: they score it by prefill)" if cfg.teacher.mode == "live" else
-                      f" (they score the {cfg.teacher.mode} teacher by prefill, on the base weights)")
-    how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
-           "nccl": "broadcast over NCCL (GPU to GPU)",
-           "in_place": "read in place from the learner's memory (same host)"}.get(sc.transport, f"through {sc.transport}")
-    what = " the LoRA adapter alone," if cfg.model.lora.enabled and cfg.model.lora.serve == "adapter" else ""
-    lines.append(f"sync: learner rank 0 -> {receivers},{what} {how}, {sc.bucket_mb:g} MB buckets"
-                 + (f", waits at most {sc.timeout_s:g} s" if sc.transport != "object_store" else ""))
+    lines.append(_sync_line(cfg))
     budget = cfg.model.max_model_len - r.max_tokens
     if budget <= 0:
         raise ConfigError(

@@ -637,7 +637,7 @@ def _check_engine_scoring(cfg: Config) -> None:
 def _check_lora(cfg: Config) -> None:
     """model.lora.serve=adapter: who can take a push that holds the adapter alone."""
     from opsd.lora import VLLM_MAX_RANKS
-    from opsd.workers.transports import transport
+    from opsd.registry import load_attribute
 
     lc = cfg.model.lora
     if lc.serve != "adapter":
@@ -654,7 +654,7 @@ def _check_lora(cfg: Config) -> None:
             "log-probs (the teacher's targets) do not apply an adapter of the head or the embedding to every "
             "token; use model.lora.serve=merged"
         )
-    if transport(cfg.sync.transport).collective:
+    if load_attribute("opsd.workers.transports:transport")(cfg.sync.transport).collective:  # as _check_transport
         raise ConfigError(
             f"config key 'model.lora.serve' = adapter with sync.transport={cfg.sync.transport}: an adapter is "
             "loaded by the engine from its own files, not received inside vLLM's workers; it is small, so use "
