@@ -15,6 +15,8 @@ seed, by id), into parts that never share a problem:
   ``gsm8k-test`` (400, for reporting): all three from GSM8K's *test* split.
 - ``math`` (4,300, for training), ``math-val`` (200), ``math-500`` (the 500 of MATH-500, for
   reporting): from MATH's test split, MATH-500 kept out of the other two.
+- ``math-easy`` (748), ``math-easy-val`` (150), ``math-easy-test`` (300): MATH's 1,198 problems of
+  levels 1-2 outside MATH-500, split on their own (the sparse-reward comparison's task).
 
 A facet narrows any of them: ``gsm8k:steps:1-2`` (solutions of 1 or 2 lines of working),
 ``math:algebra,prealgebra:1-2`` (subjects, or ``all``, and levels).
@@ -148,6 +150,21 @@ def _math(part: str) -> Callable[[Reader], list[dict]]:
     return make
 
 
+MATH_EASY_LEVELS = (1, 2)
+MATH_EASY_PARTS = {"test": 300, "val": 150, "train": -1}
+
+
+def _math_easy(part: str) -> Callable[[Reader], list[dict]]:
+    """MATH's levels 1-2 outside MATH-500, split afresh (where the student's own reward is sparse but
+    not zero: docs/TASK.md); a family apart from math / math-val, whose parts it cuts across."""
+    def make(read: Reader) -> list[dict]:
+        rows, five_hundred = _math_all(read)
+        easy = [r for r in rows if r["id"] not in five_hundred and r["level"] in MATH_EASY_LEVELS]
+        return _part(easy, MATH_EASY_PARTS, part)
+
+    return make
+
+
 DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
     NamedDataset("gsm8k", "GSM8K, grade-school word problems with worked solutions: the training part (769) of its "
                  "test split (the wheel has no train split)", 769, "lenient", _gsm8k("train")),
@@ -161,6 +178,12 @@ DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
                  200, "strict", _math("val")),
     NamedDataset("math-500", "MATH-500, the 500-problem subset of MATH's test split, for reporting", 500, "strict",
                  _math("500")),
+    NamedDataset("math-easy", "MATH levels 1-2 outside MATH-500, split on their own: the training part (748); do not "
+                 "mix with math or math-val", 748, "strict", _math_easy("train")),
+    NamedDataset("math-easy-val", "MATH levels 1-2 outside MATH-500: 150 kept for choosing settings", 150, "strict",
+                 _math_easy("val")),
+    NamedDataset("math-easy-test", "MATH levels 1-2 outside MATH-500: 300 kept for reporting", 300, "strict",
+                 _math_easy("test")),
 )}
 
 

@@ -74,6 +74,16 @@ def test_math_keeps_math_500_apart_and_reads_answers_from_the_last_box(wheel_doc
     assert fixed["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
 
 
+def test_math_easy_splits_the_levels_1_2_outside_math_500_into_disjoint_parts(wheel_docs):
+    parts = {name: rows(name) for name in ("math-easy", "math-easy-val", "math-easy-test")}
+    assert {k: len(v) for k, v in parts.items()} == {"math-easy": 748, "math-easy-val": 150, "math-easy-test": 300}
+    five_hundred = {d["problem"].strip() for d in wheel_docs["math500"]}
+    want = {f"math/{s}/{i}" for s, docs in wheel_docs["math"].items() for i, d in enumerate(docs)
+            if d["level"] in ("Level 1", "Level 2") and d["problem"].strip() not in five_hundred}
+    ids = [r["id"] for part in parts.values() for r in part]
+    assert len(ids) == len(set(ids)) and set(ids) == want
+
+
 def test_facets_narrow_a_set_by_steps_or_by_subject_and_level():
     easy = rows("gsm8k:steps:1-2")
     assert easy and all(r["steps"] in (1, 2) for r in easy)
