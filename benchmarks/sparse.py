@@ -39,10 +39,13 @@ METHODS = ("opsd_fixed", "grpo", "sft", "kd_reference")
 class SparseSpec:
     """What decides the numbers; ``<out>/spec.json`` holds it, and another spec refuses that directory."""
 
-    task: str = "gsm8k"  # the training part; ``val`` and ``test`` name the others
-    val: str = "gsm8k-val"
-    test: str = "gsm8k-test"
-    config: str = "configs/gsm8k.yaml"
+    # MATH levels 1-2: SmolLM2's own accuracy is sparse but not zero there (6.7% lenient, greedy) and
+    # its teacher's, with the reference solution in the user turn, 4.8x that (docs/TASK.md); GSM8K
+    # (2%) and reasoning-gym's gsm_symbolic (1%) are below the issue's 5-30% band.
+    task: str = "math-easy"  # the training part; ``val`` and ``test`` name the others
+    val: str = "math-easy-val"
+    test: str = "math-easy-test"
+    config: str = "configs/gsm8k.yaml"  # SmolLM2's settings for worked solutions; the data is overridden
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     lrs: list[float] = field(default_factory=lambda: [3e-6, 1e-5, 3e-5])
     sweep_steps: int = 20
@@ -52,10 +55,11 @@ class SparseSpec:
     grpo_n: int = 8
     eval_every: int = 10
     val_problems: int = 150
-    test_problems: int = 400
-    max_tokens: int = 256  # training samples and evaluation answers alike
+    test_problems: int = 300
+    max_tokens: int = 384  # training samples and evaluation answers alike (docs/TASK.md measured MATH at 384)
     dtype: str = "bfloat16"
-    overrides: list[str] = field(default_factory=list)
+    # Lenient: the student rarely boxes its answer (0.3% strict before training, docs/TASK.md).
+    overrides: list[str] = field(default_factory=lambda: ["grading.extract=lenient"])
 
     @classmethod
     def quick(cls) -> "SparseSpec":

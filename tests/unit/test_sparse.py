@@ -37,11 +37,11 @@ def overrides_as_dict(items):
 def test_sweep_runs_see_the_validation_part_and_test_runs_the_test_part():
     spec = SparseSpec()
     sweep_run = overrides_as_dict(run_overrides(spec, "opsd_fixed", 0, 3e-6, sweep=True, temperature=0.7))
-    assert sweep_run["eval.path"] == "gsm8k-val" and sweep_run["learner.lr"] == "3e-06"
+    assert sweep_run["eval.path"] == "math-easy-val" and sweep_run["learner.lr"] == "3e-06"
     assert sweep_run["train.steps"] == str(spec.sweep_steps) == sweep_run["eval.every"]
-    assert sweep_run["eval.max_problems"] == str(spec.val_problems) and sweep_run["data.train_path"] == "gsm8k"
+    assert sweep_run["eval.max_problems"] == str(spec.val_problems) and sweep_run["data.train_path"] == "math-easy"
     test_run = overrides_as_dict(run_overrides(spec, "grpo", 2, 1e-5, sweep=False, temperature=0.7))
-    assert test_run["eval.path"] == "gsm8k-test" and test_run["eval.every"] == str(spec.eval_every)
+    assert test_run["eval.path"] == "math-easy-test" and test_run["eval.every"] == str(spec.eval_every)
     assert test_run["train.steps"] == str(spec.steps) and test_run["train.seed"] == "2"
     # GRPO: rows_per_step / grpo_n prompts of grpo_n samples each, at the chosen rate.
     assert test_run["rollout.n"] == str(spec.grpo_n)
