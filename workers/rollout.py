@@ -269,7 +269,8 @@ class RolloutWorker:
         folder = os.path.join(self.adapter_root, f"v{version}-{self.adapters_loaded}")
         try:
             write_adapter(folder, named, self.cfg.model.lora, self.model_path)
-            new = LoRARequest(f"opsd-policy-v{version}", self.adapters_loaded, folder)
+            # vLLM tells adapters apart by name: a retried push of one version gets a name of its own
+            new = LoRARequest(f"opsd-policy-v{version}-{self.adapters_loaded}", self.adapters_loaded, folder)
             self.llm.llm_engine.add_lora(new)
         except Exception as exc:  # a full disk, a module vLLM cannot adapt: the push's failure
             shutil.rmtree(folder, ignore_errors=True)
