@@ -63,7 +63,8 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     torch.set_num_threads(threads)  # ScorerWorker set its own (scorer.num_threads)
     lc = cfg.learner
     # The same AdamW as the learner on CPU (its fused kernel; opsd.workers.learner.deepspeed_config).
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
+    trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA, the adapters
+    opt = torch.optim.AdamW(trainable, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                             fused=cfg.cluster.device == "cpu")
     policy = PolicyLoss(student, loss_spec(cfg))
     times = []

@@ -11,8 +11,8 @@ import re
 from typing import Sequence
 
 from opsd.config import (
-    Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, scorer_actors, training_rows,
-    uses_scorer,
+    Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, scorer_actors, serves_adapter,
+    training_rows, uses_scorer,
 )
 from opsd.assets.datasets import named
 from opsd.data import DataError
@@ -135,7 +135,7 @@ def _sync_line(cfg: Config) -> str:
     how = {"object_store": "through Ray's object store", "gloo": "broadcast over gloo (host memory)",
            "nccl": "broadcast over NCCL (GPU to GPU)",
            "in_place": "read in place from the learner's memory (same host)"}.get(sc.transport, f"through {sc.transport}")
-    what = " the LoRA adapter alone," if cfg.model.lora.enabled and cfg.model.lora.serve == "adapter" else ""
+    what = " the LoRA adapter alone," if serves_adapter(cfg) else ""
     return (f"sync: learner rank 0 -> {receivers},{what} {how}, {sc.bucket_mb:g} MB buckets"
             + (f", waits at most {sc.timeout_s:g} s" if sc.transport != "object_store" else ""))
 

@@ -485,8 +485,7 @@ def dtype_note(cfg: Config) -> str | None:
 
 def lora_note(cfg: Config) -> str | None:
     """A warning for LoRA adapters served by vLLM on CPU, where its LoRA kernels are plain torch."""
-    lc = cfg.model.lora
-    if cfg.cluster.device != "cpu" or not (lc.enabled and lc.serve == "adapter"):
+    if cfg.cluster.device != "cpu" or not serves_adapter(cfg):
         return None
     return ("model.lora.serve=adapter on CPU: vLLM's CPU LoRA kernels are plain torch ops, and rollouts ran 17x "
             "slower than with merged weights on SmolLM2 (docs/BENCHMARKS.md); model.lora.serve=merged is faster here")
@@ -624,8 +623,7 @@ def _check_engine_scoring(cfg: Config) -> None:
             f"{where} with teacher.mode=ema: the EMA is blended in the transformers scorer's fp32 copy of the "
             "weights; use scorer.backend=transformers, or teacher.mode=fixed|live"
         )
-    adapters = cfg.model.lora.enabled and cfg.model.lora.serve == "adapter"
-    if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live" and not adapters:
+    if cfg.scorer.on_rollout_engines and cfg.teacher.mode != "live" and not serves_adapter(cfg):
         raise ConfigError(
             f"{where} with teacher.mode={cfg.teacher.mode}: the rollout engines hold the current policy, so "
             "they can only be a live teacher; a fixed teacher needs weights of its own (scorer.backend=vllm "
@@ -775,6 +773,12 @@ def uses_scorer(cfg: Config) -> bool:
     from opsd.objectives import objective
 
     return objective(cfg.algo).teacher(cfg) is not None
+
+
+def serves_adapter(cfg: Config) -> bool:
+    """Whether a push holds the LoRA adapter alone, which the engines serve over their base weights
+    (model.lora.serve=adapter, opsd/lora.py)."""
+    return cfg.model.lora.enabled and cfg.model.lora.serve == "adapter"
 
 
 def scorer_actors(cfg: Config) -> bool:

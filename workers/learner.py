@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 
 from opsd.batch import batch_meta, contexts_of, from_ipc_bytes, to_ipc_bytes
-from opsd.config import Config, actor_threads, samples_per_prompt
+from opsd.config import Config, actor_threads, samples_per_prompt, serves_adapter
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
 from opsd.lora import peft_config, saved_name
 from opsd.objectives import objective
@@ -263,7 +263,7 @@ class LearnerRank:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora = self.cfg.model.lora.enabled
         # model.lora.serve=adapter: pushes carry the adapter alone (opsd/lora.py)
-        self.push_adapter = self.lora and self.cfg.model.lora.serve == "adapter"
+        self.push_adapter = serves_adapter(self.cfg)
         if self.lora:
             from peft import get_peft_model
 

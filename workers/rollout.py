@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from opsd.config import Config, actor_threads
+from opsd.config import Config, actor_threads, serves_adapter
 from opsd.lora import adapter_shapes, vllm_max_rank, write_adapter
 from opsd.objectives import PRIMARY, scored_contexts
 from opsd.scoring import RowTargets
@@ -72,8 +72,7 @@ class RolloutWorker:
         # model.lora.serve=adapter: pushes hold the adapter alone, served over the base weights,
         # which this engine keeps (opsd/lora.py); a scorer engine of a fixed teacher gets no pushes
         lc = cfg.model.lora
-        self.serves_adapter = (lc.enabled and lc.serve == "adapter"
-                               and (self.role == "rollout" or cfg.teacher.mode != "fixed"))
+        self.serves_adapter = serves_adapter(cfg) and (self.role == "rollout" or cfg.teacher.mode != "fixed")
         # Only the adapted modules get vLLM's LoRA layers: a LoRA-wrapped LM head breaks prompt
         # log-probs of a batch (vLLM's logits LoRA maps one adapter per request, not per token:
         # vllm-project/vllm#29955, #51594), and opsd never adapts the head (config.py).

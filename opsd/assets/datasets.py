@@ -139,28 +139,22 @@ def _math_all(read: Reader) -> tuple[list[dict], set[str]]:
     return rows, {by_text[p] for p in five_hundred}
 
 
-def _math(part: str) -> Callable[[Reader], list[dict]]:
-    def make(read: Reader) -> list[dict]:
-        rows, five_hundred = _math_all(read)
-        if part == "500":
-            return [r for r in rows if r["id"] in five_hundred]
-        rest = [r for r in rows if r["id"] not in five_hundred]
-        return _part(rest, {"val": 200, "train": -1}, part)
-
-    return make
-
-
+MATH_PARTS = {"val": 200, "train": -1}
+# MATH's levels 1-2, split afresh (where the student's own reward is sparse but not zero:
+# docs/TASK.md); a family apart from math / math-val, whose parts it cuts across.
 MATH_EASY_LEVELS = (1, 2)
 MATH_EASY_PARTS = {"test": 300, "val": 150, "train": -1}
 
 
-def _math_easy(part: str) -> Callable[[Reader], list[dict]]:
-    """MATH's levels 1-2 outside MATH-500, split afresh (where the student's own reward is sparse but
-    not zero: docs/TASK.md); a family apart from math / math-val, whose parts it cuts across."""
+def _math(part: str, sizes: dict[str, int] = MATH_PARTS,
+          levels: tuple[int, ...] = (1, 2, 3, 4, 5)) -> Callable[[Reader], list[dict]]:
+    """MATH-500 (``part`` "500"), or ``part`` of the rest at ``levels`` split into ``sizes``."""
     def make(read: Reader) -> list[dict]:
         rows, five_hundred = _math_all(read)
-        easy = [r for r in rows if r["id"] not in five_hundred and r["level"] in MATH_EASY_LEVELS]
-        return _part(easy, MATH_EASY_PARTS, part)
+        if part == "500":
+            return [r for r in rows if r["id"] in five_hundred]
+        rest = [r for r in rows if r["id"] not in five_hundred and r["level"] in levels]
+        return _part(rest, sizes, part)
 
     return make
 
@@ -179,11 +173,11 @@ DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
     NamedDataset("math-500", "MATH-500, the 500-problem subset of MATH's test split, for reporting", 500, "strict",
                  _math("500")),
     NamedDataset("math-easy", "MATH levels 1-2 outside MATH-500, split on their own: the training part (748); do not "
-                 "mix with math or math-val", 748, "strict", _math_easy("train")),
+                 "mix with math or math-val", 748, "strict", _math("train", MATH_EASY_PARTS, MATH_EASY_LEVELS)),
     NamedDataset("math-easy-val", "MATH levels 1-2 outside MATH-500: 150 kept for choosing settings", 150, "strict",
-                 _math_easy("val")),
+                 _math("val", MATH_EASY_PARTS, MATH_EASY_LEVELS)),
     NamedDataset("math-easy-test", "MATH levels 1-2 outside MATH-500: 300 kept for reporting", 300, "strict",
-                 _math_easy("test")),
+                 _math("test", MATH_EASY_PARTS, MATH_EASY_LEVELS)),
 )}
 
 

@@ -73,3 +73,34 @@ def make_trainer(tmp_path: Path, *overrides: str, cls=None):
     trainer = (cls or Trainer)(cfg)
     trainer.start()
     return trainer, RunDir(run_path)
+
+
+@pytest.fixture
+def started_pools(monkeypatch) -> list[tuple[str, str]]:
+    """(pool name, actor class name) of every actor pool a run starts, in order."""
+    import opsd.launch.actors as actors_module
+    from opsd.launch.cluster import ActorPool
+
+    pools: list[tuple[str, str]] = []
+
+    class CountedPool(ActorPool):
+        def __init__(self, name, cls, *args, **kwargs):
+            pools.append((name, cls.__name__))
+            super().__init__(name, cls, *args, **kwargs)
+
+    monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
+    return pools
+
+
+def policy_recording_trainer():
+    """A Trainer class that keeps the learner's full weights (LoRA merged) after every push, in
+    ``policy_history``."""
+    from opsd.launch.driver import Trainer
+
+    class Recording(Trainer):
+        def sync(self) -> None:
+            super().sync()
+            self.policy_history = getattr(self, "policy_history", [])
+            self.policy_history.append(self.actors.learner.full_state())
+
+    return Recording

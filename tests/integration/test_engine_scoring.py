@@ -20,7 +20,7 @@ import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes, read_ipc
 
-from .conftest import local_config, make_trainer, read_metrics
+from .conftest import local_config, make_trainer, policy_recording_trainer, read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -96,27 +96,9 @@ LORA_ADAPTER = ("model.lora.enabled=true", "model.lora.serve=adapter", "model.lo
 @pytest.mark.parametrize("where", ["rollout-engines", pytest.param("vllm-scorer", marks=pytest.mark.slow),
                                    pytest.param("lora-adapter", marks=pytest.mark.slow)])
 def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(where, tmp_path, tiny_model,
-                                                                             ray_session, monkeypatch):
+                                                                             ray_session, started_pools):
     from transformers import AutoModelForCausalLM
 
-    import opsd.launch.actors as actors_module
-    from opsd.launch.cluster import ActorPool
-    from opsd.launch.driver import Trainer
-
-    class Recording(Trainer):
-        def sync(self) -> None:
-            super().sync()
-            self.policy_history = getattr(self, "policy_history", [])
-            self.policy_history.append(self.actors.learner.full_state())
-
-    pools = []
-
-    class CountedPool(ActorPool):
-        def __init__(self, name, cls, *args, **kwargs):
-            pools.append((name, cls.__name__))
-            super().__init__(name, cls, *args, **kwargs)
-
-    monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
     trainer, run_dir = make_trainer(
         tmp_path, "teacher.mode=live", "logging.save_batches=true",
         "scorer.backend=vllm" if where == "vllm-scorer" else "scorer.on_rollout_engines=true",
@@ -124,13 +106,13 @@ def test_the_rollout_engines_score_a_live_teacher_and_no_scorer_actor_starts(whe
         "train.steps=2", "train.checkpoint_every=0", "eval.every=0", "learner.lr=1e-2",
         # step 2's rollouts run on the initial weights while step 1 trains; its score call queues
         # behind them on the same engine and must score with the pushed weights
-        "rollout.max_staleness=1", cls=Recording)
+        "rollout.max_staleness=1", cls=policy_recording_trainer())
     try:
         if where != "vllm-scorer":
-            assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
+            assert started_pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
             assert trainer.actors.scorers is None and trainer.actors.scoring is trainer.actors.rollouts
         else:
-            assert pools == [("rollout", "RolloutWorker"), ("scorer", "EngineScorerWorker")]
+            assert started_pools == [("rollout", "RolloutWorker"), ("scorer", "EngineScorerWorker")]
         trainer.run_steps(run_dir)
     finally:
         trainer.shutdown()

@@ -10,7 +10,7 @@ import torch
 
 from opsd.batch import read_ipc
 
-from .conftest import local_config
+from .conftest import local_config, make_trainer, policy_recording_trainer, read_metrics
 from .test_weight_sync import hf_logprobs
 
 pytestmark = pytest.mark.integration
@@ -69,7 +69,7 @@ def test_lora_push_matches_merged_model(cli_run, tiny_model, ray_session):
 
 
 def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher_on_their_base_weights(
-    tmp_path, tiny_model, ray_session, monkeypatch
+    tmp_path, tiny_model, ray_session, started_pools
 ):
     """model.lora.serve=adapter with scorer.on_rollout_engines and a fixed teacher: no scorer actor;
     pushes hold the adapter alone; the rollouts are sampled by the adapted policy (their log-probs
@@ -78,34 +78,16 @@ def test_the_engines_serve_the_student_as_an_adapter_and_score_the_fixed_teacher
     scorer.overlap)."""
     from transformers import AutoModelForCausalLM
 
-    import opsd.launch.actors as actors_module
-    from opsd.launch.cluster import ActorPool
-    from opsd.launch.driver import Trainer
     from opsd.lora import adapter_shapes
 
-    from .conftest import make_trainer, read_metrics
     from .test_engine_scoring import assert_same_targets, forward_targets
 
-    class Recording(Trainer):
-        def sync(self) -> None:
-            super().sync()
-            self.policy_history = getattr(self, "policy_history", [])
-            self.policy_history.append(self.actors.learner.full_state())  # merged, base names
-
-    pools = []
-
-    class CountedPool(ActorPool):
-        def __init__(self, name, cls, *args, **kwargs):
-            pools.append((name, cls.__name__))
-            super().__init__(name, cls, *args, **kwargs)
-
-    monkeypatch.setattr(actors_module, "ActorPool", CountedPool)
     trainer, run_dir = make_trainer(
         tmp_path, "model.lora.enabled=true", "model.lora.serve=adapter", "model.lora.r=4", "model.lora.alpha=8",
         "scorer.on_rollout_engines=true", "teacher.mode=fixed", "logging.save_batches=true", "train.steps=3",
-        "train.checkpoint_every=0", "eval.every=0", "learner.lr=5e-2", "rollout.max_staleness=1", cls=Recording)
+        "train.checkpoint_every=0", "eval.every=0", "learner.lr=5e-2", "rollout.max_staleness=1", cls=policy_recording_trainer())
     try:
-        assert pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
+        assert started_pools == [("rollout", "RolloutWorker")]  # and no pool of scorer actors
         names = [n for bucket in trainer.actors.learner.weight_layout() for n in bucket.names]
         assert names and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in names)
         trainer.run_steps(run_dir)
