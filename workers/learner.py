@@ -14,8 +14,8 @@ import math
 import os
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-import socket
 import time
+from datetime import timedelta
 from typing import Any, Iterator
 
 import numpy as np
@@ -36,6 +36,11 @@ from opsd.workers.transports import transport
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, NamedTensors, WeightSender, WeightSyncError, WeightUpdate,
 )
+from opsd.workers.transports.broadcast import open_store
+
+# How long a rank waits for the others to reach the learner group's rendezvous (torch's own
+# default for a process group).
+RENDEZVOUS_TIMEOUT = timedelta(minutes=30)
 
 
 def loss_spec(cfg: Config) -> LossSpec:
@@ -236,18 +241,27 @@ class LearnerRank:
         return True
 
     def master_address(self) -> tuple[str, int]:
+        """Rank 0: host the group's rendezvous store and say where it is. The store binds its
+        port here and holds it until the group is up; a free port picked, released and bound
+        later by the rendezvous could be taken in between by another job on the host (two runs
+        on one machine did collide that way, EADDRINUSE)."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        self._store = open_store(self.world_size, RENDEZVOUS_TIMEOUT.total_seconds())
+        return ray.util.get_node_ip_address(), self._store.port
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         os.environ.update(
             RANK=str(self.rank), LOCAL_RANK="0" if self.cpu else str(self._local_gpu()),
             WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )
+        import torch.distributed as dist
+
+        store = getattr(self, "_store", None) or dist.TCPStore(
+            master_addr, master_port, self.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+        # The group on that store; DeepSpeed then adopts the initialized group as it is.
+        dist.init_process_group("gloo" if self.cpu else "nccl", store=store, rank=self.rank,
+                                world_size=self.world_size)
         import deepspeed
         from transformers import AutoModelForCausalLM
 

@@ -144,3 +144,25 @@ def test_zero3_in_bf16_runs_the_lm_head_in_float32(cli_run, tiny_model, ray_sess
     # The decoder runs in bf16 in both, in other batch shapes (padding, micro-batches).
     want = single_process()
     assert abs(got - want) / want < 1e-4, (got, want)
+
+
+def test_the_rendezvous_port_stays_taken_until_the_group_is_up(tiny_model, ray_session):
+    """Rank 0 hosts the group's store on the port it names: no other process can take that port
+    between master_address and the rendezvous (a port picked free, closed and bound later was
+    taken by a second run on the same host once: EADDRINUSE, the run lost)."""
+    import errno
+    import socket
+
+    import ray
+
+    from opsd.workers.learner import LearnerRank
+
+    cfg = local_config("learner.num_ranks=2")
+    rank0 = ray.remote(LearnerRank).options(num_cpus=0).remote(cfg, tiny_model, 0, 2)
+    try:
+        _, port = ray.get(rank0.master_address.remote())
+        with socket.socket() as s, pytest.raises(OSError) as taken:
+            s.bind(("", port))
+        assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        ray.kill(rank0)
