@@ -51,7 +51,11 @@ class SparseSpec:
     sweep_steps: int = 20
     steps: int = 40
     seeds: int = 3
-    rows_per_step: int = 16
+    # Sized to the 10-hour budget by a probe here (AVX512-BF16 EPYC, 2 cores, bf16): an OPSD step of
+    # 16 rows took 85-93 s (rollout 17 s, scoring 21 s, training 56 s; 270-token answers, 31%
+    # cut at 384), and 60 test problems took about 35 s to evaluate. At 16 rows the 24 runs would
+    # take about 20 hours; at 8, about 9. GRPO then samples one prompt x 8 per step.
+    rows_per_step: int = 8
     grpo_n: int = 8
     eval_every: int = 10
     val_problems: int = 150
