@@ -1,4 +1,4 @@
-"""The keeper of a run's local Ray cluster: ``python -m opsd.launch.localhead --port P [ray start options]``.
+"""The keeper of a run's local Ray cluster: ``python -m opsd.launch.localhead --parent PID -- [ray start options]``.
 
 A local run's Ray daemons (GCS, raylet, dashboard agent, the actors' worker processes) live in a
 session of their own, led by this process, instead of in the driver's process group
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,20 @@ class LocalClusterError(RuntimeError):
 
 # The local clusters' Ray temp dir (sessions and logs): short, as Ray's socket paths must be.
 TEMP_DIR = os.path.join(os.environ.get("RAY_TMPDIR") or "/tmp", "ray-opsd")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_JOIN_LINE = re.compile(r"ray start --address='[^']*:(\d+)'")
+
+
+def started_port(log: str) -> int | None:
+    """The GCS port in ``ray start``'s banner ("Ray runtime started", then the line that tells
+    other nodes how to join: ``ray start --address='HOST:PORT'``); None before it is printed."""
+    text = _ANSI.sub("", log)
+    if "Ray runtime started" not in text:
+        return None
+    found = _JOIN_LINE.search(text)
+    return int(found.group(1)) if found else None
 
 
 class LocalCluster:
@@ -50,16 +65,14 @@ class LocalCluster:
         self.log_path: str | None = None
 
     def start(self) -> str:
-        import socket
         import tempfile
 
-        with socket.socket() as s:  # a free port now; taken by the GCS a moment later
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # Port 0: the GCS binds a free port itself and `ray start` prints it (a port picked free
+        # here and bound by the GCS a moment later could be taken in between by another job).
         # A temp dir of opsd's own: `ray start` records its address in the temp dir's
         # ray_current_cluster, and a plain ray.init() elsewhere on this machine joins the cluster
         # named in the default one (or fails on it, once this cluster is gone).
-        options = [f"--port={port}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={TEMP_DIR}",
+        options = ["--port=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={TEMP_DIR}",
                    f"--include-dashboard={'true' if self.dashboard else 'false'}", "--dashboard-host=127.0.0.1"]
         if self.num_cpus is not None:
             options.append(f"--num-cpus={self.num_cpus}")
@@ -73,12 +86,12 @@ class LocalCluster:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},  # its log is read for the start line
                 start_new_session=True,  # the point: out of the driver's process group and session
             )
-        self.address = f"127.0.0.1:{port}"
-        self._wait_ready(port)
+        self.address = f"127.0.0.1:{self._wait_ready()}"
         return self.address
 
-    def _wait_ready(self, port: int) -> None:
-        """Until the head's raylet is up (``ray start`` prints its banner after it), or the keeper ends."""
+    def _wait_ready(self) -> int:
+        """The GCS port, once the head's raylet is up (``ray start`` prints its banner, with the
+        address, after it) and the port answers; or an error once the keeper ends."""
         import socket
 
         deadline = time.monotonic() + self.ready_s
@@ -86,10 +99,11 @@ class LocalCluster:
             if self.proc.poll() is not None:
                 raise LocalClusterError(f"the local Ray cluster ended while starting (exit {self.proc.returncode}):\n"
                                         f"{self.log_tail()}")
-            if "Ray runtime started" in self.log_tail(4000):
+            port = started_port(self.log_tail(8000))
+            if port is not None:
                 try:
                     with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                        return
+                        return port
                 except OSError:
                     pass
             time.sleep(0.2)
