@@ -181,7 +181,9 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
         steps.append({k: r.get(k) for k in (
             "step", "tokens_generated_total", "kl_sampled", "response_len_mean", "reward_mean", "loss",
             "truncated_frac", "clip_frac", "engine_mismatch", "clip_frac_rollout", "rollout_seconds",
-            "score_seconds", "train_seconds", "sync_seconds", "step_seconds")} | {"wall_seconds": clock})
+            "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
+            # what a context or an objective left out or moved (majority, contrastive)
+            "samples", "context_skipped", "moved_frac", "grad_norm")} | {"wall_seconds": clock})
         if f"eval/accuracy_{extract}" in r:
             evals.append({"step": r["step"], "tokens": r["tokens_generated_total"], "wall_seconds": clock,
                           "accuracy": r[f"eval/accuracy_{extract}"], "format_rate": r["eval/format_rate"],
