@@ -225,6 +225,7 @@ class LearnerRank:
         self.model_path = model_path
         self.rank = rank
         self.world_size = world_size
+        self._store = None  # rank 0's rendezvous store (master_address)
         self.cpu = cfg.cluster.device == "cpu"
         if self.cpu:
             # Must be set before deepspeed is imported.
@@ -257,11 +258,13 @@ class LearnerRank:
         )
         import torch.distributed as dist
 
-        store = getattr(self, "_store", None) or dist.TCPStore(
-            master_addr, master_port, self.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
-        # The group on that store; DeepSpeed then adopts the initialized group as it is.
+        store = self._store or dist.TCPStore(master_addr, master_port, self.world_size, is_master=False,
+                                             timeout=RENDEZVOUS_TIMEOUT)
+        # The group on that store; DeepSpeed then adopts the initialized group as it is. A GPU
+        # rank is bound to its device, as DeepSpeed's own initialisation would bind it.
+        bind = {} if self.cpu or self.world_size == 1 else {"device_id": torch.device("cuda", self._local_gpu())}
         dist.init_process_group("gloo" if self.cpu else "nccl", store=store, rank=self.rank,
-                                world_size=self.world_size)
+                                world_size=self.world_size, **bind)
         import deepspeed
         from transformers import AutoModelForCausalLM
 
