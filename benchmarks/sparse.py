@@ -106,17 +106,25 @@ def standard_error(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
+def evaluated(records: list[dict], asked: int) -> int:
+    """How many problems the runs' last evaluation graded: ``asked``, less the prompts that
+    ``prompt.overlong=skip`` left out (a record from before the count was kept says ``asked``)."""
+    counts = {r["evals"][-1].get("problems") or asked for r in records if r["evals"]}
+    return min(counts) if counts else asked
+
+
 # --- the report ---------------------------------------------------------------------------------------
 
 
 def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str, float]) -> str:
     head = "| method | " + " | ".join(f"lr {lr:g}" for lr in spec.lrs) + " | chosen |"
-    lines = [f"Validation accuracy ({spec.val}, {spec.val_problems} problems, greedy) after {spec.sweep_steps} steps, "
+    n = evaluated([r for rs in sweep.values() for r in rs], spec.val_problems)
+    lines = [f"Validation accuracy ({spec.val}, {n} problems, greedy) after {spec.sweep_steps} steps, "
              "seed 0; in brackets the binomial standard error.", "", head,
              "| --- | " + " | ".join("---" for _ in spec.lrs) + " | --- |"]
     for m in spec.methods:
         by_lr = {r["lr"]: r["evals"][-1]["accuracy"] for r in sweep.get(m, [])}
-        cells = [f"{by_lr[lr]:.3f} ({standard_error(by_lr[lr], spec.val_problems):.3f})" if lr in by_lr else "—"
+        cells = [f"{by_lr[lr]:.3f} ({standard_error(by_lr[lr], n):.3f})" if lr in by_lr else "—"
                  for lr in spec.lrs]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {fmt(chosen.get(m), 'g')} |")
     return "\n".join(lines) + "\n"
@@ -132,6 +140,7 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     by_method = {m: curves_with_base([r for r in runs if r["method"] == m], base_point)
                  for m in spec.methods if any(r["method"] == m for r in runs)}
     report = {"spec": asdict(spec) | {"eval_problems": spec.test_problems}, "extract": extract, "machine": machine(),
+              "val_problems_graded": evaluated(sweep, spec.val_problems),
               "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs}
                                              for m, rs in by_sweep.items()},
               "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
@@ -141,11 +150,13 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
                        f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
     md = [sweep_table(spec, by_sweep, chosen)]
     if by_method:
+        n = evaluated(runs, spec.test_problems)
+        report["test_problems_graded"] = n
         report["summary"] = summarize(by_method)
         for m, row in report["summary"]["methods"].items():
             row["lr"] = chosen.get(m)
-            row["final_accuracy_se"] = standard_error(row["final_accuracy_mean"], spec.test_problems)
-        md += ["", f"Test ({spec.test}, {spec.test_problems} problems, greedy): one run's binomial standard error at "
+            row["final_accuracy_se"] = standard_error(row["final_accuracy_mean"], n)
+        md += ["", f"Test ({spec.test}, {n} problems, greedy): one run's binomial standard error at "
                "accuracy p is sqrt(p(1-p)/n); at the mean final accuracies: " + ", ".join(
                    f"{LABELS.get(m, m)} {r['final_accuracy_se']:.3f}" for m, r in report["summary"]["methods"].items())
                + ".", "", table(report)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 
-from opsd.benchmarks.sparse import SparseSpec, choose_lr, run_overrides, standard_error
+from opsd.benchmarks.sparse import SparseSpec, choose_lr, evaluated, run_overrides, standard_error, sweep_table
 
 
 def sweep(*pairs):
@@ -56,3 +56,14 @@ def test_standard_error_is_the_binomial_one():
         mean = sum(means) / len(means)
         empirical = math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1))
         assert math.isclose(standard_error(p, n), empirical, rel_tol=0.08, abs_tol=1e-12)
+
+
+def test_the_standard_error_counts_the_problems_graded_not_those_asked():
+    # prompt.overlong=skip can leave problems out of an evaluation: the error is that of the rest.
+    graded = [{"lr": 1e-5, "method": "sft", "evals": [{"step": 20, "accuracy": 0.1, "problems": 145}]}]
+    assert evaluated(graded, 150) == 145
+    assert evaluated([{"evals": [{"step": 20, "accuracy": 0.1}]}], 150) == 150  # a record without the count
+    assert evaluated([], 150) == 150
+    table = sweep_table(SparseSpec(methods=["sft"], lrs=[1e-5]), {"sft": graded}, {"sft": 1e-5})
+    assert "145 problems" in table
+    assert f"0.100 ({math.sqrt(0.1 * 0.9 / 145):.3f})" in table and "(0.024)" not in table
