@@ -176,7 +176,7 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
         if r["step"] == 0:
             evals.append({"step": 0, "tokens": 0, "wall_seconds": 0.0, "accuracy": r[f"eval/accuracy_{extract}"],
                           "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],
-                          "problems": r.get("eval/problems")})
+                          "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac")})
             continue
         clock += r["step_seconds"]
         steps.append({k: r.get(k) for k in (
@@ -188,7 +188,8 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
         if f"eval/accuracy_{extract}" in r:
             evals.append({"step": r["step"], "tokens": r["tokens_generated_total"], "wall_seconds": clock,
                           "accuracy": r[f"eval/accuracy_{extract}"], "format_rate": r["eval/format_rate"],
-                          "response_len": r["eval/response_len_mean"], "problems": r.get("eval/problems")})
+                          "response_len": r["eval/response_len_mean"], "problems": r.get("eval/problems"),
+                          "truncated_frac": r.get("eval/truncated_frac")})
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
               "machine": machine_name(), "steps": steps, "evals": evals}
     if method in OPSD:

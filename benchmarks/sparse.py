@@ -198,7 +198,18 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
     spec_file.write_text(json.dumps(asdict(spec), indent=1) + "\n")
 
     def load(prefix: str) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(runs_out.glob(f"{prefix}*.json"))]
+        records = []
+        for path in sorted(runs_out.glob(f"{prefix}*.json")):
+            record = json.loads(path.read_text())
+            if record["evals"] and "truncated_frac" not in record["evals"][-1] and \
+                    (Path(record["run_dir"]) / "metrics.jsonl").is_file():
+                # A record from before the evaluations kept their counts: read them from its own run.
+                fresh = run_record(Path(record["run_dir"]), record["method"], record["seed"],
+                                   base_cfg.grading.extract, record["run_wall_seconds"])
+                record["evals"] = fresh["evals"]
+                _save(runs_out, path.stem, record)
+            records.append(record)
+        return records
 
     sweep = load("sweep-")
     runs = [r for r in load("") if r.get("phase") == "test"]

@@ -71,8 +71,20 @@ def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_
     # The step-0 point is measured once per evaluation set: once in the sweep, once in the test runs.
     assert sum(r["evals"][0]["step"] == 0 for r in runs.values()) == 2
     assert "| GRPO |" in (out / "sparse.md").read_text()
+    # Every evaluation keeps how many problems it graded and how many answers ran out of tokens.
+    for name, r in runs.items():
+        for e in r["evals"]:
+            assert e["problems"] == 8 and 0.0 <= e["truncated_frac"] <= 1.0, (name, e)
+    assert report["val_problems_graded"] == report["test_problems_graded"] == 8
+    # A record written before the counts were kept gets them back from its own run on a rerun.
+    old = out / "runs" / "sft-s0.json"
+    stripped = json.loads(old.read_text())
+    for e in stripped["evals"]:
+        del e["problems"], e["truncated_frac"]
+    old.write_text(json.dumps(stripped))
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "12 of 12 runs done" in again.stdout, again.stdout[-2000:]
+    assert json.loads(old.read_text())["evals"] == runs["sft-s0"]["evals"]
 
 
 def test_bench_learning_toy_quick(tmp_path):
