@@ -120,14 +120,20 @@ def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str
     head = "| method | " + " | ".join(f"lr {lr:g}" for lr in spec.lrs) + " | chosen |"
     n = evaluated([r for rs in sweep.values() for r in rs], spec.val_problems)
     lines = [f"Validation accuracy ({spec.val}, {n} problems, greedy) after {spec.sweep_steps} steps, "
-             "seed 0; in brackets the binomial standard error.", "", head,
+             "seed 0; in brackets the binomial standard error and the share of answers cut at "
+             f"{spec.max_tokens} tokens.",
+             "", head,
              "| --- | " + " | ".join("---" for _ in spec.lrs) + " | --- |"]
     for m in spec.methods:
-        by_lr = {r["lr"]: r["evals"][-1]["accuracy"] for r in sweep.get(m, [])}
-        cells = [f"{by_lr[lr]:.3f} ({standard_error(by_lr[lr], n):.3f})" if lr in by_lr else "—"
-                 for lr in spec.lrs]
+        by_lr = {r["lr"]: r["evals"][-1] for r in sweep.get(m, [])}
+        cells = [f"{by_lr[lr]['accuracy']:.3f} ({standard_error(by_lr[lr]['accuracy'], n):.3f}; "
+                 f"{_percent(by_lr[lr].get('truncated_frac'))} cut)" if lr in by_lr else "—" for lr in spec.lrs]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {fmt(chosen.get(m), 'g')} |")
     return "\n".join(lines) + "\n"
+
+
+def _percent(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.0f}%"
 
 
 def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path) -> dict:
@@ -159,7 +165,11 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
         md += ["", f"Test ({spec.test}, {n} problems, greedy): one run's binomial standard error at "
                "accuracy p is sqrt(p(1-p)/n); at the mean final accuracies: " + ", ".join(
                    f"{LABELS.get(m, m)} {r['final_accuracy_se']:.3f}" for m, r in report["summary"]["methods"].items())
-               + ".", "", table(report)]
+               + ".", "", table(report), "",
+               f"Answers cut at {spec.max_tokens} tokens at the last evaluation, per seed: " +
+               "; ".join(f"{LABELS.get(m, m)} " + ", ".join(_percent(r["evals"][-1].get("truncated_frac"))
+                                                            for r in sorted(runs, key=lambda r: r["seed"])
+                                                            if r["method"] == m) for m in by_method) + "."]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sparse.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "sparse.md").write_text("\n".join(md))

@@ -60,10 +60,11 @@ def test_standard_error_is_the_binomial_one():
 
 def test_the_standard_error_counts_the_problems_graded_not_those_asked():
     # prompt.overlong=skip can leave problems out of an evaluation: the error is that of the rest.
-    graded = [{"lr": 1e-5, "method": "sft", "evals": [{"step": 20, "accuracy": 0.1, "problems": 145}]}]
+    last = {"step": 20, "accuracy": 0.1, "problems": 145, "truncated_frac": 0.45}
+    graded = [{"lr": 1e-5, "method": "sft", "evals": [last]}]
     assert evaluated(graded, 150) == 145
     assert evaluated([{"evals": [{"step": 20, "accuracy": 0.1}]}], 150) == 150  # a record without the count
     assert evaluated([], 150) == 150
     table = sweep_table(SparseSpec(methods=["sft"], lrs=[1e-5]), {"sft": graded}, {"sft": 1e-5})
     assert "145 problems" in table
-    assert f"0.100 ({math.sqrt(0.1 * 0.9 / 145):.3f})" in table and "(0.024)" not in table
+    assert f"0.100 ({math.sqrt(0.1 * 0.9 / 145):.3f}; 45% cut)" in table and "(0.024" not in table
