@@ -171,12 +171,15 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
     from opsd.launch.loggers import read_metrics
 
     rows = read_metrics(run_dir)
+    def point(r: dict, tokens: int, wall: float) -> dict:
+        return {"step": r["step"], "tokens": tokens, "wall_seconds": wall, "accuracy": r[f"eval/accuracy_{extract}"],
+                "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],
+                "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac")}
+
     steps, evals, clock = [], [], 0.0
     for r in rows:
         if r["step"] == 0:
-            evals.append({"step": 0, "tokens": 0, "wall_seconds": 0.0, "accuracy": r[f"eval/accuracy_{extract}"],
-                          "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],
-                          "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac")})
+            evals.append(point(r, 0, 0.0))
             continue
         clock += r["step_seconds"]
         steps.append({k: r.get(k) for k in (
@@ -186,10 +189,7 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             # what a context or an objective left out or moved (majority, contrastive)
             "samples", "context_skipped", "moved_frac", "grad_norm")} | {"wall_seconds": clock})
         if f"eval/accuracy_{extract}" in r:
-            evals.append({"step": r["step"], "tokens": r["tokens_generated_total"], "wall_seconds": clock,
-                          "accuracy": r[f"eval/accuracy_{extract}"], "format_rate": r["eval/format_rate"],
-                          "response_len": r["eval/response_len_mean"], "problems": r.get("eval/problems"),
-                          "truncated_frac": r.get("eval/truncated_frac")})
+            evals.append(point(r, r["tokens_generated_total"], clock))
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
               "machine": machine_name(), "steps": steps, "evals": evals}
     if method in OPSD:

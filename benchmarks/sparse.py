@@ -157,6 +157,7 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     md = [sweep_table(spec, by_sweep, chosen)]
     if by_method:
         n = evaluated(runs, spec.test_problems)
+        by_seed = sorted(runs, key=lambda r: r["seed"])
         report["test_problems_graded"] = n
         report["summary"] = summarize(by_method)
         for m, row in report["summary"]["methods"].items():
@@ -168,8 +169,8 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
                + ".", "", table(report), "",
                f"Answers cut at {spec.max_tokens} tokens at the last evaluation, per seed: " +
                "; ".join(f"{LABELS.get(m, m)} " + ", ".join(_percent(r["evals"][-1].get("truncated_frac"))
-                                                            for r in sorted(runs, key=lambda r: r["seed"])
-                                                            if r["method"] == m) for m in by_method) + "."]
+                                                            for r in by_seed if r["method"] == m)
+                         for m in by_method) + "."]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sparse.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "sparse.md").write_text("\n".join(md))
@@ -207,9 +208,9 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
         raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
     spec_file.write_text(json.dumps(asdict(spec), indent=1) + "\n")
 
-    def load(prefix: str) -> list[dict]:
+    def load() -> list[dict]:
         records = []
-        for path in sorted(runs_out.glob(f"{prefix}*.json")):
+        for path in sorted(runs_out.glob("*.json")):
             record = json.loads(path.read_text())
             if record["evals"] and "truncated_frac" not in record["evals"][-1] and \
                     (Path(record["run_dir"]) / "metrics.jsonl").is_file():
@@ -221,8 +222,9 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
             records.append(record)
         return records
 
-    sweep = load("sweep-")
-    runs = [r for r in load("") if r.get("phase") == "test"]
+    records = load()
+    sweep = [r for r in records if r.get("phase") == "sweep"]
+    runs = [r for r in records if r.get("phase") == "test"]
     todo_sweep = [(m, lr) for m in spec.methods for lr in spec.lrs
                   if not any(r["method"] == m and r["lr"] == lr for r in sweep)]
     log(f"sparse: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
