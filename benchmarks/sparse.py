@@ -132,6 +132,27 @@ def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str
     return "\n".join(lines) + "\n"
 
 
+def run_time_by_machine(records: list[dict]) -> dict[str, dict]:
+    """Run seconds and run count per machine: an experiment finished in chunks can span several kinds
+    of machine, and wall times are only comparable within one."""
+    out: dict[str, dict] = {}
+    for r in records:
+        row = out.setdefault(r.get("machine", "unknown machine"), {"runs": 0, "run_wall_seconds": 0.0})
+        row["runs"] += 1
+        row["run_wall_seconds"] += r["run_wall_seconds"]
+    return out
+
+
+def run_time_line(by_machine: dict[str, dict]) -> str:
+    parts = [f"{v['run_wall_seconds'] / 3600:.2f} h ({v['run_wall_seconds']:,.0f} s, {v['runs']} runs) on {m}"
+             for m, v in by_machine.items()]
+    total = sum(v["run_wall_seconds"] for v in by_machine.values())
+    line = f"Run time: {total / 3600:.2f} h in all: " + "; ".join(parts) + "."
+    if len(by_machine) > 1:
+        line += " Wall-time columns mix these machines: compare them only within one."
+    return line
+
+
 def _percent(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
 
@@ -151,10 +172,11 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
                                              for m, rs in by_sweep.items()},
               "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
               "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in sweep + runs),
+              "run_time_by_machine": run_time_by_machine(sweep + runs),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "title": f"opsd bench learning --task sparse: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} steps x "
                        f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
-    md = [sweep_table(spec, by_sweep, chosen)]
+    md = [sweep_table(spec, by_sweep, chosen), "", run_time_line(report["run_time_by_machine"])]
     if by_method:
         n = evaluated(runs, spec.test_problems)
         by_seed = sorted(runs, key=lambda r: r["seed"])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import random
 
-from opsd.benchmarks.sparse import SparseSpec, choose_lr, evaluated, run_overrides, standard_error, sweep_table
+from opsd.benchmarks.sparse import (SparseSpec, choose_lr, evaluated, run_overrides, run_time_by_machine, run_time_line,
+                                    standard_error, sweep_table)
 
 
 def sweep(*pairs):
@@ -68,3 +69,15 @@ def test_the_standard_error_counts_the_problems_graded_not_those_asked():
     table = sweep_table(SparseSpec(methods=["sft"], lrs=[1e-5]), {"sft": graded}, {"sft": 1e-5})
     assert "145 problems" in table
     assert f"0.100 ({math.sqrt(0.1 * 0.9 / 145):.3f}; 45% cut)" in table and "(0.024" not in table
+
+
+def test_run_time_is_summed_per_machine_and_mixing_machines_is_said():
+    records = [{"machine": "AMD EPYC, 2 cores", "run_wall_seconds": 900.0},
+               {"machine": "Intel Xeon, 2 cores", "run_wall_seconds": 385.0},
+               {"machine": "AMD EPYC, 2 cores", "run_wall_seconds": 450.0}]
+    by = run_time_by_machine(records)
+    assert by == {"AMD EPYC, 2 cores": {"runs": 2, "run_wall_seconds": 1350.0},
+                  "Intel Xeon, 2 cores": {"runs": 1, "run_wall_seconds": 385.0}}
+    line = run_time_line(by)
+    assert line.startswith("Run time: 0.48 h in all: 0.38 h (1,350 s, 2 runs) on AMD EPYC") and "mix" in line
+    assert "mix" not in run_time_line(run_time_by_machine(records[:1]))
