@@ -171,6 +171,7 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
     from opsd.launch.loggers import read_metrics
 
     rows = read_metrics(run_dir)
+
     def point(r: dict, tokens: int, wall: float) -> dict:
         return {"step": r["step"], "tokens": tokens, "wall_seconds": wall, "accuracy": r[f"eval/accuracy_{extract}"],
                 "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],

@@ -166,22 +166,22 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
     by_method = {m: curves_with_base([r for r in runs if r["method"] == m], base_point)
                  for m in spec.methods if any(r["method"] == m for r in runs)}
-    report = {"spec": asdict(spec) | {"eval_problems": spec.test_problems}, "extract": extract, "machine": machine(),
+    n = evaluated(runs, spec.test_problems)  # the table's base line names the problems graded, not those asked
+    by_machine = run_time_by_machine(sweep + runs)
+    report = {"spec": asdict(spec) | {"eval_problems": n}, "extract": extract, "machine": machine(),
               "val_problems_graded": evaluated(sweep, spec.val_problems),
               "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs}
                                              for m, rs in by_sweep.items()},
               "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
-              "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in sweep + runs),
-              "run_time_by_machine": run_time_by_machine(sweep + runs),
+              "run_wall_seconds_total": sum(v["run_wall_seconds"] for v in by_machine.values()),
+              "run_time_by_machine": by_machine,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "title": f"opsd bench learning --task sparse: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} steps x "
                        f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
-    md = [sweep_table(spec, by_sweep, chosen), "", run_time_line(report["run_time_by_machine"])]
+    md = [sweep_table(spec, by_sweep, chosen), "", run_time_line(by_machine)]
     if by_method:
-        n = evaluated(runs, spec.test_problems)
         by_seed = sorted(runs, key=lambda r: r["seed"])
         report["test_problems_graded"] = n
-        report["spec"]["eval_problems"] = n  # the table's base line names the problems graded, not those asked
         report["summary"] = summarize(by_method)
         for m, row in report["summary"]["methods"].items():
             row["lr"] = chosen.get(m)
