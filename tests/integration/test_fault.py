@@ -25,7 +25,7 @@ class KillingTrainer(Trainer):
         return super().train_one_step(step)
 
 
-# With gloo the restarted actor must also rejoin the collective. All four cases run in
+# With gloo the restarted actor must also rejoin the collective. The whole test runs in
 # `make test-slow`, to keep the default run under 20 minutes on 2 cores. The default run keeps
 # the harder gloo case in test_staleness.py (a rollout worker lost while the learner trains, with
 # the next batch scored ahead), which asserts the same restart, catch-up and once-per-prompt
@@ -39,10 +39,8 @@ ON_ENGINE = {"on-engine": ("teacher.mode=live", "scorer.on_rollout_engines=true"
                               "model.lora.alpha=8", "scorer.on_rollout_engines=true")}
 
 
-@pytest.mark.parametrize("transport", [pytest.param("object_store", marks=pytest.mark.slow),
-                                       pytest.param("gloo", marks=pytest.mark.slow),
-                                       pytest.param("on-engine", marks=pytest.mark.slow),
-                                       pytest.param("lora-adapter", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["object_store", "gloo", "on-engine", "lora-adapter"])
 def test_rollout_actor_death_loses_and_repeats_nothing(transport, tmp_path, ray_session):
     ray = ray_session
     extra = ON_ENGINE.get(transport, ())
