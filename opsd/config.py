@@ -79,6 +79,8 @@ class DataConfig:
 class PromptConfig:
     # Appended to the problem in the student's user turn.
     student_instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # Appended instead for a code row (task "code"), which is graded by running its tests.
+    code_instruction: str = "Write your solution as one fenced Python code block (```python ... ```)."
     # The teacher's user turn; {problem} and {solution} are filled in. The reference solution
     # comes first, then the model is asked to solve the problem again in its own words.
     teacher_template: str = (

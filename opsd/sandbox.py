@@ -28,7 +28,7 @@ child process with the same rlimits, an empty private directory and a process gr
 and no boundary at all around files and network. ``sandbox.isolation`` is the least a run accepts;
 a machine that gives less is refused with an error naming the key, never silently.
 
-The module imports the standard library only: it runs in the driver, in Ray actors, and in tests
+The module imports the standard library only (and opsd.errors): it runs in the driver, in Ray actors, and in tests
 as another user.
 """
 
@@ -48,15 +48,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-__all__ = ["LEVELS", "VERDICTS", "Isolation", "Limits", "Sandbox", "SandboxError", "TestSpec", "Verdict", "probe"]
+from opsd.errors import ConfigError
+
+__all__ = ["LEVELS", "VERDICTS", "Isolation", "Limits", "Sandbox", "SandboxError", "TestSpec", "Verdict", "probe",
+           "shared"]
 
 # Weakest first. "none" is still a process of its own under rlimits, but no boundary.
 LEVELS = ("none", "bwrap")
 VERDICTS = ("passed", "failed", "timeout", "memory", "killed", "error")
 
 
-class SandboxError(RuntimeError):
-    """The sandbox cannot give what the config asks for; the message names the key."""
+class SandboxError(ConfigError):
+    """The sandbox cannot give what the config asks for; the message names the key (a config error:
+    the CLI prints it as one line)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,31 @@ for _kind, _src in _checks:
         _report("failed", _error(exc) + (f" in: {line}" if line else ""))
 _report("passed")
 '''
+
+_SETTINGS = ("isolation", "workers", "cpu_s", "wall_s", "memory_mb", "processes", "open_files", "file_mb", "output_kb",
+             "python", "bwrap", "uid")  # the fields of opsd.config.SandboxConfig
+_SHARED: dict[tuple, "Sandbox"] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared(sc, log=None) -> "Sandbox":
+    """This process's sandbox for the config's ``sandbox`` section (made, and its isolation said
+    through ``log``, on first use); a SandboxError if the machine gives less than it asks."""
+    key = tuple(getattr(sc, f) for f in _SETTINGS)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            box = Sandbox.from_config(sc)
+            (log or _say)(f"opsd: model-written code runs in a sandbox, isolation {box.isolation.describe()} "
+                          f"(required: sandbox.isolation={sc.isolation}; {box.workers} at a time)")
+            _SHARED[key] = box
+        return _SHARED[key]
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
 
 _SIGNALS = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
 
