@@ -55,6 +55,10 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     problems = read_problems(cfg, train_path, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
+    if distills(cfg) and "answer" in context(cfg.teacher.context).needs(cfg) and any(p.task == "code" for p in problems):
+        raise ConfigError(
+            f"teacher.context={cfg.teacher.context} reads a final answer, and {train_path} has code rows (task 'code', "
+            "graded by their tests, with no answer); use teacher.context=solution (the reference code) or none")
     view = DatasetView(problems, cfg.train.seed)
     pairs, skipped = builder.build(problems, source=str(train_path), teacher=static_teacher(cfg, builder, view))
     if not pairs:

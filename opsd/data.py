@@ -144,19 +144,14 @@ def load_problems(
             raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
         problem = _text(row, problem_key, at)
         why = {k: f" ({v} needs it)" for k, v in (needed_by or {}).items()}
-        task = row.get("task", "math")
-        if task not in TASKS:
-            raise DataError(f"{at}: key 'task' = {task!r}; expected one of {list(TASKS)}")
-        if task == "code":
-            # graded by its tests, not by an answer; its solution (the reference code) only when needed
+        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
+        if uid in first_row_of_uid:
+            raise DataError(f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}")
+        first_row_of_uid[uid] = row_no
+        if _task(row, at) == "code":  # graded by its tests, not by an answer
             solution = _text(row, solution_key, at, why.get("solution", "")) if (
                 require_solution or not _is_blank(row.get(solution_key))) else ""
-            uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
-            if uid in first_row_of_uid:
-                raise DataError(f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}")
-            first_row_of_uid[uid] = row_no
-            problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=code_tests(row, at),
-                                    verifier=CODE_VERIFIER, task="code"))
+            problems.append(Problem(uid, problem, solution, code_tests(row, at), CODE_VERIFIER, "code"))
             continue
         if require_solution or not _is_blank(row.get(solution_key)):
             solution, given = solution_and_answer(_text(row, solution_key, at, why.get("solution", "")), answer_format)
@@ -172,12 +167,6 @@ def load_problems(
                     f"{at}: no answer: key {answer_key!r} is absent and the "
                     f"{solution_key!r} field has no \\boxed{{...}} to take it from{why.get('answer', '')}"
                 )
-        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
-        if uid in first_row_of_uid:
-            raise DataError(
-                f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}"
-            )
-        first_row_of_uid[uid] = row_no
         answer = answer.strip() if answer is not None and answer.strip() else None
         if answer is None:
             unanswered.append(at)
@@ -191,6 +180,13 @@ def load_problems(
             f"\\boxed{{...}} to take it from, while other rows have one (a set has answers for every row or for none)"
         )
     return problems
+
+
+def _task(row: dict, at: str) -> str:
+    task = row.get("task", "math")
+    if task not in TASKS:
+        raise DataError(f"{at}: key 'task' = {task!r}; expected one of {list(TASKS)}")
+    return task
 
 
 def _read_rows(path: str | Path, dataset_config: str | None = None) -> tuple[list[tuple[int, Any]], str, str]:
