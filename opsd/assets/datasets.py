@@ -184,11 +184,15 @@ def mbpp_entry_point(doc: dict) -> str:
     """The function MBPP's tests call: the first function the reference code defines that its
     first assert names."""
     import ast
+    import warnings
 
-    defined = [n.name for n in ast.walk(ast.parse(doc["code"].replace("\r\n", "\n")))
-               if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    called = {n.func.id for n in ast.walk(ast.parse(doc["test_list"][0]))
-              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    with warnings.catch_warnings():  # some references hold regexes with invalid escapes ('\w'): text, not run
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        code = ast.parse(doc["code"].replace("\r\n", "\n"))
+        test = ast.parse(doc["test_list"][0])
+    defined = [n.name for n in ast.walk(code) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    called = {n.func.id for n in ast.walk(test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     for name in defined:
         if name in called:
             return name

@@ -240,7 +240,7 @@ def test_mbpp_is_split_into_disjoint_parts_of_its_500_and_its_rows_are_the_wheel
             assert r["solution"] == "```python\n" + doc["code"].replace("\r\n", "\n").strip("\n") + "\n```"
             # the prompt shows the function's name and one example assert, as MBPP's own prompts do
             assert doc["text"].strip() in r["problem"] and doc["test_list"][0].strip() in r["problem"]
-            assert f"`{r['entry_point']}`" in r["problem"] and f"{r['entry_point']}(" in doc["test_list"][0]
+            assert f"`{r['entry_point']}`" in r["problem"] and r["entry_point"] in doc["test_list"][0]
     row = next(r for r in parts["mbpp"] + parts["mbpp-val"] + parts["mbpp-test"] if r["id"] == "mbpp/11")
     assert row["entry_point"] == "remove_Occ" and row["tests"][0] == 'assert remove_Occ("hello","l") == "heo"'
 
