@@ -123,6 +123,6 @@ def test_grpo_on_code_grades_in_the_sandbox_and_carries_on_past_hostile_programs
 def test_a_run_on_code_that_cannot_get_the_isolation_it_asks_for_stops_before_it_starts(tmp_path, tiny_model):
     data = code_rows(tmp_path / "code.jsonl")
     with pytest.raises(ConfigError, match="config key 'sandbox.isolation' = 'bwrap'.*bubblewrap not found"):
-        train(CONFIG, local_overrides(tmp_path, "algo=grpo", f"data.train_path={data}", "train.prompts_per_step=2",
+        train(CONFIG, local_overrides(tmp_path, "algo=grpo", f"data.train_path={data}", "train.prompts_per_step=2", "rollout.n=2",
                                       "sandbox.bwrap=/nonexistent/bwrap"))
     assert not (tmp_path / "run").exists()
