@@ -405,50 +405,36 @@ class Sandbox:
         finally:
             os.close(stdin)
         out = bytearray()
-        status = None
         why = ""  # the parent's reason to kill: "wall" or "output"
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         deadline = t0 + lim.wall_s
-        open_pipe = True
         try:
-            while True:
-                if open_pipe:
-                    ready, _, _ = select.select([fd], [], [], 0.05)
-                    if ready:
-                        chunk = os.read(fd, 65536)
-                        if not chunk:
-                            open_pipe = False
-                        out += chunk
-                        if len(out) > lim.output_bytes:
-                            why = "output"
-                            break
-                else:
-                    time.sleep(0.01)
-                pid, st = os.waitpid(proc.pid, os.WNOHANG)
-                if pid:
-                    status = st
-                    while open_pipe and len(out) <= lim.output_bytes:  # what is left in the pipe
-                        try:
-                            chunk = os.read(fd, 65536)
-                        except BlockingIOError:
-                            break
-                        if not chunk:
-                            break
-                        out += chunk
-                    break
+            while True:  # read until the pipe closes (every holder gone), the cap, or the deadline
+                ready, _, _ = select.select([fd], [], [], max(0.0, min(0.5, deadline - time.monotonic())))
+                if ready:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    out += chunk
+                    if len(out) > lim.output_bytes:
+                        why = "output"
+                        break
                 if time.monotonic() > deadline:
                     why = "wall"
                     break
+            if not why and not _exited(proc, deadline):
+                why = "wall"
         finally:
-            # The whole group: bwrap's namespace dies with it (--die-with-parent, then its PID 1);
-            # at level none, whatever stayed in the program's process group.
+            # The whole group, before its leader is reaped (its id cannot be reused until then):
+            # bwrap's namespace dies with it (--die-with-parent, then its PID 1); at level none,
+            # whatever stayed in the program's process group.
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            if status is None:
-                _, status = os.waitpid(proc.pid, 0)
+            _, status = os.waitpid(proc.pid, 0)
+            proc.returncode = 0  # reaped here: Popen must not wait for it again
             proc.stdout.close()
         wall = time.monotonic() - t0
         text = out[: lim.output_bytes].decode(errors="replace")
@@ -461,6 +447,15 @@ class Sandbox:
         if found is not None:
             return Verdict(found["verdict"], found["detail"], found.get("cpu_s"), wall, shown)
         return Verdict(*_from_status(status, lim, self.bwrap is not None), None, wall, shown)
+
+
+def _exited(proc: subprocess.Popen, deadline: float) -> bool:
+    """Whether ``proc`` ended by ``deadline``; it is left unreaped (WNOWAIT)."""
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
 
 
 def _split_report(text: str, nonce: str) -> tuple[str, dict | None]:
