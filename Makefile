@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opsd-installed
 EXTRAS ?= cpu,dev
 
-.PHONY: setup train test test-slow test-gpu bench clean
+.PHONY: setup sandbox train test test-slow test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -23,10 +23,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m opsd.launch.cli doctor
 	@touch $(STAMP)
 
+# The sandbox that model-written code runs in (opsd/sandbox.py) needs bubblewrap. As root with
+# apt-get it is installed here; otherwise this says how, and the tests that need it skip with the
+# reason (OPSD_REQUIRE_SANDBOX=1, as .ci/run sets it, turns those skips into failures).
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	  else \
+	    echo "note: bubblewrap (bwrap) is not installed; code tasks need it (Debian/Ubuntu: apt-get install bubblewrap)"; \
+	  fi; }
+
 train: setup
 	$(VENV)/bin/opsd train
 
-test: setup
+test: setup sandbox
 	$(PY) -m pytest -m "not slow and not gpu" --durations=15
 
 test-slow: setup

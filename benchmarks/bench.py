@@ -372,6 +372,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--out", help="where the report goes (default: docs/results/smollm2; toy: docs/results)")
     s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
                    "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
+    s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
+                       "same passing programs run bare (benchmarks/sandbox.py)")
+    s.add_argument("--programs", type=int, default=100, help="MBPP reference solutions to run (default 100)")
+    s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pool sizes (default 1 2)")
     for s in sub.choices.values():
         s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
 
@@ -429,6 +433,10 @@ def run(args: argparse.Namespace) -> dict:
     elif args.bench == "loss":
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)
+    elif args.bench == "sandbox":
+        from opsd.benchmarks.sandbox import bench_sandbox
+
+        report = bench_sandbox(args.programs, tuple(args.workers))
     elif args.bench == "sync":
         from opsd.benchmarks.sync import bench_sync
 

@@ -103,6 +103,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return main_eval(args)
 
 
+def cmd_grade(args: argparse.Namespace) -> int:
+    from opsd.launch.grade import main_grade
+
+    return main_grade(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from opsd.benchmarks.bench import run  # its heavy imports (torch, ray) happen inside the subcommand
 
@@ -197,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--responses", action="store_true", help="also store the response texts in the report")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.num_workers=2")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("grade", help="grade responses you have (code in the sandbox, math by math-verify): one "
+                       "JSON verdict per row and a summary")
+    p.add_argument("file", metavar="FILE.jsonl", help='rows {"id", "task": "code", "tests": [...] or a test program, '
+                   '"entry_point", "response"} or {"id", "answer", "response"} (math)')
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. sandbox.isolation=none, "
+                   "sandbox.cpu_s=2, grading.extract=lenient")
+    p.set_defaults(func=cmd_grade)
 
     p = sub.add_parser("plot", help="training curves of run directories as one PNG")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

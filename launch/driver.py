@@ -149,6 +149,7 @@ class Trainer:
         metrics, _ = evaluate_pairs(
             self.actors.rollouts, self.data.eval_pairs, n=cfg.n, max_tokens=cfg.max_tokens,
             temperature=cfg.temperature, seed=0, expect_version=self.policy_version, extract=self.cfg.grading.extract,
+            sandbox=self.cfg.sandbox,
         )
         return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -323,11 +324,24 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
     return cfg, run_path
 
 
+def check_sandbox(cfg: Config, pairs) -> None:
+    """With code rows to grade, the sandbox the driver grades evaluations in, made now: its isolation
+    is said at start, and a machine that gives less than sandbox.isolation stops the run before its
+    run directory exists (each rollout worker checks its own machine the same way)."""
+    from opsd.evaluation import CODE
+
+    if any(p.verifier == CODE for p in pairs):
+        from opsd.sandbox import shared
+
+        shared(cfg.sandbox, log=print)
+
+
 def train(config_path: str | None, overrides: list[str]) -> Path:
     cfg, run_path = prepare_config(config_path, overrides)
     # The config, the model and every data row are checked (Trainer) before the run directory
     # exists; a new run that fails before its first step leaves none behind.
     trainer = Trainer(cfg)
+    check_sandbox(cfg, trainer.data.pairs + trainer.data.eval_pairs)
     if trainer.data.skipped:
         print(f"opsd: skipped {len(trainer.data.skipped)} over-long prompts (prompt.overlong=skip)")
     ckpt = None

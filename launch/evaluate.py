@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from opsd.config import REPO_ROOT, Config, ConfigError, check, load_config
-from opsd.evaluation import Graded, grade, mean_accuracy, summarize
+from opsd.evaluation import CODE, Graded, grade, mean_accuracy, summarize
 from opsd.verify import EXTRACTORS
 from opsd.prompts import PromptPair
 
@@ -63,13 +63,16 @@ def evaluate_pairs(
     chunk_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     extract: str = "strict",
+    sandbox: Any = None,
 ) -> tuple[dict[str, float], list[ProblemResult]]:
     """Generate ``n`` answers for every pair on the pool's actors and grade them.
 
     ``rollouts`` is a :class:`opsd.launch.cluster.ActorPool` of RolloutWorkers. Pairs are dealt to
     the actors round-robin; with ``chunk_size`` they go in rounds of at most that many prompts
     per actor, and ``progress(done, total)`` is called after each round. Answers are read with
-    ``extract`` (opsd.verify.EXTRACTORS). Returns the summary (``problems``, ``n``, ``avg@n``,
+    ``extract`` (opsd.verify.EXTRACTORS); code rows' responses run with their tests in the config's
+    sandbox (``sandbox``: a config's ``sandbox`` section, opsd.sandbox.shared), here in the
+    driver's own sandbox processes, never in this one. Returns the summary (``problems``, ``n``, ``avg@n``,
     ``pass@n``, ``maj@n``, ``format_rate``, ``accuracy_strict`` and ``accuracy_lenient`` (avg@n
     under each extraction), ``response_len_mean``, ``truncated_frac``) and the per-problem results
     in the order of ``pairs``.
@@ -80,6 +83,13 @@ def evaluate_pairs(
         raise ValueError(f"n={n} samples at temperature {temperature}: greedy samples are identical; use temperature > 0")
     from opsd.launch.cluster import round_robin, unshard
 
+    box = None
+    if any(p.verifier == CODE for p in pairs):
+        from opsd.sandbox import shared
+
+        if sandbox is None:
+            raise ValueError("code problems to evaluate and no sandbox settings (the config's sandbox section)")
+        box = shared(sandbox)
     nw = len(rollouts.actors)
     per_round = len(pairs) if chunk_size is None else max(1, chunk_size) * nw
     results: list[ProblemResult] = []
@@ -94,7 +104,7 @@ def evaluate_pairs(
             expect_version=expect_version,
         )
         for pair, samples in zip(chunk, unshard(outs, len(chunk))):  # the caller's order, not the shards'
-            g = grade(pair.uid, [s.text for s in samples], pair.answer, extract, pair.verifier)
+            g = grade(pair.uid, [s.text for s in samples], pair.answer, extract, pair.verifier, box)
             results.append(ProblemResult(
                 g.uid, g.answers, g.correct, g.gold, g.verifier,
                 response_lens=[len(s.response_ids) for s in samples],
@@ -111,8 +121,9 @@ def summarize_results(results: Sequence[ProblemResult], extract: str = "strict")
     and the truncated fraction."""
     metrics = summarize(results, [r.responses for r in results])
     for mode in EXTRACTORS:
-        regraded = results if mode == extract else [grade(r.uid, r.responses, r.gold, mode, r.verifier)
-                                                    for r in results]
+        # a code row's grade does not depend on how answers are extracted: its programs ran once
+        regraded = results if mode == extract else [r if r.verifier == CODE else grade(r.uid, r.responses, r.gold, mode,
+                                                                                        r.verifier) for r in results]
         metrics[f"accuracy_{mode}"] = mean_accuracy(regraded)
     lens = [x for r in results for x in r.response_lens]
     reasons = [x for r in results for x in r.finish_reasons]
@@ -238,6 +249,10 @@ def run_eval(
     cfg = eval_config(resolved, config=config, overrides=overrides, n=n, temperature=temperature, max_tokens=max_tokens)
     ev = cfg.eval
     built = _eval_sets(resolved, cfg, list(data), limit)
+    if any(p.verifier == CODE for _, _, pairs, _ in built for p in pairs):
+        from opsd.sandbox import shared
+
+        shared(cfg.sandbox, log=log)  # its isolation said now; less than sandbox.isolation stops here
     out_path = Path(out) if out else default_report_path(resolved, [name for name, *_ in built], ev.n)
     total = sum(len(p) for _, _, p, _ in built)
     log(f"opsd eval: {resolved.path}: {total} problems in {len(built)} dataset(s), n={ev.n}, "
@@ -335,7 +350,7 @@ def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: in
 
             metrics, results = evaluate_pairs(
                 pool, pairs, n=ev.n, max_tokens=ev.max_tokens, temperature=ev.temperature, seed=seed,
-                chunk_size=64, progress=progress, extract=extract,
+                chunk_size=64, progress=progress, extract=extract, sandbox=cfg.sandbox,
             )
             metrics["seconds"] = time.perf_counter() - t0
             datasets[name] = {

@@ -10,7 +10,7 @@ from typing import Any
 from opsd.config import Config, ConfigError, distills, resolve_path, training_rows
 from opsd.contexts import context
 from opsd.contexts.base import PRIMARY, ContextInput, DatasetView
-from opsd.assets.datasets import resolve_data
+from opsd.assets.datasets import named, resolve_data
 from opsd.data import DataError, EpochSampler, Problem, load_problems
 from opsd.prompts import PromptBuilder, PromptPair
 
@@ -52,9 +52,16 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
     train_path = cfg.data.train_path
+    if getattr(named(str(train_path)), "eval_only", False):
+        raise ConfigError(f"config key 'data.train_path' = {train_path!r}: that set is kept for evaluation only "
+                          "(opsd data list); train on another (e.g. mbpp for code) and evaluate on it")
     problems = read_problems(cfg, train_path, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
+    if distills(cfg) and "answer" in context(cfg.teacher.context).needs(cfg) and any(p.task == "code" for p in problems):
+        raise ConfigError(
+            f"teacher.context={cfg.teacher.context} reads a final answer, and {train_path} has code rows (task 'code', "
+            "graded by their tests, with no answer); use teacher.context=solution (the reference code) or none")
     view = DatasetView(problems, cfg.train.seed)
     pairs, skipped = builder.build(problems, source=str(train_path), teacher=static_teacher(cfg, builder, view))
     if not pairs:

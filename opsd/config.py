@@ -79,6 +79,8 @@ class DataConfig:
 class PromptConfig:
     # Appended to the problem in the student's user turn.
     student_instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # Appended instead for a code row (task "code"), which is graded by running its tests.
+    code_instruction: str = "Write your solution as one fenced Python code block (```python ... ```)."
     # The teacher's user turn; {problem} and {solution} are filled in. The reference solution
     # comes first, then the model is asked to solve the problem again in its own words.
     teacher_template: str = (
@@ -104,6 +106,26 @@ class GradingConfig:
     # named dataset's own (GSM8K lenient, MATH strict; opsd/assets/datasets.py), else strict.
     # Evaluation reports both; this one is the headline and the reward.
     extract: str = "auto"
+
+
+@dataclass
+class SandboxConfig:
+    # Where model-written code runs when a task is graded by its tests (opsd/sandbox.py; docs/DESIGN.md,
+    # "The sandbox"). isolation: the least a run accepts, bwrap (bubblewrap: namespaces, nothing of
+    # the run visible) or none (a child process under rlimits, no boundary); a machine that gives
+    # less is refused, naming this key.
+    isolation: str = "bwrap"
+    workers: int = 2  # programs graded at once, in each process that grades
+    cpu_s: float = 4.0  # CPU seconds per process: the timeout verdict, the same under any load
+    wall_s: float = 20.0  # wall-clock backstop (a program that sleeps)
+    memory_mb: int = 512  # address space per process
+    processes: int = 32  # processes and threads of one program
+    open_files: int = 64
+    file_mb: int = 16  # the largest file it may write, and the size of its tmpfs
+    output_kb: int = 64  # stdout + stderr read; more and it is killed
+    python: str = "/usr/bin/python3"  # the fixed interpreter programs see (standard library only)
+    bwrap: str = "bwrap"
+    uid: int = 65534  # programs run as this uid when opsd runs as root (root ignores RLIMIT_NPROC)
 
 
 @dataclass
@@ -312,6 +334,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     grading: GradingConfig = field(default_factory=GradingConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -332,6 +355,7 @@ _CHOICES = {
     "prompt.overlong": ("error", "skip"),
     "data.answer_format": ("auto", "boxed", "gsm8k"),
     "grading.extract": ("strict", "lenient", "auto"),  # auto: resolved by load_config
+    "sandbox.isolation": ("none", "bwrap"),  # opsd.sandbox.LEVELS
     "learner.zero_stage": (0, 1, 2, 3),
     "loss.objective": ("divergence", "sampled_token"),
     "loss.support": ("topk", "topk_tail"),
@@ -551,6 +575,8 @@ def _check_values(cfg: Config) -> None:
         "loss.chunk_size", "train.steps", "train.prompts_per_step", "sync.bucket_mb",
         "model.max_model_len", "prompt.max_prompt_len", "teacher.sync_every", "eval.n", "eval.max_tokens",
         "train.max_bad_steps",
+        "sandbox.workers", "sandbox.cpu_s", "sandbox.wall_s", "sandbox.memory_mb", "sandbox.processes",
+        "sandbox.open_files", "sandbox.file_mb", "sandbox.output_kb",
     ):
         positive(key)
     for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",

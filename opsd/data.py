@@ -1,9 +1,11 @@
-"""Math problems from disk, and the deterministic order in which training visits them.
+"""Problems from disk (math, and code graded by its tests), and the deterministic order in which
+training visits them.
 
 `load_problems` reads JSON Lines, Parquet, a directory written by `datasets.save_to_disk`, or a
 dataset in the hub's layout (a hub id such as ``openai/gsm8k``, fetched where the run has a hub,
 or a local directory laid out as one), checks every row up front and names file, row and key in
-any error. Answers are read as each dataset writes them (:func:`solution_and_answer`). `EpochSampler` turns
+any error. Answers are read as each dataset writes them (:func:`solution_and_answer`); a row with
+``"task": "code"`` is graded by its tests instead (:func:`code_tests`). `EpochSampler` turns
 (seed, epoch) into a permutation, so the data position in a checkpoint is three integers and a
 resumed run sees exactly the batches an uninterrupted one would have.
 """
@@ -66,13 +68,38 @@ class DataError(ValueError):
     """A data file that cannot be used as given; the message names file, row and key."""
 
 
+TASKS = ("math", "code")  # a row's task kind: what it must hold, how it is prompted and graded
+CODE_VERIFIER = "code"  # opsd.evaluation.CODE: the row's answer is a test spec, run in the sandbox
+
+
 @dataclass(frozen=True)
 class Problem:
     uid: str  # stable row id: "<source>:<row index from 0>" or the configured id column
     problem: str
-    solution: str  # "" when loaded with require_solution=False and the row has none
-    answer: str | None  # None when loaded with require_answer=False and the row has none
-    verifier: str | None = None  # a procedural task's own grader of this row (opsd/assets/procedural.py)
+    solution: str  # "" when loaded with require_solution=False and the row has none (code: the reference code)
+    answer: str | None  # None when loaded with require_answer=False and the row has none (code: its tests)
+    verifier: str | None = None  # a procedural task's own grader of this row (opsd/assets/procedural.py), or "code"
+    task: str = "math"  # one of TASKS
+
+
+def code_tests(row: dict, at: str) -> str:
+    """A code row's tests as the sandbox takes them (opsd.sandbox.TestSpec, as JSON): ``tests`` is a
+    list of assert statements (MBPP's ``test_list``; ``test_setup`` runs first) or one test program
+    (HumanEval's, which defines ``check(candidate)``: it is called on ``entry_point``)."""
+    from opsd.sandbox import TestSpec  # standard library only; nothing here runs the tests
+
+    tests, entry, setup = row.get("tests"), row.get("entry_point"), row.get("test_setup") or ""
+    if entry is not None and (not isinstance(entry, str) or not entry.isidentifier()):
+        raise DataError(f"{at}: key 'entry_point' must be a function name, got {entry!r}")
+    if not isinstance(setup, str):
+        raise DataError(f"{at}: key 'test_setup' must be a string of code, got {type(setup).__name__}")
+    if isinstance(tests, list) and tests and all(isinstance(t, str) and t.strip() for t in tests):
+        return TestSpec(asserts=tuple(tests), setup=setup, entry_point=entry).to_json()
+    if isinstance(tests, str) and tests.strip():
+        return TestSpec(program=tests, setup=setup, entry_point=entry).to_json()
+    state = "is missing" if "tests" not in row else f"is {tests!r:.80}"
+    raise DataError(f"{at}: key 'tests' {state}; a code row (task 'code') needs a non-empty list of assert "
+                    "statements or a test program (a string)")
 
 
 def load_problems(
@@ -117,6 +144,15 @@ def load_problems(
             raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
         problem = _text(row, problem_key, at)
         why = {k: f" ({v} needs it)" for k, v in (needed_by or {}).items()}
+        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
+        if uid in first_row_of_uid:
+            raise DataError(f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}")
+        first_row_of_uid[uid] = row_no
+        if _task(row, at) == "code":  # graded by its tests, not by an answer
+            solution = _text(row, solution_key, at, why.get("solution", "")) if (
+                require_solution or not _is_blank(row.get(solution_key))) else ""
+            problems.append(Problem(uid, problem, solution, code_tests(row, at), CODE_VERIFIER, "code"))
+            continue
         if require_solution or not _is_blank(row.get(solution_key)):
             solution, given = solution_and_answer(_text(row, solution_key, at, why.get("solution", "")), answer_format)
         else:
@@ -131,12 +167,6 @@ def load_problems(
                     f"{at}: no answer: key {answer_key!r} is absent and the "
                     f"{solution_key!r} field has no \\boxed{{...}} to take it from{why.get('answer', '')}"
                 )
-        uid = f"{source}:{index}" if id_key is None else _row_id(row, id_key, at)
-        if uid in first_row_of_uid:
-            raise DataError(
-                f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}"
-            )
-        first_row_of_uid[uid] = row_no
         answer = answer.strip() if answer is not None and answer.strip() else None
         if answer is None:
             unanswered.append(at)
@@ -150,6 +180,13 @@ def load_problems(
             f"\\boxed{{...}} to take it from, while other rows have one (a set has answers for every row or for none)"
         )
     return problems
+
+
+def _task(row: dict, at: str) -> str:
+    task = row.get("task", "math")
+    if task not in TASKS:
+        raise DataError(f"{at}: key 'task' = {task!r}; expected one of {list(TASKS)}")
+    return task
 
 
 def _read_rows(path: str | Path, dataset_config: str | None = None) -> tuple[list[tuple[int, Any]], str, str]:

@@ -8,7 +8,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from opsd.verify import extract_answer, extract_boxed, is_equivalent, score_response
+from opsd.verify import extract_answer, extract_boxed, extract_code, is_equivalent, score_response
+
+# The verifier of a code row (opsd/assets/datasets.py, opsd.data): its gold is a test spec
+# (opsd.sandbox.TestSpec as JSON), and a response's code is run with it in the sandbox.
+CODE = "code"
 
 
 @dataclass
@@ -22,10 +26,13 @@ class Graded:
     verifier: str | None = None  # a procedural task's own grader, when it is not math-verify
 
 
-def reward(text: str, gold: str, mode: str = "strict", verifier: str | None = None) -> float:
-    """A response's reward: with a procedural task's ``verifier`` (opsd/assets/procedural.py) that
-    task's own grade of the extracted answer, which may be partial; otherwise
-    :func:`opsd.verify.score_response` (1.0 or 0.0)."""
+def reward(text: str, gold: str, mode: str = "strict", verifier: str | None = None, sandbox=None) -> float:
+    """A response's reward: for a code row (``verifier`` "code") 1.0 when its code passes the
+    tests in ``sandbox`` (opsd.sandbox.Sandbox); with a procedural task's ``verifier``
+    (opsd/assets/procedural.py) that task's own grade of the extracted answer, which may be
+    partial; otherwise :func:`opsd.verify.score_response` (1.0 or 0.0)."""
+    if verifier == CODE:
+        return rewards([text], [gold], mode, [verifier], sandbox)[0]
     if verifier is not None:
         from opsd.assets.procedural import score  # deferred: only procedural rows carry a verifier
 
@@ -33,9 +40,41 @@ def reward(text: str, gold: str, mode: str = "strict", verifier: str | None = No
     return score_response(text, gold, mode)
 
 
-def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict", verifier: str | None = None) -> Graded:
+def run_code(responses: Sequence[str], golds: Sequence[str], sandbox) -> list:
+    """Each response's code run with its row's tests (``golds``: TestSpec JSON) in ``sandbox``,
+    its pool's size at a time: one opsd.sandbox.Verdict per response."""
+    from opsd.sandbox import TestSpec  # deferred: only code rows run anything
+
+    if sandbox is None:
+        raise ValueError("a code row is graded by running its tests, which needs a sandbox (opsd.sandbox.Sandbox)")
+    return sandbox.run_many([(extract_code(r), TestSpec.from_json(g)) for r, g in zip(responses, golds)])
+
+
+def rewards(texts: Sequence[str], golds: Sequence[str | None], mode: str = "strict",
+            verifiers: Sequence[str | None] | None = None, sandbox=None) -> list[float | None]:
+    """:func:`reward` of each text (None where its gold is None); the code rows' programs run in
+    ``sandbox`` together, in parallel."""
+    verifiers = list(verifiers) if verifiers is not None else [None] * len(texts)
+    out: list[float | None] = [None] * len(texts)
+    code = [i for i, (g, v) in enumerate(zip(golds, verifiers)) if g is not None and v == CODE]
+    if code:
+        verdicts = run_code([texts[i] for i in code], [golds[i] for i in code], sandbox)
+        for i, v in zip(code, verdicts):
+            out[i] = 1.0 if v.passed else 0.0
+    for i, (t, g, v) in enumerate(zip(texts, golds, verifiers)):
+        if g is not None and v != CODE:
+            out[i] = reward(t, g, mode, v)
+    return out
+
+
+def grade(uid: str, responses: Sequence[str], gold: str, extract: str = "strict", verifier: str | None = None,
+          sandbox=None) -> Graded:
     """Each response's answer under ``extract`` (opsd.verify.EXTRACTORS), checked against ``gold``
-    (or by a procedural task's ``verifier``)."""
+    (or by a procedural task's ``verifier``); a code row's responses run with its tests in
+    ``sandbox`` (the answer is the response's code)."""
+    if verifier == CODE:
+        verdicts = run_code(responses, [gold] * len(responses), sandbox)
+        return Graded(uid, [extract_code(r) for r in responses], [v.passed for v in verdicts], gold, verifier)
     answers = [extract_answer(r, extract) for r in responses]
     if verifier is not None:
         return Graded(uid, answers, [reward(r, gold, extract, verifier) == 1.0 for r in responses], gold,
@@ -83,8 +122,8 @@ def summarize(graded: Sequence[Graded], responses: Sequence[Sequence[str]] | Non
     """avg@n, pass@n, maj@n of ``graded``, and their standard errors (``avg@n_se``, ...): over
     problems, each problem's score (its fraction of correct answers, whether any is correct,
     whether the majority is) counts once. The format rate counts responses with a closed
-    ``\\boxed{}``, whatever extraction graded them; it needs ``responses`` unless the answers were
-    extracted strictly (then an answer is a box)."""
+    ``\\boxed{}`` (a code row's: a fenced code block), whatever extraction graded them; it needs
+    ``responses`` unless the answers were extracted strictly (then an answer is a box)."""
     if not graded:
         raise ValueError("nothing to summarize: no graded problems")
     n = len(graded[0].correct)
@@ -92,7 +131,8 @@ def summarize(graded: Sequence[Graded], responses: Sequence[Sequence[str]] | Non
     if responses is None:
         boxed = [[a is not None for a in g.answers] for g in graded]
     else:
-        boxed = [[extract_boxed(r) is not None for r in rs] for rs in responses]
+        boxed = [[a is not None for a in g.answers] if g.verifier == CODE else [extract_boxed(r) is not None for r in rs]
+                 for g, rs in zip(graded, responses)]
     scores = {
         f"avg@{n}": [sum(g.correct) / len(g.correct) for g in graded],
         f"pass@{n}": [float(any(g.correct)) for g in graded],

@@ -54,26 +54,31 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.max_new_tokens = max_new_tokens
 
-    def student_messages(self, problem: str) -> list[dict]:
-        return [{"role": "user", "content": f"{problem}\n{self.cfg.student_instruction}".strip()}]
+    def instruction(self, task: str = "math") -> str:
+        """What the student is asked besides the problem: a boxed answer, or for a code row one
+        fenced Python block (prompt.code_instruction)."""
+        return self.cfg.code_instruction if task == "code" else self.cfg.student_instruction
 
-    def teacher_messages(self, problem: str, solution: str) -> list[dict]:
+    def student_messages(self, problem: str, task: str = "math") -> list[dict]:
+        return [{"role": "user", "content": f"{problem}\n{self.instruction(task)}".strip()}]
+
+    def teacher_messages(self, problem: str, solution: str, task: str = "math") -> list[dict]:
         if self.cfg.teacher_system is not None:
             system = self.cfg.teacher_system.format(problem=problem, solution=solution)
-            return [{"role": "system", "content": system}, *self.student_messages(problem)]
+            return [{"role": "system", "content": system}, *self.student_messages(problem, task)]
         content = self.cfg.teacher_template.format(
-            problem=problem, solution=solution, instruction=self.cfg.student_instruction
+            problem=problem, solution=solution, instruction=self.instruction(task)
         )
         return [{"role": "user", "content": content}]
 
     def templates(self) -> Templates:
         return Templates(self.student_messages, self.teacher_messages)
 
-    def student_ids(self, problem: str) -> list[int]:
-        return _template_ids(self.tokenizer, self.student_messages(problem), thinking=self.cfg.student_thinking)
+    def student_ids(self, problem: str, task: str = "math") -> list[int]:
+        return _template_ids(self.tokenizer, self.student_messages(problem, task), thinking=self.cfg.student_thinking)
 
-    def teacher_ids(self, problem: str, solution: str) -> list[int]:
-        return self.teacher_context_ids(self.teacher_messages(problem, solution))
+    def teacher_ids(self, problem: str, solution: str, task: str = "math") -> list[int]:
+        return self.teacher_context_ids(self.teacher_messages(problem, solution, task))
 
     def teacher_context_ids(self, messages: list[dict]) -> list[int]:
         """A teacher context's messages (opsd/contexts/) as token ids."""
@@ -96,8 +101,8 @@ class PromptBuilder:
         pairs: list[PromptPair] = []
         skipped: list[str] = []
         for p in problems:
-            s_ids = self.student_ids(p.problem)
-            messages = self.teacher_messages(p.problem, p.solution) if teacher is None else teacher(p)
+            s_ids = self.student_ids(p.problem, p.task)
+            messages = self.teacher_messages(p.problem, p.solution, p.task) if teacher is None else teacher(p)
             t_ids = None if messages is None else self.teacher_context_ids(messages)
             limit = self.prompt_limit
             worst = max(len(s_ids), len(t_ids or ()))

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-__all__ = ["EXTRACTORS", "extract_answer", "extract_boxed", "extract_last_number", "is_equivalent", "normalise_answer",
+__all__ = ["EXTRACTORS", "extract_answer", "extract_boxed", "extract_code", "extract_last_number", "is_equivalent", "normalise_answer",
            "score_response"]
 
 # `\boxed` and `\fbox`, but not a longer command that starts the same way (`\boxedfoo`).
@@ -111,6 +111,21 @@ def extract_answer(text: str, mode: str = "strict") -> str | None:
 
 
 EXTRACTORS = ("strict", "lenient")
+
+# A fenced code block: ```python (or ```py, or no language) ... ```, closed.
+_FENCE_RE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(text: str) -> str | None:
+    """The code a response gives: its first closed fenced block marked python (or py), else its
+    first closed block with no language; None without one (a cut-off block is no answer). Text only:
+    nothing here runs it (opsd/sandbox.py does)."""
+    found = [(m.group(1), m.group(2)) for m in _FENCE_RE.finditer(text)]
+    for wanted in (True, False):
+        for lang, body in found:
+            if bool(lang) == wanted and body.strip():
+                return body
+    return None
 
 
 def is_equivalent(pred: str | None, gold: str, *, timeout_s: float = 5.0) -> bool:

@@ -171,18 +171,30 @@ class RolloutWorker:
         )
         if answers is not None and len(answers) != len(prompts):
             raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
-        from opsd.evaluation import reward as grade_reward
+        from opsd.evaluation import CODE, rewards
 
-        result = []
-        for i, out in enumerate(outs):
+        texts, golds, kinds = [], [], []  # every sample, flat, with its prompt's answer and verifier
+        ordered = [sorted(out.outputs, key=lambda c: c.index) for out in outs]
+        for i, outputs in enumerate(ordered):
+            for c in outputs:
+                texts.append(c.text)
+                golds.append(answers[i] if answers is not None else None)
+                kinds.append(verifiers[i] if verifiers is not None else None)
+        # Code rows run in the sandbox (opsd/sandbox.py), sandbox.workers programs at a time;
+        # nothing a response holds runs in this process.
+        box = None
+        if any(k == CODE and g is not None for k, g in zip(kinds, golds)):
+            from opsd.sandbox import shared
+
+            box = shared(self.cfg.sandbox)
+        grades = rewards(texts, golds, extract, kinds, box)
+        result, flat = [], iter(grades)
+        for outputs in ordered:
             samples = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
+            for c in outputs:
                 ids = list(c.token_ids)
                 lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids)]
-                verifier = verifiers[i] if verifiers is not None else None
-                reward = None if answers is None or answers[i] is None else grade_reward(
-                    c.text, answers[i], extract, verifier)
-                samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, reward))
+                samples.append(Rollout(ids, lps, c.finish_reason or "abort", c.text, self.version, next(flat)))
             result.append(samples)
         return result
 

