@@ -344,3 +344,73 @@ def test_actor_threads_default_to_the_whole_cpus_ray_reserved():
     assert load_config(None, ["scorer.num_threads=2"]).scorer.num_threads == 2
     with pytest.raises(ConfigError, match="'scorer.num_threads'"):
         load_config(None, ["scorer.num_threads=1.5"])
+
+
+# --- an objective's own options (objectives.<name>) and the keys that moved there ----------------
+
+
+def test_an_objectives_options_are_typed_by_its_declaration():
+    from opsd.objectives import objective
+
+    cfg = load_config(None, ["algo=grpo", "rollout.n=2", "objectives.grpo.clip_high=1", "objectives.opsd.beta=0"])
+    grpo = objective("grpo").options(cfg)
+    assert isinstance(grpo.clip_high, float) and grpo.clip_high == 1.0 and grpo.clip_low == 0.2
+    assert objective("opsd").options(cfg).beta == 0.0  # a section of another registered objective is checked too
+    msg = _error(None, ["objectives.grpo.clip_hi=0.3"])
+    assert "'objectives.grpo.clip_hi'" in msg and "['clip_low', 'clip_high', 'kl_coef', 'old_logprobs']" in msg
+    assert "'objectives.grpo.kl_coef'" in _error(None, ["algo=grpo", "rollout.n=2", "objectives.grpo.kl_coef=lots"])
+    assert "'objectives.ppo'" in _error(None, ["objectives.ppo.clip=1"])
+    assert "has no options" in _error(None, ["objectives.sft.beta=1"])
+
+
+@pytest.mark.parametrize("algo,old,new,value", [
+    ("opsd", "loss.beta", "opsd.beta", 0.0),
+    ("opsd", "loss.objective", "opsd.objective", "sampled_token"),
+    ("opsd", "loss.divergence_clip", "opsd.divergence_clip", 0.05),
+    ("kd", "loss.support", "kd.support", "topk_tail"),
+    ("kd", "kd.source", "kd.source", "teacher_samples"),
+    ("grpo", "loss.clip_high", "grpo.clip_high", 0.28),
+    ("grpo", "loss.kl_coef", "grpo.kl_coef", 0.05),
+    ("grpo", "loss.old_logprobs", "grpo.old_logprobs", "rollout"),
+    ("contrastive", "loss.contrast_tau", "contrastive.tau", 0.05),
+    ("contrastive", "loss.clip_low", "contrastive.clip_low", 0.1),
+])
+def test_an_old_key_is_read_as_the_new_one_with_one_note(algo, old, new, value):
+    from opsd.config import notes
+    from opsd.objectives import objective
+
+    extra = {"grpo": ["rollout.n=2"] + (["loss.temperature=1"] if "old_logprobs" in old else []),
+             "contrastive": ["rollout.n=2", "teacher.context=contrastive"]}.get(algo, [])
+    cfg = load_config(None, [f"algo={algo}", *extra, f"{old}={value}"])
+    name, option = new.split(".")
+    assert getattr(objective(name).options(cfg), option) == value
+    found = [n for n in notes(cfg) if "old config keys" in n]
+    assert len(found) == 1 and f"{old} -> objectives.{new}" in found[0]
+
+
+def test_an_old_key_of_another_objective_is_dropped_as_it_had_no_effect(tmp_path):
+    from opsd.config import notes
+
+    path = _write(tmp_path, "loss:\n  clip_low: 0.3\n  beta: 0.25\n")
+    cfg = load_config(path, ["algo=opsd"])
+    assert cfg.objectives.opsd.beta == 0.25 and "grpo" not in cfg.objectives
+    (note,) = [n for n in notes(cfg) if "old config keys" in n]
+    assert "loss.clip_low (no option of algo=opsd" in note and "loss.beta -> objectives.opsd.beta" in note
+    assert not [n for n in notes(load_config(None, ["objectives.opsd.beta=0.25"])) if "old config keys" in n]
+
+
+def test_an_old_key_and_its_new_key_together_are_refused_naming_both():
+    msg = _error(None, ["loss.beta=0.1", "objectives.opsd.beta=0.2"])
+    assert "'loss.beta'" in msg and "'objectives.opsd.beta'" in msg
+
+
+def test_the_finished_experiments_recipes_still_load():
+    """docs/results/*: the comparison's per-method overrides and the configs they ran on."""
+    from opsd.benchmarks.comparison import ALL_METHODS, ComparisonSpec, method_overrides
+
+    spec = ComparisonSpec()
+    for config in ("configs/local.yaml", "configs/gsm8k.yaml"):
+        for method in ALL_METHODS:
+            overrides = [o for o in method_overrides(spec, method, 0, 0.7, bare_train="data/toy/train.jsonl")
+                         if not o.startswith("data.train_path=")]
+            load_config(config, overrides)
