@@ -428,7 +428,8 @@ class LearnerRank:
         update, so neither the weights, the optimizer's moments nor the learning-rate schedule
         move. The count is the whole batch's, so every rank returns here alike."""
         self.step += 1
-        names = stat_names(self.spec, set(self.objective.fields(self.spec)))
+        # Nothing was measured: the sampled-token gap is missing from the row, not 0.
+        names = [n for n in stat_names(self.spec, set(self.objective.fields(self.spec))) if n != "kl_sampled_sum"]
         return {**dict.fromkeys(names, 0.0), "global_tokens": 0.0, "grad_norm": float("nan"),
                 "lr": float(self.engine.get_lr()[0]), "train_seconds": time.perf_counter() - t0,
                 "update_skipped": True, "no_loss_tokens": True, "nonfinite_sample_ids": []}
