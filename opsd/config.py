@@ -737,8 +737,10 @@ def _move_old_keys(layers: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]]
     algo, sections = "opsd", {}
     for _, layer in layers:
         algo = layer.get("algo", algo)
-        for name, section in (layer.get("objectives") or {}).items():
-            sections.setdefault(name, {}).update(section or {})
+        found = layer.get("objectives")
+        for name, section in (found.items() if isinstance(found, dict) else ()):
+            if isinstance(section, dict):  # anything else: the objective's own check names it
+                sections.setdefault(name, {}).update(section)
     try:
         objs = [objective(n) for n in run_objective_names(algo, sections)]
     except RegistryError as exc:
