@@ -162,6 +162,9 @@ def read_options(obj: Objective, section: Any) -> Any:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if section is not None and not isinstance(section, (DictConfig, dict)):
+        raise ConfigError(f"config key '{SECTION}.{obj.name}' is the section of {obj.name!r}'s options; expected a "
+                          f"mapping of them, got {section!r}")
     given = {} if section is None else (OmegaConf.to_container(section, resolve=True)
                                          if isinstance(section, DictConfig) else dict(section))
     if obj.Options is None:
