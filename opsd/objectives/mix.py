@@ -162,7 +162,9 @@ class Mix(Objective):
         return replace(spec, algo=parent.algo, options=parent.options)
 
     def fields(self, spec):
-        own = ("reward",) if spec.options.mode == "route" else ()
+        # The group advantages are every hybrid's (groups = True): declared, so that a padding
+        # micro-batch carries them too.
+        own = ("advantages",) + (("reward",) if spec.options.mode == "route" else ())
         return own + tuple(f"{p.algo}/{f}" for p in spec.options.parents
                            for f in _obj(p.algo).fields(self._sub(spec, p)) if f not in SHARED)
 

@@ -199,6 +199,9 @@ def test_the_composite_combines_its_parents_declarations():
     assert mix.needs(cfg) >= {"answer"}
     plan = mix.options(cfg)
     assert [(p.algo, p.weight) for p in plan.parents] == [("opsd", 0.5), ("grpo", 0.5)]
+    # The learner's padding micro-batches are built from these: GRPO's advantages must be among them.
+    fields = mix.fields(LossSpec(algo="mix", options=plan))
+    assert fields[0] == "advantages" and {"opsd/topk_ids", "opsd/anchor_logprobs"} <= set(fields)
     assert plan.parents[0].options.anchor == 0.1 and plan.parents[1].options.clip_high == 0.28  # each its own
 
 
