@@ -39,7 +39,7 @@ def test_opsd_with_the_anchor_and_truncated_samples_masked(tmp_path, ray_session
     from transformers import AutoModelForCausalLM
 
     run = train(TINY, local_overrides(
-        tmp_path, "objectives.opsd.anchor=0.5", "loss.mask_truncated=true", "rollout.max_tokens=48", "rollout.n=2",
+        tmp_path, "objectives.opsd.anchor=0.5", "loss.mask_truncated=true", "rollout.max_tokens=64", "rollout.n=4",
         "train.prompts_per_step=8", "train.steps=2", "train.checkpoint_every=2", "eval.every=0",
         "logging.save_batches=true", "learner.lr=1e-3"))
     rows = read_metrics(run)
