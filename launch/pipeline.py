@@ -269,7 +269,9 @@ class Pipeline:
                     f"({len(ids)}) is longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
                 )
             context_ids = pair.teacher_ids if teacher else pair.student_ids
-            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", context_ids, {}))
+            references = {name: pair.student_ids for name in self.teachers.references}
+            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", context_ids,
+                                        references))
         return samples
 
     def _sample(self, pair: PromptPair, j: int, response: list[int], logprobs: list[float], reward: float | None,
