@@ -97,10 +97,11 @@ def _loss_inputs(vocab: int, tokens: int, hidden: int, k: int, device: str, dtyp
 def loss_forward_backward(h, w, targets, chunk: int, *, beta: float = 0.5, support: str = "topk"):
     """One chunked_loss forward + backward; returns (loss, grad of hidden, grad of head weight)."""
     from opsd.losses import LossSpec, chunked_loss
+    from opsd.objectives.opsd import OpsdOptions
 
     h = h.detach().requires_grad_(True)
     w = w.detach().requires_grad_(True)
-    spec = LossSpec(beta=beta, support=support, chunk_size=chunk)
+    spec = LossSpec(chunk_size=chunk, options=OpsdOptions(beta=beta, support=support))
     loss, _ = chunked_loss(h, lambda x: x @ w.t(), targets, spec, normalizer=float(h.shape[0]))
     loss.backward()
     return loss.detach(), h.grad, w.grad

@@ -203,12 +203,12 @@ def method_config(spec: LearningSpec, method: str, base: str, paths: dict[str, P
         cfg["teacher"] = {"mode": "fixed" if method == "opsd_fixed" else "live"}
         cfg["scorer"] = {"num_workers": 1, "num_cpus_per_worker": 0.5, "topk": 64}
         cfg["learner"]["num_cpus_per_rank"] = 0.25
-        cfg["loss"] = {"objective": "divergence", "beta": spec.beta, "support": "topk"}
+        cfg["objectives"] = {"opsd": {"objective": "divergence", "beta": spec.beta, "support": "topk"}}
     elif method == "grpo":
         cfg["algo"] = "grpo"
         cfg["rollout"]["n"] = spec.grpo_n
         cfg["train"]["prompts_per_step"] = max(1, spec.rows_per_step // spec.grpo_n)
-        cfg["loss"] = {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0}
+        cfg["objectives"] = {"grpo": {"clip_low": 0.2, "clip_high": 0.2, "kl_coef": 0.0}}
     elif method == "sft":
         cfg["algo"] = "sft"
     else:

@@ -315,3 +315,57 @@ def _save(runs_out: Path, name: str, record: dict) -> None:
     tmp = runs_out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.rename(runs_out / f"{name}.json")
+
+
+# --- issue 36: the rows added to the finished comparison (defined here, not run) ----------------------
+#
+# Each is a recipe on top of one of the finished methods' (``base``), so that every setting it does not
+# name is that row's: the same task, base model, test part, 40 steps, 384 tokens and seeds 0/1/2. The
+# 24 finished runs and their spec are untouched; the harness's mechanism for adding methods to a
+# finished spec (issue 36, the other half) takes these entries. Only what is new is tuned: at most two
+# values, ``sweep_steps`` steps, seed 0, on the validation part, best final validation accuracy (a tie:
+# the first value); then ``seeds`` seeds on the test part. Rows that distil reuse OPSD's chosen rate.
+
+OPSD_CHOSEN_LR = 3e-6  # docs/results/sparse/sparse.json, chosen_lr["opsd_fixed"]
+GRPO_CHOSEN_LR = 3e-5  # docs/results/sparse/sparse.json, chosen_lr["grpo"]
+
+
+@dataclass(frozen=True)
+class AddedMethod:
+    name: str  # the row's method name (runs/<name>-s<seed>.json, sweep-<name>-<key><value>.json)
+    label: str
+    base: str  # the finished method whose recipe (run_overrides) it starts from
+    overrides: tuple[str, ...]  # what it changes of that recipe
+    lr: float | None  # a fixed learning rate; None: learner.lr is what is swept
+    sweep_key: str | None = None  # the one new setting tuned on validation (None: nothing to tune)
+    sweep_values: tuple = ()
+    optional: bool = False  # run only if the budget has room (issue 36, item 4)
+
+    def overrides_for(self, spec: SparseSpec, seed: int, *, sweep: bool, temperature: float,
+                      value=None) -> list[str]:
+        """One run's overrides: ``value`` is the swept setting's (a sweep run), or the chosen one."""
+        lr = value if self.sweep_key == "learner.lr" else self.lr
+        out = [*run_overrides(spec, self.base, seed, lr, sweep=sweep, temperature=temperature), *self.overrides]
+        if self.sweep_key is not None and self.sweep_key != "learner.lr":
+            out.append(f"{self.sweep_key}={value}")
+        return out
+
+
+# The hybrids have GRPO's shape (1 prompt x 8 samples per step, its learner-side old log-probs at the
+# sampling temperature, no KL term) and OPSD's fixed teacher scores the same samples.
+_HYBRID = ("algo=mix", "teacher.mode=fixed", "logging.save_batches=true")
+
+ADDED_METHODS: tuple[AddedMethod, ...] = (
+    AddedMethod("opsd_mask_truncated", "OPSD + truncated samples masked", "opsd_fixed",
+                ("loss.mask_truncated=true",), OPSD_CHOSEN_LR),
+    AddedMethod("opsd_anchor", "OPSD + KL anchor to the initial policy", "opsd_fixed", (), OPSD_CHOSEN_LR,
+                "objectives.opsd.anchor", (0.1, 1.0)),
+    AddedMethod("srpo", "SRPO: correct -> GRPO, wrong -> OPSD", "grpo",
+                (*_HYBRID, "objectives.mix.mode=route", "objectives.mix.parents={grpo: 1.0, opsd: 1.0}",
+                 "objectives.mix.correct=grpo"), None, "learner.lr", (OPSD_CHOSEN_LR, GRPO_CHOSEN_LR)),
+    AddedMethod("mix_opsd_grpo", "0.5 OPSD + 0.5 GRPO", "grpo",
+                (*_HYBRID, "objectives.mix.mode=sum", "objectives.mix.parents={opsd: 0.5, grpo: 0.5}"), None,
+                "learner.lr", (OPSD_CHOSEN_LR, GRPO_CHOSEN_LR)),
+    AddedMethod("opsd_forward_kl", "OPSD, forward KL (beta 0)", "opsd_fixed", ("objectives.opsd.beta=0",),
+                OPSD_CHOSEN_LR, optional=True),
+)

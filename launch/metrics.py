@@ -13,7 +13,7 @@ METRIC_FIELDS = (
     "step", "policy_version", "teacher_version", "loss", "kl_sampled", "grad_norm", "lr", "reward_mean",
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
-    "update_skipped", "score_overlapped", "sync_in_place", "sync_mb",
+    "update_skipped", "no_loss_tokens", "score_overlapped", "sync_in_place", "sync_mb",
 )
 
 
@@ -51,7 +51,7 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         "clip_frac": None, "engine_mismatch": None, "clip_frac_rollout": None,
         **objective(cfg.algo).row(stats, tokens),
         "grad_norm": stats["grad_norm"], "lr": stats["lr"],
-        # For kd.source=teacher_samples: the reward of the teacher-prompted samples. None also
+        # For objectives.kd.source=teacher_samples: the reward of the teacher-prompted samples. None also
         # when the data has no answers to grade against.
         "reward_mean": sum(s.reward for s in samples) / n if facts.generated and graded else None,
         "response_len_mean": resp_tokens / n,
@@ -62,6 +62,9 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         **{f"{stage}_seconds": s for stage, s in facts.seconds.items()},
         "sample_ids": [s.sample_id for s in samples],
         "update_skipped": bool(stats.get("update_skipped", False)),
+        # No token of the step counted in the loss (loss.mask_truncated, or contexts that did not
+        # apply): the update was skipped as nothing to learn from, not as a fault.
+        "no_loss_tokens": bool(stats.get("no_loss_tokens", False)),
         "score_overlapped": facts.score_overlapped,
         # object_store: whether the receivers copied the weights out of the learner's memory
         "sync_in_place": facts.sync_in_place,

@@ -44,11 +44,17 @@ class TeacherPrompts:
         self.cfg, self.data = cfg, data
         self.reads_context = distills(cfg)  # else the scorer reads the student's own prompt (or nothing)
         self.context = context(cfg.teacher.context) if self.reads_context else None
-        self.others = [n for n in scored_contexts(cfg) if n != PRIMARY]
+        # Reference contexts (an anchor) are the student's own prompt; the others, the context's.
+        self.references = objective(cfg.algo).reference_contexts(cfg)
+        self.others = [n for n in scored_contexts(cfg) if n != PRIMARY and n not in self.references]
         self.templates = data.builder.templates()
 
     def of_group(self, pair: PromptPair, rollouts: list, step: int) -> list[tuple[list[int] | None, dict]]:
         """(primary ids, {other context: ids}) for each of a prompt's rollouts."""
+        references = {name: pair.student_ids for name in self.references}
+        return [(primary, {**others, **references}) for primary, others in self._of_group(pair, rollouts, step)]
+
+    def _of_group(self, pair: PromptPair, rollouts: list, step: int) -> list[tuple[list[int] | None, dict]]:
         n = len(rollouts)
         if not self.reads_context:
             return [(pair.student_ids, {})] * n
@@ -263,12 +269,18 @@ class Pipeline:
                     f"({len(ids)}) is longer than model.max_model_len={limit}; raise it or set prompt.overlong=skip"
                 )
             context_ids = pair.teacher_ids if teacher else pair.student_ids
-            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", context_ids, {}))
+            references = {name: pair.student_ids for name in self.teachers.references}
+            samples.append(self._sample(pair, 0, ids, [0.0] * len(ids), 0.0, policy_version, "stop", context_ids,
+                                        references))
         return samples
 
     def _sample(self, pair: PromptPair, j: int, response: list[int], logprobs: list[float], reward: float | None,
                 version: int, finish_reason: str, teacher: list[int] | None, others: dict) -> Sample:
         mask = response_loss_mask(len(response), skip_first=self.cfg.loss.skip_first)
+        if self.cfg.loss.mask_truncated and finish_reason == "length":
+            # DAPO's overlong filtering: a cut answer is out of the loss; it stays in the batch (and
+            # in its group's reward statistics).
+            mask = [False] * len(response)
         if teacher is None:
             # Its teacher context does not apply (its prompt's samples do not agree enough): scored
             # on the student's own prompt, but not trained on.

@@ -112,6 +112,9 @@ class NumericsWatch:
         if not row["update_skipped"]:
             self.bad_steps = []
             return
+        if row.get("no_loss_tokens"):
+            write(f"opsd: step {row['step']}: no token counted in the loss (every sample left out); no update")
+            return
         if self.cfg.model.dtype == "float16" and not row["nonfinite_sample_ids"]:
             # fp16 loss scaling skips on overflow while it calibrates: normal, not a fault, but
             # counted and said (the learning-rate schedule does not advance on it either).

@@ -17,6 +17,7 @@ from opsd.config import (
 from opsd.assets.datasets import named
 from opsd.data import DataError
 from opsd.launch.problems import read_problems
+from opsd.objectives import objective
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -30,7 +31,8 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     cluster).
     """
     cfg = load_config(config_path, list(overrides))
-    algo = f"algo=kd, kd.source={cfg.kd.source}" if cfg.algo == "kd" else f"algo={cfg.algo}"
+    options = objective(cfg.algo).options(cfg)
+    algo = f"algo={cfg.algo}" + (f", {options}" if options is not None else "")
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
              _check_model(cfg)]
     lines += [f"warning: {note}" for note in notes(cfg)]

@@ -9,7 +9,8 @@ but cannot run.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -200,50 +201,24 @@ class LearnerConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = "divergence"  # divergence | sampled_token
-    beta: float = 0.5
-    support: str = "topk"  # topk | topk_tail
+    """What the shared machinery reads for every objective. An objective's own options (OPSD's
+    beta, GRPO's clip range, ...) are its own: ``objectives.<name>.<option>``, declared once in its
+    module (opsd/objectives/)."""
+
     temperature: float = 1.0
-    token_clip: Optional[float] = None  # caps each token's loss (its gradient is then removed)
-    # The per-token divergence clip of the OPSD authors' code (March 2026): pointwise caps each
-    # vocabulary term of a token's divergence before the sum (their form); scale caps the token's
-    # divergence by scaling it, keeping a smaller gradient (opsd/losses.py divergence_from_logprobs).
-    divergence_clip: Optional[float] = None
-    divergence_clip_mode: str = "pointwise"  # pointwise | scale
     # PW-OPSD (arXiv 2605.21606): each token's loss times w = min + (1 - min) * sigmoid((f - center)
     # / width), f its relative position in its response ((i - 0.5) / T); the paper's 0.25, 0.30, 0.10.
     position_weight: bool = False
     position_weight_min: float = 0.25
     position_weight_center: float = 0.30
     position_weight_width: float = 0.10
-    is_clip: Optional[float] = None
     skip_first: int = 0
     chunk_size: int = 1024
-    # GRPO
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    # The old policy of GRPO's clipped ratio: "learner" recomputes it with the learner, at
-    # loss.temperature (which must then be rollout.temperature, the sampler's), so that on-policy
-    # the ratio is exactly 1; "rollout" takes vLLM's logprobs (temperature 1), which corrects
-    # stale rollouts (rollout.max_staleness > 0) but also carries the engines' mismatch.
-    old_logprobs: str = "learner"
-    # algo=contrastive (RLCSD, opsd/objectives/contrastive.py): r = scale * tanh(e / tau) moves the
-    # advantage of the tokens where |r| > threshold; RLCSD's shipped values.
-    contrast_tau: float = 0.02
-    contrast_scale: float = 0.5
-    contrast_threshold: float = 0.02
-
-
-@dataclass
-class KdConfig:
-    # algo=kd, off-policy distillation: the teacher (the teacher prompt, with the reference
-    # solution) gives targets along sequences the student did not sample.
-    #   reference:       the reference solution itself, teacher-forced (nothing is generated)
-    #   teacher_samples: responses the rollout workers sample from the teacher prompt, i.e. the
-    #                    current weights reading the solution (with teacher.mode=live they are
-    #                    the teacher's own samples; with fixed or ema the sampler is the live model)
-    source: str = "reference"
+    # DAPO's overlong filtering (TRL: mask_truncated_completions): a sample cut at rollout.max_tokens
+    # (finish reason "length") is left out of the loss. It still counts in its group's reward mean
+    # and std (GRPO's advantages): its grade is a fact about the policy, and leaving it out would
+    # move its siblings' advantages. A step whose every sample is left out updates nothing.
+    mask_truncated: bool = False
 
 
 @dataclass
@@ -328,7 +303,7 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    algo: str = "opsd"  # opsd | grpo | sft | kd | contrastive, or a plug-in "module:attribute" (opsd/objectives/)
+    algo: str = "opsd"  # opsd | grpo | sft | kd | contrastive | mix, or a plug-in "module:attribute" (opsd/objectives/)
     run_dir: Optional[str] = None  # default runs/<timestamp>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -340,7 +315,10 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    kd: KdConfig = field(default_factory=KdConfig)
+    # Each objective's own options, one section per objective name (objectives.opsd.beta,
+    # objectives.grpo.clip_high, objectives.mix.parents, a plug-in's under its name), typed and
+    # checked by the objective's Options dataclass (opsd/objectives/base.py).
+    objectives: Dict[str, Any] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -349,7 +327,6 @@ class Config:
 
 
 _CHOICES = {
-    "kd.source": ("reference", "teacher_samples"),
     "model.lora.serve": ("merged", "adapter"),
     "model.dtype": DTYPES,  # and "auto", resolved by load_config
     "prompt.overlong": ("error", "skip"),
@@ -357,10 +334,6 @@ _CHOICES = {
     "grading.extract": ("strict", "lenient", "auto"),  # auto: resolved by load_config
     "sandbox.isolation": ("none", "bwrap"),  # opsd.sandbox.LEVELS
     "learner.zero_stage": (0, 1, 2, 3),
-    "loss.objective": ("divergence", "sampled_token"),
-    "loss.support": ("topk", "topk_tail"),
-    "loss.divergence_clip_mode": ("pointwise", "scale"),
-    "loss.old_logprobs": ("learner", "rollout"),
     "teacher.mode": ("fixed", "live", "ema"),
     "scorer.backend": ("transformers", "vllm"),
     "cluster.device": ("cpu", "cuda"),
@@ -455,7 +428,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for origin, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{origin}: the top level must be a mapping of sections")
-        shape = _shape_error(cfg, OmegaConf.to_container(layer, resolve=False))
+    layers, moved = _move_old_keys([(origin, OmegaConf.to_container(layer, resolve=False)) for origin, layer in layers])
+    for origin, layer in layers:
+        shape = _shape_error(cfg, layer)
         if shape:
             raise ConfigError(f"{origin}: {shape}")
         try:
@@ -471,6 +446,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if cfg.grading.extract == "auto":
         cfg.grading.extract = default_grading(cfg.data.train_path)
     check(cfg)
+    if moved:
+        _OLD_KEY_NOTES[id(cfg)] = (weakref.ref(cfg), moved)
     return cfg  # type: ignore[return-value]
 
 
@@ -492,7 +469,8 @@ def notes(cfg: Config) -> list[str]:
     from opsd.contexts import context
     from opsd.objectives import objective
 
-    found = [dtype_note(cfg), lora_note(cfg)]
+    held = _OLD_KEY_NOTES.get(id(cfg))
+    found = [dtype_note(cfg), lora_note(cfg)] + (held[1] if held is not None and held[0]() is cfg else [])
     if objective(cfg.algo).teacher(cfg) == "context":
         found.append(context(cfg.teacher.context).note(cfg))
     return [n for n in found if n]
@@ -580,12 +558,10 @@ def _check_values(cfg: Config) -> None:
     ):
         positive(key)
     for key in ("rollout.max_staleness", "loss.skip_first", "train.checkpoint_every", "eval.every",
-                "rollout.temperature", "eval.temperature", "loss.kl_coef", "learner.warmup_steps", "sync.retries",
+                "rollout.temperature", "eval.temperature", "learner.warmup_steps", "sync.retries",
                 "train.keep_checkpoints"):
         positive(key, allow_zero=True)
 
-    if not 0.0 <= cfg.loss.beta <= 1.0:
-        raise ConfigError(f"config key 'loss.beta' = {cfg.loss.beta}; expected 0 <= beta <= 1 (0 forward KL, 1 reverse KL)")
     if cfg.loss.temperature <= 0:
         raise ConfigError(f"config key 'loss.temperature' = {cfg.loss.temperature}; expected > 0")
     if not 0.0 < cfg.rollout.top_p <= 1.0:
@@ -597,10 +573,6 @@ def _check_values(cfg: Config) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"config key '{key}' = {value!r}; expected a whole number >= 1, or null for the CPUs "
                               "Ray gives the actor")
-    for key in ("loss.token_clip", "loss.is_clip"):
-        value = _get(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
 
 
 def _check_templates(cfg: Config) -> None:
@@ -725,10 +697,16 @@ def _check_objective(cfg: Config) -> None:
 
     try:
         obj = objective(cfg.algo)
+        obj.options(cfg)
+        obj.check(cfg)
         ctx = context(cfg.teacher.context) if obj.teacher(cfg) == "context" else None
     except RegistryError as exc:
         raise ConfigError(str(exc)) from None
-    obj.check(cfg)
+    if obj.reference_contexts(cfg) and cfg.teacher.mode != "fixed":
+        # A reference context is scored by the scorer's weights: the initial policy only when fixed.
+        raise ConfigError(f"config key 'teacher.mode' = {cfg.teacher.mode!r}: algo={cfg.algo} scores "
+                          f"{list(obj.reference_contexts(cfg))} on the initial policy, which only a fixed teacher "
+                          "holds; use teacher.mode=fixed")
     if ctx is not None:
         ctx.check(cfg)
         if ctx.uses_samples and obj.responses(cfg) != "student":
@@ -737,12 +715,90 @@ def _check_objective(cfg: Config) -> None:
                 "has none of the student's samples to build it from; use a context that does not read them "
                 "(solution, answer, none, other_problem)"
             )
-    for key in ("loss.divergence_clip", "loss.position_weight_width"):
-        value = _get(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
+    if not cfg.loss.position_weight_width > 0:
+        raise ConfigError(f"config key 'loss.position_weight_width' = {cfg.loss.position_weight_width}; expected > 0")
+    _check_sections(cfg, obj)
     if not 0.0 <= cfg.loss.position_weight_min <= 1.0:
         raise ConfigError(f"config key 'loss.position_weight_min' = {cfg.loss.position_weight_min}; expected 0..1")
+
+
+def _check_sections(cfg: Config, obj: Any) -> None:
+    """Every section of ``objectives`` belongs to an objective of this run or of the registry, and
+    holds only options it declares, of the declared types (an objective of the run was read in
+    _check_objective; one that is not used is still checked, so a typo is found before the run
+    that uses it)."""
+    from opsd.objectives import OBJECTIVES, objective, run_objectives
+
+    mine = {o.name: o for o in run_objectives(cfg)}
+    for name in cfg.objectives:
+        if name in mine:
+            continue
+        if name not in OBJECTIVES:
+            raise ConfigError(f"config key 'objectives.{name}': no objective of this run (algo={cfg.algo}) or of the "
+                              f"registry is named {name!r}; expected one of {sorted(set(OBJECTIVES.names()) | set(mine))}")
+        objective(name).options(cfg)
+
+
+# Keys that moved into an objective's own options: old key -> the option's name. An old key is
+# read as objectives.<name>.<option> for each objective of the run (the algo, or a composite's
+# parents) that declares that option, and dropped, with a note, where none does (it had no effect
+# there before either). Finished experiments record the old keys (docs/results/*/spec.json,
+# configs/*.yaml, benchmarks/comparison.py's recipes), so they keep working.
+MOVED_KEYS = {
+    "loss.objective": "objective", "loss.beta": "beta", "loss.support": "support", "loss.token_clip": "token_clip",
+    "loss.divergence_clip": "divergence_clip", "loss.divergence_clip_mode": "divergence_clip_mode",
+    "loss.is_clip": "is_clip", "loss.clip_low": "clip_low", "loss.clip_high": "clip_high", "loss.kl_coef": "kl_coef",
+    "loss.old_logprobs": "old_logprobs", "loss.contrast_tau": "tau", "loss.contrast_scale": "scale",
+    "loss.contrast_threshold": "threshold", "kd.source": "source",
+}
+
+
+def _move_old_keys(layers: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Each layer (a plain nested dict) with its MOVED_KEYS rewritten into the sections of the
+    run's objectives, which the layers' final ``algo`` (and a composite's parents) decide; and one
+    note per old key."""
+    from opsd.objectives import objective, run_objective_names
+    from opsd.registry import RegistryError
+
+    algo, sections = "opsd", {}
+    for _, layer in layers:
+        algo = layer.get("algo", algo)
+        found = layer.get("objectives")
+        for name, section in (found.items() if isinstance(found, dict) else ()):
+            if isinstance(section, dict):  # anything else: the objective's own check names it
+                sections.setdefault(name, {}).update(section)
+    try:
+        objs = [objective(n) for n in run_objective_names(algo, sections)]
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    notes, out = [], []
+    for origin, layer in layers:
+        layer = dict(layer)
+        for old, option in MOVED_KEYS.items():
+            head, _, leaf = old.partition(".")
+            section = layer.get(head)
+            if not isinstance(section, dict) or leaf not in section:
+                continue
+            section = layer[head] = dict(section)
+            value = section.pop(leaf)
+            if not section:
+                del layer[head]
+            takers = [o for o in objs if o.Options is not None and option in {f.name for f in fields(o.Options)}]
+            for o in takers:
+                own = layer.setdefault("objectives", {}).setdefault(o.name, {})
+                if option in own:
+                    raise ConfigError(f"{origin}: both '{old}' (the old key) and '{o.key(option)}' are set; "
+                                      f"keep '{o.key(option)}'")
+                own[option] = value
+            notes.append(f"{old} -> {' and '.join(o.key(option) for o in takers)}" if takers else
+                         f"{old} (no option of algo={algo}; it had no effect: dropped)")
+        out.append((origin, layer))
+    if not notes:
+        return out, []
+    return out, [f"old config keys, read under their new names (docs/DESIGN.md, \"Registries\"): {'; '.join(dict.fromkeys(notes))}"]
+
+
+_OLD_KEY_NOTES: dict[int, tuple[Any, list[str]]] = {}  # id(cfg) -> (a weak reference to it, its notes)
 
 
 def dataset_needs(cfg: Config) -> dict[str, str]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -298,9 +298,15 @@ def grpo_terms(
     # A token is clipped when the min picks the flat branch, i.e. it carries no policy gradient.
     was_clipped = clipped < unclipped
     if ref_logprobs is not None and kl_coef != 0.0:
-        d = ref_logprobs - student_logprobs
-        loss = loss + kl_coef * (torch.exp(d) - d - 1.0)
+        loss = loss + kl_coef * k3(ref_logprobs, student_logprobs)
     return loss, was_clipped
+
+
+def k3(ref_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+    """The k3 estimator of KL(p_S || p_ref) per sampled token: exp(d) - d - 1, d = lp_ref - lp_S
+    (>= 0, 0 where the two agree); GRPO's KL penalty and OPSD's anchor."""
+    d = ref_logprobs - student_logprobs
+    return torch.exp(d) - d - 1.0
 
 
 def grpo_token_loss(
@@ -349,47 +355,30 @@ def skip_first_mask(loss_mask: Tensor, n: int) -> Tensor:
 
 @dataclass(frozen=True)
 class LossSpec:
-    algo: str = "opsd"  # the objective (opsd.objectives.OBJECTIVES): opsd | grpo | sft | kd | contrastive | ...
-    objective: str = "divergence"  # opsd and kd: "divergence" | "sampled_token"
-    beta: float = 0.5
-    support: str = "topk"  # "topk" | "topk_tail"
+    """What the learner's loss needs: the objective, the keys the shared machinery reads for every
+    objective, and the objective's own options as the config check made them (an instance of its
+    ``Options`` dataclass, opsd/objectives/), handed over whole rather than copied field by field."""
+
+    algo: str = "opsd"  # the objective (opsd.objectives.OBJECTIVES): opsd | grpo | sft | kd | contrastive | mix | ...
     temperature: float = 1.0
-    token_clip: float | None = None  # clamp each token's loss at this max (opsd)
-    # The per-token divergence clip (divergence_from_logprobs): None | c, "pointwise" | "scale".
-    divergence_clip: float | None = None
-    divergence_clip_mode: str = "pointwise"
-    is_clip: float | None = None  # truncated importance ratio cap (opsd sampled_token)
-    clip_low: float = 0.2  # grpo
-    clip_high: float = 0.2  # grpo
-    kl_coef: float = 0.0  # grpo, k3 penalty toward ref_logprobs
-    # grpo: the old policy of the clipped ratio. "learner": this learner's own log-probs of the
-    # weights being updated (one update per batch, so the ratio is exactly 1 and clipping never
-    # fires on engine noise); "rollout": the sampler's logprobs (vLLM's, temperature 1), which
-    # correct stale rollouts but carry the engines' mismatch.
-    old_logprobs: str = "learner"
-    # contrastive (RLCSD): r = scale * tanh(e / tau), used where |r| > threshold
-    contrast_tau: float = 0.02
-    contrast_scale: float = 0.5
-    contrast_threshold: float = 0.02
     chunk_size: int = 1024  # positions per chunk
+    options: Any = None
 
     def __post_init__(self) -> None:
         from opsd.objectives import objective
         from opsd.registry import RegistryError
 
         try:
-            objective(self.algo)
+            obj = objective(self.algo)
         except RegistryError as exc:
             raise ValueError(f"loss.algo: {exc}") from None
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"loss.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        _check_divergence_args(self.beta, self.support, self.temperature)
-        if self.divergence_clip_mode not in CLIP_MODES:
-            raise ValueError(f"loss.divergence_clip_mode must be one of {CLIP_MODES}, got {self.divergence_clip_mode!r}")
-        if self.old_logprobs not in ("learner", "rollout"):
-            raise ValueError(f"loss.old_logprobs must be 'learner' or 'rollout', got {self.old_logprobs!r}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
         if self.chunk_size < 1:
             raise ValueError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+        if obj.Options is not None and self.options is None:
+            # The learner must never fall back to defaults silently: the options come from the config.
+            object.__setattr__(self, "options", obj.Options())
 
 
 @dataclass
@@ -433,7 +422,8 @@ _TARGET_FIELDS = (
 )
 
 
-def _stat_names(spec: LossSpec, present: set[str]) -> list[str]:
+def stat_names(spec: LossSpec, present: set[str]) -> list[str]:
+    """The statistics chunked_loss returns for ``spec`` given the per-token inputs ``present``."""
     from opsd.objectives import objective
 
     names = ["loss_sum", "tokens", "entropy_sum"]
@@ -521,10 +511,10 @@ def chunked_loss(
     missing = [name for name in objective(spec.algo).fields(spec) if fields.get(name) is None]
     if missing:
         raise ValueError(
-            f"loss algo={spec.algo!r} objective={spec.objective!r} needs TokenTargets fields "
+            f"loss algo={spec.algo!r} with options {spec.options} needs TokenTargets fields "
             f"{missing}, which are None"
         )
-    names = _stat_names(spec, {k for k, v in fields.items() if v is not None})
+    names = stat_names(spec, {k for k, v in fields.items() if v is not None})
     if n_pos == 0:
         # Still part of the graph, so an engine that expects every rank to call backward can.
         return hidden.sum() * 0.0, {k: 0.0 for k in names}

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head  # noqa: E402
+from opsd.objectives.opsd import OpsdOptions  # noqa: E402
 from opsd.scoring import pad_right, targets_from_hidden, teacher_targets  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core FLOP/s and memory bandwidth from the vendors' data sheets.
@@ -200,7 +201,7 @@ def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, c
     sel_rows = torch.arange(rows, device=device).repeat_interleave(seq_len - ctx)
     sel_cols = torch.arange(ctx - 1, seq_len - 1, device=device).repeat(rows)
     targets = loss_targets(len(sel_rows), shape["vocab_size"], device, seq_len)
-    spec = LossSpec(beta=0.5, support="topk", chunk_size=1024)
+    spec = LossSpec(chunk_size=1024, options=OpsdOptions(beta=0.5, support="topk"))
     head = fp32_lm_head(model.get_output_embeddings())
     model.train()
     if checkpointing:

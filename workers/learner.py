@@ -25,10 +25,10 @@ import torch
 
 from opsd.batch import batch_meta, contexts_of, from_ipc_bytes, to_ipc_bytes
 from opsd.config import Config, actor_threads, samples_per_prompt, serves_adapter
-from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages
+from opsd.losses import LossSpec, TokenTargets, chunked_loss, fp32_lm_head, grpo_advantages, stat_names
 from opsd.lora import peft_config, saved_name
 from opsd.objectives import objective
-from opsd.objectives.base import FIELD_SHAPES
+from opsd.objectives.base import field_shape
 from opsd.scoring import pad_right
 from opsd.dtypes import torch_dtype
 from opsd.workers.deepspeed_compat import check_version, load_checkpoints_as_tensors, optimizer_step_skipped
@@ -44,14 +44,9 @@ RENDEZVOUS_TIMEOUT = timedelta(minutes=30)
 
 
 def loss_spec(cfg: Config) -> LossSpec:
-    lc = cfg.loss
-    return LossSpec(
-        algo=cfg.algo, objective=lc.objective, beta=lc.beta, support=lc.support, temperature=lc.temperature,
-        token_clip=lc.token_clip, divergence_clip=lc.divergence_clip, divergence_clip_mode=lc.divergence_clip_mode,
-        is_clip=lc.is_clip, clip_low=lc.clip_low, clip_high=lc.clip_high, kl_coef=lc.kl_coef,
-        old_logprobs=lc.old_logprobs, contrast_tau=lc.contrast_tau, contrast_scale=lc.contrast_scale,
-        contrast_threshold=lc.contrast_threshold, chunk_size=lc.chunk_size,
-    )
+    """The shared loss keys, and the objective's own options as its declaration reads them."""
+    return LossSpec(algo=cfg.algo, temperature=cfg.loss.temperature, chunk_size=cfg.loss.chunk_size,
+                    options=objective(cfg.algo).options(cfg))
 
 
 def position_weights(lengths: list[int], *, low: float, center: float, width: float) -> np.ndarray:
@@ -359,7 +354,7 @@ class LearnerRank:
         k = self.cfg.scorer.topk
         fields = {"sampled_ids": torch.zeros(1, dtype=torch.long), "weight": torch.zeros(1)}
         for name in self.objective.fields(self.spec):
-            shape, dtype = FIELD_SHAPES.get(name, ((), torch.float32))
+            shape, dtype = field_shape(name)
             fields[name] = torch.zeros((1, *(k if d == "k" else d for d in shape)), dtype=dtype)
         if "topk_logprobs" in fields:
             fields["topk_logprobs"].fill_(-math.log(k))  # a valid (uniform) distribution: nothing turns NaN
@@ -394,6 +389,8 @@ class LearnerRank:
         if len(chunks) > self.gas or len(plan.pad_to) != self.gas:
             raise ValueError(f"rank {self.rank}: a plan of {len(chunks)} micro-batches for a DeepSpeed config of {self.gas}")
         pad_to = plan.pad_to
+        if global_tokens == 0:
+            return self._no_loss_tokens(t0)
         self.engine.train()
         totals: dict[str, float] = {}
         # DeepSpeed divides each backward by the accumulation steps and averages across ranks;
@@ -424,6 +421,18 @@ class LearnerRank:
             update_skipped=not applied, nonfinite_sample_ids=nonfinite,
         )
         return totals
+
+    def _no_loss_tokens(self, t0: float) -> dict:
+        """A step where no token counts in the loss (every sample left out: cut at the token limit
+        under loss.mask_truncated, or its teacher context did not apply): no forward and no
+        update, so neither the weights, the optimizer's moments nor the learning-rate schedule
+        move. The count is the whole batch's, so every rank returns here alike."""
+        self.step += 1
+        # Nothing was measured: the sampled-token gap is missing from the row, not 0.
+        names = [n for n in stat_names(self.spec, set(self.objective.fields(self.spec))) if n != "kl_sampled_sum"]
+        return {**dict.fromkeys(names, 0.0), "global_tokens": 0.0, "grad_norm": float("nan"),
+                "lr": float(self.engine.get_lr()[0]), "train_seconds": time.perf_counter() - t0,
+                "update_skipped": True, "no_loss_tokens": True, "nonfinite_sample_ids": []}
 
     def _update(self) -> bool:
         """The optimizer step at the accumulation boundary; False when it was skipped because the
@@ -758,7 +767,7 @@ class LearnerGroup:
                     summed[k] = v
                 elif k == "train_seconds":
                     summed[k] = max(summed.get(k, 0.0), v)
-                elif k == "update_skipped":
+                elif k in ("update_skipped", "no_loss_tokens"):
                     summed[k] = summed.get(k, False) or v
                 elif k == "nonfinite_sample_ids":
                     summed[k] = summed.get(k, []) + v

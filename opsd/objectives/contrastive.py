@@ -8,8 +8,9 @@ ones (``teacher.context=contrastive``, opsd/contexts/contrastive.py):
     loss = GRPO's clipped surrogate with A~_t in place of A
 
 so the verifier still decides the direction of every update and the teachers' contrast only
-redistributes credit among a sample's tokens. tau, lambda, delta: ``loss.contrast_tau`` (0.02),
-``loss.contrast_scale`` (0.5), ``loss.contrast_threshold`` (0.02), RLCSD's shipped values.
+redistributes credit among a sample's tokens. tau, lambda, delta: ``objectives.contrastive.tau``
+(0.02), ``.scale`` (0.5), ``.threshold`` (0.02), RLCSD's shipped values; the ratio's options are
+GRPO's (``clip_low``, ``clip_high``, ``kl_coef``, ``old_logprobs``), in this objective's section.
 
 Deviations from RLCSD, stated in docs/RESULTS.md: one global token mean over all tokens instead
 of two separately normalised means (modulated and not); a sample with no wrong context keeps
@@ -21,12 +22,20 @@ solution (RLCSD's gt_cot source) by default.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from opsd.errors import ConfigError
 from opsd.objectives.base import Objective
-from opsd.objectives.grpo import check_ratio, ratio_loss
+from opsd.objectives.grpo import GrpoOptions, check_ratio, ratio_loss
+
+
+@dataclass
+class ContrastiveOptions(GrpoOptions):
+    tau: float = 0.02
+    scale: float = 0.5
+    threshold: float = 0.02
 
 WRONG = "wrong_"
 
@@ -54,6 +63,7 @@ def modulated_advantages(advantages: torch.Tensor, credit: torch.Tensor, *, tau:
 class Contrastive(Objective):
     name = "contrastive"
     groups = True
+    Options = ContrastiveOptions
 
     def teacher(self, cfg):
         return "context"
@@ -65,15 +75,16 @@ class Contrastive(Objective):
         return frozenset({"answer"})
 
     def check(self, cfg):
-        check_ratio(cfg, self.name)
+        check_ratio(cfg, self)
         from opsd.contexts import context
 
         if not any(n.startswith(WRONG) for n in context(cfg.teacher.context).names(cfg)):
             raise ConfigError(f"algo=contrastive reads wrong teacher contexts ({WRONG}0, ...), which "
                               f"teacher.context={cfg.teacher.context!r} does not make; use teacher.context=contrastive")
-        for key in ("contrast_tau", "contrast_scale"):
-            if not getattr(cfg.loss, key) > 0:
-                raise ConfigError(f"config key 'loss.{key}' = {getattr(cfg.loss, key)}; expected > 0")
+        o = self.options(cfg)
+        for key in ("tau", "scale"):
+            if not getattr(o, key) > 0:
+                raise ConfigError(f"config key '{self.key(key)}' = {getattr(o, key)}; expected > 0")
 
     def fields(self, spec):
         return ("advantages", "contrast")
@@ -90,10 +101,16 @@ class Contrastive(Objective):
         return ["clipped_tokens", "moved_tokens", "contrast_sum"]
 
     def loss(self, spec, logits, logp, lp_sampled, t):
-        advantages, moved = modulated_advantages(t["advantages"], t["contrast"], tau=spec.contrast_tau,
-                                                 scale=spec.contrast_scale, threshold=spec.contrast_threshold)
+        advantages, moved = self._advantages(spec, t)
         loss, parts = ratio_loss(spec, logits, lp_sampled, t, advantages)
         return loss, {"clipped_tokens": parts["clipped_tokens"], "moved_tokens": moved, "contrast_sum": t["contrast"]}
+
+    def _advantages(self, spec, t):
+        o = spec.options
+        return modulated_advantages(t["advantages"], t["contrast"], tau=o.tau, scale=o.scale, threshold=o.threshold)
+
+    def advantage(self, spec, lp_sampled, t):
+        return self._advantages(spec, t)[0].to(lp_sampled.dtype)
 
     def row(self, stats, tokens):
         return {"clip_frac": stats["clipped_tokens"] / tokens, "moved_frac": stats["moved_tokens"] / tokens,

@@ -14,6 +14,7 @@ from opsd.launch.driver import train
 from opsd.batch import batch_meta, read_ipc
 from opsd.config import REPO_ROOT
 from opsd.losses import token_divergence
+from opsd.objectives import objective
 
 from .conftest import local_overrides, read_metrics
 
@@ -91,7 +92,7 @@ def _reference_loss_and_grad_norm(model, table, cfg) -> tuple[float, float]:
         mask = torch.tensor(r["loss_mask"])
         per_tok = token_divergence(
             logits[mask], torch.tensor(r["teacher_topk_ids"]).long()[mask], torch.tensor(r["teacher_topk_logprobs"])[mask],
-            beta=cfg.loss.beta, support=cfg.loss.support, temperature=cfg.loss.temperature,
+            beta=objective(cfg.algo).options(cfg).beta, support=objective(cfg.algo).options(cfg).support, temperature=cfg.loss.temperature,
         )
         (per_tok.sum() / total).backward()
         loss_sum += per_tok.sum().item()

@@ -13,6 +13,7 @@ import torch
 
 from opsd.batch import read_ipc
 from opsd.losses import token_divergence
+from opsd.objectives import objective
 
 from .conftest import local_config
 
@@ -41,7 +42,7 @@ def reference_losses(tiny_model, tables, cfg) -> tuple[list[float], dict]:
             per_tok = token_divergence(
                 logits[mask], torch.tensor(r["teacher_topk_ids"]).long()[mask],
                 torch.tensor(r["teacher_topk_logprobs"])[mask],
-                beta=cfg.loss.beta, support=cfg.loss.support, temperature=cfg.loss.temperature,
+                beta=objective(cfg.algo).options(cfg).beta, support=objective(cfg.algo).options(cfg).support, temperature=cfg.loss.temperature,
             )
             (per_tok.sum() / total_tokens).backward()
             loss_sum += per_tok.sum().item()
@@ -134,7 +135,7 @@ def test_zero3_in_bf16_runs_the_lm_head_in_float32(cli_run, tiny_model, ray_sess
                 mask = torch.tensor(r["loss_mask"])
                 loss_sum += token_divergence(
                     logits[mask].float(), torch.tensor(r["teacher_topk_ids"]).long()[mask],
-                    torch.tensor(r["teacher_topk_logprobs"])[mask], beta=cfg.loss.beta, support=cfg.loss.support,
+                    torch.tensor(r["teacher_topk_logprobs"])[mask], beta=objective(cfg.algo).options(cfg).beta, support=objective(cfg.algo).options(cfg).support,
                 ).sum().item()
         assert 15 < max(largest) < 80, max(largest)
         return loss_sum / total

@@ -4,10 +4,14 @@ and a name in the config (``teacher.context=tests.plugins.squared_gap:CONTEXT``,
 learner.
 
 The context gives the teacher the first sentence of the reference solution. The objective is the
-squared gap between the student's and the teacher's log-probability of each sampled token.
+squared gap between the student's and the teacher's log-probability of each sampled token, times
+its one option, ``objectives.squared_gap.scale`` (declared below, as an opsd objective declares
+its own), so that a composite (``algo=mix``) can be shown to read a plug-in's options too.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -30,8 +34,14 @@ class FirstSentence(TeacherContext):
         return {PRIMARY: templates.teacher(item.problem.problem, first_sentence(item.problem.solution))}
 
 
+@dataclass
+class SquaredGapOptions:
+    scale: float = 1.0
+
+
 class SquaredGap(Objective):
     name = "squared_gap"
+    Options = SquaredGapOptions
 
     def teacher(self, cfg):
         return "context"
@@ -47,7 +57,7 @@ class SquaredGap(Objective):
 
     def loss(self, spec, logits, logp, lp_sampled, t):
         gap = (lp_sampled - t["teacher_logprobs"].to(lp_sampled.dtype)) ** 2
-        return gap, {"gap_sum": gap.detach()}
+        return spec.options.scale * gap, {"gap_sum": gap.detach()}
 
     def row(self, stats, tokens):
         return {"gap_mean": stats["gap_sum"] / tokens}

@@ -45,7 +45,9 @@ def run_train(tmp_path: Path, capsys, *args: str, config: str = TINY) -> str:
 CONFIG_CASES = [
     (["train.stepz=3"], r"train\.stepz"),
     (["train.steps=many"], r"train\.steps"),
-    (["loss.beta=1.5"], r"loss\.beta.*1\.5"),
+    (["objectives.opsd.beta=1.5"], r"objectives\.opsd\.beta.*1\.5"),
+    (["objectives.opsd.bta=1"], r"objectives\.opsd\.bta.*no option.*beta"),
+    (["objectives.grpo.clip_low=x"], r"objectives\.grpo\.clip_low"),
     (["learner.lr=-1"], r"learner\.lr.*-1"),
     (["algo=ppo"], r"'algo' = 'ppo'.*opsd"),
     (["algo=grpo", "rollout.n=1"], r"rollout\.n.*>= 2"),

@@ -18,6 +18,12 @@ def _error(path=None, overrides=None) -> str:
     return str(info.value)
 
 
+def _opsd(cfg):
+    from opsd.objectives import objective
+
+    return objective("opsd").options(cfg)
+
+
 # --- layering -------------------------------------------------------------------------------
 
 
@@ -27,26 +33,26 @@ def test_defaults_are_the_dataclass_defaults():
     assert cfg.train.steps == ref.train.steps == 6
     assert cfg.scorer.topk == ref.scorer.topk == 64
     assert cfg.teacher.mode == "fixed"
-    assert cfg.loss.beta == 0.5
+    assert _opsd(cfg).beta == 0.5
     assert list(cfg.learner.betas) == [0.9, 0.999]
     assert cfg.run_dir is None
 
 
 def test_yaml_overrides_defaults_and_command_line_overrides_yaml(tmp_path):
-    path = _write(tmp_path, "train:\n  steps: 11\n  seed: 5\nloss:\n  beta: 0.25\n")
+    path = _write(tmp_path, "train:\n  steps: 11\n  seed: 5\nobjectives:\n  opsd:\n    beta: 0.25\n")
     cfg = load_config(path)
-    assert (cfg.train.steps, cfg.train.seed, cfg.loss.beta) == (11, 5, 0.25)
+    assert (cfg.train.steps, cfg.train.seed, _opsd(cfg).beta) == (11, 5, 0.25)
     assert cfg.train.prompts_per_step == Config().train.prompts_per_step  # untouched key keeps default
 
-    cfg = load_config(path, ["train.steps=13", "loss.support=topk_tail"])
+    cfg = load_config(path, ["train.steps=13", "objectives.opsd.support=topk_tail"])
     assert cfg.train.steps == 13  # command line beats the file
     assert cfg.train.seed == 5  # the file still beats the default
-    assert cfg.loss.support == "topk_tail"
+    assert _opsd(cfg).support == "topk_tail"
 
 
 def test_command_line_values_are_converted_to_the_field_type():
-    cfg = load_config(None, ["loss.beta=1", "logging.wandb=true", "train.resume=/x/y"])
-    assert isinstance(cfg.loss.beta, float) and cfg.loss.beta == 1.0
+    cfg = load_config(None, ["objectives.opsd.beta=1", "logging.wandb=true", "train.resume=/x/y"])
+    assert isinstance(_opsd(cfg).beta, float) and _opsd(cfg).beta == 1.0
     assert cfg.logging.wandb is True
     assert cfg.train.resume == "/x/y"
 
@@ -72,7 +78,8 @@ def test_unknown_top_level_section_is_named():
 @pytest.mark.parametrize("override,key", [
     ("train.steps=abc", "train.steps"),
     ("train.steps=1.5", "train.steps"),
-    ("loss.beta=abc", "loss.beta"),
+    ("objectives.opsd.beta=abc", "objectives.opsd.beta"),
+    ("loss.beta=abc", "objectives.opsd.beta"),  # an old key is named by its new name
     ("model.lora.r=x", "model.lora.r"),
     ("learner.betas=[0.9,abc]", "learner.betas"),
     ("model.max_model_len=null", "model.max_model_len"),
@@ -128,7 +135,7 @@ def test_empty_yaml_means_all_defaults(tmp_path):
 
 
 @pytest.mark.parametrize("override,key,allowed", [
-    ("loss.support=foo", "loss.support", ["topk", "topk_tail"]),
+    ("objectives.opsd.support=foo", "objectives.opsd.support", ["topk", "topk_tail"]),
     ("teacher.mode=bar", "teacher.mode", ["fixed", "live", "ema"]),
     ("algo=ppo", "algo", ["opsd", "grpo", "sft"]),
     ("learner.zero_stage=4", "learner.zero_stage", ["0", "1", "2", "3"]),
@@ -143,15 +150,16 @@ def test_invalid_choice_names_key_and_allowed_values(override, key, allowed):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("loss.beta=1.5", "loss.beta"),
-    ("loss.beta=-0.1", "loss.beta"),
+    ("objectives.opsd.beta=1.5", "objectives.opsd.beta"),
+    ("objectives.opsd.beta=-0.1", "objectives.opsd.beta"),
     ("loss.temperature=0", "loss.temperature"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("teacher.ema_decay=1.0", "teacher.ema_decay"),
     ("scorer.topk=0", "scorer.topk"),
     ("rollout.n=0", "rollout.n"),
     ("rollout.temperature=-1", "rollout.temperature"),
-    ("loss.token_clip=0", "loss.token_clip"),
+    ("objectives.opsd.token_clip=0", "objectives.opsd.token_clip"),
+    ("objectives.opsd.anchor=-1", "objectives.opsd.anchor"),
     ("eval.n=0", "eval.n"),
     ("eval.temperature=-0.5", "eval.temperature"),
     ("rollout.num_threads=0", "rollout.num_threads"),
@@ -162,10 +170,10 @@ def test_out_of_range_values_name_the_key(override, key):
 
 
 def test_boundary_values_are_accepted():
-    cfg = load_config(None, ["loss.beta=0", "rollout.temperature=0", "loss.skip_first=0", "rollout.top_p=1"])
-    assert cfg.loss.beta == 0.0
-    cfg = load_config(None, ["loss.beta=1"])
-    assert cfg.loss.beta == 1.0
+    cfg = load_config(None, ["objectives.opsd.beta=0", "rollout.temperature=0", "loss.skip_first=0", "rollout.top_p=1"])
+    assert _opsd(cfg).beta == 0.0
+    cfg = load_config(None, ["objectives.opsd.beta=1"])
+    assert _opsd(cfg).beta == 1.0
 
 
 # --- impossible combinations ----------------------------------------------------------------
@@ -177,14 +185,17 @@ def test_boundary_values_are_accepted():
     (["sync.transport=nccl", "cluster.device=cpu"], "sync.transport"),
     (["sync.timeout_s=0"], "sync.timeout_s"),
     # vLLM's logprobs are at temperature 1: a ratio on them needs the loss there too.
-    (["algo=grpo", "rollout.n=4", "loss.old_logprobs=rollout", "loss.temperature=0.7"], "loss.temperature"),
+    (["algo=grpo", "rollout.n=4", "objectives.grpo.old_logprobs=rollout", "loss.temperature=0.7"], "loss.temperature"),
     # With the learner's own old log-probs the gradient is the sampler's: same temperature.
     (["algo=grpo", "rollout.n=4", "loss.temperature=0.7"], "loss.temperature"),
     (["algo=grpo", "rollout.n=4", "rollout.max_staleness=1"], "rollout.max_staleness"),
-    (["algo=kd", "loss.objective=sampled_token"], "loss.objective"),
-    (["algo=kd", "kd.source=samples"], "kd.source"),
-    (["loss.objective=sampled_token", "loss.is_clip=2", "loss.temperature=0.7"], "loss.temperature"),
-    (["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1", "teacher.mode=live"], "teacher.mode"),
+    (["algo=kd", "objectives.kd.objective=sampled_token"], "objectives.kd.objective"),
+    (["algo=kd", "objectives.kd.source=samples"], "objectives.kd.source"),
+    (["objectives.opsd.objective=sampled_token", "objectives.opsd.is_clip=2", "loss.temperature=0.7"], "loss.temperature"),
+    (["algo=grpo", "rollout.n=4", "objectives.grpo.kl_coef=0.1", "teacher.mode=live"], "teacher.mode"),
+    # The anchor is scored by the scorer's weights: the initial policy only when they are fixed.
+    (["objectives.opsd.anchor=0.1", "teacher.mode=live"], "teacher.mode"),
+    (["objectives.opsd.anchor=0.1", "teacher.mode=ema"], "teacher.mode"),
     (["algo=grpo", "rollout.n=1"], "rollout.n"),
     (["learner.zero_stage=0", "learner.num_ranks=2"], "learner.zero_stage"),
     (["eval.n=4", "eval.temperature=0"], "eval.n"),
@@ -215,12 +226,13 @@ def test_impossible_combination_names_the_key(overrides, key):
     ["algo=grpo", "rollout.n=2"],
     ["learner.zero_stage=0", "learner.num_ranks=1"],
     ["eval.n=4", "eval.temperature=0.7"],
-    ["loss.objective=sampled_token", "loss.temperature=0.7"],  # no ratio without is_clip
-    ["algo=grpo", "rollout.n=4", "loss.kl_coef=0.1"],
+    ["objectives.opsd.objective=sampled_token", "loss.temperature=0.7"],  # no ratio without is_clip
+    ["algo=grpo", "rollout.n=4", "objectives.grpo.kl_coef=0.1"],
     ["algo=grpo", "rollout.n=8", "rollout.temperature=1.1", "loss.temperature=1.1"],
-    ["algo=grpo", "rollout.n=4", "loss.old_logprobs=rollout", "rollout.max_staleness=1"],
+    ["algo=grpo", "rollout.n=4", "objectives.grpo.old_logprobs=rollout", "rollout.max_staleness=1"],
     ["algo=kd"],
-    ["algo=kd", "kd.source=teacher_samples", "loss.support=topk_tail", "loss.beta=0"],
+    ["algo=kd", "objectives.kd.source=teacher_samples", "objectives.kd.support=topk_tail", "objectives.kd.beta=0"],
+    ["objectives.opsd.anchor=0.1"],
     ["scorer.backend=vllm"],
     ["scorer.backend=vllm", "teacher.mode=live"],
     ["scorer.on_rollout_engines=true", "teacher.mode=live"],
@@ -332,3 +344,73 @@ def test_actor_threads_default_to_the_whole_cpus_ray_reserved():
     assert load_config(None, ["scorer.num_threads=2"]).scorer.num_threads == 2
     with pytest.raises(ConfigError, match="'scorer.num_threads'"):
         load_config(None, ["scorer.num_threads=1.5"])
+
+
+# --- an objective's own options (objectives.<name>) and the keys that moved there ----------------
+
+
+def test_an_objectives_options_are_typed_by_its_declaration():
+    from opsd.objectives import objective
+
+    cfg = load_config(None, ["algo=grpo", "rollout.n=2", "objectives.grpo.clip_high=1", "objectives.opsd.beta=0"])
+    grpo = objective("grpo").options(cfg)
+    assert isinstance(grpo.clip_high, float) and grpo.clip_high == 1.0 and grpo.clip_low == 0.2
+    assert objective("opsd").options(cfg).beta == 0.0  # a section of another registered objective is checked too
+    msg = _error(None, ["objectives.grpo.clip_hi=0.3"])
+    assert "'objectives.grpo.clip_hi'" in msg and "['clip_low', 'clip_high', 'kl_coef', 'old_logprobs']" in msg
+    assert "'objectives.grpo.kl_coef'" in _error(None, ["algo=grpo", "rollout.n=2", "objectives.grpo.kl_coef=lots"])
+    assert "'objectives.ppo'" in _error(None, ["objectives.ppo.clip=1"])
+    assert "has no options" in _error(None, ["objectives.sft.beta=1"])
+
+
+@pytest.mark.parametrize("algo,old,new,value", [
+    ("opsd", "loss.beta", "opsd.beta", 0.0),
+    ("opsd", "loss.objective", "opsd.objective", "sampled_token"),
+    ("opsd", "loss.divergence_clip", "opsd.divergence_clip", 0.05),
+    ("kd", "loss.support", "kd.support", "topk_tail"),
+    ("kd", "kd.source", "kd.source", "teacher_samples"),
+    ("grpo", "loss.clip_high", "grpo.clip_high", 0.28),
+    ("grpo", "loss.kl_coef", "grpo.kl_coef", 0.05),
+    ("grpo", "loss.old_logprobs", "grpo.old_logprobs", "rollout"),
+    ("contrastive", "loss.contrast_tau", "contrastive.tau", 0.05),
+    ("contrastive", "loss.clip_low", "contrastive.clip_low", 0.1),
+])
+def test_an_old_key_is_read_as_the_new_one_with_one_note(algo, old, new, value):
+    from opsd.config import notes
+    from opsd.objectives import objective
+
+    extra = {"grpo": ["rollout.n=2"] + (["loss.temperature=1"] if "old_logprobs" in old else []),
+             "contrastive": ["rollout.n=2", "teacher.context=contrastive"]}.get(algo, [])
+    cfg = load_config(None, [f"algo={algo}", *extra, f"{old}={value}"])
+    name, option = new.split(".")
+    assert getattr(objective(name).options(cfg), option) == value
+    found = [n for n in notes(cfg) if "old config keys" in n]
+    assert len(found) == 1 and f"{old} -> objectives.{new}" in found[0]
+
+
+def test_an_old_key_of_another_objective_is_dropped_as_it_had_no_effect(tmp_path):
+    from opsd.config import notes
+
+    path = _write(tmp_path, "loss:\n  clip_low: 0.3\n  beta: 0.25\n")
+    cfg = load_config(path, ["algo=opsd"])
+    assert cfg.objectives.opsd.beta == 0.25 and "grpo" not in cfg.objectives
+    (note,) = [n for n in notes(cfg) if "old config keys" in n]
+    assert "loss.clip_low (no option of algo=opsd" in note and "loss.beta -> objectives.opsd.beta" in note
+    assert not [n for n in notes(load_config(None, ["objectives.opsd.beta=0.25"])) if "old config keys" in n]
+
+
+def test_an_old_key_and_its_new_key_together_are_refused_naming_both():
+    msg = _error(None, ["loss.beta=0.1", "objectives.opsd.beta=0.2"])
+    assert "'loss.beta'" in msg and "'objectives.opsd.beta'" in msg
+
+
+def test_the_finished_experiments_recipes_still_load():
+    """docs/results/*: the comparison's per-method overrides and the configs they ran on."""
+    from opsd.benchmarks.comparison import ALL_METHODS, ComparisonSpec, method_overrides
+
+    spec = ComparisonSpec()
+    for config in ("configs/local.yaml", "configs/gsm8k.yaml"):
+        for method in ALL_METHODS:
+            overrides = [o for o in method_overrides(spec, method, 0, 0.7, bare_train="data/toy/train.jsonl")
+                         if not o.startswith("data.train_path=")]
+            load_config(config, overrides)

@@ -11,6 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from opsd.objectives.contrastive import ContrastiveOptions
+from opsd.objectives.grpo import GrpoOptions
+from opsd.objectives.opsd import OpsdOptions
 from opsd.losses import (
     LossSpec,
     TokenTargets,
@@ -388,12 +391,14 @@ def test_skip_first_mask_counts_loss_tokens_per_row():
 N, H, V, K = 11, 6, 13, 4
 
 SPECS = {
-    "opsd_div_tail": LossSpec(algo="opsd", beta=0.3, support="topk_tail", temperature=0.7),
-    "opsd_div_topk_clip": LossSpec(algo="opsd", beta=1.0, support="topk", token_clip=0.4),
-    "opsd_sampled": LossSpec(algo="opsd", objective="sampled_token", is_clip=1.3, temperature=1.5),
-    "grpo_rollout": LossSpec(algo="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, old_logprobs="rollout"),
+    "opsd_div_tail": LossSpec(algo="opsd", temperature=0.7, options=OpsdOptions(beta=0.3, support="topk_tail")),
+    "opsd_div_topk_clip": LossSpec(algo="opsd", options=OpsdOptions(beta=1.0, support="topk", token_clip=0.4)),
+    "opsd_sampled": LossSpec(algo="opsd", temperature=1.5, options=OpsdOptions(objective="sampled_token", is_clip=1.3)),
+    "grpo_rollout": LossSpec(algo="grpo", options=GrpoOptions(clip_low=0.2, clip_high=0.28, kl_coef=0.05,
+                                                              old_logprobs="rollout")),
     # The learner's own log-probs as the old policy, at a sampling temperature other than 1.
-    "grpo_learner": LossSpec(algo="grpo", clip_low=0.2, clip_high=0.28, kl_coef=0.05, temperature=0.8),
+    "grpo_learner": LossSpec(algo="grpo", temperature=0.8, options=GrpoOptions(clip_low=0.2, clip_high=0.28,
+                                                                               kl_coef=0.05)),
     "sft": LossSpec(algo="sft"),
 }
 
@@ -431,20 +436,21 @@ def reference_token_losses(hidden, head, t, spec):
     lp = torch.log_softmax(logits / spec.temperature, -1).gather(-1, t.sampled_ids[:, None])[:, 0]
     if spec.algo == "sft":
         return sft_token_loss(logits, t.sampled_ids, spec.temperature)
+    o = spec.options
     if spec.algo == "grpo":
-        old = t.rollout_logprobs if spec.old_logprobs == "rollout" else lp.detach()
+        old = t.rollout_logprobs if o.old_logprobs == "rollout" else lp.detach()
         return grpo_token_loss(
-            lp, old, t.advantages, clip_low=spec.clip_low,
-            clip_high=spec.clip_high, ref_logprobs=t.ref_logprobs, kl_coef=spec.kl_coef,
+            lp, old, t.advantages, clip_low=o.clip_low,
+            clip_high=o.clip_high, ref_logprobs=t.ref_logprobs, kl_coef=o.kl_coef,
         )
-    if spec.objective == "sampled_token":
-        loss = sampled_token_loss(lp, t.teacher_logprobs, t.rollout_logprobs, is_clip=spec.is_clip)
+    if o.objective == "sampled_token":
+        loss = sampled_token_loss(lp, t.teacher_logprobs, t.rollout_logprobs, is_clip=o.is_clip)
     else:
         loss = token_divergence(
-            logits, t.topk_ids, t.topk_logprobs, beta=spec.beta, support=spec.support,
+            logits, t.topk_ids, t.topk_logprobs, beta=o.beta, support=o.support,
             temperature=spec.temperature,
         )
-    return loss if spec.token_clip is None else loss.clamp(max=spec.token_clip)
+    return loss if o.token_clip is None else loss.clamp(max=o.token_clip)
 
 
 def loss_and_grads(hidden, head, targets, spec, normalizer):
@@ -486,7 +492,7 @@ def test_chunked_loss_independent_of_chunk_size_and_matches_reference(name):
         gap = targets.rollout_logprobs - lp1
         assert s3["mismatch_sum"] == pytest.approx((targets.weight * gap.abs()).sum().item(), rel=1e-10)
         ratio = torch.exp(-gap)
-        outside = ((ratio < 1 - spec.clip_low) | (ratio > 1 + spec.clip_high)).double()
+        outside = ((ratio < 1 - spec.options.clip_low) | (ratio > 1 + spec.options.clip_high)).double()
         assert s3["rollout_clipped_tokens"] == (targets.weight * outside).sum().item() > 0
     logits = head(hidden).detach() / spec.temperature
     entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
@@ -497,7 +503,7 @@ def test_chunked_loss_independent_of_chunk_size_and_matches_reference(name):
 
 
 def test_chunked_loss_global_token_mean_over_uneven_micro_batches():
-    spec = LossSpec(algo="opsd", beta=0.5, support="topk_tail", chunk_size=2)
+    spec = LossSpec(algo="opsd", chunk_size=2, options=OpsdOptions(beta=0.5, support="topk_tail"))
     hidden, head, targets = make_batch(seed=2)
     targets.weight = torch.ones(N, dtype=torch.float64)
     hidden = hidden.requires_grad_()
@@ -549,7 +555,7 @@ def test_chunked_loss_memory_is_bounded_by_chunk():
         saved.append(weakref.ref(t))
         return t
 
-    spec = LossSpec(algo="opsd", support="topk_tail", chunk_size=chunk)
+    spec = LossSpec(algo="opsd", chunk_size=chunk, options=OpsdOptions(support="topk_tail"))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_loss(hidden, head, targets, spec, normalizer=float(n))
     kept = [r() for r in saved if r() is not None]
@@ -658,7 +664,7 @@ def test_position_weights_are_pw_opsds_sigmoid_over_each_rows_own_length():
 
 def test_a_loss_scale_multiplies_each_tokens_loss_but_not_the_token_count():
     hidden, head, targets = make_batch(seed=4)
-    spec = LossSpec(algo="opsd", beta=0.5, support="topk")
+    spec = LossSpec(algo="opsd", options=OpsdOptions(beta=0.5, support="topk"))
     scale = torch.linspace(0.25, 1.0, N, dtype=torch.float64)
     scaled = TokenTargets.from_fields({**targets.fields(), "scale": scale})
     loss, stats = chunked_loss(hidden, head, scaled, spec, normalizer=7.0)
@@ -699,7 +705,7 @@ def test_the_contrastive_loss_is_grpos_with_the_modulated_advantages():
 
     hidden, head, targets = make_batch(seed=6)
     credit = torch.linspace(-0.1, 0.1, N, dtype=torch.float64)
-    spec = LossSpec(algo="contrastive", clip_low=0.2, clip_high=0.28)
+    spec = LossSpec(algo="contrastive", options=ContrastiveOptions(clip_low=0.2, clip_high=0.28))
     t = TokenTargets.from_fields({**targets.fields(), "contrast": credit})
     loss, stats = chunked_loss(hidden, head, t, spec, normalizer=9.0)
     lp = torch.log_softmax(head(hidden), -1).gather(-1, t.sampled_ids[:, None])[:, 0]

@@ -81,3 +81,33 @@ def test_run_time_is_summed_per_machine_and_mixing_machines_is_said():
     line = run_time_line(by)
     assert line.startswith("Run time: 0.48 h in all: 0.38 h (1,350 s, 2 runs) on AMD EPYC") and "mix" in line
     assert "mix" not in run_time_line(run_time_by_machine(records[:1]))
+
+
+def test_the_added_rows_change_only_what_they_name_and_load_as_configs():
+    """Issue 36's rows (benchmarks/sparse.py ADDED_METHODS): each a valid config on the finished
+    comparison's settings, at OPSD's chosen rate unless the rate is what it tunes, with at most two
+    values swept."""
+    from opsd.benchmarks.sparse import ADDED_METHODS, OPSD_CHOSEN_LR
+    from opsd.config import load_config
+    from opsd.objectives import objective
+
+    spec = SparseSpec()
+    assert {m.name for m in ADDED_METHODS} == {"opsd_mask_truncated", "opsd_anchor", "srpo", "mix_opsd_grpo",
+                                               "opsd_forward_kl"}
+    for m in ADDED_METHODS:
+        assert len(m.sweep_values) <= 2
+        for value in m.sweep_values or (None,):
+            for sweep in (True, False):
+                items = m.overrides_for(spec, 1, sweep=sweep, temperature=0.7, value=value)
+                base = overrides_as_dict(run_overrides(spec, m.base, 1, m.lr or value, sweep=sweep, temperature=0.7))
+                got = overrides_as_dict(items)
+                changed = {k for k in got if got[k] != base.get(k)}
+                assert changed <= {o.partition("=")[0] for o in m.overrides} | {m.sweep_key}, (m.name, changed)
+                cfg = load_config(spec.config, [o for o in items if not o.startswith(("data.train_path=", "eval.path="))])
+                if m.lr is not None:
+                    assert cfg.learner.lr == OPSD_CHOSEN_LR
+        if m.name == "opsd_anchor":
+            assert objective("opsd").options(cfg).anchor == m.sweep_values[-1] and cfg.teacher.mode == "fixed"
+        if m.name == "srpo":
+            plan = objective("mix").options(cfg)
+            assert (plan.mode, plan.correct, cfg.rollout.n) == ("route", "grpo", spec.grpo_n)

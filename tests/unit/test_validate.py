@@ -84,7 +84,7 @@ def test_paper_recipes_keep_the_published_settings(name, tokens):
     assert cfg.learner.lr == pytest.approx(2e-4)
     assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
     assert cfg.rollout.max_tokens == tokens
-    assert (cfg.loss.beta, cfg.teacher.mode) == (0.5, "fixed")
+    assert (cfg.objectives.opsd.beta, cfg.teacher.mode) == (0.5, "fixed")
     assert cfg.train.prompts_per_step * cfg.rollout.n == 32
     assert cfg.model.max_model_len >= cfg.prompt.max_prompt_len + cfg.rollout.max_tokens
 
