@@ -44,9 +44,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from opsd.launch.validate import validate_config
 
     config, overrides = _split_config(args)
-    for line in validate_config(config, overrides, check_data=not args.skip_data):
+    lines = validate_config(config, overrides, check_data=not args.skip_data)
+    for line in lines:
         print(line)
-    return 0
+    # 0: train would get to its first step; 3: it could, but that needs a download first (the
+    # last line says what); a refusal has raised by now and exits 2.
+    return 0 if lines[-1] == "ok" else 3
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:

@@ -40,16 +40,12 @@ class Trainer:
     pipeline_cls = Pipeline  # what turns prompts into batches (tests put a faulty one in its place)
 
     def __init__(self, cfg: Config):
-        from transformers import AutoTokenizer
-
-        from opsd.assets.models import check_model_dir, resolve_model_path
+        from opsd.launch.problems import check_model
 
         self.cfg = cfg
-        # A named model (made on first use), a .gguf file (imported once), a directory or a hub id.
-        self.model_path = resolve_model_path(cfg.model.path)
-        check_model_dir(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
-        check(cfg, vocab_size=len(self.tokenizer))
+        # A named model (made on first use), a .gguf file (imported once), a directory or a hub id;
+        # the same checks as `opsd validate` (launch/problems.py), fetching what they need.
+        self.model_path, self.tokenizer = check_model(cfg)
         self.data = load_training_set(cfg, self.tokenizer)
         self.step = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
