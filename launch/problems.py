@@ -53,9 +53,15 @@ def read_problems(cfg: Config, path: str, *, fetch: bool = True, **requirements)
     local = resolve_path(file)
     if not fetch and not local.exists() and HUB_ID.match(file):
         raise NotFetched(f"the hub dataset {file}", "it is read where the job runs; run opsd validate there")
-    return load_problems(f"{local}{sep}{split}", problem_key=d.problem_key, solution_key=d.solution_key,
-                         answer_key=d.answer_key, id_key=d.id_key, dataset_config=d.dataset_config,
-                         answer_format=d.answer_format, **requirements)
+    try:
+        return load_problems(f"{local}{sep}{split}", problem_key=d.problem_key, solution_key=d.solution_key,
+                             answer_key=d.answer_key, id_key=d.id_key, dataset_config=d.dataset_config,
+                             answer_format=d.answer_format, **requirements)
+    except FileNotFoundError:
+        if "/" in path or Path(path.split(":")[0]).suffix:
+            raise
+        # A bare name (no folder, no suffix) is more likely a misspelt named set than a lost file.
+        raise FileNotFoundError(f"problem set {path!r} is neither a file here nor a named set{hint(path)}") from None
 
 
 def check_model(cfg: Config, *, fetch: bool = True) -> tuple[str, Any]:
@@ -120,9 +126,7 @@ def _read(cfg: Config, key: str, value: str, *, fetch: bool, **requirements) -> 
     try:
         return read_problems(cfg, value, fetch=fetch, **requirements)
     except FileNotFoundError as exc:
-        # A bare name (no folder, no suffix) is more likely a misspelt named set than a lost file.
-        more = hint(value) if "/" not in value and not Path(value.split(":")[0]).suffix else ""
-        raise DataError(f"config key '{key}' = {value!r}: {exc}{more}") from None
+        raise DataError(f"config key '{key}' = {value!r}: {exc}") from None
     except DataError as exc:
         raise DataError(f"config key '{key}': {exc}") from None
 

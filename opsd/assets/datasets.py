@@ -312,8 +312,8 @@ def hint(name: str) -> str:
     """What to add to "no such file" for a data path that may be a misspelt named set."""
     close = closest_names(name)
     if close:
-        return f"; did you mean the named set {' or '.join(repr(c) for c in close)}? (opsd data list)"
-    return "; named sets (gsm8k, math-500, ...) are listed by opsd data list"
+        return f"; did you mean {' or '.join(repr(c) for c in close)}? (named sets: opsd data list)"
+    return "; opsd data list shows the named sets (gsm8k, math-500, ...)"
 
 
 def shipped() -> list[tuple[str, int]]:
