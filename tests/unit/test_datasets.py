@@ -210,3 +210,23 @@ def test_a_procedural_task_with_worked_solutions_gives_them_to_the_teacher():
         assert row["answer"] == entry["answer"] and row["problem"] == entry["question"]
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:gsm_symbolic:val"), log=lambda m: None))
     assert problems[0].solution == data[0]["solution"] and problems[0].answer == data[0]["answer"]
+
+
+def test_data_list_aligns_long_names_and_lists_the_shipped_sets(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path))
+    lines = "\n".join(datasets.describe()).splitlines()
+    firsts = [line for line in lines if line.split(" ", 1)[0] in datasets.DATASETS]
+    assert len(firsts) == len(datasets.DATASETS)
+    # The rows column starts at one place, whatever the length of the name before it.
+    assert len({line.index(" problems") for line in firsts}) == 1, firsts
+    assert all("(fetches 86 MB once)" in line for line in lines if "made on first use" in line)
+    shipped = {line.split()[0]: int(line.split()[1]) for line in lines if line.startswith("  data/")}
+    assert shipped == {"data/toy/train.jsonl": 4000, "data/toy/test.jsonl": 500,
+                       "data/wordproblems/train.jsonl": 900, "data/wordproblems/test.jsonl": 400}
+
+
+def test_closest_names():
+    assert datasets.closest_names("gsm9k")[0] == "gsm8k"
+    assert datasets.closest_names("math500")[0] == "math-500"
+    assert datasets.closest_names("mathh:algebra:1-2")[0] == "math:algebra:1-2"
+    assert datasets.closest_names("wordproblems") == []
