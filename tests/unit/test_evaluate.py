@@ -170,3 +170,18 @@ def test_each_named_set_is_graded_its_own_way_unless_the_command_line_says_other
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["grading.extract=lenient"])
     assert eval_gradings(cfg, sets, []) == ["lenient", "strict", "strict", "lenient", "lenient"]
     assert eval_gradings(cfg, sets, ["grading.extract=lenient"]) == ["lenient"] * 5
+
+
+def test_a_small_first_round_then_progress_with_the_time_left():
+    from opsd.launch.evaluate import progress_line
+
+    pairs = [PromptPair(f"u{i}", [i], [i], str(i)) for i in range(20)]
+    pool = FakePool(3)
+    seen = []
+    _, results = evaluate_pairs(pool, pairs, n=1, max_tokens=8, temperature=0.0, chunk_size=4, first_chunk=1,
+                                progress=lambda d, t: seen.append((d, t)))
+    assert [r.uid for r in results] == [p.uid for p in pairs]
+    assert seen == [(3, 20), (15, 20), (20, 20)]  # 1 prompt per worker first, then rounds of 4 per worker
+    assert progress_line(3, 20, 105.0) == "3/20 problems (1m45s; about 9m55s left)"  # 35 s a problem
+    assert progress_line(24, 500, 24 * 35.0) == "24/500 problems (14m00s; about 4h37m left)"
+    assert progress_line(20, 20, 700.0) == "20/20 problems (11m40s)"
