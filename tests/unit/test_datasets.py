@@ -230,3 +230,15 @@ def test_closest_names():
     assert datasets.closest_names("math500")[0] == "math-500"
     assert datasets.closest_names("mathh:algebra:1-2")[0] == "math:algebra:1-2"
     assert datasets.closest_names("wordproblems") == []
+
+
+def test_the_readme_commands_for_the_qwen3_recipes_data_name_the_files_fetch_writes(monkeypatch):
+    # README "On a GPU cluster" and launch/kuberay/README.md copy these two files by path.
+    from opsd.config import REPO_ROOT
+
+    monkeypatch.delenv("OPSD_ARTIFACTS", raising=False)
+    written = [datasets.DATASETS[n].path().relative_to(REPO_ROOT).as_posix() for n in ("math", "math-500")]
+    assert written == ["artifacts/datasets/math.jsonl", "artifacts/datasets/math-500.jsonl"]
+    for doc in ("README.md", "launch/kuberay/README.md"):
+        text = (REPO_ROOT / doc).read_text()
+        assert all(w in text for w in written) and "opsd data fetch math-500" in text, doc
