@@ -138,7 +138,7 @@ class ResolvedModel:
 def resolve_eval_model(model: str) -> ResolvedModel:
     """``tiny``, an HF model directory, a run directory (its latest complete checkpoint's hf/), a
     checkpoint directory (``RUN/checkpoints/step_N``), or a hub id such as ``Qwen/Qwen3-1.7B``."""
-    from opsd.assets.models import MODELS, resolve_model_path
+    from opsd.assets.models import MODELS, check_hub_reachable, hub_snapshot, resolve_model_path
 
     if model in MODELS or model.endswith(".gguf"):
         return ResolvedModel(resolve_model_path(model))
@@ -146,6 +146,8 @@ def resolve_eval_model(model: str) -> ResolvedModel:
     if not p.exists():
         # "org/name" is a hub id unless "org" is a local folder (then it is a mistyped path).
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not p.parent.exists():
+            if hub_snapshot(model) is None:
+                check_hub_reachable(model, key="--model")  # else a minute of retries and a traceback
             return ResolvedModel(model)  # a hub id: vLLM and transformers fetch it
         raise EvalError(f"--model {model}: no such file or directory (expected 'tiny', an HF model directory, "
                         "a run directory, or a hub id like Qwen/Qwen3-1.7B)")
@@ -273,11 +275,10 @@ def run_eval(
 def _eval_sets(resolved: ResolvedModel, cfg: Config, data: list[str], limit: int | None) -> list[tuple]:
     """(name, path, prompt pairs, skipped uids) per data file: every row read and checked, and its
     prompts built, before any actor starts."""
-    from transformers import AutoTokenizer
-
+    from opsd.assets.models import load_tokenizer
     from opsd.prompts import PromptBuilder
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.eval.max_tokens)
     built = []

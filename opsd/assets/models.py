@@ -158,8 +158,8 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
 
 
-def check_hub_reachable(repo_id: str, timeout_s: float = 5.0) -> None:
-    """Refuse, in one line naming model.path, a hub model that is not cached when the hub cannot
+def check_hub_reachable(repo_id: str, timeout_s: float = 5.0, *, key: str = "config key 'model.path'") -> None:
+    """Refuse, in one line naming ``key``, a hub model that is not cached when the hub cannot
     be reached (offline mode, or no connection within ``timeout_s``). Without this the first
     download retries for about a minute and ends in a traceback."""
     import socket
@@ -168,14 +168,13 @@ def check_hub_reachable(repo_id: str, timeout_s: float = 5.0) -> None:
     fix = (f"download it where there is a network (hf download {repo_id}) into this machine's Hugging Face cache, "
            "or set model.path to a local model directory")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise ModelError(f"config key 'model.path' = {repo_id!r}: not in the local Hugging Face cache and "
-                         f"HF_HUB_OFFLINE is set; {fix}")
+        raise ModelError(f"{key} = {repo_id!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}")
     url = urlsplit(hub_endpoint())
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout_s).close()
     except OSError as exc:
-        raise ModelError(f"config key 'model.path' = {repo_id!r}: not in the local Hugging Face cache and the hub "
+        raise ModelError(f"{key} = {repo_id!r}: not in the local Hugging Face cache and the hub "
                          f"({url.scheme}://{url.netloc}) cannot be reached ({exc.strerror or exc}); {fix}") from None
 
 

@@ -126,3 +126,13 @@ def test_a_hub_model_in_the_local_cache_is_checked_offline(tmp_path, tiny_model)
     (snapshot / "config.json").write_text(json.dumps({**config, "vocab_size": 100}))
     refused = run_cli(["validate", "configs/tiny.yaml", "model.path=someorg/tiny"], NO_HUB["unreachable"], tmp_path)
     assert refused.returncode == 2 and "the model only 100 embeddings" in refused.stderr, refused.stderr
+
+
+def test_eval_of_a_hub_model_without_network_is_one_line(tmp_path):
+    evaluated = run_cli(["eval", "--model", "Qwen/Qwen3-0.6B", "--data", "data/toy/test.jsonl"], NO_HUB["offline"],
+                        tmp_path)
+    assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr, evaluated.stderr
+    assert evaluated.stderr.strip() == (
+        "opsd: error: --model = 'Qwen/Qwen3-0.6B': not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        "download it where there is a network (hf download Qwen/Qwen3-0.6B) into this machine's Hugging Face cache, "
+        "or set model.path to a local model directory")
