@@ -52,7 +52,8 @@ def read_problems(cfg: Config, path: str, *, fetch: bool = True, **requirements)
     file, sep, split = resolve_data(path, fetch=fetch).partition("::")
     local = resolve_path(file)
     if not fetch and not local.exists() and HUB_ID.match(file):
-        raise NotFetched(f"the hub dataset {file}", "it is read where the job runs; run opsd validate there")
+        raise NotFetched(f"the hub dataset {file}", "opsd train reads it where the job runs; to check it here, "
+                        "save it with datasets' save_to_disk and give that directory")
     try:
         return load_problems(f"{local}{sep}{split}", problem_key=d.problem_key, solution_key=d.solution_key,
                              answer_key=d.answer_key, id_key=d.id_key, dataset_config=d.dataset_config,

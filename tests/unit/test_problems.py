@@ -172,3 +172,12 @@ def test_without_a_tokenizer_only_rows_are_counted(tmp_path):
     cfg.train.prompts_per_step = 6
     with pytest.raises(ConfigError, match="more than the 5 usable problems"):
         check_data(cfg, None)
+
+
+def test_a_hub_dataset_is_not_fetched_by_validate(monkeypatch):
+    # The hub is never asked (it would retry for half a minute with no network): validate says so.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lines = validate_config(TINY, ["data.train_path=openai/gsm8k::train", "data.dataset_config=main"])
+    assert lines[-1] == (f"{CANNOT_CHECK} (the hub dataset openai/gsm8k): opsd train reads it where the job runs; "
+                         "to check it here, save it with datasets' save_to_disk and give that directory")
+    assert "data: not read (it would have to be fetched first)" in lines
