@@ -161,7 +161,7 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True) -> Dat
                f"({_too_long(result.builder)}); lower train.prompts_per_step or raise those limits"
                if result.skipped else "; lower train.prompts_per_step or use a larger set")
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is more than the {usable} usable "
-                          f"problems in {train_path}{why}")
+                          f"problem{'s' if usable > 1 else ''} in {train_path}{why}")
     if cfg.eval.every:
         # Graded by answer: a held-out set of bare problems and answers (a procedural task's) is fine.
         held_out = _read(cfg, eval_key, eval_path, fetch=fetch, require_solution=False)[: cfg.eval.max_problems]

@@ -73,7 +73,7 @@ def oracle(rows_file: Path, overrides: list[str], tokenizer) -> tuple[str, str]:
         return "DataError", f"no usable problems: all {len(problems)} rows dropped by prompt.overlong=skip"
     if usable < cfg.train.prompts_per_step:
         dropped = f": {len(over)} of its {len(problems)} rows were dropped by prompt.overlong=skip" if over else ""
-        return "ConfigError", f"is more than the {usable} usable problems in {rows_file}{dropped}"
+        return "ConfigError", f"is more than the {usable} usable problem{'s' if usable > 1 else ''} in {rows_file}{dropped}"
     return "ok", ""
 
 
