@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from the last complete checkpoint of RUN_DIR")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config and its data paths without starting anything")
+    p = sub.add_parser("validate", help="check a config, its model and data as train would, starting and fetching nothing "
+                       "(exit 0 ok, 2 refused, 3 cannot check without fetching)")
     _add_config_args(p)
     p.add_argument("--skip-data", action="store_true",
                    help="do not read the data paths (a cluster recipe whose data lives on the cluster)")

@@ -96,16 +96,16 @@ class DataCheck:
     builder: PromptBuilder | None = None
 
     def report(self) -> list[str]:
-        """The lines ``opsd validate`` prints about the data (and ``opsd train`` about what it dropped)."""
-        lines = [f"data: data.train_path {self.train_path}: {len(self.problems)} problems"
-                 + ("" if self.pairs is None else f", {len(self.pairs)} usable" + _dropped(self.skipped, self.builder))]
-        if self.eval_path is not None:
-            usable = "" if self.pairs is None else f", {len(self.eval_pairs)} usable" + _dropped(self.eval_skipped,
-                                                                                                 None)
-            lines.append(f"data: held-out set {self.eval_path}: {self.eval_rows} problems evaluated{usable}")
-        else:
-            lines.append("data: evaluation is off (eval.every=0); the test set is not read")
-        return lines
+        """The lines ``opsd validate`` prints about the data."""
+        train = f"data: data.train_path {self.train_path}: {len(self.problems)} problems"
+        if self.pairs is not None:
+            train += f", {len(self.pairs)} usable{_dropped(self.skipped, self.builder)}"
+        if self.eval_path is None:
+            return [train, "data: evaluation is off (eval.every=0); the test set is not read"]
+        held_out = f"data: held-out set {self.eval_path}: {self.eval_rows} problems evaluated"
+        if self.pairs is not None:
+            held_out += f", {len(self.eval_pairs)} usable{_dropped(self.eval_skipped, None)}"
+        return [train, held_out]
 
 
 def _dropped(skipped: list[str], builder: PromptBuilder | None) -> str:
