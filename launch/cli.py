@@ -87,14 +87,14 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from opsd.assets.datasets import describe, ensure, named
+    from opsd.assets.datasets import describe, ensure, hint, named
 
     if args.action == "list":
         print("\n".join(describe()))
         return 0
     dataset = named(args.name)
     if dataset is None:
-        print(f"opsd data fetch: {args.name!r} is not a named data set (opsd data list)", file=sys.stderr)
+        print(f"opsd data fetch: {args.name!r} is not a named data set{hint(args.name)}", file=sys.stderr)
         return 2
     print(f"data: {ensure(dataset)}")
     return 0

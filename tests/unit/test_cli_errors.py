@@ -136,3 +136,9 @@ def test_eval_of_a_hub_model_without_network_is_one_line(tmp_path):
         "opsd: error: --model = 'Qwen/Qwen3-0.6B': not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
         "download it where there is a network (hf download Qwen/Qwen3-0.6B) into this machine's Hugging Face cache, "
         "or set model.path to a local model directory")
+
+
+def test_data_fetch_of_a_misspelt_name(capsys):
+    assert main(["data", "fetch", "math-50"]) == 2
+    assert capsys.readouterr().err.strip() == ("opsd data fetch: 'math-50' is not a named data set; did you mean "
+                                               "'math-500' or 'math' or 'math-val'? (named sets: opsd data list)")
