@@ -130,13 +130,6 @@ def test_skip_says_how_many_rows_were_dropped_and_why(tmp_path, capsys):
     assert any("7 problems, 3 usable; 4 dropped by prompt.overlong=skip" in line for line in lines), lines
 
 
-@pytest.fixture
-def nothing_fetched(monkeypatch, tmp_path, tiny_model):
-    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("OPSD_TINY_DIR", tiny_model)
-    return tmp_path / "artifacts"
-
-
 def test_a_named_set_not_fetched_is_not_fetched(nothing_fetched, capsys):
     # configs/gsm8k.yaml's model and data both come from wheels: validate names both, downloads neither.
     rc = main(["validate", str(REPO_ROOT / "configs" / "gsm8k.yaml")])

@@ -30,17 +30,6 @@ def is_cluster_recipe(path: Path) -> bool:
     return load_config(path).cluster.device == "cuda"
 
 
-@pytest.fixture
-def nothing_fetched(monkeypatch, tmp_path, tiny_model):
-    """A machine where no named model or set has been fetched (the tiny model is built locally,
-    so it is there), and whose Hugging Face cache is empty: validate's answers do not depend on
-    what earlier runs left in artifacts/."""
-    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("OPSD_TINY_DIR", tiny_model)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    return tmp_path / "artifacts"
-
-
 def test_every_config_is_listed():
     assert sorted(p.name for p in CONFIGS) == sorted(NEEDS)
 
