@@ -127,7 +127,9 @@ def _read(cfg: Config, key: str, value: str, *, fetch: bool, **requirements) -> 
     try:
         return read_problems(cfg, value, fetch=fetch, **requirements)
     except FileNotFoundError as exc:
-        raise DataError(f"config key '{key}' = {value!r}: {exc}") from None
+        # A path on a laptop checking a cluster recipe: the data is elsewhere; say how to check the rest.
+        elsewhere = "; opsd validate --skip-data checks the rest of the config without the data" if "/" in value else ""
+        raise DataError(f"config key '{key}' = {value!r}: {exc}{elsewhere}") from None
     except DataError as exc:
         raise DataError(f"config key '{key}': {exc}") from None
 
