@@ -370,7 +370,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    + "; toy: opsd_fixed, opsd_live, grpo, sft)")
     s.add_argument("--budget-minutes", type=float, help="smollm2: start no run that would end after this many "
                    "minutes; rerun the same command to go on (finished runs are skipped)")
-    s.add_argument("--out", help="where the report goes (default: docs/results/smollm2; toy: docs/results)")
+    s.add_argument("--out", help="where the report goes (default: runs/bench/<task>, untracked; the project's own "
+                   "records are docs/results/{smollm2,sparse} and docs/results for toy: name one to update it)")
     s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
                    "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
     s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
@@ -379,6 +380,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pool sizes (default 1 2)")
     for s in sub.choices.values():
         s.add_argument("--json", metavar="FILE", help="also write the figures (and the machine) as JSON")
+
+
+# Where `opsd bench learning` writes by default: an untracked folder (runs/ is git-ignored), so a
+# user's run never overwrites the project's records in docs/results/ unless --out names them.
+LEARNING_OUT = {task: f"runs/bench/{task}" for task in ("smollm2", "sparse", "toy")}
 
 
 def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]) -> Any:
@@ -417,20 +423,20 @@ def run(args: argparse.Namespace) -> dict:
         from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
-        report = run_comparison(spec, args.out or "docs/results/smollm2", args.work_dir, args.budget_minutes)
+        report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes)
     elif args.bench == "learning" and args.task == "sparse":
         from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
         from opsd.benchmarks.sparse import SparseSpec, run_sparse
 
         spec = _learning_spec(SparseSpec.quick() if args.quick else SparseSpec(), args, SPARSE_METHODS)
-        report = run_sparse(spec, args.out or "docs/results/sparse", args.work_dir, args.budget_minutes)
+        report = run_sparse(spec, args.out or LEARNING_OUT["sparse"], args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
         from opsd.benchmarks.experiment import METHODS, LearningSpec, run_learning
 
         spec = _learning_spec(LearningSpec.quick() if args.quick else LearningSpec(), args, METHODS)
         if args.lr is not None:
             spec.lr = args.lr
-        report = run_learning(spec, args.out or "docs/results", args.work_dir)
+        report = run_learning(spec, args.out or LEARNING_OUT["toy"], args.work_dir)
     elif args.bench == "loss":
         report = bench_loss(args.vocab, args.tokens, args.chunk, args.hidden, args.topk, args.device, args.dtype,
                             args.repeats)

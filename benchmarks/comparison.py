@@ -1,6 +1,6 @@
 """``opsd bench learning``: the paper's comparison on SmolLM2-135M-Instruct and data/wordproblems.
 
-    opsd bench learning [--seeds 3] [--budget-minutes 45] [--out docs/results/smollm2]
+    opsd bench learning [--seeds 3] [--budget-minutes 45] [--out runs/bench/smollm2]
     opsd bench learning --quick --out /tmp/q     # smoke version, tiny model (tests, marked slow)
     opsd bench learning --task toy               # the earlier tiny-model experiment (benchmarks/experiment.py)
 

@@ -1,6 +1,6 @@
 """``opsd bench learning``: OPSD vs GRPO vs SFT from one warm-started base, on the toy math set.
 
-    opsd bench learning [--seeds 3] [--steps N] [--quick] [--out docs/results]
+    opsd bench learning [--seeds 3] [--steps N] [--quick] [--out runs/bench/toy]
 
 What it does, end to end, in one Python process with one local Ray (every run attaches to it):
 

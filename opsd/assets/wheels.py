@@ -20,6 +20,16 @@ class WheelError(ValueError):
     """A wheel that cannot be fetched or is not the one pinned; the message names it and says what to do."""
 
 
+class NotFetched(Exception):
+    """A check that would have to download something first and was asked not to (``opsd validate``):
+    says what, about how large, and the command that fetches it."""
+
+    def __init__(self, what: str, how: str, mb: float | None = None):
+        size = f" {mb:.0f} MB" if mb else ""
+        super().__init__(f"cannot check without fetching{size} ({what}): {how}")
+        self.what, self.how, self.mb = what, how, mb
+
+
 @dataclass(frozen=True)
 class PyPIWheel:
     """A wheel on the Python package index, pinned by its SHA-256."""
@@ -27,6 +37,7 @@ class PyPIWheel:
     package: str
     version: str
     sha256: str
+    mb: float | None = None  # its download size, for what `opsd validate` says it would fetch
 
     @property
     def requirement(self) -> str:
@@ -39,6 +50,12 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def local_wheel(wheel: PyPIWheel, into: Path) -> Path | None:
+    """The wheel's file in ``into`` if it is there (not checked), else None."""
+    found = sorted(into.glob(f"{wheel.package.replace('-', '_')}-{wheel.version}-*.whl"))
+    return found[0] if found else None
 
 
 def fetch_wheel(wheel: PyPIWheel, into: Path, *, log: Callable[[str], None] = say) -> Path:

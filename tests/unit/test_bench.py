@@ -146,3 +146,21 @@ def test_bench_step_scaling_settings_parse_and_bad_ones_are_named():
     assert _settings(["16x64", "8X256"]) == ((16, 64), (8, 256))
     with pytest.raises(SystemExit, match="'16-64' is not PROMPTSxTOKENS"):
         _settings(["16-64"])
+
+
+def test_learning_reports_go_to_an_untracked_folder_by_default():
+    """A user's `opsd bench learning` must not overwrite the project's records in docs/results/;
+    the documented commands that update those records name --out."""
+    import re
+    import subprocess
+
+    from opsd.benchmarks.bench import LEARNING_OUT
+    from opsd.config import REPO_ROOT
+
+    assert sorted(LEARNING_OUT) == ["smollm2", "sparse", "toy"]
+    for out in LEARNING_OUT.values():
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/report.json"], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, f"{out} is not git-ignored"
+    results = (REPO_ROOT / "docs" / "RESULTS.md").read_text()
+    commands = re.findall(r"^opsd bench learning[^\n#]*", results, flags=re.MULTILINE)
+    assert len(commands) == 3 and all("--out docs/results" in c for c in commands), commands

@@ -276,3 +276,35 @@ def test_a_sample_of_the_references_passes_its_own_tests_in_the_sandbox():
         box.close()
     assert [(p.uid, v.verdict) for p, v in zip(sample, verdicts) if not v.passed] == []
     assert len(sample) == 40 and all(p.verifier == "code" and p.task == "code" for p in sample)
+
+
+def test_data_list_aligns_long_names_and_lists_the_shipped_sets(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path))
+    lines = "\n".join(datasets.describe()).splitlines()
+    firsts = [line for line in lines if line.split(" ", 1)[0] in datasets.DATASETS]
+    assert len(firsts) == len(datasets.DATASETS)
+    # The rows column starts at one place, whatever the length of the name before it.
+    assert len({line.index(" problems") for line in firsts}) == 1, firsts
+    assert all("(fetches 86 MB once)" in line for line in lines if "made on first use" in line)
+    shipped = {line.split()[0]: int(line.split()[1]) for line in lines if line.startswith("  data/")}
+    assert shipped == {"data/toy/train.jsonl": 4000, "data/toy/test.jsonl": 500,
+                       "data/wordproblems/train.jsonl": 900, "data/wordproblems/test.jsonl": 400}
+
+
+def test_closest_names():
+    assert datasets.closest_names("gsm9k")[0] == "gsm8k"
+    assert datasets.closest_names("math500")[0] == "math-500"
+    assert datasets.closest_names("mathh:algebra:1-2")[0] == "math:algebra:1-2"
+    assert datasets.closest_names("wordproblems") == []
+
+
+def test_the_readme_commands_for_the_qwen3_recipes_data_name_the_files_fetch_writes(monkeypatch):
+    # README "On a GPU cluster" and launch/kuberay/README.md copy these two files by path.
+    from opsd.config import REPO_ROOT
+
+    monkeypatch.delenv("OPSD_ARTIFACTS", raising=False)
+    written = [datasets.DATASETS[n].path().relative_to(REPO_ROOT).as_posix() for n in ("math", "math-500")]
+    assert written == ["artifacts/datasets/math.jsonl", "artifacts/datasets/math-500.jsonl"]
+    for doc in ("README.md", "launch/kuberay/README.md"):
+        text = (REPO_ROOT / doc).read_text()
+        assert all(w in text for w in written) and "opsd data fetch math-500" in text, doc

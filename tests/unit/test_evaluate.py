@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from opsd.assets.gguf import ModelError
+
 from opsd.launch.cli import main
 from opsd.launch.evaluate import (
     DEFAULT_SAMPLING_TEMPERATURE, EvalError, ResolvedModel, _load_eval_problems, default_report_path,
@@ -63,7 +65,12 @@ def test_hf_dir_hub_id_and_bad_paths(tmp_path, monkeypatch):
     m = resolve_eval_model(str(tmp_path / "hf"))
     assert m.path == str(tmp_path / "hf") and m.run_dir is None
     assert default_report_path(m, ["x"], 1).name == "eval_report.json"
-    assert resolve_eval_model("Qwen/Qwen3-1.7B").path == "Qwen/Qwen3-1.7B"
+    # A hub id: itself when it is in the local cache or the hub can be reached; offline and not
+    # cached, one line naming --model (not a minute of retries and a traceback).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--model = 'Qwen/Qwen3-1.7B': not in the local Hugging Face cache"):
+        resolve_eval_model("Qwen/Qwen3-1.7B")
     with pytest.raises(EvalError, match="no such file"):
         resolve_eval_model(str(tmp_path / "missing" / "model"))
     (tmp_path / "runs").mkdir()
@@ -170,3 +177,18 @@ def test_each_named_set_is_graded_its_own_way_unless_the_command_line_says_other
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["grading.extract=lenient"])
     assert eval_gradings(cfg, sets, []) == ["lenient", "strict", "strict", "lenient", "lenient"]
     assert eval_gradings(cfg, sets, ["grading.extract=lenient"]) == ["lenient"] * 5
+
+
+def test_a_small_first_round_then_progress_with_the_time_left():
+    from opsd.launch.evaluate import progress_line
+
+    pairs = [PromptPair(f"u{i}", [i], [i], str(i)) for i in range(20)]
+    pool = FakePool(3)
+    seen = []
+    _, results = evaluate_pairs(pool, pairs, n=1, max_tokens=8, temperature=0.0, chunk_size=4, first_chunk=1,
+                                progress=lambda d, t: seen.append((d, t)))
+    assert [r.uid for r in results] == [p.uid for p in pairs]
+    assert seen == [(3, 20), (15, 20), (20, 20)]  # 1 prompt per worker first, then rounds of 4 per worker
+    assert progress_line(3, 20, 105.0) == "3/20 problems (1m45s; about 9m55s left)"  # 35 s a problem
+    assert progress_line(24, 500, 24 * 35.0) == "24/500 problems (14m00s; about 4h37m left)"
+    assert progress_line(20, 20, 700.0) == "20/20 problems (11m40s)"

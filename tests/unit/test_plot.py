@@ -94,3 +94,26 @@ def test_plot_without_eval_or_data(tmp_path):
     assert img.shape[:2] == (200, 300)
     with pytest.raises(ValueError, match="no run directories"):
         plot_runs([])
+
+
+def test_eval_panel_keys_leave_out_standard_errors_and_add_strict_and_format():
+    from opsd.launch.plot import _band, _eval_keys, _eval_label
+
+    rows = [{"step": 0, "eval/avg@1": 0.19, "eval/avg@1_se": 0.04, "eval/pass@1": 0.19, "eval/pass@1_se": 0.04,
+             "eval/accuracy_strict": 0.0, "eval/accuracy_lenient": 0.19, "eval/format_rate": 0.01,
+             "eval/problems": 100, "eval/n": 1},
+            {"step": 1, "loss": 1.0},
+            {"step": 40, "eval/avg@1": 0.37, "eval/avg@1_se": 0.05, "eval/accuracy_strict": 0.36,
+             "eval/accuracy_lenient": 0.37, "eval/format_rate": 0.91}]
+    keys = _eval_keys(rows)
+    assert keys == ["eval/avg@1", "eval/accuracy_strict", "eval/format_rate"]
+    assert [_eval_label(k) for k in keys] == ["avg@1", "strict (boxed)", "format rate"]
+    steps, low, high = _band(rows, "eval/avg@1")
+    assert steps == [0, 40] and low == pytest.approx([0.15, 0.32]) and high == pytest.approx([0.23, 0.42])
+    assert _band(rows, "eval/format_rate") is None
+    # Graded strictly, avg@1 is the strict accuracy: one curve, not two on top of each other.
+    strict = [{**r, "eval/accuracy_strict": r["eval/avg@1"]} if "eval/avg@1" in r else r for r in rows]
+    assert _eval_keys(strict) == ["eval/avg@1", "eval/format_rate"]
+    # avg@n for several n, in order of n, and never their _se keys.
+    several = [{"step": 3, "eval/avg@4": 0.2, "eval/avg@16": 0.3, "eval/avg@4_se": 0.1, "eval/avg@16_se": 0.1}]
+    assert _eval_keys(several) == ["eval/avg@4", "eval/avg@16"]

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from opsd.launch.cli import main
-from opsd.launch.validate import validate_config
+from opsd.launch.validate import CANNOT_CHECK, validate_config
+from opsd.assets.gguf import ModelError
+from opsd.data import DataError
 from opsd.config import REPO_ROOT, ConfigError, load_config
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -32,24 +34,36 @@ def test_every_config_is_listed():
     assert sorted(p.name for p in CONFIGS) == sorted(NEEDS)
 
 
+# What validate cannot check on a machine where nothing was fetched, per shipped config.
+FETCHES = {
+    "local.yaml": ["opsd model fetch smollm2-135m"],
+    "gsm8k.yaml": ["opsd model fetch smollm2-135m", "opsd data fetch gsm8k"],
+    "qwen3-1.7b.yaml": ["hf download Qwen/Qwen3-1.7B"],
+    "qwen3-4b.yaml": ["hf download Qwen/Qwen3-4B"],
+    "qwen3-8b.yaml": ["hf download Qwen/Qwen3-8B"],
+}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
+def test_shipped_configs_validate(path, nothing_fetched):
     # Cluster recipes point at data that lives on the cluster; local ones must load their data here.
     check_data = not is_cluster_recipe(path)
     lines = validate_config(str(path), [], check_data=check_data)
-    assert lines[-1] == "ok"
+    verdict = [line for line in lines if line.startswith(CANNOT_CHECK)]
+    assert [line.rsplit("`", 2)[1] for line in verdict] == FETCHES.get(path.name, []), lines
+    assert lines[-1] == (verdict[-1] if verdict else "ok")
     assert any(NEEDS[path.name] in line for line in lines), lines
-    if check_data:
-        # the word problems, GSM8K's training part, or the toy set
-        rows = {"local.yaml": 900, "gsm8k.yaml": 769}.get(path.name, 4000)
+    if check_data and path.name != "gsm8k.yaml":
+        rows = {"local.yaml": 900}.get(path.name, 4000)  # the word problems or the toy set
         assert any(line.startswith("data: data.train_path") and f"{rows} problems" in line for line in lines), lines
+    assert not any(nothing_fetched.glob("**/*.whl")), "validate downloaded a wheel"
 
 
 @pytest.mark.parametrize("name", ["qwen3-1.7b.yaml", "qwen3-4b.yaml", "qwen3-8b.yaml"])
-def test_paper_recipes_can_push_over_nccl(name):
+def test_paper_recipes_can_push_over_nccl(name, nothing_fetched):
     # Whole GPUs per learner rank and rollout engine: each can be a member of a NCCL weight group.
     lines = validate_config(str(REPO_ROOT / "configs" / name), ["sync.transport=nccl"], check_data=False)
-    assert lines[-1] == "ok"
+    assert lines[-1].startswith(CANNOT_CHECK)  # the model: a hub id, not in this machine's cache
     cfg = load_config(REPO_ROOT / "configs" / name)
     assert f"sync: learner rank 0 -> {cfg.rollout.num_workers} rollout engine" in "\n".join(lines)
     assert any("broadcast over NCCL (GPU to GPU)" in line and "waits at most 600 s" in line for line in lines), lines
@@ -90,31 +104,31 @@ def test_paper_recipes_keep_the_published_settings(name, tokens):
 
 
 def test_a_cluster_recipe_with_its_data_missing_names_the_path():
-    with pytest.raises(ConfigError, match=r"data\.train_path.*/data/opsd/math_train\.jsonl"):
+    with pytest.raises(DataError, match=r"data\.train_path.*/data/opsd/math_train\.jsonl"):
         validate_config(str(REPO_ROOT / "configs" / "qwen3-1.7b.yaml"), [])
 
 
 def test_missing_data_path_names_key_and_path(tmp_path):
     missing = tmp_path / "nowhere.jsonl"
-    with pytest.raises(ConfigError, match="data.train_path") as err:
-        validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [f"data.train_path={missing}"])
+    with pytest.raises(DataError, match="data.train_path") as err:
+        validate_config(str(REPO_ROOT / "configs" / "tiny.yaml"), [f"data.train_path={missing}"])
     assert str(missing) in str(err.value)
 
 
 def test_missing_eval_path_is_checked_only_when_eval_runs(tmp_path):
     missing = tmp_path / "eval.jsonl"
-    local = str(REPO_ROOT / "configs" / "local.yaml")
-    with pytest.raises(ConfigError, match=r"eval\.path.*eval\.jsonl"):
-        validate_config(local, [f"eval.path={missing}", "eval.every=3"])
-    lines = validate_config(local, [f"eval.path={missing}", "eval.every=0"])
+    tiny = str(REPO_ROOT / "configs" / "tiny.yaml")
+    with pytest.raises(DataError, match=r"eval\.path.*eval\.jsonl"):
+        validate_config(tiny, [f"eval.path={missing}", "eval.every=3"])
+    lines = validate_config(tiny, [f"eval.path={missing}", "eval.every=0"])
     assert lines[-1] == "ok"
 
 
 def test_bad_data_row_is_reported_with_key_and_row(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")  # no solution
-    with pytest.raises(ConfigError, match=r"data\.train_path.*line 1.*solution"):
-        validate_config(str(REPO_ROOT / "configs" / "local.yaml"), [f"data.train_path={bad}"])
+    with pytest.raises(DataError, match=r"data\.train_path.*line 1.*solution"):
+        validate_config(str(REPO_ROOT / "configs" / "tiny.yaml"), [f"data.train_path={bad}"])
 
 
 def test_bad_keys_and_values_name_the_key(tmp_path):
@@ -158,7 +172,7 @@ def test_short_context_is_noted():
     assert any("capped at" in line and "952 tokens" in line for line in lines), lines
 
 
-def test_model_path_kinds(tmp_path):
+def test_model_path_kinds(tmp_path, nothing_fetched):
     local = str(REPO_ROOT / "configs" / "local.yaml")
 
     def model_line(path):
@@ -169,8 +183,12 @@ def test_model_path_kinds(tmp_path):
     assert "SmolLM2-135M-Instruct" in model_line("smollm2-135m") and "Apache-2.0" not in model_line("tiny")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert model_line(tmp_path / "m.gguf") == f"model: GGUF file {tmp_path / 'm.gguf'} (imported once into artifacts/gguf/ on first use)"
-    (tmp_path / "config.json").write_text("{}")
-    assert model_line(tmp_path) == f"model: local directory {tmp_path}"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    # What train would refuse, validate refuses: a directory with a config and no weights.
+    with pytest.raises(ModelError, match="no \\*.safetensors weights"):
+        model_line(model_dir)
     with pytest.raises(ConfigError, match="no config.json"):
         model_line(tmp_path.parent)
     for bad in ("org/name/extra", "./not/here", "just-a-name"):
@@ -178,12 +196,13 @@ def test_model_path_kinds(tmp_path):
             model_line(bad)
 
 
-def test_cli_skip_data_flag(capsys):
+def test_cli_skip_data_flag(capsys, nothing_fetched):
     recipe = str(REPO_ROOT / "configs" / "qwen3-1.7b.yaml")
-    assert main(["validate", recipe, "--skip-data"]) == 0
+    assert main(["validate", recipe, "--skip-data"]) == 3  # its hub model is not in this machine's cache
     assert "needs 4 GPUs, 14 CPUs" in capsys.readouterr().out
     assert main(["validate", recipe]) == 2
-    assert "/data/opsd/math_train.jsonl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "/data/opsd/math_train.jsonl" in err and err.strip().endswith("opsd validate --skip-data checks the rest of the config without the data")
 
 
 def test_validate_starts_and_imports_nothing_heavy():
