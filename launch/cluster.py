@@ -16,6 +16,7 @@ from typing import Any, Callable
 from opsd.launch.localhead import LocalCluster
 from opsd.launch.stopping import ActorLost
 from opsd.config import Config
+from opsd.workers.incarnation import Incarnation
 from opsd.workers.transports.base import StaleWeightsError
 
 # Every actor gets these (a job's runtime_env may not set the same names: Ray refuses to merge).
@@ -139,6 +140,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+class ActorReplaced(Exception):
+    """The cause of a restart that no failed call saw: the actor answered from a new process."""
+
+
 def actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
@@ -176,48 +181,88 @@ class ActorPool:
             for i in range(n)
         ]
         self.restarts = 0
-        self.pids: list[int | None] = [None] * n  # the process each actor runs in, once known
+        # The process each actor runs in, once known, by its incarnation's token: a pid can repeat
+        # on a replacement host (workers/incarnation.py).
+        self.incarnations: list[Incarnation | None] = [None] * n
+        self._behind: set[int] = set()  # counted as restarted, not yet brought to the current weights
+        self._recovering: set[int] = set()  # recover() is running for these (its on_restart may call it again)
         self.on_restart: Callable[[Any], None] | None = None
 
     def wait_ready(self) -> list:
         import ray
 
-        self.pids = ray.get([a.pid.remote() for a in self.actors])
+        self.incarnations = ray.get([a.incarnation.remote() for a in self.actors])
         return ray.get([a.get_version.remote() for a in self.actors])
 
+    def _known(self, i: int, now: Incarnation) -> bool:
+        known = self.incarnations[i]
+        return known is not None and known.token == now.token
+
     def recover(self, actor: Any, error: BaseException) -> None:
-        """Wait for a failed actor to be back, then bring it up to date (``on_restart``) once
-        per new process: a death seen twice (by a failed call and by a later check) counts once."""
+        """Wait for a failed actor to be back; if it runs in a new process, count the restart, say
+        so in one line naming the actor and ``error``, and bring it to the current weights
+        (``on_restart``). Each new process is counted and caught up once, whichever path saw its
+        predecessor die first (a failed call, a weight push, :meth:`check_alive`): the others find
+        it known, and return. One that dies again while it is caught up is recovered again."""
+        i = self.actors.index(actor)
+        if i in self._recovering:
+            # Called from inside this actor's own catch-up (a collective push watches its members):
+            # the catch-up fails, and the call that runs it sees to the actor.
+            return
+        self._recovering.add(i)
+        try:
+            while True:
+                now = self._wait_back(i, error)
+                if not self._known(i, now):
+                    self._count_restart(i, now, error)
+                elif i not in self._behind:
+                    return  # the process it had: the call failed, the actor did not die
+                try:
+                    if self.on_restart is not None:
+                        self.on_restart(actor)
+                except Exception as exc:
+                    # Died again while being caught up: the next process is counted and caught
+                    # up in turn. Any other failure of the catch-up is the run's to report.
+                    if self._known(i, self._wait_back(i, exc)):
+                        raise
+                    error = exc
+                    continue
+                self._behind.discard(i)
+                return
+        finally:
+            self._recovering.discard(i)
+
+    def _wait_back(self, i: int, error: BaseException) -> Incarnation:
+        """Actor i's incarnation once it answers again (Ray places a restarted actor again);
+        :class:`ActorLost` when it is not back within ``place_timeout``."""
         import ray
 
-        i = self.actors.index(actor)
         deadline = time.monotonic() + self.place_timeout
         while True:
             try:
-                pid = ray.get(actor.pid.remote(), timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
-                break
+                return ray.get(self.actors[i].incarnation.remote(),
+                               timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
             except actor_errors() + (ray.exceptions.GetTimeoutError,):
                 if time.monotonic() > deadline:
-                    asks = _asks(self.options)
                     raise ActorLost(
                         f"{self.kind} {i} died ({_first_line(error)}) and Ray did not place it again within "
-                        f"cluster.place_timeout_s={self.place_timeout:g} s (it asks for {asks}; was its node "
-                        "lost?)"
+                        f"cluster.place_timeout_s={self.place_timeout:g} s (it asks for {_asks(self.options)}; was "
+                        "its node lost?)"
                     ) from error
                 time.sleep(1.0)
-        if pid == self.pids[i]:
-            return  # the same process: already recovered, or it never went away
-        self.pids[i] = pid
+
+    def _count_restart(self, i: int, now: Incarnation, error: BaseException) -> None:
+        was, self.incarnations[i] = self.incarnations[i], now
+        self._behind.add(i)
         self.restarts += 1
         if self.restarts > self.max_restarts * len(self.actors):
             raise ActorLost(
                 f"{self.kind} actors failed too often ({self.restarts} restarts, train.max_actor_restarts="
                 f"{self.max_restarts} per actor): {_first_line(error)}"
             ) from error
-        print(f"opsd: warning: {self.kind} {i} died ({_first_line(error)}); Ray restarted it (restart "
-              f"{self.restarts}), bringing it to the current weights", flush=True)
-        if self.on_restart is not None:
-            self.on_restart(actor)
+        before = f"; it was {was.where()}" if was is not None else ""
+        print(f"opsd: warning: {self.kind} {i} died ({_first_line(error)}); Ray restarted it as {now.where()} "
+              f"(restart {self.restarts}{before}), bringing it to the current weights", flush=True)
 
     def check_alive(self) -> None:
         """Recover every actor that died, or was restarted, since it was last used."""
@@ -225,12 +270,12 @@ class ActorPool:
 
         for i, actor in enumerate(self.actors):
             try:
-                pid = ray.get(actor.pid.remote())
+                now = ray.get(actor.incarnation.remote())
             except actor_errors() as exc:
                 self.recover(actor, exc)
                 continue
-            if pid != self.pids[i]:
-                self.recover(actor, RuntimeError(f"{self.kind} {i} was restarted"))
+            if not self._known(i, now) or i in self._behind:
+                self.recover(actor, ActorReplaced("no call of it failed; it answered a check from a new process"))
 
     def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
         """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""

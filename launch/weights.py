@@ -85,6 +85,12 @@ class WeightSync:
             return
         local = self.one_host is not None and all(map(self._local, pools))
         self.last_update = self.learner.push(version, (self.one_host if local else self.primary).name)
+        for pool in pools:
+            # A receiver restarted since its last call would take this push as if nothing had
+            # happened, uncounted and unannounced (and an EMA teacher would blend it into the
+            # initial weights): recover it first. The learner is idle and holds this update, so
+            # the catch-up is exact.
+            pool.check_alive()
         try:
             for pool in pools:
                 self._deliver(pool, self.last_update)
