@@ -158,6 +158,7 @@ class Pending:
     args: list[tuple]
     kwargs: dict
     refs: dict[int, Any]
+    probes: dict[int, Any]  # each actor's incarnation, asked for just before its call
 
 
 class ActorPool:
@@ -198,17 +199,18 @@ class ActorPool:
         known = self.incarnations[i]
         return known is not None and known.token == now.token
 
-    def recover(self, actor: Any, error: BaseException) -> None:
+    def recover(self, actor: Any, error: BaseException) -> bool:
         """Wait for a failed actor to be back; if it runs in a new process, count the restart, say
         so in one line naming the actor and ``error``, and bring it to the current weights
         (``on_restart``). Each new process is counted and caught up once, whichever path saw its
         predecessor die first (a failed call, a weight push, :meth:`check_alive`): the others find
-        it known, and return. One that dies again while it is caught up is recovered again."""
+        it known, and return. One that dies again while it is caught up is recovered again.
+        Returns whether the actor was a new process (or one not yet caught up)."""
         i = self.actors.index(actor)
         if i in self._recovering:
             # Called from inside this actor's own catch-up (a collective push watches its members):
             # the catch-up fails, and the call that runs it sees to the actor.
-            return
+            return True
         self._recovering.add(i)
         try:
             while True:
@@ -216,7 +218,7 @@ class ActorPool:
                 if not self._known(i, now):
                     self._count_restart(i, now, error)
                 elif i not in self._behind:
-                    return  # the process it had: the call failed, the actor did not die
+                    return False  # the process it had: the call failed, the actor did not die
                 try:
                     if self.on_restart is not None:
                         self.on_restart(actor)
@@ -228,7 +230,7 @@ class ActorPool:
                     error = exc
                     continue
                 self._behind.discard(i)
-                return
+                return True
         finally:
             self._recovering.discard(i)
 
@@ -266,45 +268,58 @@ class ActorPool:
 
     def check_alive(self) -> None:
         """Recover every actor that died, or was restarted, since it was last used."""
+        for i, actor in enumerate(self.actors):
+            self._check(i, actor.incarnation.remote())
+
+    def _check(self, i: int, probe: Any) -> bool:
+        """Recover actor i if ``probe`` (its incarnation, asked for) shows a process that died, or
+        one the pool does not know or has not caught up; returns whether it was such a process."""
         import ray
 
-        for i, actor in enumerate(self.actors):
-            try:
-                now = ray.get(actor.incarnation.remote())
-            except actor_errors() as exc:
-                self.recover(actor, exc)
-                continue
-            if not self._known(i, now) or i in self._behind:
-                self.recover(actor, ActorReplaced("no call of it failed; it answered a check from a new process"))
+        try:
+            now = ray.get(probe)
+        except actor_errors() as exc:
+            return self.recover(self.actors[i], exc)
+        if self._known(i, now) and i not in self._behind:
+            return False
+        return self.recover(self.actors[i], ActorReplaced("a new process answered; no call to the old one had failed"))
 
     def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
         """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""
+        # Ray runs an actor's calls from this process in the order they were made: the probe
+        # names the process the call runs in, unless it dies in between (then the call fails).
+        probes = {i: self.actors[i].incarnation.remote() for i in range(len(per_actor_args))}
         refs = {i: getattr(self.actors[i], method).remote(*a, **kwargs) for i, a in enumerate(per_actor_args)}
-        return Pending(method, per_actor_args, kwargs, refs)
+        return Pending(method, per_actor_args, kwargs, refs, probes)
 
     def collect(self, pending: "Pending") -> list:
-        """Results in actor order; a call whose actor died is retried on the restarted actor."""
+        """Results in actor order; a call whose actor died is retried on the restarted actor, and
+        so is one that a restarted actor took before the pool knew of the restart (it ran before
+        the catch-up, and, unguarded by a version, may have used the initial weights)."""
         import ray
 
-        refs = dict(pending.refs)
+        refs, probes = dict(pending.refs), dict(pending.probes)
         results: dict[int, Any] = {}
         while refs:
             i, ref = next(iter(refs.items()))
-            try:
-                results[i] = ray.get(ref)
-                del refs[i]
-                continue
-            except actor_errors() as exc:
-                self.recover(self.actors[i], exc)
-            except ray.exceptions.RayTaskError as exc:
-                if not isinstance(exc.cause, StaleWeightsError):
-                    raise
-                # A call queued while the actor restarted reached it before its catch-up push.
-                self.recover(self.actors[i], exc)
+            probe = probes.pop(i, None)
+            if probe is None or not self._check(i, probe):
+                try:
+                    results[i] = ray.get(ref)
+                    del refs[i]
+                    continue
+                except actor_errors() as exc:
+                    self.recover(self.actors[i], exc)
+                except ray.exceptions.RayTaskError as exc:
+                    if not isinstance(exc.cause, StaleWeightsError):
+                        raise
+                    # A call queued while the actor restarted reached it before its catch-up push.
+                    self.recover(self.actors[i], exc)
             # The restarted actor now holds the newest weights, which may be newer than those
             # the call was made for (rollouts overlapping training); each result carries its
             # version, and the driver decides what is too stale.
             retry = {**pending.kwargs, "expect_version": None} if "expect_version" in pending.kwargs else pending.kwargs
+            probes[i] = self.actors[i].incarnation.remote()
             refs[i] = getattr(self.actors[i], pending.method).remote(*pending.args[i], **retry)
         return [results[i] for i in range(len(pending.args))]
 

@@ -132,6 +132,28 @@ def test_a_death_first_seen_by_the_check_is_announced_once_and_the_failed_call_t
         pool.kill()
 
 
+def test_a_death_between_two_calls_is_announced_and_the_next_call_redone_after_the_catch_up(
+    ray_session, tmp_path, capsys
+):
+    ray = ray_session
+    pool, caught_up = pool_at_version(ray, 9)
+    marker = tmp_path / "died"
+    marker.touch()  # `work` answers at once
+    try:
+        actor = pool.actors[0]
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.die.remote())  # the pool does not see this death
+        # No call of the pool fails: the next one may well run on the new process, with the
+        # initial weights (version 0), before the pool knows. Its probe tells, and the call is redone.
+        assert pool.map("work", [(1, str(marker))]) == [(1, 9)]
+        assert pool.restarts == 1 and len(caught_up) == 1
+        lines = warnings_in(capsys.readouterr().out)
+        assert len(lines) == 1 and "restart 1" in lines[0], lines
+        assert pool.map("work", [(2, str(marker))]) == [(2, 9)] and pool.restarts == 1  # nothing more to see
+    finally:
+        pool.kill()
+
+
 def test_an_actor_that_dies_again_while_it_is_caught_up_is_recovered_again(ray_session, capsys):
     ray = ray_session
     pool = ActorPool("rollout", SamePid, 1, {"num_cpus": 0}, (), max_restarts=2, place_timeout=120)
