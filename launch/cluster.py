@@ -2,7 +2,8 @@
 
 A rollout worker or scorer that dies is restarted by Ray (``max_restarts``); the call that was in
 flight is retried here on the restarted actor after it has been brought back to the current
-weights, so a step's prompts are neither lost nor done twice.
+weights, so a step's prompts are neither lost nor done twice. A restarted actor is told from the
+one it replaced by its incarnation's token (workers/incarnation.py), never by its pid.
 """
 
 from __future__ import annotations
