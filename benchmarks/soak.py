@@ -25,8 +25,16 @@ from typing import Any, Callable
 DEFAULTS = ("train.checkpoint_every=100", "train.keep_checkpoints=2", "eval.every=0", "logging.tensorboard=false")
 
 
-def _pid(_actor: Any) -> int:
-    return os.getpid()
+def _pid_and_node(_actor: Any) -> tuple[int, str]:
+    import ray
+
+    return os.getpid(), ray.get_runtime_context().get_node_id()
+
+
+def readable_pids(where: list[tuple[int, str]], here: str) -> list[int | None]:
+    """The pids of processes on the driver's Ray node ``here``, None for the others: a pid of
+    another host (a PID namespace of its own) names another process, or none, in this /proc."""
+    return [pid if node == here else None for pid, node in where]
 
 
 def _kib_field(path: str, field: str) -> float | None:
@@ -100,16 +108,19 @@ def sample(trainer: Any, step: int, cluster_session: int | None) -> dict:
     roles = {"rollout": actors.rollouts.actors, "learner": actors.learner.ranks}
     if actors.scorers is not None:
         roles["scorer"] = actors.scorers.actors
-    pids = {role: ray.get([a.__ray_call__.remote(_pid) for a in handles]) for role, handles in roles.items()}
+    here = ray.get_runtime_context().get_node_id()
+    pids = {role: readable_pids(ray.get([a.__ray_call__.remote(_pid_and_node) for a in handles]), here)
+            for role, handles in roles.items()}
     pids["driver"] = [os.getpid()]
     row: dict = {"step": step, "time": time.time()}
     for role, ps in pids.items():
         for i, pid in enumerate(ps):
-            row[f"rss_mb/{role}{i}"] = proc_rss_mb(pid)
-            row[f"shmem_mb/{role}{i}"] = proc_shmem_mb(pid)
-            row[f"fds/{role}{i}"] = proc_fds(pid)
+            on_this_host = pid is not None
+            row[f"rss_mb/{role}{i}"] = proc_rss_mb(pid) if on_this_host else None
+            row[f"shmem_mb/{role}{i}"] = proc_shmem_mb(pid) if on_this_host else None
+            row[f"fds/{role}{i}"] = proc_fds(pid) if on_this_host else None
     if cluster_session is not None:
-        actor_pids = {p for ps in pids.values() for p in ps}
+        actor_pids = {p for ps in pids.values() for p in ps if p is not None}
         others = [p for p in session_members(cluster_session) if p not in actor_pids]
         row["rss_mb/ray_daemons"] = sum(proc_rss_mb(p) or 0.0 for p in others)
         row["processes/ray_daemons"] = len(others)

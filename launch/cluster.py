@@ -2,7 +2,8 @@
 
 A rollout worker or scorer that dies is restarted by Ray (``max_restarts``); the call that was in
 flight is retried here on the restarted actor after it has been brought back to the current
-weights, so a step's prompts are neither lost nor done twice.
+weights, so a step's prompts are neither lost nor done twice. A restarted actor is told from the
+one it replaced by its incarnation's token (workers/incarnation.py), never by its pid.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 from opsd.launch.localhead import LocalCluster
 from opsd.launch.stopping import ActorLost
 from opsd.config import Config
+from opsd.workers.incarnation import Incarnation
 from opsd.workers.transports.base import StaleWeightsError
 
 # Every actor gets these (a job's runtime_env may not set the same names: Ray refuses to merge).
@@ -139,6 +141,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+class ActorReplaced(Exception):
+    """The cause of a restart that no failed call saw: the actor answered from a new process."""
+
+
 def actor_errors() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
@@ -153,6 +159,7 @@ class Pending:
     args: list[tuple]
     kwargs: dict
     refs: dict[int, Any]
+    probes: dict[int, Any]  # each actor's incarnation, asked for just before its call
 
 
 class ActorPool:
@@ -176,90 +183,144 @@ class ActorPool:
             for i in range(n)
         ]
         self.restarts = 0
-        self.pids: list[int | None] = [None] * n  # the process each actor runs in, once known
+        # The process each actor runs in, once known, by its incarnation's token: a pid can repeat
+        # on a replacement host (workers/incarnation.py).
+        self.incarnations: list[Incarnation | None] = [None] * n
+        self._behind: set[int] = set()  # counted as restarted, not yet brought to the current weights
+        self._recovering: set[int] = set()  # recover() is running for these (its on_restart may call it again)
         self.on_restart: Callable[[Any], None] | None = None
 
     def wait_ready(self) -> list:
         import ray
 
-        self.pids = ray.get([a.pid.remote() for a in self.actors])
+        self.incarnations = ray.get([a.incarnation.remote() for a in self.actors])
         return ray.get([a.get_version.remote() for a in self.actors])
 
-    def recover(self, actor: Any, error: BaseException) -> None:
-        """Wait for a failed actor to be back, then bring it up to date (``on_restart``) once
-        per new process: a death seen twice (by a failed call and by a later check) counts once."""
+    def _known(self, i: int, now: Incarnation) -> bool:
+        known = self.incarnations[i]
+        return known is not None and known.token == now.token
+
+    def recover(self, actor: Any, error: BaseException) -> bool:
+        """Wait for a failed actor to be back; if it runs in a new process, count the restart, say
+        so in one line naming the actor and ``error``, and bring it to the current weights
+        (``on_restart``). Each new process is counted and caught up once, whichever path saw its
+        predecessor die first (a failed call, a weight push, :meth:`check_alive`): the others find
+        it known, and return. One that dies again while it is caught up is recovered again.
+        Returns whether the actor was a new process (or one not yet caught up)."""
+        i = self.actors.index(actor)
+        if i in self._recovering:
+            # Called from inside this actor's own catch-up (a collective push watches its members):
+            # the catch-up fails, and the call that runs it sees to the actor.
+            return True
+        self._recovering.add(i)
+        try:
+            while True:
+                now = self._wait_back(i, error)
+                if not self._known(i, now):
+                    self._count_restart(i, now, error)
+                elif i not in self._behind:
+                    return False  # the process it had: the call failed, the actor did not die
+                try:
+                    if self.on_restart is not None:
+                        self.on_restart(actor)
+                except Exception as exc:
+                    # Died again while being caught up: the next process is counted and caught
+                    # up in turn. Any other failure of the catch-up is the run's to report.
+                    if self._known(i, self._wait_back(i, exc)):
+                        raise
+                    error = exc
+                    continue
+                self._behind.discard(i)
+                return True
+        finally:
+            self._recovering.discard(i)
+
+    def _wait_back(self, i: int, error: BaseException) -> Incarnation:
+        """Actor i's incarnation once it answers again (Ray places a restarted actor again);
+        :class:`ActorLost` when it is not back within ``place_timeout``."""
         import ray
 
-        i = self.actors.index(actor)
         deadline = time.monotonic() + self.place_timeout
         while True:
             try:
-                pid = ray.get(actor.pid.remote(), timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
-                break
+                return ray.get(self.actors[i].incarnation.remote(),
+                               timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
             except actor_errors() + (ray.exceptions.GetTimeoutError,):
                 if time.monotonic() > deadline:
-                    asks = _asks(self.options)
                     raise ActorLost(
                         f"{self.kind} {i} died ({_first_line(error)}) and Ray did not place it again within "
-                        f"cluster.place_timeout_s={self.place_timeout:g} s (it asks for {asks}; was its node "
-                        "lost?)"
+                        f"cluster.place_timeout_s={self.place_timeout:g} s (it asks for {_asks(self.options)}; was "
+                        "its node lost?)"
                     ) from error
                 time.sleep(1.0)
-        if pid == self.pids[i]:
-            return  # the same process: already recovered, or it never went away
-        self.pids[i] = pid
+
+    def _count_restart(self, i: int, now: Incarnation, error: BaseException) -> None:
+        was, self.incarnations[i] = self.incarnations[i], now
+        self._behind.add(i)
         self.restarts += 1
         if self.restarts > self.max_restarts * len(self.actors):
             raise ActorLost(
                 f"{self.kind} actors failed too often ({self.restarts} restarts, train.max_actor_restarts="
                 f"{self.max_restarts} per actor): {_first_line(error)}"
             ) from error
-        print(f"opsd: warning: {self.kind} {i} died ({_first_line(error)}); Ray restarted it (restart "
-              f"{self.restarts}), bringing it to the current weights", flush=True)
-        if self.on_restart is not None:
-            self.on_restart(actor)
+        before = f"; it was {was.where()}" if was is not None else ""
+        print(f"opsd: warning: {self.kind} {i} died ({_first_line(error)}); Ray restarted it as {now.where()} "
+              f"(restart {self.restarts}{before}), bringing it to the current weights", flush=True)
 
     def check_alive(self) -> None:
         """Recover every actor that died, or was restarted, since it was last used."""
+        for i, actor in enumerate(self.actors):
+            self._check(i, actor.incarnation.remote())
+
+    def _check(self, i: int, probe: Any) -> bool:
+        """Recover actor i if ``probe`` (its incarnation, asked for) shows a process that died, or
+        one the pool does not know or has not caught up; returns whether it was such a process."""
         import ray
 
-        for i, actor in enumerate(self.actors):
-            try:
-                pid = ray.get(actor.pid.remote())
-            except actor_errors() as exc:
-                self.recover(actor, exc)
-                continue
-            if pid != self.pids[i]:
-                self.recover(actor, RuntimeError(f"{self.kind} {i} was restarted"))
+        try:
+            now = ray.get(probe)
+        except actor_errors() as exc:
+            return self.recover(self.actors[i], exc)
+        if self._known(i, now) and i not in self._behind:
+            return False
+        return self.recover(self.actors[i], ActorReplaced("a new process answered; no call to the old one had failed"))
 
     def submit(self, method: str, per_actor_args: list[tuple], **kwargs) -> "Pending":
         """Start ``method`` on actor i with per_actor_args[i]; :meth:`collect` waits for it."""
+        # Ray runs an actor's calls from this process in the order they were made: the probe
+        # names the process the call runs in, unless it dies in between (then the call fails).
+        probes = {i: self.actors[i].incarnation.remote() for i in range(len(per_actor_args))}
         refs = {i: getattr(self.actors[i], method).remote(*a, **kwargs) for i, a in enumerate(per_actor_args)}
-        return Pending(method, per_actor_args, kwargs, refs)
+        return Pending(method, per_actor_args, kwargs, refs, probes)
 
     def collect(self, pending: "Pending") -> list:
-        """Results in actor order; a call whose actor died is retried on the restarted actor."""
+        """Results in actor order; a call whose actor died is retried on the restarted actor, and
+        so is one that a restarted actor took before the pool knew of the restart (it ran before
+        the catch-up, and, unguarded by a version, may have used the initial weights)."""
         import ray
 
-        refs = dict(pending.refs)
+        refs, probes = dict(pending.refs), dict(pending.probes)
         results: dict[int, Any] = {}
         while refs:
             i, ref = next(iter(refs.items()))
-            try:
-                results[i] = ray.get(ref)
-                del refs[i]
-                continue
-            except actor_errors() as exc:
-                self.recover(self.actors[i], exc)
-            except ray.exceptions.RayTaskError as exc:
-                if not isinstance(exc.cause, StaleWeightsError):
-                    raise
-                # A call queued while the actor restarted reached it before its catch-up push.
-                self.recover(self.actors[i], exc)
+            probe = probes.pop(i, None)
+            if probe is None or not self._check(i, probe):
+                try:
+                    results[i] = ray.get(ref)
+                    del refs[i]
+                    continue
+                except actor_errors() as exc:
+                    self.recover(self.actors[i], exc)
+                except ray.exceptions.RayTaskError as exc:
+                    if not isinstance(exc.cause, StaleWeightsError):
+                        raise
+                    # A call queued while the actor restarted reached it before its catch-up push.
+                    self.recover(self.actors[i], exc)
             # The restarted actor now holds the newest weights, which may be newer than those
             # the call was made for (rollouts overlapping training); each result carries its
             # version, and the driver decides what is too stale.
             retry = {**pending.kwargs, "expect_version": None} if "expect_version" in pending.kwargs else pending.kwargs
+            probes[i] = self.actors[i].incarnation.remote()
             refs[i] = getattr(self.actors[i], pending.method).remote(*pending.args[i], **retry)
         return [results[i] for i in range(len(pending.args))]
 

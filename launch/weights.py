@@ -4,7 +4,7 @@ teacher). :class:`WeightSync` is the one place where a push's path is chosen (do
 
 * **store-and-forward** (object_store, in_place): the learner sends, then each receiver loads
   the update it is handed (:meth:`WeightSync._deliver`); a restarted receiver catches up from the
-  same handle. With ``sync.shared_memory`` and every receiver on learner rank 0's Ray node, the
+  same handle, also one restarted while idle, which the check before the loads finds. With ``sync.shared_memory`` and every receiver on learner rank 0's Ray node, the
   primary transport's ``on_one_host`` variant (in_place) carries the push; a receiver that cannot
   read it after all gets the push again through the variant's ``fallback`` (object_store), and so
   do all later pushes. A restarted receiver on another node is caught up through the primary.
@@ -85,6 +85,12 @@ class WeightSync:
             return
         local = self.one_host is not None and all(map(self._local, pools))
         self.last_update = self.learner.push(version, (self.one_host if local else self.primary).name)
+        for pool in pools:
+            # A receiver restarted since its last call would take this push as if nothing had
+            # happened, uncounted and unannounced (and an EMA teacher would blend it into the
+            # initial weights): recover it first. The learner is idle and holds this update, so
+            # the catch-up is exact.
+            pool.check_alive()
         try:
             for pool in pools:
                 self._deliver(pool, self.last_update)

@@ -19,6 +19,7 @@ from opsd.config import Config, actor_threads, serves_adapter
 from opsd.lora import adapter_shapes, vllm_max_rank, write_adapter
 from opsd.objectives import PRIMARY, scored_contexts
 from opsd.scoring import RowTargets
+from opsd.workers.incarnation import Incarnation
 from opsd.workers.scorer import scored_batch
 from opsd.workers.transports import Receivers, transport
 from opsd.workers.transports.base import (
@@ -51,6 +52,7 @@ class RolloutWorker:
     role = "rollout"
 
     def __init__(self, cfg: Config, model_path: str, worker_index: int = 0):
+        self._incarnation = Incarnation.draw()
         # Keep the engine core in this actor's process, on CPU and GPU alike: start-up is faster,
         # and collective_rpc hands its arguments to the model's workers as Python objects.
         # Across an engine-core process boundary they would travel as msgpack, which turns
@@ -117,7 +119,7 @@ class RolloutWorker:
         self.contexts = scored_contexts(cfg) if scores else {}
 
     def ready(self) -> dict:
-        return {"version": self.version, "start_seconds": self.start_seconds, "pid": os.getpid()}
+        return {"version": self.version, "start_seconds": self.start_seconds, "incarnation": self._incarnation.token}
 
     def get_version(self) -> int:
         return self.version
@@ -128,9 +130,9 @@ class RolloutWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def pid(self) -> int:
-        """Tells a restarted actor from the one it replaced."""
-        return os.getpid()
+    def incarnation(self) -> Incarnation:
+        """Tells a restarted actor from the one it replaced (its pid cannot: workers/incarnation.py)."""
+        return self._incarnation
 
     def generate(
         self,

@@ -10,7 +10,6 @@ forward itself is opsd.scoring.teacher_targets (torch only, shared with the GPU 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -20,6 +19,7 @@ from opsd.dtypes import torch_dtype
 from opsd.losses import fp32_lm_head
 from opsd.objectives import PRIMARY, scored_contexts
 from opsd.scoring import RowTargets, teacher_targets
+from opsd.workers.incarnation import Incarnation
 from opsd.workers.transports import Receivers
 from opsd.workers.transports.base import (
     BucketLayout, GroupSpec, WeightUpdate, check_against, check_layout, require_version,
@@ -58,6 +58,7 @@ class ScorerWorker:
     def __init__(self, cfg: Config, model_path: str):
         from transformers import AutoModelForCausalLM
 
+        self._incarnation = Incarnation.draw()
         torch.manual_seed(cfg.train.seed)
         if cfg.cluster.device == "cpu":
             torch.set_num_threads(actor_threads(cfg.scorer.num_threads, cfg.scorer.num_cpus_per_worker))
@@ -158,9 +159,9 @@ class ScorerWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def pid(self) -> int:
-        """Tells a restarted actor from the one it replaced."""
-        return os.getpid()
+    def incarnation(self) -> Incarnation:
+        """Tells a restarted actor from the one it replaced (its pid cannot: workers/incarnation.py)."""
+        return self._incarnation
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """The teacher's weights (the fp32 EMA for an EMA teacher): for checks and for resuming."""

@@ -247,11 +247,11 @@ def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
 
         group.train_step(table)
         victim = rollouts.actors[1]
-        pid = ray.get(victim.ready.remote())["pid"]
+        before = ray.get(victim.ready.remote())["incarnation"]
         ray.kill(victim, no_restart=False)
         sync.push(2, [rollouts, scorers])
         assert rollouts.restarts == 1
-        assert ray.get(victim.ready.remote())["pid"] != pid
+        assert ray.get(victim.ready.remote())["incarnation"] != before
         check(2)
     finally:
         rollouts.kill()

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from opsd.benchmarks.soak import dir_usage, growth, proc_fds, proc_rss_mb, proc_shmem_mb
+from opsd.benchmarks.soak import dir_usage, growth, proc_fds, proc_rss_mb, proc_shmem_mb, readable_pids
 
 
 def test_growth_is_the_least_squares_slope_after_warmup():
@@ -35,3 +35,8 @@ def test_proc_readings_of_this_process(tmp_path):
     (tmp_path / "d" / "a").write_bytes(b"x" * 10000)
     used, files = dir_usage(tmp_path)
     assert files == 2 and used >= 10000
+
+
+def test_only_processes_on_the_drivers_node_are_read_by_pid():
+    # pid 108 on another host is another process (or none) in this /proc: never read.
+    assert readable_pids([(108, "nodeA"), (108, "nodeB"), (7, "nodeA")], "nodeA") == [108, None, 7]
