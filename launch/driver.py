@@ -34,6 +34,7 @@ from opsd.launch.pipeline import Pipeline, Ready
 from opsd.launch.problems import load_training_set
 from opsd.launch.recovery import NumericsWatch, check_restart, learner_died, new_learner_group, restore_ema_teacher
 from opsd.launch.stopping import ActorLost, StopSignals, Stopped
+from opsd.launch.validate import check_teacher_tokenizer
 
 
 class Trainer:
@@ -50,7 +51,17 @@ class Trainer:
         check_model_dir(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=cfg.model.trust_remote_code)
         check(cfg, vocab_size=len(self.tokenizer))
-        self.data = load_training_set(cfg, self.tokenizer)
+        # Another model as the teacher (teacher.model): what its scorers load, and its tokenizer,
+        # whose chat template renders the teacher's prompts. None: the student is its own teacher.
+        self.teacher_path: str | None = None
+        teacher_tokenizer = None
+        if cfg.teacher.model is not None:
+            self.teacher_path = resolve_model_path(cfg.teacher.model)
+            check_model_dir(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+            check_teacher_tokenizer(cfg, (self.model_path, self.teacher_path))  # as opsd validate does
+            teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_path,
+                                                              trust_remote_code=cfg.model.trust_remote_code)
+        self.data = load_training_set(cfg, self.tokenizer, teacher_tokenizer)
         self.step = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
         self.teacher_version = 0  # the weights the teacher scores with
@@ -62,7 +73,7 @@ class Trainer:
         self.run: RunDir | None = None
 
     def start(self, *, local_cluster: bool = True) -> None:
-        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster)
+        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster, teacher_path=self.teacher_path)
         say(f"{len(self.data.pairs)} training problems")
         rollouts, scorers = self.actors.rollouts, self.actors.scorers
         # A restarted actor is brought to the current weights before its call is retried.

