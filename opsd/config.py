@@ -726,11 +726,6 @@ def _check_objective(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.position_weight_min' = {cfg.loss.position_weight_min}; expected 0..1")
 
 
-def external_teacher(cfg: Config) -> bool:
-    """Whether the teacher is another model (teacher.model), not the student itself."""
-    return cfg.teacher.model is not None
-
-
 def _check_teacher_model(cfg: Config) -> None:
     """teacher.model: what assumes that the teacher is the student is refused, naming the key to
     change (docs/DESIGN.md, "Another model as the teacher"). Run after _check_objective, which

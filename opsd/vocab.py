@@ -45,6 +45,10 @@ class NotLocal(Exception):
     """A model's files are not on this machine and fetching them was not allowed."""
 
 
+class Unreadable(Exception):
+    """A local model directory whose tokenizer transformers cannot load."""
+
+
 def tokenizer_facts(tokenizer: Any, where: str, *, stop_ids: Any = None, rows: int | None = None) -> TokenizerFacts:
     special = {name: (getattr(tokenizer, f"{name}_token", None), getattr(tokenizer, f"{name}_token_id", None))
                for name in SPECIAL}
@@ -56,13 +60,18 @@ def tokenizer_facts(tokenizer: Any, where: str, *, stop_ids: Any = None, rows: i
 def read_facts(path: str, *, local_only: bool, trust_remote_code: bool = False) -> TokenizerFacts:
     """The facts of the model at ``path`` (a directory or a hub id). With ``local_only`` nothing is
     fetched: a hub id whose tokenizer is not in the local cache raises :class:`NotLocal`."""
+    from pathlib import Path
+
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=trust_remote_code)
-    except OSError as exc:  # transformers' answer to files it cannot find (or, offline, fetch)
-        if local_only:
-            raise NotLocal(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    except Exception as exc:  # transformers fails in many ways on files it cannot find or read
+        if Path(path).is_dir():
+            raise Unreadable(f"{path}: transformers cannot load its tokenizer ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        if local_only and isinstance(exc, OSError):  # what it raises for a hub id it may not fetch
+            raise NotLocal(f"{path} is not in the local hub cache") from exc
         raise
     try:
         stop = GenerationConfig.from_pretrained(path, local_files_only=local_only).eos_token_id
@@ -115,7 +124,10 @@ def compare(student: str, teacher: str, *, local_only: bool, trust_remote_code: 
         t = read_facts(teacher, local_only=local_only, trust_remote_code=trust_remote_code)
     except NotLocal as exc:
         return Answer(UNCHECKED, f"cannot check without fetching: the teacher's tokenizer against the student's "
-                                 f"({exc}; opsd train checks it again once it has fetched them)")
+                                 f"({exc}; opsd train checks it at start, once it has fetched both)")
+    except Unreadable as exc:
+        return Answer(REFUSED, f"config key '{key}' = {teacher!r}: cannot compare the teacher's tokenizer with the student's "
+                               f"({exc}); each model directory needs its tokenizer files")
     found = differences(s, t)
     if found:
         return Answer(REFUSED, (
