@@ -71,7 +71,8 @@ class Actors:
         self.learner.shutdown()
 
 
-def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True, teacher_path: str | None = None) -> Actors:
+def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
+                 teacher_path: str | None = None) -> Actors:
     """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up). The
     scorers load ``teacher_path`` (another model, teacher.model, resolved), else the student's
     ``model_path``."""

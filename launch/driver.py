@@ -73,7 +73,8 @@ class Trainer:
         self.run: RunDir | None = None
 
     def start(self, *, local_cluster: bool = True) -> None:
-        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster, teacher_path=self.teacher_path)
+        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster,
+                                   teacher_path=self.teacher_path)
         say(f"{len(self.data.pairs)} training problems")
         rollouts, scorers = self.actors.rollouts, self.actors.scorers
         # A restarted actor is brought to the current weights before its call is retried.

@@ -765,8 +765,8 @@ def _check_teacher_model(cfg: Config) -> None:
         )
     if obj.responses(cfg) == "teacher":
         raise ConfigError(
-            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its responses are sampled from the teacher's "
-            "prompt by the rollout engines, which hold the student, not teacher.model (for kd: kd.source="
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its responses are sampled from the "
+            "teacher's prompt by the rollout engines, which hold the student, not teacher.model (for kd: kd.source="
             "teacher_samples); use kd.source=reference (the teacher's targets along the reference solutions) or "
             "unset teacher.model"
         )

@@ -104,7 +104,8 @@ class PromptBuilder:
             s_ids = self.student_ids(p.problem)
             messages = self.teacher_messages(p.problem, p.solution) if teacher is None else teacher(p)
             t_ids = None if messages is None else teacher_builder.teacher_context_ids(messages)
-            over = [(who, len(ids), b) for who, ids, b in (("student", s_ids, self), ("teacher", t_ids, teacher_builder))
+            over = [(who, len(ids), b)
+                    for who, ids, b in (("student", s_ids, self), ("teacher", t_ids, teacher_builder))
                     if ids is not None and len(ids) > b.prompt_limit]
             if over:
                 if self.cfg.overlong == "skip":

@@ -126,8 +126,8 @@ def compare(student: str, teacher: str, *, local_only: bool, trust_remote_code: 
         return Answer(UNCHECKED, f"cannot check without fetching: the teacher's tokenizer against the student's "
                                  f"({exc}; opsd train checks it at start, once it has fetched both)")
     except Unreadable as exc:
-        return Answer(REFUSED, f"config key '{key}' = {teacher!r}: cannot compare the teacher's tokenizer with the student's "
-                               f"({exc}); each model directory needs its tokenizer files")
+        return Answer(REFUSED, f"config key '{key}' = {teacher!r}: cannot compare the teacher's tokenizer with the "
+                               f"student's ({exc}); each model directory needs its tokenizer files")
     found = differences(s, t)
     if found:
         return Answer(REFUSED, (

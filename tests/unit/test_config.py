@@ -353,7 +353,8 @@ def test_teacher_model_defaults_to_the_student_and_takes_a_model_reference():
     (["algo=grpo", "rollout.n=2", "loss.kl_coef=0.01"], "'teacher.model' = 'other' with algo=grpo",
      "set loss.kl_coef=0"),
     (["algo=kd", "kd.source=teacher_samples"], "'teacher.model' = 'other' with algo=kd", "use kd.source=reference"),
-    (["algo=grpo", "rollout.n=2"], "'teacher.model' is set with algo=grpo, which scores nothing", "unset teacher.model"),
+    (["algo=grpo", "rollout.n=2"], "'teacher.model' is set with algo=grpo, which scores nothing",
+     "unset teacher.model"),
     (["algo=sft"], "'teacher.model' is set with algo=sft, which scores nothing", "unset teacher.model"),
 ], ids=["live", "ema", "live-on-engines", "fixed-on-engines", "grpo-kl-reference", "kd-teacher-samples", "grpo-no-kl",
         "sft"])
