@@ -57,7 +57,7 @@ class Trainer:
         teacher_tokenizer = None
         if cfg.teacher.model is not None:
             self.teacher_path = resolve_model_path(cfg.teacher.model)
-            check_model_dir(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+            check_model_dir(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code, key="teacher.model")
             check_teacher_tokenizer(cfg, (self.model_path, self.teacher_path))  # as opsd validate does
             teacher_tokenizer = AutoTokenizer.from_pretrained(self.teacher_path,
                                                               trust_remote_code=cfg.model.trust_remote_code)
