@@ -39,12 +39,12 @@ def student(tmp_path, small) -> str:
     return _save(tmp_path / "student", small, rows=320, stop=[2, 0])
 
 
-def test_the_same_tokenizer_is_ok(tmp_path, student):
+def test_the_same_tokenizer_is_ok(tmp_path, student, small):
     # Built again from the same corpus: another object, the same vocabulary and special tokens.
     teacher = _save(tmp_path / "teacher", build_tokenizer(WORDS_A, vocab_size=300), rows=320, stop=[0, 2])
     answer = compare(student, teacher, local_only=True)
     assert answer.verdict == OK, answer.line
-    assert "300 tokens" in answer.line and "'<|im_end|>' (id 2)" in answer.line and "[0, 2]" in answer.line
+    assert answer.line == f"the student's tokenizer ({len(small)} tokens, eos '<|im_end|>' (id 2), stop ids [0, 2])"
 
 
 def test_another_vocabulary_is_refused_naming_both_sizes(tmp_path, student, small):
@@ -92,3 +92,12 @@ def test_a_hub_id_that_is_not_on_this_machine_cannot_be_checked_without_fetching
     answer = compare(student, "opsd-tests-no-such-org/no-such-model", local_only=True)
     assert answer.verdict == UNCHECKED
     assert answer.line.startswith("cannot check without fetching") and "no-such-model" in answer.line
+
+
+def test_a_local_directory_whose_tokenizer_cannot_be_read_is_refused_not_left_unchecked(tmp_path, student):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("not a tokenizer")
+    answer = compare(student, str(broken), local_only=True)
+    assert answer.verdict == REFUSED
+    assert answer.line.startswith(f"config key 'teacher.model' = '{broken}': cannot compare the teacher's tokenizer")
