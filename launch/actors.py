@@ -71,8 +71,11 @@ class Actors:
         self.learner.shutdown()
 
 
-def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) -> Actors:
-    """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up)."""
+def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
+                 teacher_path: str | None = None) -> Actors:
+    """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up). The
+    scorers load ``teacher_path`` (another model, teacher.model, resolved), else the student's
+    ``model_path``."""
     check_capacity(cfg, strict=local_cluster)
     t0 = time.perf_counter()
     backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
@@ -81,6 +84,8 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
         scorers = f"no scorer (the rollout engines score the {cfg.teacher.mode} teacher), "
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
+    if teacher_path is not None:
+        say(f"the teacher is another model: {teacher_path} (fixed; no weight pushes)")
     for note in notes(cfg):
         say(f"warning: {note}")
     gpu = 1 if cfg.cluster.device == "cuda" else 0
@@ -97,7 +102,7 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True) ->
             "scorer", EngineScorerWorker if cfg.scorer.backend == "vllm" else ScorerWorker, cfg.scorer.num_workers,
             {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
              **_resources(cfg.scorer.resources)},
-            (cfg, model_path), **kw,
+            (cfg, teacher_path or model_path), **kw,
         )
     learner = LearnerGroup(cfg, model_path)
     actors = Actors(rollouts, scorer_pool, learner, WeightSync(cfg, learner),

@@ -34,6 +34,7 @@ from opsd.launch.pipeline import Pipeline, Ready
 from opsd.launch.problems import load_training_set
 from opsd.launch.recovery import NumericsWatch, check_restart, learner_died, new_learner_group, restore_ema_teacher
 from opsd.launch.stopping import ActorLost, StopSignals, Stopped
+from opsd.launch.validate import check_teacher_tokenizer
 
 
 class Trainer:
@@ -46,7 +47,18 @@ class Trainer:
         # A named model (made on first use), a .gguf file (imported once), a directory or a hub id;
         # the same checks as `opsd validate` (launch/problems.py), fetching what they need.
         self.model_path, self.tokenizer = check_model(cfg)
-        self.data = load_training_set(cfg, self.tokenizer)
+        # Another model as the teacher (teacher.model): what its scorers load, and its tokenizer,
+        # whose chat template renders the teacher's prompts. None: the student is its own teacher.
+        self.teacher_path: str | None = None
+        teacher_tokenizer = None
+        if cfg.teacher.model is not None:
+            from opsd.assets.models import check_model_dir, load_tokenizer, resolve_model_path
+
+            self.teacher_path = resolve_model_path(cfg.teacher.model)
+            check_model_dir(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code, key="teacher.model")
+            check_teacher_tokenizer(cfg, (self.model_path, self.teacher_path))  # as opsd validate does
+            teacher_tokenizer = load_tokenizer(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.data = load_training_set(cfg, self.tokenizer, teacher_tokenizer)
         self.step = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
         self.teacher_version = 0  # the weights the teacher scores with
@@ -58,7 +70,8 @@ class Trainer:
         self.run: RunDir | None = None
 
     def start(self, *, local_cluster: bool = True) -> None:
-        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster)
+        self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster,
+                                   teacher_path=self.teacher_path)
         say(f"{len(self.data.pairs)} training problems")
         rollouts, scorers = self.actors.rollouts, self.actors.scorers
         # A restarted actor is brought to the current weights before its call is retried.

@@ -81,8 +81,9 @@ class TeacherPrompts:
     def _ids(self, messages: list[dict] | None, response_tokens: int) -> list[int] | None:
         if messages is None:
             return None
-        ids = self.data.builder.teacher_context_ids(messages)
-        return ids if len(ids) + response_tokens <= self.cfg.model.max_model_len else None
+        builder = self.data.teacher_builder  # another model's chat template (teacher.model), or the student's
+        ids = builder.teacher_context_ids(messages)
+        return ids if len(ids) + response_tokens <= builder.max_model_len else None
 
 
 @dataclass

@@ -33,9 +33,13 @@ class TrainingSet:
     builder: PromptBuilder  # renders a context's messages as token ids, with the run's templates
     eval_pairs: list[PromptPair] = field(default_factory=list)  # held-out problems (eval.every > 0)
     skipped: list[str] = field(default_factory=list)  # uids left out as over-long (prompt.overlong=skip)
+    # Renders the teacher's contexts: another model's tokenizer and chat template (teacher.model),
+    # else the student's builder itself.
+    teacher_builder: PromptBuilder | None = None
 
     def __post_init__(self) -> None:
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
+        self.teacher_builder = self.teacher_builder or self.builder
 
     @property
     def solutions(self) -> dict[str, str]:
@@ -94,6 +98,7 @@ class DataCheck:
     eval_skipped: list[str] = field(default_factory=list)
     view: DatasetView | None = None
     builder: PromptBuilder | None = None
+    teacher_builder: PromptBuilder | None = None  # teacher.model's template; None: ``builder``
 
     def report(self) -> list[str]:
         """The lines ``opsd validate`` prints about the data."""
@@ -134,12 +139,14 @@ def _read(cfg: Config, key: str, value: str, *, fetch: bool, **requirements) -> 
         raise DataError(f"config key '{key}': {exc}") from None
 
 
-def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True) -> DataCheck:
+def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teacher_tokenizer: Any = None) -> DataCheck:
     """Every training row read and checked and turned into prompt ids (the held-out rows too when
     the run evaluates), and the usable rows counted against train.prompts_per_step. A row must hold
     a solution or an answer only when the objective or the teacher context needs it. Raises a
     DataError, PromptTooLongError or ConfigError naming the file, row or key; with ``fetch=False``,
-    NotFetched for a named set not here yet. With ``tokenizer`` None only the rows are checked."""
+    NotFetched for a named set not here yet. With ``tokenizer`` None only the rows are checked.
+    ``teacher_tokenizer``: another model's (teacher.model), whose chat template renders the teacher's
+    prompts, checked against the same limits."""
     train_path = cfg.data.train_path
     if getattr(named(str(train_path)), "eval_only", False):
         raise ConfigError(f"config key 'data.train_path' = {train_path!r}: that set is kept for evaluation only "
@@ -157,8 +164,12 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True) -> Dat
         result.builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                                        max_new_tokens=cfg.rollout.max_tokens)
         result.view = DatasetView(problems, cfg.train.seed)
+        if teacher_tokenizer is not None:
+            result.teacher_builder = PromptBuilder(teacher_tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
+                                                   max_new_tokens=cfg.rollout.max_tokens)
         result.pairs, result.skipped = result.builder.build(
-            problems, source=str(train_path), teacher=static_teacher(cfg, result.builder, result.view))
+            problems, source=str(train_path), teacher=static_teacher(cfg, result.builder, result.view),
+            teacher_builder=result.teacher_builder)
     usable = len(problems) if result.pairs is None else len(result.pairs)
     if not usable:
         raise DataError(f"{train_path}: no usable problems: all {len(problems)} rows dropped by prompt.overlong=skip "
@@ -198,12 +209,12 @@ def check_sandbox(cfg: Config, problems: list[Problem]) -> None:
         shared(cfg.sandbox, log=print)
 
 
-def load_training_set(cfg: Config, tokenizer: Any) -> TrainingSet:
+def load_training_set(cfg: Config, tokenizer: Any, teacher_tokenizer: Any = None) -> TrainingSet:
     """The checked data (:func:`check_data`) as the run's training set and held-out prompts."""
-    found = check_data(cfg, tokenizer)
+    found = check_data(cfg, tokenizer, teacher_tokenizer=teacher_tokenizer)
     sampler = EpochSampler(len(found.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True)
     return TrainingSet(found.pairs, {p.uid: p for p in found.problems}, sampler, found.view, found.builder,
-                       found.eval_pairs, found.skipped)
+                       found.eval_pairs, found.skipped, found.teacher_builder)
 
 
 def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):

@@ -22,6 +22,7 @@ from opsd.config import (
 from opsd.assets.wheels import NotFetched
 from opsd.launch.problems import check_data, check_model
 from opsd.objectives import objective
+from opsd.vocab import REFUSED, UNCHECKED, Answer, compare
 
 # Hugging Face repo ids: "org/name", letters, digits, '-', '_', '.'.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -40,36 +41,80 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     options = objective(cfg.algo).options(cfg)
     algo = f"algo={cfg.algo}" + (f", {options}" if options is not None else "")
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
-             _describe_model(cfg)]
+             _check_model(cfg)]
     unchecked: list[str] = []
     tokenizer = _tokenizer(cfg, unchecked)
+    teacher_tokenizer = None
+    if cfg.teacher.model is not None:
+        lines.append(f"teacher: {_describe_model('teacher.model', cfg.teacher.model)}")
+        teacher = check_teacher_tokenizer(cfg)
+        lines.append(f"teacher: {teacher.line}")
+        if teacher.verdict == UNCHECKED:
+            unchecked.append(teacher.line)
+        elif tokenizer is not None:
+            teacher_tokenizer = _teacher_tokenizer(cfg)
     lines += [f"warning: {note}" for note in notes(cfg)]
-    lines += _check_data(cfg, tokenizer, unchecked) if check_data else ["data: not read (--skip-data)"]
+    lines += (_check_data(cfg, tokenizer, unchecked, teacher_tokenizer) if check_data
+              else ["data: not read (--skip-data)"])
     lines += _check_resources(cfg)
     lines += unchecked or ["ok"]
     return lines
 
 
-def _describe_model(cfg: Config) -> str:
+def _teacher_tokenizer(cfg: Config) -> Any:
+    """teacher.model's tokenizer from this machine's files (its check answered ok, so they are here):
+    its chat template renders the teacher's prompts, whose lengths are checked as train checks them."""
+    from opsd.assets.models import load_tokenizer, made_reference
+
+    return load_tokenizer(made_reference(cfg.teacher.model)[0], trust_remote_code=cfg.model.trust_remote_code)
+
+
+def check_teacher_tokenizer(cfg: Config, resolved: tuple[str, str] | None = None) -> Answer:
+    """teacher.model against model.path: the same tokenizer (opsd/vocab.py), one of three answers;
+    the refusal is raised as a ConfigError. ``resolved``: the (student, teacher) directories or hub
+    ids that opsd train has resolved and loads anyway, compared with what loading them fetches;
+    None (opsd validate): from the files on this machine only, so that a named model or a GGUF not
+    made yet, or a hub id not in the local cache, answers "cannot check without fetching"."""
+    from opsd.assets.models import made_reference
+
+    if resolved is None:
+        refs = [made_reference(path) for path in (cfg.model.path, cfg.teacher.model)]
+        why = [reason for _, reason in refs if reason]
+        if why:
+            return Answer(UNCHECKED, f"cannot check without fetching: the teacher's tokenizer against the student's "
+                                     f"({'; '.join(why)})")
+        student, teacher = (ref for ref, _ in refs)
+    else:
+        student, teacher = resolved
+    answer = compare(student, teacher, local_only=resolved is None, trust_remote_code=cfg.model.trust_remote_code)
+    if answer.verdict == REFUSED:
+        raise ConfigError(answer.line)
+    return answer
+
+
+def _check_model(cfg: Config) -> str:
+    return f"model: {_describe_model('model.path', cfg.model.path)}"
+
+
+def _describe_model(key: str, path: str) -> str:
     from opsd.assets.models import MODELS, describe
 
-    path = cfg.model.path
     named = describe(path)
     if named is not None:
-        return named
+        return named.removeprefix("model: ")
     local = resolve_path(path)
     if local is not None and local.is_file() and local.suffix == ".gguf":
-        return f"model: GGUF file {local} (imported once into artifacts/gguf/ on first use)"
+        return f"GGUF file {local} (imported once into artifacts/gguf/ on first use)"
     if local is not None and local.exists():
         if not (local / "config.json").is_file():
             raise ConfigError(
-                f"config key 'model.path' = {path!r}: {local} exists but is not a model directory (no config.json)"
+                f"config key '{key}' = {path!r}: {local} exists but is not a model directory (no config.json)"
             )
-        return f"model: local directory {local}"
+        return f"local directory {local}"
     if HUB_ID.match(path) and not path.startswith((".", "~")):
-        return f"model: {path} (Hugging Face hub id; fetched where the job runs)"
+        return f"{path} (Hugging Face hub id; fetched where the job runs)"
     raise ConfigError(
-        f"config key 'model.path' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
+        f"config key '{key}' = {path!r}: no such directory, and not a Hugging Face hub id 'org/name'; "
         f"expected a named model ({', '.join(MODELS)}), a .gguf file, a local model directory with config.json, "
         "or a hub id such as Qwen/Qwen3-1.7B"
     )
@@ -85,9 +130,9 @@ def _tokenizer(cfg: Config, unchecked: list[str]) -> Any | None:
         return None
 
 
-def _check_data(cfg: Config, tokenizer: Any | None, unchecked: list[str]) -> list[str]:
+def _check_data(cfg: Config, tokenizer: Any | None, unchecked: list[str], teacher_tokenizer: Any = None) -> list[str]:
     try:
-        found = check_data(cfg, tokenizer, fetch=False)
+        found = check_data(cfg, tokenizer, fetch=False, teacher_tokenizer=teacher_tokenizer)
     except NotFetched as exc:
         unchecked.append(str(exc))
         return ["data: not read (it would have to be fetched first)"]

@@ -223,6 +223,12 @@ class LossConfig:
 
 @dataclass
 class TeacherConfig:
+    # Which model scores: null, the student itself (the initial policy, or a live or EMA copy:
+    # teacher.mode); else another model, referred to as model.path is (a named model, a .gguf
+    # file, a local Hugging Face directory or a hub id), with the student's tokenizer (checked by
+    # opsd validate and at train start, opsd/vocab.py) and its own chat template. It is fixed: it
+    # gets no weight pushes (docs/DESIGN.md, "Another model as the teacher").
+    model: Optional[str] = None
     mode: str = "fixed"  # fixed | live | ema
     ema_decay: float = 0.99
     sync_every: int = 1
@@ -552,6 +558,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     _check_runtime(cfg)
     _check_lora(cfg)
     _check_objective(cfg)
+    _check_teacher_model(cfg)
     if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
         raise ConfigError(
             f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
@@ -828,6 +835,59 @@ def _move_old_keys(layers: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]]
 
 
 _OLD_KEY_NOTES: dict[int, tuple[Any, list[str]]] = {}  # id(cfg) -> (a weak reference to it, its notes)
+
+
+def _check_teacher_model(cfg: Config) -> None:
+    """teacher.model: what assumes that the teacher is the student is refused, naming the key to
+    change (docs/DESIGN.md, "Another model as the teacher"). Run after _check_objective, which
+    has found the objective."""
+    from opsd.objectives import objective
+
+    model = cfg.teacher.model
+    if model is None:
+        return
+    if not model.strip():
+        raise ConfigError("config key 'teacher.model' is empty; give a model (as model.path takes one), or null for "
+                          "the student itself as the teacher")
+    this = f"teacher.model={model!r}"
+    if cfg.teacher.mode != "fixed":
+        raise ConfigError(
+            f"config key 'teacher.mode' = {cfg.teacher.mode} with {this}: a live or EMA teacher is a copy of the "
+            "student that follows its weight pushes, and another model gets none; set teacher.mode=fixed, or unset "
+            "teacher.model for the student as its own teacher"
+        )
+    if cfg.scorer.on_rollout_engines:
+        raise ConfigError(
+            f"config key 'scorer.on_rollout_engines' = true with {this}: the rollout engines hold the student, not "
+            "that model; set scorer.on_rollout_engines=false (scorer.backend=vllm serves it on an engine of its own)"
+        )
+    obj = objective(cfg.algo)
+    scored_by = obj.teacher(cfg)
+    if scored_by is None:
+        raise ConfigError(
+            f"config key 'teacher.model' is set with algo={cfg.algo}, which scores nothing with a teacher; unset "
+            "teacher.model (or choose an objective that distils: opsd, kd, contrastive)"
+        )
+    if scored_by == "reference":
+        raise ConfigError(
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its scorer is the frozen initial policy "
+            "reading the student's own prompt (a KL reference; for grpo: objectives.grpo.kl_coef > 0), and it would "
+            "serve teacher.model instead; set objectives.grpo.kl_coef=0 (no reference term) or unset teacher.model"
+        )
+    if obj.reference_contexts(cfg):
+        raise ConfigError(
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: the contexts "
+            f"{list(obj.reference_contexts(cfg))} are the initial policy on the student's own prompt (a KL anchor: "
+            "objectives.opsd.anchor > 0), scored by the scorer, which would hold teacher.model instead; set the "
+            "anchor to 0 or unset teacher.model"
+        )
+    if obj.responses(cfg) == "teacher":
+        raise ConfigError(
+            f"config key 'teacher.model' = {model!r} with algo={cfg.algo}: its responses are sampled from the "
+            "teacher's prompt by the rollout engines, which hold the student, not teacher.model (for kd: "
+            "objectives.kd.source=teacher_samples); use objectives.kd.source=reference (the teacher's targets along the reference solutions) or "
+            "unset teacher.model"
+        )
 
 
 def dataset_needs(cfg: Config) -> dict[str, str]:

@@ -90,31 +90,38 @@ class PromptBuilder:
         return min(self.cfg.max_prompt_len, self.max_model_len - self.max_new_tokens)
 
     def build(self, problems: Sequence[Problem], *, source: str = "",
-              teacher: Callable[[Problem], list[dict] | None] | None = None) -> tuple[list[PromptPair], list[str]]:
+              teacher: Callable[[Problem], list[dict] | None] | None = None,
+              teacher_builder: PromptBuilder | None = None) -> tuple[list[PromptPair], list[str]]:
         """Prompts for each problem; returns (pairs, uids skipped as over-long).
 
         ``teacher(problem)`` gives the teacher's messages (None: no teacher prompt now); by default
-        the reference solution in the configured template. With ``prompt.overlong=error`` an
-        over-long prompt raises :class:`PromptTooLongError` naming the row; with ``skip`` it is left
-        out and its uid returned.
+        the reference solution in the configured template. ``teacher_builder`` renders them when the
+        teacher is another model (teacher.model: its tokenizer and chat template, and its limits);
+        by default this builder does. With ``prompt.overlong=error`` an over-long prompt raises
+        :class:`PromptTooLongError` naming the row; with ``skip`` it is left out and its uid
+        returned.
         """
+        other = teacher_builder is not None and teacher_builder is not self
+        teacher_builder = teacher_builder or self
         pairs: list[PromptPair] = []
         skipped: list[str] = []
         for p in problems:
             s_ids = self.student_ids(p.problem, p.task)
             messages = self.teacher_messages(p.problem, p.solution, p.task) if teacher is None else teacher(p)
-            t_ids = None if messages is None else self.teacher_context_ids(messages)
-            limit = self.prompt_limit
-            worst = max(len(s_ids), len(t_ids or ()))
-            if worst > limit:
+            t_ids = None if messages is None else teacher_builder.teacher_context_ids(messages)
+            over = [(who, len(ids), b)
+                    for who, ids, b in (("student", s_ids, self), ("teacher", t_ids, teacher_builder))
+                    if ids is not None and len(ids) > b.prompt_limit]
+            if over:
                 if self.cfg.overlong == "skip":
                     skipped.append(p.uid)
                     continue
-                which = "teacher" if len(t_ids or ()) >= len(s_ids) else "student"
+                which, n, b = max(over, key=lambda o: (o[1] - o[2].prompt_limit, o[0] == "teacher"))
+                whose = " (teacher.model's chat template)" if other and which == "teacher" else ""
                 raise PromptTooLongError(
-                    f"{source + ': ' if source else ''}row {p.uid}: the {which} prompt has {worst} tokens, more than "
-                    f"{limit} (prompt.max_prompt_len={self.cfg.max_prompt_len}, model.max_model_len="
-                    f"{self.max_model_len} minus {self.max_new_tokens} new tokens). Raise those limits or set "
+                    f"{source + ': ' if source else ''}row {p.uid}: the {which} prompt{whose} has {n} tokens, more "
+                    f"than {b.prompt_limit} (prompt.max_prompt_len={b.cfg.max_prompt_len}, model.max_model_len="
+                    f"{b.max_model_len} minus {b.max_new_tokens} new tokens). Raise those limits or set "
                     "prompt.overlong=skip to drop such rows (they are counted)."
                 )
             pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer, p.verifier))

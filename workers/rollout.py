@@ -228,7 +228,7 @@ class RolloutWorker:
         require_version(teacher_version, expect_version, f"{self.role} engine's teacher")
         return scored_batch(samples, self.teacher_targets, self.contexts, k=self.cfg.scorer.topk,
                             temperature=self.cfg.loss.temperature, mode=self.cfg.teacher.mode,
-                            version=teacher_version)
+                            version=teacher_version, teacher_model=self.model_path)
 
     # --- weights in -------------------------------------------------------------------------
 

@@ -30,11 +30,12 @@ if TYPE_CHECKING:  # the teacher's forward needs no Arrow: the GPU checks (tests
 
 
 def scored_batch(samples: list[Sample], targets_of: Callable[..., list[RowTargets]], contexts: dict[str, str], *,
-                 k: int, temperature: float, mode: str, version: int) -> bytes:
+                 k: int, temperature: float, mode: str, version: int, teacher_model: str | None = None) -> bytes:
     """Samples -> the same samples with the teacher's targets, as a validated Arrow batch (IPC
     stream bytes). ``targets_of(contexts, responses, kind)`` is a teacher's forward (this module's
     scorer, or a vLLM engine's prefill); ``contexts`` maps each named teacher context the objective
-    reads to "topk" or "token"."""
+    reads to "topk" or "token"; ``teacher_model``, the model the teacher's weights were loaded from,
+    is recorded in the batch's metadata (``opsd.teacher_model``) to say which teacher scored."""
     from opsd.batch import ContextScores, build_batch, to_ipc_bytes
 
     primary = contexts.get(PRIMARY, "token")
@@ -51,6 +52,8 @@ def scored_batch(samples: list[Sample], targets_of: Callable[..., list[RowTarget
         for i, (ids, lps, tok) in zip(prompts, found):
             scored[i].others[name] = ContextScores(prompts[i], tok, ids, lps)
     table = build_batch(scored, k=k, temperature=temperature, teacher_mode=mode, targets=primary, contexts=others)
+    if teacher_model is not None:
+        table = table.replace_schema_metadata({**table.schema.metadata, b"opsd.teacher_model": teacher_model.encode()})
     return to_ipc_bytes(table)
 
 
@@ -63,6 +66,8 @@ class ScorerWorker:
         if cfg.cluster.device == "cpu":
             torch.set_num_threads(actor_threads(cfg.scorer.num_threads, cfg.scorer.num_cpus_per_worker))
         self.device = torch.device("cuda" if cfg.cluster.device == "cuda" else "cpu")
+        # model_path: the student's, or another model's (teacher.model), which no push reaches
+        self.model_path = model_path
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code
         ).to(self.device)
@@ -109,7 +114,7 @@ class ScorerWorker:
         stream bytes)."""
         require_version(self.version, expect_version, "scorer")
         return scored_batch(samples, self.teacher_targets, self.contexts, k=self.k, temperature=self.temperature,
-                            mode=self.mode, version=self.version)
+                            mode=self.mode, version=self.version, teacher_model=self.model_path)
 
     @torch.no_grad()
     def load_weights(self, update: WeightUpdate) -> int:

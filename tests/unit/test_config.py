@@ -414,3 +414,47 @@ def test_the_finished_experiments_recipes_still_load():
             overrides = [o for o in method_overrides(spec, method, 0, 0.7, bare_train="data/toy/train.jsonl")
                          if not o.startswith("data.train_path=")]
             load_config(config, overrides)
+
+
+# --- teacher.model: another model as the teacher ----------------------------------------------
+
+
+def test_teacher_model_defaults_to_the_student_and_takes_a_model_reference():
+    assert load_config().teacher.model is None
+    for ref in ("tiny", "Qwen/Qwen3-8B", "/models/teacher", "teacher.gguf"):
+        cfg = load_config(None, [f"teacher.model={ref}", "teacher.context=none"])
+        assert cfg.teacher.model == ref and cfg.teacher.context == "none"
+
+
+@pytest.mark.parametrize("overrides, key, remedy", [
+    (["teacher.mode=live"], "'teacher.mode' = live", "set teacher.mode=fixed"),
+    (["teacher.mode=ema"], "'teacher.mode' = ema", "set teacher.mode=fixed"),
+    (["teacher.mode=live", "scorer.on_rollout_engines=true"], "'teacher.mode' = live", "set teacher.mode=fixed"),
+    (["scorer.on_rollout_engines=true", "model.lora.enabled=true", "model.lora.serve=adapter"],
+     "'scorer.on_rollout_engines' = true", "set scorer.on_rollout_engines=false"),
+    (["algo=grpo", "rollout.n=2", "loss.kl_coef=0.01"], "'teacher.model' = 'other' with algo=grpo",
+     "set objectives.grpo.kl_coef=0"),
+    (["algo=kd", "kd.source=teacher_samples"], "'teacher.model' = 'other' with algo=kd", "use objectives.kd.source=reference"),
+    (["algo=grpo", "rollout.n=2"], "'teacher.model' is set with algo=grpo, which scores nothing",
+     "unset teacher.model"),
+    (["algo=sft"], "'teacher.model' is set with algo=sft, which scores nothing", "unset teacher.model"),
+], ids=["live", "ema", "live-on-engines", "fixed-on-engines", "grpo-kl-reference", "kd-teacher-samples", "grpo-no-kl",
+        "sft"])
+def test_what_assumes_the_teacher_is_the_student_is_refused_naming_the_key(overrides, key, remedy):
+    message = _error(None, ["teacher.model=other", *overrides])
+    assert f"config key {key}" in message and remedy in message, message
+    load_config(None, overrides)  # each is fine with the student as its own teacher
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["teacher.context=none"], ["scorer.backend=vllm"], ["algo=kd"], ["algo=contrastive", "rollout.n=2",
+                                                                         "teacher.context=contrastive"],
+    ["model.lora.enabled=true"], ["model.lora.enabled=true", "model.lora.serve=adapter"],
+], ids=["opsd", "context-none", "vllm-scorer", "kd-reference", "contrastive", "lora", "lora-adapter"])
+def test_what_works_with_another_model_as_the_teacher(overrides):
+    # LoRA's fixed teacher is the base with the adapters off; with teacher.model it is that model.
+    assert load_config(None, ["teacher.model=other", *overrides]).teacher.model == "other"
+
+
+def test_an_empty_teacher_model_names_the_key():
+    assert "'teacher.model' is empty" in _error(None, ["teacher.model=''"])

@@ -232,3 +232,37 @@ def test_pad_right_edge_cases():
     ids, mask = pad_right([[], [5]], 3)
     assert ids.tolist() == [[3], [5]] and mask.tolist() == [[0], [1]]
 
+
+
+def _teacher_tokenizer(tok):
+    """The same tokenizer with another model's chat template (teacher.model): a system turn first."""
+    other = copy.deepcopy(tok)
+    other.chat_template = "{{- '<|im_start|>system\\nTeacher.<|im_end|>\\n' }}" + tok.chat_template
+    return other
+
+
+def test_another_models_builder_renders_the_teacher_prompts_and_the_student_keeps_its_own(tok):
+    b = _builder(tok)
+    tb = _builder(_teacher_tokenizer(tok))
+    problem = Problem("toy:0", PROBLEM, SOLUTION, "42")
+    (pair,), skipped = b.build([problem], teacher_builder=tb)
+    assert skipped == []
+    assert pair.student_ids == b.student_ids(PROBLEM)
+    assert pair.teacher_ids == tb.teacher_ids(PROBLEM, SOLUTION) != b.teacher_ids(PROBLEM, SOLUTION)
+    assert tok.decode(pair.teacher_ids) == "<|im_start|>system\nTeacher.<|im_end|>\n" + tok.decode(
+        b.teacher_ids(PROBLEM, SOLUTION))
+
+
+def test_a_teacher_prompt_over_its_limit_names_the_teachers_template(tok):
+    problem = Problem("toy:0", PROBLEM, SOLUTION, "42")
+    b = _builder(tok)
+    tb = _builder(_teacher_tokenizer(tok))
+    # A limit the student's rendering of the teacher prompt fits and the teacher's (longer) does not.
+    limit = len(b.teacher_ids(PROBLEM, SOLUTION))
+    assert len(tb.teacher_ids(PROBLEM, SOLUTION)) > limit
+    b, tb = _builder(tok, max_prompt_len=limit), _builder(_teacher_tokenizer(tok), max_prompt_len=limit)
+    assert b.build([problem])[1] == []
+    n = len(tb.teacher_ids(PROBLEM, SOLUTION))
+    with pytest.raises(PromptTooLongError, match=rf"row toy:0: the teacher prompt \(teacher.model's chat template\) "
+                                                 rf"has {n} tokens, more than {limit} "):
+        b.build([problem], teacher_builder=tb)

@@ -23,7 +23,11 @@ NEEDS = {
     "qwen3-1.7b.yaml": "needs 4 GPUs, 14 CPUs",
     "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
+    "qwen3-1.7b-from-8b.yaml": "needs 4 GPUs, 14 CPUs",
 }
+# Recipes whose teacher's tokenizer is checked only where both hub ids' files are (else validate
+# says it cannot check without fetching).
+FETCHED = {"qwen3-1.7b-from-8b.yaml"}
 
 
 def is_cluster_recipe(path: Path) -> bool:
@@ -41,6 +45,7 @@ FETCHES = {
     "qwen3-1.7b.yaml": ["hf download Qwen/Qwen3-1.7B"],
     "qwen3-4b.yaml": ["hf download Qwen/Qwen3-4B"],
     "qwen3-8b.yaml": ["hf download Qwen/Qwen3-8B"],
+    "qwen3-1.7b-from-8b.yaml": ["hf download Qwen/Qwen3-1.7B"],
 }
 
 
@@ -50,7 +55,9 @@ def test_shipped_configs_validate(path, nothing_fetched):
     check_data = not is_cluster_recipe(path)
     lines = validate_config(str(path), [], check_data=check_data)
     verdict = [line for line in lines if line.startswith(CANNOT_CHECK)]
-    assert [line.rsplit("`", 2)[1] for line in verdict] == FETCHES.get(path.name, []), lines
+    assert [line.rsplit("`", 2)[1] for line in verdict if "`" in line] == FETCHES.get(path.name, []), lines
+    # teacher.model's tokenizer is compared with the student's only from local files
+    assert any("the teacher's tokenizer" in line for line in verdict) == (path.name in FETCHED), lines
     assert lines[-1] == (verdict[-1] if verdict else "ok")
     assert any(NEEDS[path.name] in line for line in lines), lines
     if check_data and path.name != "gsm8k.yaml":
@@ -213,3 +220,69 @@ def test_validate_starts_and_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- teacher.model ------------------------------------------------------------------------------
+
+
+def test_a_teacher_of_the_same_tokenizer_validates(tiny_model, teacher_model):
+    lines = validate_config(str(REPO_ROOT / "configs" / "tiny.yaml"), [f"teacher.model={teacher_model}"],
+                            check_data=False)
+    assert f"teacher: local directory {teacher_model}" in lines
+    assert any(line.startswith("teacher: the student's tokenizer (") and "'<|im_end|>' (id 2)" in line
+               for line in lines), lines
+    assert lines[-1] == "ok"
+
+
+def test_a_teacher_of_another_vocabulary_is_refused_naming_both_sizes(tmp_path, tiny_model):
+    from transformers import AutoTokenizer, Qwen3Config
+
+    from opsd.assets.tiny import build_tokenizer
+
+    other = build_tokenizer([f"a corpus of its own, line {i}" for i in range(50)], vocab_size=300)
+    other.save_pretrained(tmp_path)
+    Qwen3Config(vocab_size=300).save_pretrained(tmp_path)
+    student = len(AutoTokenizer.from_pretrained(tiny_model))
+    with pytest.raises(ConfigError) as err:
+        validate_config(str(REPO_ROOT / "configs" / "tiny.yaml"), [f"teacher.model={tmp_path}"], check_data=False)
+    assert str(err.value).startswith(f"config key 'teacher.model' = '{tmp_path}' has another tokenizer")
+    assert f"another vocabulary: the teacher's has {len(other):,} tokens, the student's {student:,}" in str(err.value)
+
+
+def test_a_teacher_not_made_yet_is_not_passed_as_checked(tmp_path, teacher_model, monkeypatch):
+    monkeypatch.setenv("OPSD_TINY_DIR", str(tmp_path / "not-built"))  # the named tiny model, not built here
+    lines = validate_config(str(REPO_ROOT / "configs" / "tiny.yaml"),
+                            [f"model.path={teacher_model}", "teacher.model=tiny"], check_data=False)
+    assert "teacher: cannot check without fetching: the teacher's tokenizer against the student's (tiny is built " \
+           "on first use)" in lines
+    assert lines[-1] == ("cannot check without fetching: the teacher's tokenizer against the student's (tiny is "
+                         "built on first use)")
+    assert not (tmp_path / "not-built").exists()  # validate made nothing
+
+
+def test_the_distillation_recipe_offline_says_it_cannot_check_the_teacher(tmp_path):
+    """configs/qwen3-1.7b-from-8b.yaml names two hub ids: with an empty hub cache and no network,
+    validate answers "cannot check without fetching" for the teacher's tokenizer, never plain ok."""
+    import os
+
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "opsd.launch.cli", "validate", "configs/qwen3-1.7b-from-8b.yaml",
+                          "--skip-data"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stderr  # the third answer: cannot check without fetching
+    lines = out.stdout.splitlines()
+    assert "teacher: Qwen/Qwen3-8B (Hugging Face hub id; fetched where the job runs)" in lines
+    assert any(line.startswith("teacher: cannot check without fetching: the teacher's tokenizer against the "
+                               "student's (Qwen/Qwen3-1.7B") for line in lines), lines
+    assert lines[-1].startswith("cannot check without fetching") and "ok" not in lines, lines
+
+
+def test_the_distillation_recipe_is_the_1_7b_recipe_with_the_8b_teacher():
+    from omegaconf import OmegaConf
+
+    def settings(name):
+        return OmegaConf.to_container(load_config(REPO_ROOT / "configs" / name))
+
+    student, distil = settings("qwen3-1.7b.yaml"), settings("qwen3-1.7b-from-8b.yaml")
+    assert (distil["teacher"].pop("model"), distil["teacher"].pop("context")) == ("Qwen/Qwen3-8B", "none")
+    del student["teacher"]["model"], student["teacher"]["context"]
+    assert distil == student
