@@ -288,7 +288,7 @@ class LearnerRank:
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=PolicyLoss(model, loss_spec(self.cfg)), model_parameters=trainable, config=deepspeed_config(self.cfg)
+            model=PolicyLoss(model, loss_spec(self.cfg), self.cfg.model.lm_head_path), model_parameters=trainable, config=deepspeed_config(self.cfg)
         )
         self.device = self.engine.device
         self.gas = micro_batches_per_rank(self.cfg)
@@ -640,10 +640,11 @@ class PolicyLoss(torch.nn.Module):
     not the one to wrap.
     """
 
-    def __init__(self, policy: torch.nn.Module, spec: LossSpec):
+    def __init__(self, policy: torch.nn.Module, spec: LossSpec, head_path: str = "auto"):
         super().__init__()
         self.policy = policy
         self.spec = spec
+        self.head_path = head_path  # model.lm_head_path
 
     def forward(self, input_ids, attention_mask, rows, cols, targets: TokenTargets, normalizer: float, pad_to: int = 0):
         hidden = self.policy.get_decoder()(
@@ -652,7 +653,8 @@ class PolicyLoss(torch.nn.Module):
         sel = hidden[rows, cols]  # [N, H]: the positions that predict loss tokens
         if pad_to > sel.shape[0]:
             sel, targets = _pad_positions(sel, targets, pad_to)
-        return chunked_loss(sel, self.policy.get_output_embeddings(), targets, self.spec, normalizer=normalizer)
+        return chunked_loss(sel, self.policy.get_output_embeddings(), targets, self.spec, normalizer=normalizer,
+                            head_path=self.head_path)
 
 
 def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch.Tensor, TokenTargets]:
