@@ -37,7 +37,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from opsd.lora import peft_config
     from opsd.losses import fp32_lm_head
     from opsd.scoring import teacher_targets
-    from opsd.workers.learner import PolicyLoss, loss_spec
+    from opsd.workers.learner_training import PolicyLoss, loss_spec
     from opsd.workers.scorer import ScorerWorker
 
     if cfg.algo != "opsd" or cfg.teacher.mode not in ("fixed", "live") or cfg.rollout.n != 1:
