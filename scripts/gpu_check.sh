@@ -11,9 +11,10 @@
 # (peft, accelerate) only when the machine has no peft of its own. Runs
 #   1. what the machine has (python, torch, CUDA, GPU, importable modules),
 #   2. python -m pytest tests/gpu -q         (the chunked and fused loss, the scorer's forward on CUDA),
-#   3. scripts/gpu_roofline.py               (Qwen3-1.7B's shape: the scorer; the learner's forward +
-#                                             backward and whole update, head path module and fused,
-#                                             full and LoRA, gradient checkpointing on and off)
+#   3. scripts/gpu_roofline.py               (Qwen3-1.7B's shape: the learner's forward + backward and
+#                                             whole update, head path module and fused, full and LoRA,
+#                                             gradient checkpointing on and off; the scorer too with
+#                                             GPU_CHECK_SCORER=1)
 # and writes the log and the JSON figures to $OUT (default build/gpu-check). Without CUDA the
 # tests skip and the roofline runs --tiny on the CPU, as a dry run of the script (GPU_CHECK_DRY=1
 # does that on a GPU machine too).
@@ -77,10 +78,12 @@ else
 fi
 
 if [ "$CUDA" = "1" ]; then
-    # Every learner row before (module) and after (fused), full and LoRA, T = 2,048 and 8,192,
-    # checkpointing on (the recipe) and off: 16 rows, each forward + backward and the whole update.
+    # The learner's rows before (module) and after (fused), full and LoRA, T = 2,048 and 8,192,
+    # checkpointing on (the recipe) and off: 16 rows, each forward + backward and the whole update
+    # (~3 minutes). The scorer's rows (docs/BENCHMARKS.md has them) with GPU_CHECK_SCORER=1.
     step "roofline, Qwen3-1.7B's shape"
-    run 240 "$PY" scripts/gpu_roofline.py --json "$OUT_DIR/gpu_roofline.json"
+    PARTS=(learner); [ "${GPU_CHECK_SCORER:-0}" = "1" ] && PARTS=(scorer learner)
+    run 270 "$PY" scripts/gpu_roofline.py --parts "${PARTS[@]}" --json "$OUT_DIR/gpu_roofline.json"
 else
     step "roofline --tiny (no CUDA: the CPU, only to check that the script runs)"
     run 240 "$PY" scripts/gpu_roofline.py --tiny --repeats 1 --json "$OUT_DIR/gpu_roofline_tiny.json"

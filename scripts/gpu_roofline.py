@@ -287,14 +287,14 @@ def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, c
         forward_backward()
         optimizer.step()
 
-    update()  # the optimizer's state exists from here on
-    forward_backward()  # ...and the gradients: the peak below is above weights, gradients and state
+    update_seconds = timed(update, device, repeats)  # its warm-up call makes the optimizer's state
+    forward_backward()  # ...and this the gradients: the peak below is above weights, gradients and state
+    base = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     seconds = timed(step, device, repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    update_seconds = timed(update, device, repeats)
     model.zero_grad(set_to_none=True)
     del optimizer
     if device.type == "cuda":
@@ -319,7 +319,8 @@ def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, c
             "seconds": seconds, "tokens_per_s": tokens / seconds, "tflops": useful / seconds / 1e12, "flops": useful,
             "update_seconds": update_seconds, "update_tokens_per_s": tokens / update_seconds,
             "update_tflops": useful / update_seconds / 1e12, "optimizer_seconds": update_seconds - seconds,
-            "peak_gib": peak / 2**30, "peak_above_weights_and_grads_gib": (peak - base) / 2**30 if peak else 0.0,
+            "peak_gib": peak / 2**30, "base_gib": base / 2**30,
+            "peak_above_weights_and_grads_gib": (peak - base) / 2**30 if peak else 0.0,
             "weights_gib": weight_bytes / 2**30,
             # weights read twice and gradients written once: a floor far below the FLOP one
             "floor_seconds": fb_floor,
