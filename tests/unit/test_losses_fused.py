@@ -108,7 +108,7 @@ def reference(hidden, weight, t, spec, normalizer):
 
 def fused(hidden, weight, t, spec, normalizer, path="fused"):
     h = hidden.detach().clone().requires_grad_(True)
-    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
     with torch.no_grad():
         head.weight.copy_(weight)
     loss, stats = chunked_loss(h, head, t, spec, normalizer=normalizer, head_path=path)
