@@ -77,7 +77,7 @@ def fp32_lm_head(head: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-_HALF_MM_TO_FP32 = {"available": True}
+_HALF_MM_TO_FP32 = {"available": True, "addmm": True}  # mm's and addmm's out_dtype, until one fails
 
 
 def _half_mm_to_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -524,6 +524,21 @@ def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
         return a.float() @ b.float()
 
 
+def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, for half-precision a and b on CUDA, accumulated in fp32 into the fp32
+    acc (addmm with out_dtype: no [V, H] product per chunk besides the sum); a torch without it
+    adds a product made by _mm_fp32, and says so through _HALF_MM_TO_FP32."""
+    if _HALF_MM_TO_FP32["addmm"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):
+            _HALF_MM_TO_FP32["addmm"] = False
+    acc += _mm_fp32(a, b)
+
+
 class HeadLoss(torch.autograd.Function):
     """The LM head and the loss as one function of (hidden ``[N, H]``, weight ``[V, H]``), a chunk
     of positions at a time, so that no ``[N, V]`` tensor is ever held whole.
@@ -574,7 +589,7 @@ class HeadLoss(torch.autograd.Function):
                 if want_h:
                     grad_h[sl] = _mm_fp32(dlogits, weight)
                 if want_w:
-                    grad_w += _mm_fp32(dlogits.t(), h)
+                    _addmm_fp32_(grad_w, dlogits.t(), h)
             else:
                 if want_h:
                     grad_h[sl] = dlogits @ w
