@@ -594,7 +594,7 @@ class HeadLoss(torch.autograd.Function):
                 if want_h:
                     grad_h[sl] = dlogits @ w
                 if want_w:
-                    grad_w += dlogits.t() @ h.to(w.dtype)
+                    grad_w.addmm_(dlogits.t(), h.to(w.dtype))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, *([None] * len(fields)))
 
 

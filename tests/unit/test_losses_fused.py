@@ -259,3 +259,66 @@ def test_the_fused_path_calls_the_head_module_once_so_its_hooks_fire():
     assert calls == [N]
     assert "forward" not in head.__dict__
     torch.testing.assert_close(head(hidden), hidden @ weight.T)
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the storages that torch ops create while it is on, deterministically on the
+    CPU: each op's outputs are counted once per storage and uncounted when the last tensor on that
+    storage dies (its finalizer). Storages that existed before (the inputs) are not counted."""
+
+    def __init__(self, before: list[torch.Tensor]):
+        super().__init__()
+        self.outside = {t.untyped_storage().data_ptr() for t in before}
+        self.refs: dict[int, int] = {}  # storage -> live tensors on it
+        self.now = self.peak = 0
+
+    def _release(self, ptr: int, nbytes: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            del self.refs[ptr]
+            self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                ptr, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if ptr in self.outside:
+                    continue
+                if ptr not in self.refs:
+                    self.refs[ptr] = 0
+                    self.now += nbytes
+                    self.peak = max(self.peak, self.now)
+                self.refs[ptr] += 1
+                weakref.finalize(t, self._release, ptr, nbytes)
+        return out
+
+
+def peak_bytes(n: int, path: str, v: int = 2003, chunk: int = 16) -> int:
+    hidden, weight, t = make_batch(n=n, v=v, seed=n)
+    head = torch.nn.Linear(H, v, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    h = hidden.clone().requires_grad_(True)
+    spec = LossSpec(algo="opsd", beta=0.5, support="topk_tail", chunk_size=chunk)
+    with LiveBytes([h, head.weight, *[x for x in t.fields().values() if x is not None]]) as live:
+        if path == "unchunked":
+            loss = (t.weight * reference_per_token(head(h), t, spec)).sum()
+        else:
+            loss, _ = chunked_loss(h, head, t, spec, normalizer=1.0, head_path=path)
+        loss.backward()
+    return live.peak
+
+
+@pytest.mark.parametrize("path", ["fused", "module"])
+def test_peak_memory_of_forward_and_backward_is_flat_in_the_positions(path):
+    """From 64 to 512 positions the chunked paths' peak grows by the [N, H] and [N, k] tensors
+    (the hidden states' gradient, per-position sums), far less than one [16, V] chunk of float64
+    logits per 8 positions; the whole-logits reference grows by several [N, V] tensors."""
+    grow = peak_bytes(512, path) - peak_bytes(64, path)
+    one_chunk = 16 * 2003 * 8
+    assert grow < 0.5 * one_chunk, (grow, one_chunk)
+    full_grow = peak_bytes(512, "unchunked") - peak_bytes(64, "unchunked")
+    assert full_grow > 2 * (512 - 64) * 2003 * 8  # the measure sees [N, V] tensors where they exist
