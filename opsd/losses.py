@@ -482,7 +482,7 @@ def _chunk_loss(
     return loss_sum, _chunk_stats(names, loss_sum, seen, t)
 
 
-# loss.head_path / model.lm_head_path: how chunked_loss computes the head and its derivative.
+# model.lm_head_path: how chunked_loss computes the LM head and its derivative.
 HEAD_PATHS = ("auto", "fused", "module")
 
 
