@@ -86,7 +86,9 @@ if [ "$CUDA" = "1" ]; then
     run 270 "$PY" scripts/gpu_roofline.py --parts "${PARTS[@]}" --json "$OUT_DIR/gpu_roofline.json"
 else
     step "roofline --tiny (no CUDA: the CPU, only to check that the script runs)"
-    run 240 "$PY" scripts/gpu_roofline.py --tiny --repeats 1 --json "$OUT_DIR/gpu_roofline_tiny.json"
+    # Every kind of row once (scorer, learner full and LoRA, both head paths) at the smallest size.
+    run 240 "$PY" scripts/gpu_roofline.py --tiny --repeats 1 --lengths 64 --checkpointing on \
+        --json "$OUT_DIR/gpu_roofline_tiny.json"
 fi
 
 step "done: exit status $status; log and figures in $OUT_DIR"
