@@ -1,4 +1,4 @@
-"""How the learner splits a batch over its ranks (opsd.workers.learner.balanced_shards, plan_ranks)."""
+"""How the learner splits a batch over its ranks (opsd.workers.learner_training.balanced_shards, plan_ranks)."""
 
 from __future__ import annotations
 
