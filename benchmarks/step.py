@@ -12,6 +12,10 @@ out (warm-up). Reported: per-stage seconds, the whole-step wall, generated token
 step, ``overhead = opsd step wall / sum of its stage times`` and
 ``vs_single_process = opsd step / reference step`` (and the same in tokens per second, since the two
 samplers draw different answers of different lengths).
+
+``--scaling``, ``--staleness`` and ``--head-paths`` instead run opsd alone, once per setting, in one
+invocation: ``--head-paths module auto`` compares the learner's LM head and loss before issue 40
+(the head module per chunk) with the default (opsd.losses.resolve_head_path).
 """
 
 from __future__ import annotations
