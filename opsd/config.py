@@ -55,7 +55,8 @@ class ModelConfig:
     # How the learner computes the LM head and the loss (opsd.losses.resolve_head_path): "fused"
     # (one autograd function, bf16 tensor-core matmuls with fp32 output on CUDA), "module" (the head
     # module per chunk under checkpointing: the path before issue 40), "auto" (fused on CUDA,
-    # module on CPU).
+    # module on CPU). The fused path's logits are fp32 whatever model.fp32_lm_head says (a bf16
+    # matmul with fp32 output costs what a bf16 one does).
     lm_head_path: str = "auto"
     trust_remote_code: bool = False
     max_model_len: int = 512
