@@ -328,6 +328,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--scaling", nargs="*", metavar="PROMPTSxTOKENS", help="instead: opsd's step time and tokens/s "
                    "at 8/16/32 prompts per step (64 new tokens) and 64/128/256 new tokens (8 prompts); or at the "
                    "settings given, e.g. --scaling 8x64 32x64")
+    s.add_argument("--head-paths", nargs="+", metavar="PATH", choices=("auto", "fused", "module"),
+                   help="instead: opsd's step at model.lm_head_path = each PATH, one run each in this invocation "
+                   "(module: the learner's head and loss before issue 40; a path may repeat, e.g. module auto "
+                   "module auto, to interleave them), with the ratio of each to the first")
     s = sub.add_parser("head", help="the teacher's targets with a bf16 LM head, an fp32 one and in fp32 throughout: "
                        "differences and time (benchmarks/head.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")
@@ -465,9 +469,11 @@ def run(args: argparse.Namespace) -> dict:
 
             report = bench_soak(config, overrides, steps=args.steps, sample_every=args.sample_every, out_dir=Path(args.out))
         elif args.bench == "step":
-            from opsd.benchmarks.step import bench_scaling, bench_staleness, bench_step
+            from opsd.benchmarks.step import bench_head_paths, bench_scaling, bench_staleness, bench_step
 
-            if args.scaling is not None:
+            if args.head_paths:
+                report = bench_head_paths(config, overrides, args.steps or 3, tuple(args.head_paths))
+            elif args.scaling is not None:
                 report = bench_scaling(config, overrides, args.steps or 2, _settings(args.scaling))
             elif args.staleness:
                 report = bench_staleness(config, overrides, args.steps or 3, tuple(args.staleness), args.overlap)

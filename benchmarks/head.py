@@ -129,7 +129,7 @@ def _student_loss(cfg: Any, model: Any, pad_id: int, students: list, responses: 
     import torch
 
     from opsd.benchmarks.step import policy_loss_inputs
-    from opsd.workers.learner import PolicyLoss, loss_spec
+    from opsd.workers.learner_training import PolicyLoss, loss_spec
 
     inputs = policy_loss_inputs(students, responses, targets, [[1] * len(r) for r in responses], pad_id)
     with torch.no_grad():

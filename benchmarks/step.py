@@ -12,6 +12,10 @@ out (warm-up). Reported: per-stage seconds, the whole-step wall, generated token
 step, ``overhead = opsd step wall / sum of its stage times`` and
 ``vs_single_process = opsd step / reference step`` (and the same in tokens per second, since the two
 samplers draw different answers of different lengths).
+
+``--scaling``, ``--staleness`` and ``--head-paths`` instead run opsd alone, once per setting, in one
+invocation: ``--head-paths module auto`` compares the learner's LM head and loss before issue 40
+(the head module per chunk) with the default (opsd.losses.resolve_head_path).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     from opsd.lora import peft_config
     from opsd.losses import fp32_lm_head
     from opsd.scoring import teacher_targets
-    from opsd.workers.learner import PolicyLoss, loss_spec
+    from opsd.workers.learner_training import PolicyLoss, loss_spec
     from opsd.workers.scorer import ScorerWorker
 
     if cfg.algo != "opsd" or cfg.teacher.mode not in ("fixed", "live") or cfg.rollout.n != 1:
@@ -66,7 +70,7 @@ def reference_steps(cfg: Any, model_path: str, steps: int, *, threads: int,
     trainable = [p for p in student.parameters() if p.requires_grad]  # with LoRA, the adapters
     opt = torch.optim.AdamW(trainable, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay,
                             fused=cfg.cluster.device == "cpu")
-    policy = PolicyLoss(student, loss_spec(cfg))
+    policy = PolicyLoss(student, loss_spec(cfg), cfg.model.lm_head_path)
     times = []
     for step in range(steps):
         batch = pairs[step * per_step : (step + 1) * per_step]
@@ -352,3 +356,30 @@ def bench_staleness(config: str, overrides: list[str], steps: int = 3, values=(0
             f"{s.get('score_overlapped', 0):12.0f}")
     return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
             "staleness": rows}
+
+
+def bench_head_paths(config: str, overrides: list[str], steps: int = 3, paths=("module", "auto"),
+                     out: Callable[[str], None] = print) -> dict:
+    """opsd's step at model.lm_head_path = each of ``paths`` (issue 40: "module" is the learner's
+    LM head and loss before the fused function, "auto" the default), one short run each in this
+    invocation, the first step of each left out; each run's step and train seconds against the
+    first run's."""
+    from opsd.config import load_config
+
+    base = load_config(config, overrides)
+    out(f"bench step --head-paths: {' '.join(paths)}, {steps + 1} steps each (the first is warm-up), "
+        f"{base.model.path} ({base.model.dtype}) on {base.cluster.device}")
+    rows = []
+    for path in paths:
+        s = _opsd_run(config, overrides, [f"model.lm_head_path={path}"], steps)
+        s["lm_head_path"] = path
+        rows.append(s)
+    first = rows[0]
+    out(f"  {'path':>7s} {'step s':>7s} {'train s':>7s} {'step vs first':>13s} {'train vs first':>14s} {'tokens/s':>8s}")
+    for s in rows:
+        s["step_ratio"] = s["step_seconds"] / first["step_seconds"]
+        s["train_ratio"] = s["train_seconds"] / first["train_seconds"]
+        out(f"  {s['lm_head_path']:>7s} {s['step_seconds']:7.2f} {s['train_seconds']:7.2f} {s['step_ratio']:12.3f}x "
+            f"{s['train_ratio']:13.3f}x {s['tokens_per_second']:8.1f}")
+    return {"config": config, "overrides": overrides, "model": base.model.path, "dtype": base.model.dtype,
+            "device": base.cluster.device, "head_paths": rows}

@@ -188,7 +188,7 @@ def _sync_line(cfg: Config) -> str:
 
 
 def _check_resources(cfg: Config) -> list[str]:
-    from opsd.workers.learner import micro_batches_per_rank
+    from opsd.workers.learner_training import micro_batches_per_rank
 
     cuda = cfg.cluster.device == "cuda"
     r, lr = cfg.rollout, cfg.learner

@@ -53,6 +53,12 @@ class ModelConfig:
     # In bf16 / fp16, the LM head's matmul runs in float32 in the scorer and the learner (the
     # logits the targets and the loss are made of); opsd.losses.fp32_lm_head.
     fp32_lm_head: bool = True
+    # How the learner computes the LM head and the loss (opsd.losses.resolve_head_path): "fused"
+    # (one autograd function, bf16 tensor-core matmuls with fp32 output on CUDA), "module" (the head
+    # module per chunk under checkpointing: the path before issue 40), "auto" (fused on CUDA,
+    # module on CPU). The fused path's logits are fp32 whatever model.fp32_lm_head says (a bf16
+    # matmul with fp32 output costs what a bf16 one does).
+    lm_head_path: str = "auto"
     trust_remote_code: bool = False
     max_model_len: int = 512
     gradient_checkpointing: bool = False
@@ -335,6 +341,7 @@ class Config:
 _CHOICES = {
     "model.lora.serve": ("merged", "adapter"),
     "model.dtype": DTYPES,  # and "auto", resolved by load_config
+    "model.lm_head_path": ("auto", "fused", "module"),
     "prompt.overlong": ("error", "skip"),
     "data.answer_format": ("auto", "boxed", "gsm8k"),
     "grading.extract": ("strict", "lenient", "auto"),  # auto: resolved by load_config

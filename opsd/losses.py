@@ -77,7 +77,7 @@ def fp32_lm_head(head: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-_HALF_MM_TO_FP32 = {"available": True}
+_HALF_MM_TO_FP32 = {"available": True, "addmm": True}  # mm's and addmm's out_dtype, until one fails
 
 
 def _half_mm_to_fp32(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -432,6 +432,35 @@ def stat_names(spec: LossSpec, present: set[str]) -> list[str]:
     return names + objective(spec.algo).stat_names(spec, present)
 
 
+def _weighted_loss(spec: LossSpec, logits: Tensor, t: dict[str, Tensor | None]) -> tuple[Tensor, dict]:
+    """The chunk's sum of weight * loss from its logits ``[n, V]``, and what its statistics read."""
+    from opsd.objectives import objective
+
+    logp = student_logprobs(logits, spec.temperature)  # [n, V]
+    lp_sampled = logp.gather(-1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)  # [n]
+    loss, parts = objective(spec.algo).loss(spec, logits, logp, lp_sampled, t)
+    w = t["weight"].to(loss.dtype)  # [n]
+    scaled = loss if t.get("scale") is None else loss * t["scale"].to(loss.dtype)
+    loss_sum = (w * scaled).sum()
+    return loss_sum, {"logp": logp, "lp_sampled": lp_sampled, "parts": parts, "w": w}
+
+
+@torch.no_grad()
+def _chunk_stats(names: list[str], loss_sum: Tensor, seen: dict, t: dict[str, Tensor | None]) -> Tensor:
+    logp, w = seen["logp"], seen["w"]
+    values = {
+        "loss_sum": loss_sum.detach(),
+        "tokens": w.sum(),
+        "entropy_sum": (w * -(logp.exp() * logp).sum(-1)).sum(),
+    }
+    if "kl_sampled_sum" in names:
+        gap = t["teacher_logprobs"].to(w.dtype) - seen["lp_sampled"]
+        values["kl_sampled_sum"] = (w * gap).sum()
+    for name, per_token in seen["parts"].items():
+        values[name] = (w * per_token.to(w.dtype)).sum()
+    return torch.stack([values[k] for k in names])
+
+
 def _chunk_loss(
     head: Callable[[Tensor], Tensor],
     spec: LossSpec,
@@ -439,28 +468,158 @@ def _chunk_loss(
     hidden: Tensor,  # [n, H]
     t: dict[str, Tensor | None],  # TokenTargets fields sliced to the chunk
 ) -> tuple[Tensor, Tensor]:  # (sum of weight * loss, stats [len(names)])
-    from opsd.objectives import objective
+    loss_sum, seen = _weighted_loss(spec, head(hidden), t)
+    return loss_sum, _chunk_stats(names, loss_sum, seen, t)
 
-    logits = head(hidden)
-    logp = student_logprobs(logits, spec.temperature)  # [n, V]
-    lp_sampled = logp.gather(-1, t["sampled_ids"].long().unsqueeze(-1)).squeeze(-1)  # [n]
-    loss, parts = objective(spec.algo).loss(spec, logits, logp, lp_sampled, t)
-    w = t["weight"].to(loss.dtype)  # [n]
-    scaled = loss if t.get("scale") is None else loss * t["scale"].to(loss.dtype)
-    loss_sum = (w * scaled).sum()
-    with torch.no_grad():
-        values = {
-            "loss_sum": loss_sum.detach(),
-            "tokens": w.sum(),
-            "entropy_sum": (w * -(logp.exp() * logp).sum(-1)).sum(),
-        }
-        if "kl_sampled_sum" in names:
-            gap = t["teacher_logprobs"].to(loss.dtype) - lp_sampled
-            values["kl_sampled_sum"] = (w * gap).sum()
-        for name, per_token in parts.items():
-            values[name] = (w * per_token.to(loss.dtype)).sum()
-        stats = torch.stack([values[k] for k in names])
-    return loss_sum, stats
+
+# model.lm_head_path: how chunked_loss computes the LM head and its derivative.
+HEAD_PATHS = ("auto", "fused", "module")
+
+
+def resolve_head_path(path: str, head: object, hidden: Tensor) -> str:
+    """"fused" (HeadLoss) or "module" (the head module per chunk under activation checkpointing,
+    the path before issue 40; with model.fp32_lm_head it casts the weight to fp32 per call).
+
+    ``auto`` takes the fused path on CUDA, where its bf16 tensor-core matmuls with fp32 output
+    replace the module path's fp32 copies of the weight and fp32 matmuls; on CPU it keeps the
+    module path, which has no tensor cores to gain and no mm with fp32 output (docs/DESIGN.md,
+    "Losses"). The fused path needs the head's weight: an ``nn.Linear`` without a bias.
+    """
+    if path not in HEAD_PATHS:
+        raise ValueError(f"head path must be one of {HEAD_PATHS}, got {path!r}")
+    usable = isinstance(head, torch.nn.Linear) and head.bias is None
+    if path == "fused" and not usable:
+        raise ValueError(f"the fused head path needs an nn.Linear LM head without bias, got {type(head).__name__}")
+    if path == "auto":
+        return "fused" if usable and hidden.is_cuda else "module"
+    return path
+
+
+def _tensor_cores(hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the head's matmuls run as half-precision matmuls with fp32 accumulation and output:
+    CUDA, both operands bf16 (or both fp16), and a torch whose mm takes out_dtype."""
+    return (_HALF_MM_TO_FP32["available"] and hidden.is_cuda and weight.is_cuda and hidden.dtype == weight.dtype
+            and weight.dtype in (torch.bfloat16, torch.float16))
+
+
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b of two half-precision CUDA matrices, accumulated and written in fp32 (the products of
+    two bf16 numbers are exact in fp32, so this is the fp32 matmul of the operands up to summation
+    order). torch 2.11's CUDA mm takes out_dtype (the scorer runs it: docs/BENCHMARKS.md); one that
+    does not gets the cast, once, and says so through _HALF_MM_TO_FP32."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except TypeError:
+        _HALF_MM_TO_FP32["available"] = False
+        return a.float() @ b.float()
+
+
+def _addmm_fp32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place, for half-precision a and b on CUDA, accumulated in fp32 into the fp32
+    acc (addmm with out_dtype: no [V, H] product per chunk besides the sum); a torch without it
+    adds a product made by _mm_fp32, and says so through _HALF_MM_TO_FP32."""
+    if _HALF_MM_TO_FP32["addmm"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):
+            _HALF_MM_TO_FP32["addmm"] = False
+    acc += _mm_fp32(a, b)
+
+
+class HeadLoss(torch.autograd.Function):
+    """The LM head and the loss as one function of (hidden ``[N, H]``, weight ``[V, H]``), a chunk
+    of positions at a time, so that no ``[N, V]`` tensor is ever held whole.
+
+    Forward, per chunk: logits ``[n, V]`` in fp32 (CUDA bf16/fp16: a tensor-core matmul with fp32
+    output; otherwise the operands in the compute dtype, cast once per call, not per chunk), then
+    ``run(logits, chunk_fields)`` -> (sum of weight * loss, stats), the objective's loss in fp32.
+    Saved for the backward: only the inputs themselves (hidden, weight, the targets), no copy.
+
+    Backward, per chunk: the logits recomputed, dlogits by autograd through the objective's loss
+    on that chunk alone, then grad_hidden = dlogits @ W and grad_W += dlogits^T @ hidden. On CUDA
+    in bf16 both are tensor-core matmuls of dlogits rounded to bf16 with fp32 accumulation and
+    output (as a bf16 head's own backward rounds them); grad_W is summed over chunks in fp32 and
+    cast to the weight's dtype once. A weight that needs no gradient (LoRA) skips its matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, run: Callable, chunk: int, *fields: Tensor | None):
+        ctx.run, ctx.chunk = run, chunk
+        ctx.save_for_backward(hidden, weight, *fields)
+        w = _head_operand(hidden, weight)
+        total, stats = hidden.new_zeros((), dtype=_compute_dtype(weight.dtype)), []
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            loss_sum, chunk_stats = run(_head_logits(hidden[sl], w), [None if f is None else f[sl] for f in fields])
+            total, stats = total + loss_sum, stats + [chunk_stats]
+        stats = torch.stack(stats).sum(0)
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_stats: Tensor):
+        hidden, weight, *fields = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cores = _tensor_cores(hidden, weight)
+        w = _head_operand(hidden, weight)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if cores else w.dtype, device=weight.device) if want_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            sl = slice(start, start + ctx.chunk)
+            h = hidden[sl]
+            with torch.enable_grad():
+                logits = _head_logits(h, w).detach().requires_grad_(True)  # [n, V]
+                loss_sum = ctx.run(logits, [None if f is None else f[sl] for f in fields], stats=False)
+                (dlogits,) = torch.autograd.grad(loss_sum, logits, grad_outputs=grad_total)  # [n, V] fp32
+            if cores:
+                dlogits = dlogits.to(weight.dtype)
+                if want_h:
+                    grad_h[sl] = _mm_fp32(dlogits, weight)
+                if want_w:
+                    _addmm_fp32_(grad_w, dlogits.t(), h)
+            else:
+                if want_h:
+                    grad_h[sl] = dlogits @ w
+                if want_w:
+                    grad_w.addmm_(dlogits.t(), h.to(w.dtype))
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, *([None] * len(fields)))
+
+
+def _head_operand(hidden: Tensor, weight: Tensor) -> Tensor:
+    """The weight as the head's matmuls take it: itself on tensor cores, else in the compute
+    dtype (one cast per forward or backward, where the module path casts once per chunk)."""
+    return weight if _tensor_cores(hidden, weight) else weight.to(_compute_dtype(weight.dtype))
+
+
+def _head_logits(h: Tensor, w: Tensor) -> Tensor:  # [n, V] in the compute dtype
+    if w.dtype in (torch.bfloat16, torch.float16):
+        return _mm_fp32(h, w.t())
+    return h.to(w.dtype) @ w.t()
+
+
+def _fused_loss(head: torch.nn.Linear, hidden: Tensor, fields: dict[str, Tensor | None], spec: LossSpec,
+                names: list[str]) -> tuple[Tensor, Tensor]:
+    """HeadLoss inside one call of the head module, so that the module's hooks still fire (ZeRO-3
+    gathers the weight in its forward hook and again before its backward)."""
+    keys = list(fields)
+
+    def run(logits: Tensor, chunk_fields: list, stats: bool = True):
+        t = dict(zip(keys, chunk_fields))
+        loss_sum, seen = _weighted_loss(spec, logits, t)
+        return (loss_sum, _chunk_stats(names, loss_sum, seen, t)) if stats else loss_sum
+
+    own = head.__dict__.get("forward")  # fp32_lm_head's, if it was applied
+    head.forward = lambda h: HeadLoss.apply(h, head.weight, run, spec.chunk_size, *fields.values())
+    try:
+        return head(hidden)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def chunked_loss(
@@ -470,6 +629,7 @@ def chunked_loss(
     spec: LossSpec,
     *,
     normalizer: float,
+    head_path: str = "auto",
 ) -> tuple[Tensor, dict[str, float]]:
     """Weighted token-loss sum of one micro-batch, divided by the global token count.
 
@@ -481,6 +641,8 @@ def chunked_loss(
         spec: the objective; ``spec.chunk_size`` positions are projected at a time.
         normalizer: number of loss tokens (sum of weights) of the whole optimizer step across
             micro-batches and ranks; see the module docstring.
+        head_path: ``HEAD_PATHS``, see :func:`resolve_head_path`: the fused :class:`HeadLoss`
+            or the head module per chunk.
 
     Returns:
         ``(loss, stats)``: ``loss = sum_i weight_i * loss_i / normalizer`` (a scalar with grad),
@@ -494,8 +656,9 @@ def chunked_loss(
         both at temperature 1) and ``rollout_clipped_tokens`` (tokens whose ratio against the
         rollout logprobs lies outside the clip range, whichever old policy the loss uses).
 
-    Each chunk runs under non-reentrant activation checkpointing, so nothing of width V is kept
-    between the forward and the backward pass; peak memory is O(chunk_size x V), not O(N x V).
+    Either path keeps nothing of width V between the forward and the backward pass (the module
+    path runs each chunk under non-reentrant activation checkpointing; HeadLoss recomputes each
+    chunk's logits); peak memory is O(chunk_size x V), not O(N x V).
     """
     from opsd.objectives import objective
 
@@ -518,6 +681,9 @@ def chunked_loss(
     if n_pos == 0:
         # Still part of the graph, so an engine that expects every rank to call backward can.
         return hidden.sum() * 0.0, {k: 0.0 for k in names}
+    if resolve_head_path(head_path, head, hidden) == "fused":
+        total, stats = _fused_loss(head, hidden, fields, spec, names)
+        return total / normalizer, dict(zip(names, stats.tolist()))
     keys = list(fields)
 
     def run(h: Tensor, *chunk_fields: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -14,18 +14,24 @@ opsd runs:
   to host, on random hidden states) are timed too.
 - learner: the learner's forward (decoder, then opsd.losses.chunked_loss on the response positions,
   the fp32 head, chunks of 1,024) and backward on 8,192 tokens per micro-batch, with and without
-  gradient checkpointing; every weight trainable (the recipe trains LoRA adapters, whose backward
-  skips the weight gradients, so this is the upper end). No optimizer step and no DeepSpeed.
+  gradient checkpointing, with the head and loss on each model.lm_head_path (module: the fp32 head
+  by cast per chunk, before issue 40; fused: opsd.losses.HeadLoss, bf16 tensor-core matmuls with
+  fp32 output), and the whole update (that and the optimizer step: DeepSpeed's bf16 engine's fp32
+  master weights, gradient clipping and AdamW, emulated with torch's fused AdamW; no DeepSpeed on a
+  GPU machine without network). Every weight trainable, then the recipe's LoRA adapters (peft).
 
 Limits, both kinds reported: the spec sheet's dense bf16 FLOP/s and memory bandwidth where the GPU's
 name is known (SPECS), and what this script measures on the GPU (an 8192^3 bf16 matmul, a device
 copy of 2 GiB). FLOPs counted: 2 per multiply-add of every linear layer; attention 4 T^2 d per layer
-halved for the causal mask; the head 2 H V per scored position; a backward twice its forward.
+halved for the causal mask; the head 2 H V per scored position; a backward twice its forward
+(with LoRA once, the frozen weights' gradients not being computed, plus the adapters' own).
 Recomputation (gradient checkpointing, the chunked head) is not counted as useful work.
 
-    python scripts/gpu_roofline.py [--json OUT.json] [--tiny]
+    python scripts/gpu_roofline.py [--json OUT.json] [--tiny] [--parts scorer learner]
+        [--head-paths module fused] [--weights full lora] [--lengths 2048 8192] [--checkpointing on off]
 
---tiny runs a small model on whatever device there is (a check of the script, not a figure).
+--tiny runs a small model on whatever device there is, CPU included (a check of the script, not a
+figure; tests/unit/test_gpu_roofline.py runs it).
 """
 
 from __future__ import annotations
@@ -109,8 +115,9 @@ def build_model(shape: dict, device: torch.device):
 
 def flops(shape: dict, model, seq_len: int, rows: int, scored: int) -> dict:
     """Forward FLOPs of ``rows`` sequences of ``seq_len`` tokens with ``scored`` head positions."""
-    layer_params = sum(m.weight.numel() for m in model.get_decoder().layers.modules()
-                       if isinstance(m, torch.nn.Linear))
+    # The model's own linear layers; LoRA's adapters (peft's lora_A / lora_B) are counted apart.
+    layer_params = sum(m.weight.numel() for name, m in model.get_decoder().layers.named_modules()
+                       if isinstance(m, torch.nn.Linear) and "lora_" not in name)
     attn_width = shape["num_attention_heads"] * shape["head_dim"]
     decoder = rows * (2 * layer_params * seq_len + 2 * seq_len**2 * attn_width * shape["num_hidden_layers"])
     head = 2 * shape["hidden_size"] * shape["vocab_size"] * scored
@@ -191,8 +198,62 @@ def loss_targets(n: int, vocab: int, device: torch.device, seed: int) -> TokenTa
                         topk_ids=ids.to(device), topk_logprobs=lp.to(device), teacher_logprobs=lp[:, 0].to(device))
 
 
+# configs/qwen3-1.7b.yaml's model.lora (opsd.config.LoraConfig's defaults too): the adapters the recipe
+# trains. Written out so that this script needs no omegaconf; tests/unit/test_gpu_roofline.py checks it.
+RECIPE_LORA = dict(r=64, alpha=128, dropout=0.0,
+                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def with_lora(model):
+    """The model with the recipe's LoRA adapters (peft), in the model's dtype as DeepSpeed's bf16 engine
+    holds them; only the adapters train."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+
+    from opsd.lora import peft_config
+
+    dtype = next(model.parameters()).dtype
+    return get_peft_model(model, peft_config(SimpleNamespace(**RECIPE_LORA))).to(dtype)
+
+
+class MasterAdamW:
+    """The learner's optimizer step as DeepSpeed's bf16 engine takes it, in torch alone: the bf16
+    gradients copied into fp32 ones of fp32 master weights, clipped at the recipe's norm (1.0),
+    torch's fused AdamW on the masters (fp32 moments), the result copied back into the bf16
+    weights. In fp32 the weights are their own masters."""
+
+    def __init__(self, params: list, lr: float = 2e-4):
+        self.params = params
+        half = params[0].dtype != torch.float32
+        self.masters = [p.detach().float().clone() if half else p for p in params]
+        fused = params[0].is_cuda
+        self.opt = torch.optim.AdamW(self.masters, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                     fused=fused, foreach=None if fused else True)
+
+    def step(self) -> None:
+        if self.masters[0] is not self.params[0]:
+            for m, p in zip(self.masters, self.params):
+                m.grad = p.grad.float()
+        torch.nn.utils.clip_grad_norm_(self.masters, 1.0, foreach=True)
+        self.opt.step()
+        if self.masters[0] is not self.params[0]:
+            torch._foreach_copy_([p.data for p in self.params], self.masters)
+        for p in self.params:
+            p.grad = None
+
+    @staticmethod
+    def least_bytes(params: list) -> int:
+        """What the step reads and writes at least: the gradient (read), the fp32 gradient (written,
+        read), the master and both moments (read and written), the weight (written)."""
+        return sum(p.numel() * (2 * p.element_size() + 4 * 2 + 3 * 4 * 2) for p in params)
+
+
 def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, checkpointing: bool,
-                  device: torch.device, repeats: int) -> dict:
+                  device: torch.device, repeats: int, head_path: str = "module", lora: bool = False) -> dict:
+    """The learner's forward + backward, and its whole update (that and the optimizer step), on
+    ``total`` tokens in rows of ``seq_len``; ``head_path``: model.lm_head_path (module: the fp32
+    head by cast per chunk, the learner before issue 40; fused: opsd.losses.HeadLoss)."""
     contexts, responses = scorer_rows(shape, seq_len, total)
     rows = len(contexts)
     ids = torch.tensor([c + r for c, r in zip(contexts, responses)], device=device)
@@ -208,31 +269,64 @@ def bench_learner(shape: dict, model, limits_: dict, seq_len: int, total: int, c
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def forward_backward():
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        loss, _ = chunked_loss(hidden[sel_rows, sel_cols], head, targets, spec, normalizer=float(len(sel_rows)),
+                               head_path=head_path)
+        loss.backward()
 
     def step():
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        loss, _ = chunked_loss(hidden[sel_rows, sel_cols], head, targets, spec, normalizer=float(len(sel_rows)))
-        loss.backward()
-        model.zero_grad(set_to_none=False)
+        forward_backward()
+        for p in trainable:  # gradients kept allocated, as an accumulating engine keeps them
+            p.grad.zero_()
 
-    step()  # the gradients exist from here on: the peak below is above weights + gradients
+    optimizer = MasterAdamW(trainable)
+
+    def update():
+        forward_backward()
+        optimizer.step()
+
+    update_seconds = timed(update, device, repeats)  # its warm-up call makes the optimizer's state
+    forward_backward()  # ...and this the gradients: the peak below is above weights, gradients and state
+    base = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     seconds = timed(step, device, repeats)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    model.zero_grad(set_to_none=True)
+    del optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model.eval()
     model.gradient_checkpointing_disable()
     f = flops(shape, model, seq_len, rows, len(sel_rows))
-    useful = 3 * (f["decoder"] + f["head"])
+    adapters = sum(p.numel() for p in trainable) if lora else 0
+    # A backward is twice its forward where the weights train (activations' and weights' gradients);
+    # with LoRA the frozen weights' gradients are not computed: once its forward, and 3x for the
+    # adapters' own matmuls (2 FLOPs per multiply-add of each adapter weight per token).
+    useful = (2 * (f["decoder"] + f["head"]) + 3 * 2 * adapters * rows * seq_len if lora
+              else 3 * (f["decoder"] + f["head"]))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"seq_len": seq_len, "rows": rows, "tokens": rows * seq_len, "loss_positions": len(sel_rows),
-            "checkpointing": checkpointing, "seconds": seconds, "tokens_per_s": rows * seq_len / seconds,
-            "tflops": useful / seconds / 1e12, "flops": useful,
-            "peak_gib": peak / 2**30, "peak_above_weights_and_grads_gib": (peak - base) / 2**30 if peak else 0.0,
+    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    opt_bytes = MasterAdamW.least_bytes(trainable)
+    fb_floor = floor(useful, 2 * weight_bytes + grad_bytes, limits_)
+    tokens = rows * seq_len
+    return {"seq_len": seq_len, "rows": rows, "tokens": tokens, "loss_positions": len(sel_rows),
+            "checkpointing": checkpointing, "head_path": head_path, "lora": lora,
+            "trainable_params": sum(p.numel() for p in trainable),
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "tflops": useful / seconds / 1e12, "flops": useful,
+            "update_seconds": update_seconds, "update_tokens_per_s": tokens / update_seconds,
+            "update_tflops": useful / update_seconds / 1e12, "optimizer_seconds": update_seconds - seconds,
+            "peak_gib": peak / 2**30, "base_gib": base / 2**30,
+            "peak_above_weights_and_grads_gib": (peak - base) / 2**30 if peak else 0.0,
             "weights_gib": weight_bytes / 2**30,
-            # weights and gradients read and written once each: a floor far below the FLOP one
-            "floor_seconds": floor(useful, 4 * weight_bytes, limits_)}
+            # weights read twice and gradients written once: a floor far below the FLOP one
+            "floor_seconds": fb_floor,
+            # ...then the optimizer's traffic, all bytes and no counted FLOPs, after the backward
+            "update_floor_seconds": {k: v + opt_bytes / limits_[f"{k}_bytes_per_s"] for k, v in fb_floor.items()}}
 
 
 def table(res: dict) -> str:
@@ -246,12 +340,18 @@ def table(res: dict) -> str:
         lines.append(f"| | {r['seq_len']} | {r['rows']} | {r['fp32_head']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | "
                      f"{r['decoder_seconds']:.3f} | {r['topk_seconds']:.3f} | {r['decoder_tflops']:.0f} | {r['topk_tflops']:.0f} | "
                      f"{r['topk_gb_per_s']:.0f} | {r['flops'] / r['seconds'] / peak:.0%} | {fmt(r['floor_seconds'].get('spec'), 1, '.3f')} |")
-    lines += ["", "| learner | T | rows | checkpointing | tokens/s | s | TFLOP/s | of peak | peak GiB | above weights+grads GiB | floor s (spec) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| learner | T | rows | weights | head path | checkpointing | fwd+bwd tokens/s | s | TFLOP/s | of peak "
+              "| x floor | update tokens/s | update s | optimizer s | update of peak | update x floor | peak GiB "
+              "| above weights+grads+state GiB |",
+              "| --- " * 18 + "|"]
     for r in res["learner"]:
-        lines.append(f"| | {r['seq_len']} | {r['rows']} | {r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | "
-                     f"{r['tflops']:.0f} | {r['flops'] / r['seconds'] / peak:.0%} | {r['peak_gib']:.1f} | "
-                     f"{r['peak_above_weights_and_grads_gib']:.1f} | {fmt(r['floor_seconds'].get('spec'), 1, '.3f')} |")
+        fl, ufl = r["floor_seconds"].get("spec"), r["update_floor_seconds"].get("spec")
+        lines.append(f"| | {r['seq_len']} | {r['rows']} | {'LoRA' if r['lora'] else 'full'} | {r['head_path']} | "
+                     f"{r['checkpointing']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} | {r['tflops']:.0f} | "
+                     f"{r['flops'] / r['seconds'] / peak:.0%} | {fmt(fl and r['seconds'] / fl, 1, '.1f')} | "
+                     f"{r['update_tokens_per_s']:,.0f} | {r['update_seconds']:.3f} | {r['optimizer_seconds']:.3f} | "
+                     f"{r['flops'] / r['update_seconds'] / peak:.0%} | {fmt(ufl and r['update_seconds'] / ufl, 1, '.1f')} | "
+                     f"{r['peak_gib']:.1f} | {r['peak_above_weights_and_grads_gib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -262,32 +362,51 @@ def fmt(x, scale, spec=".0f") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "gpu_roofline.json"))
-    p.add_argument("--tiny", action="store_true", help="a small model on any device: checks the script")
+    p.add_argument("--tiny", action="store_true", help="a small model on any device (CPU too): checks the script")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parts", nargs="+", choices=("scorer", "learner"), default=["scorer", "learner"])
+    p.add_argument("--head-paths", nargs="+", choices=("module", "fused"), default=["module", "fused"],
+                   help="the learner's model.lm_head_path, before (module) and after (fused) issue 40, in this call")
+    p.add_argument("--weights", nargs="+", choices=("full", "lora"), default=["full", "lora"],
+                   help="the learner trains every weight, or the recipe's LoRA adapters (needs peft)")
+    p.add_argument("--lengths", type=int, nargs="+", help="row lengths (default 2048 8192; --tiny 128 256)")
+    p.add_argument("--checkpointing", nargs="+", choices=("on", "off"), default=["on", "off"])
     args = p.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --tiny to check the script on CPU)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # opsd's default: the fp32 head is true fp32
     shape = TINY if args.tiny else QWEN3_1_7B
-    total, lengths = (512, (128, 256)) if args.tiny else (32768, (2048, 8192))
+    total = 512 if args.tiny else 32768
+    lengths = args.lengths or ((128, 256) if args.tiny else (2048, 8192))
     res = {"torch": torch.__version__, "shape": shape, "limits": limits(device, args.tiny), "scorer": [], "learner": []}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep(part: str, row: dict) -> None:  # every row on disk at once: a timeout keeps what was measured
+        res[part].append(row)
+        print(json.dumps(row), flush=True)
+        out.write_text(json.dumps(res, indent=1))
+
     print(json.dumps(res["limits"]), flush=True)
     model = build_model(shape, device)
     model.eval()
-    for seq_len in lengths:
-        for fp32_head in (True, False):
-            res["scorer"].append(bench_scorer(shape, model, res["limits"], seq_len, total, fp32_head, device, args.repeats))
-            print(json.dumps(res["scorer"][-1]), flush=True)
-    for seq_len in lengths:
-        for ckpt in (True, False):
-            res["learner"].append(bench_learner(shape, model, res["limits"], seq_len, total // 4, ckpt, device,
-                                                args.repeats))
-            print(json.dumps(res["learner"][-1]), flush=True)
+    if "scorer" in args.parts:
+        for seq_len in lengths:
+            for fp32_head in (True, False):
+                keep("scorer", bench_scorer(shape, model, res["limits"], seq_len, total, fp32_head, device, args.repeats))
+    if "learner" in args.parts:
+        for weights in args.weights:  # full first: peft changes the model in place
+            if weights == "lora":
+                model = with_lora(model)
+            for seq_len in lengths:
+                for ckpt in args.checkpointing:
+                    for path in args.head_paths:
+                        keep("learner", bench_learner(shape, model, res["limits"], seq_len, total // 4, ckpt == "on",
+                                                      device, args.repeats, path, weights == "lora"))
     res["table"] = table(res)
     print(res["table"])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(res, indent=1))
+    out.write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -53,9 +53,13 @@ def reference_losses(tiny_model, tables, cfg) -> tuple[list[float], dict]:
 
 
 # Gradient checkpointing changes no number (the zero3 case already pins them): `make test-slow`.
-@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), pytest.param(3, True, marks=pytest.mark.slow)],
-                         ids=["zero2", "zero3", "zero3-gradient-checkpointing"])
-def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, ray_session):
+# zero3-fused: the LM head and loss as one autograd function (model.lm_head_path=fused, CUDA's
+# default) under ZeRO-3's hooks, which must gather the head's weight for its forward and backward.
+@pytest.mark.parametrize("stage,checkpointing,head_path",
+                         [(2, False, "auto"), (3, False, "auto"), (3, False, "fused"),
+                          pytest.param(3, True, "auto", marks=pytest.mark.slow)],
+                         ids=["zero2", "zero3", "zero3-fused", "zero3-gradient-checkpointing"])
+def test_zero_matches_single_process(stage, checkpointing, head_path, cli_run, tiny_model, ray_session):
     from opsd.workers.learner import LearnerGroup
 
     tables = [read_ipc(p) for p in sorted((cli_run / "batches").glob("step_*.arrow"))]
@@ -63,7 +67,7 @@ def test_zero_matches_single_process(stage, checkpointing, cli_run, tiny_model, 
     # micro_batch_size 3 puts 8 rows into uneven micro-batches (3 + 1 per rank).
     cfg = local_config(f"learner.zero_stage={stage}", "learner.num_ranks=2", f"learner.lr={LR}",
                        "learner.micro_batch_size=3", "loss.chunk_size=16",
-                       f"model.gradient_checkpointing={str(checkpointing).lower()}")
+                       f"model.gradient_checkpointing={str(checkpointing).lower()}", f"model.lm_head_path={head_path}")
     ref_losses, ref_params = reference_losses(tiny_model, tables, cfg)
 
     group = LearnerGroup(cfg, tiny_model)

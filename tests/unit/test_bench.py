@@ -164,3 +164,30 @@ def test_learning_reports_go_to_an_untracked_folder_by_default():
     results = (REPO_ROOT / "docs" / "RESULTS.md").read_text()
     commands = re.findall(r"^opsd bench learning[^\n#]*", results, flags=re.MULTILINE)
     assert len(commands) == 3 and all("--out docs/results" in c for c in commands), commands
+
+
+def test_bench_step_head_paths_runs_each_path_in_one_invocation(monkeypatch):
+    """`opsd bench step --head-paths module auto` (issue 40): one opsd run per path, in order, each
+    with model.lm_head_path set, and each run's step time against the first's."""
+    import argparse
+
+    from opsd.benchmarks import step
+    from opsd.benchmarks.bench import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["step", "--head-paths", "module", "auto", "module"])
+    assert args.head_paths == ["module", "auto", "module"]
+    with pytest.raises(SystemExit):
+        p.parse_args(["step", "--head-paths", "cast"])
+    runs = []
+
+    def fake_run(config, overrides, extra, steps):
+        runs.append(extra)
+        seconds = {"module": 2.0, "auto": 1.0}[extra[0].split("=")[1]]
+        return {"step_seconds": seconds, "train_seconds": seconds / 2, "tokens_per_second": 10 / seconds}
+
+    monkeypatch.setattr(step, "_opsd_run", fake_run)
+    report = step.bench_head_paths(str(REPO_ROOT / "configs" / "tiny.yaml"), [], 2, ("module", "auto"), out=lambda s: None)
+    assert runs == [["model.lm_head_path=module"], ["model.lm_head_path=auto"]]
+    assert [r["step_ratio"] for r in report["head_paths"]] == [1.0, 0.5]

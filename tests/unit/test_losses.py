@@ -650,7 +650,7 @@ def test_scale_divergence_clip_caps_the_value_and_scales_the_gradient_instead_of
 
 
 def test_position_weights_are_pw_opsds_sigmoid_over_each_rows_own_length():
-    from opsd.workers.learner import position_weights
+    from opsd.workers.learner_training import position_weights
 
     got = position_weights([1, 4, 10], low=0.25, center=0.30, width=0.10)
     want = []

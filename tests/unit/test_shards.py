@@ -1,4 +1,4 @@
-"""How the learner splits a batch over its ranks (opsd.workers.learner.balanced_shards, plan_ranks)."""
+"""How the learner splits a batch over its ranks (opsd.workers.learner_training.balanced_shards, plan_ranks)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from opsd.workers.learner import balanced_shards
+from opsd.workers.learner_training import balanced_shards
 
 
 def best_split(lengths: list[int], world: int) -> int:
@@ -79,7 +79,7 @@ def _advantages(rows: list[dict]) -> list[float]:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_each_rank_is_planned_its_own_rows_with_the_whole_batchs_normaliser_advantages_and_padding(seed):
-    from opsd.workers.learner import plan_ranks
+    from opsd.workers.learner_training import plan_ranks
 
     rng = random.Random(seed)
     world, mb = rng.choice([1, 2, 3]), rng.choice([1, 2, 3])
@@ -104,7 +104,7 @@ def test_each_rank_is_planned_its_own_rows_with_the_whole_batchs_normaliser_adva
 
 
 def test_a_batch_larger_than_the_deepspeed_config_is_refused_before_any_rank_runs():
-    from opsd.workers.learner import plan_ranks
+    from opsd.workers.learner_training import plan_ranks
 
     table, _ = _batch(random.Random(0), groups=5, per_group=2)  # 10 rows: 5 per rank, 3 micro-batches of 2
     with pytest.raises(ValueError, match="needs 3 micro-batches per rank, more than the 2"):
@@ -117,7 +117,7 @@ def test_a_rank_reads_only_its_slice_of_the_batch():
     import pyarrow as pa
 
     from opsd.batch import from_ipc_bytes, to_ipc_bytes
-    from opsd.workers.learner import plan_ranks
+    from opsd.workers.learner_training import plan_ranks
 
     table, rows = _batch(random.Random(3), groups=3, per_group=2)
     table = table.replace_schema_metadata({b"opsd.teacher_mode": b"fixed"})
