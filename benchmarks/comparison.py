@@ -175,7 +175,8 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
     def point(r: dict, tokens: int, wall: float) -> dict:
         return {"step": r["step"], "tokens": tokens, "wall_seconds": wall, "accuracy": r[f"eval/accuracy_{extract}"],
                 "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],
-                "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac")}
+                "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac"),
+                "repeated_ngram_rate": r.get("eval/repeated_ngram_rate")}
 
     steps, evals, clock = [], [], 0.0
     for r in rows:
@@ -188,7 +189,11 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             "truncated_frac", "clip_frac", "engine_mismatch", "clip_frac_rollout", "rollout_seconds",
             "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
             # what a context or an objective left out or moved (majority, contrastive)
-            "samples", "context_skipped", "moved_frac", "grad_norm")} | {"wall_seconds": clock})
+            "samples", "context_skipped", "moved_frac", "grad_norm",
+            # collapse diagnostics (opsd/diagnostics.py)
+            "repeated_ngram_rate", "stop_gap_truncated", "stop_gap_finished", "stop_prob_teacher_truncated",
+            "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished")}
+            | {"wall_seconds": clock})
         if f"eval/accuracy_{extract}" in r:
             evals.append(point(r, r["tokens_generated_total"], clock))
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,

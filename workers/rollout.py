@@ -318,7 +318,8 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
         steps = out.prompt_logprobs[len(c): len(c) + len(r)]
         tok = np.array([step[t].logprob for step, t in zip(steps, r)], dtype=np.float32)
         if not topk:
-            result.append((None, None, tok))
+            # No stop mass: the prompt log-probs hold only the top-k (its column stays null).
+            result.append(RowTargets(None, None, tok))
             continue
         ids = np.empty((len(r), k), dtype=np.int32)
         lps = np.empty((len(r), k), dtype=np.float32)
@@ -327,7 +328,7 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
             best = sorted(step.items(), key=lambda item: -item[1].logprob)[:k]
             ids[j] = [t for t, _ in best]
             lps[j] = [lp.logprob for _, lp in best]
-        result.append((ids, lps, tok))
+        result.append(RowTargets(ids, lps, tok))
     return result
 
 

@@ -184,5 +184,5 @@ def test_a_run_with_the_vllm_scorer_trains_and_its_batches_hold_the_transformers
     for path in sorted((run_dir / "batches").glob("step_*.arrow")):
         rows = read_ipc(path).to_pylist()
         want = scorer.teacher_targets([r["teacher_prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
-        for row, (ids, lps, tok) in zip(rows, want):
+        for row, (ids, lps, tok, _) in zip(rows, want):
             assert_same_targets(row, ids, lps, tok)

@@ -16,6 +16,8 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
 
     # The default teacher is fixed: its weights are the initial model's at every step.
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    stop_ids = _eos_ids(tiny_model)
+    finishes = set()
     for path in sorted((cli_run / "batches").glob("step_*.arrow")):
         table = read_ipc(path)
         meta = batch_meta(table)
@@ -39,6 +41,25 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
                 np.testing.assert_allclose(lp_at_got[mismatch], got_lp[mismatch], atol=1e-4)
             tok = logp.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1).numpy()
             np.testing.assert_allclose(np.array(row["teacher_token_logprobs"]), tok, atol=1e-4)
+            # The teacher's mass on every stop id, at every response position, and at the last.
+            stop = torch.logsumexp(logp[:, stop_ids], dim=-1).numpy()
+            np.testing.assert_allclose(np.array(row["teacher_stop_logprobs"]), stop, atol=1e-4)
+            finishes.add(row["finish_reason"])
+    assert "length" in finishes, finishes  # a truncated row's last position was among those checked
+
+
+def _eos_ids(model_dir) -> list[int]:
+    """The stop ids as vLLM reads them, straight from the model folder's JSON files."""
+    import json
+    from pathlib import Path
+
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_dir) / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids |= {eos} if isinstance(eos, int) else set(eos or [])
+    assert ids, f"{model_dir}: no eos_token_id"
+    return sorted(ids)
 
 
 @pytest.mark.parametrize("overrides", [["loss.objective=sampled_token"], ["algo=grpo", "rollout.n=2", "loss.kl_coef=0.01"]],
