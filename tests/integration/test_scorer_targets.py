@@ -106,3 +106,47 @@ def test_bench_head_loss_is_zero_against_the_students_own_targets_and_not_agains
     assert abs(_student_loss(cfg, scorer.model, scorer.pad_id, students, responses, own)) < 1e-6
     other = scorer.teacher_targets([[60, 61, 62] + s for s in students], responses)
     assert _student_loss(cfg, scorer.model, scorer.pad_id, students, responses, other) > 1e-4
+
+
+def test_the_stop_probabilities_of_a_step_equal_an_independent_forward(cli_run, tiny_model):
+    """Step 1's metrics row: the student's stop probability at the last position of each truncated
+    and each finished response is the initial weights' (the learner trains on them in step 1), the
+    teacher's is its saved column there; both from a plain fp32 forward and a row-by-row mean."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import read_metrics
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    stop_ids = _eos_ids(tiny_model)
+    row = next(r for r in read_metrics(cli_run) if r["step"] == 1)
+    table = read_ipc(cli_run / "batches" / "step_000001.arrow")
+    temp = float(batch_meta(table)["opsd.temperature"])
+    seen = {"truncated": [], "finished": []}
+    for r in table.to_pylist():
+        kind = {"length": "truncated", "stop": "finished"}.get(r["finish_reason"])
+        if kind is None or not r["response_ids"] or not any(r["loss_mask"]):
+            continue
+        seq = r["prompt_ids"] + r["response_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(seq) - 2].double() / temp
+        student = float(torch.softmax(logits, -1)[stop_ids].sum())
+        teacher = float(np.exp(np.float64(r["teacher_stop_logprobs"][-1])))
+        seen[kind].append((teacher, student))
+    assert seen["truncated"], "the tiny run truncates most of its responses at 64 tokens"
+    for kind, pairs in seen.items():
+        if not pairs:
+            assert row[f"stop_prob_student_{kind}"] is None and row[f"stop_gap_{kind}"] is None
+            continue
+        teacher, student = np.mean([t for t, _ in pairs]), np.mean([s for _, s in pairs])
+        assert row[f"stop_prob_student_{kind}"] == pytest.approx(student, rel=1e-4, abs=1e-7)
+        assert row[f"stop_prob_teacher_{kind}"] == pytest.approx(teacher, rel=1e-4, abs=1e-7)
+        assert row[f"stop_gap_{kind}"] == pytest.approx(teacher - student, rel=1e-3, abs=1e-7)
+    # The step's repeated 4-gram rate, over the same responses.
+    rates = [_repeat_rate(r["response_ids"]) for r in table.to_pylist()]
+    rates = [x for x in rates if x is not None]
+    assert row["repeated_ngram_rate"] == pytest.approx(sum(rates) / len(rates))
+
+
+def _repeat_rate(ids: list[int]) -> float | None:
+    grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+    return sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams) if grams else None

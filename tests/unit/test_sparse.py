@@ -81,3 +81,89 @@ def test_run_time_is_summed_per_machine_and_mixing_machines_is_said():
     line = run_time_line(by)
     assert line.startswith("Run time: 0.48 h in all: 0.38 h (1,350 s, 2 runs) on AMD EPYC") and "mix" in line
     assert "mix" not in run_time_line(run_time_by_machine(records[:1]))
+
+
+# --- appending methods to a finished experiment ---------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from opsd.benchmarks.sparse import AddedMethod, check_spec, chosen_lrs, plan  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sparse"
+
+
+def _records():
+    """The finished experiment's own run records (docs/results/sparse/runs), split by phase."""
+    import json
+
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    return [r for r in records if r["phase"] == "sweep"], [r for r in records if r["phase"] == "test"]
+
+
+def test_the_finished_experiment_plans_nothing_and_its_spec_is_accepted():
+    import json
+
+    sweep, runs = _records()
+    spec = SparseSpec(added=[])
+    check_spec(json.loads((RESULTS / "spec.json").read_text()), spec)
+    assert plan(spec, sweep, runs) == ([], [])
+    assert chosen_lrs(spec, sweep) == {"opsd_fixed": 3e-6, "grpo": 3e-5, "sft": 1e-5, "kd_reference": 3e-6}
+
+
+def test_a_method_appended_to_the_finished_spec_plans_exactly_its_own_runs():
+    import json
+
+    sweep, runs = _records()
+    saved = json.loads((RESULTS / "spec.json").read_text())  # written before methods could be appended
+    guard = AddedMethod("opsd_masked", "opsd_fixed", ["loss.mask_truncated=true"], lr_from="opsd_fixed")
+    tuned = AddedMethod("mix", "grpo", ["algo=mix"], lrs=[1e-5, 3e-5], seeds=2)
+    spec = SparseSpec(added=[guard, tuned])
+    check_spec(saved, spec)
+    assert plan(spec, sweep, runs) == (
+        [("mix", 1e-5), ("mix", 3e-5)],
+        [("opsd_masked", 0), ("mix", 0), ("opsd_masked", 1), ("mix", 1), ("opsd_masked", 2)])
+    assert chosen_lrs(spec, sweep)["opsd_masked"] == 3e-6  # OPSD's tuned rate
+    assert "mix" not in chosen_lrs(spec, sweep)  # not swept yet
+    assert spec.runs_planned() == 24 + 3 + 4
+    # Its sweep done: the mix's runs take its own best rate.
+    done = [{"method": "mix", "lr": lr, "phase": "sweep", "evals": [{"step": 20, "accuracy": acc}]}
+            for lr, acc in ((1e-5, 0.05), (3e-5, 0.04))]
+    assert chosen_lrs(spec, sweep + done)["mix"] == 1e-5
+    assert plan(spec, sweep + done, runs)[0] == []
+    # A run reads its recipe, then its own overrides (the last one wins, as in load_config).
+    o = overrides_as_dict(run_overrides(spec, "opsd_masked", 1, 3e-6, sweep=False, temperature=0.7))
+    assert o["algo"] == "opsd" and o["loss.mask_truncated"] == "true" and o["train.seed"] == "1"
+    assert o["eval.path"] == "math-easy-test" and o["learner.lr"] == "3e-06"
+
+
+def test_changing_a_finished_setting_or_an_added_method_is_refused_with_its_name():
+    import json
+    from dataclasses import asdict
+
+    saved = json.loads((RESULTS / "spec.json").read_text())
+    with pytest.raises(SystemExit, match="steps=40, not 50"):
+        check_spec(saved, SparseSpec(steps=50, added=[]))
+    with pytest.raises(SystemExit, match="methods="):
+        check_spec(saved, SparseSpec(methods=["opsd_fixed", "grpo"], added=[]))
+    first = AddedMethod("opsd_anchor", "opsd_fixed", ["loss.anchor=0.1"], lr_from="opsd_fixed")
+    with_first = asdict(SparseSpec(added=[first]))
+    changed = AddedMethod("opsd_anchor", "opsd_fixed", ["loss.anchor=0.3"], lr_from="opsd_fixed")
+    with pytest.raises(SystemExit, match="'opsd_anchor' changed \\(overrides\\)"):
+        check_spec(with_first, SparseSpec(added=[changed]))
+    with pytest.raises(SystemExit, match="lacks"):
+        check_spec(with_first, SparseSpec(added=[]))
+    second = AddedMethod("srpo", "grpo", ["algo=mix"], lr_from="grpo")
+    check_spec(with_first, SparseSpec(added=[first, second]))  # appending again is fine
+    with pytest.raises(SystemExit, match="appended, not reordered"):
+        check_spec(asdict(SparseSpec(added=[first, second])), SparseSpec(added=[second, first]))
+
+
+def test_an_added_method_names_its_rate_one_way():
+    with pytest.raises(ValueError, match="not both and not neither"):
+        SparseSpec(added=[AddedMethod("x", "opsd_fixed")])
+    with pytest.raises(ValueError, match="lr_from='nope'"):
+        SparseSpec(added=[AddedMethod("x", "opsd_fixed", lr_from="nope")])
+    with pytest.raises(ValueError, match="must differ"):
+        SparseSpec(added=[AddedMethod("grpo", "grpo", lr_from="grpo")])
