@@ -46,6 +46,7 @@ Heavy imports (ray, torch, transformers, matplotlib) happen inside the functions
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import time
@@ -189,7 +190,7 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             "truncated_frac", "clip_frac", "engine_mismatch", "clip_frac_rollout", "rollout_seconds",
             "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
             # what a context or an objective left out or moved (majority, contrastive)
-            "samples", "context_skipped", "moved_frac", "grad_norm",
+            "samples", "context_skipped", "moved_frac", "movable_frac", "grad_norm",
             # collapse diagnostics (opsd/diagnostics.py)
             "repeated_ngram_rate", "stop_gap_truncated", "stop_gap_finished", "stop_prob_teacher_truncated",
             "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished")}
@@ -378,7 +379,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
                                (axes[1, 1], "response_len_mean", "training response length (tokens)"),
                                (axes[0, 2], "reward_mean", "training reward (on-track rate of the samples)")):
             for m, rs in by_method.items():
-                series = step_mean(rs, key) if (key != "kl_sampled" or m in OPSD) else None
+                series = step_mean_with_gaps(rs, key) if (key != "kl_sampled" or m in OPSD) else None
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
             ax.set_title(title)
@@ -408,6 +409,23 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def step_mean_with_gaps(curves: list[dict], key: str) -> list[tuple[int, float]]:
+    """The mean over seeds of ``key`` at every step, NaN (a gap in a drawn line, not a point at 0)
+    where no seed measured it. A step where every sample was left out of the loss (a majority
+    teacher without a majority) measured no KL: records written before the metrics row said so
+    hold 0 there, which is read as missing too."""
+    by: dict[int, list[float]] = {}
+    for c in curves:
+        for s in c["steps"]:
+            v = s.get(key)
+            if key == "kl_sampled" and s.get("samples") and (s.get("context_skipped") or 0) >= s["samples"]:
+                v = None
+            by.setdefault(s["step"], [])
+            if v is not None:
+                by[s["step"]].append(v)
+    return [(k, statistics.fmean(v) if v else math.nan) for k, v in sorted(by.items())]
 
 
 def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:

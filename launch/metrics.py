@@ -49,7 +49,8 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         "step": facts.step, "policy_version": facts.policy_version, "teacher_version": facts.teacher_version,
         "loss": stats["loss_sum"] / tokens,
         # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
-        "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
+        # Missing (None), not 0, on a step with no loss token (every sample left out by its context).
+        "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats and stats["tokens"] else None,
         # The objective's own (GRPO: the tokens whose ratio the loss clipped, mean |logp_vllm -
         # logp_learner| at temperature 1, the tokens a ratio on vLLM's logprobs would clip).
         "clip_frac": None, "engine_mismatch": None, "clip_frac_rollout": None,
