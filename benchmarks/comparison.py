@@ -351,12 +351,15 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
+    """Accuracy against tokens and wall time, reward, KL, length, the per-position gap; then a row of
+    collapse diagnostics (opsd/diagnostics.py): the truncated share, the evaluation's response
+    length, and the repetition and stop-probability gap of the runs that measured them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9), dpi=100)
+    fig, axes = plt.subplots(3, 3, figsize=(18, 13.5), dpi=100)
     try:
         for ax, x, xlabel in ((axes[0, 0], "tokens", "generated tokens (cumulative; SFT and KD (reference): none)"),
                               (axes[0, 1], "wall_seconds", "training wall time (s, sum of step times)")):
@@ -400,6 +403,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
+        _collapse_panels(axes[2], by_method, report.get("spec", {}).get("max_tokens"))
         spec = report["spec"]
         fig.suptitle(report.get("title") or f"opsd bench learning: SmolLM2-135M-Instruct, word problems; "
                      f"{spec['steps']} steps x {spec['rows_per_step']} rows; mean ± std over seeds")
@@ -426,6 +430,47 @@ def step_mean_with_gaps(curves: list[dict], key: str) -> list[tuple[int, float]]
             if v is not None:
                 by[s["step"]].append(v)
     return [(k, statistics.fmean(v) if v else math.nan) for k, v in sorted(by.items())]
+
+
+def eval_mean(curves: list[dict], key: str) -> list[tuple[int, float]]:
+    """The mean over seeds of an evaluation's ``key`` at each evaluated step (seeds that did not
+    record it are left out of that step's mean)."""
+    by: dict[int, list[float]] = {}
+    for c in curves:
+        for e in c["evals"]:
+            if e.get(key) is not None:
+                by.setdefault(e["step"], []).append(e[key])
+    return [(k, statistics.fmean(v)) for k, v in sorted(by.items())]
+
+
+def _collapse_panels(axes, by_method: dict[str, list[dict]], max_tokens: int | None) -> None:
+    """The collapse diagnostics' row: truncated share (evaluation solid, training samples dotted),
+    the evaluation's mean response length, and the repeated 4-gram rate (solid) and the teacher -
+    student stop probability at truncated answers' last positions (dashed), where measured."""
+    cap = f" at {max_tokens} tokens" if max_tokens else ""
+    panels = ((axes[0], f"truncated share{cap} (evaluation solid, training dotted)",
+               [("truncated_frac", "eval", "-o"), ("truncated_frac", "steps", ":")]),
+              (axes[1], "evaluation response length (tokens)", [("response_len", "eval", "-o")]),
+              (axes[2], "repeated 4-gram rate (solid), stop gap teacher - student at cut answers (dashed)",
+               [("repeated_ngram_rate", "steps", "-"), ("stop_gap_truncated", "steps", "--")]))
+    for ax, title, series in panels:
+        drawn = False
+        for m, rs in by_method.items():
+            labelled = False
+            for key, where, style in series:
+                pts = eval_mean(rs, key) if where == "eval" else step_mean_with_gaps(rs, key)
+                if any(math.isfinite(v) for _, v in pts):
+                    ax.plot([p for p, _ in pts], [v for _, v in pts], style, color=COLORS.get(m), markersize=3,
+                            label=None if labelled else LABELS.get(m, m))
+                    labelled = drawn = True
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize="x-small")
+        else:
+            ax.text(0.5, 0.5, "not measured in these runs (added in issue 36)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
 
 
 def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:

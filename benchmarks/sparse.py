@@ -268,7 +268,8 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.all_methods()}
     chosen = chosen_lrs(spec, sweep)
     base = next((r["evals"][0] for r in runs if r["evals"] and r["evals"][0]["step"] == 0), None)
-    base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
+    base_point = {k: base.get(k) for k in ("accuracy", "format_rate", "response_len", "truncated_frac")} \
+        if base else None
     by_method = {m: curves_with_base([r for r in runs if r["method"] == m], base_point)
                  for m in spec.all_methods() if any(r["method"] == m for r in runs)}
     n = evaluated(runs, spec.test_problems)  # the table's base line names the problems graded, not those asked
