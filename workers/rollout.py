@@ -190,7 +190,7 @@ class RolloutWorker:
         """Log-probabilities of tokens 1.. of each sequence under the current weights (for checks)."""
         found = engine_teacher_targets(self.llm, [s[:1] for s in sequences], [s[1:] for s in sequences],
                                        k=0, topk=False, adapter=self.adapter)
-        return [tok.astype(float).tolist() for _, _, tok in found]
+        return [t.token_logprobs.astype(float).tolist() for t in found]
 
     # --- the teacher by prefill (scorer.backend=vllm, scorer.on_rollout_engines) -------------
 
