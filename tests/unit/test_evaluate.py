@@ -170,3 +170,27 @@ def test_each_named_set_is_graded_its_own_way_unless_the_command_line_says_other
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["grading.extract=lenient"])
     assert eval_gradings(cfg, sets, []) == ["lenient", "strict", "strict", "lenient", "lenient"]
     assert eval_gradings(cfg, sets, ["grading.extract=lenient"]) == ["lenient"] * 5
+
+
+def test_the_evaluation_reports_the_mean_repeated_4gram_rate_of_its_answers():
+    """Answers of varied repetition (one too short to have a 4-gram): the summary's rate is the
+    mean over the answers that have one, each counted by brute force."""
+    import random
+
+    rng = random.Random(3)
+    answers = {i: [[rng.randrange(v) for _ in range(rng.randrange(0, 24))] for v in (2, 5, 50)] for i in range(5)}
+    answers[0][0] = [1, 2]  # no 4-gram: left out of the mean
+
+    class Pool(FakePool):
+        def map(self, method, per_actor_args, **kw):
+            return [[[Rollout(ids, [0.0] * len(ids), "stop", "\\boxed{1}", 0) for ids in answers[p[0]]]
+                     for p in prompts] for prompts, _ in per_actor_args]
+
+    def brute(ids):
+        grams = [tuple(ids[i: i + 4]) for i in range(len(ids) - 3)]
+        return None if not grams else sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams)
+
+    pairs = [PromptPair(f"u{i}", [i], [i], "1") for i in range(5)]
+    metrics, _ = evaluate_pairs(Pool(2), pairs, n=3, max_tokens=24, temperature=0.7)
+    rates = [r for i in range(5) for r in map(brute, answers[i]) if r is not None]
+    assert len(rates) < 15 and metrics["repeated_ngram_rate"] == pytest.approx(sum(rates) / len(rates))
