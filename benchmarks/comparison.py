@@ -457,7 +457,11 @@ def _collapse_panels(axes, by_method: dict[str, list[dict]], max_tokens: int | N
         drawn = False
         for m, rs in by_method.items():
             labelled = False
+            # SFT and KD along the reference sample nothing: their "training responses" are references.
+            samples = any(s.get("tokens_generated_total") for r in rs for s in r["steps"])
             for key, where, style in series:
+                if where == "steps" and not samples:
+                    continue
                 pts = eval_mean(rs, key) if where == "eval" else step_mean_with_gaps(rs, key)
                 if any(math.isfinite(v) for _, v in pts):
                     ax.plot([p for p, _ in pts], [v for _, v in pts], style, color=COLORS.get(m), markersize=3,
