@@ -182,8 +182,11 @@ def test_a_context_builds_the_teacher_prompt_it_claims_and_the_position_weight_r
             want = r["prompt_ids"]
         else:
             text = tok.decode(r["teacher_prompt_ids"])
-            donors = [d for d in train_rows if f"Example problem: {d['problem']}\n" in text]
-            assert len(donors) == 1 and donors[0]["id"] != src["id"] and src["solution"] not in text, text
+            donors = [d for d in train_rows
+                      if f"Example problem: {d['problem']}\nExample solution: {d['solution']}" in text]
+            # Another problem's worked solution (rows of the same text would be one donor), never its own.
+            assert donors and src["problem"] not in {d["problem"] for d in donors}, text
+            assert src["solution"] not in text
             want = builder.teacher_ids(src["problem"], f"{OTHER_HEAD}Example problem: {donors[0]['problem']}\n"
                                                        f"Example solution: {donors[0]['solution']}")
         assert r["teacher_prompt_ids"] == want
