@@ -334,7 +334,9 @@ def table(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = ["", "KL: the mean sampled-token estimate of KL(student || teacher), shown for OPSD only (it is a KL "
-             "only along the student's own samples, and GRPO and SFT have no teacher)."]
+             "only along the student's own samples, and GRPO and SFT have no teacher). first→last: the means of "
+             "each run's first 5 and last 5 steps, then over seeds. ± std: the sample standard deviation over "
+             "seeds (n - 1)."]
     for m, r in s["methods"].items():
         ratios = r.get("token_ratio_per_seed") or []
         per_seed = (f"{statistics.fmean(ratios):.2f} ± {_std(ratios):.2f} ({len(ratios)})" if ratios else "—")
