@@ -46,6 +46,7 @@ Heavy imports (ray, torch, transformers, matplotlib) happen inside the functions
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import time
@@ -69,12 +70,15 @@ LABELS = {
     "opsd_answer": "OPSD, answer only", "opsd_none": "OPSD, no privileged context",
     "opsd_other": "OPSD, another problem's solution", "opsd_majority": "OPSD, majority (no solutions)",
     "contrastive": "RLCSD (contrastive)", "opsd_shaped": "OPSD + position weight + clip",
+    "opsd_mask_truncated": "OPSD + truncated samples masked", "srpo": "SRPO (correct: GRPO, wrong: OPSD)",
+    "mix_opsd_grpo": "0.5 OPSD + 0.5 GRPO",
 }
 COLORS = {
     "opsd_fixed": "tab:blue", "opsd_ema": "tab:cyan", "opsd_fixed_tail": "tab:purple", "grpo": "tab:red",
     "sft": "tab:green", "kd_reference": "tab:orange", "kd_samples": "tab:brown",
     "opsd_answer": "tab:olive", "opsd_none": "tab:gray", "opsd_other": "tab:pink", "opsd_majority": "gold",
-    "contrastive": "darkred", "opsd_shaped": "navy",
+    "contrastive": "darkred", "opsd_shaped": "navy", "opsd_mask_truncated": "teal", "srpo": "magenta",
+    "mix_opsd_grpo": "saddlebrown",
 }
 # The methods that train on the student's own samples with a teacher's per-token targets: their
 # sampled-token gap estimates KL(student || teacher), and their saved batches are read for it.
@@ -175,7 +179,8 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
     def point(r: dict, tokens: int, wall: float) -> dict:
         return {"step": r["step"], "tokens": tokens, "wall_seconds": wall, "accuracy": r[f"eval/accuracy_{extract}"],
                 "format_rate": r["eval/format_rate"], "response_len": r["eval/response_len_mean"],
-                "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac")}
+                "problems": r.get("eval/problems"), "truncated_frac": r.get("eval/truncated_frac"),
+                "repeated_ngram_rate": r.get("eval/repeated_ngram_rate")}
 
     steps, evals, clock = [], [], 0.0
     for r in rows:
@@ -188,7 +193,11 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             "truncated_frac", "clip_frac", "engine_mismatch", "clip_frac_rollout", "rollout_seconds",
             "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
             # what a context or an objective left out or moved (majority, contrastive)
-            "samples", "context_skipped", "moved_frac", "grad_norm")} | {"wall_seconds": clock})
+            "samples", "context_skipped", "moved_frac", "movable_frac", "grad_norm",
+            # collapse diagnostics (opsd/diagnostics.py)
+            "repeated_ngram_rate", "stop_gap_truncated", "stop_gap_finished", "stop_prob_teacher_truncated",
+            "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished")}
+            | {"wall_seconds": clock})
         if f"eval/accuracy_{extract}" in r:
             evals.append(point(r, r["tokens_generated_total"], clock))
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
@@ -328,7 +337,9 @@ def table(report: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = ["", "KL: the mean sampled-token estimate of KL(student || teacher), shown for OPSD only (it is a KL "
-             "only along the student's own samples, and GRPO and SFT have no teacher)."]
+             "only along the student's own samples, and GRPO and SFT have no teacher). first→last: the means of "
+             "each run's first 5 and last 5 steps, then over seeds. ± std: the sample standard deviation over "
+             "seeds (n - 1)."]
     for m, r in s["methods"].items():
         ratios = r.get("token_ratio_per_seed") or []
         per_seed = (f"{statistics.fmean(ratios):.2f} ± {_std(ratios):.2f} ({len(ratios)})" if ratios else "—")
@@ -345,12 +356,15 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
+    """Accuracy against tokens and wall time, reward, KL, length, the per-position gap; then a row of
+    collapse diagnostics (opsd/diagnostics.py): the truncated share, the evaluation's response
+    length, and the repetition and stop-probability gap of the runs that measured them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9), dpi=100)
+    fig, axes = plt.subplots(3, 3, figsize=(18, 13.5), dpi=100)
     try:
         for ax, x, xlabel in ((axes[0, 0], "tokens", "generated tokens (cumulative; SFT and KD (reference): none)"),
                               (axes[0, 1], "wall_seconds", "training wall time (s, sum of step times)")):
@@ -373,7 +387,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
                                (axes[1, 1], "response_len_mean", "training response length (tokens)"),
                                (axes[0, 2], "reward_mean", "training reward (on-track rate of the samples)")):
             for m, rs in by_method.items():
-                series = step_mean(rs, key) if (key != "kl_sampled" or m in OPSD) else None
+                series = step_mean_with_gaps(rs, key) if (key != "kl_sampled" or m in OPSD) else None
                 if series:
                     ax.plot([s for s, _ in series], [v for _, v in series], color=COLORS.get(m), label=LABELS.get(m, m))
             ax.set_title(title)
@@ -394,6 +408,7 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
+        _collapse_panels(axes[2], by_method, report.get("spec", {}).get("max_tokens"))
         spec = report["spec"]
         fig.suptitle(report.get("title") or f"opsd bench learning: SmolLM2-135M-Instruct, word problems; "
                      f"{spec['steps']} steps x {spec['rows_per_step']} rows; mean ± std over seeds")
@@ -403,6 +418,68 @@ def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def step_mean_with_gaps(curves: list[dict], key: str) -> list[tuple[int, float]]:
+    """The mean over seeds of ``key`` at every step, NaN (a gap in a drawn line, not a point at 0)
+    where no seed measured it. A step where every sample was left out of the loss (a majority
+    teacher without a majority) measured no KL: records written before the metrics row said so
+    hold 0 there, which is read as missing too."""
+    by: dict[int, list[float]] = {}
+    for c in curves:
+        for s in c["steps"]:
+            v = s.get(key)
+            if key == "kl_sampled" and s.get("samples") and (s.get("context_skipped") or 0) >= s["samples"]:
+                v = None
+            by.setdefault(s["step"], [])
+            if v is not None:
+                by[s["step"]].append(v)
+    return [(k, statistics.fmean(v) if v else math.nan) for k, v in sorted(by.items())]
+
+
+def eval_mean(curves: list[dict], key: str) -> list[tuple[int, float]]:
+    """The mean over seeds of an evaluation's ``key`` at each evaluated step (seeds that did not
+    record it are left out of that step's mean)."""
+    by: dict[int, list[float]] = {}
+    for c in curves:
+        for e in c["evals"]:
+            if e.get(key) is not None:
+                by.setdefault(e["step"], []).append(e[key])
+    return [(k, statistics.fmean(v)) for k, v in sorted(by.items())]
+
+
+def _collapse_panels(axes, by_method: dict[str, list[dict]], max_tokens: int | None) -> None:
+    """The collapse diagnostics' row: truncated share (evaluation solid, training samples dotted),
+    the evaluation's mean response length, and the repeated 4-gram rate (solid) and the teacher -
+    student stop probability at truncated answers' last positions (dashed), where measured."""
+    cap = f" at {max_tokens} tokens" if max_tokens else ""
+    panels = ((axes[0], f"truncated share{cap} (evaluation solid, training dotted)",
+               [("truncated_frac", "eval", "-o"), ("truncated_frac", "steps", ":")]),
+              (axes[1], "evaluation response length (tokens)", [("response_len", "eval", "-o")]),
+              (axes[2], "repeated 4-gram rate (solid), stop gap teacher - student at cut answers (dashed)",
+               [("repeated_ngram_rate", "steps", "-"), ("stop_gap_truncated", "steps", "--")]))
+    for ax, title, series in panels:
+        drawn = False
+        for m, rs in by_method.items():
+            labelled = False
+            # SFT and KD along the reference sample nothing: their "training responses" are references.
+            samples = any(s.get("tokens_generated_total") for r in rs for s in r["steps"])
+            for key, where, style in series:
+                if where == "steps" and not samples:
+                    continue
+                pts = eval_mean(rs, key) if where == "eval" else step_mean_with_gaps(rs, key)
+                if any(math.isfinite(v) for _, v in pts):
+                    ax.plot([p for p, _ in pts], [v for _, v in pts], style, color=COLORS.get(m), markersize=3,
+                            label=None if labelled else LABELS.get(m, m))
+                    labelled = drawn = True
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize="x-small")
+        else:
+            ax.text(0.5, 0.5, "not measured in these runs (added in issue 36)", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
 
 
 def _position_mean(recs: list[dict], key: str) -> list[tuple[int, float]]:

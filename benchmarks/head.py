@@ -30,7 +30,7 @@ import numpy as np
 def _compare(ref: list, other: list) -> dict:
     tok = np.concatenate([np.abs(o[2] - r[2]) for r, o in zip(ref, other)])
     top_diffs, top1 = [], []
-    for (r_ids, r_lp, _), (o_ids, o_lp, _) in zip(ref, other):
+    for (r_ids, r_lp, *_), (o_ids, o_lp, *_) in zip(ref, other):
         top1.append(r_ids[:, 0] == o_ids[:, 0])
         for t in range(r_ids.shape[0]):
             where = {int(i): float(v) for i, v in zip(o_ids[t], o_lp[t])}

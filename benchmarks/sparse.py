@@ -15,6 +15,13 @@ Two phases, resumable run by run like ``opsd bench learning``:
 Finished runs land in ``<out>/runs/sweep-<method>-lr<lr>.json`` and ``<out>/runs/<method>-s<seed>.json``
 and are skipped on a rerun; ``<out>/spec.json`` keeps runs of other settings out. The report
 (``sparse.json``, ``sparse.md``, ``sparse.png``) is redrawn after every run.
+
+**Appending methods to a finished experiment.** ``ADDED`` lists rows appended after the first
+runs (each an :class:`AddedMethod`: a recipe of benchmarks/comparison.py plus overrides, its own
+rates to sweep or another method's chosen rate, its seeds). A spec that differs from
+``spec.json`` only by added methods is accepted: the runs, chosen rates and records already there
+are kept and skipped, and only the new methods' runs are planned (:func:`plan`). Changing any
+other setting, or anything about a method already in ``spec.json``, is refused, naming it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,47 @@ from opsd.benchmarks.experiment import fmt
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "grpo", "sft", "kd_reference")
+
+
+@dataclass
+class AddedMethod:
+    """A row appended to a finished experiment. ``recipe``: the method of benchmarks/comparison.py
+    (``method_overrides``) it starts from; ``overrides`` go on top of it. Its learning rate is either
+    swept (``lrs``, as the original methods' are) or taken from another method's chosen rate
+    (``lr_from``), never both. ``seeds``: None, the spec's."""
+
+    name: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    lr_from: str | None = None
+    seeds: int | None = None
+
+
+OPSD_CHOSEN_LR = 3e-6  # docs/results/sparse/sparse.json, chosen_lr["opsd_fixed"]
+GRPO_CHOSEN_LR = 3e-5  # docs/results/sparse/sparse.json, chosen_lr["grpo"]
+
+# The hybrids have GRPO's shape (1 prompt x 8 samples per step, its learner-side old log-probs at the
+# sampling temperature, no KL term) and OPSD's fixed teacher scores the same samples.
+_HYBRID = ["algo=mix", "teacher.mode=fixed", "logging.save_batches=true"]
+
+# Rows added to the finished experiment of docs/RESULTS.md section 1 (issue 36). Appending one here
+# and running `opsd bench learning --task sparse` again runs only its runs. Each starts from a
+# finished method's recipe, so every setting it does not name is that method's (task, base model,
+# test part, 40 steps, 384 tokens, seeds 0/1/2). Only what is new is tuned (at most two values, on
+# the validation part): a row that distils takes OPSD's chosen rate; a hybrid sweeps OPSD's and
+# GRPO's chosen rates. Not here yet: OPSD + the KL anchor (`objectives.opsd.anchor`, 0.1 or 1.0),
+# which tunes a setting other than the rate, which this harness does not sweep yet; and OPSD at
+# beta 0 (`objectives.opsd.beta=0`), the optional row.
+ADDED: tuple[AddedMethod, ...] = (
+    AddedMethod("opsd_mask_truncated", "opsd_fixed", ["loss.mask_truncated=true"], lr_from="opsd_fixed"),
+    AddedMethod("srpo", "grpo", [*_HYBRID, "objectives.mix.mode=route",
+                                 "objectives.mix.parents={grpo: 1.0, opsd: 1.0}", "objectives.mix.correct=grpo"],
+                lrs=[OPSD_CHOSEN_LR, GRPO_CHOSEN_LR]),
+    AddedMethod("mix_opsd_grpo", "grpo", [*_HYBRID, "objectives.mix.mode=sum",
+                                          "objectives.mix.parents={opsd: 0.5, grpo: 0.5}"],
+                lrs=[OPSD_CHOSEN_LR, GRPO_CHOSEN_LR]),
+)
 
 
 @dataclass
@@ -64,6 +112,34 @@ class SparseSpec:
     dtype: str = "bfloat16"
     # Lenient: the student rarely boxes its answer (0.3% strict before training, docs/TASK.md).
     overrides: list[str] = field(default_factory=lambda: ["grading.extract=lenient"])
+    added: list[AddedMethod] = field(default_factory=lambda: list(ADDED))
+
+    def __post_init__(self):
+        self.added = [a if isinstance(a, AddedMethod) else AddedMethod(**a) for a in self.added]
+        names = list(self.methods) + [a.name for a in self.added]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sparse: method names must differ: {names}")
+        for a in self.added:
+            if bool(a.lrs) == (a.lr_from is not None):
+                raise ValueError(f"sparse: added method {a.name!r}: give its rates to sweep (lrs) or the method whose "
+                                 "chosen rate it takes (lr_from), not both and not neither")
+            if a.lr_from is not None and a.lr_from not in names:
+                raise ValueError(f"sparse: added method {a.name!r}: lr_from={a.lr_from!r} is not a method of the spec")
+
+    def all_methods(self) -> list[str]:
+        return list(self.methods) + [a.name for a in self.added]
+
+    def added_method(self, name: str) -> AddedMethod | None:
+        return next((a for a in self.added if a.name == name), None)
+
+    def lrs_of(self, method: str) -> list[float]:
+        """The rates swept for ``method`` (none: it takes another method's chosen rate)."""
+        a = self.added_method(method)
+        return list(self.lrs) if a is None else list(a.lrs)
+
+    def seeds_of(self, method: str) -> int:
+        a = self.added_method(method)
+        return self.seeds if a is None or a.seeds is None else a.seeds
 
     @classmethod
     def quick(cls) -> "SparseSpec":
@@ -74,7 +150,54 @@ class SparseSpec:
                    overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"])
 
     def runs_planned(self) -> int:
-        return len(self.methods) * (len(self.lrs) + self.seeds)
+        return sum(len(self.lrs_of(m)) + self.seeds_of(m) for m in self.all_methods())
+
+
+def check_spec(saved: dict, spec: SparseSpec, where: str = "spec.json") -> None:
+    """Refuse ``spec`` for a directory whose runs were made under ``saved`` (its spec.json), unless it
+    only appends methods: every other setting, and every method already there, must be unchanged."""
+    new = asdict(spec)
+    old_added = {a["name"]: a for a in saved.get("added", [])}  # a spec.json from before appending existed
+    new_added = {a["name"]: a for a in new["added"]}
+    for key in sorted((set(saved) | set(new)) - {"added"}):
+        if saved.get(key) != new.get(key):
+            raise SystemExit(f"{where} holds runs made with {key}={saved.get(key)!r}, not {new.get(key)!r}: changing a "
+                             "setting of finished runs would mix two experiments; pass another --out, or append a "
+                             "method (benchmarks/sparse.py, ADDED) to add rows to this one")
+    for name, old in old_added.items():
+        if name not in new_added:
+            raise SystemExit(f"{where} holds the added method {name!r}, which this spec lacks: its runs would be "
+                             "orphaned; keep it in ADDED (benchmarks/sparse.py)")
+        if new_added[name] != old:
+            changed = sorted(k for k in old if old[k] != new_added[name].get(k))
+            raise SystemExit(f"{where}: the added method {name!r} changed ({', '.join(changed)}): its finished runs "
+                             "were made without that change; add a method under a new name instead")
+    if list(new_added)[: len(old_added)] != list(old_added):
+        raise SystemExit(f"{where}: added methods are appended, not reordered: expected {list(old_added)} first")
+
+
+def plan(spec: SparseSpec, sweep: list[dict], runs: list[dict]) -> tuple[list[tuple[str, float]], list[tuple[str, int]]]:
+    """The runs not finished yet: (method, lr) of the sweep, then (method, seed) of the test part,
+    seed-major (a cut-short experiment has every method at the seeds it reached)."""
+    todo_sweep = [(m, lr) for m in spec.all_methods() for lr in spec.lrs_of(m)
+                  if not any(r["method"] == m and r["lr"] == lr for r in sweep)]
+    todo_runs = [(m, seed) for seed in range(max(spec.seeds_of(m) for m in spec.all_methods()))
+                 for m in spec.all_methods() if seed < spec.seeds_of(m)
+                 and not any(r["method"] == m and r["seed"] == seed for r in runs)]
+    return todo_sweep, todo_runs
+
+
+def chosen_lrs(spec: SparseSpec, sweep: list[dict]) -> dict[str, float]:
+    """Each method's rate, for the methods whose sweep (or whose ``lr_from`` method's) is complete."""
+    chosen = {}
+    for m in spec.all_methods():
+        rs = [r for r in sweep if r["method"] == m]
+        if spec.lrs_of(m) and len({r["lr"] for r in rs}) == len(spec.lrs_of(m)):
+            chosen[m] = choose_lr(rs)
+    for a in spec.added:
+        if a.lr_from is not None and a.lr_from in chosen:
+            chosen[a.name] = chosen[a.lr_from]
+    return chosen
 
 
 def _comparison_spec(spec: SparseSpec, *, steps: int, eval_every: int, eval_problems: int) -> ComparisonSpec:
@@ -89,7 +212,9 @@ def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep:
     steps = spec.sweep_steps if sweep else spec.steps
     cspec = _comparison_spec(spec, steps=steps, eval_every=steps if sweep else spec.eval_every,
                              eval_problems=spec.val_problems if sweep else spec.test_problems)
-    return [*method_overrides(cspec, method, seed, temperature), f"data.train_path={spec.task}",
+    added = spec.added_method(method)
+    recipe = method_overrides(cspec, method if added is None else added.recipe, seed, temperature)
+    return [*recipe, *(added.overrides if added else []), f"data.train_path={spec.task}",
             f"eval.path={spec.val if sweep else spec.test}", f"learner.lr={lr:g}", f"rollout.max_tokens={spec.max_tokens}",
             f"eval.max_tokens={spec.max_tokens}", "prompt.overlong=skip",
             # The stages run one after another: each may use both cores (configs/local.yaml).
@@ -117,17 +242,18 @@ def evaluated(records: list[dict], asked: int) -> int:
 
 
 def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str, float]) -> str:
-    head = "| method | " + " | ".join(f"lr {lr:g}" for lr in spec.lrs) + " | chosen |"
+    lrs = sorted({lr for m in spec.all_methods() for lr in spec.lrs_of(m)})
+    head = "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |"
     n = evaluated([r for rs in sweep.values() for r in rs], spec.val_problems)
     lines = [f"Validation accuracy ({spec.val}, {n} problems, greedy) after {spec.sweep_steps} steps, "
              "seed 0; in brackets the binomial standard error and the share of answers cut at "
              f"{spec.max_tokens} tokens.",
              "", head,
-             "| --- | " + " | ".join("---" for _ in spec.lrs) + " | --- |"]
-    for m in spec.methods:
+             "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
+    for m in spec.all_methods():
         by_lr = {r["lr"]: r["evals"][-1] for r in sweep.get(m, [])}
         cells = [f"{by_lr[lr]['accuracy']:.3f} ({standard_error(by_lr[lr]['accuracy'], n):.3f}; "
-                 f"{_percent(by_lr[lr].get('truncated_frac'))} cut)" if lr in by_lr else "—" for lr in spec.lrs]
+                 f"{_percent(by_lr[lr].get('truncated_frac'))} cut)" if lr in by_lr else "—" for lr in lrs]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {fmt(chosen.get(m), 'g')} |")
     return "\n".join(lines) + "\n"
 
@@ -160,12 +286,13 @@ def _percent(x: float | None) -> str:
 def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path) -> dict:
     from opsd.benchmarks.machine import machine
 
-    by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.methods}
-    chosen = {m: choose_lr(rs) for m, rs in by_sweep.items() if len(rs) == len(spec.lrs)}
+    by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.all_methods()}
+    chosen = chosen_lrs(spec, sweep)
     base = next((r["evals"][0] for r in runs if r["evals"] and r["evals"][0]["step"] == 0), None)
-    base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
+    base_point = {k: base.get(k) for k in ("accuracy", "format_rate", "response_len", "truncated_frac")} \
+        if base else None
     by_method = {m: curves_with_base([r for r in runs if r["method"] == m], base_point)
-                 for m in spec.methods if any(r["method"] == m for r in runs)}
+                 for m in spec.all_methods() if any(r["method"] == m for r in runs)}
     n = evaluated(runs, spec.test_problems)  # the table's base line names the problems graded, not those asked
     by_machine = run_time_by_machine(sweep + runs)
     report = {"spec": asdict(spec) | {"eval_problems": n}, "extract": extract, "machine": machine(),
@@ -227,8 +354,8 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
     config = str(REPO_ROOT / spec.config) if not Path(spec.config).is_absolute() else spec.config
     base_cfg = load_config(config, [*spec.overrides, f"data.train_path={spec.task}"])
     spec_file = out_dir / "spec.json"
-    if spec_file.is_file() and json.loads(spec_file.read_text()) != asdict(spec):
-        raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
+    if spec_file.is_file():
+        check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
     spec_file.write_text(json.dumps(asdict(spec), indent=1) + "\n")
 
     def load() -> list[dict]:
@@ -248,11 +375,10 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
     records = load()
     sweep = [r for r in records if r.get("phase") == "sweep"]
     runs = [r for r in records if r.get("phase") == "test"]
-    todo_sweep = [(m, lr) for m in spec.methods for lr in spec.lrs
-                  if not any(r["method"] == m and r["lr"] == lr for r in sweep)]
+    todo_sweep, todo_runs = plan(spec, sweep, runs)
     log(f"sparse: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
-    started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or \
-        len(runs) < spec.seeds * len(spec.methods) else False
+    started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or todo_runs \
+        else False
     try:
         for method, lr in todo_sweep:
             if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep"):
@@ -264,22 +390,19 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
             _save(runs_out, name, record)
             sweep.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-        chosen = {m: choose_lr([r for r in sweep if r["method"] == m]) for m in spec.methods}
+        chosen = chosen_lrs(spec, sweep)
         log("sparse: chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
-        for seed in range(spec.seeds):  # seed-major: a cut-short experiment has every method at the seeds it reached
-            for method in spec.methods:
-                if any(r["method"] == method and r["seed"] == seed for r in runs):
-                    continue
-                if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
-                    log(f"sparse: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
-                        f"{budget_minutes:g}; run the same command again to go on")
-                    return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-                name = f"{method}-s{seed}"
-                record = _one_run(spec, work / "runs" / name, method, seed, chosen[method], False, base_cfg, config,
-                                  train, runs, log)
-                _save(runs_out, name, record)
-                runs.append(record)
-                write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+        for method, seed in todo_runs:
+            if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
+                log(f"sparse: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
+                    f"{budget_minutes:g}; run the same command again to go on")
+                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+            name = f"{method}-s{seed}"
+            record = _one_run(spec, work / "runs" / name, method, seed, chosen[method], False, base_cfg, config,
+                              train, runs, log)
+            _save(runs_out, name, record)
+            runs.append(record)
+            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
     finally:
         if started:
             shutdown_ray()
@@ -315,57 +438,3 @@ def _save(runs_out: Path, name: str, record: dict) -> None:
     tmp = runs_out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.rename(runs_out / f"{name}.json")
-
-
-# --- issue 36: the rows added to the finished comparison (defined here, not run) ----------------------
-#
-# Each is a recipe on top of one of the finished methods' (``base``), so that every setting it does not
-# name is that row's: the same task, base model, test part, 40 steps, 384 tokens and seeds 0/1/2. The
-# 24 finished runs and their spec are untouched; the harness's mechanism for adding methods to a
-# finished spec (issue 36, the other half) takes these entries. Only what is new is tuned: at most two
-# values, ``sweep_steps`` steps, seed 0, on the validation part, best final validation accuracy (a tie:
-# the first value); then ``seeds`` seeds on the test part. Rows that distil reuse OPSD's chosen rate.
-
-OPSD_CHOSEN_LR = 3e-6  # docs/results/sparse/sparse.json, chosen_lr["opsd_fixed"]
-GRPO_CHOSEN_LR = 3e-5  # docs/results/sparse/sparse.json, chosen_lr["grpo"]
-
-
-@dataclass(frozen=True)
-class AddedMethod:
-    name: str  # the row's method name (runs/<name>-s<seed>.json, sweep-<name>-<key><value>.json)
-    label: str
-    base: str  # the finished method whose recipe (run_overrides) it starts from
-    overrides: tuple[str, ...]  # what it changes of that recipe
-    lr: float | None  # a fixed learning rate; None: learner.lr is what is swept
-    sweep_key: str | None = None  # the one new setting tuned on validation (None: nothing to tune)
-    sweep_values: tuple = ()
-    optional: bool = False  # run only if the budget has room (issue 36, item 4)
-
-    def overrides_for(self, spec: SparseSpec, seed: int, *, sweep: bool, temperature: float,
-                      value=None) -> list[str]:
-        """One run's overrides: ``value`` is the swept setting's (a sweep run), or the chosen one."""
-        lr = value if self.sweep_key == "learner.lr" else self.lr
-        out = [*run_overrides(spec, self.base, seed, lr, sweep=sweep, temperature=temperature), *self.overrides]
-        if self.sweep_key is not None and self.sweep_key != "learner.lr":
-            out.append(f"{self.sweep_key}={value}")
-        return out
-
-
-# The hybrids have GRPO's shape (1 prompt x 8 samples per step, its learner-side old log-probs at the
-# sampling temperature, no KL term) and OPSD's fixed teacher scores the same samples.
-_HYBRID = ("algo=mix", "teacher.mode=fixed", "logging.save_batches=true")
-
-ADDED_METHODS: tuple[AddedMethod, ...] = (
-    AddedMethod("opsd_mask_truncated", "OPSD + truncated samples masked", "opsd_fixed",
-                ("loss.mask_truncated=true",), OPSD_CHOSEN_LR),
-    AddedMethod("opsd_anchor", "OPSD + KL anchor to the initial policy", "opsd_fixed", (), OPSD_CHOSEN_LR,
-                "objectives.opsd.anchor", (0.1, 1.0)),
-    AddedMethod("srpo", "SRPO: correct -> GRPO, wrong -> OPSD", "grpo",
-                (*_HYBRID, "objectives.mix.mode=route", "objectives.mix.parents={grpo: 1.0, opsd: 1.0}",
-                 "objectives.mix.correct=grpo"), None, "learner.lr", (OPSD_CHOSEN_LR, GRPO_CHOSEN_LR)),
-    AddedMethod("mix_opsd_grpo", "0.5 OPSD + 0.5 GRPO", "grpo",
-                (*_HYBRID, "objectives.mix.mode=sum", "objectives.mix.parents={opsd: 0.5, grpo: 0.5}"), None,
-                "learner.lr", (OPSD_CHOSEN_LR, GRPO_CHOSEN_LR)),
-    AddedMethod("opsd_forward_kl", "OPSD, forward KL (beta 0)", "opsd_fixed", ("objectives.opsd.beta=0",),
-                OPSD_CHOSEN_LR, optional=True),
-)

@@ -39,6 +39,7 @@ class ProblemResult(Graded):
     response_lens: list[int] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     responses: list[str] = field(default_factory=list)
+    ngram_rates: list[float | None] = field(default_factory=list)  # opsd.diagnostics.repeated_ngram_rate
 
 
 def eval_seed(seed: int, uid: str) -> int:
@@ -83,6 +84,7 @@ def evaluate_pairs(
         raise ValueError("nothing to evaluate: no prompts")
     if n > 1 and temperature <= 0:
         raise ValueError(f"n={n} samples at temperature {temperature}: greedy samples are identical; use temperature > 0")
+    from opsd.diagnostics import repeated_ngram_rate
     from opsd.launch.cluster import round_robin, unshard
 
     box = None
@@ -114,6 +116,7 @@ def evaluate_pairs(
                 response_lens=[len(s.response_ids) for s in samples],
                 finish_reasons=[s.finish_reason for s in samples],
                 responses=[s.text for s in samples],
+                ngram_rates=[repeated_ngram_rate(s.response_ids) for s in samples],
             ))
         if progress is not None:
             progress(len(results), len(pairs))
@@ -121,8 +124,8 @@ def evaluate_pairs(
 
 
 def summarize_results(results: Sequence[ProblemResult], extract: str = "strict") -> dict[str, float]:
-    """opsd.evaluation.summarize, the accuracy under every extraction, the mean response length
-    and the truncated fraction."""
+    """opsd.evaluation.summarize, the accuracy under every extraction, the mean response length,
+    the truncated fraction and the mean repeated 4-gram rate (None when no answer has a 4-gram)."""
     metrics = summarize(results, [r.responses for r in results])
     for mode in EXTRACTORS:
         # a code row's grade does not depend on how answers are extracted: its programs ran once
@@ -133,6 +136,8 @@ def summarize_results(results: Sequence[ProblemResult], extract: str = "strict")
     reasons = [x for r in results for x in r.finish_reasons]
     metrics["response_len_mean"] = sum(lens) / max(len(lens), 1)
     metrics["truncated_frac"] = sum(x == "length" for x in reasons) / max(len(reasons), 1)
+    rates = [x for r in results for x in r.ngram_rates if x is not None]
+    metrics["repeated_ngram_rate"] = sum(rates) / len(rates) if rates else None
     return metrics
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from opsd.batch import Sample
 from opsd.config import Config
+from opsd.diagnostics import mean_repeated_ngram_rate, stop_metrics
 from opsd.objectives import objective
 
 METRIC_FIELDS = (
@@ -14,6 +15,9 @@ METRIC_FIELDS = (
     "response_len_mean", "truncated_frac", "tokens_generated", "tokens_generated_total", "samples",
     "dropped_stale", "rollout_seconds", "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
     "update_skipped", "no_loss_tokens", "score_overlapped", "sync_in_place", "sync_mb",
+    # collapse diagnostics (opsd/diagnostics.py)
+    "repeated_ngram_rate", "stop_prob_student_truncated", "stop_prob_teacher_truncated", "stop_gap_truncated",
+    "stop_prob_student_finished", "stop_prob_teacher_finished", "stop_gap_finished",
 )
 
 
@@ -45,7 +49,8 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         "step": facts.step, "policy_version": facts.policy_version, "teacher_version": facts.teacher_version,
         "loss": stats["loss_sum"] / tokens,
         # Mean of log p_S - log p_T over sampled tokens: on-policy, an estimate of KL(p_S || p_T).
-        "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats else None,
+        # Missing (None), not 0, on a step with no loss token (every sample left out by its context).
+        "kl_sampled": -stats["kl_sampled_sum"] / tokens if "kl_sampled_sum" in stats and stats["tokens"] else None,
         # The objective's own (GRPO: the tokens whose ratio the loss clipped, mean |logp_vllm -
         # logp_learner| at temperature 1, the tokens a ratio on vLLM's logprobs would clip).
         "clip_frac": None, "engine_mismatch": None, "clip_frac_rollout": None,
@@ -56,6 +61,10 @@ def step_row(cfg: Config, samples: list[Sample], stats: dict, facts: StepFacts) 
         "reward_mean": sum(s.reward for s in samples) / n if facts.generated and graded else None,
         "response_len_mean": resp_tokens / n,
         "truncated_frac": sum(s.finish_reason == "length" for s in samples) / n,
+        # Collapse diagnostics: repetition inside the responses, and the teacher's and the student's
+        # probability of stopping at the last position of truncated and of finished ones.
+        "repeated_ngram_rate": mean_repeated_ngram_rate(s.response_ids for s in samples),
+        **stop_metrics(stats),
         "tokens_generated": resp_tokens if facts.generated else 0,
         "tokens_generated_total": facts.tokens_total,
         "samples": len(samples), "dropped_stale": facts.dropped, "context_skipped": facts.skipped,

@@ -2,7 +2,11 @@
 
 Panels (x: training step): loss, KL on the sampled tokens, reward of the training samples, mean
 response length, eval accuracy (``eval/avg@n`` with its standard error as a band, the strict
-accuracy and the format rate) and tokens generated so far.
+accuracy and the format rate) and tokens generated so far; then the collapse diagnostics
+(opsd/diagnostics.py): the truncated share and the repeated 4-gram rate (training samples and
+evaluation), the teacher-minus-student stop probability at the last position of truncated and of
+finished responses, and the evaluation's mean response length. A metric logged as missing (null)
+on a step is a gap in its line, not a point at 0.
 Reads ``metrics.jsonl`` only, so it works on a run that is still going.
 """
 
@@ -16,7 +20,7 @@ from typing import Sequence
 
 from opsd.launch.loggers import read_metrics  # noqa: F401  (opsd plot reads what the logger wrote)
 
-# (title, metric key or "eval", y label)
+# (title, metric key, several keys or "eval", y label)
 PANELS = (
     ("loss", "loss", "loss per token"),
     ("KL on the sampled tokens (kl_sampled)", "kl_sampled", "nats per token"),
@@ -24,19 +28,28 @@ PANELS = (
     ("response length", "response_len_mean", "tokens"),
     ("eval accuracy", "eval", "avg@n"),
     ("tokens generated", "tokens_generated_total", "total tokens"),
+    ("truncated share", ("truncated_frac", "eval/truncated_frac"), "share of responses cut"),
+    ("repeated 4-gram rate", ("repeated_ngram_rate", "eval/repeated_ngram_rate"), "share of a response's 4-grams"),
+    ("stop probability at the last position, teacher - student", ("stop_gap_truncated", "stop_gap_finished"),
+     "probability"),
+    ("eval response length", "eval/response_len_mean", "tokens"),
 )
-FIGSIZE = (15.0, 8.0)
+FIGSIZE = (24.0, 8.0)
 DPI = 100
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The finite values of ``key`` by step; NaN (a gap in the line) where a row logs it as missing."""
     xs, ys = [], []
     for r in rows:
         v = r.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             xs.append(r["step"])
             ys.append(float(v))
-    return xs, ys
+        elif key in r and v is None:
+            xs.append(r["step"])
+            ys.append(math.nan)
+    return (xs, ys) if any(math.isfinite(y) for y in ys) else ([], [])
 
 
 def _eval_keys(rows: list[dict]) -> list[str]:
@@ -104,20 +117,20 @@ def plot_runs(
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     steps = [r["step"] for _, rows in runs for r in rows]
-    fig, axes = plt.subplots(2, 3, figsize=figsize, dpi=dpi)
+    fig, axes = plt.subplots(2, 5, figsize=figsize, dpi=dpi)
     try:
         for ax, (title, key, ylabel) in zip(axes.flat, PANELS):
             drawn = 0
             for i, (name, rows) in enumerate(runs):
                 color = colors[i % len(colors)]
-                keys = _eval_keys(rows) if key == "eval" else [key]
+                keys = _eval_keys(rows) if key == "eval" else [key] if isinstance(key, str) else list(key)
                 styles = ["-", "--", ":", "-."]
                 for j, k in enumerate(keys):
                     xs, ys = _series(rows, k)
                     if not xs:
                         continue
                     label = name if len(keys) == 1 else f"{name} {_eval_label(k)}"
-                    if key == "eval" and len(runs) == 1:
+                    if len(keys) > 1 and len(runs) == 1:
                         label = _eval_label(k)
                     ax.plot(xs, ys, styles[j % len(styles)], color=color, label=label,
                             marker="o" if len(xs) < 30 else None, markersize=3)
@@ -135,7 +148,7 @@ def plot_runs(
                 ax.set_xlim(min(steps) - pad, max(steps) + pad)
             if not drawn:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
-            elif len(runs) > 1 or key == "eval":
+            elif len(runs) > 1 or key == "eval" or not isinstance(key, str):
                 ax.legend(fontsize="small")
         last = {name: (rows[-1]["step"] if rows else 0) for name, rows in runs}
         fig.suptitle("opsd: " + ", ".join(f"{n} ({s} steps)" for n, s in last.items()))

@@ -23,6 +23,12 @@ Schema version 2 (version 1 batches still read):
   them. The primary context keeps the columns above.
 - A batch of a dataset without answers (a solution-free teacher) says ``opsd.rewards=none`` and
   its reward column is null; otherwise every reward is the verifier's grade.
+
+Schema version 3 (versions 1 and 2 still read: they lack its column, and a reader treats the
+column as not measured) adds ``teacher_stop_logprobs``: per response position, the log of the
+primary teacher's probability mass on the run's stop ids (a collapse diagnostic,
+opsd/diagnostics.py). A row is null where the forward could not measure it (a vLLM engine's
+prompt log-probs hold only the top-k).
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 TEACHER_MODES = ("fixed", "live", "ema", "none")
 TARGETS = ("topk", "token")
@@ -49,13 +55,16 @@ class Column:
     "token" (a list of the row's T response tokens), "topk" (T lists of k). ``needs``: None (always
     there), "teacher" (null without a teacher), "topk" (null also with opsd.targets=token),
     "context" (a named context's: null in the rows it does not apply to), "graded" (null with
-    opsd.rewards=none). ``check``: "ids" (token ids in the vocabulary) or "logprob" (finite or -inf, <= 0)."""
+    opsd.rewards=none), "measured" (null without a teacher, and in the rows the teacher's forward
+    could not measure). ``check``: "ids" (token ids in the vocabulary) or "logprob" (finite or -inf,
+    <= 0). ``since``: the schema version that added the column (an older batch lacks it)."""
 
     name: str
     value: Callable[[], pa.DataType]
     shape: str = "row"
     needs: str | None = None
     check: str | None = None
+    since: int = 1
 
     def type(self, k: int) -> pa.DataType:
         if self.shape == "topk":
@@ -77,6 +86,8 @@ COLUMNS = (
     Column("policy_version", pa.int64),  # the weights that sampled the response
     Column("teacher_version", pa.int64),  # the weights that scored it (-1: no teacher)
     Column("finish_reason", pa.string),  # stop | length | abort
+    # log of the teacher's mass on the stop ids at each position (T): does it want to stop there?
+    Column("teacher_stop_logprobs", pa.float32, "token", "measured", check="logprob", since=3),
 )
 
 
@@ -90,15 +101,18 @@ def context_columns(name: str, targets: str) -> tuple[Column, ...]:
     return cols
 
 
-def columns_of(contexts: dict[str, str]) -> tuple[Column, ...]:
-    return COLUMNS + tuple(c for name, targets in contexts.items() for c in context_columns(name, targets))
+def columns_of(contexts: dict[str, str], version: int = SCHEMA_VERSION) -> tuple[Column, ...]:
+    """The columns of a batch of schema ``version`` with these named contexts."""
+    return tuple(c for c in COLUMNS if c.since <= version) + tuple(
+        c for name, targets in contexts.items() for c in context_columns(name, targets))
 
 
 def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", targets: str = "topk",
-           contexts: dict[str, str] | None = None, graded: bool = True) -> pa.Schema:
+           contexts: dict[str, str] | None = None, graded: bool = True, version: int = SCHEMA_VERSION) -> pa.Schema:
     """The batch schema for top-k width ``k``, with the metadata docs/DESIGN.md lists; ``targets``:
     ``topk`` (the top-k columns hold the teacher's top-k) or ``token`` (they are null);
-    ``contexts``: the other named contexts and their targets; ``graded``: the rewards are grades."""
+    ``contexts``: the other named contexts and their targets; ``graded``: the rewards are grades;
+    ``version``: an older schema version (what a batch written then holds)."""
     if k < 1:
         raise ValueError(f"top-k width must be >= 1, got {k}")
     if teacher_mode not in TEACHER_MODES:
@@ -110,7 +124,7 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", tar
         if t not in TARGETS or not name or ":" in name:
             raise ValueError(f"context {name!r}: targets {t!r}; expected a name without ':' and one of {TARGETS}")
     meta = {
-        "opsd.schema_version": str(SCHEMA_VERSION),
+        "opsd.schema_version": str(version),
         "opsd.topk": str(k),
         "opsd.temperature": repr(float(temperature)),
         "opsd.teacher_mode": teacher_mode,
@@ -120,7 +134,7 @@ def schema(k: int, *, temperature: float = 1.0, teacher_mode: str = "fixed", tar
         meta["opsd.contexts"] = json.dumps(contexts, sort_keys=True)
     if not graded:
         meta["opsd.rewards"] = "none"
-    fields = [pa.field(c.name, c.type(k), nullable=c.needs is not None) for c in columns_of(contexts)]
+    fields = [pa.field(c.name, c.type(k), nullable=c.needs is not None) for c in columns_of(contexts, version)]
     return pa.schema(fields, metadata=meta)
 
 
@@ -154,6 +168,7 @@ class Sample:
     teacher_token_logprobs: Sequence[float] | None = None  # [T]
     teacher_version: int = -1
     others: dict[str, ContextScores] = field(default_factory=dict)  # the other named contexts
+    teacher_stop_logprobs: Sequence[float] | None = None  # [T]; None: not measured
 
     def value(self, column: str):
         """This sample's value of ``column`` (a named context's columns read ``others``)."""
@@ -197,7 +212,7 @@ def _present(column: Column, teacher_mode: str, targets: str, graded: bool = Tru
         return True
     if column.needs == "graded":
         return graded
-    return teacher_mode != "none" and (column.needs == "teacher" or targets == "topk")
+    return teacher_mode != "none" and (column.needs in ("teacher", "measured") or targets == "topk")
 
 
 def _nullable_array(values: list, column: Column, k: int) -> pa.Array:
@@ -224,7 +239,9 @@ def build_batch(samples: Sequence[Sample], *, k: int, temperature: float, teache
             arrays.append(pa.nulls(len(samples), field_.type))
             continue
         values = [s.value(column.name) for s in samples]
-        if column.needs == "context":
+        if column.needs == "measured" and all(v is None for v in values):
+            arrays.append(pa.nulls(len(samples), field_.type))
+        elif column.needs in ("context", "measured"):
             arrays.append(_nullable_array(values, column, k))
         elif column.shape == "topk":
             arrays.append(_topk_array(values, column.value(), k))
@@ -346,8 +363,9 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     teacher_mode = meta["opsd.teacher_mode"]
     graded = meta["opsd.rewards"] != "none"
     contexts = contexts_of(table)
+    version = int(meta["opsd.schema_version"])
     expected = schema(k, temperature=float(meta["opsd.temperature"]), teacher_mode=teacher_mode,
-                      targets=meta["opsd.targets"], contexts=contexts, graded=graded)
+                      targets=meta["opsd.targets"], contexts=contexts, graded=graded, version=version)
     for f in expected:
         if f.name not in table.column_names:
             raise ValueError(f"batch lacks column '{f.name}'")
@@ -358,7 +376,7 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
     if extra:
         raise ValueError(f"batch has unexpected columns {sorted(extra)}")
 
-    columns = columns_of(contexts)
+    columns = columns_of(contexts, version)
     present = {c.name: _present(c, teacher_mode, meta["opsd.targets"], graded) for c in columns}
     for column in columns:
         col = table.column(column.name)
@@ -370,6 +388,12 @@ def validate(table: pa.Table, *, vocab_size: int | None = None) -> None:
             continue
         if column.needs == "context":
             _check_context_rows(table, column)
+            continue
+        if column.needs == "measured":  # a row may be null (not measured), but not a value inside one
+            absent = np.asarray(col.combine_chunks().is_null())
+            row = _first_null_row(col.combine_chunks().filter(pa.array(~absent)))
+            if row is not None:
+                raise ValueError(f"column '{column.name}' row {int(np.flatnonzero(~absent)[row])}: null value")
             continue
         row = _first_null_row(col)
         if row is not None:

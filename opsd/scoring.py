@@ -12,14 +12,24 @@ the vocabulary projection runs a chunk of positions at a time, so no ``[N, V]`` 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
+
+import math
 
 import numpy as np
 import torch
 
-# (top-k ids [T, k] int32, top-k logprobs [T, k] float32, sampled-token logprob [T] float32); the
-# first two are None when only the sampled token's log-probability is asked for.
-RowTargets = tuple["np.ndarray | None", "np.ndarray | None", np.ndarray]
+
+
+class RowTargets(NamedTuple):
+    """One row's teacher targets; the top-k pair is None when only the sampled token's
+    log-probability is asked for, ``stop_logprobs`` when no stop ids were given (or the forward
+    cannot see the whole vocabulary: a vLLM engine's prompt log-probs)."""
+
+    topk_ids: "np.ndarray | None"  # [T, k] int32
+    topk_logprobs: "np.ndarray | None"  # [T, k] float32
+    token_logprobs: np.ndarray  # [T] float32
+    stop_logprobs: "np.ndarray | None" = None  # [T] float32: log of the mass on the stop ids
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,17 +60,25 @@ def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def targets_from_hidden(
-    hidden: torch.Tensor, sampled: torch.Tensor, head, *, k: int, temperature: float, topk: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """[n, H] final hidden states -> (top-k ids [n, k], top-k logprobs [n, k], sampled logprob [n])."""
+    hidden: torch.Tensor, sampled: torch.Tensor, head, *, k: int, temperature: float, topk: bool,
+    stop_ids: Sequence[int] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """[n, H] final hidden states -> (top-k ids [n, k], top-k logprobs [n, k], sampled logprob [n],
+    log of the mass on ``stop_ids`` [n] or None without them)."""
     logits = head(hidden).float() / temperature  # [n, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    stop = None
+    if stop_ids is not None:
+        # The collapse diagnostic (opsd/diagnostics.py): does the teacher want to stop here?
+        ids = torch.as_tensor(list(stop_ids), dtype=torch.long, device=logits.device)
+        stop = torch.logsumexp(logits[:, ids], dim=-1) - lse if len(ids) else torch.full_like(lse, -math.inf)
     if not topk:
         # The sampled token's logprob alone: no [n, V] log-softmax kept, no top-k.
-        tok = logits.gather(-1, sampled[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return None, None, tok
-    logp = torch.log_softmax(logits, dim=-1)  # [n, V]
+        tok = logits.gather(-1, sampled[:, None]).squeeze(-1) - lse
+        return None, None, tok, stop
+    logp = logits - lse[:, None]  # [n, V]
     top_lp, top_ids = logp.topk(k, dim=-1)  # [n, k]
-    return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1)
+    return top_ids, top_lp, logp.gather(-1, sampled[:, None]).squeeze(-1), stop
 
 
 @torch.no_grad()
@@ -75,9 +93,11 @@ def teacher_targets(
     max_tokens: int,
     pad_id: int,
     topk: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[RowTargets]:
     """The teacher's targets of each row of a Hugging Face causal LM (``get_decoder`` and
-    ``get_output_embeddings``), on the device the model is on."""
+    ``get_output_embeddings``), on the device the model is on; with ``stop_ids``, also the log of
+    the teacher's mass on them at every response position."""
     device = next(model.parameters()).device
     out: list = [None] * len(contexts)
     full = [list(c) + list(r) for c, r in zip(contexts, responses)]
@@ -94,18 +114,20 @@ def teacher_targets(
         sel = hidden[torch.cat(rows).to(device), torch.cat(cols).to(device)]  # [N, H]
         sampled = torch.cat([torch.as_tensor(list(responses[i]), dtype=torch.long) for i in group]).to(device)
         parts = [targets_from_hidden(sel[c : c + chunk_size], sampled[c : c + chunk_size], head,
-                                     k=k, temperature=temperature, topk=topk)
+                                     k=k, temperature=temperature, topk=topk, stop_ids=stop_ids)
                  for c in range(0, sel.shape[0], chunk_size)]
         tok_lp = torch.cat([p[2] for p in parts])
+        stop_lp = torch.cat([p[3] for p in parts]) if stop_ids is not None else None
         if topk:
             top_ids, top_lp = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         offset = 0
         for i in group:
             sl = slice(offset, offset + len(responses[i]))
-            out[i] = (
+            out[i] = RowTargets(
                 top_ids[sl].to(torch.int32).cpu().numpy() if topk else None,
                 top_lp[sl].cpu().numpy() if topk else None,
                 tok_lp[sl].cpu().numpy(),
+                stop_lp[sl].cpu().numpy() if stop_lp is not None else None,
             )
             offset += len(responses[i])
     return out

@@ -158,7 +158,7 @@ def bench_scorer(shape: dict, model, limits_: dict, seq_len: int, total: int, fp
             for c in range(0, scored, 1024):
                 parts = targets_from_hidden(hidden[c : c + 1024], sampled[c : c + 1024], head, k=64,
                                             temperature=1.0, topk=True)
-                [x.cpu() for x in parts]
+                [x.cpu() for x in parts if x is not None]
 
         t_all = timed(score, device, repeats)
         t_dec = timed(decoder_only, device, repeats)

@@ -23,6 +23,7 @@ import torch
 
 from opsd.batch import batch_meta, contexts_of, from_ipc_bytes
 from opsd.config import Config, samples_per_prompt
+from opsd.diagnostics import LastPositions, stop_probability, stop_sums, stop_token_ids
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages, stat_names
 from opsd.objectives import objective
 from opsd.objectives.base import field_shape
@@ -175,16 +176,25 @@ class PolicyLoss(torch.nn.Module):
         self.policy = policy
         self.spec = spec
         self.head_path = head_path  # model.lm_head_path
+        self.stop_ids = stop_token_ids(policy)
 
-    def forward(self, input_ids, attention_mask, rows, cols, targets: TokenTargets, normalizer: float, pad_to: int = 0):
+    def forward(self, input_ids, attention_mask, rows, cols, targets: TokenTargets, normalizer: float, pad_to: int = 0,
+                last: LastPositions | None = None):
         hidden = self.policy.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         sel = hidden[rows, cols]  # [N, H]: the positions that predict loss tokens
         if pad_to > sel.shape[0]:
             sel, targets = _pad_positions(sel, targets, pad_to)
-        return chunked_loss(sel, self.policy.get_output_embeddings(), targets, self.spec, normalizer=normalizer,
-                            head_path=self.head_path)
+        loss, stats = chunked_loss(sel, self.policy.get_output_embeddings(), targets, self.spec, normalizer=normalizer,
+                                   head_path=self.head_path)
+        if last is not None:
+            # The collapse diagnostic (opsd/diagnostics.py): the student's stop probability at each
+            # row's last position; no gradient. Every micro-batch calls the head (ZeRO-3's gathers).
+            p = stop_probability(hidden[last.rows.to(hidden.device), last.cols.to(hidden.device)],
+                                 self.policy.get_output_embeddings(), self.stop_ids, self.spec.temperature)
+            stats = {**stats, **stop_sums(p.cpu().numpy(), last)}
+        return loss, stats
 
 
 def _pad_positions(hidden: torch.Tensor, t: TokenTargets, n: int) -> tuple[torch.Tensor, TokenTargets]:
@@ -248,9 +258,12 @@ class Training:
             w = position_weights([len(r) for r in responses], low=lc.position_weight_min,
                                  center=lc.position_weight_center, width=lc.position_weight_width)
             fields["scale"] = torch.as_tensor(w[keep], dtype=torch.float32)
+        teacher_stop = column(sub, "teacher_stop_logprobs") if "teacher_stop_logprobs" in sub.column_names else None
         return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
                 "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int),
-                "targets": TokenTargets.from_fields(fields)}
+                "targets": TokenTargets.from_fields(fields),
+                "last": LastPositions.of([len(p) for p in prompts], responses, column(sub, "finish_reason"),
+                                         teacher_stop, counted=[any(m) for m in masks])}
 
     def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)
@@ -258,7 +271,7 @@ class Training:
         t = TokenTargets.from_fields({k: (v.to(self.device) if v is not None else v) for k, v in t.fields().items()})
         return self.engine(
             ids.to(self.device), mask.to(self.device), torch.as_tensor(inputs["rows"]).to(self.device),
-            torch.as_tensor(inputs["cols"]).to(self.device), t, normalizer, pad_to,
+            torch.as_tensor(inputs["cols"]).to(self.device), t, normalizer, pad_to, inputs["last"],
         )
 
     def _empty_micro_batch(self) -> dict:
@@ -271,7 +284,7 @@ class Training:
         if "topk_logprobs" in fields:
             fields["topk_logprobs"].fill_(-math.log(k))  # a valid (uniform) distribution: nothing turns NaN
         return {"seqs": [[self.pad_id, self.pad_id]], "rows": np.zeros(1, int), "cols": np.zeros(1, int),
-                "targets": TokenTargets.from_fields(fields)}
+                "targets": TokenTargets.from_fields(fields), "last": LastPositions()}
 
     def train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
         """One optimizer step on this rank's rows (``batch_ipc`` holds only them, in ``plan.rows``'

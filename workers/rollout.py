@@ -204,7 +204,7 @@ class RolloutWorker:
         """Log-probabilities of tokens 1.. of each sequence under the current weights (for checks)."""
         found = engine_teacher_targets(self.llm, [s[:1] for s in sequences], [s[1:] for s in sequences],
                                        k=0, topk=False, adapter=self.adapter)
-        return [tok.astype(float).tolist() for _, _, tok in found]
+        return [t.token_logprobs.astype(float).tolist() for t in found]
 
     # --- the teacher by prefill (scorer.backend=vllm, scorer.on_rollout_engines) -------------
 
@@ -332,7 +332,8 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
         steps = out.prompt_logprobs[len(c): len(c) + len(r)]
         tok = np.array([step[t].logprob for step, t in zip(steps, r)], dtype=np.float32)
         if not topk:
-            result.append((None, None, tok))
+            # No stop mass: the prompt log-probs hold only the top-k (its column stays null).
+            result.append(RowTargets(None, None, tok))
             continue
         ids = np.empty((len(r), k), dtype=np.int32)
         lps = np.empty((len(r), k), dtype=np.float32)
@@ -341,7 +342,7 @@ def engine_teacher_targets(llm: Any, contexts: list[list[int]], responses: list[
             best = sorted(step.items(), key=lambda item: -item[1].logprob)[:k]
             ids[j] = [t for t, _ in best]
             lps[j] = [lp.logprob for _, lp in best]
-        result.append((ids, lps, tok))
+        result.append(RowTargets(ids, lps, tok))
     return result
 
 

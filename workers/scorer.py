@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from opsd.config import Config, actor_threads
+from opsd.diagnostics import stop_token_ids
 from opsd.dtypes import torch_dtype
 from opsd.losses import fp32_lm_head
 from opsd.objectives import PRIMARY, scored_contexts
@@ -41,16 +42,17 @@ def scored_batch(samples: list[Sample], targets_of: Callable[..., list[RowTarget
     primary = contexts.get(PRIMARY, "token")
     responses = [s.response_ids for s in samples]
     targets = targets_of([s.teacher_prompt_ids for s in samples], responses, primary)
-    scored = [dataclasses.replace(s, teacher_topk_ids=ids, teacher_topk_logprobs=lps, teacher_token_logprobs=tok,
+    scored = [dataclasses.replace(s, teacher_topk_ids=t.topk_ids, teacher_topk_logprobs=t.topk_logprobs,
+                                  teacher_token_logprobs=t.token_logprobs, teacher_stop_logprobs=t.stop_logprobs,
                                   teacher_version=version, others={})
-              for s, (ids, lps, tok) in zip(samples, targets)]
+              for s, t in zip(samples, targets)]
     others = {name: kind for name, kind in contexts.items() if name != PRIMARY}
     for name, kind in others.items():
         prompts = {i: s.others[name].prompt_ids for i, s in enumerate(samples)
                    if name in s.others and s.others[name].prompt_ids is not None}
         found = targets_of(list(prompts.values()), [responses[i] for i in prompts], kind)
-        for i, (ids, lps, tok) in zip(prompts, found):
-            scored[i].others[name] = ContextScores(prompts[i], tok, ids, lps)
+        for i, t in zip(prompts, found):
+            scored[i].others[name] = ContextScores(prompts[i], t.token_logprobs, t.topk_ids, t.topk_logprobs)
     table = build_batch(scored, k=k, temperature=temperature, teacher_mode=mode, targets=primary, contexts=others)
     if teacher_model is not None:
         table = table.replace_schema_metadata({**table.schema.metadata, b"opsd.teacher_model": teacher_model.encode()})
@@ -83,6 +85,8 @@ class ScorerWorker:
         self.temperature = cfg.loss.temperature
         self.mode = cfg.teacher.mode
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        # The primary teacher's mass on them is one more column of every batch (a collapse diagnostic).
+        self.stop_ids = stop_token_ids(self.model)
         if self.k > self.vocab_size:
             raise ValueError(f"scorer.topk={self.k} is larger than the vocabulary ({self.vocab_size})")
         self.version = 0
@@ -100,13 +104,13 @@ class ScorerWorker:
     def teacher_targets(
         self, contexts: list[list[int]], responses: list[list[int]], targets: str | None = None
     ) -> list[RowTargets]:
-        """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T]; the
-        first two are None when the loss does not read them (``targets`` "token"; default: the
-        primary context's)."""
+        """For each row: top-k ids [T, k], top-k logprobs [T, k], sampled-token logprob [T], the log
+        of the mass on the stop ids [T]; the first two are None when the loss does not read them
+        (``targets`` "token"; default: the primary context's)."""
         return teacher_targets(
             self.model, contexts, responses, k=self.k, temperature=self.temperature,
             chunk_size=self.cfg.loss.chunk_size, max_tokens=self.cfg.scorer.max_tokens_per_forward,
-            pad_id=self.pad_id, topk=(targets or self.targets) == "topk",
+            pad_id=self.pad_id, topk=(targets or self.targets) == "topk", stop_ids=self.stop_ids,
         )
 
     def score(self, samples: list[Sample], expect_version: int | None = None) -> bytes:

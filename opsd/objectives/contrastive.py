@@ -52,9 +52,10 @@ def contrast(correct: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
 
 def modulated_advantages(advantages: torch.Tensor, credit: torch.Tensor, *, tau: float, scale: float,
                          threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A~ and the mask of the tokens the credit moved (|r| > threshold)."""
+    """A~ and the mask of the tokens the credit moved: |r| > threshold where A != 0 (where A = 0 the
+    clamp keeps A~ at 0, so nothing can move; before issue 36 those tokens were counted too)."""
     r = scale * torch.tanh(credit / tau)
-    moved = r.abs() > threshold
+    moved = (r.abs() > threshold) & (advantages != 0)
     a = advantages + torch.where(moved, r, torch.zeros_like(r))
     a = torch.where(advantages > 0, a.clamp_min(0.0), torch.where(advantages < 0, a.clamp_max(0.0), torch.zeros_like(a)))
     return a, moved
@@ -98,12 +99,13 @@ class Contrastive(Objective):
                 "contrast": contrast(correct, wrong)}
 
     def stat_names(self, spec, present):
-        return ["clipped_tokens", "moved_tokens", "contrast_sum"]
+        return ["clipped_tokens", "moved_tokens", "movable_tokens", "contrast_sum"]
 
     def loss(self, spec, logits, logp, lp_sampled, t):
         advantages, moved = self._advantages(spec, t)
         loss, parts = ratio_loss(spec, logits, lp_sampled, t, advantages)
-        return loss, {"clipped_tokens": parts["clipped_tokens"], "moved_tokens": moved, "contrast_sum": t["contrast"]}
+        return loss, {"clipped_tokens": parts["clipped_tokens"], "moved_tokens": moved,
+                      "movable_tokens": t["advantages"] != 0, "contrast_sum": t["contrast"]}
 
     def _advantages(self, spec, t):
         o = spec.options
@@ -113,8 +115,12 @@ class Contrastive(Objective):
         return self._advantages(spec, t)[0].to(lp_sampled.dtype)
 
     def row(self, stats, tokens):
-        return {"clip_frac": stats["clipped_tokens"] / tokens, "moved_frac": stats["moved_tokens"] / tokens,
-                "contrast_mean": stats["contrast_sum"] / tokens}
+        # moved_frac: of the tokens whose advantage is not 0 (the only ones the credit can move), the
+        # share it moved; None on a step where every advantage is 0. movable_frac: their share.
+        movable = stats["movable_tokens"]
+        return {"clip_frac": stats["clipped_tokens"] / tokens,
+                "moved_frac": stats["moved_tokens"] / movable if movable else None,
+                "movable_frac": movable / tokens, "contrast_mean": stats["contrast_sum"] / tokens}
 
 
 OBJECTIVE = Contrastive()

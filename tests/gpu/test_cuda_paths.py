@@ -138,7 +138,7 @@ def test_scorer_teacher_targets_cuda_equals_cpu(tiny_model_dir):
     got, want = gpu.teacher_targets(contexts, responses), cpu.teacher_targets(contexts, responses)
     k = cpu.k
     swapped = 0
-    for (ids_g, lp_g, tok_g), (ids_c, lp_c, tok_c), r in zip(got, want, responses):
+    for (ids_g, lp_g, tok_g, _), (ids_c, lp_c, tok_c, _), r in zip(got, want, responses):
         assert ids_g.shape == ids_c.shape == (len(r), k) and ids_g.dtype == np.int32
         np.testing.assert_allclose(lp_g, lp_c, atol=1e-4, rtol=0)
         np.testing.assert_allclose(tok_g, tok_c, atol=1e-4, rtol=0)

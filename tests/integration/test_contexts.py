@@ -142,3 +142,72 @@ def test_an_objective_and_a_context_from_outside_opsd_run_through_the_registries
     # The first step's loss is the plug-in's formula on the initial weights.
     assert row["loss"] == pytest.approx(total / tokens, rel=1e-3)
     assert row["gap_mean"] == pytest.approx(row["loss"], rel=1e-6)
+
+
+OTHER_HEAD = ("The following worked example is of a different problem, not of this one; it shows how such problems are "
+              "solved, and its answer is not this problem's answer.\n")
+
+
+@pytest.mark.parametrize("context", [pytest.param("answer", marks=pytest.mark.slow),
+                                     pytest.param("none", marks=pytest.mark.slow), "other_problem"])
+def test_a_context_builds_the_teacher_prompt_it_claims_and_the_position_weight_reaches_the_loss(
+        context, tmp_path, tiny_model, ray_session):
+    """One step of the squared-gap objective (tests/plugins) under each context, with PW-OPSD's
+    position weight at other than its defaults: every teacher prompt in the saved batch is exactly
+    the student's problem with what the context says, and the step's loss is the initial weights'
+    squared gap times each token's weight, written out here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opsd.prompts import PromptBuilder
+
+    low, center, width = 0.1, 0.5, 0.2
+    run = train(CONFIG, local_overrides(tmp_path, "train.steps=1", "train.prompts_per_step=4", "eval.every=0",
+                                        "train.checkpoint_every=0", "logging.save_batches=true",
+                                        # another problem's worked example makes the longest prompts
+                                        "prompt.max_prompt_len=448",
+                                        "algo=tests.plugins.squared_gap:OBJECTIVE", f"teacher.context={context}",
+                                        "loss.position_weight=true", f"loss.position_weight_min={low}",
+                                        f"loss.position_weight_center={center}", f"loss.position_weight_width={width}"))
+    (row,) = read_metrics(run)
+    (table,) = batches(run)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    builder = PromptBuilder(tok, PromptConfig(), max_model_len=512, max_new_tokens=64)
+    train_rows = [json.loads(line) for line in (REPO_ROOT / "data" / "toy" / "train.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r for r in train_rows}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    weighted, plain, tokens = 0.0, 0.0, 0
+    for r in table.to_pylist():
+        src = by_id[r["sample_id"].rsplit("#", 1)[0]]
+        assert r["prompt_ids"] == builder.student_ids(src["problem"])
+        if context == "answer":
+            want = builder.teacher_ids(src["problem"], f"The final answer is \\boxed{{{src['answer']}}}.")
+        elif context == "none":
+            want = r["prompt_ids"]
+        else:
+            text = tok.decode(r["teacher_prompt_ids"])
+            donors = [d for d in train_rows
+                      if f"Example problem: {d['problem']}\nExample solution: {d['solution']}" in text]
+            # Another problem's worked solution (rows of the same text would be one donor), never its own.
+            assert donors and src["problem"] not in {d["problem"] for d in donors}, text
+            assert src["solution"] not in text
+            want = builder.teacher_ids(src["problem"], f"{OTHER_HEAD}Example problem: {donors[0]['problem']}\n"
+                                                       f"Example solution: {donors[0]['solution']}")
+        assert r["teacher_prompt_ids"] == want
+        seq, n, T = r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"]), len(r["response_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+        student = logp[n - 1: len(seq) - 1].gather(-1, torch.tensor(r["response_ids"])[:, None]).squeeze(-1).numpy()
+        gap = (student - np.array(r["teacher_token_logprobs"])) ** 2
+        f = (np.arange(1, T + 1) - 0.5) / T  # each token's relative position in its response
+        w = low + (1 - low) / (1 + np.exp(-(f - center) / width))
+        mask = np.array(r["loss_mask"])
+        weighted += float((w * gap)[mask].sum())
+        plain += float(gap[mask].sum())
+        tokens += int(mask.sum())
+    # The loss is weighted by position; the objective's own statistic is not.
+    assert row["gap_mean"] == pytest.approx(plain / tokens, rel=1e-3, abs=1e-9)
+    assert row["loss"] == pytest.approx(weighted / tokens, rel=1e-3, abs=1e-9)
+    if context == "none":  # the teacher reads what the student reads: the initial policy, no gap
+        assert row["loss"] < 1e-8
+    else:
+        assert abs(weighted - plain) > 1e-3 * plain  # the weight changed the loss

@@ -82,8 +82,10 @@ def test_the_vllm_scorer_gives_the_transformers_scorers_targets_in_float32(cli_r
     for got, want in zip(table.to_pylist(), rows):
         assert_same_targets(got, np.array(want["teacher_topk_ids"]), np.array(want["teacher_topk_logprobs"]),
                             np.array(want["teacher_token_logprobs"]))
-    for (ids, lps, tok), want in zip(token_only, rows):
-        assert ids is None and lps is None
+    # The engine's prompt log-probs hold only the top-k: the stop mass is not measured (null).
+    assert table.column("teacher_stop_logprobs").null_count == table.num_rows
+    for (ids, lps, tok, stop), want in zip(token_only, rows):
+        assert ids is None and lps is None and stop is None
         np.testing.assert_allclose(tok, want["teacher_token_logprobs"], atol=1e-4, rtol=0)
 
 
@@ -184,5 +186,5 @@ def test_a_run_with_the_vllm_scorer_trains_and_its_batches_hold_the_transformers
     for path in sorted((run_dir / "batches").glob("step_*.arrow")):
         rows = read_ipc(path).to_pylist()
         want = scorer.teacher_targets([r["teacher_prompt_ids"] for r in rows], [r["response_ids"] for r in rows])
-        for row, (ids, lps, tok) in zip(rows, want):
+        for row, (ids, lps, tok, _) in zip(rows, want):
             assert_same_targets(row, ids, lps, tok)

@@ -37,6 +37,7 @@ DESIGN_COLUMNS = [
     ("policy_version", pa.int64()),
     ("teacher_version", pa.int64()),
     ("finish_reason", pa.string()),
+    ("teacher_stop_logprobs", pa.list_(pa.float32())),
 ]
 DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode", "opsd.targets"}
 
@@ -496,7 +497,7 @@ def test_a_batch_of_several_contexts_holds_each_context_and_nulls_where_one_does
     samples = _with_contexts(samples, {"wrong_0": {1}})
     table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed", contexts=CONTEXTS)
     validate(table, vocab_size=VOCAB)
-    assert contexts_of(table) == CONTEXTS and batch_meta(table)["opsd.schema_version"] == "2"
+    assert contexts_of(table) == CONTEXTS and batch_meta(table)["opsd.schema_version"] == str(SCHEMA_VERSION)
     assert [f.name for f in table.schema][len(DESIGN_COLUMNS):] == [
         "teacher_prompt_ids:wrong_0", "teacher_token_logprobs:wrong_0", "teacher_prompt_ids:alt",
         "teacher_token_logprobs:alt", "teacher_topk_ids:alt", "teacher_topk_logprobs:alt"]
@@ -529,10 +530,58 @@ def test_a_context_row_must_be_null_in_all_its_columns_or_in_none(samples):
     _raises(table.replace_schema_metadata(meta), "batch lacks column 'teacher_prompt_ids:wrong_1'")
 
 
-def test_a_batch_of_schema_version_1_still_reads(table):
+def _as_version(table: pa.Table, version: int) -> pa.Table:
+    """The batch as a writer of schema ``version`` wrote it: without the columns added since."""
+    if version < 3:
+        table = table.drop_columns(["teacher_stop_logprobs"])
     meta = dict(table.schema.metadata)
-    meta[b"opsd.schema_version"] = b"1"
-    validate(table.replace_schema_metadata(meta), vocab_size=VOCAB)
+    meta[b"opsd.schema_version"] = str(version).encode()
+    return table.replace_schema_metadata(meta)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_batch_of_an_older_schema_version_still_reads(table, version):
+    validate(_as_version(table, version), vocab_size=VOCAB)
+    # ...and one that claims the old version but holds the new column is refused: it was not written so.
+    meta = dict(table.schema.metadata)
+    meta[b"opsd.schema_version"] = str(version).encode()
+    _raises(table.replace_schema_metadata(meta), "unexpected columns ['teacher_stop_logprobs']")
+
+
+def test_a_version_3_batch_must_hold_the_stop_column(table):
+    _raises(table.drop_columns(["teacher_stop_logprobs"]), "batch lacks column 'teacher_stop_logprobs'")
+
+
+def test_the_teacher_stop_column_holds_each_row_or_null_where_it_was_not_measured(samples):
+    rng = np.random.default_rng(5)
+    stops = [np.log(rng.random(len(s.response_ids))).astype(np.float32) for s in samples]
+    for s, lp in zip(samples, stops):
+        s.teacher_stop_logprobs = lp
+    samples[1].teacher_stop_logprobs = None  # e.g. scored by an engine that sees only the top-k
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+    validate(table, vocab_size=VOCAB)
+    got = _col(table, "teacher_stop_logprobs")
+    assert got[1] is None
+    for i in (0, 2):
+        np.testing.assert_array_equal(np.float32(got[i]), stops[i])
+    # No sample measured: the whole column is null, and valid.
+    for s in samples:
+        s.teacher_stop_logprobs = None
+    assert build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed").column("teacher_stop_logprobs").null_count == 3
+    # A measured row is checked as every log-probability column is: its length, no NaN, <= 0.
+    bad = [None if v is None else list(v) for v in got]
+    bad[0] = bad[0][:-1]
+    _raises(_set(table, "teacher_stop_logprobs", bad), "column 'teacher_stop_logprobs' row 0: 3 entries")
+    bad = [None if v is None else list(v) for v in got]
+    bad[2][1] = 0.25
+    _raises(_set(table, "teacher_stop_logprobs", bad), "column 'teacher_stop_logprobs' row 2: logprob 0.25")
+    bad = [None if v is None else list(v) for v in got]
+    bad[2][1] = None
+    _raises(_set(table, "teacher_stop_logprobs", bad), "column 'teacher_stop_logprobs' row 2: null value")
+    # Without a teacher the column is null.
+    _raises(_set(build_batch([_sample(0, 3, teacher=False)], k=K, temperature=1.0, teacher_mode="none"),
+                 "teacher_stop_logprobs", [[-1.0, -1.0, -1.0]]),
+            "column 'teacher_stop_logprobs' must be null when opsd.teacher_mode=none")
 
 
 def test_an_ungraded_batch_has_null_rewards_and_a_graded_one_none():

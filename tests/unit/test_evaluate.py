@@ -192,3 +192,27 @@ def test_a_small_first_round_then_progress_with_the_time_left():
     assert progress_line(3, 20, 105.0) == "3/20 problems (1m45s; about 9m55s left)"  # 35 s a problem
     assert progress_line(24, 500, 24 * 35.0) == "24/500 problems (14m00s; about 4h37m left)"
     assert progress_line(20, 20, 700.0) == "20/20 problems (11m40s)"
+
+
+def test_the_evaluation_reports_the_mean_repeated_4gram_rate_of_its_answers():
+    """Answers of varied repetition (one too short to have a 4-gram): the summary's rate is the
+    mean over the answers that have one, each counted by brute force."""
+    import random
+
+    rng = random.Random(3)
+    answers = {i: [[rng.randrange(v) for _ in range(rng.randrange(0, 24))] for v in (2, 5, 50)] for i in range(5)}
+    answers[0][0] = [1, 2]  # no 4-gram: left out of the mean
+
+    class Pool(FakePool):
+        def map(self, method, per_actor_args, **kw):
+            return [[[Rollout(ids, [0.0] * len(ids), "stop", "\\boxed{1}", 0) for ids in answers[p[0]]]
+                     for p in prompts] for prompts, _ in per_actor_args]
+
+    def brute(ids):
+        grams = [tuple(ids[i: i + 4]) for i in range(len(ids) - 3)]
+        return None if not grams else sum(g in grams[:i] for i, g in enumerate(grams)) / len(grams)
+
+    pairs = [PromptPair(f"u{i}", [i], [i], "1") for i in range(5)]
+    metrics, _ = evaluate_pairs(Pool(2), pairs, n=3, max_tokens=24, temperature=0.7)
+    rates = [r for i in range(5) for r in map(brute, answers[i]) if r is not None]
+    assert len(rates) < 15 and metrics["repeated_ngram_rate"] == pytest.approx(sum(rates) / len(rates))

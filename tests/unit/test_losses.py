@@ -691,12 +691,12 @@ def test_modulated_advantages_move_by_the_bounded_credit_and_keep_the_verifiers_
     want, want_moved = [], []
     for ai, ei in zip(a.tolist(), e.tolist()):
         r = 0.5 * math.tanh(ei / 0.02)
-        m = abs(r) > 0.02
-        x = ai + (r if m else 0.0)
+        x = ai + (r if abs(r) > 0.02 else 0.0)
+        m = abs(r) > 0.02 and ai != 0  # where A = 0 nothing can move
         want.append(max(x, 0.0) if ai > 0 else min(x, 0.0) if ai < 0 else 0.0)
         want_moved.append(m)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
-    assert moved.tolist() == want_moved == [True, True, True, True, True, True, False]
+    assert moved.tolist() == want_moved == [True, True, True, True, False, True, False]
     assert got[5] == 0.0  # a positive advantage pushed below zero stops at zero
 
 
@@ -706,11 +706,14 @@ def test_the_contrastive_loss_is_grpos_with_the_modulated_advantages():
     hidden, head, targets = make_batch(seed=6)
     credit = torch.linspace(-0.1, 0.1, N, dtype=torch.float64)
     spec = LossSpec(algo="contrastive", options=ContrastiveOptions(clip_low=0.2, clip_high=0.28))
-    t = TokenTargets.from_fields({**targets.fields(), "contrast": credit})
+    advantages = targets.advantages.clone()
+    advantages[: N // 3] = 0.0  # a group whose samples all got the same grade: nothing to move
+    t = TokenTargets.from_fields({**targets.fields(), "contrast": credit, "advantages": advantages})
     loss, stats = chunked_loss(hidden, head, t, spec, normalizer=9.0)
     lp = torch.log_softmax(head(hidden), -1).gather(-1, t.sampled_ids[:, None])[:, 0]
     a, moved = modulated_advantages(t.advantages, credit, tau=0.02, scale=0.5, threshold=0.02)
     want = grpo_token_loss(lp, lp.detach(), a, clip_low=0.2, clip_high=0.28)
     torch.testing.assert_close(loss, (t.weight * want).sum() / 9.0, rtol=1e-12, atol=1e-14)
     assert stats["moved_tokens"] == float((t.weight * moved).sum())
+    assert stats["movable_tokens"] == float((t.weight * (t.advantages != 0)).sum())
     assert stats["contrast_sum"] == pytest.approx(float((t.weight * credit).sum()), rel=1e-12)

@@ -62,7 +62,21 @@ def test_plot_png_size_and_not_blank(tmp_path):
     assert float(np.var(img[..., :3])) > 0
     # Not just a few stray pixels: a good share of the image is not background white.
     assert (img[..., :3] < 0.9).any(axis=-1).mean() > 0.01
-    assert len(PANELS) == 6
+    assert len(PANELS) == 10
+
+
+def test_the_collapse_panels_read_their_keys_and_a_missing_value_is_a_gap(tmp_path):
+    from opsd.launch.plot import _series
+
+    keys = {k for _, key, _ in PANELS if not isinstance(key, str) or key != "eval"
+            for k in ([key] if isinstance(key, str) else key)}
+    assert {"truncated_frac", "eval/truncated_frac", "repeated_ngram_rate", "eval/repeated_ngram_rate",
+            "stop_gap_truncated", "stop_gap_finished", "eval/response_len_mean"} <= keys
+    rows = [{"step": 1, "kl_sampled": 0.2}, {"step": 2, "kl_sampled": None}, {"step": 3, "kl_sampled": 0.1},
+            {"step": 4}]
+    xs, ys = _series(rows, "kl_sampled")
+    assert xs == [1, 2, 3] and ys[0] == 0.2 and math.isnan(ys[1]) and ys[2] == 0.1  # a gap at 2, not 0
+    assert _series([{"step": 1, "reward_mean": None}], "reward_mean") == ([], [])  # nothing measured: no data
 
 
 def test_cli_plot_several_runs(tmp_path, capsys):
