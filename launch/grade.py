@@ -69,8 +69,11 @@ def grade_file(path: str, *, sandbox_settings: Any, extract: str = "strict", out
     if code:
         from opsd.sandbox import shared
 
-        box = shared(sandbox_settings, log=err)
+        # Said here on every call, not by shared() on the process's first use only.
+        box = shared(sandbox_settings, log=lambda line: None)
         isolation = box.isolation.level
+        err(f"opsd grade: model-written code runs in a sandbox, isolation {box.isolation.describe()} "
+            f"(required: sandbox.isolation={sandbox_settings.isolation}; {box.workers} at a time)")
         for r, v in zip(code, run_code([r["response"] for r in code], [r["gold"] for r in code], box)):
             verdicts[r["line"]] = {"passed": v.passed, "verdict": v.verdict, "detail": v.detail}
     for r in rows:

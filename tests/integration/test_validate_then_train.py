@@ -17,7 +17,8 @@ from opsd.config import REPO_ROOT
 
 from .conftest import read_metrics
 
-pytestmark = pytest.mark.integration
+# A full CLI start (~70 s): make test-slow; tests/unit/test_problems.py compares the verdicts in the default run.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
