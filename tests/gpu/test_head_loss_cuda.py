@@ -15,14 +15,12 @@ Tolerances, and why:
 from __future__ import annotations
 
 import dataclasses
-
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.gpu.test_cuda_paths import report  # figures to $OUT on the GPU machine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,12 +36,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def report(name: str, data: dict) -> None:
-    print(f"{name}: {json.dumps(data)}")
-    out = os.environ.get("OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"{name}.json").write_text(json.dumps(data, indent=1))
 
 
 def to_cuda(t, dtype=None):
