@@ -29,6 +29,12 @@ column as not measured) adds ``teacher_stop_logprobs``: per response position, t
 primary teacher's probability mass on the run's stop ids (a collapse diagnostic,
 opsd/diagnostics.py). A row is null where the forward could not measure it (a vLLM engine's
 prompt log-probs hold only the top-k).
+
+Schema version 4 (versions 1 to 3 still read; they lack its column) adds ``teacher``: the name of
+the teacher that scored the row, one of the run's ``teachers:`` (opsd/teachers.py); null in a run
+of one teacher (``opsd.teacher_model`` names it when it is another model) and without a teacher. A
+batch of several teachers names each one's model in ``opsd.teachers`` (JSON, name -> model, null
+for the student's initial weights).
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 TEACHER_MODES = ("fixed", "live", "ema", "none")
 TARGETS = ("topk", "token")
@@ -88,6 +94,8 @@ COLUMNS = (
     Column("finish_reason", pa.string),  # stop | length | abort
     # log of the teacher's mass on the stop ids at each position (T): does it want to stop there?
     Column("teacher_stop_logprobs", pa.float32, "token", "measured", check="logprob", since=3),
+    # which of several teachers scored the row (null: the run has one)
+    Column("teacher", pa.string, needs="measured", since=4),
 )
 
 
@@ -169,6 +177,7 @@ class Sample:
     teacher_version: int = -1
     others: dict[str, ContextScores] = field(default_factory=dict)  # the other named contexts
     teacher_stop_logprobs: Sequence[float] | None = None  # [T]; None: not measured
+    teacher: str | None = None  # the name of the one of several teachers that scores it
 
     def value(self, column: str):
         """This sample's value of ``column`` (a named context's columns read ``others``)."""
@@ -217,8 +226,8 @@ def _present(column: Column, teacher_mode: str, targets: str, graded: bool = Tru
 
 def _nullable_array(values: list, column: Column, k: int) -> pa.Array:
     """A named context's column: None where the context does not apply to the row."""
-    rows = [None if v is None else np.asarray(v).reshape(-1, k).tolist() if column.shape == "topk" else list(v)
-            for v in values]
+    rows = [None if v is None else np.asarray(v).reshape(-1, k).tolist() if column.shape == "topk"
+            else v if column.shape == "row" else list(v) for v in values]
     return pa.array(rows, type=column.type(k))
 
 

@@ -251,6 +251,25 @@ class TeacherConfig:
     wrong_from: str = "group"
     # A plug-in context's own options (it reads them from here).
     options: Dict[str, Any] = field(default_factory=dict)
+    # Several teachers (the top-level ``teachers:`` section, opsd/teachers.py): the dataset column
+    # that names each row's teacher, and the teacher of a row without one (null: the first listed).
+    route: str = "teacher"
+    default: Optional[str] = None
+
+
+@dataclass
+class TeacherSpec:
+    """One of several teachers, ``teachers.<name>`` (docs/DESIGN.md, "Several teachers"). Each is
+    fixed and scored by a scorer pool of its own; what it leaves unset is the run's."""
+
+    # As teacher.model takes one (the student's tokenizer); null: the student's initial weights.
+    model: Optional[str] = None
+    # Its teacher context (null: teacher.context), and a plug-in context's options over teacher.options.
+    context: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
+    # Its scorer pool's settings over the scorer section: num_workers, num_cpus_per_worker,
+    # num_gpus_per_worker, num_threads, backend, max_tokens_per_forward.
+    scorer: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -327,6 +346,9 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers, by name, each row routed to one by its teacher.route column (opsd/teachers.py);
+    # exclusive with teacher.model, which is the one-teacher form.
+    teachers: Dict[str, TeacherSpec] = field(default_factory=dict)
     # Each objective's own options, one section per objective name (objectives.opsd.beta,
     # objectives.grpo.clip_high, objectives.mix.parents, a plug-in's under its name), typed and
     # checked by the objective's Options dataclass (opsd/objectives/base.py).
@@ -566,6 +588,7 @@ def check(cfg: Config, *, vocab_size: int | None = None) -> None:
     _check_lora(cfg)
     _check_objective(cfg)
     _check_teacher_model(cfg)
+    _check_teachers(cfg)
     if cfg.eval.n > 1 and cfg.eval.temperature == 0.0:
         raise ConfigError(
             f"config key 'eval.n' = {cfg.eval.n} with eval.temperature=0: greedy samples are identical; "
@@ -897,6 +920,12 @@ def _check_teacher_model(cfg: Config) -> None:
         )
 
 
+def _check_teachers(cfg: Config) -> None:
+    from opsd.teachers import check_teachers
+
+    check_teachers(cfg)
+
+
 def dataset_needs(cfg: Config) -> dict[str, str]:
     """What every training row must hold, and who needs it: {"solution": "teacher.context=solution"}."""
     from opsd.contexts import context
@@ -905,8 +934,11 @@ def dataset_needs(cfg: Config) -> dict[str, str]:
     obj = objective(cfg.algo)
     needs = {field: f"algo={cfg.algo}" for field in obj.needs(cfg)}
     if obj.teacher(cfg) == "context":
-        needs.update({f: f"teacher.context={cfg.teacher.context}" for f in context(cfg.teacher.context).needs(cfg)
-                      if f not in needs})
+        from opsd.teachers import context_key, teacher_configs
+
+        for name, t in teacher_configs(cfg).items():  # one config per teacher (teachers:), or the run's
+            needs.update({f: f"{context_key(cfg, name)}={t.teacher.context}" for f in context(t.teacher.context).needs(t)
+                          if f not in needs})
     return needs
 
 
@@ -940,9 +972,11 @@ def training_rows(cfg: Config) -> dict:
     objective or the teacher context needs one (dataset_needs). A set of worked solutions has
     answers (each solution's last \\boxed{} if no column holds them): one without is malformed; a
     set of bare problems may have neither, when nothing needs them."""
+    from opsd.teachers import routing
+
     needs = dataset_needs(cfg)
     return dict(require_solution="solution" in needs, require_answer=bool({"solution", "answer"} & set(needs)),
-                needed_by=needs)
+                needed_by=needs, **routing(cfg))
 
 
 def uses_scorer(cfg: Config) -> bool:

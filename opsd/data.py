@@ -80,6 +80,7 @@ class Problem:
     answer: str | None  # None when loaded with require_answer=False and the row has none (code: its tests)
     verifier: str | None = None  # a procedural task's own grader of this row (opsd/assets/procedural.py), or "code"
     task: str = "math"  # one of TASKS
+    teacher: str | None = None  # its teacher among several (the route column); None: the default one
 
 
 def code_tests(row: dict, at: str) -> str:
@@ -114,6 +115,8 @@ def load_problems(
     needed_by: dict[str, str] | None = None,
     dataset_config: str | None = None,
     answer_format: str = "auto",
+    route_key: str | None = None,
+    routes: tuple[str, ...] = (),
 ) -> list[Problem]:
     """Read and validate every row of a problem set.
 
@@ -131,6 +134,9 @@ def load_problems(
     (``require_answer``) says so; ``needed_by`` names who needs each (``{"solution":
     "teacher.context=solution"}``), for the error. Answers are graded against, so a set has them
     for every row or for none: one row without an answer among rows with one is an error anyway.
+
+    With ``route_key`` (several teachers, opsd/teachers.py) a row's value in that column, when present
+    and not null, must be one of ``routes``; it is kept as the problem's ``teacher``.
     """
     rows, source, where = _read_rows(path, dataset_config)
     if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):
@@ -148,10 +154,11 @@ def load_problems(
         if uid in first_row_of_uid:
             raise DataError(f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}")
         first_row_of_uid[uid] = row_no
+        teacher = _route(row, route_key, routes, at) if route_key else None
         if _task(row, at) == "code":  # graded by its tests, not by an answer
             solution = _text(row, solution_key, at, why.get("solution", "")) if (
                 require_solution or not _is_blank(row.get(solution_key))) else ""
-            problems.append(Problem(uid, problem, solution, code_tests(row, at), CODE_VERIFIER, "code"))
+            problems.append(Problem(uid, problem, solution, code_tests(row, at), CODE_VERIFIER, "code", teacher))
             continue
         if require_solution or not _is_blank(row.get(solution_key)):
             solution, given = solution_and_answer(_text(row, solution_key, at, why.get("solution", "")), answer_format)
@@ -171,7 +178,8 @@ def load_problems(
         if answer is None:
             unanswered.append(at)
         verifier = row.get("verifier") if isinstance(row.get("verifier"), str) else None
-        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer, verifier=verifier))
+        problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer, verifier=verifier,
+                                teacher=teacher))
     if not problems:
         raise DataError(f"{path}: no rows")
     if unanswered and len(unanswered) < len(problems):
@@ -180,6 +188,17 @@ def load_problems(
             f"\\boxed{{...}} to take it from, while other rows have one (a set has answers for every row or for none)"
         )
     return problems
+
+
+def _route(row: dict, key: str, routes: tuple[str, ...], at: str) -> str | None:
+    """The teacher a row names in its route column (None: absent or null, the default teacher)."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in routes:
+        raise DataError(f"{at}: key {key!r} = {value!r} names no teacher; the teachers are {list(routes)} (teachers:; "
+                        "the column is teacher.route, and a row without it goes to teacher.default)")
+    return value
 
 
 def _task(row: dict, at: str) -> str:

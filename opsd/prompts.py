@@ -30,6 +30,7 @@ class PromptPair:
     teacher_ids: list[int] | None  # None: the teacher's context is built per step from the samples
     answer: str | None  # None: the dataset has no answer (nothing is graded)
     verifier: str | None = None  # grades by a procedural task's own verifier instead of math-verify
+    teacher: str | None = None  # which of several teachers scores it (opsd/teachers.py); None: the one
 
 
 def _template_ids(tokenizer: Any, messages: list[dict], *, thinking: bool) -> list[int]:
@@ -124,7 +125,7 @@ class PromptBuilder:
                     f"{b.max_model_len} minus {b.max_new_tokens} new tokens). Raise those limits or set "
                     "prompt.overlong=skip to drop such rows (they are counted)."
                 )
-            pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer, p.verifier))
+            pairs.append(PromptPair(p.uid, s_ids, t_ids, p.answer, p.verifier, p.teacher))
         return pairs, skipped
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -38,6 +39,7 @@ DESIGN_COLUMNS = [
     ("teacher_version", pa.int64()),
     ("finish_reason", pa.string()),
     ("teacher_stop_logprobs", pa.list_(pa.float32())),
+    ("teacher", pa.string()),
 ]
 DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode", "opsd.targets"}
 
@@ -532,6 +534,8 @@ def test_a_context_row_must_be_null_in_all_its_columns_or_in_none(samples):
 
 def _as_version(table: pa.Table, version: int) -> pa.Table:
     """The batch as a writer of schema ``version`` wrote it: without the columns added since."""
+    if version < 4:
+        table = table.drop_columns(["teacher"])
     if version < 3:
         table = table.drop_columns(["teacher_stop_logprobs"])
     meta = dict(table.schema.metadata)
@@ -539,13 +543,27 @@ def _as_version(table: pa.Table, version: int) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_a_batch_of_an_older_schema_version_still_reads(table, version):
     validate(_as_version(table, version), vocab_size=VOCAB)
     # ...and one that claims the old version but holds the new column is refused: it was not written so.
     meta = dict(table.schema.metadata)
     meta[b"opsd.schema_version"] = str(version).encode()
-    _raises(table.replace_schema_metadata(meta), "unexpected columns ['teacher_stop_logprobs']")
+    added = ["teacher_stop_logprobs", "teacher"] if version < 3 else ["teacher"]
+    _raises(table.replace_schema_metadata(meta), f"unexpected columns {added}")
+
+
+def test_the_teacher_column_names_each_rows_teacher_or_is_null_with_one_teacher(samples):
+    assert build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed").column("teacher").null_count == 3
+    for s, name in zip(samples, ["base", "big", None]):
+        s.teacher = name
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+    validate(table, vocab_size=VOCAB)
+    assert _col(table, "teacher") == ["base", "big", None]
+    # Without a teacher nothing scored the rows: the column is null whatever the samples say.
+    untaught = [dataclasses.replace(s, teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_token_logprobs=None)
+                for s in samples]
+    assert build_batch(untaught, k=K, temperature=1.0, teacher_mode="none").column("teacher").null_count == 3
 
 
 def test_a_version_3_batch_must_hold_the_stop_column(table):
