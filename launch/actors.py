@@ -5,10 +5,12 @@ runs, and how they go."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opsd.config import Config, ConfigError, notes, scorer_actors, uses_scorer
+from opsd.teachers import teacher_config
 from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
+from opsd.launch.teachers import TeacherPools
 from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
 from opsd.launch.weights import WeightSync
 from opsd.workers.learner import LearnerGroup
@@ -29,11 +31,23 @@ class Actors:
     learner: LearnerGroup
     weights: WeightSync
     scores_on_rollouts: bool = False
+    # Several teachers (teachers:): name -> its scorer pool; ``scorers`` is then None.
+    teacher_pools: dict[str, ActorPool] = field(default_factory=dict)
+    teacher_models: dict[str, str | None] = field(default_factory=dict)  # name -> teachers.<name>.model
 
     @property
-    def scoring(self) -> ActorPool | None:
-        """The pool whose actors score the teacher (its ``score`` method), if any."""
+    def scoring(self) -> ActorPool | TeacherPools | None:
+        """What scores the teacher (the ``score`` method of a pool's actors), if anything: the
+        pools of several teachers, each taking the samples routed to it."""
+        if self.teacher_pools:
+            return TeacherPools(self.teacher_pools, self.teacher_models)
         return self.rollouts if self.scores_on_rollouts else self.scorers
+
+    def scorer_pools(self) -> dict[str, ActorPool]:
+        """Every scorer pool, by role name: "scorer", or "scorer:<name>" for each of several teachers."""
+        if self.teacher_pools:
+            return {f"scorer:{name}": pool for name, pool in self.teacher_pools.items()}
+        return {"scorer": self.scorers} if self.scorers else {}
 
     def replace_learner(self, learner: LearnerGroup) -> None:
         """A new learner group (after one died), with a weight sync of its own."""
@@ -43,16 +57,15 @@ class Actors:
     def thread_counts(self) -> dict[str, list[int]]:
         """The torch threads of every actor, by role."""
         counts = {"rollout": torch_threads(self.rollouts.actors)}
-        if self.scorers:
-            counts["scorer"] = torch_threads(self.scorers.actors)
+        for role, pool in self.scorer_pools().items():
+            counts[role] = torch_threads(pool.actors)
         counts["learner"] = torch_threads(self.learner.ranks)
         return counts
 
     def placement(self) -> dict[str, list[str]]:
         """The Ray node id of every actor, by role (learner ranks in rank order)."""
         where = {"rollout": self.rollouts.nodes(), "learner": self.learner.nodes()}
-        if self.scorers:
-            where["scorer"] = self.scorers.nodes()
+        where.update({role: pool.nodes() for role, pool in self.scorer_pools().items()})
         return where
 
     def log_placement(self) -> None:
@@ -65,27 +78,32 @@ class Actors:
 
     def shutdown(self) -> None:
         """Kill the run's actors (the Ray cluster itself is left to whoever started it)."""
-        for pool in (self.rollouts, self.scorers):
-            if pool is not None:
-                pool.kill()
+        for pool in (self.rollouts, *self.scorer_pools().values()):
+            pool.kill()
         self.learner.shutdown()
 
 
 def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
-                 teacher_path: str | None = None) -> Actors:
+                 teacher_path: str | None = None, teacher_paths: dict[str, str] | None = None) -> Actors:
     """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up). The
     scorers load ``teacher_path`` (another model, teacher.model, resolved), else the student's
-    ``model_path``."""
+    ``model_path``; with several teachers (teachers:), each pool loads its ``teacher_paths[name]``."""
     check_capacity(cfg, strict=local_cluster)
     t0 = time.perf_counter()
     backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
     scorers = f"{cfg.scorer.num_workers} scorer(s) ({backend}), " if scorer_actors(cfg) else ""
+    if scorer_actors(cfg) and cfg.teachers:
+        scorers = f"{len(cfg.teachers)} teachers' scorer pools, "
     if uses_scorer(cfg) and not scorer_actors(cfg):
         scorers = f"no scorer (the rollout engines score the {cfg.teacher.mode} teacher), "
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
     if teacher_path is not None:
         say(f"the teacher is another model: {teacher_path} (fixed; no weight pushes)")
+    for name, path in (teacher_paths or {}).items():
+        one = teacher_config(cfg, name)
+        say(f"teacher {name}: {path} ({one.scorer.num_workers} scorer(s), {one.scorer.backend}, context "
+            f"{one.teacher.context}; fixed, no weight pushes)")
     for note in notes(cfg):
         say(f"warning: {note}")
     gpu = 1 if cfg.cluster.device == "cuda" else 0
@@ -96,20 +114,19 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
          **_resources(cfg.rollout.resources)},
         (cfg, model_path), **kw,
     )
-    scorer_pool = None
-    if scorer_actors(cfg):
-        scorer_pool = ActorPool(
-            "scorer", EngineScorerWorker if cfg.scorer.backend == "vllm" else ScorerWorker, cfg.scorer.num_workers,
-            {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
-             **_resources(cfg.scorer.resources)},
-            (cfg, teacher_path or model_path), **kw,
-        )
+    scorer_pool, teacher_pools = None, {}
+    if scorer_actors(cfg) and cfg.teachers:
+        teacher_pools = {name: scorer_pool_of(teacher_config(cfg, name), teacher_paths[name], f"scorer:{name}", kw)
+                         for name in cfg.teachers}
+    elif scorer_actors(cfg):
+        scorer_pool = scorer_pool_of(cfg, teacher_path or model_path, "scorer", kw)
     learner = LearnerGroup(cfg, model_path)
     actors = Actors(rollouts, scorer_pool, learner, WeightSync(cfg, learner),
-                    scores_on_rollouts=uses_scorer(cfg) and cfg.scorer.on_rollout_engines)
+                    scores_on_rollouts=uses_scorer(cfg) and cfg.scorer.on_rollout_engines,
+                    teacher_pools=teacher_pools, teacher_models={n: t.model for n, t in cfg.teachers.items()})
     rollouts.wait_ready()
-    if scorer_pool:
-        scorer_pool.wait_ready()
+    for pool in actors.scorer_pools().values():
+        pool.wait_ready()
     say(f"actors ready in {time.perf_counter() - t0:.0f}s")
     actors.log_placement()
     if cfg.cluster.device == "cpu":
@@ -117,6 +134,16 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
         say("threads per actor: " + ", ".join(f"{role} {'/'.join(map(str, n))}" for role, n in threads.items())
             + " (rollout|scorer|learner.num_threads)")
     return actors
+
+
+def scorer_pool_of(cfg: Config, path: str, kind: str, kw: dict) -> ActorPool:
+    """One teacher's scorer pool (of the backend its config names) loading ``path``."""
+    return ActorPool(
+        kind, EngineScorerWorker if cfg.scorer.backend == "vllm" else ScorerWorker, cfg.scorer.num_workers,
+        {"num_cpus": cfg.scorer.num_cpus_per_worker, "num_gpus": cfg.scorer.num_gpus_per_worker,
+         **_resources(cfg.scorer.resources)},
+        (cfg, path), **kw,
+    )
 
 
 def check_capacity(cfg: Config, *, strict: bool) -> None:

@@ -34,6 +34,7 @@ from opsd.launch.pipeline import Pipeline, Ready
 from opsd.launch.problems import load_training_set
 from opsd.launch.recovery import NumericsWatch, check_restart, learner_died, new_learner_group, restore_ema_teacher
 from opsd.launch.stopping import ActorLost, StopSignals, Stopped
+from opsd.launch.teachers import resolve_teachers, teacher_metrics
 from opsd.launch.validate import check_teacher_tokenizer
 
 
@@ -58,7 +59,9 @@ class Trainer:
             check_model_dir(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code, key="teacher.model")
             check_teacher_tokenizer(cfg, (self.model_path, self.teacher_path))  # as opsd validate does
             teacher_tokenizer = load_tokenizer(self.teacher_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.data = load_training_set(cfg, self.tokenizer, teacher_tokenizer)
+        # Several teachers (teachers:): what each one's scorer pool loads, and the other models' tokenizers.
+        self.teacher_paths, teacher_tokenizers = resolve_teachers(cfg, self.model_path) if cfg.teachers else ({}, {})
+        self.data = load_training_set(cfg, self.tokenizer, teacher_tokenizer, teacher_tokenizers)
         self.step = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
         self.teacher_version = 0  # the weights the teacher scores with
@@ -71,7 +74,7 @@ class Trainer:
 
     def start(self, *, local_cluster: bool = True) -> None:
         self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster,
-                                   teacher_path=self.teacher_path)
+                                   teacher_path=self.teacher_path, teacher_paths=self.teacher_paths)
         say(f"{len(self.data.pairs)} training problems")
         rollouts, scorers = self.actors.rollouts, self.actors.scorers
         # A restarted actor is brought to the current weights before its call is retried.
@@ -123,6 +126,8 @@ class Trainer:
             seconds, score_overlapped=ready.scoring is not None, sync_in_place=self.actors.weights.in_place,
             skipped=ready.skipped, sync_mb=self.actors.weights.pushed_bytes / 2**20,
         ))
+        if cfg.teachers:
+            row.update(teacher_metrics(batch))  # teacher/<name>/kl, ... (launch/teachers.py)
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) and self.data.eval_pairs:
             row.update(self.evaluate())
         row["step_seconds"] = time.perf_counter() - t_step

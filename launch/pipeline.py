@@ -29,8 +29,10 @@ from opsd.contexts import context
 from opsd.contexts.base import PRIMARY, ContextInput, GroupSample
 from opsd.launch.cluster import ActorPool, Pending, round_robin, sample_seed, unshard
 from opsd.launch.problems import TrainingSet
+from opsd.launch.teachers import RoutedCalls, TeacherPools
 from opsd.objectives import objective, scored_contexts
-from opsd.prompts import PromptPair, response_loss_mask
+from opsd.prompts import PromptBuilder, PromptPair, response_loss_mask
+from opsd.teachers import teacher_config
 from opsd.verify import extract_answer
 
 
@@ -40,8 +42,10 @@ class TeacherPrompts:
     whose prompt and response would not fit model.max_model_len); None for the primary one leaves
     the sample out of the loss."""
 
-    def __init__(self, cfg: Config, data: TrainingSet):
+    def __init__(self, cfg: Config, data: TrainingSet, builder: PromptBuilder | None = None):
+        # builder: what renders the teacher's prompts (one of several teachers'); by default the run's
         self.cfg, self.data = cfg, data
+        self.builder = builder or data.teacher_builder
         self.reads_context = distills(cfg)  # else the scorer reads the student's own prompt (or nothing)
         self.context = context(cfg.teacher.context) if self.reads_context else None
         # Reference contexts (an anchor) are the student's own prompt; the others, the context's.
@@ -81,7 +85,7 @@ class TeacherPrompts:
     def _ids(self, messages: list[dict] | None, response_tokens: int) -> list[int] | None:
         if messages is None:
             return None
-        builder = self.data.teacher_builder  # another model's chat template (teacher.model), or the student's
+        builder = self.builder  # another model's chat template (teacher.model, teachers:), or the student's
         ids = builder.teacher_context_ids(messages)
         return ids if len(ids) + response_tokens <= builder.max_model_len else None
 
@@ -125,6 +129,9 @@ class Pipeline:
         self.inflight: list[InFlight] = []  # later steps' batches, oldest first
         self.pending: list[list[int]] = []  # prompt batches to redo first after a resume, oldest first
         self.teachers = TeacherPrompts(cfg, data)
+        # Several teachers (teachers:): each row's teacher prompts are its teacher's context's.
+        self.routed = {name: TeacherPrompts(teacher_config(cfg, name), data, data.teacher_builders[name])
+                       for name in cfg.teachers}
         self.responses = objective(cfg.algo).responses(cfg)
 
     # --- what train_one_step calls ---------------------------------------------------------------
@@ -243,7 +250,8 @@ class Pipeline:
         are left out of the loss because their teacher context did not apply."""
         samples, skipped = [], 0
         for pair, rollouts in zip(pairs, unshard(results, len(pairs))):
-            for j, (r, (teacher, others)) in enumerate(zip(rollouts, self.teachers.of_group(pair, rollouts, step))):
+            prompts = self.routed.get(pair.teacher, self.teachers)
+            for j, (r, (teacher, others)) in enumerate(zip(rollouts, prompts.of_group(pair, rollouts, step))):
                 skipped += teacher is None
                 samples.append(self._sample(pair, j, r.response_ids, r.logprobs, r.reward, r.policy_version,
                                             r.finish_reason, teacher, others))
@@ -290,7 +298,7 @@ class Pipeline:
             sample_id=f"{pair.uid}#{j}", prompt_ids=pair.student_ids, teacher_prompt_ids=teacher,
             response_ids=response, rollout_logprobs=logprobs, loss_mask=mask, reward=reward,
             policy_version=version, finish_reason=finish_reason,
-            others={name: ContextScores(ids) for name, ids in others.items()},
+            others={name: ContextScores(ids) for name, ids in others.items()}, teacher=pair.teacher,
         )
 
     def fresh(self, samples: list[Sample], version: int) -> tuple[list[Sample], int]:
@@ -300,11 +308,16 @@ class Pipeline:
         return kept, len(samples) - len(kept)
 
     def submit_score(self, samples: list[Sample], teacher_version: int) -> Pending:
-        """Samples -> the scorers, in interleaved shards (returns at once)."""
+        """Samples -> the scorers, in interleaved shards (returns at once); with several teachers,
+        each sample to its teacher's pool."""
+        if isinstance(self.scorers, TeacherPools):
+            return self.scorers.submit(samples, teacher_version)
         ns = len(self.scorers.actors)
         return self.scorers.submit("score", [(samples[i::ns],) for i in range(ns)], expect_version=teacher_version)
 
-    def collect_score(self, samples: list[Sample], pending: Pending) -> pa.Table:
+    def collect_score(self, samples: list[Sample], pending: Pending | RoutedCalls) -> pa.Table:
+        if isinstance(pending, RoutedCalls):
+            return self.scorers.collect(samples, pending)
         table = concat_batches([from_ipc_bytes(p) for p in self.scorers.collect(pending)])
         # Restore the sampler's row order, which the shards interleaved.
         order = {s.sample_id: i for i, s in enumerate(samples)}

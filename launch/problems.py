@@ -36,6 +36,8 @@ class TrainingSet:
     # Renders the teacher's contexts: another model's tokenizer and chat template (teacher.model),
     # else the student's builder itself.
     teacher_builder: PromptBuilder | None = None
+    # Several teachers (teachers:): name -> the builder of its prompts (launch/teachers.py).
+    teacher_builders: dict[str, PromptBuilder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.initial_sampler = self.sampler.state_dict()  # where a learner lost before any checkpoint restarts
@@ -99,12 +101,16 @@ class DataCheck:
     view: DatasetView | None = None
     builder: PromptBuilder | None = None
     teacher_builder: PromptBuilder | None = None  # teacher.model's template; None: ``builder``
+    teacher_builders: dict[str, PromptBuilder] = field(default_factory=dict)  # several teachers' (teachers:)
+    routed: dict[str, int] = field(default_factory=dict)  # several teachers: name -> its training rows
 
     def report(self) -> list[str]:
         """The lines ``opsd validate`` prints about the data."""
         train = f"data: data.train_path {self.train_path}: {len(self.problems)} problems"
         if self.pairs is not None:
             train += f", {len(self.pairs)} usable{_dropped(self.skipped, self.builder)}"
+        if self.routed:
+            train += f"; rows per teacher: {', '.join(f'{name} {n}' for name, n in self.routed.items())}"
         if self.eval_path is None:
             return [train, "data: evaluation is off (eval.every=0); the test set is not read"]
         held_out = f"data: held-out set {self.eval_path}: {self.eval_rows} problems evaluated"
@@ -139,14 +145,16 @@ def _read(cfg: Config, key: str, value: str, *, fetch: bool, **requirements) -> 
         raise DataError(f"config key '{key}': {exc}") from None
 
 
-def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teacher_tokenizer: Any = None) -> DataCheck:
+def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teacher_tokenizer: Any = None,
+               teacher_tokenizers: dict[str, Any] | None = None) -> DataCheck:
     """Every training row read and checked and turned into prompt ids (the held-out rows too when
     the run evaluates), and the usable rows counted against train.prompts_per_step. A row must hold
     a solution or an answer only when the objective or the teacher context needs it. Raises a
     DataError, PromptTooLongError or ConfigError naming the file, row or key; with ``fetch=False``,
     NotFetched for a named set not here yet. With ``tokenizer`` None only the rows are checked.
     ``teacher_tokenizer``: another model's (teacher.model), whose chat template renders the teacher's
-    prompts, checked against the same limits."""
+    prompts, checked against the same limits. ``teacher_tokenizers``: with several teachers
+    (teachers:), name -> each other model's tokenizer; every row's route is checked as it is read."""
     train_path = cfg.data.train_path
     if getattr(named(str(train_path)), "eval_only", False):
         raise ConfigError(f"config key 'data.train_path' = {train_path!r}: that set is kept for evaluation only "
@@ -160,6 +168,11 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
             "graded by their tests, with no answer); use teacher.context=solution (the reference code) or none")
     eval_key, eval_path = ("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path)
     result = DataCheck(str(train_path), problems, None, [], eval_path if cfg.eval.every else None)
+    if cfg.teachers:
+        from opsd.teachers import default_teacher
+
+        routed = [p.teacher or default_teacher(cfg) for p in problems]
+        result.routed = {name: routed.count(name) for name in cfg.teachers}
     if tokenizer is not None:
         result.builder = PromptBuilder(tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                                        max_new_tokens=cfg.rollout.max_tokens)
@@ -167,9 +180,16 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
         if teacher_tokenizer is not None:
             result.teacher_builder = PromptBuilder(teacher_tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                                                    max_new_tokens=cfg.rollout.max_tokens)
-        result.pairs, result.skipped = result.builder.build(
-            problems, source=str(train_path), teacher=static_teacher(cfg, result.builder, result.view),
-            teacher_builder=result.teacher_builder)
+        if cfg.teachers:
+            from opsd.launch.teachers import build_pairs, teacher_builders
+
+            result.teacher_builders = teacher_builders(cfg, result.builder, teacher_tokenizers or {})
+            result.pairs, result.skipped = build_pairs(cfg, problems, result.builder, result.view,
+                                                       result.teacher_builders, str(train_path))
+        else:
+            result.pairs, result.skipped = result.builder.build(
+                problems, source=str(train_path), teacher=static_teacher(cfg, result.builder, result.view),
+                teacher_builder=result.teacher_builder)
     usable = len(problems) if result.pairs is None else len(result.pairs)
     if not usable:
         raise DataError(f"{train_path}: no usable problems: all {len(problems)} rows dropped by prompt.overlong=skip "
@@ -209,12 +229,13 @@ def check_sandbox(cfg: Config, problems: list[Problem]) -> None:
         shared(cfg.sandbox, log=print)
 
 
-def load_training_set(cfg: Config, tokenizer: Any, teacher_tokenizer: Any = None) -> TrainingSet:
+def load_training_set(cfg: Config, tokenizer: Any, teacher_tokenizer: Any = None,
+                      teacher_tokenizers: dict[str, Any] | None = None) -> TrainingSet:
     """The checked data (:func:`check_data`) as the run's training set and held-out prompts."""
-    found = check_data(cfg, tokenizer, teacher_tokenizer=teacher_tokenizer)
+    found = check_data(cfg, tokenizer, teacher_tokenizer=teacher_tokenizer, teacher_tokenizers=teacher_tokenizers)
     sampler = EpochSampler(len(found.pairs), seed=cfg.train.seed, shuffle=cfg.data.shuffle, drop_last=True)
     return TrainingSet(found.pairs, {p.uid: p for p in found.problems}, sampler, found.view, found.builder,
-                       found.eval_pairs, found.skipped, found.teacher_builder)
+                       found.eval_pairs, found.skipped, found.teacher_builder, found.teacher_builders)
 
 
 def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):

@@ -53,12 +53,36 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
             unchecked.append(teacher.line)
         elif tokenizer is not None:
             teacher_tokenizer = _teacher_tokenizer(cfg)
+    teacher_tokenizers = _check_teachers(cfg, tokenizer, lines, unchecked) if cfg.teachers else None
     lines += [f"warning: {note}" for note in notes(cfg)]
-    lines += (_check_data(cfg, tokenizer, unchecked, teacher_tokenizer) if check_data
+    lines += (_check_data(cfg, tokenizer, unchecked, teacher_tokenizer, teacher_tokenizers) if check_data
               else ["data: not read (--skip-data)"])
     lines += _check_resources(cfg)
     lines += unchecked or ["ok"]
     return lines
+
+
+def _check_teachers(cfg: Config, tokenizer: Any | None, lines: list[str], unchecked: list[str]) -> dict[str, Any]:
+    """Several teachers (teachers:): each one's model and tokenizer against the student's, as for
+    teacher.model, and the routing rule; returns name -> the tokenizer of each other model checked."""
+    from opsd.teachers import default_teacher, teacher_configs
+
+    tokenizers = {}
+    for name, one in teacher_configs(cfg).items():
+        key, where = f"teachers.{name}.model", f"teacher {name}"
+        if one.teacher.model is None:
+            lines.append(f"{where}: the student's initial weights (fixed), context {one.teacher.context}")
+            continue
+        lines.append(f"{where}: {_describe_model(key, one.teacher.model)}, context {one.teacher.context}")
+        answer = check_teacher_tokenizer(one, key=key)
+        lines.append(f"{where}: {answer.line}")
+        if answer.verdict == UNCHECKED:
+            unchecked.append(f"{where}: {answer.line}")
+        elif tokenizer is not None:
+            tokenizers[name] = _teacher_tokenizer(one)
+    lines.append(f"teachers: each row's teacher is its data column {cfg.teacher.route!r} (a row without it: "
+                 f"{default_teacher(cfg)}); one scorer pool per teacher")
+    return tokenizers
 
 
 def _teacher_tokenizer(cfg: Config) -> Any:
@@ -69,7 +93,8 @@ def _teacher_tokenizer(cfg: Config) -> Any:
     return load_tokenizer(made_reference(cfg.teacher.model)[0], trust_remote_code=cfg.model.trust_remote_code)
 
 
-def check_teacher_tokenizer(cfg: Config, resolved: tuple[str, str] | None = None) -> Answer:
+def check_teacher_tokenizer(cfg: Config, resolved: tuple[str, str] | None = None, *,
+                            key: str = "teacher.model") -> Answer:
     """teacher.model against model.path: the same tokenizer (opsd/vocab.py), one of three answers;
     the refusal is raised as a ConfigError. ``resolved``: the (student, teacher) directories or hub
     ids that opsd train has resolved and loads anyway, compared with what loading them fetches;
@@ -86,7 +111,8 @@ def check_teacher_tokenizer(cfg: Config, resolved: tuple[str, str] | None = None
         student, teacher = (ref for ref, _ in refs)
     else:
         student, teacher = resolved
-    answer = compare(student, teacher, local_only=resolved is None, trust_remote_code=cfg.model.trust_remote_code)
+    answer = compare(student, teacher, local_only=resolved is None, trust_remote_code=cfg.model.trust_remote_code,
+                     key=key)
     if answer.verdict == REFUSED:
         raise ConfigError(answer.line)
     return answer
@@ -130,9 +156,11 @@ def _tokenizer(cfg: Config, unchecked: list[str]) -> Any | None:
         return None
 
 
-def _check_data(cfg: Config, tokenizer: Any | None, unchecked: list[str], teacher_tokenizer: Any = None) -> list[str]:
+def _check_data(cfg: Config, tokenizer: Any | None, unchecked: list[str], teacher_tokenizer: Any = None,
+                teacher_tokenizers: dict[str, Any] | None = None) -> list[str]:
     try:
-        found = check_data(cfg, tokenizer, fetch=False, teacher_tokenizer=teacher_tokenizer)
+        found = check_data(cfg, tokenizer, fetch=False, teacher_tokenizer=teacher_tokenizer,
+                           teacher_tokenizers=teacher_tokenizers)
     except NotFetched as exc:
         unchecked.append(str(exc))
         return ["data: not read (it would have to be fetched first)"]
@@ -148,7 +176,14 @@ def actor_resources(cfg: Config) -> list[tuple[str, int, float, float, str]]:
     cuda = cfg.cluster.device == "cuda"
     roles = [("rollout", r.num_workers, r.num_cpus_per_worker, r.tensor_parallel_size if cuda else 0,
               "rollout.tensor_parallel_size")]
-    if scorer_actors(cfg):
+    if scorer_actors(cfg) and cfg.teachers:  # a pool per teacher, each with its own settings (teachers:)
+        from opsd.teachers import teacher_configs
+
+        for name, one in teacher_configs(cfg).items():
+            t = one.scorer
+            roles.append(("scorer", t.num_workers, t.num_cpus_per_worker, t.num_gpus_per_worker,
+                          f"teachers.{name}.scorer.num_gpus_per_worker"))
+    elif scorer_actors(cfg):
         roles.append(("scorer", s.num_workers, s.num_cpus_per_worker, s.num_gpus_per_worker,
                       "scorer.num_gpus_per_worker"))
     roles.append(("learner", lr.num_ranks, lr.num_cpus_per_rank, lr.num_gpus_per_rank, "learner.num_gpus_per_rank"))
