@@ -549,7 +549,7 @@ def test_a_batch_of_an_older_schema_version_still_reads(table, version):
     # ...and one that claims the old version but holds the new column is refused: it was not written so.
     meta = dict(table.schema.metadata)
     meta[b"opsd.schema_version"] = str(version).encode()
-    added = ["teacher_stop_logprobs", "teacher"] if version < 3 else ["teacher"]
+    added = ["teacher", "teacher_stop_logprobs"] if version < 3 else ["teacher"]
     _raises(table.replace_schema_metadata(meta), f"unexpected columns {added}")
 
 
