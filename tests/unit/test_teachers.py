@@ -179,3 +179,49 @@ def test_a_batch_of_one_teacher_has_no_metrics_per_teacher():
     table = build_batch([_sample(0, None, [-0.1], [-0.2], [True], 1.0)], k=2, temperature=1.0, teacher_mode="fixed")
     assert table.column("teacher").null_count == 1 and teacher_metrics(table) == {}
     assert isinstance(table, pa.Table)
+
+
+# --- opsd validate ---------------------------------------------------------------------------------
+
+
+def _validate(data: Path, *overrides: str, check_data: bool = True) -> list[str]:
+    from opsd.launch.validate import validate_config
+
+    return validate_config(str(Path(__file__).parents[2] / "configs" / "tiny.yaml"),
+                           [f"data.train_path={data}", "train.prompts_per_step=2", "eval.every=0", *overrides],
+                           check_data=check_data)
+
+
+def test_validate_checks_each_teachers_tokenizer_and_counts_the_rows_routed_to_each(tmp_path, tiny_model, teacher_model):
+    lines = _validate(_rows(tmp_path, ["big", None, "absent", "base", "big"]), "teachers.base.context=solution",
+                      f"teachers.big.model={teacher_model}", "teachers.big.context=none", "cluster.num_cpus=3")
+    assert "teacher base: the student's initial weights (fixed), context solution" in lines
+    assert f"teacher big: local directory {teacher_model}, context none" in lines
+    assert any(line.startswith("teacher big: the student's tokenizer (") for line in lines), lines
+    assert "teachers: each row's teacher is its data column 'teacher' (a row without it: base); one scorer pool " \
+           "per teacher" in lines
+    assert any(line.endswith("5 problems, 5 usable; rows per teacher: base 3, big 2") for line in lines), lines
+    assert any("needs 0 GPUs, 2.5 CPUs" in line for line in lines), lines  # a scorer pool (0.5 CPU) per teacher
+    assert lines[-1] == "ok"
+
+
+def test_validate_refuses_an_unknown_teacher_in_the_data_as_train_does(tmp_path, tiny_model):
+    path = _rows(tmp_path, ["base", "base", "nobody"])
+    with pytest.raises(DataError) as info:
+        _validate(path, "teachers.base.context=solution", "teachers.big.context=none")
+    assert str(info.value) == (f"config key 'data.train_path': {path}, line 3: key 'teacher' = 'nobody' names no "
+                               "teacher; the teachers are ['base', 'big'] (teachers:; the column is teacher.route, "
+                               "and a row without it goes to teacher.default)")
+
+
+def test_validate_refuses_a_teacher_of_another_vocabulary_naming_its_key(tmp_path, tiny_model):
+    from transformers import Qwen3Config
+
+    from opsd.assets.tiny import build_tokenizer
+
+    other = tmp_path / "other"
+    build_tokenizer([f"a corpus of its own, line {i}" for i in range(50)], vocab_size=300).save_pretrained(other)
+    Qwen3Config(vocab_size=300).save_pretrained(other)
+    with pytest.raises(ConfigError) as info:
+        _validate(tmp_path, "teachers.base.context=solution", f"teachers.odd.model={other}", check_data=False)
+    assert str(info.value).startswith(f"config key 'teachers.odd.model' = '{other}' has another tokenizer")

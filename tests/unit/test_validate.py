@@ -24,6 +24,7 @@ NEEDS = {
     "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-1.7b-from-8b.yaml": "needs 4 GPUs, 14 CPUs",
+    "two-teachers.yaml": "needs 0 GPUs, 2 CPUs",
 }
 # Recipes whose teacher's tokenizer is checked only where both hub ids' files are (else validate
 # says it cannot check without fetching).
