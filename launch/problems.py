@@ -22,6 +22,7 @@ from opsd.assets.datasets import hint, named, resolve_data
 from opsd.assets.wheels import NotFetched
 from opsd.data import HUB_ID, DataError, EpochSampler, Problem, load_problems
 from opsd.prompts import PromptBuilder, PromptPair
+from opsd.teachers import context_key, default_teacher, teacher_configs
 
 
 @dataclass
@@ -162,15 +163,16 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
     problems = _read(cfg, "data.train_path", train_path, fetch=fetch, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
-    if distills(cfg) and "answer" in context(cfg.teacher.context).needs(cfg) and any(p.task == "code" for p in problems):
-        raise ConfigError(
-            f"teacher.context={cfg.teacher.context} reads a final answer, and {train_path} has code rows (task 'code', "
-            "graded by their tests, with no answer); use teacher.context=solution (the reference code) or none")
+    for name, one in teacher_configs(cfg).items():  # the run's teacher, or each of several with its rows
+        mine = [p for p in problems if (p.teacher or default_teacher(cfg)) == name] if cfg.teachers else problems
+        if distills(one) and "answer" in context(one.teacher.context).needs(one) and any(p.task == "code" for p in mine):
+            key, whose = context_key(cfg, name), f" routed to teacher {name}" if cfg.teachers else ""
+            raise ConfigError(
+                f"{key}={one.teacher.context} reads a final answer, and {train_path} has code rows{whose} (task 'code', "
+                f"graded by their tests, with no answer); use {key}=solution (the reference code) or none")
     eval_key, eval_path = ("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path)
     result = DataCheck(str(train_path), problems, None, [], eval_path if cfg.eval.every else None)
     if cfg.teachers:
-        from opsd.teachers import default_teacher
-
         routed = [p.teacher or default_teacher(cfg) for p in problems]
         result.routed = {name: routed.count(name) for name in cfg.teachers}
     if tokenizer is not None:

@@ -225,3 +225,22 @@ def test_validate_refuses_a_teacher_of_another_vocabulary_naming_its_key(tmp_pat
     with pytest.raises(ConfigError) as info:
         _validate(tmp_path, "teachers.base.context=solution", f"teachers.odd.model={other}", check_data=False)
     assert str(info.value).startswith(f"config key 'teachers.odd.model' = '{other}' has another tokenizer")
+
+
+def test_code_rows_routed_by_task_to_a_teacher_that_reads_an_answer_are_refused_naming_its_context(tmp_path):
+    from opsd.launch.problems import check_data
+
+    code = {"id": "add", "task": "code", "problem": "Write add(a, b).",
+            "solution": "```python\ndef add(a, b):\n    return a + b\n```", "tests": ["assert add(1, 2) == 3"]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "one", "problem": "What is 1 + 1?", "solution": "\\boxed{2}", "answer": "2"}, code]))
+    routed = [f"data.train_path={path}", "train.prompts_per_step=2", "eval.every=0", "teacher.route=task",
+              "teacher.default=math", "teachers.math.context=answer"]
+    # Rows: the math row goes to math (no task key: the default), the code row to code.
+    found = check_data(load_config(None, [*routed, "teachers.code.context=solution"]), None)
+    assert [p.teacher for p in found.problems] == [None, "code"] and found.routed == {"math": 1, "code": 1}
+    with pytest.raises(ConfigError) as info:
+        check_data(load_config(None, [*routed, "teachers.code.context=answer"]), None)
+    assert str(info.value).startswith(f"teachers.code.context=answer reads a final answer, and {path} has code rows "
+                                      "routed to teacher code")
