@@ -11,7 +11,7 @@ check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from opsd.assets.datasets import hint, named, resolve_data
 from opsd.assets.wheels import NotFetched
 from opsd.data import HUB_ID, DataError, EpochSampler, Problem, load_problems
 from opsd.prompts import PromptBuilder, PromptPair
-from opsd.teachers import context_key, default_teacher, teacher_configs
+from opsd.teachers import context_key, default_teacher, teacher_config, teacher_configs
 
 
 @dataclass
@@ -183,8 +183,6 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
             result.teacher_builder = PromptBuilder(teacher_tokenizer, cfg.prompt, max_model_len=cfg.model.max_model_len,
                                                    max_new_tokens=cfg.rollout.max_tokens)
         if cfg.teachers:
-            from opsd.launch.teachers import build_pairs, teacher_builders
-
             result.teacher_builders = teacher_builders(cfg, result.builder, teacher_tokenizers or {})
             result.pairs, result.skipped = build_pairs(cfg, problems, result.builder, result.view,
                                                        result.teacher_builders, str(train_path))
@@ -252,3 +250,32 @@ def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
     templates = builder.templates()
     return lambda problem: ctx.build(cfg, ContextInput(problem, other=view.other(problem.uid), seed=cfg.train.seed),
                                      templates)[PRIMARY]
+
+
+def teacher_builders(cfg: Config, builder: PromptBuilder, tokenizers: dict[str, Any]) -> dict[str, PromptBuilder]:
+    """name -> the builder that renders its teacher prompts: its own tokenizer's chat template, or
+    the student's builder (the student's weights as a teacher, or a tokenizer not checked here)."""
+    return {name: PromptBuilder(tokenizers[name], cfg.prompt, max_model_len=cfg.model.max_model_len,
+                                max_new_tokens=cfg.rollout.max_tokens) if name in tokenizers else builder
+            for name in cfg.teachers}
+
+
+def build_pairs(cfg: Config, problems: list[Problem], builder: PromptBuilder, view: Any,
+                builders: dict[str, PromptBuilder], source: str) -> tuple[list[PromptPair], list[str]]:
+    """The prompt pairs of rows routed to several teachers, in the rows' order: each row's teacher
+    prompt built with its teacher's context and template (and checked against its limits), and
+    each pair naming its teacher; with the uids dropped as over-long."""
+    default = default_teacher(cfg)
+    by_teacher: dict[str, list[Problem]] = {name: [] for name in cfg.teachers}
+    for p in problems:
+        by_teacher[p.teacher or default].append(p)
+    built: dict[str, PromptPair] = {}
+    skipped: set[str] = set()
+    for name, group in by_teacher.items():
+        one = teacher_config(cfg, name)
+        pairs, dropped = builder.build(group, source=source, teacher=static_teacher(one, builder, view),
+                                       teacher_builder=builders[name])
+        built.update({pair.uid: replace(pair, teacher=name) for pair in pairs})
+        skipped.update(dropped)
+    return ([built[p.uid] for p in problems if p.uid in built],
+            [p.uid for p in problems if p.uid in skipped])

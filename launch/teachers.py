@@ -1,14 +1,13 @@
 """Several teachers at run time (docs/DESIGN.md, "Several teachers"; the config side is
-opsd/teachers.py): each teacher's model and tokenizer checked and resolved, the prompt pairs built
-with each row's teacher's template and context, one scorer pool per teacher, and a step's samples
-split by teacher, scored by their pools and rejoined in the sampler's order; then the metrics per
-teacher.
+opsd/teachers.py; the prompt pairs of each row's teacher: launch/problems.py): each teacher's model
+and tokenizer checked and resolved, one scorer pool per teacher, and a step's samples split by
+teacher, scored by their pools and rejoined in the sampler's order; then the metrics per teacher.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,8 @@ import pyarrow as pa
 
 from opsd.batch import Sample, concat_batches, from_ipc_bytes
 from opsd.config import Config
-from opsd.data import Problem
 from opsd.launch.cluster import ActorPool, Pending
-from opsd.prompts import PromptBuilder, PromptPair
-from opsd.teachers import default_teacher, teacher_config
+from opsd.teachers import teacher_config
 
 
 def resolve_teachers(cfg: Config, model_path: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -40,37 +37,6 @@ def resolve_teachers(cfg: Config, model_path: str) -> tuple[dict[str, str], dict
         check_teacher_tokenizer(teacher_config(cfg, name), (model_path, paths[name]), key=key)
         tokenizers[name] = load_tokenizer(paths[name], trust_remote_code=cfg.model.trust_remote_code)
     return paths, tokenizers
-
-
-def teacher_builders(cfg: Config, builder: PromptBuilder, tokenizers: dict[str, Any]) -> dict[str, PromptBuilder]:
-    """name -> the builder that renders its teacher prompts: its own tokenizer's chat template, or
-    the student's builder (the student's weights as a teacher, or a tokenizer not checked here)."""
-    return {name: PromptBuilder(tokenizers[name], cfg.prompt, max_model_len=cfg.model.max_model_len,
-                                max_new_tokens=cfg.rollout.max_tokens) if name in tokenizers else builder
-            for name in cfg.teachers}
-
-
-def build_pairs(cfg: Config, problems: list[Problem], builder: PromptBuilder, view: Any,
-                builders: dict[str, PromptBuilder], source: str) -> tuple[list[PromptPair], list[str]]:
-    """The prompt pairs of rows routed to several teachers, in the rows' order: each row's teacher
-    prompt built with its teacher's context and template (and checked against its limits), and
-    each pair naming its teacher; with the uids dropped as over-long."""
-    from opsd.launch.problems import static_teacher
-
-    default = default_teacher(cfg)
-    by_teacher: dict[str, list[Problem]] = {name: [] for name in cfg.teachers}
-    for p in problems:
-        by_teacher[p.teacher or default].append(p)
-    built: dict[str, PromptPair] = {}
-    skipped: set[str] = set()
-    for name, group in by_teacher.items():
-        one = teacher_config(cfg, name)
-        pairs, dropped = builder.build(group, source=source, teacher=static_teacher(one, builder, view),
-                                       teacher_builder=builders[name])
-        built.update({pair.uid: replace(pair, teacher=name) for pair in pairs})
-        skipped.update(dropped)
-    return ([built[p.uid] for p in problems if p.uid in built],
-            [p.uid for p in problems if p.uid in skipped])
 
 
 @dataclass

@@ -923,7 +923,7 @@ def _check_teacher_model(cfg: Config) -> None:
 def _check_teachers(cfg: Config) -> None:
     from opsd.teachers import check_teachers
 
-    check_teachers(cfg)
+    check_teachers(cfg, check, {f.name for f in fields(ScorerConfig)})
 
 
 def dataset_needs(cfg: Config) -> dict[str, str]:

@@ -104,19 +104,15 @@ def code_tests(row: dict, at: str) -> str:
 
 
 def load_problems(
-    path: str | Path,
-    *,
-    problem_key: str = "problem",
-    solution_key: str = "solution",
-    answer_key: str = "answer",
+    path: str | Path, *,
+    problem_key: str = "problem", solution_key: str = "solution", answer_key: str = "answer",
     id_key: str | None = None,
     require_solution: bool = True,
     require_answer: bool = True,
     needed_by: dict[str, str] | None = None,
     dataset_config: str | None = None,
     answer_format: str = "auto",
-    route_key: str | None = None,
-    routes: tuple[str, ...] = (),
+    route_key: str | None = None, routes: tuple[str, ...] = (),
 ) -> list[Problem]:
     """Read and validate every row of a problem set.
 
@@ -134,9 +130,7 @@ def load_problems(
     (``require_answer``) says so; ``needed_by`` names who needs each (``{"solution":
     "teacher.context=solution"}``), for the error. Answers are graded against, so a set has them
     for every row or for none: one row without an answer among rows with one is an error anyway.
-
-    With ``route_key`` (several teachers, opsd/teachers.py) a row's value in that column, when present
-    and not null, must be one of ``routes``; it is kept as the problem's ``teacher``.
+    A row's ``route_key`` value, if not null, is one of ``routes`` (its teacher, opsd/teachers.py).
     """
     rows, source, where = _read_rows(path, dataset_config)
     if id_key is not None and not any(isinstance(row, dict) and id_key in row for _, row in rows):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any
+from typing import Any, Callable
 
 from opsd.errors import ConfigError
 
@@ -79,12 +79,10 @@ def routing(cfg: Any) -> dict:
     return dict(route_key=cfg.teacher.route, routes=tuple(cfg.teachers))
 
 
-def check_teachers(cfg: Any) -> None:
+def check_teachers(cfg: Any, check: Callable[[Any], None], scorer_keys: set[str]) -> None:
     """What several teachers can and cannot be, each refusal naming the key to change; then each
-    teacher's config passes the checks a one-teacher run's does (opsd.config.check)."""
-    from dataclasses import fields
-
-    from opsd.config import ScorerConfig, check
+    teacher's config passes ``check``, the checks of a one-teacher run's (opsd.config.check, given
+    by config.py with the scorer section's keys, which this module does not import)."""
     from opsd.objectives import objective, scored_contexts
 
     if not cfg.teachers:
@@ -116,7 +114,6 @@ def check_teachers(cfg: Any) -> None:
             f"config key 'teachers' is set with algo={cfg.algo}, which does not distil from a teacher context (it "
             "scores nothing, or only a frozen reference of the student); unset teachers, or choose opsd, kd or "
             "contrastive")
-    scorer_keys = {f.name for f in fields(ScorerConfig)}
     contexts = {}
     for name, spec in cfg.teachers.items():
         if not NAME.match(name):

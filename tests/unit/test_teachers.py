@@ -122,7 +122,7 @@ def test_validate_and_train_read_the_route_through_the_configs_data_requirements
 def test_the_pairs_of_several_teachers_use_each_rows_teacher_context_in_the_rows_order(tmp_path, tiny_model):
     from opsd.assets.models import load_tokenizer
     from opsd.contexts.base import DatasetView
-    from opsd.launch.teachers import build_pairs, teacher_builders
+    from opsd.launch.problems import build_pairs, teacher_builders
     from opsd.prompts import PromptBuilder
 
     cfg = load_config(None, ["teachers.sol.context=solution", "teachers.bare.context=none", "teacher.default=bare"])
