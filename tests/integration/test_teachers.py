@@ -4,8 +4,8 @@
   ``teacher`` and rejoined in order, each row holding its teacher checkpoint's targets by an
   independent float32 forward; one pool's scorer killed, the same samples scored again: the pool
   restarts it and the batch is the same;
-- `make test-slow`: a tiny `opsd train` run of the same two teachers, each row routed by its data
-  column, with that pool's scorer killed before the second step.
+- `make test-slow`: a tiny run of the same two teachers, ``big`` on a vLLM scorer (a pool's own
+  backend), each row routed by its data column, with that pool's scorer killed before step 2.
 
 The teachers: ``base``, the student's initial weights reading the solution (the student's
 template); ``big``, another tiny checkpoint (tests/conftest.py ``teacher_model``: seed 1, a chat
@@ -28,8 +28,7 @@ from opsd.config import REPO_ROOT
 from opsd.launch.driver import Trainer
 
 from tests.conftest import TEACHER_SYSTEM
-from .conftest import make_trainer, read_metrics
-from .conftest import local_config
+from .conftest import local_config, make_trainer, read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -161,7 +160,7 @@ def test_a_run_routes_each_row_by_its_data_column_and_goes_on_after_a_pools_scor
     trainer, run = make_trainer(
         tmp_path, f"data.train_path={data}", f"train.prompts_per_step={PER_STEP}", f"train.steps={STEPS}",
         "train.checkpoint_every=0", "eval.every=0", "logging.save_batches=true", f"teachers.big.model={teacher_model}",
-        *TEACHERS, cls=KillingTrainer,
+        "teachers.big.scorer.backend=vllm", *TEACHERS, cls=KillingTrainer,
     )
     try:
         trainer.run_steps(run)
