@@ -37,7 +37,7 @@ class TrainingSet:
     # Renders the teacher's contexts: another model's tokenizer and chat template (teacher.model),
     # else the student's builder itself.
     teacher_builder: PromptBuilder | None = None
-    # Several teachers (teachers:): name -> the builder of its prompts (launch/teachers.py).
+    # Several teachers (teachers:): name -> the builder of its prompts (teacher_builders below).
     teacher_builders: dict[str, PromptBuilder] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
