@@ -121,7 +121,7 @@ ADDED: tuple[AddedMethod, ...] = (
                                           "objectives.mix.parents={opsd: 0.5, grpo: 0.5}"],
                 lrs=[OPSD_CHOSEN_LR, GRPO_CHOSEN_LR]),
     AddedMethod("opsd_anchor", "opsd_fixed", lr_from="opsd_fixed", tune="objectives.opsd.anchor", values=[0.1, 1.0]),
-    AddedMethod("opsd_forward_kl", "opsd_fixed", ["objectives.opsd.beta=0"], lr_from="opsd_fixed"),
+    AddedMethod("opsd_forward_kl", "opsd_fixed", ["objectives.opsd.beta=0.0"], lr_from="opsd_fixed"),
 )
 
 
@@ -197,11 +197,15 @@ class SparseSpec:
 
     @classmethod
     def quick(cls) -> "SparseSpec":
-        """Both phases in a few steps on the tiny random model and the toy set: the wiring only."""
+        """Both phases in a few steps on the tiny random model and the toy set: the wiring only, with
+        one appended row that tunes a key other than the rate (the anchor's weight) at OPSD's rate."""
+        anchor = AddedMethod("opsd_anchor", "opsd_fixed", lr_from="opsd_fixed", tune="objectives.opsd.anchor",
+                             values=[0.1, 1.0])
         return cls(task="data/toy/train.jsonl", val="data/toy/test.jsonl", test="data/toy/test.jsonl",
                    config="configs/tiny.yaml", lrs=[1e-5, 1e-4], sweep_steps=2, steps=2, seeds=1, rows_per_step=4,
                    grpo_n=2, eval_every=2, val_problems=8, test_problems=8, max_tokens=24, dtype="float32",
-                   overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"])
+                   overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"],
+                   added=[anchor])
 
     def runs_planned(self) -> int:
         return sum(len((self.tuning_of(m) or ("", []))[1]) + self.seeds_of(m) for m in self.all_methods())
@@ -292,7 +296,8 @@ def sweep_run(spec: SparseSpec, method: str, value, sweep: list[dict]) -> tuple[
     key, _ = spec.tuning_of(method)
     if key == LR_KEY:
         return f"sweep-{method}-lr{value:g}", value, None
-    return f"sweep-{method}-{key.rsplit('.', 1)[-1]}{value_text(value)}", chosen_lrs(spec, sweep).get(method), value
+    short = f"{value:g}" if isinstance(value, float) else value_text(value)  # as the rate's: lr1e-05, anchor1
+    return f"sweep-{method}-{key.rsplit('.', 1)[-1]}{short}", chosen_lrs(spec, sweep).get(method), value
 
 
 def seed_run(spec: SparseSpec, method: str, seed: int, sweep: list[dict]) -> tuple[str, float | None, object]:
@@ -308,10 +313,10 @@ def _comparison_spec(spec: SparseSpec, *, steps: int, eval_every: int, eval_prob
 
 
 def value_text(value) -> str:
-    """A swept value as a command-line override reads it back."""
+    """A swept value as a command-line override reads it back (a float stays a float: 1.0, not 1)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep: bool, temperature: float,

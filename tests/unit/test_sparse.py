@@ -256,7 +256,7 @@ def test_the_plan_appends_the_anchor_sweep_after_the_rate_sweeps_and_then_every_
     assert anchor["eval.path"] == "math-easy-val" and anchor["train.steps"] == "20" and anchor["train.seed"] == "0"
     opsd_test = overrides_as_dict(run_overrides(spec, "opsd_fixed", 2, 3e-6, sweep=False, temperature=0.7))
     fkl = overrides_as_dict(run_overrides(spec, "opsd_forward_kl", 2, 3e-6, sweep=False, temperature=0.7))
-    assert fkl == opsd_test | {"objectives.opsd.beta": "0"}
+    assert fkl == opsd_test | {"objectives.opsd.beta": "0.0"}
     with pytest.raises(ValueError, match="needs its value"):
         run_overrides(spec, "opsd_anchor", 0, 3e-6, sweep=True, temperature=0.7)
     with pytest.raises(ValueError, match="nowhere to go"):
@@ -315,11 +315,11 @@ def test_the_report_shows_each_tuned_value_and_the_choice(tmp_path):
     done = finished + [_val("opsd_anchor", 3e-6, 0.034, 0.1), _val("opsd_anchor", 3e-6, 0.048, 1.0)]
     report = write_report(spec, done, [], "lenient", tmp_path)
     assert report["tuned"]["opsd_anchor"] == {"key": "objectives.opsd.anchor", "lr": 3e-6, "chosen": 1.0,
-                                              "accuracy": {"0.1": 0.034, "1": 0.048}}
+                                              "accuracy": {"0.1": 0.034, "1.0": 0.048}}
     assert report["chosen_lr"]["opsd_fixed"] == 3e-6 and report["sweep"]["opsd_anchor"] == {}
     md = (tmp_path / "sparse.md").read_text()
     se = math.sqrt(0.048 * 0.952 / 145)
-    assert f"| `objectives.opsd.anchor` | 1 | 3e-06 | 0.048 ({se:.3f}; 50% cut) | **chosen** |" in md
+    assert f"| `objectives.opsd.anchor` | 1.0 | 3e-06 | 0.048 ({se:.3f}; 50% cut) | **chosen** |" in md
     assert "| `objectives.opsd.anchor` | 0.1 | 3e-06 | 0.034" in md and md.count("**chosen**") == 1
     assert json.loads((tmp_path / "sparse.json").read_text())["tuned"]["opsd_anchor"]["chosen"] == 1.0
 
