@@ -425,7 +425,8 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "dry_run", False) and args.task != "sparse":
-        raise SystemExit(f"opsd bench learning --dry-run: only --task sparse has a plan to print, not --task {args.task}")
+        raise SystemExit(f"opsd bench learning --dry-run: only --task sparse has a plan to print, not "
+                         f"--task {args.task}")
     if args.bench == "learning" and args.task == "smollm2":
         from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
         from opsd.benchmarks.comparison import ComparisonSpec, run_comparison

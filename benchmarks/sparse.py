@@ -241,7 +241,8 @@ def sweep_value(record: dict):
     return record["value"] if "value" in record else record["lr"]
 
 
-def plan(spec: SparseSpec, sweep: list[dict], runs: list[dict]) -> tuple[list[tuple[str, object]], list[tuple[str, int]]]:
+def plan(spec: SparseSpec, sweep: list[dict],
+         runs: list[dict]) -> tuple[list[tuple[str, object]], list[tuple[str, int]]]:
     """The runs not finished yet: (method, value) of the sweep, the rate sweeps first and then the
     sweeps of other keys (which run at a rate another sweep chooses), then (method, seed) of the test
     part, seed-major (a cut-short experiment has every method at the seeds it reached)."""
@@ -396,7 +397,8 @@ def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str
         values = values or {}
         lines += ["", "Other settings tuned the same way (same part, steps, seed and rule: the best final "
                   "validation accuracy, a tie to the smaller value), each at the rate its row takes:", "",
-                  "| method | key | value | at lr | validation accuracy | chosen |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| method | key | value | at lr | validation accuracy | chosen |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for a in tuned:
             by_value = {repr(sweep_value(r)): r for r in sweep.get(a.name, [])}
             for v in a.values:
