@@ -37,8 +37,13 @@ sandbox:
 train: setup
 	$(VENV)/bin/opsd train
 
+# Two pytest workers (pytest-xdist): a test file runs in one worker; on 2 cores the integration
+# tests' actors mostly wait on each other's start-up, so two files at a time use the cores better.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: setup sandbox
-	$(PY) -m pytest -m "not slow and not gpu" --durations=15
+	$(PY) -m pytest -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-slow: setup
 	$(PY) -m pytest -m slow

@@ -376,6 +376,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "minutes; rerun the same command to go on (finished runs are skipped)")
     s.add_argument("--out", help="where the report goes (default: runs/bench/<task>, untracked; the project's own "
                    "records are docs/results/{smollm2,sparse} and docs/results for toy: name one to update it)")
+    s.add_argument("--dry-run", action="store_true", help="sparse: print the runs a rerun on --out would make, in "
+                   "order, with their settings and an estimated run time; run nothing, write nothing")
     s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
                    "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
     s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
@@ -422,6 +424,9 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if getattr(args, "dry_run", False) and args.task != "sparse":
+        raise SystemExit(f"opsd bench learning --dry-run: only --task sparse has a plan to print, not "
+                         f"--task {args.task}")
     if args.bench == "learning" and args.task == "smollm2":
         from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
         from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
@@ -430,10 +435,13 @@ def run(args: argparse.Namespace) -> dict:
         report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes)
     elif args.bench == "learning" and args.task == "sparse":
         from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
-        from opsd.benchmarks.sparse import SparseSpec, run_sparse
+        from opsd.benchmarks.sparse import SparseSpec, dry_run, run_sparse
 
         spec = _learning_spec(SparseSpec.quick() if args.quick else SparseSpec(), args, SPARSE_METHODS)
-        report = run_sparse(spec, args.out or LEARNING_OUT["sparse"], args.work_dir, args.budget_minutes)
+        if args.dry_run:
+            report = dry_run(spec, args.out or LEARNING_OUT["sparse"])
+        else:
+            report = run_sparse(spec, args.out or LEARNING_OUT["sparse"], args.work_dir, args.budget_minutes)
     elif args.bench == "learning":
         from opsd.benchmarks.experiment import METHODS, LearningSpec, run_learning
 

@@ -71,19 +71,20 @@ LABELS = {
     "opsd_other": "OPSD, another problem's solution", "opsd_majority": "OPSD, majority (no solutions)",
     "contrastive": "RLCSD (contrastive)", "opsd_shaped": "OPSD + position weight + clip",
     "opsd_mask_truncated": "OPSD + truncated samples masked", "srpo": "SRPO (correct: GRPO, wrong: OPSD)",
-    "mix_opsd_grpo": "0.5 OPSD + 0.5 GRPO",
+    "mix_opsd_grpo": "0.5 OPSD + 0.5 GRPO", "opsd_anchor": "OPSD + KL anchor to the initial policy",
+    "opsd_forward_kl": "OPSD, forward KL (beta 0)",
 }
 COLORS = {
     "opsd_fixed": "tab:blue", "opsd_ema": "tab:cyan", "opsd_fixed_tail": "tab:purple", "grpo": "tab:red",
     "sft": "tab:green", "kd_reference": "tab:orange", "kd_samples": "tab:brown",
     "opsd_answer": "tab:olive", "opsd_none": "tab:gray", "opsd_other": "tab:pink", "opsd_majority": "gold",
     "contrastive": "darkred", "opsd_shaped": "navy", "opsd_mask_truncated": "teal", "srpo": "magenta",
-    "mix_opsd_grpo": "saddlebrown",
+    "mix_opsd_grpo": "saddlebrown", "opsd_anchor": "darkcyan", "opsd_forward_kl": "darkorange",
 }
 # The methods that train on the student's own samples with a teacher's per-token targets: their
 # sampled-token gap estimates KL(student || teacher), and their saved batches are read for it.
 OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "opsd_answer", "opsd_none", "opsd_other", "opsd_majority",
-        "opsd_shaped")
+        "opsd_shaped", "opsd_mask_truncated", "opsd_anchor", "opsd_forward_kl")
 
 
 @dataclass

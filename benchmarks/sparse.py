@@ -22,12 +22,22 @@ rates to sweep or another method's chosen rate, its seeds). A spec that differs 
 ``spec.json`` only by added methods is accepted: the runs, chosen rates and records already there
 are kept and skipped, and only the new methods' runs are planned (:func:`plan`). Changing any
 other setting, or anything about a method already in ``spec.json``, is refused, naming it.
+
+**Tuning a key other than the rate.** An added method may instead take another method's chosen
+rate and sweep one other config key (``tune``, ``values``: e.g. ``objectives.opsd.anchor`` at 0.1
+and 1.0). Its sweep is run exactly as a rate sweep (``sweep_steps`` steps, seed 0, the validation
+part), after the rate sweeps it depends on, lands in ``sweep-<method>-<last part of the key><value>.json``
+and is chosen by the same rule (best final validation accuracy; a tie goes to the smaller value);
+its test runs then carry ``<key>=<chosen value>``. The report shows each value's validation
+accuracy and the choice. ``--dry-run`` (:func:`dry_run`) prints the runs a rerun would make, in
+order, with an estimated run time, and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,12 +52,16 @@ from opsd.config import REPO_ROOT
 METHODS = ("opsd_fixed", "grpo", "sft", "kd_reference")
 
 
+LR_KEY = "learner.lr"
+
+
 @dataclass
 class AddedMethod:
     """A row appended to a finished experiment. ``recipe``: the method of benchmarks/comparison.py
     (``method_overrides``) it starts from; ``overrides`` go on top of it. Its learning rate is either
     swept (``lrs``, as the original methods' are) or taken from another method's chosen rate
-    (``lr_from``), never both. ``seeds``: None, the spec's."""
+    (``lr_from``), never both. With ``lr_from``, one other config key may be tuned instead: ``tune``
+    names it and ``values`` are swept as rates are, under the same rule. ``seeds``: None, the spec's."""
 
     name: str
     recipe: str
@@ -55,6 +69,32 @@ class AddedMethod:
     lrs: list[float] = field(default_factory=list)
     lr_from: str | None = None
     seeds: int | None = None
+    tune: str | None = None
+    values: list = field(default_factory=list)
+
+    def check(self, names: list[str]) -> None:
+        where = f"sparse: added method {self.name!r}"
+        if bool(self.lrs) == (self.lr_from is not None):
+            raise ValueError(f"{where}: give its rates to sweep (lrs) or the method whose chosen rate it takes "
+                             "(lr_from), not both and not neither")
+        if self.lr_from is not None and self.lr_from not in names:
+            raise ValueError(f"{where}: lr_from={self.lr_from!r} is not a method of the spec")
+        if (self.tune is None) != (not self.values):
+            raise ValueError(f"{where}: tune={self.tune!r} with values={self.values!r}: name the key to tune and "
+                             "its values together, or neither")
+        if self.tune is None:
+            return
+        if self.tune == LR_KEY or self.lrs:
+            raise ValueError(f"{where}: tune={self.tune!r} tunes a key other than the rate, at lr_from's rate; "
+                             "a rate to sweep goes in lrs")
+        if self.tune in {o.partition("=")[0] for o in self.overrides}:
+            raise ValueError(f"{where}: tune={self.tune!r} is also set in its overrides; name it in one place")
+        if len(set(map(repr, self.values))) != len(self.values) or \
+                not all(isinstance(v, (bool, int, float)) or isinstance(v, str) and re.fullmatch(r"[\w.+-]+", v)
+                        for v in self.values):
+            # Each value names its sweep run's file (sweep-<method>-<key><value>.json).
+            raise ValueError(f"{where}: values={self.values!r}: expected distinct numbers, booleans or words "
+                             "(letters, digits, . + - _)")
 
 
 OPSD_CHOSEN_LR = 3e-6  # docs/results/sparse/sparse.json, chosen_lr["opsd_fixed"]
@@ -69,9 +109,9 @@ _HYBRID = ["algo=mix", "teacher.mode=fixed", "logging.save_batches=true"]
 # finished method's recipe, so every setting it does not name is that method's (task, base model,
 # test part, 40 steps, 384 tokens, seeds 0/1/2). Only what is new is tuned (at most two values, on
 # the validation part): a row that distils takes OPSD's chosen rate; a hybrid sweeps OPSD's and
-# GRPO's chosen rates. Not here yet: OPSD + the KL anchor (`objectives.opsd.anchor`, 0.1 or 1.0),
-# which tunes a setting other than the rate, which this harness does not sweep yet; and OPSD at
-# beta 0 (`objectives.opsd.beta=0`), the optional row.
+# GRPO's chosen rates; the KL anchor's weight is swept at OPSD's rate. OPSD's forward-KL end is
+# beta = 0 (opsd/losses.py: 0 forward KL(p_T || p_S), 1 reverse KL, 0.5 the JSD the baseline ran);
+# its loss is not bounded by log 2 per token as the JSD is, so OPSD's rate is reused untuned.
 ADDED: tuple[AddedMethod, ...] = (
     AddedMethod("opsd_mask_truncated", "opsd_fixed", ["loss.mask_truncated=true"], lr_from="opsd_fixed"),
     AddedMethod("srpo", "grpo", [*_HYBRID, "objectives.mix.mode=route",
@@ -80,6 +120,8 @@ ADDED: tuple[AddedMethod, ...] = (
     AddedMethod("mix_opsd_grpo", "grpo", [*_HYBRID, "objectives.mix.mode=sum",
                                           "objectives.mix.parents={opsd: 0.5, grpo: 0.5}"],
                 lrs=[OPSD_CHOSEN_LR, GRPO_CHOSEN_LR]),
+    AddedMethod("opsd_anchor", "opsd_fixed", lr_from="opsd_fixed", tune="objectives.opsd.anchor", values=[0.1, 1.0]),
+    AddedMethod("opsd_forward_kl", "opsd_fixed", ["objectives.opsd.beta=0.0"], lr_from="opsd_fixed"),
 )
 
 
@@ -120,11 +162,14 @@ class SparseSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"sparse: method names must differ: {names}")
         for a in self.added:
-            if bool(a.lrs) == (a.lr_from is not None):
-                raise ValueError(f"sparse: added method {a.name!r}: give its rates to sweep (lrs) or the method whose "
-                                 "chosen rate it takes (lr_from), not both and not neither")
-            if a.lr_from is not None and a.lr_from not in names:
-                raise ValueError(f"sparse: added method {a.name!r}: lr_from={a.lr_from!r} is not a method of the spec")
+            a.check(names)
+        lr_of = {a.name: a.lr_from for a in self.added}
+        for a in self.added:  # a chain of lr_from must end at a method that sweeps its rate
+            seen, m = [a.name], a.lr_from
+            while m in lr_of and lr_of[m] is not None:
+                if m in seen:
+                    raise ValueError(f"sparse: added methods take their rates from each other in a loop: {seen + [m]}")
+                seen, m = seen + [m], lr_of[m]
 
     def all_methods(self) -> list[str]:
         return list(self.methods) + [a.name for a in self.added]
@@ -137,20 +182,33 @@ class SparseSpec:
         a = self.added_method(method)
         return list(self.lrs) if a is None else list(a.lrs)
 
+    def tuning_of(self, method: str) -> tuple[str, list] | None:
+        """The key swept for ``method`` and its values: ``learner.lr`` and its rates, another key
+        (at ``lr_from``'s rate), or None when nothing is swept."""
+        a = self.added_method(method)
+        if a is not None and a.tune is not None:
+            return a.tune, list(a.values)
+        lrs = self.lrs_of(method)
+        return (LR_KEY, lrs) if lrs else None
+
     def seeds_of(self, method: str) -> int:
         a = self.added_method(method)
         return self.seeds if a is None or a.seeds is None else a.seeds
 
     @classmethod
     def quick(cls) -> "SparseSpec":
-        """Both phases in a few steps on the tiny random model and the toy set: the wiring only."""
+        """Both phases in a few steps on the tiny random model and the toy set: the wiring only, with
+        one appended row that tunes a key other than the rate (the anchor's weight) at OPSD's rate."""
+        anchor = AddedMethod("opsd_anchor", "opsd_fixed", lr_from="opsd_fixed", tune="objectives.opsd.anchor",
+                             values=[0.1, 1.0])
         return cls(task="data/toy/train.jsonl", val="data/toy/test.jsonl", test="data/toy/test.jsonl",
                    config="configs/tiny.yaml", lrs=[1e-5, 1e-4], sweep_steps=2, steps=2, seeds=1, rows_per_step=4,
                    grpo_n=2, eval_every=2, val_problems=8, test_problems=8, max_tokens=24, dtype="float32",
-                   overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"])
+                   overrides=["model.max_model_len=512", "rollout.kv_cache_mb=256", "learner.micro_batch_size=4"],
+                   added=[anchor])
 
     def runs_planned(self) -> int:
-        return sum(len(self.lrs_of(m)) + self.seeds_of(m) for m in self.all_methods())
+        return sum(len((self.tuning_of(m) or ("", []))[1]) + self.seeds_of(m) for m in self.all_methods())
 
 
 def check_spec(saved: dict, spec: SparseSpec, where: str = "spec.json") -> None:
@@ -165,6 +223,7 @@ def check_spec(saved: dict, spec: SparseSpec, where: str = "spec.json") -> None:
                              "setting of finished runs would mix two experiments; pass another --out, or append a "
                              "method (benchmarks/sparse.py, ADDED) to add rows to this one")
     for name, old in old_added.items():
+        old = asdict(AddedMethod(**old))  # a spec.json from before a field existed holds its default
         if name not in new_added:
             raise SystemExit(f"{where} holds the added method {name!r}, which this spec lacks: its runs would be "
                              "orphaned; keep it in ADDED (benchmarks/sparse.py)")
@@ -176,28 +235,76 @@ def check_spec(saved: dict, spec: SparseSpec, where: str = "spec.json") -> None:
         raise SystemExit(f"{where}: added methods are appended, not reordered: expected {list(old_added)} first")
 
 
-def plan(spec: SparseSpec, sweep: list[dict], runs: list[dict]) -> tuple[list[tuple[str, float]], list[tuple[str, int]]]:
-    """The runs not finished yet: (method, lr) of the sweep, then (method, seed) of the test part,
-    seed-major (a cut-short experiment has every method at the seeds it reached)."""
-    todo_sweep = [(m, lr) for m in spec.all_methods() for lr in spec.lrs_of(m)
-                  if not any(r["method"] == m and r["lr"] == lr for r in sweep)]
+def sweep_value(record: dict):
+    """The value a sweep run tried: its ``value`` for a tuned key, else its rate (records from before
+    other keys could be tuned hold only ``lr``)."""
+    return record["value"] if "value" in record else record["lr"]
+
+
+def plan(spec: SparseSpec, sweep: list[dict],
+         runs: list[dict]) -> tuple[list[tuple[str, object]], list[tuple[str, int]]]:
+    """The runs not finished yet: (method, value) of the sweep, the rate sweeps first and then the
+    sweeps of other keys (which run at a rate another sweep chooses), then (method, seed) of the test
+    part, seed-major (a cut-short experiment has every method at the seeds it reached)."""
+    tunings = {m: spec.tuning_of(m) for m in spec.all_methods()}
+    order = [m for m in spec.all_methods() if tunings[m] and tunings[m][0] == LR_KEY] + \
+            [m for m in spec.all_methods() if tunings[m] and tunings[m][0] != LR_KEY]
+    todo_sweep = [(m, v) for m in order for v in tunings[m][1]
+                  if not any(r["method"] == m and sweep_value(r) == v for r in sweep)]
     todo_runs = [(m, seed) for seed in range(max(spec.seeds_of(m) for m in spec.all_methods()))
                  for m in spec.all_methods() if seed < spec.seeds_of(m)
                  and not any(r["method"] == m and r["seed"] == seed for r in runs)]
     return todo_sweep, todo_runs
 
 
+def _complete(spec: SparseSpec, method: str, sweep: list[dict]) -> list[dict] | None:
+    """``method``'s sweep records when every value of its sweep has one, else None."""
+    tuning = spec.tuning_of(method)
+    if tuning is None:
+        return None
+    wanted = {repr(v) for v in tuning[1]}
+    rs = [r for r in sweep if r["method"] == method and repr(sweep_value(r)) in wanted]
+    return rs if {repr(sweep_value(r)) for r in rs} == wanted else None
+
+
 def chosen_lrs(spec: SparseSpec, sweep: list[dict]) -> dict[str, float]:
     """Each method's rate, for the methods whose sweep (or whose ``lr_from`` method's) is complete."""
     chosen = {}
     for m in spec.all_methods():
-        rs = [r for r in sweep if r["method"] == m]
-        if spec.lrs_of(m) and len({r["lr"] for r in rs}) == len(spec.lrs_of(m)):
+        rs = _complete(spec, m, sweep)
+        if spec.lrs_of(m) and rs is not None:
             chosen[m] = choose_lr(rs)
-    for a in spec.added:
-        if a.lr_from is not None and a.lr_from in chosen:
-            chosen[a.name] = chosen[a.lr_from]
+    for _ in spec.added:  # enough passes to follow any chain of lr_from (SparseSpec refuses loops)
+        for a in spec.added:
+            if a.lr_from is not None and a.lr_from in chosen:
+                chosen[a.name] = chosen[a.lr_from]
     return chosen
+
+
+def chosen_values(spec: SparseSpec, sweep: list[dict]) -> dict[str, object]:
+    """The chosen value of each method that tunes a key other than the rate, once its sweep is complete."""
+    out = {}
+    for a in spec.added:
+        rs = _complete(spec, a.name, sweep) if a.tune is not None else None
+        if rs is not None:
+            out[a.name] = choose_value(rs)
+    return out
+
+
+def sweep_run(spec: SparseSpec, method: str, value, sweep: list[dict]) -> tuple[str, float | None, object]:
+    """One sweep run of ``method`` at ``value``: its record's name, its rate (None while the rate it
+    takes is not chosen yet) and the value of the other key it tunes (None for a rate sweep)."""
+    key, _ = spec.tuning_of(method)
+    if key == LR_KEY:
+        return f"sweep-{method}-lr{value:g}", value, None
+    short = f"{value:g}" if isinstance(value, float) else value_text(value)  # as the rate's: lr1e-05, anchor1
+    return f"sweep-{method}-{key.rsplit('.', 1)[-1]}{short}", chosen_lrs(spec, sweep).get(method), value
+
+
+def seed_run(spec: SparseSpec, method: str, seed: int, sweep: list[dict]) -> tuple[str, float | None, object]:
+    """One test run: its record's name, its chosen rate and the chosen value of the other key it
+    tunes (None where the method tunes none, or while its sweep is unfinished)."""
+    return f"{method}-s{seed}", chosen_lrs(spec, sweep).get(method), chosen_values(spec, sweep).get(method)
 
 
 def _comparison_spec(spec: SparseSpec, *, steps: int, eval_every: int, eval_problems: int) -> ComparisonSpec:
@@ -206,15 +313,31 @@ def _comparison_spec(spec: SparseSpec, *, steps: int, eval_every: int, eval_prob
                           methods=list(spec.methods), overrides=list(spec.overrides))
 
 
-def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep: bool, temperature: float) -> list[str]:
+def value_text(value) -> str:
+    """A swept value as a command-line override reads it back (a float stays a float: 1.0, not 1)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep: bool, temperature: float,
+                  value=None) -> list[str]:
     """One run's overrides: the comparison's per-method recipe (benchmarks/comparison.py) on this
-    task, at ``lr``, evaluated on the validation part (sweep) or the test part."""
+    task, at ``lr``, evaluated on the validation part (sweep) or the test part; ``value``: that of
+    the key the method tunes other than the rate (the value tried, or the chosen one)."""
     steps = spec.sweep_steps if sweep else spec.steps
     cspec = _comparison_spec(spec, steps=steps, eval_every=steps if sweep else spec.eval_every,
                              eval_problems=spec.val_problems if sweep else spec.test_problems)
     added = spec.added_method(method)
     recipe = method_overrides(cspec, method if added is None else added.recipe, seed, temperature)
-    return [*recipe, *(added.overrides if added else []), f"data.train_path={spec.task}",
+    tuned = []
+    if added is not None and added.tune is not None:
+        if value is None:
+            raise ValueError(f"sparse: {method!r} tunes {added.tune}: a run of it needs its value")
+        tuned = [f"{added.tune}={value_text(value)}"]
+    elif value is not None:
+        raise ValueError(f"sparse: {method!r} tunes no key other than the rate; value={value!r} has nowhere to go")
+    return [*recipe, *(added.overrides if added else []), *tuned, f"data.train_path={spec.task}",
             f"eval.path={spec.val if sweep else spec.test}", f"learner.lr={lr:g}", f"rollout.max_tokens={spec.max_tokens}",
             f"eval.max_tokens={spec.max_tokens}", "prompt.overlong=skip",
             # The stages run one after another: each may use both cores (configs/local.yaml).
@@ -224,6 +347,12 @@ def run_overrides(spec: SparseSpec, method: str, seed: int, lr: float, *, sweep:
 def choose_lr(sweep: list[dict]) -> float:
     """The rate with the best final validation accuracy; on a tie, the smaller."""
     return min(sweep, key=lambda r: (-r["evals"][-1]["accuracy"], r["lr"]))["lr"]
+
+
+def choose_value(sweep: list[dict]):
+    """The rule of :func:`choose_lr` over the swept key's values: the best final validation
+    accuracy; on a tie, the smaller value (for a weight, the smaller change to the recipe)."""
+    return sweep_value(min(sweep, key=lambda r: (-r["evals"][-1]["accuracy"], sweep_value(r))))
 
 
 def standard_error(p: float, n: int) -> float:
@@ -241,7 +370,15 @@ def evaluated(records: list[dict], asked: int) -> int:
 # --- the report ---------------------------------------------------------------------------------------
 
 
-def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str, float]) -> str:
+def _cell(last: dict, n: int) -> str:
+    return (f"{last['accuracy']:.3f} ({standard_error(last['accuracy'], n):.3f}; "
+            f"{_percent(last.get('truncated_frac'))} cut)")
+
+
+def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str, float],
+                values: dict[str, object] | None = None) -> str:
+    """The rate sweep (a column per rate) and, below it, the sweeps of other keys (a row per value
+    tried); ``chosen``: the rates, ``values``: the chosen values of the other keys."""
     lrs = sorted({lr for m in spec.all_methods() for lr in spec.lrs_of(m)})
     head = "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |"
     n = evaluated([r for rs in sweep.values() for r in rs], spec.val_problems)
@@ -251,10 +388,25 @@ def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str
              "", head,
              "| --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
     for m in spec.all_methods():
-        by_lr = {r["lr"]: r["evals"][-1] for r in sweep.get(m, [])}
-        cells = [f"{by_lr[lr]['accuracy']:.3f} ({standard_error(by_lr[lr]['accuracy'], n):.3f}; "
-                 f"{_percent(by_lr[lr].get('truncated_frac'))} cut)" if lr in by_lr else "—" for lr in lrs]
+        rate_swept = (spec.tuning_of(m) or ("",))[0] == LR_KEY
+        by_lr = {r["lr"]: r["evals"][-1] for r in sweep.get(m, []) if rate_swept}
+        cells = [_cell(by_lr[lr], n) if lr in by_lr else "—" for lr in lrs]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {fmt(chosen.get(m), 'g')} |")
+    tuned = [a for a in spec.added if a.tune is not None]
+    if tuned:
+        values = values or {}
+        lines += ["", "Other settings tuned the same way (same part, steps, seed and rule: the best final "
+                  "validation accuracy, a tie to the smaller value), each at the rate its row takes:", "",
+                  "| method | key | value | at lr | validation accuracy | chosen |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for a in tuned:
+            by_value = {repr(sweep_value(r)): r for r in sweep.get(a.name, [])}
+            for v in a.values:
+                r = by_value.get(repr(v))
+                mark = "**chosen**" if a.name in values and repr(values[a.name]) == repr(v) else ""
+                lines.append(f"| {LABELS.get(a.name, a.name)} | `{a.tune}` | {value_text(v)} | "
+                             f"{fmt(r['lr'] if r else chosen.get(a.name), 'g')} | "
+                             f"{_cell(r['evals'][-1], n) if r else 'not run yet'} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +439,8 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     from opsd.benchmarks.machine import machine
 
     by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.all_methods()}
-    chosen = chosen_lrs(spec, sweep)
+    chosen, values = chosen_lrs(spec, sweep), chosen_values(spec, sweep)
+    rate_swept = {m for m in spec.all_methods() if (spec.tuning_of(m) or ("",))[0] == LR_KEY}
     base = next((r["evals"][0] for r in runs if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base.get(k) for k in ("accuracy", "format_rate", "response_len", "truncated_frac")} \
         if base else None
@@ -297,21 +450,28 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
     by_machine = run_time_by_machine(sweep + runs)
     report = {"spec": asdict(spec) | {"eval_problems": n}, "extract": extract, "machine": machine(),
               "val_problems_graded": evaluated(sweep, spec.val_problems),
-              "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs}
-                                             for m, rs in by_sweep.items()},
+              "chosen_lr": chosen, "sweep": {m: {f"{r['lr']:g}": r["evals"][-1]["accuracy"] for r in rs
+                                                 if m in rate_swept} for m, rs in by_sweep.items()},
+              # The keys other than the rate: each value's final validation accuracy and the choice.
+              "tuned": {a.name: {"key": a.tune, "lr": chosen.get(a.name), "chosen": values.get(a.name),
+                                 "accuracy": {value_text(sweep_value(r)): r["evals"][-1]["accuracy"]
+                                              for r in by_sweep[a.name]}}
+                        for a in spec.added if a.tune is not None},
               "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
               "run_wall_seconds_total": sum(v["run_wall_seconds"] for v in by_machine.values()),
               "run_time_by_machine": by_machine,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "title": f"opsd bench learning --task sparse: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} steps x "
                        f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
-    md = [sweep_table(spec, by_sweep, chosen), "", run_time_line(by_machine)]
+    md = [sweep_table(spec, by_sweep, chosen, values), "", run_time_line(by_machine)]
     if by_method:
         by_seed = sorted(runs, key=lambda r: r["seed"])
         report["test_problems_graded"] = n
         report["summary"] = summarize(by_method)
         for m, row in report["summary"]["methods"].items():
             row["lr"] = chosen.get(m)
+            if m in values:
+                row["tuned"] = {spec.added_method(m).tune: values[m]}
             row["final_accuracy_se"] = standard_error(row["final_accuracy_mean"], n)
         md += ["", f"Test ({spec.test}, {n} problems, greedy): one run's binomial standard error at "
                "accuracy p is sqrt(p(1-p)/n); at the mean final accuracies: " + ", ".join(
@@ -330,6 +490,100 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
 
 
 # --- the experiment -------------------------------------------------------------------------------------
+
+
+def load_records(runs_out: Path, extract: str | None = None) -> tuple[list[dict], list[dict]]:
+    """The finished runs' records in ``runs_out``: (sweep, test). With ``extract``, a record from
+    before the evaluations kept their counts is completed from its own run's metrics and saved;
+    without it (a dry run) nothing is written."""
+    records = []
+    for path in sorted(runs_out.glob("*.json")):
+        record = json.loads(path.read_text())
+        if extract is not None and record["evals"] and "truncated_frac" not in record["evals"][-1] and \
+                (Path(record["run_dir"]) / "metrics.jsonl").is_file():
+            fresh = run_record(Path(record["run_dir"]), record["method"], record["seed"], extract,
+                               record["run_wall_seconds"])
+            record["evals"] = fresh["evals"]
+            _save(runs_out, path.stem, record)
+        records.append(record)
+    return [r for r in records if r.get("phase") == "sweep"], [r for r in records if r.get("phase") == "test"]
+
+
+def seconds_per_step(runs: list[dict]) -> tuple[float, str] | None:
+    """A planning figure for one training step, from finished test runs: on the machine that ran most
+    of them, the slowest method's mean run time per step (evaluations included), and that machine.
+    Every planned run is costed at it, so a row cheaper than that method is overestimated."""
+    by_machine: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("steps"):
+            by_machine.setdefault(r.get("machine", "unknown machine"), []).append(r)
+    if not by_machine:
+        return None
+    where, rs = max(by_machine.items(), key=lambda kv: len(kv[1]))
+    per_method: dict[str, list[float]] = {}
+    for r in rs:
+        per_method.setdefault(r["method"], []).append(r["run_wall_seconds"] / r["steps"][-1]["step"])
+    return max(sum(v) / len(v) for v in per_method.values()), where
+
+
+def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """The runs a rerun of ``run_sparse`` on ``out_dir`` would make, in order, with their settings
+    and an estimated run time; runs nothing and writes nothing. A spec that ``out_dir`` would refuse
+    is refused here too."""
+    out_dir = Path(out_dir)
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file():
+        check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
+    sweep, runs = load_records(out_dir / "runs")
+    todo_sweep, todo_runs = plan(spec, sweep, runs)
+    pace = seconds_per_step(runs)
+    rows = []
+    for method, tried in todo_sweep:
+        name, lr, value = sweep_run(spec, method, tried, sweep)
+        rows.append({"phase": "sweep", "run": name, "method": method, "seed": 0, "lr": lr, "value": value,
+                     "steps": spec.sweep_steps, "eval": spec.val})
+    for method, seed in todo_runs:
+        name, lr, value = seed_run(spec, method, seed, sweep)
+        rows.append({"phase": "test", "run": name, "method": method, "seed": seed, "lr": lr, "value": value,
+                     "steps": spec.steps, "eval": spec.test})
+    for row in rows:
+        a = spec.added_method(row["method"])
+        row["tuned"] = a.tune if a is not None else None
+        row["estimated_seconds"] = pace[0] * row["steps"] if pace else None
+    total = sum(r["estimated_seconds"] for r in rows) if pace else None
+    report = {"out": str(out_dir), "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
+              "plan": rows, "estimated_seconds_total": total,
+              "seconds_per_step": pace[0] if pace else None, "paced_on": pace[1] if pace else None}
+    log(plan_text(report))
+    return report
+
+
+def plan_text(report: dict) -> str:
+    """The dry run's plan as a markdown table, with what its estimate rests on."""
+    def setting(r: dict) -> str:
+        lr = fmt(r["lr"], "g") if r["lr"] is not None else "its sweep's choice"
+        if r["tuned"] is None:
+            return f"lr {lr}"
+        if r["value"] is None:
+            return f"lr {lr}, `{r['tuned']}` at its sweep's choice"
+        return f"lr {lr}, `{r['tuned']}={value_text(r['value'])}`"
+
+    lines = [f"{report['runs_done']} of {report['runs_planned']} runs done in {report['out']}; "
+             f"{len(report['plan'])} to run, in this order:", "",
+             "| # | run | phase | method | seed | setting | steps | evaluated on | estimated |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(report["plan"], 1):
+        est = f"{r['estimated_seconds']:,.0f} s" if r["estimated_seconds"] is not None else "?"
+        lines.append(f"| {i} | {r['run']} | {r['phase']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} | "
+                     f"{setting(r)} | {r['steps']} | {r['eval']} | {est} |")
+    if report["seconds_per_step"] is None:
+        lines += ["", "No finished test run to estimate the run time from."]
+    else:
+        total = report["estimated_seconds_total"]
+        lines += ["", f"Estimated run time: {total:,.0f} s ({total / 3600:.1f} h), at "
+                  f"{report['seconds_per_step']:.1f} s per step: the slowest method's mean per step, evaluations "
+                  f"included, over the finished test runs on {report['paced_on']}; on another machine scale it."]
+    return "\n".join(lines) + "\n"
 
 
 def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float | None, key: str) -> bool:
@@ -358,48 +612,39 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
         check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
     spec_file.write_text(json.dumps(asdict(spec), indent=1) + "\n")
 
-    def load() -> list[dict]:
-        records = []
-        for path in sorted(runs_out.glob("*.json")):
-            record = json.loads(path.read_text())
-            if record["evals"] and "truncated_frac" not in record["evals"][-1] and \
-                    (Path(record["run_dir"]) / "metrics.jsonl").is_file():
-                # A record from before the evaluations kept their counts: read them from its own run.
-                fresh = run_record(Path(record["run_dir"]), record["method"], record["seed"],
-                                   base_cfg.grading.extract, record["run_wall_seconds"])
-                record["evals"] = fresh["evals"]
-                _save(runs_out, path.stem, record)
-            records.append(record)
-        return records
-
-    records = load()
-    sweep = [r for r in records if r.get("phase") == "sweep"]
-    runs = [r for r in records if r.get("phase") == "test"]
+    sweep, runs = load_records(runs_out, base_cfg.grading.extract)
     todo_sweep, todo_runs = plan(spec, sweep, runs)
     log(f"sparse: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
     started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or todo_runs \
         else False
     try:
-        for method, lr in todo_sweep:
+        for method, tried in todo_sweep:
+            name, lr, value = sweep_run(spec, method, tried, sweep)
             if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep"):
-                log(f"sparse: stopping before the sweep of {method} at lr {lr:g}: it would not fit in "
-                    f"--budget-minutes={budget_minutes:g}; run the same command again to go on")
+                log(f"sparse: stopping before {name}: it would not fit in --budget-minutes={budget_minutes:g}; "
+                    "run the same command again to go on")
                 return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-            name = f"sweep-{method}-lr{lr:g}"
-            record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep, log)
+            if lr is None:  # plan() orders the rate sweeps first: only a broken spec gets here
+                raise SystemExit(f"sparse: {name} needs the rate of {spec.added_method(method).lr_from!r}, whose sweep "
+                                 "is not finished")
+            record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep, log,
+                              value)
             _save(runs_out, name, record)
             sweep.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-        chosen = chosen_lrs(spec, sweep)
-        log("sparse: chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
+        log("sparse: chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen_lrs(spec, sweep).items()))
+        values = chosen_values(spec, sweep)
+        if values:
+            log("sparse: chosen values: " + ", ".join(f"{m} {spec.added_method(m).tune}={value_text(v)}"
+                                                      for m, v in values.items()))
         for method, seed in todo_runs:
             if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
                 log(f"sparse: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
                     f"{budget_minutes:g}; run the same command again to go on")
                 return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-            name = f"{method}-s{seed}"
-            record = _one_run(spec, work / "runs" / name, method, seed, chosen[method], False, base_cfg, config,
-                              train, runs, log)
+            name, lr, value = seed_run(spec, method, seed, sweep)
+            record = _one_run(spec, work / "runs" / name, method, seed, lr, False, base_cfg, config,
+                              train, runs, log, value)
             _save(runs_out, name, record)
             runs.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
@@ -414,22 +659,24 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
 
 
 def _one_run(spec: SparseSpec, run_dir: Path, method: str, seed: int, lr: float, sweep: bool, base_cfg, config: str,
-             train, done: list[dict], log: Callable[[str], None]) -> dict:
+             train, done: list[dict], log: Callable[[str], None], value=None) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
     overrides = [f"run_dir={run_dir}", *run_overrides(spec, method, seed, lr, sweep=sweep,
-                                                       temperature=base_cfg.rollout.temperature)]
+                                                       temperature=base_cfg.rollout.temperature, value=value)]
     # The step-0 point of an evaluation set is measured once and shared: every run starts from the
     # same weights and evaluates greedily on the same problems.
     if any(r["evals"] and r["evals"][0]["step"] == 0 for r in done):
         overrides.append("eval.at_start=false")
     phase = "sweep" if sweep else "test"
-    log(f"sparse: {phase} run {method} seed {seed} lr {lr:g}")
+    tuned = {} if value is None else {"tuned": spec.added_method(method).tune, "value": value}
+    setting = f"lr {lr:g}" + (f", {tuned['tuned']}={value_text(value)}" if tuned else "")
+    log(f"sparse: {phase} run {method} seed {seed} {setting}")
     t0 = time.perf_counter()
     train(config, overrides)
     record = run_record(run_dir, method, seed, base_cfg.grading.extract, time.perf_counter() - t0)
-    record |= {"lr": lr, "phase": phase}
+    record |= {"lr": lr, "phase": phase} | tuned
     last = record["evals"][-1]
-    log(f"sparse: {phase} run {method} seed {seed} lr {lr:g}: accuracy {last['accuracy']:.3f} at step "
+    log(f"sparse: {phase} run {method} seed {seed} {setting}: accuracy {last['accuracy']:.3f} at step "
         f"{last['step']}, {record['steps'][-1]['tokens_generated_total']} tokens, {record['run_wall_seconds']:.0f}s")
     return record
 

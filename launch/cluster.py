@@ -183,6 +183,7 @@ class ActorPool:
             for i in range(n)
         ]
         self.restarts = 0
+        self.actor_restarts = [0] * n  # new processes seen per actor: Ray gives each max_restarts
         # The process each actor runs in, once known, by its incarnation's token: a pid can repeat
         # on a replacement host (workers/incarnation.py).
         self.incarnations: list[Incarnation | None] = [None] * n
@@ -245,7 +246,14 @@ class ActorPool:
             try:
                 return ray.get(self.actors[i].incarnation.remote(),
                                timeout=min(60.0, max(deadline - time.monotonic(), 1.0)))
-            except actor_errors() + (ray.exceptions.GetTimeoutError,):
+            except actor_errors() + (ray.exceptions.GetTimeoutError,) as exc:
+                if self._spent(i, exc):
+                    raise ActorLost(
+                        f"{self.kind} {i} died ({_first_line(error)}) after Ray had restarted it "
+                        f"{self.actor_restarts[i]} time(s), all that train.max_actor_restarts={self.max_restarts} "
+                        "allows, so Ray will not place it again; raise train.max_actor_restarts, or look for why it "
+                        "keeps dying"
+                    ) from error
                 if time.monotonic() > deadline:
                     raise ActorLost(
                         f"{self.kind} {i} died ({_first_line(error)}) and Ray did not place it again within "
@@ -254,10 +262,19 @@ class ActorPool:
                     ) from error
                 time.sleep(1.0)
 
+    def _spent(self, i: int, exc: BaseException) -> bool:
+        """Whether actor i is dead for good: a call on it failed as on a dead actor (not one that
+        is unreachable for now, or restarting) after the pool saw Ray restart it as often as
+        ``max_restarts`` lets Ray. Waiting ``place_timeout`` for it would only delay the error."""
+        import ray
+
+        return 0 <= self.max_restarts <= self.actor_restarts[i] and isinstance(exc, ray.exceptions.ActorDiedError)
+
     def _count_restart(self, i: int, now: Incarnation, error: BaseException) -> None:
         was, self.incarnations[i] = self.incarnations[i], now
         self._behind.add(i)
         self.restarts += 1
+        self.actor_restarts[i] += 1
         if self.restarts > self.max_restarts * len(self.actors):
             raise ActorLost(
                 f"{self.kind} actors failed too often ({self.restarts} restarts, train.max_actor_restarts="

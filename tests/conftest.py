@@ -8,6 +8,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Groups for `pytest -n N --dist loadgroup` (make test): a file's tests run in one worker, so
+    its module fixtures are built once; the tests that read the shared `opsd train` run (cli_run)
+    run in one worker, so that run is made once. Without -n the marks do nothing."""
+    for item in items:
+        group = "cli_run" if "cli_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """The tiny model's directory, built once (its first build prints progress, which tests that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,10 @@ def ray_session(tiny_model, request):
     from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.config import load_config
 
-    # A CLI run, if any test needs it, must finish before this cluster starts.
-    if any("cli_run" in item.fixturenames for item in request.session.items):
+    # A CLI run, if any test needs it, finishes before this cluster starts (two clusters of one
+    # process's tests would share the cores). Under pytest-xdist every worker collects every test
+    # but runs only some, so a worker runs the CLI run only when a test of its own needs it.
+    if "PYTEST_XDIST_WORKER" not in os.environ and any("cli_run" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("cli_run")
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=4"])
     init_ray(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from opsd.launch.cluster import ActorPool
+from opsd.launch.stopping import ActorLost
 from opsd.workers.incarnation import Incarnation
 
 pytestmark = pytest.mark.integration
@@ -178,5 +179,26 @@ def test_an_actor_that_dies_again_while_it_is_caught_up_is_recovered_again(ray_s
         lines = warnings_in(capsys.readouterr().out)
         assert [("restart 1" in line, "restart 2" in line) for line in lines] == [(True, False), (False, True)], lines
         assert RAY_CAUSE.search(lines[1])  # the second death's cause: the catch-up's call that failed
+    finally:
+        pool.kill()
+
+
+def test_an_actor_that_used_up_its_restarts_is_lost_at_once_naming_the_key(ray_session, tmp_path):
+    """Ray does not restart an actor past max_restarts: the pool says so with the key to raise,
+    instead of waiting cluster.place_timeout_s for a placement that cannot come."""
+    ray = ray_session
+    pool, caught_up = pool_at_version(ray, 2, max_restarts=1)
+    try:
+        actor = pool.actors[0]
+        assert pool.map("work", [(1, str(tmp_path / "died"))]) == [(1, 2)]  # dies once: restarted
+        assert pool.restarts == 1 and pool.actor_restarts == [1] and len(caught_up) == 1
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.die.remote())  # the second death: Ray has no restart left for it
+        with pytest.raises(ActorLost) as lost:
+            pool.check_alive()
+        message = str(lost.value)
+        assert "train.max_actor_restarts=1" in message and "will not place it again" in message, message
+        assert "place_timeout" not in message  # not the wait for a placement that cannot come
+        assert pool.restarts == 1 and len(caught_up) == 1
     finally:
         pool.kill()

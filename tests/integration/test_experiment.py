@@ -57,7 +57,8 @@ def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path)
 def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_rate(tmp_path):
     cmd, out, work = bench_learning(tmp_path, "--task", "sparse")
     report = json.loads((out / "sparse.json").read_text())
-    assert report["runs_done"] == report["runs_planned"] == 4 * (2 + 1)
+    # 4 methods x (2 rates + 1 seed), and the appended anchor row: 2 weights at OPSD's rate + 1 seed.
+    assert report["runs_done"] == report["runs_planned"] == 4 * (2 + 1) + 2 + 1
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     for m in ("opsd_fixed", "grpo", "sft", "kd_reference"):
         sweep = [runs[f"sweep-{m}-lr{lr}"] for lr in ("1e-05", "0.0001")]
@@ -68,6 +69,20 @@ def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_
         test_run = runs[f"{m}-s0"]
         assert test_run["lr"] == report["chosen_lr"][m] and test_run["phase"] == "test"
         assert [e["step"] for e in test_run["evals"]][-1] == 2
+    # The anchor's weight: each value swept at OPSD's chosen rate, the choice by the same rule, and
+    # the test run at the chosen weight (as its own config.yaml says).
+    tuned = report["tuned"]["opsd_anchor"]
+    for value, name in ((0.1, "anchor0.1"), (1.0, "anchor1")):  # file names as the rates': lr1e-05, anchor1
+        r = runs[f"sweep-opsd_anchor-{name}"]
+        cfg = OmegaConf.load(work / "runs" / f"sweep-opsd_anchor-{name}" / "config.yaml")
+        assert r["value"] == value == cfg.objectives.opsd.anchor and r["lr"] == report["chosen_lr"]["opsd_fixed"]
+        assert float(cfg.learner.lr) == r["lr"] and cfg.eval.path == "data/toy/test.jsonl"
+        assert tuned["accuracy"][repr(value)] == r["evals"][-1]["accuracy"]
+    best = max(tuned["accuracy"].values())
+    assert tuned["chosen"] == min(float(v) for v, a in tuned["accuracy"].items() if a == best)
+    cfg = OmegaConf.load(work / "runs" / "opsd_anchor-s0" / "config.yaml")
+    assert runs["opsd_anchor-s0"]["value"] == tuned["chosen"] == cfg.objectives.opsd.anchor
+    assert "**chosen**" in (out / "sparse.md").read_text()
     # The step-0 point is measured once per evaluation set: once in the sweep, once in the test runs.
     assert sum(r["evals"][0]["step"] == 0 for r in runs.values()) == 2
     assert "| GRPO |" in (out / "sparse.md").read_text()
@@ -83,7 +98,7 @@ def test_bench_learning_sparse_quick_sweeps_then_runs_each_method_at_its_chosen_
         del e["problems"], e["truncated_frac"]
     old.write_text(json.dumps(stripped))
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "12 of 12 runs done" in again.stdout, again.stdout[-2000:]
+    assert again.returncode == 0 and "15 of 15 runs done" in again.stdout, again.stdout[-2000:]
     assert json.loads(old.read_text())["evals"] == runs["sft-s0"]["evals"]
 
 

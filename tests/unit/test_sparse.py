@@ -51,9 +51,9 @@ def test_sweep_runs_see_the_validation_part_and_test_runs_the_test_part():
 
 
 def test_standard_error_is_the_binomial_one():
+    rng = random.Random(0)  # one stream: a generator per draw made this test take ~20 s
     for p, n in ((0.1, 400), (0.5, 150), (0.0, 10)):
-        draws = [[1 if random.Random(i * 1000 + j).random() < p else 0 for j in range(n)] for i in range(2000)]
-        means = [sum(d) / n for d in draws]
+        means = [sum(rng.random() < p for _ in range(n)) / n for _ in range(2000)]
         mean = sum(means) / len(means)
         empirical = math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1))
         assert math.isclose(standard_error(p, n), empirical, rel_tol=0.08, abs_tol=1e-12)
@@ -92,21 +92,32 @@ def test_the_added_rows_change_only_what_they_name_and_load_as_configs():
     from opsd.objectives import objective
 
     spec = SparseSpec()
-    assert [a.name for a in spec.added] == ["opsd_mask_truncated", "srpo", "mix_opsd_grpo"] == [a.name for a in ADDED]
+    assert [a.name for a in spec.added] == ["opsd_mask_truncated", "srpo", "mix_opsd_grpo", "opsd_anchor",
+                                            "opsd_forward_kl"] == [a.name for a in ADDED]
     for a in spec.added:
-        assert len(a.lrs) <= 2 and (a.lr_from == "opsd_fixed") == (not a.lrs)
+        assert len(a.lrs) <= 2 and len(a.values) <= 2 and (a.lr_from == "opsd_fixed") == (not a.lrs)
         for sweep in (True, False):
-            items = run_overrides(spec, a.name, 1, OPSD_CHOSEN_LR, sweep=sweep, temperature=0.7)
-            base = overrides_as_dict(run_overrides(spec, a.recipe, 1, OPSD_CHOSEN_LR, sweep=sweep, temperature=0.7))
-            got = overrides_as_dict(items)
-            changed = {k for k in got if got[k] != base.get(k)}
-            assert changed <= {o.partition("=")[0] for o in a.overrides}, (a.name, changed)
-            cfg = load_config(spec.config, [o for o in items if not o.startswith(("data.train_path=", "eval.path="))])
+            for value in a.values or [None]:
+                items = run_overrides(spec, a.name, 1, OPSD_CHOSEN_LR, sweep=sweep, temperature=0.7, value=value)
+                base = overrides_as_dict(run_overrides(spec, a.recipe, 1, OPSD_CHOSEN_LR, sweep=sweep, temperature=0.7))
+                got = overrides_as_dict(items)
+                changed = {k for k in got if got[k] != base.get(k)}
+                assert changed <= {o.partition("=")[0] for o in a.overrides} | {a.tune}, (a.name, changed)
+                if sweep:  # loading is the costly part; a sweep run differs only in steps and evaluation
+                    continue
+                cfg = load_config(spec.config,
+                                  [o for o in items if not o.startswith(("data.train_path=", "eval.path="))])
+                if a.name == "opsd_anchor":
+                    assert cfg.objectives.opsd.anchor == value and cfg.teacher.mode == "fixed"
+                    assert objective("opsd").reference_contexts(cfg) == ("anchor",)
         if a.name == "opsd_mask_truncated":
             assert cfg.loss.mask_truncated and cfg.algo == "opsd"
         if a.name == "srpo":
             plan_ = objective("mix").options(cfg)
             assert (plan_.mode, plan_.correct, cfg.rollout.n) == ("route", "grpo", spec.grpo_n)
+        if a.name == "opsd_forward_kl":
+            # The forward-KL end of beta (opsd/losses.py: 0 forward KL(p_T || p_S), 1 reverse KL).
+            assert cfg.objectives.opsd.beta == 0.0 and cfg.objectives.opsd.objective == "divergence"
 
 
 # --- appending methods to a finished experiment ---------------------------------------------------
@@ -193,3 +204,165 @@ def test_an_added_method_names_its_rate_one_way():
         SparseSpec(added=[AddedMethod("x", "opsd_fixed", lr_from="nope")])
     with pytest.raises(ValueError, match="must differ"):
         SparseSpec(added=[AddedMethod("grpo", "grpo", lr_from="grpo")])
+
+
+# --- tuning a key other than the rate (the KL anchor's weight) -------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+
+from opsd.benchmarks.sparse import (choose_value, chosen_values, dry_run, load_records, seed_run,  # noqa: E402
+                                    sweep_run, write_report)
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _val(method, lr, accuracy, value=None, key="objectives.opsd.anchor"):
+    record = {"method": method, "seed": 0, "lr": lr, "phase": "sweep", "run_wall_seconds": 600.0,
+              "machine": "Intel(R) Xeon(R) Processor, 2 cores",
+              "steps": [{"step": 20, "tokens_generated_total": 1}],
+              "evals": [{"step": 20, "accuracy": accuracy, "problems": 145, "truncated_frac": 0.5}]}
+    return record if value is None else record | {"tuned": key, "value": value}
+
+
+def test_the_plan_appends_the_anchor_sweep_after_the_rate_sweeps_and_then_every_new_row_per_seed():
+    before = _fingerprint(RESULTS)
+    report = dry_run(SparseSpec(), RESULTS, log=lambda _: None)
+    assert _fingerprint(RESULTS) == before  # a dry run writes nothing, not even the finished spec
+    plan_ = [(r["run"], r["lr"], r["value"]) for r in report["plan"]]
+    new = ["opsd_mask_truncated", "srpo", "mix_opsd_grpo", "opsd_anchor", "opsd_forward_kl"]
+    assert plan_[:6] == [("sweep-srpo-lr3e-06", 3e-6, None), ("sweep-srpo-lr3e-05", 3e-5, None),
+                         ("sweep-mix_opsd_grpo-lr3e-06", 3e-6, None), ("sweep-mix_opsd_grpo-lr3e-05", 3e-5, None),
+                         # at OPSD's chosen rate (3e-6), known from the finished sweep
+                         ("sweep-opsd_anchor-anchor0.1", 3e-6, 0.1), ("sweep-opsd_anchor-anchor1", 3e-6, 1.0)]
+    assert [r for r, _, _ in plan_[6:]] == [f"{m}-s{s}" for s in range(3) for m in new]
+    rates = {r: lr for r, lr, _ in plan_[6:]}
+    assert rates["opsd_anchor-s1"] == rates["opsd_forward_kl-s2"] == rates["opsd_mask_truncated-s0"] == 3e-6
+    assert rates["srpo-s0"] is None  # chosen by its own sweep, which has not run
+    assert report["runs_done"] == 24 and report["runs_planned"] == 24 + 6 + 5 * 3 == 24 + len(plan_)
+    # The estimate: the slowest finished method's mean per step (OPSD's three test runs), times each run's steps.
+    opsd = [json.loads((RESULTS / "runs" / f"opsd_fixed-s{s}.json").read_text())["run_wall_seconds"] for s in range(3)]
+    per_step = sum(opsd) / 3 / 40
+    assert report["seconds_per_step"] == pytest.approx(per_step)
+    assert report["estimated_seconds_total"] == pytest.approx(per_step * (6 * 20 + 15 * 40))
+
+    # What the anchor's runs and the forward-KL row are told, against OPSD's own runs.
+    spec = SparseSpec()
+    opsd_sweep = overrides_as_dict(run_overrides(spec, "opsd_fixed", 0, 3e-6, sweep=True, temperature=0.7))
+    anchor = overrides_as_dict(run_overrides(spec, "opsd_anchor", 0, 3e-6, sweep=True, temperature=0.7, value=0.1))
+    assert anchor == opsd_sweep | {"objectives.opsd.anchor": "0.1"}
+    assert anchor["eval.path"] == "math-easy-val" and anchor["train.steps"] == "20" and anchor["train.seed"] == "0"
+    opsd_test = overrides_as_dict(run_overrides(spec, "opsd_fixed", 2, 3e-6, sweep=False, temperature=0.7))
+    fkl = overrides_as_dict(run_overrides(spec, "opsd_forward_kl", 2, 3e-6, sweep=False, temperature=0.7))
+    assert fkl == opsd_test | {"objectives.opsd.beta": "0.0"}
+    with pytest.raises(ValueError, match="needs its value"):
+        run_overrides(spec, "opsd_anchor", 0, 3e-6, sweep=True, temperature=0.7)
+    with pytest.raises(ValueError, match="nowhere to go"):
+        run_overrides(spec, "opsd_forward_kl", 0, 3e-6, sweep=False, temperature=0.7, value=0.1)
+
+
+def test_a_finished_tuning_run_is_skipped_on_rerun_and_the_old_runs_are_untouched(tmp_path):
+    out = tmp_path / "sparse"
+    shutil.copytree(RESULTS, out)
+    before = _fingerprint(out)
+    spec = SparseSpec()
+    sweep, runs = load_records(out / "runs")
+    name, lr, value = sweep_run(spec, "opsd_anchor", 1.0, sweep)
+    assert (name, lr, value) == ("sweep-opsd_anchor-anchor1", 3e-6, 1.0)
+    (out / "runs" / f"{name}.json").write_text(json.dumps(_val("opsd_anchor", lr, 0.04, value)))
+    sweep, runs = load_records(out / "runs")
+    todo_sweep, todo_runs = plan(spec, sweep, runs)
+    assert ("opsd_anchor", 1.0) not in todo_sweep and ("opsd_anchor", 0.1) in todo_sweep
+    assert [r["run"] for r in dry_run(spec, out, log=lambda _: None)["plan"]].count("sweep-opsd_anchor-anchor1") == 0
+    assert "opsd_anchor" not in chosen_values(spec, sweep)  # one of its two values is still to run
+    assert seed_run(spec, "opsd_anchor", 0, sweep) == ("opsd_anchor-s0", 3e-6, None)
+    # The 24 finished runs: none planned again, none rewritten, and the spec still accepted.
+    assert not {(m, lr) for m, lr in todo_sweep} & {(r["method"], r["lr"]) for r in sweep if "value" not in r}
+    assert not {(r["method"], r["seed"]) for r in runs} & set(todo_runs)
+    assert {k: v for k, v in _fingerprint(out).items() if k != f"runs/{name}.json"} == before
+    check_spec(json.loads((out / "spec.json").read_text()), spec)
+
+
+def test_the_tuned_value_follows_the_rate_rule_on_hand_made_validation_scores():
+    spec = SparseSpec()
+    finished, _ = _records()
+    assert choose_value([_val("opsd_anchor", 3e-6, 0.03, 0.1), _val("opsd_anchor", 3e-6, 0.05, 1.0)]) == 1.0
+    assert choose_value([_val("opsd_anchor", 3e-6, 0.05, 1.0), _val("opsd_anchor", 3e-6, 0.05, 0.1)]) == 0.1  # tie
+    rng = random.Random(1)
+    for _ in range(200):  # against brute force, in any order of the records
+        scores = {v: rng.choice([0.02, 0.03, 0.04]) for v in (0.1, 0.3, 1.0, 3.0)}
+        records = [_val("opsd_anchor", 3e-6, acc, v) for v, acc in scores.items()]
+        rng.shuffle(records)
+        best = max(scores.values())
+        assert choose_value(records) == min(v for v, acc in scores.items() if acc == best)
+    done = finished + [_val("opsd_anchor", 3e-6, 0.048, 0.1), _val("opsd_anchor", 3e-6, 0.041, 1.0)]
+    assert chosen_values(spec, done) == {"opsd_anchor": 0.1}
+    # A record of a value the spec does not sweep is no part of the choice.
+    assert chosen_values(spec, done + [_val("opsd_anchor", 3e-6, 0.09, 0.5)]) == {"opsd_anchor": 0.1}
+    # The test runs then carry the chosen weight, at OPSD's rate.
+    name, lr, value = seed_run(spec, "opsd_anchor", 2, done)
+    assert (name, lr, value) == ("opsd_anchor-s2", 3e-6, 0.1)
+    o = overrides_as_dict(run_overrides(spec, "opsd_anchor", 2, lr, sweep=False, temperature=0.7, value=value))
+    assert o["objectives.opsd.anchor"] == "0.1" and o["eval.path"] == "math-easy-test" and o["train.seed"] == "2"
+    assert not [m for m, _ in plan(spec, done, [])[0] if m == "opsd_anchor"]  # both values ran: none planned
+
+
+def test_the_report_shows_each_tuned_value_and_the_choice(tmp_path):
+    spec = SparseSpec()
+    finished, _ = _records()
+    done = finished + [_val("opsd_anchor", 3e-6, 0.034, 0.1), _val("opsd_anchor", 3e-6, 0.048, 1.0)]
+    report = write_report(spec, done, [], "lenient", tmp_path)
+    assert report["tuned"]["opsd_anchor"] == {"key": "objectives.opsd.anchor", "lr": 3e-6, "chosen": 1.0,
+                                              "accuracy": {"0.1": 0.034, "1.0": 0.048}}
+    assert report["chosen_lr"]["opsd_fixed"] == 3e-6 and report["sweep"]["opsd_anchor"] == {}
+    md = (tmp_path / "sparse.md").read_text()
+    se = math.sqrt(0.048 * 0.952 / 145)
+    assert f"| `objectives.opsd.anchor` | 1.0 | 3e-06 | 0.048 ({se:.3f}; 50% cut) | **chosen** |" in md
+    assert "| `objectives.opsd.anchor` | 0.1 | 3e-06 | 0.034" in md and md.count("**chosen**") == 1
+    assert json.loads((tmp_path / "sparse.json").read_text())["tuned"]["opsd_anchor"]["chosen"] == 1.0
+
+
+def test_a_tuned_key_is_declared_once_and_apart_from_the_rate():
+    tuned = dict(lr_from="opsd_fixed", tune="objectives.opsd.anchor", values=[0.1, 1.0])
+    SparseSpec(added=[AddedMethod("a", "opsd_fixed", **tuned)])
+    with pytest.raises(ValueError, match="together, or neither"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", lr_from="opsd_fixed", tune="objectives.opsd.anchor")])
+    with pytest.raises(ValueError, match="together, or neither"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", lr_from="opsd_fixed", values=[0.1])])
+    with pytest.raises(ValueError, match="goes in lrs"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", lr_from="opsd_fixed", tune="learner.lr", values=[1e-5])])
+    with pytest.raises(ValueError, match="in one place"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", ["objectives.opsd.anchor=0.5"], **tuned)])
+    with pytest.raises(ValueError, match="distinct"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", **(tuned | {"values": [0.1, 0.1]}))])
+    with pytest.raises(ValueError, match="words"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", **(tuned | {"values": ["../x"]}))])
+    with pytest.raises(ValueError, match="in a loop"):
+        SparseSpec(added=[AddedMethod("a", "opsd_fixed", lr_from="b"), AddedMethod("b", "opsd_fixed", lr_from="a")])
+    # A chain of lr_from reaches the rate it ends at.
+    chained = SparseSpec(added=[AddedMethod("a", "opsd_fixed", lr_from="b"), AddedMethod("b", "opsd_fixed",
+                                                                                         lr_from="opsd_fixed")])
+    assert chosen_lrs(chained, _records()[0])["a"] == 3e-6
+
+
+def test_a_spec_json_written_before_tuning_existed_still_accepts_its_added_methods():
+    saved = json.loads((RESULTS / "spec.json").read_text())
+    first = AddedMethod("opsd_masked", "opsd_fixed", ["loss.mask_truncated=true"], lr_from="opsd_fixed")
+    old_entry = {k: v for k, v in asdict(first).items() if k not in ("tune", "values")}
+    check_spec(saved | {"added": [old_entry]}, SparseSpec(added=[first]))
+    with pytest.raises(SystemExit, match="'opsd_masked' changed \\(tune, values\\)"):
+        check_spec(saved | {"added": [old_entry]}, SparseSpec(added=[AddedMethod(
+            "opsd_masked", "opsd_fixed", ["loss.mask_truncated=true"], lr_from="opsd_fixed",
+            tune="objectives.opsd.anchor", values=[0.1])]))
+
+
+def test_dry_run_is_refused_where_there_is_no_plan():
+    from opsd.benchmarks.bench import main
+
+    with pytest.raises(SystemExit, match="only --task sparse"):
+        main(["learning", "--task", "toy", "--dry-run"])
