@@ -14,6 +14,7 @@ module never imports the driver.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -94,8 +95,6 @@ def _parse_entry(i: int, entry: Any, first_step: int, earlier: list[str]) -> Sta
         raise ConfigError(f"config key '{where}': expected a mapping with {', '.join(ENTRY_KEYS)}; got {entry!r}")
     for key in entry:
         if key not in ENTRY_KEYS:
-            import difflib
-
             close = difflib.get_close_matches(str(key), ENTRY_KEYS, n=1, cutoff=0.6)
             hint = f". Did you mean '{where}.{close[0]}'?" if close else ""
             raise ConfigError(f"config key '{where}.{key}': not a key of a stage (expected {', '.join(ENTRY_KEYS)}){hint}")
@@ -125,7 +124,7 @@ def _parse_entry(i: int, entry: Any, first_step: int, earlier: list[str]) -> Sta
     if not isinstance(overrides, dict):
         raise ConfigError(f"config key '{where}.overrides': expected a mapping of config keys, got {overrides!r}")
     layer = nested(overrides, f"{where}.overrides")
-    check_override_keys(layer, f"{where}.overrides")
+    check_override_keys(layer, f"{where}.overrides", algo)
     return Stage(i, name, algo, steps, teacher, layer, first_step)
 
 
@@ -171,9 +170,10 @@ def _leaves(layer: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def check_override_keys(layer: dict, where: str) -> None:
+def check_override_keys(layer: dict, where: str, algo: str) -> None:
     """Every key of a stage's overrides is a config key a stage may change; an unknown one is named
-    with the closest known key, a run-wide one (RUN_WIDE) with why not."""
+    with the closest known key (an old key's new name under ``algo`` included), a run-wide one
+    (RUN_WIDE) with why not."""
     schema = OmegaConf.structured(Config)
     for key in _leaves(layer):
         for wide, why in RUN_WIDE.items():
@@ -187,7 +187,9 @@ def check_override_keys(layer: dict, where: str) -> None:
                 break  # a free mapping (objectives, resources, teacher.options) or a leaf: the merge judges it
             if part not in node:
                 known = ".".join(key.split(".")[:depth + 1])
-                raise ConfigError(f"config key '{where}.{key}': no such config key{key_hint(known)}")
+                moved = difflib.get_close_matches(key, list(MOVED_KEYS), n=1, cutoff=0.85)
+                hint = f". Did you mean 'objectives.{algo}.{MOVED_KEYS[moved[0]]}'?" if moved else key_hint(known)
+                raise ConfigError(f"config key '{where}.{key}': no such config key{hint}")
             node = node[part] if isinstance(node[part], DictConfig) else None
 
 
