@@ -56,7 +56,7 @@ def _validate_stages(cfg: Config, config_path: str, check_data: bool) -> list[st
     for stage, scfg in found:
         report, missing = _report(scfg, config_path, check_data)
         lines.append(f"stage {stage.index}: {stage.name}, algo={stage.algo}, steps {stage.first_step + 1}-"
-                     f"{stage.last_step}, teacher {stage.teacher}")
+                     f"{stage.last_step}, " + (f"teacher {stage.teacher}" if uses_scorer(scfg) else "no teacher"))
         lines += [f"[{stage.name}] {line}" for line in report[1:]]
         unchecked += [m for m in missing if m not in unchecked]
     return lines + (unchecked or ["ok"])

@@ -134,7 +134,7 @@ def test_validate_checks_and_reports_every_stage(tmp_path):
     lines = validate_config(str(staged(tmp_path, SFT_OPSD)), check_data=False)
     assert lines[0].endswith("3 stages, 9 steps (sft 2 -> opsd 3 -> grpo 4)")
     assert [ln for ln in lines if ln.startswith("stage ")] == [
-        "stage 0: sft, algo=sft, steps 1-2, teacher initial",
+        "stage 0: sft, algo=sft, steps 1-2, no teacher",
         "stage 1: opsd, algo=opsd, steps 3-5, teacher initial",
         "stage 2: grpo, algo=grpo, steps 6-9, teacher stage:sft",
     ]

@@ -24,6 +24,7 @@ NEEDS = {
     "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-1.7b-from-8b.yaml": "needs 4 GPUs, 14 CPUs",
+    "qwen3-1.7b-staged.yaml": "needs 4 GPUs, 14 CPUs",
 }
 # Recipes whose teacher's tokenizer is checked only where both hub ids' files are (else validate
 # says it cannot check without fetching).
@@ -46,6 +47,7 @@ FETCHES = {
     "qwen3-4b.yaml": ["hf download Qwen/Qwen3-4B"],
     "qwen3-8b.yaml": ["hf download Qwen/Qwen3-8B"],
     "qwen3-1.7b-from-8b.yaml": ["hf download Qwen/Qwen3-1.7B"],
+    "qwen3-1.7b-staged.yaml": ["hf download Qwen/Qwen3-1.7B"],
 }
 
 
