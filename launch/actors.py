@@ -85,7 +85,8 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
     if teacher_path is not None:
-        say(f"the teacher is another model: {teacher_path} (fixed; no weight pushes)")
+        other = "another model" if cfg.teacher.model is not None else "the student's weights"
+        say(f"the teacher is {other}: {teacher_path} (fixed; no weight pushes)")
     for note in notes(cfg):
         say(f"warning: {note}")
     gpu = 1 if cfg.cluster.device == "cuda" else 0
