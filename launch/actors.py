@@ -74,8 +74,8 @@ class Actors:
 def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
                  teacher_path: str | None = None) -> Actors:
     """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up). The
-    scorers load ``teacher_path`` (another model, teacher.model, resolved), else the student's
-    ``model_path``."""
+    scorers load ``teacher_path`` (another model, teacher.model, resolved; or a stage's teacher,
+    launch/stages.py), else the student's ``model_path``."""
     check_capacity(cfg, strict=local_cluster)
     t0 = time.perf_counter()
     backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
