@@ -86,8 +86,9 @@ class Actors:
 def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
                  teacher_path: str | None = None, teacher_paths: dict[str, str] | None = None) -> Actors:
     """Every actor of the run, started and ready (vLLM engines loaded, learner ranks set up). The
-    scorers load ``teacher_path`` (another model, teacher.model, resolved), else the student's
-    ``model_path``; with several teachers (teachers:), each pool loads its ``teacher_paths[name]``."""
+    scorers load ``teacher_path`` (another model, teacher.model, resolved; or a stage's teacher,
+    launch/stages.py), else the student's ``model_path``; with several teachers (teachers:), each
+    pool loads its ``teacher_paths[name]``."""
     check_capacity(cfg, strict=local_cluster)
     t0 = time.perf_counter()
     backend = "vLLM" if cfg.scorer.backend == "vllm" else "transformers"
@@ -99,7 +100,8 @@ def start_actors(cfg: Config, model_path: str, *, local_cluster: bool = True,
     say(f"starting {cfg.rollout.num_workers} rollout worker(s) (vLLM), {scorers}{cfg.learner.num_ranks} "
         f"learner rank(s) (ZeRO-{cfg.learner.zero_stage}) on {model_path}, {cfg.model.dtype}")
     if teacher_path is not None:
-        say(f"the teacher is another model: {teacher_path} (fixed; no weight pushes)")
+        other = "another model" if cfg.teacher.model is not None else "the student's weights"
+        say(f"the teacher is {other}: {teacher_path} (fixed; no weight pushes)")
     for name, path in (teacher_paths or {}).items():
         one = teacher_config(cfg, name)
         say(f"teacher {name}: {path} ({one.scorer.num_workers} scorer(s), {one.scorer.backend}, context "

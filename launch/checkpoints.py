@@ -101,11 +101,13 @@ def finished_checkpoints(checkpoints: Path) -> list[Path]:
     return [d for _, d in sorted(done)]
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, after_step: int = 0) -> Path | None:
     """The newest checkpoint that verifies against its manifest. A newer, damaged one is passed
     over with a warning; an unfinished one (.step_N.tmp, left by a kill during the write) is never
-    a candidate."""
+    a candidate. With ``after_step``, only those of later steps (a stage's own: launch/stages.py)."""
     for d in reversed(finished_checkpoints(run_dir / "checkpoints")):
+        if int(d.name.split("_")[-1]) <= after_step:
+            break
         problem = checkpoint_problem(d)
         if problem is None:
             return d
@@ -142,6 +144,10 @@ class RunState:
     # Prompt batches drawn for later steps whose rollouts were in flight (rollout.max_staleness >
     # 0), oldest first: a resumed run does them first.
     pending_indices: list[list[int]] = field(default_factory=list)
+    # The stage the checkpoint was written in and its step within that stage (launch/stages.py);
+    # None in a one-stage run.
+    stage: str | None = None
+    stage_step: int | None = None
 
     @classmethod
     def read(cls, ckpt: Path) -> "RunState":

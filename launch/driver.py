@@ -41,16 +41,20 @@ from opsd.launch.validate import check_teacher_tokenizer
 class Trainer:
     pipeline_cls = Pipeline  # what turns prompts into batches (tests put a faulty one in its place)
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, teacher_weights: str | None = None, stage: str | None = None):
+        """``teacher_weights``: what a fixed teacher's scorers load in place of the student's first
+        weights (a stage's teacher: launch/stages.py); ``stage``: the stage this Trainer runs, recorded
+        in its metrics rows and checkpoints (None: a one-stage run)."""
         from opsd.launch.problems import check_model
 
         self.cfg = cfg
+        self.stage = stage
         # A named model (made on first use), a .gguf file (imported once), a directory or a hub id;
         # the same checks as `opsd validate` (launch/problems.py), fetching what they need.
         self.model_path, self.tokenizer = check_model(cfg)
         # Another model as the teacher (teacher.model): what its scorers load, and its tokenizer,
         # whose chat template renders the teacher's prompts. None: the student is its own teacher.
-        self.teacher_path: str | None = None
+        self.teacher_path: str | None = teacher_weights
         teacher_tokenizer = None
         if cfg.teacher.model is not None:
             from opsd.assets.models import check_model_dir, load_tokenizer, resolve_model_path
@@ -63,6 +67,8 @@ class Trainer:
         self.teacher_paths, teacher_tokenizers = resolve_teachers(cfg, self.model_path) if cfg.teachers else ({}, {})
         self.data = load_training_set(cfg, self.tokenizer, teacher_tokenizer, teacher_tokenizers)
         self.step = 0
+        self.first_step = 0  # the run's step count when this Trainer began (a later stage's: > 0)
+        self.first_tokens = 0
         self.policy_version = 0  # the weights the learner holds and pushed last
         self.teacher_version = 0  # the weights the teacher scores with
         self.tokens_total = 0
@@ -71,6 +77,12 @@ class Trainer:
         self.actors: Actors | None = None
         self.pipeline: Pipeline | None = None
         self.run: RunDir | None = None
+
+    def begin_at(self, step: int, tokens_total: int) -> None:
+        """Count on from ``step`` and ``tokens_total`` (a stage after the first), the weights it holds
+        being where a learner lost before this Trainer's first checkpoint restarts from."""
+        self.step = self.first_step = step
+        self.tokens_total = self.first_tokens = tokens_total
 
     def start(self, *, local_cluster: bool = True) -> None:
         self.actors = start_actors(self.cfg, self.model_path, local_cluster=local_cluster,
@@ -87,7 +99,8 @@ class Trainer:
         if self.cfg.teacher.mode == "live":
             self.actors.weights.catch_up(self.actors.scorers, actor)
         elif self.cfg.teacher.mode == "ema":
-            restore_ema_teacher(self.actors.scorers, actor, self.teacher_version, self.run.path)
+            restore_ema_teacher(self.actors.scorers, actor, self.teacher_version, self.run.path,
+                                after_step=self.first_step)
 
     def shutdown(self) -> None:
         if self.actors is not None:
@@ -128,6 +141,8 @@ class Trainer:
         ))
         if cfg.teachers:
             row.update(teacher_metrics(batch))  # teacher/<name>/kl, ... (launch/teachers.py)
+        if self.stage is not None:
+            row["stage"] = self.stage
         if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) and self.data.eval_pairs:
             row.update(self.evaluate())
         row["step_seconds"] = time.perf_counter() - t_step
@@ -171,7 +186,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = RunState(self.step, self.policy_version, self.teacher_version, self.tokens_total,
-                         self.data.sampler.state_dict(), self.pipeline.in_flight_prompts())
+                         self.data.sampler.state_dict(), self.pipeline.in_flight_prompts(),
+                         stage=self.stage, stage_step=self.step - self.first_step)
         teacher = None
         if self.actors.scorers and self.cfg.teacher.mode == "ema":
             import ray
@@ -221,7 +237,8 @@ class Trainer:
                 baseline = self.evaluate()
                 bar.write(f"opsd: step 0: held-out accuracy {baseline[f'eval/accuracy_{cfg.grading.extract}']:.2f} "
                           f"({cfg.grading.extract})")
-                logger.log({"step": 0, "policy_version": self.policy_version, **baseline})
+                logger.log({"step": 0, "policy_version": self.policy_version, **baseline,
+                            **({"stage": self.stage} if self.stage is not None else {})})
             while self.step < cfg.train.steps:
                 if stop is not None and stop.requested:
                     self._stop(stop, saved_at)
@@ -275,7 +292,8 @@ class Trainer:
 
         died_in = self.step + 1
         ckpt = check_restart(self.cfg, exc, restarts=self.learner_restarts, died_in=died_in, run_path=self.run.path,
-                             ema_moved=self.cfg.teacher.mode == "ema" and self.teacher_version > 0)
+                             ema_moved=self.cfg.teacher.mode == "ema" and self.teacher_version > 0,
+                             after_step=self.first_step)
         self.learner_restarts += 1
         bar.write(f"opsd: warning: a learner rank died in step {died_in} ({root_cause(exc)}); restarting the learner "
                   f"group from {ckpt or 'the initial weights'} (restart {self.learner_restarts} of "
@@ -293,11 +311,11 @@ class Trainer:
             # The new group holds the initial weights: version 0, pushed to whoever moved on.
             self.data.sampler.load_state_dict(self.data.initial_sampler)
             self.pipeline.pending = []
-            self.step = self.tokens_total = 0
+            self.step, self.tokens_total = self.first_step, self.first_tokens
             self.policy_version = -1
             self.sync()
             self.teacher_version = 0
-            self.run.truncate_metrics(0)
+            self.run.truncate_metrics(self.step)
         bar.write(f"opsd: learner group restarted at step {self.step}")
         self.actors.log_placement()
 
@@ -340,6 +358,10 @@ def prepare_config(config_path: str | None, overrides: list[str]) -> tuple[Confi
 
 def train(config_path: str | None, overrides: list[str]) -> Path:
     cfg, run_path = prepare_config(config_path, overrides)
+    if cfg.stages:
+        from opsd.launch.stages import train_stages
+
+        return train_stages(cfg, run_path, Trainer)
     # The config, the model and every data row are checked (Trainer) before the run directory
     # exists; a new run that fails before its first step leaves none behind.
     trainer = Trainer(cfg)

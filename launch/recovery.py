@@ -33,10 +33,11 @@ def learner_died(exc: BaseException, learner: LearnerGroup) -> bool:
     return False
 
 
-def restore_ema_teacher(scorers: ActorPool, actor: Any, teacher_version: int, run_path: Path) -> None:
+def restore_ema_teacher(scorers: ActorPool, actor: Any, teacher_version: int, run_path: Path, *,
+                        after_step: int = 0) -> None:
     """A restarted scorer of an EMA teacher gets the EMA: copied from a healthy sibling, else from
-    a checkpoint taken at the current teacher version; anything older would silently score with
-    a different teacher."""
+    a checkpoint taken at the current teacher version (after ``after_step``: a stage's own);
+    anything older would silently score with a different teacher."""
     import ray
 
     if not teacher_version:
@@ -50,7 +51,7 @@ def restore_ema_teacher(scorers: ActorPool, actor: Any, teacher_version: int, ru
             continue  # dead or gone too: try the next, then the checkpoint
         ray.get(actor.load_state.remote(state, version))
         return
-    ckpt = latest_checkpoint(run_path)
+    ckpt = latest_checkpoint(run_path, after_step)
     if ckpt is None or RunState.read(ckpt).teacher_version != teacher_version:
         raise RuntimeError(
             f"the EMA teacher's scorer died and its state at teacher version {teacher_version} is lost (no other "
@@ -61,16 +62,17 @@ def restore_ema_teacher(scorers: ActorPool, actor: Any, teacher_version: int, ru
 
 
 def check_restart(cfg: Config, exc: BaseException, *, restarts: int, died_in: int, run_path: Path,
-                  ema_moved: bool) -> Path | None:
+                  ema_moved: bool, after_step: int = 0) -> Path | None:
     """Whether the learner group may be restarted (else :class:`LearnerLost` naming why and what to
-    do); returns the checkpoint it restarts from (None: the initial weights)."""
+    do); returns the checkpoint it restarts from (None: the initial weights, or a stage's first
+    ones: no checkpoint after ``after_step``)."""
     cause = root_cause(exc)
     if restarts >= cfg.train.max_actor_restarts:
         raise LearnerLost(
             f"a learner rank died in step {died_in} ({cause}) and the learner group was already restarted "
             f"{restarts} time(s) (train.max_actor_restarts={cfg.train.max_actor_restarts}); {resume_hint(run_path)}"
         ) from exc
-    ckpt = latest_checkpoint(run_path)
+    ckpt = latest_checkpoint(run_path, after_step)
     if ckpt is None and ema_moved:
         raise LearnerLost(
             f"a learner rank died in step {died_in} ({cause}) before any checkpoint, and the EMA teacher "

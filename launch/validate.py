@@ -38,6 +38,32 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     cluster recipe whose data lives on the cluster).
     """
     cfg = load_config(config_path, list(overrides))
+    if cfg.stages:
+        return _validate_stages(cfg, config_path, check_data)
+    lines, unchecked = _report(cfg, config_path, check_data)
+    return lines + (unchecked or ["ok"])
+
+
+def _validate_stages(cfg: Config, config_path: str, check_data: bool) -> list[str]:
+    """Every stage's effective config (the run's config with its overrides: launch/stages.py),
+    checked and reported as a one-stage config is, each report's lines headed by its stage."""
+    from opsd.launch.stages import stage_configs
+
+    found = stage_configs(cfg)
+    lines = [f"config: {config_path}: {len(found)} stages, {found[-1][0].last_step} steps "
+             f"({' -> '.join(f'{s.name} {s.steps}' for s, _ in found)})"]
+    unchecked: list[str] = []
+    for stage, scfg in found:
+        report, missing = _report(scfg, config_path, check_data)
+        lines.append(f"stage {stage.index}: {stage.name}, algo={stage.algo}, steps {stage.first_step + 1}-"
+                     f"{stage.last_step}, " + (f"teacher {stage.teacher}" if uses_scorer(scfg) else "no teacher"))
+        lines += [f"[{stage.name}] {line}" for line in report[1:]]
+        unchecked += [m for m in missing if m not in unchecked]
+    return lines + (unchecked or ["ok"])
+
+
+def _report(cfg: Config, config_path: str, check_data: bool) -> tuple[list[str], list[str]]:
+    """The report of one (stage's) config, and what could not be checked without fetching."""
     options = objective(cfg.algo).options(cfg)
     algo = f"algo={cfg.algo}" + (f", {options}" if options is not None else "")
     lines = [f"config: {config_path} ({algo}, device={cfg.cluster.device}, dtype={cfg.model.dtype})",
@@ -58,8 +84,7 @@ def validate_config(config_path: str, overrides: Sequence[str] = (), *, check_da
     lines += (_check_data(cfg, tokenizer, unchecked, teacher_tokenizer, teacher_tokenizers) if check_data
               else ["data: not read (--skip-data)"])
     lines += _check_resources(cfg)
-    lines += unchecked or ["ok"]
-    return lines
+    return lines, unchecked
 
 
 def _check_teachers(cfg: Config, tokenizer: Any | None, lines: list[str], unchecked: list[str]) -> dict[str, Any]:

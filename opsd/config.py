@@ -12,7 +12,7 @@ import os
 import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -358,6 +358,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Objectives in turn in one run, each from the weights the one before it ended with: a list of
+    # {name, algo, steps, teacher, overrides}, parsed and checked by launch/stages.py (docs/DESIGN.md,
+    # "Stages"). Empty: one stage, this config.
+    stages: List[Any] = field(default_factory=list)
 
 
 _CHOICES = {
@@ -382,7 +386,7 @@ def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
     if isinstance(exc, ConfigKeyError) and key and "Did you mean" not in msg:
-        msg += _key_hint(str(key))  # OmegaConf suggests keys of the same section only
+        msg += key_hint(str(key))  # OmegaConf suggests keys of the same section only
     return f"config key '{key}': {msg}" if key else msg
 
 
@@ -396,7 +400,7 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _key_hint(key: str) -> str:
+def key_hint(key: str) -> str:
     """". Did you mean 'train.steps'?" for an unknown key (``steps``) spelt like a key of another
     section; "" when none is close."""
     import difflib
@@ -492,7 +496,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for origin, layer in layers:
         if not isinstance(layer, DictConfig):
             raise ConfigError(f"{origin}: the top level must be a mapping of sections")
-    layers, moved = _move_old_keys([(origin, OmegaConf.to_container(layer, resolve=False)) for origin, layer in layers])
+    return merge_layers([(origin, OmegaConf.to_container(layer, resolve=False)) for origin, layer in layers])
+
+
+def merge_layers(layers: list[tuple[str, dict]]) -> Config:
+    """The defaults <- each (origin, plain nested dict) layer in turn, then :func:`check`: what
+    :func:`load_config` does with a file and the command line, and launch/stages.py with a stage's
+    overrides over its run's config. An error names the layer's origin and the key."""
+    cfg = OmegaConf.structured(Config)
+    layers, moved = _move_old_keys(layers)
     for origin, layer in layers:
         shape = _shape_error(cfg, layer)
         if shape:

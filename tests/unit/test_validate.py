@@ -25,6 +25,7 @@ NEEDS = {
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-1.7b-from-8b.yaml": "needs 4 GPUs, 14 CPUs",
     "two-teachers.yaml": "needs 0 GPUs, 2 CPUs",
+    "qwen3-1.7b-staged.yaml": "needs 4 GPUs, 14 CPUs",
 }
 # Recipes whose teacher's tokenizer is checked only where both hub ids' files are (else validate
 # says it cannot check without fetching).
@@ -47,6 +48,7 @@ FETCHES = {
     "qwen3-4b.yaml": ["hf download Qwen/Qwen3-4B"],
     "qwen3-8b.yaml": ["hf download Qwen/Qwen3-8B"],
     "qwen3-1.7b-from-8b.yaml": ["hf download Qwen/Qwen3-1.7B"],
+    "qwen3-1.7b-staged.yaml": ["hf download Qwen/Qwen3-1.7B"],
 }
 
 
