@@ -154,10 +154,15 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
     problems = _read(cfg, "data.train_path", train_path, fetch=fetch, **training_rows(cfg))
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
-    if distills(cfg) and "answer" in context(cfg.teacher.context).needs(cfg) and any(p.task == "code" for p in problems):
-        raise ConfigError(
-            f"teacher.context={cfg.teacher.context} reads a final answer, and {train_path} has code rows (task 'code', "
-            "graded by their tests, with no answer); use teacher.context=solution (the reference code) or none")
+    if distills(cfg):
+        refused = context(cfg.teacher.context).refused_tasks
+        clash = sorted({p.task for p in problems} & set(refused))
+        if clash:
+            task = clash[0]
+            raise ConfigError(
+                f"config key 'teacher.context' = {cfg.teacher.context!r} has no meaning for {task} rows, and "
+                f"{train_path} has them: {refused[task]}. Use teacher.context=solution (the reference code), "
+                "other_problem or none")
     eval_key, eval_path = ("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path)
     result = DataCheck(str(train_path), problems, None, [], eval_path if cfg.eval.every else None)
     if tokenizer is not None:

@@ -20,6 +20,7 @@ NEEDS = {
     "grpo-local.yaml": "needs 0 GPUs, 2 CPUs",
     "sft-local.yaml": "needs 0 GPUs, 2 CPUs",
     "gsm8k.yaml": "needs 0 GPUs, 2 CPUs",
+    "mbpp.yaml": "needs 0 GPUs, 2 CPUs",
     "qwen3-1.7b.yaml": "needs 4 GPUs, 14 CPUs",
     "qwen3-4b.yaml": "needs 8 GPUs, 28 CPUs",
     "qwen3-8b.yaml": "needs 8 GPUs, 28 CPUs",
@@ -42,6 +43,7 @@ def test_every_config_is_listed():
 FETCHES = {
     "local.yaml": ["opsd model fetch smollm2-135m"],
     "gsm8k.yaml": ["opsd model fetch smollm2-135m", "opsd data fetch gsm8k"],
+    "mbpp.yaml": ["opsd model fetch smollm2-135m", "opsd data fetch mbpp"],
     "qwen3-1.7b.yaml": ["hf download Qwen/Qwen3-1.7B"],
     "qwen3-4b.yaml": ["hf download Qwen/Qwen3-4B"],
     "qwen3-8b.yaml": ["hf download Qwen/Qwen3-8B"],
