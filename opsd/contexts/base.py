@@ -17,7 +17,8 @@ then); one that does is built by the pipeline after the rollouts of each step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 from opsd.data import Problem
 
@@ -63,6 +64,10 @@ class Templates:
 class TeacherContext:
     name = ""
     uses_samples = False  # built after the rollout, from the prompt's group of samples
+    # Row tasks (opsd.data.TASKS) the context has no meaning for, each with why: a run whose
+    # training rows include one is refused before it starts (opsd validate, opsd train), naming
+    # teacher.context and the reason.
+    refused_tasks: Mapping[str, str] = MappingProxyType({})
 
     def names(self, cfg: Any) -> tuple[str, ...]:
         """The named contexts it makes, the primary first."""

@@ -13,9 +13,12 @@ template): a worked solution followed by "Correct final answer: \\boxed{...}".
   hints), up to K of them chosen by the seed; or ``other_problems``, the solutions and answers of
   K other training problems (the dataset view), for runs with one sample per prompt. A wrong
   context with nothing to fill it is absent for that sample (null in the batch).
+
+Not for code rows (refused before a run starts): its hints are built around a final answer.
 """
 
 import random
+from types import MappingProxyType
 
 from opsd.contexts.base import PRIMARY, TeacherContext, boxed
 from opsd.errors import ConfigError
@@ -28,6 +31,10 @@ def hint(solution: str, answer: str) -> str:
 class Contrastive(TeacherContext):
     name = "contrastive"
     uses_samples = True
+    refused_tasks = MappingProxyType({
+        "code": "its hints end in the final answer ('Correct final answer: \\boxed{...}') and its wrong hints are "
+                "samples whose final answer was graded wrong; a code row has no final answer (it is graded by running "
+                "its tests)"})
     per_sample = True  # each sample's wrong pool leaves the sample itself out
 
     def names(self, cfg):

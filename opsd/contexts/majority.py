@@ -15,9 +15,12 @@ instead): no solution and no answer is read, so it runs on a dataset of problems
   answer alone ("The final answer is \\boxed{...}.").
 
 Deviation from U-OPSD: every sample of the prompt is distilled, not only the longest disagreeing one.
+
+Not for code rows (refused before a run starts): there is no final answer to vote on.
 """
 
 from collections import Counter
+from types import MappingProxyType
 
 from opsd.contexts.answer import answer_hint
 from opsd.contexts.base import PRIMARY, TeacherContext, deterministic_pick
@@ -40,6 +43,9 @@ def majority_vote(answers: list[str | None], seed: int, salt: str) -> tuple[str 
 class Majority(TeacherContext):
     name = "majority"
     uses_samples = True
+    refused_tasks = MappingProxyType({
+        "code": "it votes on the final answers the samples write (grading.extract), and a code response has none: "
+                "it is graded by running its tests, and two programs that pass the same tests may share no line"})
 
     def note(self, cfg):
         if cfg.rollout.n < 2:

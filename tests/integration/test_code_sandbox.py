@@ -126,3 +126,44 @@ def test_a_run_on_code_that_cannot_get_the_isolation_it_asks_for_stops_before_it
         train(CONFIG, local_overrides(tmp_path, "algo=grpo", f"data.train_path={data}", "train.prompts_per_step=2", "rollout.n=2",
                                       "sandbox.bwrap=/nonexistent/bwrap"))
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_task_grades_code_rows_by_their_tests_in_the_sandbox(tmp_path, tiny_model, ray_session):
+    """`opsd bench task` on a code set: the scripted model answers every prompt with one program,
+    so each row's result is known from its test alone, and the per-row report must match it."""
+    import random
+
+    from opsd.benchmarks.task_report import task_report
+    from opsd.sandbox import probe
+
+    from .conftest import local_config
+
+    if probe().level != "bwrap":
+        pytest.skip(f"no bubblewrap sandbox here: {probe().describe()}")
+    program = "```python\ndef add(a, b):\n    return a + b\n```\n"
+    model = scripted_model(tiny_model, tmp_path / "model", [program])
+    rng = random.Random(7)
+    rows, expected = [], {}
+    for i in range(6):
+        a, b = rng.randrange(10), rng.randrange(10)
+        claimed = a + b if rng.random() < 0.5 else a + b + 1
+        rows.append({"id": f"add-{i}", "task": "code", "problem": f"Write add(a, b) ({i}).",
+                     "solution": "```python\ndef add(a, b):\n    return a + b\n```",
+                     "tests": [f"assert add({a}, {b}) == {claimed}"], "entry_point": "add"})
+        expected[f"add-{i}"] = claimed == a + b
+    assert 0 < sum(expected.values()) < len(expected)  # both verdicts occur
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = local_config(f"model.path={model}", f"data.test_path={data}", "eval.max_tokens=2", "sandbox.cpu_s=1")
+    lines: list[str] = []
+    report = task_report(cfg, 6, log=lines.append)
+    assert report["problems"] == 6 and report["graded_by"] == "tests in the sandbox"
+    for role in ("student", "teacher"):
+        got = report[role]["rows"]
+        assert {r["id"]: r["correct"] for r in got} == expected
+        assert all(r["formed"] and r["tokens"] == 2 and r["cut"] for r in got), got
+        assert report[role]["accuracy_strict"] == report[role]["accuracy_lenient"] == sum(expected.values()) / 6
+        assert report[role]["format_rate"] == 1.0
+    assert any(line.startswith("task: student prompt: pass@1 ") for line in lines), lines
+    assert any(line == "task: teacher prompt: 6/6 problems" for line in lines), lines
+    assert sandbox_processes() == []

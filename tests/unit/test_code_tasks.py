@@ -163,14 +163,42 @@ class _Tokenizer:
     chat_template = "x"
 
 
-def test_humaneval_is_refused_for_training_and_an_answer_context_on_code_rows(tmp_path):
+def test_humaneval_is_refused_for_training(tmp_path):
     from opsd.config import ConfigError, load_config
     from opsd.launch.problems import load_training_set
 
     cfg = load_config(None, ["data.train_path=humaneval"])
     with pytest.raises(ConfigError, match="'data.train_path' = 'humaneval': that set is kept for evaluation only"):
         load_training_set(cfg, _Tokenizer())
-    data = write(tmp_path, [ROW, {**ROW, "id": "two"}])
-    cfg = load_config(None, [f"data.train_path={data}", "teacher.context=answer"])
-    with pytest.raises(ConfigError, match="teacher.context=answer reads a final answer.*code rows"):
-        load_training_set(cfg, _Tokenizer())
+
+
+# The contexts built around a final answer, and the words of why each has no meaning for code.
+ANSWER_CONTEXTS = {"answer": ("teacher.context=answer", "shows the final answer alone"),
+                   "majority": ("teacher.context=majority", "votes on the final answers"),
+                   "contrastive": ("algo=contrastive teacher.context=contrastive rollout.n=2",
+                                   "hints end in the final answer")}
+
+
+@pytest.mark.parametrize("name", list(ANSWER_CONTEXTS))
+def test_a_context_built_on_final_answers_is_refused_on_code_rows_at_validate_and_train(tmp_path, name):
+    from opsd.config import ConfigError, load_config
+    from opsd.contexts import CONTEXTS, context
+    from opsd.launch.problems import check_data, load_training_set
+    from opsd.launch.validate import validate_config
+
+    overrides, why = ANSWER_CONTEXTS[name]
+    code = write(tmp_path, [ROW, {**ROW, "id": "two"}])
+    args = [f"data.train_path={code}", "train.prompts_per_step=2", "eval.every=0", *overrides.split()]
+    expected = f"config key 'teacher.context' = '{name}' has no meaning for code rows, and {code} has them: .*{why}"
+    with pytest.raises(ConfigError, match=expected):
+        load_training_set(load_config(None, args), _Tokenizer())
+    with pytest.raises(ConfigError, match=expected):
+        validate_config(None, args)
+    # The same settings on math rows are not refused by it: the refusal is about the task.
+    math = tmp_path / "math.jsonl"
+    math.write_text("".join(json.dumps({"id": f"m{i}", "problem": f"{i} + 1?", "solution": f"\\boxed{{{i + 1}}}",
+                                        "answer": str(i + 1)}) + "\n" for i in range(2)))
+    found = check_data(load_config(None, [*args, f"data.train_path={math}"]), None, fetch=False)
+    assert [p.uid for p in found.problems] == ["m0", "m1"]
+    # Every context declares the code rows it refuses, and only these three refuse them.
+    assert {n for n in CONTEXTS if "code" in context(n).refused_tasks} == set(ANSWER_CONTEXTS)

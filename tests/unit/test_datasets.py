@@ -291,6 +291,19 @@ def test_data_list_aligns_long_names_and_lists_the_shipped_sets(monkeypatch, tmp
                        "data/wordproblems/train.jsonl": 900, "data/wordproblems/test.jsonl": 400}
 
 
+def test_data_list_says_code_sets_are_graded_by_their_tests_and_the_others_by_their_answer(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPSD_ARTIFACTS", str(tmp_path))
+    entries = {entry.split(" ", 1)[0]: entry for entry in datasets.describe()}
+    code = {name for name, d in datasets.DATASETS.items() if d.task == "code"}
+    assert code == {"mbpp", "mbpp-val", "mbpp-test", "humaneval"}
+    for name, d in datasets.DATASETS.items():
+        if name in code:
+            assert "graded by running its unit tests in the sandbox" in entries[name], entries[name]
+            assert "graded strict" not in entries[name] and "by default" not in entries[name]
+        else:
+            assert f"graded {d.grading} by default" in entries[name], entries[name]
+
+
 def test_closest_names():
     assert datasets.closest_names("gsm9k")[0] == "gsm8k"
     assert datasets.closest_names("math500")[0] == "math-500"

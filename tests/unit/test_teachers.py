@@ -242,5 +242,5 @@ def test_code_rows_routed_by_task_to_a_teacher_that_reads_an_answer_are_refused_
     assert [p.teacher for p in found.problems] == [None, "code"] and found.routed == {"math": 1, "code": 1}
     with pytest.raises(ConfigError) as info:
         check_data(load_config(None, [*routed, "teachers.code.context=answer"]), None)
-    assert str(info.value).startswith(f"teachers.code.context=answer reads a final answer, and {path} has code rows "
-                                      "routed to teacher code")
+    assert str(info.value).startswith(f"config key 'teachers.code.context' = 'answer' has no meaning for code rows, "
+                                      f"and {path} has them (routed to teacher code): ")
