@@ -385,8 +385,12 @@ def _describe(exc: OmegaConfBaseException) -> str:
 
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
-    if isinstance(exc, ConfigKeyError) and key and "Did you mean" not in msg:
-        msg += key_hint(str(key))  # OmegaConf suggests keys of the same section only
+    if isinstance(exc, ConfigKeyError) and key:
+        # OmegaConf suggests keys of the same section only; a key of another section with the
+        # same name is the likelier meaning, and replaces its suggestion.
+        ours = key_hint(str(key))
+        if ours and ("Did you mean" not in msg or f"{str(key).rsplit('.', 1)[-1]}'?" in ours):
+            msg = msg.split(". Did you mean", 1)[0].rstrip(".") + ours
     return f"config key '{key}': {msg}" if key else msg
 
 
@@ -410,7 +414,10 @@ def key_hint(key: str) -> str:
     for k in known:
         by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
     leaf = key.rsplit(".", 1)[-1]
-    close = [k for near in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.8) for k in by_leaf[near]]
+    # A key of another section with exactly that name wins over names merely spelt alike
+    # (`steps` is train.steps, not the top-level `stages`).
+    close = [k for k in by_leaf.get(leaf, []) if k != key] or [
+        k for near in difflib.get_close_matches(leaf, list(by_leaf), n=2, cutoff=0.8) for k in by_leaf[near]]
     close = close or difflib.get_close_matches(key, known, n=2, cutoff=0.8)
     return f". Did you mean {' or '.join(repr(k) for k in close[:3])}?" if close else ""
 
