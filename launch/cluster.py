@@ -182,7 +182,6 @@ class ActorPool:
             remote.options(max_restarts=max_restarts, max_task_retries=0, **options).remote(*args)
             for i in range(n)
         ]
-        self.restarts = 0
         self.actor_restarts = [0] * n  # new processes seen per actor: Ray gives each max_restarts
         # The process each actor runs in, once known, by its incarnation's token: a pid can repeat
         # on a replacement host (workers/incarnation.py).
@@ -190,6 +189,11 @@ class ActorPool:
         self._behind: set[int] = set()  # counted as restarted, not yet brought to the current weights
         self._recovering: set[int] = set()  # recover() is running for these (its on_restart may call it again)
         self.on_restart: Callable[[Any], None] | None = None
+
+    @property
+    def restarts(self) -> int:
+        """New processes seen, over all of the pool's actors."""
+        return sum(self.actor_restarts)
 
     def wait_ready(self) -> list:
         import ray
@@ -273,7 +277,6 @@ class ActorPool:
     def _count_restart(self, i: int, now: Incarnation, error: BaseException) -> None:
         was, self.incarnations[i] = self.incarnations[i], now
         self._behind.add(i)
-        self.restarts += 1
         self.actor_restarts[i] += 1
         if self.restarts > self.max_restarts * len(self.actors):
             raise ActorLost(
