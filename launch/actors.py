@@ -11,7 +11,7 @@ from opsd.config import Config, ConfigError, notes, scorer_actors, uses_scorer
 from opsd.teachers import teacher_config
 from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
 from opsd.launch.teachers import TeacherPools
-from opsd.launch.validate import actor_resources, custom_resource_needs, resource_needs
+from opsd.launch.validate import capacity_shortfall
 from opsd.launch.weights import WeightSync
 from opsd.workers.learner import LearnerGroup
 from opsd.workers.rollout import EngineScorerWorker, RolloutWorker
@@ -152,21 +152,9 @@ def check_capacity(cfg: Config, *, strict: bool) -> None:
     """Ray waits forever for an actor that does not fit; say so up front instead."""
     import ray
 
-    gpus, cpus = resource_needs(cfg)
-    have = ray.cluster_resources()
-    short = [f"{need:g} {kind}s (the cluster has {have.get(kind, 0):g})"
-             for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
-    short += [f"{need:g} of the custom resource {name!r} (the cluster has {have.get(name, 0):g}; nodes offer it "
-              f"with `ray start --resources`)"
-              for name, need in custom_resource_needs(cfg).items() if need > have.get(name, 0) + 1e-9]
-    if not short:
+    msg = capacity_shortfall(cfg, ray.cluster_resources())
+    if msg is None:
         return
-    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{custom_suffix(getattr(cfg, role).resources)}"
-                      for role, n, c, g, _ in actor_resources(cfg))
-    msg = (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
-           "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, the roles' "
-           ".resources, ...) or give "
-           "the cluster more (cluster.num_cpus for a local one)")
     if strict:
         raise ConfigError(msg)
     print(f"opsd: warning: {msg}; waiting for the cluster to provide them")

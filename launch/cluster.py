@@ -84,6 +84,14 @@ def init_ray(cfg: Config) -> bool:
 _LOCAL: LocalCluster | None = None
 
 
+def starts_local_cluster(cfg: Config) -> bool:
+    """Whether init_ray(cfg) would start a local cluster of the run's own (no Ray in this process
+    yet, no cluster.address, no RAY_ADDRESS)."""
+    import ray
+
+    return not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+
+
 def _token_auth_as_ray_init_would() -> None:
     """Token authentication for the run's own cluster, as ray.init gives a local cluster: on
     unless RAY_AUTH_MODE says otherwise, with the token of ~/.ray/auth_token (made if missing).

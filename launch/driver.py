@@ -27,7 +27,7 @@ from opsd.config import Config, ConfigError, check, load_config, to_yaml
 from opsd.launch.actors import Actors, say, start_actors
 from opsd.launch.checkpoints import (RunDir, RunState, latest_checkpoint, prune_checkpoints, read_teacher, resume_hint,
                                      write_checkpoint)
-from opsd.launch.cluster import init_ray, shutdown_ray
+from opsd.launch.cluster import init_ray, shutdown_ray, starts_local_cluster
 from opsd.launch.loggers import MetricsLogger, read_metrics
 from opsd.launch.metrics import StepFacts, eval_summary, step_row
 from opsd.launch.pipeline import Pipeline, Ready
@@ -35,7 +35,7 @@ from opsd.launch.problems import load_training_set
 from opsd.launch.recovery import NumericsWatch, check_restart, learner_died, new_learner_group, restore_ema_teacher
 from opsd.launch.stopping import ActorLost, StopSignals, Stopped
 from opsd.launch.teachers import resolve_teachers, teacher_metrics
-from opsd.launch.validate import check_teacher_tokenizer
+from opsd.launch.validate import check_local_capacity, check_teacher_tokenizer
 
 
 class Trainer:
@@ -364,6 +364,8 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         return train_stages(cfg, run_path, Trainer)
     # The config, the model and every data row are checked (Trainer) before the run directory
     # exists; a new run that fails before its first step leaves none behind.
+    if starts_local_cluster(cfg):
+        check_local_capacity(cfg)  # a local cluster's size is known: refused before Ray starts
     trainer = Trainer(cfg)
     if trainer.data.skipped:
         print(f"opsd: skipped {len(trainer.data.skipped)} over-long prompts (prompt.overlong=skip)")

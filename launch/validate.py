@@ -230,6 +230,46 @@ def custom_resource_needs(cfg: Config) -> dict[str, float]:
     return need
 
 
+def check_local_capacity(cfg: Config) -> None:
+    """Before the run starts a local cluster of its own: what that cluster will offer is known from
+    the config (cluster.num_cpus, and no custom resources), so a run that cannot fit is refused before
+    Ray starts, as `opsd validate` refuses it. GPUs are left to check_capacity once Ray is up (a local
+    cluster finds them itself)."""
+    need_gpus, _ = resource_needs(cfg)
+    have = {"GPU": need_gpus}  # not known before Ray detects them: not checked here
+    if cfg.cluster.num_cpus is not None:
+        have["CPU"] = float(cfg.cluster.num_cpus)
+    else:
+        have["CPU"] = float("inf")  # Ray counts the machine's CPUs itself
+    msg = capacity_shortfall(cfg, have)
+    if msg is not None:
+        raise ConfigError(msg)
+
+
+def capacity_shortfall(cfg: Config, have: dict) -> str | None:
+    """What the run's actors need beyond the cluster resources ``have`` (Ray's names: CPU, GPU and
+    custom ones), as one message naming the keys to change; None when everything fits."""
+    gpus, cpus = resource_needs(cfg)
+    short = [f"{need:g} {kind}s (the cluster has {have.get(kind, 0):g})"
+             for kind, need in (("CPU", cpus), ("GPU", gpus)) if need > have.get(kind, 0) + 1e-9]
+    short += [f"{need:g} of the custom resource {name!r} (the cluster has {have.get(name, 0):g}; nodes offer it "
+              f"with `ray start --resources`)"
+              for name, need in custom_resource_needs(cfg).items() if need > have.get(name, 0) + 1e-9]
+    if not short:
+        return None
+    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{_custom(getattr(cfg, role).resources)}"
+                      for role, n, c, g, _ in actor_resources(cfg))
+    return (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
+            "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, the roles' "
+            ".resources, ...) or give "
+            "the cluster more (cluster.num_cpus for a local one)")
+
+
+def _custom(resources: dict) -> str:
+    """' / 1 opsd_learner' for a role's custom resources."""
+    return "".join(f" / {amount:g} {name}" for name, amount in resources.items())
+
+
 def _sync_line(cfg: Config) -> str:
     """Who receives the pushes, what a push holds, and how it travels."""
     sc, r = cfg.sync, cfg.rollout

@@ -1,9 +1,9 @@
 """Bad input, as a user would bring it: every case ends with exit status 2 and a one-line error
 that names the file, row, key or value, and leaves nothing half-written (no run directory).
 
-All of it but one case is caught before Ray starts: configs, data files, model directories,
-resume directories and batch files. Actors that do not fit the local cluster are found once Ray is
-up; that case runs the command in a process of its own.
+All of it is caught before Ray starts: configs, data files, model directories, resume directories,
+batch files, and actors that do not fit the local cluster the run would start (its size is in the
+config). That last case runs the command in a process of its own, where starting a cluster fails.
 """
 
 from __future__ import annotations
@@ -235,23 +235,65 @@ def test_a_corrupt_arrow_batch_is_named(tmp_path):
         read_ipc(bad)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("learner.num_cpus_per_rank=4", "learner.num_cpus_per_rank"),
-    # A role pinned to nodes that a local cluster never has.
-    pytest.param("learner.resources={opsd_learner: 1}", "2 of the custom resource 'opsd_learner' (the cluster has 0",
-                 marks=pytest.mark.slow),
-], ids=["cpus", "custom-resource"])
-def test_actors_that_do_not_fit_the_local_cluster_leave_no_run_directory(tmp_path, override, message):
-    # Found only once Ray is up (the check needs the cluster's resources): the run directory that
-    # was made by then is removed again. In a process of its own, so that the local cluster is
-    # the command's (a cluster this test process joined could grow, and would be waited for).
+# The command as `opsd train` runs it, in a process of its own where a local Ray cluster cannot
+# start: the refusal must come before one is started.
+NO_LOCAL_RAY = (
+    "import sys\n"
+    "import opsd.launch.cluster as cluster\n"
+    "class NoCluster:\n"
+    "    def __init__(self, **kw):\n"
+    "        raise AssertionError('a local Ray cluster was started')\n"
+    "cluster.LocalCluster = NoCluster\n"
+    "from opsd.launch.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_actors_that_do_not_fit_the_local_cluster_are_refused_before_it_starts(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "opsd.launch.cli", "train", TINY, f"run_dir={run_dir}", override,
+        [sys.executable, "-c", NO_LOCAL_RAY, "train", TINY, f"run_dir={run_dir}", "learner.num_cpus_per_rank=4",
          "eval.every=0", "cluster.num_cpus=4"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "the run's actors need" in proc.stderr and message in proc.stderr, proc.stderr[-4000:]
-    assert "Traceback" not in proc.stderr
+    # 1 rollout x 1 CPU + 1 scorer x 0.5 + 2 learner ranks x 4 = 9.5 CPUs on a cluster of 4.
+    assert "the run's actors need 9.5 CPUs (the cluster has 4)" in proc.stderr, proc.stderr[-4000:]
+    assert "learner.num_cpus_per_rank" in proc.stderr
+    assert "Traceback" not in proc.stderr and "a local Ray cluster was started" not in proc.stderr
+    assert not run_dir.exists(), "a run that failed its checks left a run directory"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learner.num_cpus_per_rank=4", "9.5 CPUs (the cluster has 4)"),
+    # A role pinned to nodes that a local cluster never has.
+    ("learner.resources={opsd_learner: 1}", "2 of the custom resource 'opsd_learner' (the cluster has 0"),
+], ids=["cpus", "custom-resource"])
+@pytest.mark.parametrize("staged", [False, True], ids=["one-stage", "staged"])
+def test_every_stage_is_checked_against_the_local_cluster_before_it_starts(tmp_path, capsys, monkeypatch, override,
+                                                                          message, staged):
+    """In this process (the command's code, as above; this process may hold a Ray of its own
+    from other tests, so the run is told it would start a local one)."""
+    import opsd.launch.cluster as cluster
+    import opsd.launch.driver as driver
+
+    def no_ray(cfg):
+        raise AssertionError("Ray was started")
+
+    for module in (cluster, driver):
+        monkeypatch.setattr(module, "starts_local_cluster", lambda cfg: True)
+        monkeypatch.setattr(module, "init_ray", no_ray)
+    run_dir = tmp_path / "run"
+    config = TINY
+    if staged:  # the second stage does not fit: every stage is checked before anything starts
+        key, value = override.split("=", 1)
+        config = str(tmp_path / "staged.yaml")
+        Path(config).write_text((REPO_ROOT / TINY).read_text().replace("data/toy/", f"{REPO_ROOT}/data/toy/") + (
+            "stages:\n"
+            "  - {name: first, algo: opsd, steps: 1}\n"
+            f"  - {{name: second, algo: opsd, steps: 1, overrides: {{{key}: {value}}}}}\n"))
+        override = "eval.every=0"
+    assert main(["train", config, f"run_dir={run_dir}", override, "eval.every=0", "cluster.num_cpus=4"]) == 2
+    err = capsys.readouterr().err
+    assert "the run's actors need" in err and message in err, err
     assert not run_dir.exists(), "a run that failed its checks left a run directory"

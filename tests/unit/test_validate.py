@@ -179,6 +179,31 @@ def test_resource_totals_follow_the_config():
     assert any("needs 8.5 GPUs, 22 CPUs" in line for line in lines), lines
 
 
+def test_capacity_shortfall_names_what_is_missing_against_the_sums_of_the_roles():
+    from opsd.launch.validate import capacity_shortfall, check_local_capacity
+
+    cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["learner.resources={opsd_learner: 1.5}"])
+    # tiny.yaml, role by role: rollout 1 x 1 CPU, scorer 1 x 0.5, learner 2 x 0.25 (and 1.5 opsd_learner each).
+    cpus = 1 * 1 + 1 * 0.5 + 2 * 0.25
+    assert capacity_shortfall(cfg, {"CPU": cpus, "opsd_learner": 3.0}) is None  # exactly enough
+    short = capacity_shortfall(cfg, {"CPU": cpus - 0.5, "opsd_learner": 3.0})
+    assert short.startswith(f"the run's actors need {cpus:g} CPUs (the cluster has {cpus - 0.5:g}):"), short
+    assert "learner.num_cpus_per_rank" in short and "GPUs" not in short
+    short = capacity_shortfall(cfg, {"CPU": 8.0})
+    assert "3 of the custom resource 'opsd_learner' (the cluster has 0" in short and "CPUs" not in short
+    assert "2 learner x 0.25 CPU / 0 GPU / 1.5 opsd_learner" in short
+    # Before a local cluster starts: its CPUs are cluster.num_cpus, and it has no custom resources.
+    with pytest.raises(ConfigError, match="custom resource 'opsd_learner'"):
+        check_local_capacity(load_config(REPO_ROOT / "configs" / "tiny.yaml", ["learner.resources={opsd_learner: 1}",
+                                                                              "cluster.num_cpus=8"]))
+    with pytest.raises(ConfigError, match=r"need 2 CPUs \(the cluster has 1\)"):
+        check_local_capacity(load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=1"]))
+    check_local_capacity(load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=2"]))
+    # No cluster.num_cpus: Ray counts the machine's CPUs, so only custom resources are known short.
+    check_local_capacity(load_config(REPO_ROOT / "configs" / "tiny.yaml", ["cluster.num_cpus=null",
+                                                                          "learner.num_cpus_per_rank=64"]))
+
+
 def test_short_context_is_noted():
     lines = validate_config(str(REPO_ROOT / "configs" / "qwen3-8b.yaml"), ["model.max_model_len=3000"], check_data=False)
     assert any("capped at" in line and "952 tokens" in line for line in lines), lines
