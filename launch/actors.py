@@ -11,7 +11,7 @@ from opsd.config import Config, ConfigError, notes, scorer_actors, uses_scorer
 from opsd.teachers import teacher_config
 from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
 from opsd.launch.teachers import TeacherPools
-from opsd.launch.validate import capacity_shortfall
+from opsd.launch.resources import capacity_shortfall
 from opsd.launch.weights import WeightSync
 from opsd.workers.learner import LearnerGroup
 from opsd.workers.rollout import EngineScorerWorker, RolloutWorker

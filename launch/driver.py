@@ -35,7 +35,8 @@ from opsd.launch.problems import load_training_set
 from opsd.launch.recovery import NumericsWatch, check_restart, learner_died, new_learner_group, restore_ema_teacher
 from opsd.launch.stopping import ActorLost, StopSignals, Stopped
 from opsd.launch.teachers import resolve_teachers, teacher_metrics
-from opsd.launch.validate import check_local_capacity, check_teacher_tokenizer
+from opsd.launch.resources import check_local_capacity
+from opsd.launch.validate import check_teacher_tokenizer
 
 
 class Trainer:

@@ -283,7 +283,7 @@ def train_stages(cfg: Config, run_path: Path, trainer_cls: Callable[..., Any]) -
     """Run the stages of ``cfg`` (fresh or resumed: cfg.train.resume) with ``trainer_cls`` (the
     driver's Trainer) in one run directory; as driver.train does for one stage, with the same
     stops, checkpoints and faults."""
-    from opsd.launch.validate import check_local_capacity
+    from opsd.launch.resources import check_local_capacity
     from opsd.launch.cluster import init_ray, shutdown_ray, starts_local_cluster
     from opsd.launch.problems import check_data, check_model
     from opsd.launch.stopping import StopSignals, Stopped

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opsd.launch.validate import resource_needs
+from opsd.launch.resources import resource_needs
 from opsd.config import REPO_ROOT, load_config
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -180,7 +180,7 @@ def test_resource_totals_follow_the_config():
 
 
 def test_capacity_shortfall_names_what_is_missing_against_the_sums_of_the_roles():
-    from opsd.launch.validate import capacity_shortfall, check_local_capacity
+    from opsd.launch.resources import capacity_shortfall, check_local_capacity
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", ["learner.resources={opsd_learner: 1.5}"])
     # tiny.yaml, role by role: rollout 1 x 1 CPU, scorer 1 x 0.5, learner 2 x 0.25 (and 1.5 opsd_learner each).
