@@ -134,6 +134,9 @@ def test_kd_from_references_distils_the_teacher_along_the_reference(tmp_path, ra
     assert rows[0]["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; kd's loss against one
+# process is checked there along the reference (above), and its options in tests/unit/test_config.py.
+@pytest.mark.slow
 def test_kd_from_teacher_samples_trains_on_what_the_teacher_prompt_sampled(tmp_path, ray_session, tiny_model):
     from opsd.launch.driver import prepare_config
 

@@ -91,6 +91,10 @@ def test_srpo_routing_of_grpo_and_opsd_trains(tmp_path, ray_session, tiny_model)
     assert _weights_moved(run, tiny_model, 2) > 1e-4
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores. It covers the parts:
+# the mix of a plug-in with an option, by brute force (tests/unit/test_mix.py), a plug-in objective
+# through a real run (test_contexts.py) and a mix through a real run (SRPO, above).
+@pytest.mark.slow
 def test_a_plugin_objective_with_an_option_mixed_with_opsd_trains(tmp_path, ray_session, tiny_model):
     run = train(TINY, local_overrides(
         tmp_path, "algo=mix", 'objectives.mix.parents={opsd: 0.5, "tests.plugins.squared_gap:OBJECTIVE": 0.5}',
