@@ -41,6 +41,9 @@ HOST_START_TIMEOUT_S = 180
 HOST_START_ATTEMPTS = 3
 RAY_REGISTRATION_TIMEOUT = "The current node timed out during startup"
 RUN_TIMEOUT_S = 1500
+# pytest's own limit (pyproject: 900 s a test) must not end a run before RUN_TIMEOUT_S does: that
+# kills the driver without its log. Three hosts' start and stop come on top of the run.
+TEST_TIMEOUT_S = RUN_TIMEOUT_S + 900
 RESOURCES = {"learner": (1, {"opsd_learner": 2.0}), "actors": (2, {"opsd_actors": 2.0})}
 
 
@@ -240,6 +243,7 @@ def assert_every_push_through_the_store(result: dict, steps: int) -> None:
 
 # Slow (`make test-slow`): three Ray nodes and their replacements on 2 cores.
 @pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_hosts_of_their_own_train_and_survive_losing_each_host(hosts):
     result, log = train(hosts, "store-loss")
     ip = hosts.ips
@@ -264,6 +268,7 @@ def test_hosts_of_their_own_train_and_survive_losing_each_host(hosts):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 def test_gloo_pushes_between_hosts_of_their_own(hosts):
     result, log = train(hosts, "gloo")
     ip = hosts.ips
