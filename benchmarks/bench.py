@@ -380,6 +380,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "order, with their settings and an estimated run time; run nothing, write nothing")
     s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
                    "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
+    s.add_argument("--note", metavar="TEXT", help="smollm2: what else runs on the machine, kept in each run's record "
+                   "beside the load average at its start and end (wall times are read against them)")
     s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
                        "same passing programs run bare (benchmarks/sandbox.py)")
     s.add_argument("--programs", type=int, default=100, help="MBPP reference solutions to run (default 100)")
@@ -427,12 +429,16 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "dry_run", False) and args.task != "sparse":
         raise SystemExit(f"opsd bench learning --dry-run: only --task sparse has a plan to print, not "
                          f"--task {args.task}")
+    if getattr(args, "note", None) is not None and args.task != "smollm2":
+        raise SystemExit(f"opsd bench learning --note: only --task smollm2 keeps a note in its records, not "
+                         f"--task {args.task}")
     if args.bench == "learning" and args.task == "smollm2":
         from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
         from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
-        report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes)
+        report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes,
+                                note=args.note)
     elif args.bench == "learning" and args.task == "sparse":
         from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
         from opsd.benchmarks.sparse import SparseSpec, dry_run, run_sparse
