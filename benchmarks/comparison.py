@@ -794,6 +794,10 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
                 record["teacher_model"] = keep_teacher(run_dir, spec.steps, work / TEACHER_DIR)
                 log(f"learning: the SFT teacher's weights: {record['teacher_model']['path']} "
                     f"(SHA-256 {record['teacher_model']['sha256']})")
+            elif (run_dir / "checkpoints").is_dir():
+                # A staged run checkpoints at each stage's end (1.6 GB of optimizer state each in
+                # fp32), which nothing reads once the record is written; its stages' weights stay.
+                shutil.rmtree(run_dir / "checkpoints")
             tmp = runs_out / f".{method}-s{seed}.json.tmp"
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.rename(runs_out / f"{method}-s{seed}.json")

@@ -172,7 +172,7 @@ def test_the_staged_rows_are_sft_for_a_quarter_then_opsd_or_grpo_with_the_rows_o
         a, b = OmegaConf.select(stage, key), OmegaConf.select(grpo, key)
         assert (OmegaConf.to_container(a) if OmegaConf.is_config(a) else a) == \
                (OmegaConf.to_container(b) if OmegaConf.is_config(b) else b), key
-    assert stage.objectives.grpo.temperature == 0.7 and stage.objectives.grpo.old_logprobs == "learner"
+    assert stage.loss.temperature == 0.7 and stage.objectives.grpo.old_logprobs == "learner"
     assert stage.objectives.grpo.kl_coef == 0
 
 
