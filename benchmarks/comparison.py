@@ -727,6 +727,42 @@ def teacher_path(teacher: dict | None, runs_out: Path) -> str:
     return str(path)
 
 
+def estimate(method: str, done: list[dict]) -> tuple[float | None, str | None]:
+    """(seconds, the run it rests on): the slowest finished run of ``method``, else of the method
+    whose recipe it shares (ESTIMATE_FROM), else of any; (None, None) before any run has finished."""
+    for pool in ([r for r in done if r["method"] == method],
+                 [r for r in done if r["method"] == ESTIMATE_FROM.get(method)], done):
+        if pool:
+            slowest = max(pool, key=lambda r: r["run_wall_seconds"])
+            return slowest["run_wall_seconds"], f"{slowest['method']}-s{slowest['seed']}"
+    return None, None
+
+
+def dry_run(spec: ComparisonSpec, out_dir: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+    """The runs a rerun of ``run_comparison`` on ``out_dir`` would make, in order, each with the
+    estimate ``--budget-minutes`` uses; runs nothing, writes nothing. A spec that ``out_dir`` would
+    refuse is refused here too."""
+    out_dir = Path(out_dir)
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.key():
+        raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
+    done = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    todo = run_order(spec.methods, spec.seeds, {(r["method"], r["seed"]) for r in done})
+    rows = [{"run": f"{m}-s{s}", "method": m, "seed": s, **dict(zip(("estimated_seconds", "like"), estimate(m, done)))}
+            for m, s in todo]
+    lines = [f"learning: {len(done)} of {spec.runs_planned()} runs already done in {out_dir / 'runs'}; "
+             f"{len(todo)} to go, in this order:", "",
+             "| # | run | method | estimated s | as the slowest of |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {i} | {r['run']} | {LABELS.get(r['method'], r['method'])} | {fmt(r['estimated_seconds'], ',.0f')} "
+              f"| {r['like'] or '—'} |" for i, r in enumerate(rows, 1)]
+    known = [r["estimated_seconds"] for r in rows if r["estimated_seconds"] is not None]
+    if known:
+        lines += ["", f"Estimated run time: {sum(known):,.0f} s ({sum(known) / 3600:.1f} h)"
+                  + ("" if len(known) == len(rows) else f" for the {len(known)} runs with an estimate")]
+    log("\n".join(lines))
+    return rows
+
+
 def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                    budget_minutes: float | None = None, log: Callable[[str], None] = print,
                    note: str | None = None) -> dict:
@@ -769,10 +805,7 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
         for method, seed in todo:
             has_base = any(r["evals"] and r["evals"][0]["step"] == 0 for r in done)
             if budget_minutes is not None:
-                walls = [r["run_wall_seconds"] for r in done if r["method"] == method] or \
-                        [r["run_wall_seconds"] for r in done if r["method"] == ESTIMATE_FROM.get(method)] or \
-                        [r["run_wall_seconds"] for r in done]
-                need = max(walls) if walls else 0.0
+                need = estimate(method, done)[0] or 0.0
                 if time.perf_counter() - t_start + need > budget_minutes * 60:
                     log(f"learning: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
                         f"{budget_minutes:g} (about {need:.0f}s); run the same command again to go on")
