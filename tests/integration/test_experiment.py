@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from opsd.benchmarks.comparison import ALL_METHODS, READS_TEACHER, weights_sha256
 from opsd.config import REPO_ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
@@ -27,7 +27,7 @@ def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
     out, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", *task, "--quick", "--out", str(out),
            "--work-dir", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return cmd, out, work
 
