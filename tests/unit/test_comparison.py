@@ -245,20 +245,28 @@ def test_the_report_names_the_teacher_and_the_load_beside_each_run(tmp_path):
     assert "grpo-s0 |" not in md  # a run that recorded no load has no line
 
 
-def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes():
-    """On the project's records: the 39 finished runs are skipped, the teacher runs first, and each
-    new row is sized by the slowest finished run of the recipe it shares; nothing is written."""
-    from opsd.benchmarks.comparison import dry_run
+def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes(tmp_path):
+    """On the project's 39 runs from before issue 37 (copied): they are skipped, the teacher runs
+    first, and each new row is sized by the slowest finished run of the recipe it shares; nothing is
+    written."""
+    import shutil
+
+    from opsd.benchmarks.comparison import TEACHER_METHODS, dry_run
     from opsd.config import REPO_ROOT
 
-    out = REPO_ROOT / "docs" / "results" / "smollm2"
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    results = REPO_ROOT / "docs" / "results" / "smollm2"
+    (tmp_path / "runs").mkdir()
+    shutil.copy(results / "spec.json", tmp_path / "spec.json")
+    for path in (results / "runs").glob("*.json"):
+        if path.stem.rsplit("-s", 1)[0] not in TEACHER_METHODS:
+            shutil.copy(path, tmp_path / "runs" / path.name)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     printed = []
-    rows = dry_run(ComparisonSpec(), out, log=printed.append)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    rows = dry_run(ComparisonSpec(), tmp_path, log=printed.append)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
     assert "39 of 52 runs already done" in printed[0]
     assert [r["run"] for r in rows][:2] == ["sft_teacher-s0", "opd_sft-s0"] and len(rows) == 13
-    walls = {p.stem: json.loads(p.read_text())["run_wall_seconds"] for p in (out / "runs").glob("*.json")}
+    walls = {p.stem: json.loads(p.read_text())["run_wall_seconds"] for p in (tmp_path / "runs").glob("*.json")}
     slowest = {m: max(w for name, w in walls.items() if name.rsplit("-s", 1)[0] == m) for m in ("sft", "opsd_fixed", "grpo")}
     expected = {"sft_teacher": slowest["sft"], "opd_sft": slowest["opsd_fixed"], "sft_grpo": slowest["grpo"]}
     assert all(r["estimated_seconds"] == expected[r["method"]] for r in rows if r["method"] in expected)
