@@ -376,10 +376,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "minutes; rerun the same command to go on (finished runs are skipped)")
     s.add_argument("--out", help="where the report goes (default: runs/bench/<task>, untracked; the project's own "
                    "records are docs/results/{smollm2,sparse} and docs/results for toy: name one to update it)")
-    s.add_argument("--dry-run", action="store_true", help="sparse: print the runs a rerun on --out would make, in "
-                   "order, with their settings and an estimated run time; run nothing, write nothing")
+    s.add_argument("--dry-run", action="store_true", help="smollm2, sparse: print the runs a rerun on --out would "
+                   "make, in order, with an estimated run time (sparse: and their settings); run nothing, write nothing")
     s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
                    "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
+    s.add_argument("--note", metavar="TEXT", help="smollm2: what else runs on the machine, kept in each run's record "
+                   "beside the load average at its start and end (wall times are read against them)")
     s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
                        "same passing programs run bare (benchmarks/sandbox.py)")
     s.add_argument("--programs", type=int, default=100, help="MBPP reference solutions to run (default 100)")
@@ -424,15 +426,20 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if getattr(args, "dry_run", False) and args.task != "sparse":
-        raise SystemExit(f"opsd bench learning --dry-run: only --task sparse has a plan to print, not "
+    if getattr(args, "dry_run", False) and args.task == "toy":
+        raise SystemExit("opsd bench learning --dry-run: --task toy has no plan to print (smollm2 and sparse do)")
+    if getattr(args, "note", None) is not None and args.task != "smollm2":
+        raise SystemExit(f"opsd bench learning --note: only --task smollm2 keeps a note in its records, not "
                          f"--task {args.task}")
     if args.bench == "learning" and args.task == "smollm2":
         from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
-        from opsd.benchmarks.comparison import ComparisonSpec, run_comparison
+        from opsd.benchmarks.comparison import ComparisonSpec, dry_run, run_comparison
 
         spec = _learning_spec(ComparisonSpec.quick() if args.quick else ComparisonSpec(), args, COMPARISON_METHODS)
-        report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes)
+        if args.dry_run:
+            return {"plan": dry_run(spec, args.out or LEARNING_OUT["smollm2"])}
+        report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes,
+                                note=args.note)
     elif args.bench == "learning" and args.task == "sparse":
         from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
         from opsd.benchmarks.sparse import SparseSpec, dry_run, run_sparse

@@ -32,10 +32,39 @@ recipe of opsd_fixed:
     opsd_shaped      the reference solution with PW-OPSD's position weights and the OPSD authors'
                      per-token divergence clip (pointwise, 0.05)
 
+and a stronger teacher than the student, or SFT before the student's own objective (issue 37):
+
+    sft_teacher      the SFT teacher: ``sft``'s recipe, seed 0 only, its final weights kept as a
+                     model directory (``<work>/teachers/sft-s0/``, named in the report with the
+                     SHA-256 of its weights); it runs before every row that reads it
+    opd_sft          on-policy distillation from that model as an external teacher
+                     (teacher.model=<its directory>), reading nothing more than the student
+                     (teacher.context=none): plain OPD, otherwise opsd_fixed's recipe
+    opd_sft_solution the same teacher reading the reference solution (teacher.context=solution)
+    sft_opsd         one staged run: SFT for the first quarter of the steps (5 of 20), then OPSD
+                     (opsd_fixed's recipe) for the rest. The OPSD stage's teacher is the SFT
+                     stage's final weights (``stage:sft``), not the initial ones: OPSD's teacher is
+                     the student itself with the solution in view, and after the SFT stage the
+                     student is the SFT model: the two then differ only by what the teacher reads.
+                     The initial weights write in the base model's way (1.5% of its answers boxed,
+                     against 100% after 20 SFT steps), so a divergence to them would
+                     first undo the form SFT taught (docs/RESULTS.md, section 2, issue 37).
+    sft_grpo         one staged run: SFT for 5 steps, then GRPO for 15 (grpo's recipe in its stage:
+                     8 samples per prompt, 2 prompts per step, the learner's old log-probs at the
+                     sampling temperature, no KL term)
+
+A staged run's config carries its ``stages:`` as one command-line override (the list as JSON,
+which is YAML), so the run is one ``opsd train`` command like every other row's.
+
+Every run record notes what else ran on the machine: the load average (1, 5 and 15 minutes) when
+the run started and when it ended, and ``--note`` when given, so that wall times can be read
+against the load they ran under.
+
 Resumable in chunks: each finished (method, seed) run writes ``<out>/runs/<method>-s<seed>.json``;
 a rerun skips those, redraws the report (``comparison.json``, ``comparison.png``,
 ``comparison.md``) and goes on with the rest. ``--budget-minutes`` stops before a run that
-would not fit (the estimate is the slowest finished run of that method, else of any).
+would not fit (the estimate is the slowest finished run of that method, else of the method whose
+recipe it shares (ESTIMATE_FROM), else of any).
 
 The base's held-out accuracy (step 0) is measured once, by the first run, and shared: every run
 starts from the same weights and evaluates greedily on the same problems.
@@ -45,8 +74,10 @@ Heavy imports (ray, torch, transformers, matplotlib) happen inside the functions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -59,7 +90,17 @@ from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "grpo", "sft", "kd_reference", "kd_samples")
 CONTEXT_METHODS = ("opsd_answer", "opsd_none", "opsd_other", "opsd_majority", "contrastive", "opsd_shaped")
-ALL_METHODS = METHODS + CONTEXT_METHODS
+TEACHER_METHODS = ("sft_teacher", "opd_sft", "opd_sft_solution", "sft_opsd", "sft_grpo")
+ALL_METHODS = METHODS + CONTEXT_METHODS + TEACHER_METHODS
+# Run before any other method: the rows that read the SFT teacher need its weights.
+RUN_FIRST = ("sft_teacher",)
+# One seed: the teacher is trained once (sft's seed 0), then fixed for every seed of its students.
+SEEDS = {"sft_teacher": 1}
+# The rows whose teacher is the SFT teacher's final weights (teacher.model).
+READS_TEACHER = ("opd_sft", "opd_sft_solution")
+# The recipe a method's runs take as long as, for --budget-minutes until one of its own has run.
+ESTIMATE_FROM = {"sft_teacher": "sft", "opd_sft": "opsd_fixed", "opd_sft_solution": "opsd_fixed",
+                 "sft_opsd": "opsd_fixed", "sft_grpo": "grpo"}
 # Run after every other method has all its seeds (issue 23 ranks none, other_problem, majority and
 # contrastive first when the budget cannot hold them all).
 RUN_LAST = ("opsd_answer", "opsd_shaped")
@@ -73,6 +114,9 @@ LABELS = {
     "opsd_mask_truncated": "OPSD + truncated samples masked", "srpo": "SRPO (correct: GRPO, wrong: OPSD)",
     "mix_opsd_grpo": "0.5 OPSD + 0.5 GRPO", "opsd_anchor": "OPSD + KL anchor to the initial policy",
     "opsd_forward_kl": "OPSD, forward KL (beta 0)",
+    "sft_teacher": "SFT teacher (seed 0, kept)", "opd_sft": "OPD from the SFT teacher",
+    "opd_sft_solution": "OPD from the SFT teacher + solution", "sft_opsd": "SFT 5 → OPSD 15 (staged)",
+    "sft_grpo": "SFT 5 → GRPO 15 (staged)",
 }
 COLORS = {
     "opsd_fixed": "tab:blue", "opsd_ema": "tab:cyan", "opsd_fixed_tail": "tab:purple", "grpo": "tab:red",
@@ -80,11 +124,17 @@ COLORS = {
     "opsd_answer": "tab:olive", "opsd_none": "tab:gray", "opsd_other": "tab:pink", "opsd_majority": "gold",
     "contrastive": "darkred", "opsd_shaped": "navy", "opsd_mask_truncated": "teal", "srpo": "magenta",
     "mix_opsd_grpo": "saddlebrown", "opsd_anchor": "darkcyan", "opsd_forward_kl": "darkorange",
+    "sft_teacher": "lime", "opd_sft": "slategray", "opd_sft_solution": "darkgreen", "sft_opsd": "mediumblue",
+    "sft_grpo": "crimson",
 }
 # The methods that train on the student's own samples with a teacher's per-token targets: their
 # sampled-token gap estimates KL(student || teacher), and their saved batches are read for it.
 OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "opsd_answer", "opsd_none", "opsd_other", "opsd_majority",
-        "opsd_shaped", "opsd_mask_truncated", "opsd_anchor", "opsd_forward_kl")
+        "opsd_shaped", "opsd_mask_truncated", "opsd_anchor", "opsd_forward_kl", "opd_sft", "opd_sft_solution",
+        "sft_opsd")
+# A staged method's stage that trains on the student's samples with teacher targets: only its
+# steps count in the per-position gap (the SFT stage before it has no teacher).
+DISTIL_STAGE = {"sft_opsd": "opsd"}
 
 
 @dataclass
@@ -117,11 +167,40 @@ class ComparisonSpec:
     def key(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("seeds", "methods")}
 
+    def seeds_of(self, method: str) -> int:
+        return min(self.seeds, SEEDS.get(method, self.seeds))
+
+    def runs_planned(self) -> int:
+        return sum(self.seeds_of(m) for m in self.methods)
+
+
+def grpo_recipe(spec: ComparisonSpec, temperature: float) -> dict:
+    """GRPO's settings, as the ``grpo`` row and the GRPO stage of ``sft_grpo`` both take them: the
+    sampler's own policy gradient, old log-probs from the learner at its temperature, no KL term,
+    as many rows per step as every other method."""
+    return {"rollout.n": spec.grpo_n, "train.prompts_per_step": max(1, spec.rows_per_step // spec.grpo_n),
+            "loss.temperature": temperature, "loss.old_logprobs": "learner", "loss.kl_coef": 0}
+
+
+def staged(spec: ComparisonSpec, second: dict) -> str:
+    """The ``stages=`` override of a staged row: SFT for the first quarter of the steps, then
+    ``second`` (a stage entry without its steps) for the rest. The list is written as JSON, which
+    the command line's YAML reads as it is."""
+    if spec.steps < 2:
+        raise ValueError(f"a staged run needs at least 2 steps (one per stage); the spec has {spec.steps}")
+    warm = max(1, spec.steps // 4)
+    return "stages=" + json.dumps([{"name": "sft", "algo": "sft", "steps": warm},
+                                   {**second, "steps": spec.steps - warm}])
+
 
 def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: float,
-                     bare_train: str | None = None) -> list[str]:
+                     bare_train: str | None = None, teacher_model: str | None = None) -> list[str]:
     """The command-line overrides of one run on top of spec.config; ``bare_train``: the training
-    set without solutions and answers (opsd_majority)."""
+    set without solutions and answers (opsd_majority); ``teacher_model``: the SFT teacher's
+    weights (a model directory), which READS_TEACHER's rows need."""
+    if method in READS_TEACHER and not teacher_model:
+        raise ValueError(f"method {method!r} distils from the SFT teacher: give its weights (teacher_model), "
+                         "which the sft_teacher run leaves")
     common = [
         f"train.steps={spec.steps}", f"train.prompts_per_step={spec.rows_per_step}", f"train.seed={seed}",
         f"rollout.seed={seed}", "train.checkpoint_every=0", f"eval.every={spec.eval_every}",
@@ -134,9 +213,7 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
         "opsd_fixed": ["algo=opsd", "teacher.mode=fixed", "logging.save_batches=true"],
         "opsd_ema": ["algo=opsd", "teacher.mode=ema", "logging.save_batches=true"],
         "opsd_fixed_tail": ["algo=opsd", "teacher.mode=fixed", "loss.support=topk_tail", "logging.save_batches=true"],
-        # The sampler's own policy gradient: old log-probs from the learner, at its temperature.
-        "grpo": ["algo=grpo", f"rollout.n={spec.grpo_n}", f"train.prompts_per_step={max(1, spec.rows_per_step // spec.grpo_n)}",
-                 f"loss.temperature={temperature}", "loss.old_logprobs=learner", "loss.kl_coef=0"],
+        "grpo": ["algo=grpo", *(f"{k}={v}" for k, v in grpo_recipe(spec, temperature).items())],
         "sft": ["algo=sft"],
         "kd_reference": ["algo=kd", "kd.source=reference", "teacher.mode=fixed"],
         "kd_samples": ["algo=kd", "kd.source=teacher_samples", "teacher.mode=fixed"],
@@ -154,6 +231,16 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
                         f"loss.temperature={temperature}", "loss.old_logprobs=learner", "loss.kl_coef=0"],
         "opsd_shaped": ["algo=opsd", "teacher.mode=fixed", "loss.position_weight=true", "loss.divergence_clip=0.05",
                         "loss.divergence_clip_mode=pointwise", "logging.save_batches=true"],
+        # sft's recipe, with a checkpoint (and its Hugging Face export) at the last step: the
+        # weights the harness keeps as the teacher.
+        "sft_teacher": ["algo=sft", f"train.checkpoint_every={spec.steps}", "train.export_hf=true"],
+        "opd_sft": ["algo=opsd", "teacher.mode=fixed", f"teacher.model={teacher_model}", "teacher.context=none",
+                    "logging.save_batches=true"],
+        "opd_sft_solution": ["algo=opsd", "teacher.mode=fixed", f"teacher.model={teacher_model}",
+                             "teacher.context=solution", "logging.save_batches=true"],
+        "sft_opsd": [staged(spec, {"name": "opsd", "algo": "opsd", "teacher": "stage:sft",
+                                   "overrides": {"teacher.mode": "fixed"}}), "logging.save_batches=true"],
+        "sft_grpo": [staged(spec, {"name": "grpo", "algo": "grpo", "overrides": grpo_recipe(spec, temperature)})],
     }
     if method not in per:
         raise ValueError(f"unknown method {method!r}; expected one of {ALL_METHODS}")
@@ -176,6 +263,8 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
     from opsd.launch.loggers import read_metrics
 
     rows = read_metrics(run_dir)
+    stage = DISTIL_STAGE.get(method)
+    distilled = {r["step"] for r in rows if r.get("stage") == stage} if stage else None
 
     def point(r: dict, tokens: int, wall: float) -> dict:
         return {"step": r["step"], "tokens": tokens, "wall_seconds": wall, "accuracy": r[f"eval/accuracy_{extract}"],
@@ -197,27 +286,36 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             "samples", "context_skipped", "moved_frac", "movable_frac", "grad_norm",
             # collapse diagnostics (opsd/diagnostics.py)
             "repeated_ngram_rate", "stop_gap_truncated", "stop_gap_finished", "stop_prob_teacher_truncated",
-            "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished")}
+            "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished", "stage")}
             | {"wall_seconds": clock})
         if f"eval/accuracy_{extract}" in r:
             evals.append(point(r, r["tokens_generated_total"], clock))
     record = {"method": method, "seed": seed, "run_dir": str(run_dir), "run_wall_seconds": wall,
               "machine": machine_name(), "steps": steps, "evals": evals}
     if method in OPSD:
-        record["positions"] = position_diagnostics(run_dir)
+        record["positions"] = position_diagnostics(run_dir, steps=distilled)
     return record
 
 
-def position_diagnostics(run_dir: Path, *, max_positions: int = 64, top: int = 12) -> dict:
+def load_average() -> list[float]:
+    """The machine's load average over 1, 5 and 15 minutes (what else ran beside a run)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def position_diagnostics(run_dir: Path, *, max_positions: int = 64, top: int = 12,
+                         steps: set[int] | None = None) -> dict:
     """From the saved batches of an OPSD run: the per-token gap log p_S(y) - log p_T(y) of the
     sampled token (its mean is the sampled-token KL estimate) by response position, for the first
-    and the last quarter of the steps, and the tokens where the teacher disagrees most."""
+    and the last quarter of the steps, and the tokens where the teacher disagrees most.
+    ``steps``: only these steps' batches (a staged run's distillation stage)."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from opsd.batch import read_ipc
 
     paths = sorted((run_dir / "batches").glob("step_*.arrow"))
+    if steps is not None:
+        paths = [p for p in paths if int(p.stem.removeprefix("step_")) in steps]
     if not paths:
         return {}
     cfg_text = (run_dir / "config.yaml").read_text()
@@ -353,7 +451,28 @@ def table(report: dict) -> str:
             f"| {fmt(r['response_len_mean_first'], '.1f')} → {fmt(r['response_len_mean_last'], '.1f')} "
             f"| {fmt(r['reward_mean_first'], '.2f')} → {fmt(r['reward_mean_last'], '.2f')} |"
         )
+    teacher = report.get("teacher_model")
+    if teacher:
+        notes += ["", f"The SFT teacher's weights (the `SFT teacher` row; `teacher.model` of the OPD rows): "
+                      f"`{teacher['path']}`, SHA-256 of its weights `{teacher['sha256']}`."]
+    if report.get("runs_with_load"):
+        notes += ["", "Runs that recorded the machine's load (load average over 1, 5, 15 minutes at the run's start "
+                      "and end; the note given with `--note`):", "",
+                  "| run | final acc | tokens generated | run wall s | load at start | load at end | note |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in report["runs_with_load"]:
+            notes.append(f"| {r['run']} | {r['accuracy']:.3f} | {r['tokens']:,} | {r['wall']:.0f} "
+                         f"| {' / '.join(f'{x:.2f}' for x in r['load_start'])} "
+                         f"| {' / '.join(f'{x:.2f}' for x in r['load_end'])} | {r['note'] or '—'} |")
     return "\n".join(lines + notes) + "\n"
+
+
+def runs_with_load(records: list[dict]) -> list[dict]:
+    """One line per run that recorded the load beside it (issue 37 on): what the table's wall times ran under."""
+    return [{"run": f"{r['method']}-s{r['seed']}", "accuracy": r["evals"][-1]["accuracy"],
+             "tokens": r["steps"][-1]["tokens_generated_total"], "wall": r["run_wall_seconds"],
+             "load_start": r["load_average_start"], "load_end": r["load_average_end"], "note": r.get("note")}
+            for r in records if r.get("load_average_start") is not None]
 
 
 def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
@@ -500,10 +619,11 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
     by_method = {m: curves_with_base([r for r in records if r["method"] == m], base_point)
                  for m in spec.methods if any(r["method"] == m for r in records)}
     report = {"spec": asdict(spec), "extract": extract, "machine": machine(),
-              "runs_done": len(records), "runs_planned": spec.seeds * len(spec.methods),
+              "runs_done": len(records), "runs_planned": spec.runs_planned(), "teacher_model": teacher_of(records),
               "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in records),
               "this_session_seconds": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     report["summary"] = summarize(by_method)
+    report["runs_with_load"] = runs_with_load(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "comparison.md").write_text(table(report))
@@ -532,13 +652,122 @@ def bare_training_set(cfg: Any, work: Path) -> Path:
 
 def run_order(methods: list[str], seeds: int, finished: set[tuple[str, int]]) -> list[tuple[str, int]]:
     """The (method, seed) runs still to do. Seed-major, so that a cut-short experiment has every
-    method at the seeds it reached; RUN_LAST's methods after all the others' seeds."""
-    groups = ([m for m in methods if m not in RUN_LAST], [m for m in methods if m in RUN_LAST])
-    return [(m, s) for group in groups for s in range(seeds) for m in group if (m, s) not in finished]
+    method at the seeds it reached; RUN_FIRST's methods (the teacher others read) before all others,
+    RUN_LAST's after all the others' seeds; a method runs at most SEEDS[method] seeds."""
+    groups = ([m for m in methods if m in RUN_FIRST], [m for m in methods if m not in RUN_FIRST + RUN_LAST],
+              [m for m in methods if m in RUN_LAST])
+    return [(m, s) for group in groups for s in range(seeds) for m in group
+            if s < SEEDS.get(m, seeds) and (m, s) not in finished]
+
+
+# --- the SFT teacher's weights ----------------------------------------------------------------------
+
+TEACHER_DIR = Path("teachers") / "sft-s0"  # under the work directory
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """SHA-256 over a model directory's weight files (``*.safetensors``, by name, each name then its bytes)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weight files")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (records stay valid in another checkout)."""
+    try:
+        return str(path.absolute().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def keep_teacher(run_dir: Path, steps: int, dest: Path) -> dict:
+    """Move the sft_teacher run's final weights (the Hugging Face export of its checkpoint at its
+    last step) to ``dest`` and drop the rest of that checkpoint (the learner's optimizer state);
+    returns what the record keeps: the directory and the SHA-256 of its weights."""
+    hf = run_dir / "checkpoints" / f"step_{steps}" / "hf"
+    if not (hf / "config.json").is_file():
+        raise RuntimeError(f"the sft_teacher run left no Hugging Face weights at {hf}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.move(str(hf), str(tmp))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {"path": _shown(dest), "sha256": weights_sha256(dest)}
+
+
+def teacher_of(records: list[dict]) -> dict | None:
+    """The kept SFT teacher ({"path", "sha256"}) of the finished runs, if its run has finished."""
+    return next((r["teacher_model"] for r in records if r["method"] == "sft_teacher" and r.get("teacher_model")), None)
+
+
+def teacher_path(teacher: dict | None, runs_out: Path) -> str:
+    """The SFT teacher's directory, checked against its record's hash before a run reads it."""
+    record = runs_out / "sft_teacher-s0.json"
+    if teacher is None:
+        raise SystemExit(f"learning: {', '.join(READS_TEACHER)} distil from the SFT teacher, and {record} does not "
+                         "exist: run sft_teacher first (it is in the default methods; with --methods, name it too)")
+    path = Path(teacher["path"])
+    path = path if path.is_absolute() else REPO_ROOT / path
+    again = f"remove {record} to train the teacher again"
+    if not path.is_dir():
+        raise SystemExit(f"learning: the SFT teacher's weights are not at {path} (named by {record}); {again}")
+    found = weights_sha256(path)
+    if found != teacher["sha256"]:
+        raise SystemExit(f"learning: the SFT teacher's weights at {path} have SHA-256 {found[:16]}..., its record "
+                         f"{record} says {teacher['sha256'][:16]}...; {again}")
+    return str(path)
+
+
+def estimate(method: str, done: list[dict]) -> tuple[float | None, str | None]:
+    """(seconds, the run it rests on): the slowest finished run of ``method``, else of the method
+    whose recipe it shares (ESTIMATE_FROM), else of any; (None, None) before any run has finished."""
+    for pool in ([r for r in done if r["method"] == method],
+                 [r for r in done if r["method"] == ESTIMATE_FROM.get(method)], done):
+        if pool:
+            slowest = max(pool, key=lambda r: r["run_wall_seconds"])
+            return slowest["run_wall_seconds"], f"{slowest['method']}-s{slowest['seed']}"
+    return None, None
+
+
+def dry_run(spec: ComparisonSpec, out_dir: str | Path, log: Callable[[str], None] = print) -> list[dict]:
+    """The runs a rerun of ``run_comparison`` on ``out_dir`` would make, in order, each with the
+    estimate ``--budget-minutes`` uses; runs nothing, writes nothing. A spec that ``out_dir`` would
+    refuse is refused here too."""
+    out_dir = Path(out_dir)
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) != spec.key():
+        raise SystemExit(f"{out_dir} holds runs of other settings ({spec_file}); pass another --out or remove it")
+    done = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    todo = run_order(spec.methods, spec.seeds, {(r["method"], r["seed"]) for r in done})
+    rows = [{"run": f"{m}-s{s}", "method": m, "seed": s, **dict(zip(("estimated_seconds", "like"), estimate(m, done)))}
+            for m, s in todo]
+    lines = [f"learning: {len(done)} of {spec.runs_planned()} runs already done in {out_dir / 'runs'}; "
+             f"{len(todo)} to go, in this order:", "",
+             "| # | run | method | estimated s | as the slowest of |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {i} | {r['run']} | {LABELS.get(r['method'], r['method'])} | {fmt(r['estimated_seconds'], ',.0f')} "
+              f"| {r['like'] or '—'} |" for i, r in enumerate(rows, 1)]
+    known = [r["estimated_seconds"] for r in rows if r["estimated_seconds"] is not None]
+    if known:
+        lines += ["", f"Estimated run time: {sum(known):,.0f} s ({sum(known) / 3600:.1f} h)"
+                  + ("" if len(known) == len(rows) else f" for the {len(known)} runs with an estimate")]
+    log("\n".join(lines))
+    return rows
 
 
 def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Path | None = None,
-                   budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
+                   budget_minutes: float | None = None, log: Callable[[str], None] = print,
+                   note: str | None = None) -> dict:
+    """Every (method, seed) run not finished in ``out_dir``, in run_order; ``note``: what else runs on
+    the machine, kept in each record beside the load averages."""
     from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.launch.driver import train
     from opsd.config import load_config
@@ -563,8 +792,10 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
     done = load_done()
     finished = {(r["method"], r["seed"]) for r in done}
     todo = run_order(spec.methods, spec.seeds, finished)
-    log(f"learning: {len(finished)} of {spec.seeds * len(spec.methods)} runs already done in {runs_out}; "
+    log(f"learning: {len(finished)} of {spec.runs_planned()} runs already done in {runs_out}; "
         f"{len(todo)} to go")
+    if any(m in READS_TEACHER for m, _ in todo) and not any(m == "sft_teacher" for m, _ in todo):
+        teacher_path(teacher_of(done), runs_out)  # refused now, not after the runs before it
     report = write_report(spec, done, extract, out_dir, 0.0) if done else None
     if not todo:
         log(table(report))
@@ -574,23 +805,32 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
         for method, seed in todo:
             has_base = any(r["evals"] and r["evals"][0]["step"] == 0 for r in done)
             if budget_minutes is not None:
-                walls = [r["run_wall_seconds"] for r in done if r["method"] == method] or \
-                        [r["run_wall_seconds"] for r in done]
-                need = max(walls) if walls else 0.0
+                need = estimate(method, done)[0] or 0.0
                 if time.perf_counter() - t_start + need > budget_minutes * 60:
                     log(f"learning: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
                         f"{budget_minutes:g} (about {need:.0f}s); run the same command again to go on")
                     break
             run_dir = work / "runs" / f"{method}-s{seed}"
             shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
+            teacher = teacher_path(teacher_of(done), runs_out) if method in READS_TEACHER else None
             overrides = [f"run_dir={run_dir}", *method_overrides(spec, method, seed, base_cfg.rollout.temperature,
-                                                                 str(bare_training_set(base_cfg, work)))]
+                                                                 str(bare_training_set(base_cfg, work)), teacher)]
             if has_base:
                 overrides.append("eval.at_start=false")  # the shared step-0 point is measured already
-            log(f"learning: {method} seed {seed} ({len(done) + 1} of {spec.seeds * len(spec.methods)})")
+            log(f"learning: {method} seed {seed} ({len(done) + 1} of {spec.runs_planned()})")
+            load_start = load_average()
             t0 = time.perf_counter()
             train(config, overrides)
             record = run_record(run_dir, method, seed, extract, time.perf_counter() - t0)
+            record.update(load_average_start=load_start, load_average_end=load_average(), note=note)
+            if method == "sft_teacher":
+                record["teacher_model"] = keep_teacher(run_dir, spec.steps, work / TEACHER_DIR)
+                log(f"learning: the SFT teacher's weights: {record['teacher_model']['path']} "
+                    f"(SHA-256 {record['teacher_model']['sha256']})")
+            elif (run_dir / "checkpoints").is_dir():
+                # A staged run checkpoints at each stage's end (1.6 GB of optimizer state each in
+                # fp32), which nothing reads once the record is written; its stages' weights stay.
+                shutil.rmtree(run_dir / "checkpoints")
             tmp = runs_out / f".{method}-s{seed}.json.tmp"
             tmp.write_text(json.dumps(record, indent=1) + "\n")
             tmp.rename(runs_out / f"{method}-s{seed}.json")
@@ -603,7 +843,7 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
         if started:
             shutdown_ray()
     log(table(report))
-    left = spec.seeds * len(spec.methods) - len(done)
+    left = len(run_order(spec.methods, spec.seeds, {(r["method"], r["seed"]) for r in done}))
     log(f"learning: {len(done)} runs done, {left} left; wrote {out_dir / 'comparison.json'}, "
         f"{out_dir / 'comparison.png'}, {out_dir / 'comparison.md'} ({time.perf_counter() - t_start:.0f}s)")
     return report

@@ -43,7 +43,7 @@ class Checkpoints:
             state.update(bucket)
         if self.rank != 0:
             return None
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
         with torch.device("meta"):
@@ -52,5 +52,12 @@ class Checkpoints:
         if config.tie_word_embeddings:
             model.tie_weights()
         model.to(self.export.push_dtype).save_pretrained(out_dir)
+        try:
+            # The model's own generation settings, not the ones save_pretrained derives from its
+            # config: vLLM stops on their eos ids, and a teacher.model read from this export must
+            # stop where the student does (opsd/vocab.py compares them).
+            GenerationConfig.from_pretrained(self.model_path).save_pretrained(out_dir)
+        except OSError:
+            pass  # the model has no generation_config.json: the one derived from its config stays
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out_dir)
         return out_dir

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_run_dir_layout_and_metrics(cli_run, tiny_model):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     cfg = load_config(cli_run / "config.yaml")  # the resolved config is itself a valid config
     assert cfg.train.steps == CLI_STEPS and cfg.logging.save_batches
@@ -60,6 +60,10 @@ def test_run_dir_layout_and_metrics(cli_run, tiny_model):
     assert (ckpt / "learner").is_dir()
     assert not list((cli_run / "checkpoints").glob(".*tmp"))
     exported = AutoModelForCausalLM.from_pretrained(ckpt / "hf")
+    # The export keeps the model's own stop ids (the tiny model's are [2, 0], where its config alone
+    # gives 2): an export read as teacher.model stops where the student does.
+    assert GenerationConfig.from_pretrained(ckpt / "hf").eos_token_id == \
+        GenerationConfig.from_pretrained(tiny_model).eos_token_id == [2, 0]
     initial = AutoModelForCausalLM.from_pretrained(tiny_model)
     moved = max((a - b).abs().max().item() for a, b in zip(exported.parameters(), initial.parameters()))
     assert moved > 0, "the exported weights equal the initial ones: training did not reach the export"

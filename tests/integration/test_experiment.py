@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from opsd.benchmarks.comparison import ALL_METHODS
+from opsd.benchmarks.comparison import ALL_METHODS, READS_TEACHER, weights_sha256
 from opsd.config import REPO_ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 
 def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
@@ -27,7 +27,7 @@ def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
     out, work = tmp_path / "results", tmp_path / "work"
     cmd = [sys.executable, "-m", "opsd.launch.cli", "bench", "learning", *task, "--quick", "--out", str(out),
            "--work-dir", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3000)
     assert proc.returncode == 0, f"bench learning failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return cmd, out, work
 
@@ -35,22 +35,35 @@ def bench_learning(tmp_path, *task: str) -> tuple[list[str], Path, Path]:
 def test_bench_learning_quick_runs_every_method_and_a_rerun_skips_them(tmp_path):
     cmd, out, work = bench_learning(tmp_path)
     report = json.loads((out / "comparison.json").read_text())
-    assert report["runs_done"] == report["runs_planned"] == len(ALL_METHODS) == 13
+    assert report["runs_done"] == report["runs_planned"] == len(ALL_METHODS) == 18
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     assert set(runs) == {f"{m}-s0" for m in ALL_METHODS}
     for name, r in runs.items():
         assert [s["step"] for s in r["steps"]] == [1, 2]
         assert r["evals"][-1]["step"] == 2
         tokens = r["steps"][-1]["tokens_generated_total"]
-        assert (tokens == 0) if r["method"] in ("sft", "kd_reference") else (tokens > 0), name
+        assert (tokens == 0) if r["method"] in ("sft", "kd_reference", "sft_teacher") else (tokens > 0), name
     # The step-0 evaluation ran once, in the first run, and is shared.
     assert sum(r["evals"][0]["step"] == 0 for r in runs.values()) == 1
     assert all(s["clip_frac"] == 0.0 and s["engine_mismatch"] is not None for s in runs["grpo-s0"]["steps"])
     assert runs["opsd_fixed-s0"]["positions"]["gap_by_position_first"][0] is not None
     assert (out / "comparison.png").stat().st_size > 10_000 and "| SFT |" in (out / "comparison.md").read_text()
+    # Issue 37: the SFT teacher's weights are kept and read, unchanged, by both OPD rows.
+    teacher = runs["sft_teacher-s0"]["teacher_model"]
+    assert Path(teacher["path"]) == work / "teachers" / "sft-s0"
+    assert weights_sha256(Path(teacher["path"])) == teacher["sha256"] == report["teacher_model"]["sha256"]
+    for m in READS_TEACHER:
+        saved = OmegaConf.load(Path(runs[f"{m}-s0"]["run_dir"]) / "config.yaml")
+        assert saved.teacher.model == teacher["path"] and saved.algo == "opsd", m
+    # The staged rows ran their two stages in one run directory, one step each.
+    for m, second in (("sft_opsd", "opsd"), ("sft_grpo", "grpo")):
+        assert [s["stage"] for s in runs[f"{m}-s0"]["steps"]] == ["sft", second], m
+        assert (Path(runs[f"{m}-s0"]["run_dir"]) / "stages" / "sft").is_dir()
+    assert runs["sft_opsd-s0"]["positions"]["gap_by_position_first"][0] is not None
+    assert all(len(r["load_average_start"]) == 3 for r in runs.values())
     # A rerun has nothing left to do: it redraws the report without starting anything.
     again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "13 of 13 runs already done" in again.stdout, again.stdout[-2000:]
+    assert again.returncode == 0 and "18 of 18 runs already done" in again.stdout, again.stdout[-2000:]
     assert "starting" not in again.stdout
 
 

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from opsd.benchmarks.comparison import (
-    ComparisonSpec, method_overrides, run_order, summarize, table, write_report,
+    READS_TEACHER, ComparisonSpec, keep_teacher, method_overrides, run_order, summarize, table, teacher_of,
+    teacher_path, weights_sha256, write_report,
 )
 
 
@@ -91,8 +92,9 @@ def test_every_method_has_its_overrides_and_grpo_samples_eight_at_the_sampling_t
 
     spec = ComparisonSpec()
     for m in spec.methods:
-        cfg = load_config(REPO_ROOT / spec.config, method_overrides(spec, m, 1, 0.7))
+        cfg = load_config(REPO_ROOT / spec.config, method_overrides(spec, m, 1, 0.7, teacher_model="/teacher"))
         assert cfg.train.steps == spec.steps and cfg.train.seed == 1 and cfg.eval.max_problems == 200
+        assert (m in READS_TEACHER) == (cfg.teacher.model == "/teacher"), m
     grpo = load_config(REPO_ROOT / spec.config, method_overrides(spec, "grpo", 0, 0.7))
     assert (grpo.rollout.n, grpo.train.prompts_per_step, grpo.loss.temperature) == (8, 2, 0.7)
     assert grpo.rollout.n * grpo.train.prompts_per_step == spec.rows_per_step  # equal rows per step
@@ -108,3 +110,163 @@ def test_runs_go_seed_by_seed_and_answer_and_shaped_come_last():
         ("opsd_fixed", 2), ("opsd_none", 2), ("contrastive", 2),
         ("opsd_shaped", 0), ("opsd_answer", 1), ("opsd_shaped", 1), ("opsd_answer", 2), ("opsd_shaped", 2),
     ]
+
+
+# --- issue 37: the SFT teacher, OPD from it, and the staged rows ---------------------------------------
+
+
+def test_the_spec_key_leaves_the_finished_runs_valid_and_the_teacher_runs_one_seed():
+    """The 39 finished runs' spec.json is the key of the default spec: the new methods add rows, not
+    another experiment; the teacher is trained once and runs before every other run."""
+    from opsd.config import REPO_ROOT
+
+    spec = ComparisonSpec()
+    saved = json.loads((REPO_ROOT / "docs" / "results" / "smollm2" / "spec.json").read_text())
+    assert spec.key() == saved
+    assert spec.runs_planned() == 3 * (len(spec.methods) - 1) + 1 == 52
+    finished = {(m, s) for m in spec.methods[:13] for s in range(3)}
+    todo = run_order(spec.methods, spec.seeds, finished)
+    assert todo[0] == ("sft_teacher", 0) and ("sft_teacher", 1) not in todo
+    assert todo[1:5] == [("opd_sft", 0), ("opd_sft_solution", 0), ("sft_opsd", 0), ("sft_grpo", 0)]
+    assert len(todo) == 13
+
+
+def stage_table(cfg) -> list[tuple]:
+    from opsd.launch.stages import stage_configs
+
+    return [(s.name, s.algo, s.first_step, s.last_step, s.teacher, c.train.steps, c.train.prompts_per_step, c.rollout.n)
+            for s, c in stage_configs(cfg)]
+
+
+def test_the_staged_rows_are_sft_for_a_quarter_then_opsd_or_grpo_with_the_rows_own_settings():
+    from omegaconf import OmegaConf
+
+    from opsd.config import REPO_ROOT, load_config
+    from opsd.launch.stages import stage_configs
+
+    spec = ComparisonSpec()
+    config = REPO_ROOT / spec.config
+
+    def load(method: str):
+        return load_config(config, method_overrides(spec, method, 2, 0.7))
+
+    opsd = load("sft_opsd")
+    assert stage_table(opsd) == [("sft", "sft", 0, 5, "initial", 5, 16, 1),
+                                 ("opsd", "opsd", 5, 20, "stage:sft", 20, 16, 1)]
+    assert opsd.logging.save_batches and opsd.train.seed == 2 and opsd.model.dtype == "float32"
+    # The OPSD stage is opsd_fixed's recipe: its objective, teacher and context as that row has them.
+    fixed = load("opsd_fixed")
+    (_, sft), (_, distil) = stage_configs(opsd)
+    for key in ("objectives.opsd", "teacher", "rollout", "loss", "learner", "prompt", "eval"):
+        assert OmegaConf.to_container(OmegaConf.select(distil, key)) == OmegaConf.to_container(OmegaConf.select(fixed, key)), key
+    assert OmegaConf.to_container(sft.learner) == OmegaConf.to_container(load("sft").learner)
+
+    grpo_staged = load("sft_grpo")
+    assert stage_table(grpo_staged) == [("sft", "sft", 0, 5, "initial", 5, 16, 1),
+                                        ("grpo", "grpo", 5, 20, "initial", 20, 2, 8)]
+    # GRPO's stage has the grpo row's settings: 8 samples of 2 prompts, its objective's options
+    # (temperature, old log-probs, KL) key for key.
+    grpo = load("grpo")
+    _, stage = stage_configs(grpo_staged)[1]
+    for key in ("objectives.grpo", "rollout", "train.prompts_per_step", "loss"):
+        a, b = OmegaConf.select(stage, key), OmegaConf.select(grpo, key)
+        assert (OmegaConf.to_container(a) if OmegaConf.is_config(a) else a) == \
+               (OmegaConf.to_container(b) if OmegaConf.is_config(b) else b), key
+    assert stage.loss.temperature == 0.7 and stage.objectives.grpo.old_logprobs == "learner"
+    assert stage.objectives.grpo.kl_coef == 0
+
+
+def test_the_staged_and_teacher_rows_pass_validate_on_the_quick_spec(tiny_model):
+    """`opsd validate` of every new row as `opsd bench learning --quick` runs it (the tiny model, the
+    word problems): the stages' configs, the model, the data and the teacher's tokenizer checked."""
+    from opsd.config import REPO_ROOT
+    from opsd.launch.validate import validate_config
+
+    spec = ComparisonSpec.quick()
+    for method in ("sft_teacher", "opd_sft", "opd_sft_solution", "sft_opsd", "sft_grpo"):
+        lines = validate_config(str(REPO_ROOT / spec.config),
+                                method_overrides(spec, method, 0, 0.7, teacher_model=tiny_model))
+        assert lines[-1] == "ok", (method, lines)
+        if method in READS_TEACHER:
+            assert any(line.startswith("teacher:") and tiny_model in line for line in lines), lines
+        if method.startswith("sft_") and method != "sft_teacher":
+            assert "2 stages, 2 steps (sft 1 -> " in lines[0], lines[0]
+
+
+def test_the_teacher_path_flows_into_both_opd_rows_with_their_contexts():
+    from opsd.config import REPO_ROOT, load_config
+
+    spec = ComparisonSpec()
+    contexts = {}
+    for method in READS_TEACHER:
+        cfg = load_config(REPO_ROOT / spec.config, method_overrides(spec, method, 0, 0.7, teacher_model="/t/sft-s0"))
+        assert (cfg.algo, cfg.teacher.mode, cfg.teacher.model) == ("opsd", "fixed", "/t/sft-s0")
+        contexts[method] = cfg.teacher.context
+    assert contexts == {"opd_sft": "none", "opd_sft_solution": "solution"}
+    with pytest.raises(ValueError, match="sft_teacher"):
+        method_overrides(spec, "opd_sft", 0, 0.7)
+
+
+def test_the_teacher_is_kept_with_the_hash_of_its_weights_and_checked_before_it_is_read(tmp_path):
+    import hashlib
+
+    run_dir = tmp_path / "run"
+    hf = run_dir / "checkpoints" / "step_20" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"weights")
+    (run_dir / "checkpoints" / "step_20" / "learner").mkdir()
+    kept = keep_teacher(run_dir, 20, tmp_path / "teachers" / "sft-s0")
+    assert kept["path"] == str(tmp_path / "teachers" / "sft-s0")
+    assert kept["sha256"] == hashlib.sha256(b"model.safetensors\0weights").hexdigest()
+    assert not (run_dir / "checkpoints").exists()  # the optimizer state is not kept
+    runs = tmp_path / "runs"
+    records = [{"method": "sft", "seed": 0}, {"method": "sft_teacher", "seed": 0, "teacher_model": kept}]
+    assert teacher_path(teacher_of(records), runs) == kept["path"]
+    with pytest.raises(SystemExit, match="run sft_teacher first"):
+        teacher_path(teacher_of(records[:1]), runs)
+    (tmp_path / "teachers" / "sft-s0" / "model.safetensors").write_bytes(b"other weights")
+    assert weights_sha256(tmp_path / "teachers" / "sft-s0") != kept["sha256"]
+    with pytest.raises(SystemExit, match="SHA-256"):
+        teacher_path(kept, runs)
+
+
+def test_the_report_names_the_teacher_and_the_load_beside_each_run(tmp_path):
+    spec = ComparisonSpec(seeds=1, methods=["grpo", "sft_teacher"])
+    teacher = {"path": "artifacts/comparison/teachers/sft-s0", "sha256": "ab" * 32}
+    records = [record("grpo", 0, [0.30], 100, base=True),
+               {**record("sft_teacher", 0, [0.65], 0), "teacher_model": teacher,
+                "load_average_start": [2.5, 2.0, 1.75], "load_average_end": [3.0, 2.5, 2.0], "note": "tests beside"}]
+    report = write_report(spec, records, "lenient", tmp_path, 1.0)
+    assert report["teacher_model"] == teacher and report["runs_planned"] == 2
+    md = (tmp_path / "comparison.md").read_text()
+    assert "artifacts/comparison/teachers/sft-s0" in md and "ab" * 32 in md
+    assert "| sft_teacher-s0 | 0.650 | 0 | 100 | 2.50 / 2.00 / 1.75 | 3.00 / 2.50 / 2.00 | tests beside |" in md
+    assert "grpo-s0 |" not in md  # a run that recorded no load has no line
+
+
+def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes(tmp_path):
+    """On the project's 39 runs from before issue 37 (copied): they are skipped, the teacher runs
+    first, and each new row is sized by the slowest finished run of the recipe it shares; nothing is
+    written."""
+    import shutil
+
+    from opsd.benchmarks.comparison import TEACHER_METHODS, dry_run
+    from opsd.config import REPO_ROOT
+
+    results = REPO_ROOT / "docs" / "results" / "smollm2"
+    (tmp_path / "runs").mkdir()
+    shutil.copy(results / "spec.json", tmp_path / "spec.json")
+    for path in (results / "runs").glob("*.json"):
+        if path.stem.rsplit("-s", 1)[0] not in TEACHER_METHODS:
+            shutil.copy(path, tmp_path / "runs" / path.name)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    printed = []
+    rows = dry_run(ComparisonSpec(), tmp_path, log=printed.append)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert "39 of 52 runs already done" in printed[0]
+    assert [r["run"] for r in rows][:2] == ["sft_teacher-s0", "opd_sft-s0"] and len(rows) == 13
+    walls = {p.stem: json.loads(p.read_text())["run_wall_seconds"] for p in (tmp_path / "runs").glob("*.json")}
+    slowest = {m: max(w for name, w in walls.items() if name.rsplit("-s", 1)[0] == m) for m in ("sft", "opsd_fixed", "grpo")}
+    expected = {"sft_teacher": slowest["sft"], "opd_sft": slowest["opsd_fixed"], "sft_grpo": slowest["grpo"]}
+    assert all(r["estimated_seconds"] == expected[r["method"]] for r in rows if r["method"] in expected)

@@ -364,5 +364,5 @@ def test_a_spec_json_written_before_tuning_existed_still_accepts_its_added_metho
 def test_dry_run_is_refused_where_there_is_no_plan():
     from opsd.benchmarks.bench import main
 
-    with pytest.raises(SystemExit, match="only --task sparse"):
+    with pytest.raises(SystemExit, match="--task toy has no plan to print"):
         main(["learning", "--task", "toy", "--dry-run"])
