@@ -405,13 +405,15 @@ def test_an_old_key_and_its_new_key_together_are_refused_naming_both():
 
 
 def test_the_finished_experiments_recipes_still_load():
-    """docs/results/*: the comparison's per-method overrides and the configs they ran on."""
+    """docs/results/*: the comparison's per-method overrides and the configs they ran on (the
+    rows that distil from the SFT teacher given a model reference in place of its weights)."""
     from opsd.benchmarks.comparison import ALL_METHODS, ComparisonSpec, method_overrides
 
     spec = ComparisonSpec()
     for config in ("configs/local.yaml", "configs/gsm8k.yaml"):
         for method in ALL_METHODS:
-            overrides = [o for o in method_overrides(spec, method, 0, 0.7, bare_train="data/toy/train.jsonl")
+            overrides = [o for o in method_overrides(spec, method, 0, 0.7, bare_train="data/toy/train.jsonl",
+                                                     teacher_model="tiny")
                          if not o.startswith("data.train_path=")]
             load_config(config, overrides)
 
