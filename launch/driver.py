@@ -363,10 +363,10 @@ def train(config_path: str | None, overrides: list[str]) -> Path:
         from opsd.launch.stages import train_stages
 
         return train_stages(cfg, run_path, Trainer)
-    # The config, the model and every data row are checked (Trainer) before the run directory
-    # exists; a new run that fails before its first step leaves none behind.
     if starts_local_cluster(cfg):
         check_local_capacity(cfg)  # a local cluster's size is known: refused before Ray starts
+    # The config, the model and every data row are checked (Trainer) before the run directory
+    # exists; a new run that fails before its first step leaves none behind.
     trainer = Trainer(cfg)
     if trainer.data.skipped:
         print(f"opsd: skipped {len(trainer.data.skipped)} over-long prompts (prompt.overlong=skip)")
