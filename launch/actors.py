@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from opsd.config import Config, ConfigError, notes, scorer_actors, uses_scorer
 from opsd.teachers import teacher_config
-from opsd.launch.cluster import ActorPool, custom_parts, torch_threads
+from opsd.launch.cluster import ActorPool, torch_threads
 from opsd.launch.teachers import TeacherPools
 from opsd.launch.resources import capacity_shortfall
 from opsd.launch.weights import WeightSync
@@ -163,8 +163,3 @@ def check_capacity(cfg: Config, *, strict: bool) -> None:
 def _resources(resources: dict) -> dict:
     """Ray actor options for a role's custom resources (none: no option at all)."""
     return {"resources": dict(resources)} if resources else {}
-
-
-def custom_suffix(resources: dict) -> str:
-    """' / 1 opsd_learner' for a role's custom resources."""
-    return "".join(f" / {p}" for p in custom_parts(resources))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from opsd.config import Config
-from opsd.launch.actors import custom_suffix
+from opsd.launch.resources import custom_suffix
 from opsd.launch.checkpoints import RunDir, RunState, latest_checkpoint, read_teacher, resume_hint, root_cause
 from opsd.launch.cluster import ActorPool, actor_errors
 from opsd.launch.stopping import BadSteps, LearnerLost

@@ -5,6 +5,7 @@ numbers `opsd validate` prints and the checks `opsd train` makes before and afte
 from __future__ import annotations
 
 from opsd.config import Config, ConfigError, scorer_actors
+from opsd.launch.cluster import custom_parts
 
 
 def actor_resources(cfg: Config) -> list[tuple[str, int, float, float, str]]:
@@ -48,12 +49,9 @@ def check_local_capacity(cfg: Config) -> None:
     Ray starts, as `opsd validate` refuses it. GPUs are left to check_capacity once Ray is up (a local
     cluster finds them itself)."""
     need_gpus, _ = resource_needs(cfg)
-    have = {"GPU": need_gpus}  # not known before Ray detects them: not checked here
-    if cfg.cluster.num_cpus is not None:
-        have["CPU"] = float(cfg.cluster.num_cpus)
-    else:
-        have["CPU"] = float("inf")  # Ray counts the machine's CPUs itself
-    msg = capacity_shortfall(cfg, have)
+    cpus = float("inf") if cfg.cluster.num_cpus is None else float(cfg.cluster.num_cpus)  # None: Ray counts them
+    # GPUs are not known before Ray detects them: not checked here.
+    msg = capacity_shortfall(cfg, {"GPU": need_gpus, "CPU": cpus})
     if msg is not None:
         raise ConfigError(msg)
 
@@ -69,7 +67,7 @@ def capacity_shortfall(cfg: Config, have: dict) -> str | None:
               for name, need in custom_resource_needs(cfg).items() if need > have.get(name, 0) + 1e-9]
     if not short:
         return None
-    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{_custom(getattr(cfg, role).resources)}"
+    roles = ", ".join(f"{n} {role} x {c:g} CPU / {g:g} GPU{custom_suffix(getattr(cfg, role).resources)}"
                       for role, n, c, g, _ in actor_resources(cfg))
     return (f"the run's actors need {' and '.join(short)}: {roles}. Lower the per-actor resources "
             "(rollout.num_cpus_per_worker, scorer.num_cpus_per_worker, learner.num_cpus_per_rank, the roles' "
@@ -77,6 +75,6 @@ def capacity_shortfall(cfg: Config, have: dict) -> str | None:
             "the cluster more (cluster.num_cpus for a local one)")
 
 
-def _custom(resources: dict) -> str:
+def custom_suffix(resources: dict) -> str:
     """' / 1 opsd_learner' for a role's custom resources."""
-    return "".join(f" / {amount:g} {name}" for name, amount in resources.items())
+    return "".join(f" / {p}" for p in custom_parts(resources))
