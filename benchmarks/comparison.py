@@ -365,6 +365,11 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def _mean_pm(mean: float, std: float, n: int, spec: str) -> str:
+    """'0.328 ± 0.033'; one value alone has no spread to show (its sample std is undefined)."""
+    return f"{mean:{spec}} ± {std:{spec}}" if n > 1 else f"{mean:{spec}}"
+
+
 def summarize(by_method: dict[str, list[dict]]) -> dict:
     """Final accuracy over seeds; generated tokens (and wall time) to reach GRPO's final mean
     accuracy, on the mean curves; and the OPSD/GRPO token ratio seed by seed (seed s of a method
@@ -441,9 +446,10 @@ def table(report: dict) -> str:
              "seeds (n - 1)."]
     for m, r in s["methods"].items():
         ratios = r.get("token_ratio_per_seed") or []
-        per_seed = (f"{statistics.fmean(ratios):.2f} ± {_std(ratios):.2f} ({len(ratios)})" if ratios else "—")
+        per_seed = (f"{_mean_pm(statistics.fmean(ratios), _std(ratios), len(ratios), '.2f')} ({len(ratios)})"
+                    if ratios else "—")
         lines.append(
-            f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {r['final_accuracy_mean']:.3f} ± {r['final_accuracy_std']:.3f} "
+            f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {_mean_pm(r['final_accuracy_mean'], r['final_accuracy_std'], len(r['seeds']), '.3f')} "
             f"| {', '.join(f'{a:.3f}' for a in r['final_accuracies'])} | {r['final_format_rate_mean']:.2f} "
             f"| {r['tokens_generated_total_mean']:,.0f} | {fmt(r.get('tokens_to_grpo_final'), ',.0f')} "
             f"| {fmt(r.get('token_ratio_vs_grpo'), '.2f')} | {per_seed} | {r['train_wall_seconds_mean']:.0f} "
