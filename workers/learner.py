@@ -15,6 +15,7 @@ composes three roles, each in a module of its own (docs/DESIGN.md, "The learner"
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -38,6 +39,46 @@ from opsd.workers.transports.broadcast import open_store
 # How long a rank waits for the others to reach the learner group's rendezvous (torch's own
 # default for a process group).
 RENDEZVOUS_TIMEOUT = timedelta(minutes=30)
+
+
+# A rank that dies in a collective is often seen first through a survivor: its collective fails
+# ("Connection closed by peer") a moment before Ray reports the death of the rank itself. How long
+# the first failed call waits for the other ranks' calls to show whether one of them died.
+DEATH_GRACE_S = 60.0
+
+
+def rank_failure(refs: list, grace_s: float = DEATH_GRACE_S) -> BaseException | None:
+    """None when every rank's call succeeded; else the error to raise for the group.
+
+    A rank's death (an actor error) wins over any other failure seen within ``grace_s`` before
+    it: the survivors' failed collectives are only its consequence, and only a death is what the
+    driver recovers from (launch/recovery.py, ``learner_died``). The grace is spent only while
+    other calls are still running and none has died; calls that all end sooner end it sooner."""
+    import ray
+
+    def error_of(ref) -> BaseException | None:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            return exc
+        return None
+
+    died = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        first = error_of(done[0])
+        if first is None:
+            continue
+        if isinstance(first, died):
+            return first
+        deadline = time.monotonic() + grace_s
+        while pending and (left := deadline - time.monotonic()) > 0:
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if done and isinstance(later := error_of(done[0]), died):
+                return later
+        return first
+    return None
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -248,17 +289,14 @@ class LearnerGroup:
 
     def _wait_all(self, refs: list) -> list:
         """The results of one call per rank. If one fails, the others may wait forever in a
-        collective: kill the group and raise the first error instead of hanging."""
+        collective: kill the group and raise the error instead of hanging (:func:`rank_failure`
+        says which error)."""
         import ray
 
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayError:
-                self.shutdown()
-                raise
+        error = rank_failure(refs)
+        if error is not None:
+            self.shutdown()
+            raise error
         return ray.get(refs)
 
     def train_step(self, table: pa.Table) -> dict:
