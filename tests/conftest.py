@@ -8,10 +8,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Groups for `pytest -n N --dist loadgroup` (make test): a file's tests run in one worker, so
     its module fixtures are built once; the tests that read the shared `opsd train` run (cli_run)
-    run in one worker, so that run is made once. Without -n the marks do nothing."""
+    run in one worker, so that run is made once. Without -n the marks do nothing.
+
+    tryfirst: xdist reads the marks in a hook of its own, registered after this file, which pluggy
+    would otherwise call first. Without it (or under pytest 9, see pyproject.toml) the groups are
+    ignored: a file's tests are spread over both workers and each worker makes its own cli_run."""
     for item in items:
         group = "cli_run" if "cli_run" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

@@ -148,8 +148,10 @@ OTHER_HEAD = ("The following worked example is of a different problem, not of th
               "solved, and its answer is not this problem's answer.\n")
 
 
-@pytest.mark.parametrize("context", [pytest.param("answer", marks=pytest.mark.slow),
-                                     pytest.param("none", marks=pytest.mark.slow), "other_problem"])
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; each context's prompt
+# is checked in tests/unit/test_contexts.py, and a plug-in objective's loss through a run above.
+@pytest.mark.slow
+@pytest.mark.parametrize("context", ["answer", "none", "other_problem"])
 def test_a_context_builds_the_teacher_prompt_it_claims_and_the_position_weight_reaches_the_loss(
         context, tmp_path, tiny_model, ray_session):
     """One step of the squared-gap objective (tests/plugins) under each context, with PW-OPSD's

@@ -62,6 +62,9 @@ def test_opsd_with_the_anchor_and_truncated_samples_masked(tmp_path, ray_session
     assert not rows[0]["no_loss_tokens"] and _weights_moved(run, tiny_model, 2) > 1e-4
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the masks
+# themselves are checked in tests/unit/test_guards.py and through a run by the test above.
+@pytest.mark.slow
 def test_a_step_whose_every_sample_is_masked_updates_nothing(tmp_path, ray_session, tiny_model):
     run = train(TINY, local_overrides(
         tmp_path, "loss.mask_truncated=true", "rollout.max_tokens=2", "train.prompts_per_step=4", "train.steps=1",

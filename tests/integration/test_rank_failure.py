@@ -11,9 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from opsd.workers.learner import rank_failure
-
 pytestmark = pytest.mark.integration
+
+
+def rank_failure(*args, **kwargs):
+    # Imported here, not above: the actors below unpickle this module in their own processes,
+    # which then need none of the learner's imports (torch, DeepSpeed).
+    from opsd.workers.learner import rank_failure
+
+    return rank_failure(*args, **kwargs)
 
 
 class Signal:

@@ -135,9 +135,11 @@ def run_of(tmp_path, tiny_model):
         r.kill()
 
 
-# Only the group SIGTERM is in the default run; SIGHUP, the second signal and kill -9 are slow
-# (`make test-slow`): the default run stays under 20 minutes on 2 cores.
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)],
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores. A SIGTERM's stop,
+# checkpoint and resume are in the default run through test_resume.py (the signal sent to the
+# driver's main thread) and the handler's two signals in tests/unit/test_checkpoints.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP],
                          ids=["SIGTERM", "SIGHUP"])
 def test_a_signal_to_the_whole_process_group_stops_the_run_with_a_checkpoint(run_of, signum):
     started = time.time()

@@ -60,6 +60,10 @@ class DiesOnItsSecondRollout(RolloutWorker):
         return super().generate(*args, **kwargs)
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; a rollout actor's
+# death and catch-up are covered by tests/integration/test_cluster.py, a pool surviving a kill by
+# test_teachers.py, and overlap with the learner by the fixed-teacher test above.
+@pytest.mark.slow
 def test_a_rollout_worker_lost_while_the_learner_trains_is_recovered_in_the_next_step(
     tmp_path, ray_session, monkeypatch
 ):

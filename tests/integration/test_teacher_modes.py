@@ -75,6 +75,9 @@ def test_fixed_teacher_never_changes(tmp_path, tiny_model, ray_session):
     assert versions == [0] and [m["teacher_version"] for m in metrics] == [0, 0]
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; a live teacher
+# scored on the rollout engines, which follow the policy by construction, is in test_engine_scoring.py.
+@pytest.mark.slow
 def test_live_teacher_follows_the_policy(tmp_path, tiny_model, ray_session):
     history, teacher, versions, metrics = run(tmp_path, "teacher.mode=live")
     assert_close(teacher, history[-1], list(history[-1]), atol=0)

@@ -12,6 +12,9 @@ from .conftest import make_trainer
 pytestmark = pytest.mark.integration
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the threads each
+# role is given are computed and checked in tests/unit/test_config.py (actor_threads).
+@pytest.mark.slow
 def test_every_role_runs_the_threads_its_config_names(tmp_path, ray_session):
     # configs/tiny.yaml reserves 1 CPU per rollout worker, 0.5 per scorer and 0.25 per learner rank.
     trainer, run = make_trainer(tmp_path, "rollout.num_threads=2", "scorer.num_threads=2", "train.steps=1",

@@ -259,6 +259,9 @@ def test_collective_push_with_a_dead_receiver(cli_run, tiny_model, ray_session):
         group.shutdown()
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; plug-ins through
+# the registries reach a real run in test_contexts.py, and every built-in transport is tested above.
+@pytest.mark.slow
 def test_a_transport_added_through_the_registry_alone_carries_every_push(tmp_path, tiny_model, ray_session):
     """tests/plugins/directory_transport.py is a transport of its own (a safetensors file per
     bucket in a directory), named in the config by ``module:attribute``: the learner sends through
