@@ -36,6 +36,9 @@ def batches(run):
     return [read_ipc(p) for p in sorted((run / "batches").glob("step_*.arrow"))]
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the majority context's
+# choice is checked in tests/unit/test_contexts.py, and a context plug-in through a run below.
+@pytest.mark.slow
 def test_a_solution_free_majority_teacher_trains_on_bare_problems(tmp_path, tiny_model, ray_session):
     from transformers import AutoTokenizer
 
@@ -79,6 +82,9 @@ def test_a_solution_free_majority_teacher_trains_on_bare_problems(tmp_path, tiny
     assert labelled > 0, "no prompt reached agreement: the test checked nothing"
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the contexts it builds
+# and the targets the scorer is asked for are checked in tests/unit/test_contexts.py.
+@pytest.mark.slow
 def test_contrastive_targets_are_the_teacher_under_each_context(tmp_path, tiny_model, ray_session):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
