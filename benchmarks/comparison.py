@@ -473,12 +473,16 @@ def table(report: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def runs_with_load(records: list[dict]) -> list[dict]:
-    """One line per run that recorded the load beside it (issue 37 on): what the table's wall times ran under."""
+def runs_with_load(records: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """One line per run that recorded the load beside it (issue 37 on): what the table's wall times ran
+    under; in the spec's method order, then by seed (not in the order the records were read, which
+    depends on which runs a session did)."""
+    kept = sorted((r for r in records if r.get("load_average_start") is not None),
+                  key=lambda r: (methods.index(r["method"]) if r["method"] in methods else len(methods), r["seed"]))
     return [{"run": f"{r['method']}-s{r['seed']}", "accuracy": r["evals"][-1]["accuracy"],
              "tokens": r["steps"][-1]["tokens_generated_total"], "wall": r["run_wall_seconds"],
              "load_start": r["load_average_start"], "load_end": r["load_average_end"], "note": r.get("note")}
-            for r in records if r.get("load_average_start") is not None]
+            for r in kept]
 
 
 def plot(report: dict, by_method: dict[str, list[dict]], out: Path) -> Path:
@@ -629,7 +633,7 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
               "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in records),
               "this_session_seconds": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     report["summary"] = summarize(by_method)
-    report["runs_with_load"] = runs_with_load(records)
+    report["runs_with_load"] = runs_with_load(records, tuple(spec.methods))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "comparison.md").write_text(table(report))

@@ -245,6 +245,17 @@ def test_the_report_names_the_teacher_and_the_load_beside_each_run(tmp_path):
     assert "grpo-s0 |" not in md  # a run that recorded no load has no line
 
 
+def test_the_load_lines_follow_the_spec_not_the_order_the_runs_were_read(tmp_path):
+    spec = ComparisonSpec(seeds=2, methods=["sft_teacher", "opd_sft", "sft_opsd"])
+    loaded = {"load_average_start": [1.0, 1.0, 1.0], "load_average_end": [1.0, 1.0, 1.0]}
+    records = [{**record(m, seed, [0.5], 10), **loaded}
+               for m, seed in (("sft_opsd", 0), ("opd_sft", 1), ("sft_teacher", 0), ("opd_sft", 0))]
+    for order in (records, records[::-1]):
+        report = write_report(spec, order, "lenient", tmp_path, 1.0)
+        assert [r["run"] for r in report["runs_with_load"]] == ["sft_teacher-s0", "opd_sft-s0", "opd_sft-s1",
+                                                                 "sft_opsd-s0"]
+
+
 def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes(tmp_path):
     """On the project's 39 runs from before issue 37 (copied): they are skipped, the teacher runs
     first, and each new row is sized by the slowest finished run of the recipe it shares; nothing is
