@@ -81,7 +81,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -626,10 +626,15 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
 
     base = next((r["evals"][0] for r in records if r["evals"] and r["evals"][0]["step"] == 0), None)
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
+    # Every method with records, in ALL_METHODS' order: a chunk run with --methods redraws the whole
+    # report (it is the project's record in docs/results), not its own methods' rows alone.
+    shown = [m for m in ALL_METHODS if m in spec.methods or any(r["method"] == m for r in records)]
+    shown += [m for m in spec.methods if m not in shown]
     by_method = {m: curves_with_base([r for r in records if r["method"] == m], base_point)
-                 for m in spec.methods if any(r["method"] == m for r in records)}
+                 for m in shown if any(r["method"] == m for r in records)}
     report = {"spec": asdict(spec), "extract": extract, "machine": machine(),
-              "runs_done": len(records), "runs_planned": spec.runs_planned(), "teacher_model": teacher_of(records),
+              "runs_done": len(records), "runs_planned": replace(spec, methods=shown).runs_planned(),
+              "teacher_model": teacher_of(records),
               "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in records),
               "this_session_seconds": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     report["summary"] = summarize(by_method)
@@ -760,7 +765,7 @@ def dry_run(spec: ComparisonSpec, out_dir: str | Path, log: Callable[[str], None
     todo = run_order(spec.methods, spec.seeds, {(r["method"], r["seed"]) for r in done})
     rows = [{"run": f"{m}-s{s}", "method": m, "seed": s, **dict(zip(("estimated_seconds", "like"), estimate(m, done)))}
             for m, s in todo]
-    lines = [f"learning: {len(done)} of {spec.runs_planned()} runs already done in {out_dir / 'runs'}; "
+    lines = [f"learning: {spec.runs_planned() - len(todo)} of {spec.runs_planned()} runs already done in {out_dir / 'runs'}; "
              f"{len(todo)} to go, in this order:", "",
              "| # | run | method | estimated s | as the slowest of |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {i} | {r['run']} | {LABELS.get(r['method'], r['method'])} | {fmt(r['estimated_seconds'], ',.0f')} "
@@ -802,7 +807,8 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
     done = load_done()
     finished = {(r["method"], r["seed"]) for r in done}
     todo = run_order(spec.methods, spec.seeds, finished)
-    log(f"learning: {len(finished)} of {spec.runs_planned()} runs already done in {runs_out}; "
+    planned_done = spec.runs_planned() - len(todo)  # of this command's methods (--methods: a subset)
+    log(f"learning: {planned_done} of {spec.runs_planned()} runs already done in {runs_out}; "
         f"{len(todo)} to go")
     if any(m in READS_TEACHER for m, _ in todo) and not any(m == "sft_teacher" for m, _ in todo):
         teacher_path(teacher_of(done), runs_out)  # refused now, not after the runs before it
@@ -827,7 +833,8 @@ def run_comparison(spec: ComparisonSpec, out_dir: str | Path, work_dir: str | Pa
                                                                  str(bare_training_set(base_cfg, work)), teacher)]
             if has_base:
                 overrides.append("eval.at_start=false")  # the shared step-0 point is measured already
-            log(f"learning: {method} seed {seed} ({len(done) + 1} of {spec.runs_planned()})")
+            planned_done += 1
+            log(f"learning: {method} seed {seed} ({planned_done} of {spec.runs_planned()})")
             load_start = load_average()
             t0 = time.perf_counter()
             train(config, overrides)

@@ -256,6 +256,16 @@ def test_the_load_lines_follow_the_spec_not_the_order_the_runs_were_read(tmp_pat
                                                                  "sft_opsd-s0"]
 
 
+def test_a_chunk_run_of_some_methods_redraws_every_methods_rows(tmp_path):
+    # `--methods sft_opsd` on the project's record directory: the report keeps the other rows.
+    records = [record("grpo", 0, [0.30], 100, base=True), record("sft", 0, [0.60], 0),
+               record("sft_opsd", 0, [0.45], 50)]
+    report = write_report(ComparisonSpec(seeds=1, methods=["sft_opsd"]), records, "lenient", tmp_path, 1.0)
+    assert list(report["summary"]["methods"]) == ["grpo", "sft", "sft_opsd"]
+    assert report["runs_planned"] == 3 and report["runs_done"] == 3
+    assert "| SFT |" in (tmp_path / "comparison.md").read_text()
+
+
 def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes(tmp_path):
     """On the project's 39 runs from before issue 37 (copied): they are skipped, the teacher runs
     first, and each new row is sized by the slowest finished run of the recipe it shares; nothing is
