@@ -475,7 +475,7 @@ def table(report: dict) -> str:
 
 def runs_with_load(records: list[dict], methods: tuple[str, ...]) -> list[dict]:
     """One line per run that recorded the load beside it (issue 37 on): what the table's wall times ran
-    under; in the spec's method order, then by seed (not in the order the records were read, which
+    under; in the report's method order, then by seed (not in the order the records were read, which
     depends on which runs a session did)."""
     kept = sorted((r for r in records if r.get("load_average_start") is not None),
                   key=lambda r: (methods.index(r["method"]) if r["method"] in methods else len(methods), r["seed"]))
@@ -638,7 +638,7 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
               "run_wall_seconds_total": sum(r["run_wall_seconds"] for r in records),
               "this_session_seconds": elapsed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     report["summary"] = summarize(by_method)
-    report["runs_with_load"] = runs_with_load(records, tuple(spec.methods))
+    report["runs_with_load"] = runs_with_load(records, tuple(shown))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / "comparison.md").write_text(table(report))

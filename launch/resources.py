@@ -50,8 +50,7 @@ def check_local_capacity(cfg: Config) -> None:
     cluster finds them itself)."""
     need_gpus, _ = resource_needs(cfg)
     cpus = float("inf") if cfg.cluster.num_cpus is None else float(cfg.cluster.num_cpus)  # None: Ray counts them
-    # GPUs are not known before Ray detects them: not checked here.
-    msg = capacity_shortfall(cfg, {"GPU": need_gpus, "CPU": cpus})
+    msg = capacity_shortfall(cfg, {"GPU": need_gpus, "CPU": cpus})  # GPUs: as many as needed, unchecked
     if msg is not None:
         raise ConfigError(msg)
 
