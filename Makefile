@@ -41,9 +41,10 @@ train: setup
 # tests' actors mostly wait on each other's start-up, so two files at a time use the cores better.
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-# DeepSpeed builds its CPU ops (the shm allreduce) on first use under ~/.cache/torch_extensions,
-# one folder per op name: two checkouts with venvs of their own would rebuild each other's build
-# on every run (2-3 minutes each on 2 cores). The tests build into the venv instead.
+# DeepSpeed builds its CPU ops (CPU Adam, for learner.offload_optimizer) on first use under
+# ~/.cache/torch_extensions, one folder per op name: two checkouts with venvs of their own would
+# rebuild each other's build on every run (minutes each on 2 cores). The tests build into the venv
+# instead. (The learner starts without the shm allreduce op: workers/deepspeed_compat.py.)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 test: setup sandbox

@@ -1,14 +1,17 @@
-"""The two places where opsd reaches into DeepSpeed, where DeepSpeed has no public hook
+"""The three places where opsd reaches into DeepSpeed, where DeepSpeed has no public hook
 (docs/DESIGN.md, "DeepSpeed"). Everything else the learner does goes through DeepSpeed's public API.
 
 Checked against the versions in :data:`CHECKED`: their engine keeps its checkpoint reader in
 ``engine.checkpoint_engine.load(path, map_location)`` and steps its optimizer through
-``engine.optimizer.step()`` inside ``engine.step()``. On any other version :func:`check_version`
-refuses to start the learner, naming this file, rather than let either hook silently miss.
+``engine.optimizer.step()`` inside ``engine.step()``, and their torch communication backend gets
+its CPU shared-memory op from ``deepspeed.comm.torch.build_shm_op()``. On any other version
+:func:`check_version` refuses to start the learner, naming this file, rather than let a hook
+silently miss.
 """
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -21,10 +24,30 @@ def check_version() -> None:
     if deepspeed.__version__ not in CHECKED:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} is installed; opsd's two hooks into its internals "
-            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step) were checked against "
+            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op) were checked against "
             f"{', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check both "
             "hooks against this version and add it to CHECKED"
         )
+
+
+def without_shm_comm_op() -> None:
+    """Make the next ``deepspeed.init_distributed`` start its backend without the CPU shared-memory op.
+
+    On CPU, ``deepspeed.init_distributed`` compiles that C++ op on first use (one to two minutes on
+    2 cores; it needs a compiler at run time) and loads it in every rank. Its one use is
+    ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference), which training never calls:
+    ZeRO's collectives go through torch.distributed (gloo here). The build also holds a file lock
+    under ``TORCH_EXTENSIONS_DIR``; a process killed while building leaves that lock behind, and
+    every later learner then waited on it without a word. Without the op the backend's
+    ``inference_all_reduce`` falls back to torch.distributed, as DeepSpeed does on machines where
+    the op cannot be built."""
+    # by module path: `import deepspeed.comm.torch as ...` gives the torch package, which
+    # deepspeed.comm re-exports under that name
+    backend = importlib.import_module("deepspeed.comm.torch")
+    if not callable(getattr(backend, "build_shm_op", None)):
+        raise RuntimeError("this DeepSpeed has no deepspeed.comm.torch.build_shm_op to replace "
+                           "(workers/deepspeed_compat.py)")
+    backend.build_shm_op = lambda: None
 
 
 def load_checkpoints_as_tensors(engine: Any) -> None:

@@ -27,7 +27,7 @@ from opsd.config import Config, actor_threads
 from opsd.losses import fp32_lm_head
 from opsd.lora import peft_config
 from opsd.objectives import objective
-from opsd.workers.deepspeed_compat import check_version
+from opsd.workers.deepspeed_compat import check_version, without_shm_comm_op
 from opsd.workers.learner_checkpoints import Checkpoints
 from opsd.workers.learner_export import WeightExport
 from opsd.workers.learner_training import (
@@ -155,6 +155,8 @@ class LearnerRank:
         import deepspeed
 
         check_version()
+        if self.cpu:
+            without_shm_comm_op()
         deepspeed.init_distributed(dist_backend="gloo" if self.cpu else "nccl", auto_mpi_discovery=False)
         torch.manual_seed(self.cfg.train.seed)
         model = self._load_model()

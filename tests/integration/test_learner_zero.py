@@ -76,6 +76,9 @@ def test_zero_matches_single_process(stage, checkpointing, head_path, cli_run, t
     try:
         # Recomputing activations in the backward pass must change nothing but memory.
         assert [i["gradient_checkpointing"] for i in group.info] == [checkpointing] * 2
+        # No rank built or loaded DeepSpeed's CPU shm op (deepspeed_compat.without_shm_comm_op):
+        # the reductions below go through gloo alone, and still match the reference.
+        assert ray_session.get([r.__ray_call__.remote(_shm_op_state) for r in group.ranks]) == [(None, False)] * 2
         losses = []
         for table in tables:
             stats = group.train_step(table)
@@ -92,6 +95,14 @@ def test_zero_matches_single_process(stage, checkpointing, head_path, cli_run, t
     # weights get 1e-5 absolute (1% of one lr=1e-3 step); a wrong update is off by ~lr.
     for name, ref in ref_params.items():
         torch.testing.assert_close(state[name], ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _shm_op_state(rank) -> tuple:
+    """In a learner rank: DeepSpeed's shm op as its backend holds it, and whether the op's
+    all-reduce is registered with torch."""
+    import deepspeed.comm.comm as ds_comm
+
+    return ds_comm.cdb.shm_comm_op, hasattr(torch.ops.deepspeed, "inference_all_reduce_")
 
 
 def _with_large_logits(tiny_model: str, out) -> str:

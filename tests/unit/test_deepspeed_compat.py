@@ -1,8 +1,9 @@
-"""workers/deepspeed_compat.py: the two hooks into DeepSpeed's internals, and the refusal to run
+"""workers/deepspeed_compat.py: the three hooks into DeepSpeed's internals, and the refusal to run
 them on a DeepSpeed they were not checked against."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import pickle
 from types import SimpleNamespace
@@ -66,3 +67,13 @@ def test_a_skipped_optimizer_step_changes_nothing_and_the_next_one_steps():
     assert schedule.last_epoch == 1 and math.isclose(optimizer.param_groups[0]["lr"], 0.02)
     assert not torch.equal(w.detach(), before)
     assert vars(optimizer)["step"] is own_step and "step" not in vars(schedule)
+
+
+def test_the_backend_is_started_without_the_shm_op_and_a_deepspeed_without_the_hook_is_refused(monkeypatch):
+    backend = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: that is the torch package
+    monkeypatch.setattr(backend, "build_shm_op", backend.build_shm_op)  # DeepSpeed's own, put back after the test
+    deepspeed_compat.without_shm_comm_op()
+    assert backend.build_shm_op() is None
+    monkeypatch.delattr(backend, "build_shm_op")
+    with pytest.raises(RuntimeError, match=r"no deepspeed\.comm\.torch\.build_shm_op.*deepspeed_compat\.py"):
+        deepspeed_compat.without_shm_comm_op()
