@@ -252,8 +252,8 @@ def static_teacher(cfg: Config, builder: PromptBuilder, view: DatasetView):
     ctx = context(cfg.teacher.context)
     if ctx.uses_samples:
         return lambda problem: None
-    templates = builder.templates()
-    return lambda problem: ctx.build(cfg, ContextInput(problem, other=view.other(problem.uid), seed=cfg.train.seed),
+    templates, seed = builder.templates(), cfg.train.seed
+    return lambda problem: ctx.build(cfg, ContextInput(problem, other=view.other(problem.uid), seed=seed),
                                      templates)[PRIMARY]
 
 
