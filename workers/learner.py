@@ -14,7 +14,9 @@ composes three roles, each in a module of its own (docs/DESIGN.md, "The learner"
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -115,6 +117,33 @@ def deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with TorchDynamo off, before ``deepspeed.initialize``.
+
+    ZeRO imports that module to ask whether the optimizer is Muon (``is_zero_supported_optimizer``,
+    and again in its gradient reduction), and the module ``torch.compile``s its kernels as it is
+    imported, which loads TorchInductor: 1.2-1.3 s of CPU per rank on these 2-core machines (after
+    transformers, which loads TorchDynamo anyway), for an optimizer opsd never builds (its optimizer
+    is AdamW). Imported with
+    ``TORCHDYNAMO_DISABLE=1`` those kernels stay plain Python functions and Inductor is never
+    loaded; nothing else in the learner compiles, so the step is the same. A DeepSpeed without
+    that module is left as it is."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 class LearnerRank:
     """One rank of the group. Construct, then call ``setup`` on all ranks at once."""
 
@@ -162,6 +191,7 @@ class LearnerRank:
         model = self._load_model()
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         trainable = [p for p in model.parameters() if p.requires_grad]
+        import_muon_uncompiled()
         self.engine, _, _, _ = deepspeed.initialize(
             model=PolicyLoss(model, loss_spec(self.cfg), self.cfg.model.lm_head_path), model_parameters=trainable,
             config=deepspeed_config(self.cfg),
