@@ -1,10 +1,11 @@
-"""The three places where opsd reaches into DeepSpeed, where DeepSpeed has no public hook
+"""The places where opsd reaches into DeepSpeed, where DeepSpeed has no public hook
 (docs/DESIGN.md, "DeepSpeed"). Everything else the learner does goes through DeepSpeed's public API.
 
 Checked against the versions in :data:`CHECKED`: their engine keeps its checkpoint reader in
 ``engine.checkpoint_engine.load(path, map_location)`` and steps its optimizer through
 ``engine.optimizer.step()`` inside ``engine.step()``, and their torch communication backend gets
-its CPU shared-memory op from ``deepspeed.comm.torch.build_shm_op()``. On any other version
+its CPU shared-memory op from ``deepspeed.comm.torch.build_shm_op()``; ZeRO imports the Muon
+optimizer module ``deepspeed.runtime.zero.muon.muon_optimizer``. On any other version
 :func:`check_version` refuses to start the learner, naming this file, rather than let a hook
 silently miss.
 """
@@ -12,6 +13,8 @@ silently miss.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -24,7 +27,7 @@ def check_version() -> None:
     if deepspeed.__version__ not in CHECKED:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} is installed; opsd's two hooks into its internals "
-            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op) were checked against "
+            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op, the Muon import) were checked against "
             f"{', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check both "
             "hooks against this version and add it to CHECKED"
         )
@@ -48,6 +51,33 @@ def without_shm_comm_op() -> None:
         raise RuntimeError("this DeepSpeed has no deepspeed.comm.torch.build_shm_op to replace "
                            "(workers/deepspeed_compat.py)")
     backend.build_shm_op = lambda: None
+
+
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with TorchDynamo off, before ``deepspeed.initialize``.
+
+    ZeRO imports that module to ask whether the optimizer is Muon (``is_zero_supported_optimizer``,
+    and again in its gradient reduction), and the module ``torch.compile``s its kernels as it is
+    imported, which loads TorchInductor: 1.2-1.3 s of CPU per rank on these 2-core machines (after
+    transformers, which loads TorchDynamo anyway), for an optimizer opsd never builds (its optimizer
+    is AdamW). Imported with
+    ``TORCHDYNAMO_DISABLE=1`` those kernels stay plain Python functions and Inductor is never
+    loaded; nothing else in the learner compiles, so the step is the same. A DeepSpeed without
+    that module is left as it is."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        if before is None:
+            del os.environ["TORCHDYNAMO_DISABLE"]
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 def load_checkpoints_as_tensors(engine: Any) -> None:

@@ -14,9 +14,7 @@ composes three roles, each in a module of its own (docs/DESIGN.md, "The learner"
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -29,7 +27,7 @@ from opsd.config import Config, actor_threads
 from opsd.losses import fp32_lm_head
 from opsd.lora import peft_config
 from opsd.objectives import objective
-from opsd.workers.deepspeed_compat import check_version, without_shm_comm_op
+from opsd.workers.deepspeed_compat import check_version, import_muon_uncompiled, without_shm_comm_op
 from opsd.workers.learner_checkpoints import Checkpoints
 from opsd.workers.learner_export import WeightExport
 from opsd.workers.learner_training import (
@@ -115,33 +113,6 @@ def deepspeed_config(cfg: Config) -> dict:
     if lc.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     return ds
-
-
-def import_muon_uncompiled() -> None:
-    """Import DeepSpeed's Muon optimizer module with TorchDynamo off, before ``deepspeed.initialize``.
-
-    ZeRO imports that module to ask whether the optimizer is Muon (``is_zero_supported_optimizer``,
-    and again in its gradient reduction), and the module ``torch.compile``s its kernels as it is
-    imported, which loads TorchInductor: 1.2-1.3 s of CPU per rank on these 2-core machines (after
-    transformers, which loads TorchDynamo anyway), for an optimizer opsd never builds (its optimizer
-    is AdamW). Imported with
-    ``TORCHDYNAMO_DISABLE=1`` those kernels stay plain Python functions and Inductor is never
-    loaded; nothing else in the learner compiles, so the step is the same. A DeepSpeed without
-    that module is left as it is."""
-    name = "deepspeed.runtime.zero.muon.muon_optimizer"
-    if name in sys.modules:
-        return
-    before = os.environ.get("TORCHDYNAMO_DISABLE")
-    os.environ["TORCHDYNAMO_DISABLE"] = "1"
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass
-    finally:
-        if before is None:
-            del os.environ["TORCHDYNAMO_DISABLE"]
-        else:
-            os.environ["TORCHDYNAMO_DISABLE"] = before
 
 
 class LearnerRank:

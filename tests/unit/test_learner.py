@@ -1,4 +1,4 @@
-"""workers/learner.py: what a rank does before its first step."""
+"""What a learner rank does before its first step: workers/deepspeed_compat.py's Muon import."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ PROBE = """
 import json, os, sys
 import torch
 from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
-from opsd.workers.learner import import_muon_uncompiled
+from opsd.workers.deepspeed_compat import import_muon_uncompiled
 MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 import_muon_uncompiled()
 seen = {"inductor": "torch._inductor.compile_fx" in sys.modules, "env": os.environ.get("TORCHDYNAMO_DISABLE"),
