@@ -346,7 +346,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     s.add_argument("--sample-every", type=int, default=25, help="sample every N steps (default 25)")
-    s.add_argument("--out", default="docs/bench/soak", help="where soak.json and soak.png go (default docs/bench/soak)")
+    s.add_argument("--out", default="runs/bench/soak", help="where soak.json and soak.png go (default: runs/bench/soak, "
+                   "untracked; the project's own record is docs/bench/soak: name it to update it)")
     s = sub.add_parser("task", help="student vs teacher prompt on a task before training: greedy accuracy (strict "
                        "and lenient) and the reference's log-prob per token (benchmarks/task_report.py)")
     s.add_argument("config", nargs="?", help="YAML config (default: configs/local.yaml)")

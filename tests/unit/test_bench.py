@@ -166,6 +166,25 @@ def test_learning_reports_go_to_an_untracked_folder_by_default():
     assert len(commands) >= 3 and all("--out docs/results" in c for c in commands), commands
 
 
+def test_no_bench_writes_into_a_tracked_folder_by_default():
+    """Every `opsd bench` subcommand's default --out is git-ignored (docs/bench/soak, the project's
+    soak record, was once the soak's default: a user's soak overwrote it)."""
+    import argparse
+
+    from opsd.benchmarks.bench import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    defaults = {name: a.default for name, p in sub.choices.items() for a in p._actions if "--out" in a.option_strings}
+    assert "soak" in defaults and "learning" in defaults
+    for name, out in defaults.items():
+        if out is None:  # chosen per task at run time (test above)
+            continue
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/report.json"], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, f"opsd bench {name}: --out defaults to {out}, which git tracks"
+
+
 def test_bench_step_head_paths_runs_each_path_in_one_invocation(monkeypatch):
     """`opsd bench step --head-paths module auto` (issue 40): one opsd run per path, in order, each
     with model.lm_head_path set, and each run's step time against the first's."""
