@@ -26,10 +26,10 @@ def check_version() -> None:
 
     if deepspeed.__version__ not in CHECKED:
         raise RuntimeError(
-            f"DeepSpeed {deepspeed.__version__} is installed; opsd's two hooks into its internals "
-            f"(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op, the Muon import) were checked against "
-            f"{', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check both "
-            "hooks against this version and add it to CHECKED"
+            f"DeepSpeed {deepspeed.__version__} is installed; opsd's hooks into its internals "
+            "(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op, the Muon import) "
+            f"were checked against {', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check each "
+            "hook against this version and add it to CHECKED"
         )
 
 
@@ -60,10 +60,9 @@ def import_muon_uncompiled() -> None:
     and again in its gradient reduction), and the module ``torch.compile``s its kernels as it is
     imported, which loads TorchInductor: 1.2-1.3 s of CPU per rank on these 2-core machines (after
     transformers, which loads TorchDynamo anyway), for an optimizer opsd never builds (its optimizer
-    is AdamW). Imported with
-    ``TORCHDYNAMO_DISABLE=1`` those kernels stay plain Python functions and Inductor is never
-    loaded; nothing else in the learner compiles, so the step is the same. A DeepSpeed without
-    that module is left as it is."""
+    is AdamW). Imported with ``TORCHDYNAMO_DISABLE=1`` those kernels stay plain Python functions
+    and Inductor is never loaded; nothing else in the learner compiles, so the step is the same. A
+    DeepSpeed without that module is left as it is."""
     name = "deepspeed.runtime.zero.muon.muon_optimizer"
     if name in sys.modules:
         return

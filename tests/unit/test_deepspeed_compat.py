@@ -1,5 +1,5 @@
-"""workers/deepspeed_compat.py: the three hooks into DeepSpeed's internals, and the refusal to run
-them on a DeepSpeed they were not checked against."""
+"""workers/deepspeed_compat.py: the hooks into DeepSpeed's internals, and the refusal to run
+them on a DeepSpeed they were not checked against (the Muon import: tests/unit/test_learner.py)."""
 
 from __future__ import annotations
 
