@@ -628,10 +628,11 @@ def write_report(spec: ComparisonSpec, records: list[dict], extract: str, out_di
     base_point = {k: base[k] for k in ("accuracy", "format_rate", "response_len")} if base else None
     # Every method with records, in ALL_METHODS' order: a chunk run with --methods redraws the whole
     # report (it is the project's record in docs/results), not its own methods' rows alone.
-    shown = [m for m in ALL_METHODS if m in spec.methods or any(r["method"] == m for r in records)]
+    recorded = {r["method"] for r in records}
+    shown = [m for m in ALL_METHODS if m in spec.methods or m in recorded]
     shown += [m for m in spec.methods if m not in shown]
     by_method = {m: curves_with_base([r for r in records if r["method"] == m], base_point)
-                 for m in shown if any(r["method"] == m for r in records)}
+                 for m in shown if m in recorded}
     report = {"spec": asdict(spec), "extract": extract, "machine": machine(),
               "runs_done": len(records), "runs_planned": replace(spec, methods=shown).runs_planned(),
               "teacher_model": teacher_of(records),
