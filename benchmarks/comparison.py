@@ -440,8 +440,9 @@ def table(report: dict) -> str:
         "| reward first→last |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    notes = ["", "KL: the mean sampled-token estimate of KL(student || teacher), shown for OPSD only (it is a KL "
-             "only along the student's own samples, and GRPO and SFT have no teacher). first→last: the means of "
+    notes = ["", "KL: the mean sampled-token estimate of KL(student || teacher), shown for the rows that "
+             "distil along the student's own samples (OPSD and OPD; a staged row: its OPSD stage), since it is a KL "
+             "only along those samples; GRPO, SFT and KD have none. first→last: the means of "
              "each run's first 5 and last 5 steps, then over seeds. ± std: the sample standard deviation over "
              "seeds (n - 1)."]
     for m, r in s["methods"].items():
