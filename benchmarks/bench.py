@@ -364,25 +364,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repeats", type=int, help="default: 3 on CUDA, 1 on CPU")
     s = sub.add_parser("learning", help="OPSD vs GRPO vs SFT vs KD on SmolLM2 and the word problems, resumable "
                        "(benchmarks/comparison.py); --task toy: the tiny warm-started model (benchmarks/experiment.py)")
-    s.add_argument("--task", choices=("smollm2", "sparse", "toy"), default="smollm2",
+    s.add_argument("--task", choices=LEARNING_TASKS, default="smollm2",
                    help="smollm2 (default): SmolLM2-135M-Instruct on data/wordproblems; sparse: OPSD, GRPO, SFT and KD "
-                   "at tuned learning rates where rewards are sparse (benchmarks/sparse.py); toy: the earlier experiment")
+                   "at tuned learning rates where rewards are sparse (benchmarks/sparse.py); mbpp: OPSD, GRPO and SFT "
+                   "the same way on MBPP, graded by its tests in the sandbox; toy: the earlier experiment")
     s.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
     s.add_argument("--steps", type=int, help="optimizer steps per run (default 20, toy 30; --quick: 2)")
     s.add_argument("--quick", action="store_true", help="a smoke version: tiny model, a few steps, one seed")
     s.add_argument("--lr", type=float, help="toy: learning rate of every method after the warm start (default 1e-4)")
     s.add_argument("--methods", nargs="+", help="a subset of the methods (smollm2: " + ", ".join(COMPARISON_METHODS)
                    + "; toy: opsd_fixed, opsd_live, grpo, sft)")
-    s.add_argument("--budget-minutes", type=float, help="smollm2: start no run that would end after this many "
-                   "minutes; rerun the same command to go on (finished runs are skipped)")
+    s.add_argument("--budget-minutes", type=float, help="smollm2, sparse, mbpp: start no run that would end after this "
+                   "many minutes; rerun the same command to go on (finished runs are skipped)")
     s.add_argument("--out", help="where the report goes (default: runs/bench/<task>, untracked; the project's own "
-                   "records are docs/results/{smollm2,sparse} and docs/results for toy: name one to update it)")
-    s.add_argument("--dry-run", action="store_true", help="smollm2, sparse: print the runs a rerun on --out would "
-                   "make, in order, with an estimated run time (sparse: and their settings); run nothing, write nothing")
-    s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; toy: "
-                   "artifacts/learning/<hash of the settings>, where a finished warm start is reused)")
-    s.add_argument("--note", metavar="TEXT", help="smollm2: what else runs on the machine, kept in each run's record "
-                   "beside the load average at its start and end (wall times are read against them)")
+                   "records are docs/results/{smollm2,sparse,mbpp} and docs/results for toy: name one to update it)")
+    s.add_argument("--dry-run", action="store_true", help="smollm2, sparse, mbpp: print the runs a rerun on --out "
+                   "would make, in order, with an estimated run time (sparse, mbpp: and their settings); run nothing, "
+                   "write nothing")
+    s.add_argument("--work-dir", help="run directories (default: artifacts/comparison; sparse, mbpp: "
+                   "artifacts/<task>; toy: artifacts/learning/<hash of the settings>, where a finished warm start is "
+                   "reused)")
+    s.add_argument("--note", metavar="TEXT", help="smollm2, sparse, mbpp: what else runs on the machine, kept in each "
+                   "run's record beside the load average at its start and end (wall times are read against them)")
     s = sub.add_parser("sandbox", help="programs graded per second by the sandbox's pool, and its cost against the "
                        "same passing programs run bare (benchmarks/sandbox.py)")
     s.add_argument("--programs", type=int, default=100, help="MBPP reference solutions to run (default 100)")
@@ -393,7 +396,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # Where `opsd bench learning` writes by default: an untracked folder (runs/ is git-ignored), so a
 # user's run never overwrites the project's records in docs/results/ unless --out names them.
-LEARNING_OUT = {task: f"runs/bench/{task}" for task in ("smollm2", "sparse", "toy")}
+LEARNING_TASKS = ("smollm2", "sparse", "mbpp", "toy")
+LEARNING_OUT = {task: f"runs/bench/{task}" for task in LEARNING_TASKS}
 
 
 def _learning_spec(spec: Any, args: argparse.Namespace, methods: tuple[str, ...]) -> Any:
@@ -428,10 +432,10 @@ def _settings(given: list[str]) -> tuple[tuple[int, int], ...]:
 
 def run(args: argparse.Namespace) -> dict:
     if getattr(args, "dry_run", False) and args.task == "toy":
-        raise SystemExit("opsd bench learning --dry-run: --task toy has no plan to print (smollm2 and sparse do)")
-    if getattr(args, "note", None) is not None and args.task != "smollm2":
-        raise SystemExit(f"opsd bench learning --note: only --task smollm2 keeps a note in its records, not "
-                         f"--task {args.task}")
+        raise SystemExit("opsd bench learning --dry-run: --task toy has no plan to print (smollm2, sparse and mbpp do)")
+    if getattr(args, "note", None) is not None and args.task == "toy":
+        raise SystemExit("opsd bench learning --note: --task toy keeps no note in its records (smollm2, sparse and "
+                         "mbpp do)")
     if args.bench == "learning" and args.task == "smollm2":
         from opsd.benchmarks.comparison import ALL_METHODS as COMPARISON_METHODS
         from opsd.benchmarks.comparison import ComparisonSpec, dry_run, run_comparison
@@ -441,15 +445,20 @@ def run(args: argparse.Namespace) -> dict:
             return {"plan": dry_run(spec, args.out or LEARNING_OUT["smollm2"])}
         report = run_comparison(spec, args.out or LEARNING_OUT["smollm2"], args.work_dir, args.budget_minutes,
                                 note=args.note)
-    elif args.bench == "learning" and args.task == "sparse":
+    elif args.bench == "learning" and args.task in ("sparse", "mbpp"):
         from opsd.benchmarks.sparse import METHODS as SPARSE_METHODS
         from opsd.benchmarks.sparse import SparseSpec, dry_run, run_sparse
 
-        spec = _learning_spec(SparseSpec.quick() if args.quick else SparseSpec(), args, SPARSE_METHODS)
+        if args.quick and args.task == "mbpp":
+            raise SystemExit("opsd bench learning --task mbpp has no --quick version (MBPP needs SmolLM2's context); "
+                             "--task sparse --quick runs the same harness on the tiny model in minutes")
+        spec = SparseSpec.quick() if args.quick else SparseSpec.mbpp() if args.task == "mbpp" else SparseSpec()
+        spec = _learning_spec(spec, args, SPARSE_METHODS)
+        out = args.out or LEARNING_OUT[args.task]
         if args.dry_run:
-            report = dry_run(spec, args.out or LEARNING_OUT["sparse"])
+            report = dry_run(spec, out)
         else:
-            report = run_sparse(spec, args.out or LEARNING_OUT["sparse"], args.work_dir, args.budget_minutes)
+            report = run_sparse(spec, out, args.work_dir, args.budget_minutes, experiment=args.task, note=args.note)
     elif args.bench == "learning":
         from opsd.benchmarks.experiment import METHODS, LearningSpec, run_learning
 

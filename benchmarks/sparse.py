@@ -2,6 +2,10 @@
 sparse, each at its own tuned learning rate (issue 24, item 7; docs/RESULTS.md).
 
     opsd bench learning --task sparse [--budget-minutes 120] [--out runs/bench/sparse]
+    opsd bench learning --task mbpp [--budget-minutes 120] [--out runs/bench/mbpp]
+
+``--task mbpp`` (:meth:`SparseSpec.mbpp`) is the same harness on MBPP: OPSD, GRPO and SFT, graded
+by each problem's asserts in the sandbox, its report in ``mbpp.{json,md,png}``.
 
 Two phases, resumable run by run like ``opsd bench learning``:
 
@@ -44,8 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, method_overrides, plot,
-                                        run_record, summarize, table)
+from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, load_average, method_overrides,
+                                        plot, run_record, runs_with_load, summarize, table)
 from opsd.benchmarks.experiment import fmt
 from opsd.config import REPO_ROOT
 
@@ -194,6 +198,18 @@ class SparseSpec:
     def seeds_of(self, method: str) -> int:
         a = self.added_method(method)
         return self.seeds if a is None or a.seeds is None else a.seeds
+
+    @classmethod
+    def mbpp(cls) -> "SparseSpec":
+        """``--task mbpp`` (issue 38): OPSD, GRPO and SFT on MBPP, the same shape (3 rates swept for 20
+        steps on seed 0, then 3 seeds x 40 steps at the chosen rate), graded by each problem's asserts
+        in the sandbox. The probe (docs/TASK.md) put the student at 0.060 pass@1 on ``mbpp-test`` and
+        its teacher, with the reference code, at 0.300. Float32, not the sparse runs' bf16: the
+        machines that run it have had AVX2 only, where bf16 is ~60x slower; float32 is the exact
+        arithmetic and runs anywhere, and spec.json keeps every run on it."""
+        return cls(task="mbpp", val="mbpp-val", test="mbpp-test", config="configs/mbpp.yaml",
+                   methods=["opsd_fixed", "grpo", "sft"], val_problems=50, test_problems=200, dtype="float32",
+                   overrides=[], added=[])
 
     @classmethod
     def quick(cls) -> "SparseSpec":
@@ -435,7 +451,10 @@ def _percent(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
 
 
-def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path) -> dict:
+def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path,
+                 experiment: str = "sparse") -> dict:
+    """``<out_dir>/<experiment>.{json,md,png}`` from the finished records; ``experiment``: its
+    ``--task`` (sparse, mbpp), which names the files and the title."""
     from opsd.benchmarks.machine import machine
 
     by_sweep = {m: [r for r in sweep if r["method"] == m] for m in spec.all_methods()}
@@ -461,13 +480,15 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
               "run_wall_seconds_total": sum(v["run_wall_seconds"] for v in by_machine.values()),
               "run_time_by_machine": by_machine,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "title": f"opsd bench learning --task sparse: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} steps x "
-                       f"{spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
+              "title": f"opsd bench learning --task {experiment}: SmolLM2-135M-Instruct, {spec.task}; {spec.steps} "
+                       f"steps x {spec.rows_per_step} rows at each method's chosen rate; mean ± std over seeds"}
     md = [sweep_table(spec, by_sweep, chosen, values), "", run_time_line(by_machine)]
     if by_method:
         by_seed = sorted(runs, key=lambda r: r["seed"])
         report["test_problems_graded"] = n
         report["summary"] = summarize(by_method)
+        # The test runs' loads (a sweep run keeps its own in its record).
+        report["runs_with_load"] = runs_with_load(runs, tuple(spec.all_methods()))
         for m, row in report["summary"]["methods"].items():
             row["lr"] = chosen.get(m)
             if m in values:
@@ -482,10 +503,10 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
                                                             for r in by_seed if r["method"] == m)
                          for m in by_method) + "."]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sparse.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "sparse.md").write_text("\n".join(md))
+    (out_dir / f"{experiment}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / f"{experiment}.md").write_text("\n".join(md))
     if by_method:
-        plot(report, by_method, out_dir / "sparse.png")
+        plot(report, by_method, out_dir / f"{experiment}.png")
     return report
 
 
@@ -595,8 +616,12 @@ def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float |
 
 
 def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | None = None,
-               budget_minutes: float | None = None, log: Callable[[str], None] = print) -> dict:
-    """Both phases (see the module docstring); returns the report."""
+               budget_minutes: float | None = None, log: Callable[[str], None] = print,
+               experiment: str = "sparse", note: str | None = None) -> dict:
+    """Both phases (see the module docstring); returns the report. ``experiment``: its ``--task``
+    (sparse, mbpp), which names the report's files and the default ``work_dir``
+    (``artifacts/<experiment>``); ``note``: what else runs on the machine, kept in each record
+    beside the load average at the run's start and end."""
     from opsd.config import load_config
     from opsd.launch.cluster import init_ray, shutdown_ray
     from opsd.launch.driver import train
@@ -604,7 +629,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
     t_start = time.perf_counter()
     out_dir, runs_out = Path(out_dir), Path(out_dir) / "runs"
     runs_out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else REPO_ROOT / "artifacts" / "sparse"
+    work = Path(work_dir) if work_dir else REPO_ROOT / "artifacts" / experiment
     config = str(REPO_ROOT / spec.config) if not Path(spec.config).is_absolute() else spec.config
     base_cfg = load_config(config, [*spec.overrides, f"data.train_path={spec.task}"])
     spec_file = out_dir / "spec.json"
@@ -614,52 +639,54 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
 
     sweep, runs = load_records(runs_out, base_cfg.grading.extract)
     todo_sweep, todo_runs = plan(spec, sweep, runs)
-    log(f"sparse: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
+    log(f"{experiment}: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
     started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or todo_runs \
         else False
     try:
         for method, tried in todo_sweep:
             name, lr, value = sweep_run(spec, method, tried, sweep)
             if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep"):
-                log(f"sparse: stopping before {name}: it would not fit in --budget-minutes={budget_minutes:g}; "
+                log(f"{experiment}: stopping before {name}: it would not fit in --budget-minutes={budget_minutes:g}; "
                     "run the same command again to go on")
-                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
             if lr is None:  # plan() orders the rate sweeps first: only a broken spec gets here
-                raise SystemExit(f"sparse: {name} needs the rate of {spec.added_method(method).lr_from!r}, whose sweep "
-                                 "is not finished")
-            record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep, log,
-                              value)
+                raise SystemExit(f"{experiment}: {name} needs the rate of {spec.added_method(method).lr_from!r}, "
+                                 "whose sweep is not finished")
+            record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep,
+                              lambda line: log(f"{experiment}: {line}"), value, note)
             _save(runs_out, name, record)
             sweep.append(record)
-            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-        log("sparse: chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen_lrs(spec, sweep).items()))
+            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
+        log(f"{experiment}: chosen learning rates: " +
+            ", ".join(f"{m} {lr:g}" for m, lr in chosen_lrs(spec, sweep).items()))
         values = chosen_values(spec, sweep)
         if values:
-            log("sparse: chosen values: " + ", ".join(f"{m} {spec.added_method(m).tune}={value_text(v)}"
-                                                      for m, v in values.items()))
+            log(f"{experiment}: chosen values: " + ", ".join(f"{m} {spec.added_method(m).tune}={value_text(v)}"
+                                                             for m, v in values.items()))
         for method, seed in todo_runs:
             if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
-                log(f"sparse: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
+                log(f"{experiment}: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
                     f"{budget_minutes:g}; run the same command again to go on")
-                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
             name, lr, value = seed_run(spec, method, seed, sweep)
             record = _one_run(spec, work / "runs" / name, method, seed, lr, False, base_cfg, config,
-                              train, runs, log, value)
+                              train, runs, lambda line: log(f"{experiment}: {line}"), value, note)
             _save(runs_out, name, record)
             runs.append(record)
-            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
+            write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
     finally:
         if started:
             shutdown_ray()
-    report = write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir)
-    log((out_dir / "sparse.md").read_text())
-    log(f"sparse: wrote {out_dir / 'sparse.json'}, {out_dir / 'sparse.md'}, {out_dir / 'sparse.png'} "
+    report = write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
+    log((out_dir / f"{experiment}.md").read_text())
+    log(f"{experiment}: wrote " + ", ".join(str(out_dir / f"{experiment}.{x}") for x in ("json", "md", "png")) +
+        f" "
         f"({time.perf_counter() - t_start:.0f}s)")
     return report
 
 
 def _one_run(spec: SparseSpec, run_dir: Path, method: str, seed: int, lr: float, sweep: bool, base_cfg, config: str,
-             train, done: list[dict], log: Callable[[str], None], value=None) -> dict:
+             train, done: list[dict], log: Callable[[str], None], value=None, note: str | None = None) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
     overrides = [f"run_dir={run_dir}", *run_overrides(spec, method, seed, lr, sweep=sweep,
                                                        temperature=base_cfg.rollout.temperature, value=value)]
@@ -670,13 +697,14 @@ def _one_run(spec: SparseSpec, run_dir: Path, method: str, seed: int, lr: float,
     phase = "sweep" if sweep else "test"
     tuned = {} if value is None else {"tuned": spec.added_method(method).tune, "value": value}
     setting = f"lr {lr:g}" + (f", {tuned['tuned']}={value_text(value)}" if tuned else "")
-    log(f"sparse: {phase} run {method} seed {seed} {setting}")
-    t0 = time.perf_counter()
+    log(f"{phase} run {method} seed {seed} {setting}")
+    t0, load_start = time.perf_counter(), load_average()
     train(config, overrides)
     record = run_record(run_dir, method, seed, base_cfg.grading.extract, time.perf_counter() - t0)
     record |= {"lr": lr, "phase": phase} | tuned
+    record |= {"load_average_start": load_start, "load_average_end": load_average(), "note": note}
     last = record["evals"][-1]
-    log(f"sparse: {phase} run {method} seed {seed} {setting}: accuracy {last['accuracy']:.3f} at step "
+    log(f"{phase} run {method} seed {seed} {setting}: accuracy {last['accuracy']:.3f} at step "
         f"{last['step']}, {record['steps'][-1]['tokens_generated_total']} tokens, {record['run_wall_seconds']:.0f}s")
     return record
 

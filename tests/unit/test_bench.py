@@ -157,7 +157,7 @@ def test_learning_reports_go_to_an_untracked_folder_by_default():
     from opsd.benchmarks.bench import LEARNING_OUT
     from opsd.config import REPO_ROOT
 
-    assert sorted(LEARNING_OUT) == ["smollm2", "sparse", "toy"]
+    assert sorted(LEARNING_OUT) == ["mbpp", "smollm2", "sparse", "toy"]
     for out in LEARNING_OUT.values():
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/report.json"], cwd=REPO_ROOT)
         assert ignored.returncode == 0, f"{out} is not git-ignored"

@@ -366,3 +366,42 @@ def test_dry_run_is_refused_where_there_is_no_plan():
 
     with pytest.raises(SystemExit, match="--task toy has no plan to print"):
         main(["learning", "--task", "toy", "--dry-run"])
+
+
+def test_the_mbpp_experiment_is_the_sparse_shape_on_mbpp_and_each_run_loads_as_a_config(tmp_path):
+    """`--task mbpp` (issue 38): OPSD, GRPO and SFT on MBPP's parts, at the sparse experiment's shape,
+    in float32; every run of its plan is a valid config of configs/mbpp.yaml that trains on `mbpp`
+    and is evaluated on `mbpp-val` (sweep) or `mbpp-test`."""
+    from opsd.benchmarks.sparse import dry_run
+    from opsd.config import load_config
+
+    spec, sparse = SparseSpec.mbpp(), SparseSpec()
+    assert (spec.task, spec.val, spec.test, spec.config) == ("mbpp", "mbpp-val", "mbpp-test", "configs/mbpp.yaml")
+    assert spec.all_methods() == ["opsd_fixed", "grpo", "sft"] and spec.dtype == "float32"
+    for key in ("lrs", "sweep_steps", "steps", "seeds", "rows_per_step", "grpo_n", "eval_every", "max_tokens"):
+        assert getattr(spec, key) == getattr(sparse, key), key
+    # mbpp-val has 50 problems and mbpp-test 200: every one is graded.
+    assert (spec.val_problems, spec.test_problems) == (50, 200)
+
+    plan_ = dry_run(spec, tmp_path / "mbpp", log=lambda _: None)["plan"]
+    assert len(plan_) == spec.runs_planned() == 3 * 3 + 3 * 3
+    assert [r["run"] for r in plan_[:3]] == ["sweep-opsd_fixed-lr3e-06", "sweep-opsd_fixed-lr1e-05",
+                                             "sweep-opsd_fixed-lr3e-05"]
+    assert not (tmp_path / "mbpp").exists()  # a dry run writes nothing
+    for method in spec.all_methods():
+        for sweep in (True, False):
+            items = run_overrides(spec, method, 1, 1e-5, sweep=sweep, temperature=0.7)
+            got = overrides_as_dict(items)
+            assert got["data.train_path"] == "mbpp" and got["eval.path"] == ("mbpp-val" if sweep else "mbpp-test")
+            assert got["eval.max_problems"] == str(spec.val_problems if sweep else spec.test_problems)
+            cfg = load_config(spec.config, [o for o in items if not o.startswith(("data.train_path=", "eval.path="))])
+            assert cfg.model.dtype == "float32" and cfg.rollout.max_tokens == cfg.eval.max_tokens == 384
+            assert cfg.algo == {"opsd_fixed": "opsd", "grpo": "grpo", "sft": "sft"}[method]
+            assert cfg.learner.lr == 1e-5 and cfg.train.steps == (spec.sweep_steps if sweep else spec.steps)
+
+
+def test_the_mbpp_experiment_has_no_quick_version_and_says_which_does():
+    from opsd.benchmarks.bench import main
+
+    with pytest.raises(SystemExit, match="--task sparse --quick runs the same harness"):
+        main(["learning", "--task", "mbpp", "--quick"])
