@@ -557,7 +557,11 @@ def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = 
         check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
     sweep, runs = load_records(out_dir / "runs")
     todo_sweep, todo_runs = plan(spec, sweep, runs)
-    pace = seconds_per_step(runs)
+    # Test runs evaluate more often and on more problems than sweep runs: a pace read off sweep runs
+    # alone (before any test run has finished) is low, and the plan says which it is.
+    pace, paced_by = seconds_per_step(runs), "test"
+    if pace is None:
+        pace, paced_by = seconds_per_step(sweep), "sweep"
     rows = []
     for method, tried in todo_sweep:
         name, lr, value = sweep_run(spec, method, tried, sweep)
@@ -574,7 +578,8 @@ def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = 
     total = sum(r["estimated_seconds"] for r in rows) if pace else None
     report = {"out": str(out_dir), "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
               "plan": rows, "estimated_seconds_total": total,
-              "seconds_per_step": pace[0] if pace else None, "paced_on": pace[1] if pace else None}
+              "seconds_per_step": pace[0] if pace else None, "paced_on": pace[1] if pace else None,
+              "paced_by": paced_by if pace else None}
     log(plan_text(report))
     return report
 
@@ -598,12 +603,15 @@ def plan_text(report: dict) -> str:
         lines.append(f"| {i} | {r['run']} | {r['phase']} | {LABELS.get(r['method'], r['method'])} | {r['seed']} | "
                      f"{setting(r)} | {r['steps']} | {r['eval']} | {est} |")
     if report["seconds_per_step"] is None:
-        lines += ["", "No finished test run to estimate the run time from."]
+        lines += ["", "No finished run to estimate the run time from."]
     else:
         total = report["estimated_seconds_total"]
+        low = "" if report.get("paced_by", "test") == "test" else (
+            " No test run has finished yet: test runs evaluate more often, on more problems, so this is low.")
         lines += ["", f"Estimated run time: {total:,.0f} s ({total / 3600:.1f} h), at "
                   f"{report['seconds_per_step']:.1f} s per step: the slowest method's mean per step, evaluations "
-                  f"included, over the finished test runs on {report['paced_on']}; on another machine scale it."]
+                  f"included, over the finished {report.get('paced_by', 'test')} runs on {report['paced_on']}; on "
+                  f"another machine scale it.{low}"]
     return "\n".join(lines) + "\n"
 
 

@@ -405,3 +405,24 @@ def test_the_mbpp_experiment_has_no_quick_version_and_says_which_does():
 
     with pytest.raises(SystemExit, match="--task sparse --quick runs the same harness"):
         main(["learning", "--task", "mbpp", "--quick"])
+
+
+def test_before_any_test_run_the_plan_is_paced_by_the_sweep_runs_and_says_it_is_low(tmp_path):
+    import json
+
+    from opsd.benchmarks.sparse import dry_run
+
+    spec, runs = SparseSpec.mbpp(), tmp_path / "mbpp" / "runs"
+    runs.mkdir(parents=True)
+    for name, method, lr, wall in (("sweep-opsd_fixed-lr3e-06", "opsd_fixed", 3e-6, 1500.0),
+                                   ("sweep-opsd_fixed-lr1e-05", "opsd_fixed", 1e-5, 1300.0),
+                                   ("sweep-grpo-lr3e-06", "grpo", 3e-6, 1000.0)):
+        (runs / f"{name}.json").write_text(json.dumps({
+            "method": method, "seed": 0, "lr": lr, "phase": "sweep", "run_wall_seconds": wall, "machine": "m",
+            "steps": [{"step": 20}], "evals": [{"step": 20, "accuracy": 0.0}]}))
+    printed = []
+    report = dry_run(spec, tmp_path / "mbpp", log=printed.append)
+    # the slowest method's mean per step over the sweep runs: OPSD's (1500 + 1300) / 2 / 20
+    assert report["seconds_per_step"] == pytest.approx(70.0) and report["paced_by"] == "sweep"
+    assert len(report["plan"]) == 15 and report["estimated_seconds_total"] == pytest.approx(70.0 * (6 * 20 + 9 * 40))
+    assert "over the finished sweep runs on m" in printed[0] and "so this is low" in printed[0]
