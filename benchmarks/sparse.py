@@ -438,8 +438,8 @@ def run_time_by_machine(records: list[dict]) -> dict[str, dict]:
 
 
 def run_time_line(by_machine: dict[str, dict]) -> str:
-    parts = [f"{v['run_wall_seconds'] / 3600:.2f} h ({v['run_wall_seconds']:,.0f} s, {v['runs']} runs) on {m}"
-             for m, v in by_machine.items()]
+    parts = [f"{v['run_wall_seconds'] / 3600:.2f} h ({v['run_wall_seconds']:,.0f} s, {v['runs']} "
+             f"run{'s' * (v['runs'] != 1)}) on {m}" for m, v in by_machine.items()]
     total = sum(v["run_wall_seconds"] for v in by_machine.values())
     line = f"Run time: {total / 3600:.2f} h in all: " + "; ".join(parts) + "."
     if len(by_machine) > 1:

@@ -81,6 +81,7 @@ def test_run_time_is_summed_per_machine_and_mixing_machines_is_said():
     line = run_time_line(by)
     assert line.startswith("Run time: 0.48 h in all: 0.38 h (1,350 s, 2 runs) on AMD EPYC") and "mix" in line
     assert "mix" not in run_time_line(run_time_by_machine(records[:1]))
+    assert "s, 1 run) on" in run_time_line(run_time_by_machine(records[:1]))
 
 
 def test_the_added_rows_change_only_what_they_name_and_load_as_configs():
