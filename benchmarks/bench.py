@@ -450,8 +450,8 @@ def run(args: argparse.Namespace) -> dict:
         from opsd.benchmarks.sparse import SparseSpec, dry_run, run_sparse
 
         if args.quick and args.task == "mbpp":
-            raise SystemExit("opsd bench learning --task mbpp has no --quick version (MBPP needs SmolLM2's context); "
-                             "--task sparse --quick runs the same harness on the tiny model in minutes")
+            raise SystemExit("opsd bench learning --task mbpp has no --quick version; --task sparse --quick runs the "
+                             "same harness on the tiny model in minutes")
         spec = SparseSpec.quick() if args.quick else SparseSpec.mbpp() if args.task == "mbpp" else SparseSpec()
         spec = _learning_spec(spec, args, SPARSE_METHODS)
         out = args.out or LEARNING_OUT[args.task]
