@@ -647,6 +647,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
 
     sweep, runs = load_records(runs_out, base_cfg.grading.extract)
     todo_sweep, todo_runs = plan(spec, sweep, runs)
+    run_log = lambda line: log(f"{experiment}: {line}")  # noqa: E731
     log(f"{experiment}: {len(sweep) + len(runs)} of {spec.runs_planned()} runs done in {runs_out}")
     started = init_ray(load_config(config, [*spec.overrides, "cluster.num_cpus=2"])) if todo_sweep or todo_runs \
         else False
@@ -661,7 +662,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
                 raise SystemExit(f"{experiment}: {name} needs the rate of {spec.added_method(method).lr_from!r}, "
                                  "whose sweep is not finished")
             record = _one_run(spec, work / "runs" / name, method, 0, lr, True, base_cfg, config, train, sweep,
-                              lambda line: log(f"{experiment}: {line}"), value, note)
+                              run_log, value, note)
             _save(runs_out, name, record)
             sweep.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
@@ -678,7 +679,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
                 return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
             name, lr, value = seed_run(spec, method, seed, sweep)
             record = _one_run(spec, work / "runs" / name, method, seed, lr, False, base_cfg, config,
-                              train, runs, lambda line: log(f"{experiment}: {line}"), value, note)
+                              train, runs, run_log, value, note)
             _save(runs_out, name, record)
             runs.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)

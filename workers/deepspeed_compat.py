@@ -28,8 +28,8 @@ def check_version() -> None:
         raise RuntimeError(
             f"DeepSpeed {deepspeed.__version__} is installed; opsd's hooks into its internals "
             "(workers/deepspeed_compat.py: the checkpoint reader, the optimizer step, the shm op, the Muon import) "
-            f"were checked against {', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins it), or check each "
-            "hook against this version and add it to CHECKED"
+            f"were checked against {', '.join(CHECKED)} only. Install deepspeed=={CHECKED[-1]} (pyproject.toml pins "
+            "it), or check each hook against this version and add it to CHECKED"
         )
 
 
