@@ -615,12 +615,22 @@ def plan_text(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float | None, key: str) -> bool:
+def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float | None, key: str,
+          steps: int) -> bool:
+    """Whether a ``key`` run (sweep or test) of ``method``, ``steps`` long, would end within the
+    budget: costed at the longest finished run of that method and phase; before there is one, at the
+    method's slowest pace per step over its other runs (any method's, before that) times ``steps``,
+    so the first 40-step test run is not costed as a 20-step sweep run."""
     if budget_minutes is None:
         return True
-    walls = [r["run_wall_seconds"] for r in done if r["method"] == method and r.get("phase") == key] or \
-            [r["run_wall_seconds"] for r in done if r["method"] == method] or [r["run_wall_seconds"] for r in done]
-    return time.perf_counter() - t_start + (max(walls) if walls else 0.0) <= budget_minutes * 60
+    walls = [r["run_wall_seconds"] for r in done if r["method"] == method and r.get("phase") == key]
+    if walls:
+        cost = max(walls)
+    else:
+        paced = [r for r in done if r.get("steps")]
+        paced = [r for r in paced if r["method"] == method] or paced
+        cost = max((r["run_wall_seconds"] / r["steps"][-1]["step"] for r in paced), default=0.0) * steps
+    return time.perf_counter() - t_start + cost <= budget_minutes * 60
 
 
 def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | None = None,
@@ -654,7 +664,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
     try:
         for method, tried in todo_sweep:
             name, lr, value = sweep_run(spec, method, tried, sweep)
-            if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep"):
+            if not _fits(sweep + runs, method, t_start, budget_minutes, "sweep", spec.sweep_steps):
                 log(f"{experiment}: stopping before {name}: it would not fit in --budget-minutes={budget_minutes:g}; "
                     "run the same command again to go on")
                 return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
@@ -673,7 +683,7 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
             log(f"{experiment}: chosen values: " + ", ".join(f"{m} {spec.added_method(m).tune}={value_text(v)}"
                                                              for m, v in values.items()))
         for method, seed in todo_runs:
-            if not _fits(sweep + runs, method, t_start, budget_minutes, "test"):
+            if not _fits(sweep + runs, method, t_start, budget_minutes, "test", spec.steps):
                 log(f"{experiment}: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
                     f"{budget_minutes:g}; run the same command again to go on")
                 return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)

@@ -427,3 +427,24 @@ def test_before_any_test_run_the_plan_is_paced_by_the_sweep_runs_and_says_it_is_
     assert report["seconds_per_step"] == pytest.approx(70.0) and report["paced_by"] == "sweep"
     assert len(report["plan"]) == 15 and report["estimated_seconds_total"] == pytest.approx(70.0 * (6 * 20 + 9 * 40))
     assert "over the finished sweep runs on m" in printed[0] and "so this is low" in printed[0]
+
+
+def test_the_budget_costs_a_first_test_run_at_its_methods_pace_times_its_own_steps():
+    import time
+
+    from opsd.benchmarks.sparse import _fits
+
+    now = time.perf_counter()
+    sweep = [{"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1600.0, "steps": [{"step": 20}]},
+             {"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1400.0, "steps": [{"step": 20}]},
+             {"method": "grpo", "phase": "sweep", "run_wall_seconds": 1200.0, "steps": [{"step": 20}]}]
+    # OPSD's slowest sweep pace is 80 s a step, so a 40-step test run costs 3,200 s: 53.3 minutes
+    assert _fits(sweep, "opsd_fixed", now, 54, "test", 40) and not _fits(sweep, "opsd_fixed", now, 53, "test", 40)
+    # a sweep run costs its phase's longest: 1,600 s
+    assert _fits(sweep, "opsd_fixed", now, 27, "sweep", 20) and not _fits(sweep, "opsd_fixed", now, 26, "sweep", 20)
+    # a method with no run yet is costed at the slowest pace of any: 80 s a step
+    assert not _fits(sweep, "sft", now, 26, "sweep", 20) and _fits(sweep, "sft", now, 27, "sweep", 20)
+    # once a test run has finished, its own wall is the cost
+    done = sweep + [{"method": "opsd_fixed", "phase": "test", "run_wall_seconds": 4000.0, "steps": [{"step": 40}]}]
+    assert not _fits(done, "opsd_fixed", now, 66, "test", 40) and _fits(done, "opsd_fixed", now, 67, "test", 40)
+    assert _fits([], "grpo", now, 0.5, "sweep", 20) and _fits(sweep, "grpo", now, None, "test", 40)
