@@ -148,19 +148,20 @@ def test_bench_step_scaling_settings_parse_and_bad_ones_are_named():
         _settings(["16-64"])
 
 
+def git_ignores(path: str) -> bool:
+    return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT).returncode == 0
+
+
 def test_learning_reports_go_to_an_untracked_folder_by_default():
     """A user's `opsd bench learning` must not overwrite the project's records in docs/results/;
     the documented commands that update those records name --out."""
     import re
-    import subprocess
 
     from opsd.benchmarks.bench import LEARNING_OUT
-    from opsd.config import REPO_ROOT
 
     assert sorted(LEARNING_OUT) == ["mbpp", "smollm2", "sparse", "toy"]
     for out in LEARNING_OUT.values():
-        ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/report.json"], cwd=REPO_ROOT)
-        assert ignored.returncode == 0, f"{out} is not git-ignored"
+        assert git_ignores(f"{out}/report.json"), f"{out} is not git-ignored"
     results = (REPO_ROOT / "docs" / "RESULTS.md").read_text()
     commands = re.findall(r"^opsd bench learning[^\n#]*", results, flags=re.MULTILINE)
     assert len(commands) >= 3 and all("--out docs/results" in c for c in commands), commands
@@ -181,8 +182,7 @@ def test_no_bench_writes_into_a_tracked_folder_by_default():
     for name, out in defaults.items():
         if out is None:  # chosen per task at run time (test above)
             continue
-        ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/report.json"], cwd=REPO_ROOT)
-        assert ignored.returncode == 0, f"opsd bench {name}: --out defaults to {out}, which git tracks"
+        assert git_ignores(f"{out}/report.json"), f"opsd bench {name}: --out defaults to {out}, which git tracks"
 
 
 def test_bench_step_head_paths_runs_each_path_in_one_invocation(monkeypatch):
