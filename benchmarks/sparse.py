@@ -530,21 +530,24 @@ def load_records(runs_out: Path, extract: str | None = None) -> tuple[list[dict]
     return [r for r in records if r.get("phase") == "sweep"], [r for r in records if r.get("phase") == "test"]
 
 
-def seconds_per_step(runs: list[dict]) -> tuple[float, str] | None:
-    """A planning figure for one training step, from finished test runs: on the machine that ran most
-    of them, the slowest method's mean run time per step (evaluations included), and that machine.
-    Every planned run is costed at it, so a row cheaper than that method is overestimated."""
-    by_machine: dict[str, list[dict]] = {}
-    for r in runs:
-        if r.get("steps"):
-            by_machine.setdefault(r.get("machine", "unknown machine"), []).append(r)
-    if not by_machine:
-        return None
-    where, rs = max(by_machine.items(), key=lambda kv: len(kv[1]))
-    per_method: dict[str, list[float]] = {}
-    for r in rs:
-        per_method.setdefault(r["method"], []).append(r["run_wall_seconds"] / r["steps"][-1]["step"])
-    return max(sum(v) / len(v) for v in per_method.values()), where
+def step_paces(sweep: list[dict], runs: list[dict]) -> tuple[dict[str, tuple[float, str]], str | None]:
+    """Planning figures for one training step, per method: on the machine that ran most of the
+    records, the mean run time per step (evaluations included) over the method's finished test runs,
+    or over its sweep runs before it has one (then low: test runs evaluate more often, on more
+    problems); each with the phase it came from. Returns them and that machine."""
+    records = [r for r in [*sweep, *runs] if r.get("steps")]
+    if not records:
+        return {}, None
+    machines = [r.get("machine", "unknown machine") for r in records]
+    where = max(set(machines), key=machines.count)
+    paces: dict[str, tuple[float, str]] = {}
+    for phase in ("sweep", "test"):  # a method's test runs replace its sweep runs
+        per_method: dict[str, list[float]] = {}
+        for r, machine in zip(records, machines):
+            if machine == where and r.get("phase") == phase:
+                per_method.setdefault(r["method"], []).append(r["run_wall_seconds"] / r["steps"][-1]["step"])
+        paces |= {m: (sum(v) / len(v), phase) for m, v in per_method.items()}
+    return paces, where
 
 
 def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = print) -> dict:
@@ -557,11 +560,8 @@ def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = 
         check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
     sweep, runs = load_records(out_dir / "runs")
     todo_sweep, todo_runs = plan(spec, sweep, runs)
-    # Test runs evaluate more often and on more problems than sweep runs: a pace read off sweep runs
-    # alone (before any test run has finished) is low, and the plan says which it is.
-    pace, paced_by = seconds_per_step(runs), "test"
-    if pace is None:
-        pace, paced_by = seconds_per_step(sweep), "sweep"
+    paces, where = step_paces(sweep, runs)
+    slowest = max(paces.values(), default=None)
     rows = []
     for method, tried in todo_sweep:
         name, lr, value = sweep_run(spec, method, tried, sweep)
@@ -574,12 +574,16 @@ def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = 
     for row in rows:
         a = spec.added_method(row["method"])
         row["tuned"] = a.tune if a is not None else None
+        pace = paces.get(row["method"], slowest)
         row["estimated_seconds"] = pace[0] * row["steps"] if pace else None
-    total = sum(r["estimated_seconds"] for r in rows) if pace else None
+    total = sum(r["estimated_seconds"] for r in rows) if slowest else None
+    planned = {r["method"] for r in rows}
     report = {"out": str(out_dir), "runs_done": len(sweep) + len(runs), "runs_planned": spec.runs_planned(),
               "plan": rows, "estimated_seconds_total": total,
-              "seconds_per_step": pace[0] if pace else None, "paced_on": pace[1] if pace else None,
-              "paced_by": paced_by if pace else None}
+              "seconds_per_step": slowest[0] if slowest else None, "paced_on": where,
+              "paces": {m: {"seconds_per_step": v, "from": phase} for m, (v, phase) in paces.items()},
+              "paced_by": None if slowest is None else
+              "sweep" if any(paces.get(m, slowest)[1] == "sweep" for m in planned) else "test"}
     log(plan_text(report))
     return report
 
@@ -605,13 +609,17 @@ def plan_text(report: dict) -> str:
     if report["seconds_per_step"] is None:
         lines += ["", "No finished run to estimate the run time from."]
     else:
-        total = report["estimated_seconds_total"]
+        total, paces = report["estimated_seconds_total"], report.get("paces", {})
+        each = "; ".join(f"{LABELS.get(m, m)} {p['seconds_per_step']:.1f} s over its {p['from']} runs"
+                         for m, p in sorted(paces.items()))
+        unpaced = sorted({r["method"] for r in report["plan"]} - set(paces))
+        if unpaced:
+            each += (f"; {', '.join(LABELS.get(m, m) for m in unpaced)} at the slowest's "
+                     f"{report['seconds_per_step']:.1f} s, having no finished run")
         low = "" if report.get("paced_by", "test") == "test" else (
-            " No test run has finished yet: test runs evaluate more often, on more problems, so this is low.")
-        lines += ["", f"Estimated run time: {total:,.0f} s ({total / 3600:.1f} h), at "
-                  f"{report['seconds_per_step']:.1f} s per step: the slowest method's mean per step, evaluations "
-                  f"included, over the finished {report.get('paced_by', 'test')} runs on {report['paced_on']}; on "
-                  f"another machine scale it.{low}"]
+            " A method paced by its sweep runs is costed low: test runs evaluate more often, on more problems.")
+        lines += ["", f"Estimated run time: {total:,.0f} s ({total / 3600:.1f} h), at each method's mean per step, "
+                  f"evaluations included, on {report['paced_on']} ({each}); on another machine scale it.{low}"]
     return "\n".join(lines) + "\n"
 
 

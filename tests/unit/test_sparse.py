@@ -423,10 +423,25 @@ def test_before_any_test_run_the_plan_is_paced_by_the_sweep_runs_and_says_it_is_
             "steps": [{"step": 20}], "evals": [{"step": 20, "accuracy": 0.0}]}))
     printed = []
     report = dry_run(spec, tmp_path / "mbpp", log=printed.append)
-    # the slowest method's mean per step over the sweep runs: OPSD's (1500 + 1300) / 2 / 20
+    # each method at its own mean per step over its sweep runs: OPSD (1500 + 1300) / 2 / 20 = 70, GRPO
+    # 1000 / 20 = 50; SFT, with none, at the slowest's 70
     assert report["seconds_per_step"] == pytest.approx(70.0) and report["paced_by"] == "sweep"
-    assert len(report["plan"]) == 15 and report["estimated_seconds_total"] == pytest.approx(70.0 * (6 * 20 + 9 * 40))
-    assert "over the finished sweep runs on m" in printed[0] and "so this is low" in printed[0]
+    assert report["paces"] == {"opsd_fixed": {"seconds_per_step": pytest.approx(70.0), "from": "sweep"},
+                               "grpo": {"seconds_per_step": pytest.approx(50.0), "from": "sweep"}}
+    # left: OPSD 1 sweep + 3 test runs, GRPO 2 + 3, SFT 3 + 3
+    assert len(report["plan"]) == 15 and report["estimated_seconds_total"] == pytest.approx(
+        70.0 * (20 + 3 * 40) + 50.0 * (2 * 20 + 3 * 40) + 70.0 * (3 * 20 + 3 * 40))
+    assert {r["run"]: r["estimated_seconds"] for r in report["plan"]}["grpo-s1"] == pytest.approx(50.0 * 40)
+    assert "OPSD (fixed teacher) 70.0 s over its sweep runs" in printed[0] and "SFT at the slowest's 70.0 s" in printed[0]
+    assert "costed low" in printed[0]
+
+    # once GRPO has a test run, its pace comes from it, and OPSD's rows are still costed low
+    (runs / "grpo-s0.json").write_text(json.dumps({
+        "method": "grpo", "seed": 0, "lr": 3e-6, "phase": "test", "run_wall_seconds": 2400.0, "machine": "m",
+        "steps": [{"step": 40}], "evals": [{"step": 40, "accuracy": 0.0}]}))
+    report = dry_run(spec, tmp_path / "mbpp", log=printed.append)
+    assert report["paces"]["grpo"] == {"seconds_per_step": pytest.approx(60.0), "from": "test"}
+    assert report["paced_by"] == "sweep" and len(report["plan"]) == 14
 
 
 def test_the_budget_costs_a_first_test_run_at_its_methods_pace_times_its_own_steps():
