@@ -375,7 +375,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--methods", nargs="+", help="a subset of the methods (smollm2: " + ", ".join(COMPARISON_METHODS)
                    + "; toy: opsd_fixed, opsd_live, grpo, sft)")
     s.add_argument("--budget-minutes", type=float, help="smollm2, sparse, mbpp: start no run that would end after this "
-                   "many minutes; rerun the same command to go on (finished runs are skipped)")
+                   "many minutes (sparse, mbpp: a test run that would not is passed over for a later one of its "
+                   "seed that would); rerun the same command to go on (finished runs are skipped)")
     s.add_argument("--out", help="where the report goes (default: runs/bench/<task>, untracked; the project's own "
                    "records are docs/results/{smollm2,sparse,mbpp} and docs/results for toy: name one to update it)")
     s.add_argument("--dry-run", action="store_true", help="smollm2, sparse, mbpp: print the runs a rerun on --out "

@@ -46,7 +46,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, load_average, method_overrides,
                                         plot, run_record, runs_with_load, summarize, table)
@@ -641,6 +641,21 @@ def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float |
     return time.perf_counter() - t_start + cost <= budget_minutes * 60
 
 
+def within_budget(todo_runs: list[tuple[str, int]], fits: Callable[[str], bool],
+                  passed: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """The test runs to start, in plan order, each asked ``fits(method)`` just before it starts: one
+    that would not fit is passed over (appended to ``passed``) for the later runs of its seed that
+    do, and no run of a later seed starts after it, so a chunk still leaves every method within one
+    seed of the others."""
+    for method, seed in todo_runs:
+        if passed and seed != passed[0][1]:
+            return
+        if fits(method):
+            yield method, seed
+        else:
+            passed.append((method, seed))
+
+
 def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | None = None,
                budget_minutes: float | None = None, log: Callable[[str], None] = print,
                experiment: str = "sparse", note: str | None = None) -> dict:
@@ -690,17 +705,19 @@ def run_sparse(spec: SparseSpec, out_dir: str | Path, work_dir: str | Path | Non
         if values:
             log(f"{experiment}: chosen values: " + ", ".join(f"{m} {spec.added_method(m).tune}={value_text(v)}"
                                                              for m, v in values.items()))
-        for method, seed in todo_runs:
-            if not _fits(sweep + runs, method, t_start, budget_minutes, "test", spec.steps):
-                log(f"{experiment}: stopping before {method} seed {seed}: it would not fit in --budget-minutes="
-                    f"{budget_minutes:g}; run the same command again to go on")
-                return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
+        passed: list[tuple[str, int]] = []
+        fits = lambda method: _fits(sweep + runs, method, t_start, budget_minutes, "test", spec.steps)  # noqa: E731
+        for method, seed in within_budget(todo_runs, fits, passed):
             name, lr, value = seed_run(spec, method, seed, sweep)
             record = _one_run(spec, work / "runs" / name, method, seed, lr, False, base_cfg, config,
                               train, runs, run_log, value, note)
             _save(runs_out, name, record)
             runs.append(record)
             write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
+        if passed:
+            log(f"{experiment}: passed over " + ", ".join(f"{m} seed {sd}" for m, sd in passed) +
+                f": each would not fit in --budget-minutes={budget_minutes:g}; run the same command again to go on")
+            return write_report(spec, sweep, runs, base_cfg.grading.extract, out_dir, experiment)
     finally:
         if started:
             shutdown_ray()

@@ -463,3 +463,28 @@ def test_the_budget_costs_a_first_test_run_at_its_methods_pace_times_its_own_ste
     done = sweep + [{"method": "opsd_fixed", "phase": "test", "run_wall_seconds": 4000.0, "steps": [{"step": 40}]}]
     assert not _fits(done, "opsd_fixed", now, 66, "test", 40) and _fits(done, "opsd_fixed", now, 67, "test", 40)
     assert _fits([], "grpo", now, 0.5, "sweep", 20) and _fits(sweep, "grpo", now, None, "test", 40)
+
+
+def test_a_run_that_would_not_fit_is_passed_over_for_later_runs_of_its_seed_only():
+    from opsd.benchmarks.sparse import within_budget
+
+    todo = [(m, s) for s in range(3) for m in ("opsd_fixed", "grpo", "sft")]
+    asked, passed = [], []
+    minutes_left = {"t": 100.0}
+    cost = {"opsd_fixed": 60.0, "grpo": 50.0, "sft": 20.0}
+
+    def fits(method):
+        asked.append(method)
+        return cost[method] <= minutes_left["t"]
+
+    started = []
+    for method, seed in within_budget(todo, fits, passed):
+        started.append((method, seed))
+        minutes_left["t"] -= cost[method]  # the run takes its cost before the next is asked
+    # OPSD s0 fits (40 left); GRPO s0 does not and is passed over; SFT s0 fits (20 left); nothing of seed 1
+    assert started == [("opsd_fixed", 0), ("sft", 0)] and passed == [("grpo", 0)]
+    assert asked == ["opsd_fixed", "grpo", "sft"]  # seed 1's first run is not even asked
+
+    passed = []
+    assert list(within_budget(todo, lambda m: True, passed)) == todo and passed == []
+    assert list(within_budget(todo, lambda m: False, passed)) == [] and passed == todo[:3]
