@@ -626,18 +626,18 @@ def plan_text(report: dict) -> str:
 def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float | None, key: str,
           steps: int) -> bool:
     """Whether a ``key`` run (sweep or test) of ``method``, ``steps`` long, would end within the
-    budget: costed at the longest finished run of that method and phase; before there is one, at the
-    method's slowest pace per step over its other runs (any method's, before that) times ``steps``,
-    so the first 40-step test run is not costed as a 20-step sweep run."""
+    budget: costed at the longest finished run of that method and phase; before there is one, as the
+    dry run costs it (``step_paces``: the method's pace per step, the slowest's for a method with no
+    run) times ``steps``, so a first 40-step test run is not costed as a 20-step sweep run."""
     if budget_minutes is None:
         return True
     walls = [r["run_wall_seconds"] for r in done if r["method"] == method and r.get("phase") == key]
     if walls:
         cost = max(walls)
     else:
-        paced = [r for r in done if r.get("steps")]
-        paced = [r for r in paced if r["method"] == method] or paced
-        cost = max((r["run_wall_seconds"] / r["steps"][-1]["step"] for r in paced), default=0.0) * steps
+        paces, _ = step_paces(done, [])
+        pace = paces.get(method, max(paces.values(), default=(0.0, "")))
+        cost = pace[0] * steps
     return time.perf_counter() - t_start + cost <= budget_minutes * 60
 
 

@@ -450,18 +450,20 @@ def test_the_budget_costs_a_first_test_run_at_its_methods_pace_times_its_own_ste
     from opsd.benchmarks.sparse import _fits
 
     now = time.perf_counter()
-    sweep = [{"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1600.0, "steps": [{"step": 20}]},
-             {"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1400.0, "steps": [{"step": 20}]},
+    sweep = [{"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1700.0, "steps": [{"step": 20}]},
+             {"method": "opsd_fixed", "phase": "sweep", "run_wall_seconds": 1500.0, "steps": [{"step": 20}]},
              {"method": "grpo", "phase": "sweep", "run_wall_seconds": 1200.0, "steps": [{"step": 20}]}]
-    # OPSD's slowest sweep pace is 80 s a step, so a 40-step test run costs 3,200 s: 53.3 minutes
+    # OPSD's mean sweep pace is 80 s a step, so a 40-step test run costs 3,200 s: 53.3 minutes
     assert _fits(sweep, "opsd_fixed", now, 54, "test", 40) and not _fits(sweep, "opsd_fixed", now, 53, "test", 40)
-    # a sweep run costs its phase's longest: 1,600 s
-    assert _fits(sweep, "opsd_fixed", now, 27, "sweep", 20) and not _fits(sweep, "opsd_fixed", now, 26, "sweep", 20)
-    # a method with no run yet is costed at the slowest pace of any: 80 s a step
+    # a sweep run costs its phase's longest: 1,700 s, 28.3 minutes
+    assert _fits(sweep, "opsd_fixed", now, 29, "sweep", 20) and not _fits(sweep, "opsd_fixed", now, 28, "sweep", 20)
+    # a method with no run yet is costed at the slowest method's pace: OPSD's 80 s a step
     assert not _fits(sweep, "sft", now, 26, "sweep", 20) and _fits(sweep, "sft", now, 27, "sweep", 20)
     # once a test run has finished, its own wall is the cost
     done = sweep + [{"method": "opsd_fixed", "phase": "test", "run_wall_seconds": 4000.0, "steps": [{"step": 40}]}]
     assert not _fits(done, "opsd_fixed", now, 66, "test", 40) and _fits(done, "opsd_fixed", now, 67, "test", 40)
+    # and GRPO's first test run is at GRPO's own pace, 60 s a step: 40 minutes
+    assert not _fits(done, "grpo", now, 39.9, "test", 40) and _fits(done, "grpo", now, 40.1, "test", 40)
     assert _fits([], "grpo", now, 0.5, "sweep", 20) and _fits(sweep, "grpo", now, None, "test", 40)
 
 
