@@ -530,12 +530,12 @@ def load_records(runs_out: Path, extract: str | None = None) -> tuple[list[dict]
     return [r for r in records if r.get("phase") == "sweep"], [r for r in records if r.get("phase") == "test"]
 
 
-def step_paces(sweep: list[dict], runs: list[dict]) -> tuple[dict[str, tuple[float, str]], str | None]:
-    """Planning figures for one training step, per method: on the machine that ran most of the
-    records, the mean run time per step (evaluations included) over the method's finished test runs,
-    or over its sweep runs before it has one (then low: test runs evaluate more often, on more
-    problems); each with the phase it came from. Returns them and that machine."""
-    records = [r for r in [*sweep, *runs] if r.get("steps")]
+def step_paces(done: list[dict]) -> tuple[dict[str, tuple[float, str]], str | None]:
+    """Planning figures for one training step, per method, from finished runs of both phases: on the
+    machine that ran most of them, the mean run time per step (evaluations included) over the
+    method's test runs, or over its sweep runs before it has one (then low: test runs evaluate more
+    often, on more problems); each with the phase it came from. Returns them and that machine."""
+    records = [r for r in done if r.get("steps")]
     if not records:
         return {}, None
     machines = [r.get("machine", "unknown machine") for r in records]
@@ -560,7 +560,7 @@ def dry_run(spec: SparseSpec, out_dir: str | Path, log: Callable[[str], None] = 
         check_spec(json.loads(spec_file.read_text()), spec, str(spec_file))
     sweep, runs = load_records(out_dir / "runs")
     todo_sweep, todo_runs = plan(spec, sweep, runs)
-    paces, where = step_paces(sweep, runs)
+    paces, where = step_paces(sweep + runs)
     slowest = max(paces.values(), default=None)
     rows = []
     for method, tried in todo_sweep:
@@ -635,7 +635,7 @@ def _fits(done: list[dict], method: str, t_start: float, budget_minutes: float |
     if walls:
         cost = max(walls)
     else:
-        paces, _ = step_paces(done, [])
+        paces, _ = step_paces(done)
         pace = paces.get(method, max(paces.values(), default=(0.0, "")))
         cost = pace[0] * steps
     return time.perf_counter() - t_start + cost <= budget_minutes * 60
