@@ -12,7 +12,7 @@ the same number of optimizer steps on the same number of rows per step, through
 
     opsd_fixed       OPSD, the teacher frozen at the initial weights (the default recipe)
     opsd_ema         OPSD, the teacher an EMA of the student (teacher.ema_decay)
-    opsd_fixed_tail  OPSD, fixed teacher, loss.support=topk_tail instead of topk
+    opsd_fixed_tail  OPSD, fixed teacher, objectives.opsd.support=topk_tail instead of topk
     grpo             GRPO, 8 samples per prompt, the learner's own old log-probs at T = 0.7
     sft              cross-entropy on the reference solutions
     kd_reference     off-policy distillation: the teacher's targets along the reference solution
@@ -179,7 +179,7 @@ def grpo_recipe(spec: ComparisonSpec, temperature: float) -> dict:
     sampler's own policy gradient, old log-probs from the learner at its temperature, no KL term,
     as many rows per step as every other method."""
     return {"rollout.n": spec.grpo_n, "train.prompts_per_step": max(1, spec.rows_per_step // spec.grpo_n),
-            "loss.temperature": temperature, "loss.old_logprobs": "learner", "loss.kl_coef": 0}
+            "loss.temperature": temperature, "objectives.grpo.old_logprobs": "learner", "objectives.grpo.kl_coef": 0}
 
 
 def staged(spec: ComparisonSpec, second: dict) -> str:
@@ -212,11 +212,11 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
     per = {
         "opsd_fixed": ["algo=opsd", "teacher.mode=fixed", "logging.save_batches=true"],
         "opsd_ema": ["algo=opsd", "teacher.mode=ema", "logging.save_batches=true"],
-        "opsd_fixed_tail": ["algo=opsd", "teacher.mode=fixed", "loss.support=topk_tail", "logging.save_batches=true"],
+        "opsd_fixed_tail": ["algo=opsd", "teacher.mode=fixed", "objectives.opsd.support=topk_tail", "logging.save_batches=true"],
         "grpo": ["algo=grpo", *(f"{k}={v}" for k, v in grpo_recipe(spec, temperature).items())],
         "sft": ["algo=sft"],
-        "kd_reference": ["algo=kd", "kd.source=reference", "teacher.mode=fixed"],
-        "kd_samples": ["algo=kd", "kd.source=teacher_samples", "teacher.mode=fixed"],
+        "kd_reference": ["algo=kd", "objectives.kd.source=reference", "teacher.mode=fixed"],
+        "kd_samples": ["algo=kd", "objectives.kd.source=teacher_samples", "teacher.mode=fixed"],
         "opsd_answer": ["algo=opsd", "teacher.mode=fixed", "teacher.context=answer", "logging.save_batches=true"],
         "opsd_none": ["algo=opsd", "teacher.mode=fixed", "teacher.context=none", "logging.save_batches=true"],
         "opsd_other": ["algo=opsd", "teacher.mode=fixed", "teacher.context=other_problem", "logging.save_batches=true"],
@@ -228,9 +228,11 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
         "contrastive": ["algo=contrastive", "teacher.mode=fixed", "teacher.context=contrastive",
                         "teacher.wrong_contexts=4", f"rollout.n={spec.grpo_n}",
                         f"train.prompts_per_step={max(1, spec.rows_per_step // spec.grpo_n)}",
-                        f"loss.temperature={temperature}", "loss.old_logprobs=learner", "loss.kl_coef=0"],
-        "opsd_shaped": ["algo=opsd", "teacher.mode=fixed", "loss.position_weight=true", "loss.divergence_clip=0.05",
-                        "loss.divergence_clip_mode=pointwise", "logging.save_batches=true"],
+                        f"loss.temperature={temperature}", "objectives.contrastive.old_logprobs=learner",
+                        "objectives.contrastive.kl_coef=0"],
+        "opsd_shaped": ["algo=opsd", "teacher.mode=fixed", "loss.position_weight=true",
+                        "objectives.opsd.divergence_clip=0.05", "objectives.opsd.divergence_clip_mode=pointwise",
+                        "logging.save_batches=true"],
         # sft's recipe, with a checkpoint (and its Hugging Face export) at the last step: the
         # weights the harness keeps as the teacher.
         "sft_teacher": ["algo=sft", f"train.checkpoint_every={spec.steps}", "train.export_hf=true"],
