@@ -286,6 +286,10 @@ def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float)
             "score_seconds", "train_seconds", "sync_seconds", "step_seconds",
             # what a context or an objective left out or moved (majority, contrastive)
             "samples", "context_skipped", "moved_frac", "movable_frac", "grad_norm",
+            # guards and hybrids (issue 36): a step with no loss token skips its update; the KL to the
+            # initial policy (objectives.opsd.anchor); the share of tokens a routing mix sent to the
+            # parent for correct samples (objectives.mix.mode=route)
+            "update_skipped", "no_loss_tokens", "anchor_kl", "correct_frac",
             # collapse diagnostics (opsd/diagnostics.py)
             "repeated_ngram_rate", "stop_gap_truncated", "stop_gap_finished", "stop_prob_teacher_truncated",
             "stop_prob_student_truncated", "stop_prob_teacher_finished", "stop_prob_student_finished", "stage")}

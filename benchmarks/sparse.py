@@ -515,16 +515,20 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
 
 def load_records(runs_out: Path, extract: str | None = None) -> tuple[list[dict], list[dict]]:
     """The finished runs' records in ``runs_out``: (sweep, test). With ``extract``, a record from
-    before the evaluations kept their counts is completed from its own run's metrics and saved;
-    without it (a dry run) nothing is written."""
+    before the evaluations kept their counts, or before the steps kept the guards' and hybrids'
+    series (``update_skipped``, ``anchor_kl``, ``correct_frac``), is completed from its own run's
+    metrics, where they are still on disk, and saved; everything else in it (its wall time,
+    machine, note) is kept. Without ``extract`` (a dry run) nothing is written."""
     records = []
     for path in sorted(runs_out.glob("*.json")):
         record = json.loads(path.read_text())
-        if extract is not None and record["evals"] and "truncated_frac" not in record["evals"][-1] and \
-                (Path(record["run_dir"]) / "metrics.jsonl").is_file():
+        old_evals = bool(record["evals"]) and "truncated_frac" not in record["evals"][-1]
+        old_steps = bool(record["steps"]) and "update_skipped" not in record["steps"][0]
+        if extract is not None and (old_evals or old_steps) and (Path(record["run_dir"]) / "metrics.jsonl").is_file():
             fresh = run_record(Path(record["run_dir"]), record["method"], record["seed"], extract,
                                record["run_wall_seconds"])
-            record["evals"] = fresh["evals"]
+            record["evals"] = fresh["evals"] if old_evals else record["evals"]
+            record["steps"] = fresh["steps"] if old_steps else record["steps"]
             _save(runs_out, path.stem, record)
         records.append(record)
     return [r for r in records if r.get("phase") == "sweep"], [r for r in records if r.get("phase") == "test"]

@@ -127,7 +127,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from opsd.benchmarks.sparse import AddedMethod, check_spec, chosen_lrs, plan  # noqa: E402
+from opsd.benchmarks.sparse import METHODS, AddedMethod, check_spec, chosen_lrs, plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "sparse"
 
@@ -141,11 +141,28 @@ def _first_spec() -> dict:
 
 
 def _records():
-    """The finished experiment's own run records (docs/results/sparse/runs), split by phase."""
+    """The 24 finished runs' records (docs/results/sparse/runs, without the added rows' runs that
+    land there as they finish), split by phase."""
     import json
 
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "runs").glob("*.json"))]
+    records = [r for r in records if r["method"] in METHODS]
     return [r for r in records if r["phase"] == "sweep"], [r for r in records if r["phase"] == "test"]
+
+
+def _as_finished(tmp_path: Path) -> Path:
+    """A copy of docs/results/sparse as the 24 runs left it: the added rows' records and spec.json's
+    ``added`` taken out, so that a test of the plan does not change as those runs land."""
+    import json
+    import shutil
+
+    out = tmp_path / "sparse"
+    shutil.copytree(RESULTS, out)
+    for path in (out / "runs").glob("*.json"):
+        if json.loads(path.read_text())["method"] not in METHODS:
+            path.unlink()
+    (out / "spec.json").write_text(json.dumps(_first_spec(), indent=1) + "\n")
+    return out
 
 
 def test_the_finished_experiment_plans_nothing_and_its_spec_is_accepted():
@@ -240,10 +257,11 @@ def _val(method, lr, accuracy, value=None, key="objectives.opsd.anchor"):
     return record if value is None else record | {"tuned": key, "value": value}
 
 
-def test_the_plan_appends_the_anchor_sweep_after_the_rate_sweeps_and_then_every_new_row_per_seed():
-    before = _fingerprint(RESULTS)
-    report = dry_run(SparseSpec(), RESULTS, log=lambda _: None)
-    assert _fingerprint(RESULTS) == before  # a dry run writes nothing, not even the finished spec
+def test_the_plan_appends_the_anchor_sweep_after_the_rate_sweeps_and_then_every_new_row_per_seed(tmp_path):
+    finished = _as_finished(tmp_path)
+    before = _fingerprint(finished)
+    report = dry_run(SparseSpec(), finished, log=lambda _: None)
+    assert _fingerprint(finished) == before  # a dry run writes nothing, not even the finished spec
     plan_ = [(r["run"], r["lr"], r["value"]) for r in report["plan"]]
     new = ["opsd_mask_truncated", "srpo", "mix_opsd_grpo", "opsd_anchor", "opsd_forward_kl"]
     assert plan_[:6] == [("sweep-srpo-lr3e-06", 3e-6, None), ("sweep-srpo-lr3e-05", 3e-5, None),
@@ -277,8 +295,7 @@ def test_the_plan_appends_the_anchor_sweep_after_the_rate_sweeps_and_then_every_
 
 
 def test_a_finished_tuning_run_is_skipped_on_rerun_and_the_old_runs_are_untouched(tmp_path):
-    out = tmp_path / "sparse"
-    shutil.copytree(RESULTS, out)
+    out = _as_finished(tmp_path)
     before = _fingerprint(out)
     spec = SparseSpec()
     sweep, runs = load_records(out / "runs")
@@ -499,3 +516,42 @@ def test_a_run_that_would_not_fit_is_passed_over_for_later_runs_of_its_seed_only
     passed = []
     assert list(within_budget(todo, lambda m: True, passed)) == todo and passed == []
     assert list(within_budget(todo, lambda m: False, passed)) == [] and passed == todo[:3]
+
+
+def test_a_record_from_before_the_guard_series_is_completed_from_its_own_metrics_and_nothing_else(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ev = {"eval/accuracy_lenient": 0.1, "eval/format_rate": 0.5, "eval/response_len_mean": 200.0, "eval/problems": 10,
+          "eval/truncated_frac": 0.3, "eval/repeated_ngram_rate": 0.2}
+    rows = [{"step": 0, **ev},
+            {"step": 1, "step_seconds": 30.0, "tokens_generated_total": 100, "correct_frac": 0.25, "update_skipped": False,
+             "no_loss_tokens": False},
+            {"step": 2, "step_seconds": 40.0, "tokens_generated_total": 250, "correct_frac": 0.0, "update_skipped": True,
+             "no_loss_tokens": True, **ev, "eval/accuracy_lenient": 0.2}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from opsd.benchmarks.comparison import run_record
+
+    fresh = run_record(run_dir, "srpo", 0, "lenient", 99.0)
+    # The record as the harness wrote it before the steps kept these series: everything else must stay.
+    old = {"method": "srpo", "seed": 0, "lr": 3e-6, "phase": "sweep", "run_dir": str(run_dir), "run_wall_seconds": 123.0,
+           "machine": "another machine", "note": "what ran beside it", "evals": fresh["evals"],
+           "steps": [{k: v for k, v in s.items() if k not in ("update_skipped", "no_loss_tokens", "anchor_kl",
+                                                               "correct_frac")} for s in fresh["steps"]]}
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "sweep-srpo-lr3e-06.json").write_text(json.dumps(old))
+    (runs / "gone.json").write_text(json.dumps(old | {"run_dir": str(tmp_path / "nowhere")}))  # metrics lost
+    before = _fingerprint(runs)
+    load_records(runs)  # a dry run's read writes nothing
+    assert _fingerprint(runs) == before
+    sweep, _ = load_records(runs, extract="lenient")
+    done = json.loads((runs / "sweep-srpo-lr3e-06.json").read_text())
+    assert [s["correct_frac"] for s in done["steps"]] == [0.25, 0.0]
+    assert [s["update_skipped"] for s in done["steps"]] == [False, True] and done["steps"][0]["anchor_kl"] is None
+    assert [s["wall_seconds"] for s in done["steps"]] == [30.0, 70.0]
+    assert {k: v for k, v in done.items() if k != "steps"} == {k: v for k, v in old.items() if k != "steps"}
+    assert json.loads((runs / "gone.json").read_text()) == old | {"run_dir": str(tmp_path / "nowhere")}
+    assert sorted(r["run_dir"] for r in sweep) == sorted([str(run_dir), str(tmp_path / "nowhere")])
+    again = _fingerprint(runs)
+    load_records(runs, extract="lenient")
+    assert _fingerprint(runs) == again  # completed once
