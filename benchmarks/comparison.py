@@ -253,11 +253,16 @@ def method_overrides(spec: ComparisonSpec, method: str, seed: int, temperature: 
 
 
 def machine_name() -> str:
-    """CPU model and core count: wall times are only comparable on one kind of machine."""
+    """CPU model, core count, the CPU's bf16 matmul instructions and the GPU: wall times are only
+    comparable on one kind of machine, and one CPU model name covers parts with and without
+    AVX512-BF16 (bf16 about 60x slower without; docs/BENCHMARKS.md). Records from before 2026-12-07
+    name the CPU and cores only."""
     from opsd.benchmarks.machine import machine
 
     m = machine()
-    return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores"
+    bf16 = "+".join(m.get("bf16_instructions") or []) or "no bf16 instructions"
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
+    return f"{m.get('cpu', 'unknown CPU')}, {m['cpus']} cores, {bf16}{gpu}"
 
 
 def run_record(run_dir: Path, method: str, seed: int, extract: str, wall: float) -> dict:

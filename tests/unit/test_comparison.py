@@ -295,3 +295,16 @@ def test_the_dry_run_plans_only_the_new_rows_with_the_estimates_of_their_recipes
     slowest = {m: max(w for name, w in walls.items() if name.rsplit("-s", 1)[0] == m) for m in ("sft", "opsd_fixed", "grpo")}
     expected = {"sft_teacher": slowest["sft"], "opd_sft": slowest["opsd_fixed"], "sft_grpo": slowest["grpo"]}
     assert all(r["estimated_seconds"] == expected[r["method"]] for r in rows if r["method"] in expected)
+
+
+def test_the_machine_name_tells_apart_one_cpu_model_with_and_without_bf16_instructions(monkeypatch):
+    import opsd.benchmarks.machine as m
+    from opsd.benchmarks.comparison import machine_name
+
+    for flags, gpu, want in ((["avx512_bf16"], None, "AMD EPYC, 2 cores, avx512_bf16"),
+                             ([], None, "AMD EPYC, 2 cores, no bf16 instructions"),
+                             (["amx_bf16", "avx512_bf16"], "NVIDIA H100",
+                              "AMD EPYC, 2 cores, amx_bf16+avx512_bf16, NVIDIA H100")):
+        info = {"cpu": "AMD EPYC", "cpus": 2, "bf16_instructions": flags} | ({"gpu": gpu} if gpu else {})
+        monkeypatch.setattr(m, "machine", lambda info=info: info)
+        assert machine_name() == want
