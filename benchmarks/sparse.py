@@ -18,7 +18,10 @@ Two phases, resumable run by run like ``opsd bench learning``:
 
 Finished runs land in ``<out>/runs/sweep-<method>-lr<lr>.json`` and ``<out>/runs/<method>-s<seed>.json``
 and are skipped on a rerun; ``<out>/spec.json`` keeps runs of other settings out. The report
-(``sparse.json``, ``sparse.md``, ``sparse.png``) is redrawn after every run.
+(``sparse.json``, ``sparse.md``, ``sparse.png``) is redrawn after every run; per row it gives what issue 36
+asks of each (:func:`collapse_rows`: accuracy, cut share and length at each evaluation, the mean after
+step 0 against GRPO's within two standard errors or not, repetition, the stop-probability gap, and
+what a guard or hybrid did).
 
 **Appending methods to a finished experiment.** ``ADDED`` lists rows appended after the first
 runs (each an :class:`AddedMethod`: a recipe of benchmarks/comparison.py plus overrides, its own
@@ -43,6 +46,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -451,6 +455,115 @@ def _percent(x: float | None) -> str:
     return "?" if x is None else f"{100 * x:.0f}%"
 
 
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _seed_std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo") -> dict[str, dict]:
+    """Per method with test runs (its records with the shared step-0 point in front), the figures
+    issue 36 asks of every row, each a mean over seeds: accuracy, the share of answers cut and their
+    mean length at each evaluation; each seed's mean accuracy over the evaluations after step 0; the
+    repeated 4-gram rate of the training samples (means of the first and the last 5 steps) and of the
+    last evaluation's answers; the teacher - student stop-probability gap at the last position of
+    finished and of cut training samples (mean over steps); and what a guard or hybrid did (steps
+    with no loss token, so no update; the KL to the initial policy; the share of tokens a routing mix
+    sent to its parent for correct samples). Against ``against`` (GRPO): the difference of the means
+    over steps after 0, with two standard errors of it: from the seeds' spread, sqrt(s_a^2/k_a +
+    s_b^2/k_b), and from the problem set, sqrt(2 p(1 - p) / n) at the two rows' pooled mean p (the
+    seeds of every row are graded on the same n problems, so this part does not shrink with seeds; it
+    treats the two rows' grades as unpaired, an upper bound where they agree problem by problem).
+    A difference is called beyond two standard errors only if it exceeds twice the larger."""
+    out: dict[str, dict] = {}
+    for m, rs in by_method.items():
+        steps = sorted({e["step"] for r in rs for e in r["evals"]})
+        at = {k: {st: _mean(e.get(k) for r in rs for e in r["evals"] if e["step"] == st) for st in steps}
+              for k in ("accuracy", "truncated_frac", "response_len")}
+        after = [_mean(e["accuracy"] for e in r["evals"] if e["step"] > 0) for r in rs]
+        after = [a for a in after if a is not None]
+        per_run = lambda key, part: [_mean(x.get(key) for x in part(r["steps"])) for r in rs]  # noqa: E731
+        every = lambda xs: xs  # noqa: E731
+        row = {"seeds": [r["seed"] for r in rs], "steps": steps,
+               "accuracy_at": at["accuracy"], "truncated_frac_at": at["truncated_frac"],
+               "response_len_at": at["response_len"],
+               "mean_after_step_0": _mean(after), "mean_after_step_0_std": _seed_std(after),
+               "mean_after_step_0_per_seed": after,
+               "repeated_ngram_rate_first": _mean(per_run("repeated_ngram_rate", lambda s: s[:5])),
+               "repeated_ngram_rate_last": _mean(per_run("repeated_ngram_rate", lambda s: s[-5:])),
+               "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
+               "stop_gap_finished": _mean(per_run("stop_gap_finished", every)),
+               "stop_gap_truncated": _mean(per_run("stop_gap_truncated", every)),
+               "stop_prob_student_finished": _mean(per_run("stop_prob_student_finished", every)),
+               "stop_prob_teacher_finished": _mean(per_run("stop_prob_teacher_finished", every)),
+               "updates_skipped": _mean([sum(bool(x.get("update_skipped")) for x in r["steps"]) for r in rs
+                                         if any("update_skipped" in x for x in r["steps"])]),
+               "anchor_kl": _mean(per_run("anchor_kl", every)),
+               "correct_frac": _mean(per_run("correct_frac", every))}
+        out[m] = row
+    ref = out.get(against)
+    for m, row in out.items():
+        if ref is None or m == against or row["mean_after_step_0"] is None or ref["mean_after_step_0"] is None:
+            continue
+        d = row["mean_after_step_0"] - ref["mean_after_step_0"]
+        se_seeds = math.sqrt(row["mean_after_step_0_std"] ** 2 / len(row["mean_after_step_0_per_seed"])
+                             + ref["mean_after_step_0_std"] ** 2 / len(ref["mean_after_step_0_per_seed"]))
+        p = (row["mean_after_step_0"] + ref["mean_after_step_0"]) / 2
+        se_problems = math.sqrt(2 * p * (1 - p) / n) if n else float("nan")
+        row[f"vs_{against}"] = {"difference": d, "se_seeds": se_seeds, "se_problems": se_problems,
+                                "beyond_two_se": abs(d) > 2 * max(se_seeds, se_problems)}
+    return out
+
+
+def collapse_table(rows: dict[str, dict], against: str = "grpo") -> str:
+    """The markdown of :func:`collapse_rows`: one table of accuracy and length per evaluation, one of
+    the diagnostics."""
+    def series(xs: dict, spec: str) -> str:
+        return " / ".join(fmt(v, spec) for v in xs.values())
+
+    def pct(xs: dict) -> str:
+        return " / ".join(_percent(v) for v in xs.values())
+
+    steps = next(iter(rows.values()))["steps"] if rows else []
+    at = " / ".join(str(s) for s in steps)
+    lines = [f"Per row, means over seeds, at steps {at} (step 0 is the shared base point). The mean over the "
+             f"steps after 0 is compared with {LABELS.get(against, against)}'s: the difference, two standard "
+             "errors of it (from the seeds' spread; from the problem set, unpaired: an upper bound), and whether "
+             "it exceeds twice the larger.",
+             "", f"| method | seeds | accuracy at {at} | mean after step 0 (per seed) | vs {LABELS.get(against, against)}: "
+             "difference (2 SE seeds; 2 SE problems) | cut at " + at + f" | answer length at {at} |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in rows.items():
+        v = r.get(f"vs_{against}")
+        vs = (f"{v['difference']:+.3f} ({2 * v['se_seeds']:.3f}; {2 * v['se_problems']:.3f})"
+              f"{' **beyond 2 SE**' if v['beyond_two_se'] else ''}") if v else "—"
+        lines.append(f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {series(r['accuracy_at'], '.3f')} "
+                     f"| {fmt(r['mean_after_step_0'])} ({', '.join(f'{a:.3f}' for a in r['mean_after_step_0_per_seed'])}) "
+                     f"| {vs} | {pct(r['truncated_frac_at'])} | {series(r['response_len_at'], '.0f')} |")
+    lines += ["", "Collapse diagnostics of the training samples (means over steps and seeds; — where a run "
+              "predates the series or the row has none): the repeated 4-gram rate (first → last 5 steps) and "
+              "at the last evaluation; the student's and the teacher's probability of stopping at the last "
+              "position of finished samples, and the gap teacher - student there and at cut samples; steps "
+              "with no loss token (no update, per run); the KL to the initial policy (the anchor); the share "
+              "of tokens routed to the parent for correct samples (a routing mix).", "",
+              "| method | repeated 4-grams, train first → last | at the last evaluation | stop prob. student / "
+              "teacher, finished | gap, finished | gap, cut | steps without update | anchor KL | routed to "
+              "correct-sample parent |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in rows.items():
+        routed = "—" if r["correct_frac"] is None else f"{100 * r['correct_frac']:.1f}%"
+        lines.append(f"| {LABELS.get(m, m)} | {fmt(r['repeated_ngram_rate_first'], '.2f')} → "
+                     f"{fmt(r['repeated_ngram_rate_last'], '.2f')} | {fmt(r['repeated_ngram_rate_eval_last'], '.2f')} "
+                     f"| {fmt(r['stop_prob_student_finished'])} / {fmt(r['stop_prob_teacher_finished'])} "
+                     f"| {fmt(r['stop_gap_finished'], '+.3f')} | {fmt(r['stop_gap_truncated'], '+.4f')} "
+                     f"| {fmt(r['updates_skipped'], '.1f')} | {fmt(r['anchor_kl'], '.4f')} "
+                     f"| {routed} |")
+    return "\n".join(lines)
+
+
 def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract: str, out_dir: Path,
                  experiment: str = "sparse") -> dict:
     """``<out_dir>/<experiment>.{json,md,png}`` from the finished records; ``experiment``: its
@@ -502,6 +615,8 @@ def write_report(spec: SparseSpec, sweep: list[dict], runs: list[dict], extract:
                "; ".join(f"{LABELS.get(m, m)} " + ", ".join(_percent(r["evals"][-1].get("truncated_frac"))
                                                             for r in by_seed if r["method"] == m)
                          for m in by_method) + "."]
+        report["collapse"] = collapse_rows(by_method, n)
+        md += ["", collapse_table(report["collapse"])]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{experiment}.json").write_text(json.dumps(report, indent=1) + "\n")
     (out_dir / f"{experiment}.md").write_text("\n".join(md))

@@ -555,3 +555,49 @@ def test_a_record_from_before_the_guard_series_is_completed_from_its_own_metrics
     again = _fingerprint(runs)
     load_records(runs, extract="lenient")
     assert _fingerprint(runs) == again  # completed once
+
+
+def test_the_collapse_rows_match_a_by_hand_computation_and_the_two_se_rule():
+    from opsd.benchmarks.sparse import collapse_rows, collapse_table
+
+    def run(method, seed, accs, cuts, lens, steps):
+        evals = [{"step": 10 * i, "accuracy": a, "truncated_frac": c, "response_len": ln, "repeated_ngram_rate": 0.1 * i}
+                 for i, (a, c, ln) in enumerate(zip(accs, cuts, lens))]
+        return {"method": method, "seed": seed, "evals": evals, "steps": steps}
+
+    plain = [{"step": i + 1} for i in range(10)]  # a run from before the diagnostics: no series at all
+    diag = [{"step": i + 1, "repeated_ngram_rate": i / 10, "stop_gap_finished": -0.1 * (i % 2),
+             "stop_gap_truncated": 0.0, "stop_prob_student_finished": 0.6, "stop_prob_teacher_finished": 0.5,
+             "update_skipped": i in (3, 7), "correct_frac": 0.25 if i < 5 else 0.0} for i in range(10)]
+    by_method = {
+        "grpo": [run("grpo", s, [0.04, a, a], [0.4, 0.3, 0.3], [280, 250, 240], plain)
+                 for s, a in enumerate((0.05, 0.04, 0.06))],
+        "srpo": [run("srpo", s, [0.04, a, b], [0.4, 0.5, 0.6], [280, 300, 320], diag)
+                 for s, (a, b) in enumerate(((0.20, 0.30), (0.22, 0.28), (0.18, 0.32)))],
+    }
+    rows = collapse_rows(by_method, n=300)
+    g, h = rows["grpo"], rows["srpo"]
+    assert g["accuracy_at"] == {0: 0.04, 10: pytest.approx(0.05), 20: pytest.approx(0.05)}
+    assert h["truncated_frac_at"] == pytest.approx({0: 0.4, 10: 0.5, 20: 0.6}) and h["response_len_at"][20] == 320
+    assert g["mean_after_step_0_per_seed"] == pytest.approx([0.05, 0.04, 0.06])
+    assert h["mean_after_step_0"] == pytest.approx(0.25) and h["mean_after_step_0_std"] == 0.0
+    # Brute force: the difference, its two standard errors and the rule.
+    d = 0.25 - 0.05
+    se_seeds = math.sqrt(0.01 ** 2 / 3 + 0.0)  # GRPO's sample std over seeds is 0.01, SRPO's 0
+    se_problems = math.sqrt(2 * 0.15 * 0.85 / 300)
+    v = h["vs_grpo"]
+    assert (v["difference"], v["se_seeds"], v["se_problems"]) == (pytest.approx(d), pytest.approx(se_seeds),
+                                                                     pytest.approx(se_problems))
+    assert v["beyond_two_se"] is True and "vs_grpo" not in g
+    # The training diagnostics: first and last 5 steps, means over steps; a run with none shows none.
+    assert h["repeated_ngram_rate_first"] == pytest.approx(0.2) and h["repeated_ngram_rate_last"] == pytest.approx(0.7)
+    assert h["repeated_ngram_rate_eval_last"] == pytest.approx(0.2)
+    assert h["stop_gap_finished"] == pytest.approx(-0.05) and h["updates_skipped"] == 2
+    assert h["correct_frac"] == pytest.approx(0.125) and h["anchor_kl"] is None
+    assert g["repeated_ngram_rate_first"] is None and g["updates_skipped"] is None and g["stop_gap_finished"] is None
+    # A small difference is within two standard errors.
+    close = collapse_rows({"grpo": by_method["grpo"], "x": [run("x", 0, [0.04, 0.06, 0.06], [0.4] * 3, [280] * 3, plain)]},
+                          n=300)
+    assert close["x"]["vs_grpo"]["beyond_two_se"] is False
+    md = collapse_table(rows)
+    assert "+0.200" in md and "**beyond 2 SE**" in md and "| 40% / 50% / 60% |" in md and "| 12.5% |" in md
