@@ -427,7 +427,21 @@ def sweep_table(spec: SparseSpec, sweep: dict[str, list[dict]], chosen: dict[str
                 lines.append(f"| {LABELS.get(a.name, a.name)} | `{a.tune}` | {value_text(v)} | "
                              f"{fmt(r['lr'] if r else chosen.get(a.name), 'g')} | "
                              f"{_cell(r['evals'][-1], n) if r else 'not run yet'} | {mark} |")
+    # The sweep runs made since the steps kept the diagnostics, one row each.
+    in_order = [r for rs in sweep.values() for r in sorted(rs, key=lambda r: (r["lr"], str(r.get("value"))))]
+    with_series = {_run_label(r): r for r in in_order
+                   if any(x.get("stop_prob_student_finished") is not None for x in r.get("steps", []))}
+    if with_series:
+        rows = {k: collapse_rows({r["method"]: [r]}, n)[r["method"]] for k, r in with_series.items()}
+        lines += ["", diagnostics_table(rows, "the sweep runs, means over steps",
+                                        labels={k: k for k in rows})]
     return "\n".join(lines) + "\n"
+
+
+def _run_label(r: dict) -> str:
+    """A sweep run's row name: its method and the setting it tried."""
+    setting = f"{r['tuned']}={value_text(r['value'])}" if "value" in r else f"lr {r['lr']:g}"
+    return f"{LABELS.get(r['method'], r['method'])}, {setting}"
 
 
 def run_time_by_machine(records: list[dict]) -> dict[str, dict]:
@@ -543,7 +557,14 @@ def collapse_table(rows: dict[str, dict], against: str = "grpo") -> str:
         lines.append(f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {series(r['accuracy_at'], '.3f')} "
                      f"| {fmt(r['mean_after_step_0'])} ({', '.join(f'{a:.3f}' for a in r['mean_after_step_0_per_seed'])}) "
                      f"| {vs} | {pct(r['truncated_frac_at'])} | {series(r['response_len_at'], '.0f')} |")
-    lines += ["", "Collapse diagnostics of the training samples (means over steps and seeds; — where a run "
+    return "\n".join(lines + ["", diagnostics_table(rows, "means over steps and seeds")])
+
+
+def diagnostics_table(rows: dict[str, dict], over: str, labels: dict[str, str] | None = None) -> str:
+    """The training samples' collapse diagnostics of :func:`collapse_rows`' rows (a method's test
+    runs, or one sweep run each), as markdown; ``labels``: each row's name where it is not a method."""
+    labels = labels or {}
+    lines = ["Collapse diagnostics of the training samples (" + over + "; — where a run "
               "predates the series or the row has none): the repeated 4-gram rate (first → last 5 steps) and "
               "at the last evaluation; the student's and the teacher's probability of stopping at the last "
               "position of finished samples, and the gap teacher - student there and at cut samples; steps "
@@ -555,7 +576,7 @@ def collapse_table(rows: dict[str, dict], against: str = "grpo") -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in rows.items():
         routed = "—" if r["correct_frac"] is None else f"{100 * r['correct_frac']:.1f}%"
-        lines.append(f"| {LABELS.get(m, m)} | {fmt(r['repeated_ngram_rate_first'], '.2f')} → "
+        lines.append(f"| {labels.get(m) or LABELS.get(m, m)} | {fmt(r['repeated_ngram_rate_first'], '.2f')} → "
                      f"{fmt(r['repeated_ngram_rate_last'], '.2f')} | {fmt(r['repeated_ngram_rate_eval_last'], '.2f')} "
                      f"| {fmt(r['stop_prob_student_finished'])} / {fmt(r['stop_prob_teacher_finished'])} "
                      f"| {fmt(r['stop_gap_finished'], '+.3f')} | {fmt(r['stop_gap_truncated'], '+.4f')} "

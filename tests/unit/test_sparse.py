@@ -601,3 +601,20 @@ def test_the_collapse_rows_match_a_by_hand_computation_and_the_two_se_rule():
     assert close["x"]["vs_grpo"]["beyond_two_se"] is False
     md = collapse_table(rows)
     assert "+0.200" in md and "**beyond 2 SE**" in md and "| 40% / 50% / 60% |" in md and "| 12.5% |" in md
+
+
+def test_the_sweep_table_lists_the_diagnostics_of_each_sweep_run_that_has_them():
+    spec = SparseSpec()
+    steps = [{"step": i + 1, "stop_prob_student_finished": 0.6, "stop_prob_teacher_finished": 0.5,
+              "stop_gap_finished": -0.1, "correct_frac": 0.05, "update_skipped": False} for i in range(4)]
+    old = _val("srpo", 3e-5, 0.03)  # a record from before the series: no row
+    new = _val("srpo", 3e-6, 0.01) | {"steps": steps}
+    anchor = _val("opsd_anchor", 3e-6, 0.02, value=1.0) | {"steps": [{k: v for k, v in s.items() if k != "correct_frac"} | {"anchor_kl": 0.002}
+                                                                          for s in steps]}
+    table = sweep_table(spec, {"srpo": [old, new], "opsd_anchor": [anchor]}, {"opsd_fixed": 3e-6})
+    rows = [ln for ln in table.splitlines() if ln.startswith("| SRPO (correct: GRPO, wrong: OPSD), ")
+            or ln.startswith("| OPSD + KL anchor to the initial policy, ")]
+    assert rows == [
+        "| SRPO (correct: GRPO, wrong: OPSD), lr 3e-06 | — → — | — | 0.600 / 0.500 | -0.100 | — | 0.0 | — | 5.0% |",
+        "| OPSD + KL anchor to the initial policy, objectives.opsd.anchor=1.0 | — → — | — | 0.600 / 0.500 | -0.100 "
+        "| — | 0.0 | 0.0020 | — |"]
