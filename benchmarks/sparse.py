@@ -499,24 +499,26 @@ def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo
               for k in ("accuracy", "truncated_frac", "response_len")}
         after = [_mean(e["accuracy"] for e in r["evals"] if e["step"] > 0) for r in rs]
         after = [a for a in after if a is not None]
-        per_run = lambda key, part: [_mean(x.get(key) for x in part(r["steps"])) for r in rs]  # noqa: E731
-        every = lambda xs: xs  # noqa: E731
+
+        def per_run(key: str, part: slice = slice(None)) -> list[float | None]:
+            return [_mean(x.get(key) for x in r["steps"][part]) for r in rs]
+
         row = {"seeds": [r["seed"] for r in rs], "steps": steps,
                "accuracy_at": at["accuracy"], "truncated_frac_at": at["truncated_frac"],
                "response_len_at": at["response_len"],
                "mean_after_step_0": _mean(after), "mean_after_step_0_std": _seed_std(after),
                "mean_after_step_0_per_seed": after,
-               "repeated_ngram_rate_first": _mean(per_run("repeated_ngram_rate", lambda s: s[:5])),
-               "repeated_ngram_rate_last": _mean(per_run("repeated_ngram_rate", lambda s: s[-5:])),
+               "repeated_ngram_rate_first": _mean(per_run("repeated_ngram_rate", slice(None, 5))),
+               "repeated_ngram_rate_last": _mean(per_run("repeated_ngram_rate", slice(-5, None))),
                "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
-               "stop_gap_finished": _mean(per_run("stop_gap_finished", every)),
-               "stop_gap_truncated": _mean(per_run("stop_gap_truncated", every)),
-               "stop_prob_student_finished": _mean(per_run("stop_prob_student_finished", every)),
-               "stop_prob_teacher_finished": _mean(per_run("stop_prob_teacher_finished", every)),
+               "stop_gap_finished": _mean(per_run("stop_gap_finished")),
+               "stop_gap_truncated": _mean(per_run("stop_gap_truncated")),
+               "stop_prob_student_finished": _mean(per_run("stop_prob_student_finished")),
+               "stop_prob_teacher_finished": _mean(per_run("stop_prob_teacher_finished")),
                "updates_skipped": _mean([sum(bool(x.get("update_skipped")) for x in r["steps"]) for r in rs
                                          if any("update_skipped" in x for x in r["steps"])]),
-               "anchor_kl": _mean(per_run("anchor_kl", every)),
-               "correct_frac": _mean(per_run("correct_frac", every))}
+               "anchor_kl": _mean(per_run("anchor_kl")),
+               "correct_frac": _mean(per_run("correct_frac"))}
         out[m] = row
     ref = out.get(against)
     for m, row in out.items():
@@ -659,7 +661,7 @@ def load_records(runs_out: Path, extract: str | None = None) -> tuple[list[dict]
     for path in sorted(runs_out.glob("*.json")):
         record = json.loads(path.read_text())
         old_evals = bool(record["evals"]) and "truncated_frac" not in record["evals"][-1]
-        old_steps = bool(record["steps"]) and "update_skipped" not in record["steps"][0]
+        old_steps = bool(record.get("steps")) and "update_skipped" not in record["steps"][0]
         if extract is not None and (old_evals or old_steps) and (Path(record["run_dir"]) / "metrics.jsonl").is_file():
             fresh = run_record(Path(record["run_dir"]), record["method"], record["seed"], extract,
                                record["run_wall_seconds"])
