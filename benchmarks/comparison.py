@@ -128,10 +128,11 @@ COLORS = {
     "sft_grpo": "crimson",
 }
 # The methods that train on the student's own samples with a teacher's per-token targets: their
-# sampled-token gap estimates KL(student || teacher), and their saved batches are read for it.
+# sampled-token gap estimates KL(student || teacher), and their saved batches are read for it. The
+# hybrids (srpo, mix_opsd_grpo) are among them: OPSD's teacher scores every one of their samples.
 OPSD = ("opsd_fixed", "opsd_ema", "opsd_fixed_tail", "opsd_answer", "opsd_none", "opsd_other", "opsd_majority",
         "opsd_shaped", "opsd_mask_truncated", "opsd_anchor", "opsd_forward_kl", "opd_sft", "opd_sft_solution",
-        "sft_opsd")
+        "sft_opsd", "srpo", "mix_opsd_grpo")
 # A staged method's stage that trains on the student's samples with teacher targets: only its
 # steps count in the per-position gap (the SFT stage before it has no teacher).
 DISTIL_STAGE = {"sft_opsd": "opsd"}

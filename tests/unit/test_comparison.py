@@ -62,9 +62,11 @@ def test_a_method_that_generates_nothing_has_no_token_ratio():
 
 def test_the_kl_column_is_left_empty_where_the_tokens_are_not_the_students_samples():
     by = {"opsd_fixed": [with_base(record("opsd_fixed", 0, [0.3], 20))],
-          "kd_reference": [with_base(record("kd_reference", 0, [0.3], 0))]}
+          "kd_reference": [with_base(record("kd_reference", 0, [0.3], 0))],
+          "srpo": [with_base(record("srpo", 0, [0.3], 20))]}  # a hybrid: OPSD's teacher scores its samples
     s = summarize(by)
     assert s["methods"]["opsd_fixed"]["kl_sampled_last"] == pytest.approx(0.1)
+    assert s["methods"]["srpo"]["kl_sampled_last"] == pytest.approx(0.1)
     assert s["methods"]["kd_reference"]["kl_sampled_first"] is None and s["methods"]["kd_reference"]["kl_sampled_last"] is None
     row = next(line for line in table({"summary": s, "spec": {"eval_problems": 200}, "extract": "lenient"}).splitlines()
                if line.startswith("| KD (reference)"))
