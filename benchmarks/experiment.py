@@ -369,7 +369,7 @@ def first_last(curves: list[dict], key: str, k: int = 5) -> tuple[float | None, 
     """Mean over seeds of the first k and the last k steps' values of ``key``."""
     firsts, lasts = [], []
     for c in curves:
-        xs = [s[key] for s in c["steps"] if s[key] is not None]
+        xs = [s[key] for s in c["steps"] if s.get(key) is not None]  # absent: a run from before the series
         if xs:
             firsts.append(statistics.fmean(xs[:k]))
             lasts.append(statistics.fmean(xs[-k:]))

@@ -46,15 +46,14 @@ import json
 import math
 import re
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, load_average, method_overrides,
-                                        plot, run_record, runs_with_load, summarize, table)
-from opsd.benchmarks.experiment import fmt
+from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, _std, curves_with_base, load_average,
+                                        method_overrides, plot, run_record, runs_with_load, summarize, table)
+from opsd.benchmarks.experiment import first_last, fmt
 from opsd.config import REPO_ROOT
 
 METHODS = ("opsd_fixed", "grpo", "sft", "kd_reference")
@@ -474,10 +473,6 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _seed_std(xs: list[float]) -> float:
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
 def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo") -> dict[str, dict]:
     """Per method with test runs (its records with the shared step-0 point in front), the figures
     issue 36 asks of every row, each a mean over seeds: accuracy, the share of answers cut and their
@@ -500,16 +495,17 @@ def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo
         after = [_mean(e["accuracy"] for e in r["evals"] if e["step"] > 0) for r in rs]
         after = [a for a in after if a is not None]
 
-        def per_run(key: str, part: slice = slice(None)) -> list[float | None]:
-            return [_mean(x.get(key) for x in r["steps"][part]) for r in rs]
+        def per_run(key: str) -> list[float | None]:
+            return [_mean(x.get(key) for x in r["steps"]) for r in rs]
+
+        repeated = first_last(rs, "repeated_ngram_rate")
 
         row = {"seeds": [r["seed"] for r in rs], "steps": steps,
                "accuracy_at": at["accuracy"], "truncated_frac_at": at["truncated_frac"],
                "response_len_at": at["response_len"],
-               "mean_after_step_0": _mean(after), "mean_after_step_0_std": _seed_std(after),
+               "mean_after_step_0": _mean(after), "mean_after_step_0_std": _std(after),
                "mean_after_step_0_per_seed": after,
-               "repeated_ngram_rate_first": _mean(per_run("repeated_ngram_rate", slice(None, 5))),
-               "repeated_ngram_rate_last": _mean(per_run("repeated_ngram_rate", slice(-5, None))),
+               "repeated_ngram_rate_first": repeated[0], "repeated_ngram_rate_last": repeated[1],
                "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
                "stop_gap_finished": _mean(per_run("stop_gap_finished")),
                "stop_gap_truncated": _mean(per_run("stop_gap_truncated")),
