@@ -373,7 +373,8 @@ def curves_with_base(records: list[dict], base: dict | None) -> list[dict]:
     return out
 
 
-def _std(xs: list[float]) -> float:
+def sample_std(xs: list[float]) -> float:
+    """The sample standard deviation (n - 1); 0.0 for fewer than two values, which have no spread."""
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
@@ -396,7 +397,7 @@ def summarize(by_method: dict[str, list[dict]]) -> dict:
         finals = [r["evals"][-1]["accuracy"] for r in rs]
         row = {
             "seeds": [r["seed"] for r in rs],
-            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": _std(finals),
+            "final_accuracy_mean": statistics.fmean(finals), "final_accuracy_std": sample_std(finals),
             "final_accuracies": finals,
             "final_format_rate_mean": statistics.fmean(r["evals"][-1]["format_rate"] for r in rs),
             "tokens_generated_total_mean": statistics.fmean(r["steps"][-1]["tokens_generated_total"] for r in rs),
@@ -459,7 +460,7 @@ def table(report: dict) -> str:
              "seeds (n - 1)."]
     for m, r in s["methods"].items():
         ratios = r.get("token_ratio_per_seed") or []
-        per_seed = (f"{_mean_pm(statistics.fmean(ratios), _std(ratios), len(ratios), '.2f')} ({len(ratios)})"
+        per_seed = (f"{_mean_pm(statistics.fmean(ratios), sample_std(ratios), len(ratios), '.2f')} ({len(ratios)})"
                     if ratios else "—")
         lines.append(
             f"| {LABELS.get(m, m)} | {len(r['seeds'])} | {_mean_pm(r['final_accuracy_mean'], r['final_accuracy_std'], len(r['seeds']), '.3f')} "

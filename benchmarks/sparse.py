@@ -51,8 +51,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, _std, curves_with_base, load_average,
-                                        method_overrides, plot, run_record, runs_with_load, summarize, table)
+from opsd.benchmarks.comparison import (LABELS, ComparisonSpec, curves_with_base, load_average,
+                                        method_overrides, plot, run_record, runs_with_load, sample_std, summarize,
+                                        table)
 from opsd.benchmarks.experiment import first_last, fmt
 from opsd.config import REPO_ROOT
 
@@ -503,7 +504,7 @@ def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo
         row = {"seeds": [r["seed"] for r in rs], "steps": steps,
                "accuracy_at": at["accuracy"], "truncated_frac_at": at["truncated_frac"],
                "response_len_at": at["response_len"],
-               "mean_after_step_0": _mean(after), "mean_after_step_0_std": _std(after),
+               "mean_after_step_0": _mean(after), "mean_after_step_0_std": sample_std(after),
                "mean_after_step_0_per_seed": after,
                "repeated_ngram_rate_first": repeated[0], "repeated_ngram_rate_last": repeated[1],
                "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
