@@ -827,8 +827,9 @@ def _check_sections(cfg: Config, obj: Any) -> None:
 # Keys that moved into an objective's own options: old key -> the option's name. An old key is
 # read as objectives.<name>.<option> for each objective of the run (the algo, or a composite's
 # parents) that declares that option, and dropped, with a note, where none does (it had no effect
-# there before either). Finished experiments record the old keys (docs/results/*/spec.json,
-# configs/*.yaml, benchmarks/comparison.py's recipes), so they keep working.
+# there before either). Finished experiments record the old keys (docs/results/*/spec.json), so
+# they keep working; the shipped configs and benchmarks/comparison.py's recipes use the new ones
+# (a test holds each to that).
 MOVED_KEYS = {
     "loss.objective": "objective", "loss.beta": "beta", "loss.support": "support", "loss.token_clip": "token_clip",
     "loss.divergence_clip": "divergence_clip", "loss.divergence_clip_mode": "divergence_clip_mode",

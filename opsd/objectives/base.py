@@ -70,6 +70,9 @@ class Objective:
     # section objectives.<name>; None: it has none. Declared here once: the config check types
     # them, and the learner gets the instance as it is (LossSpec.options).
     Options: type | None = None
+    # Options its ``advantage`` does not read: a composite that blends advantages (algo=mix,
+    # mode=advantage) refuses a value other than the default for these, which would do nothing.
+    advantage_ignores: tuple[str, ...] = ()
 
     # --- its options ----------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ sample with reward r:
 - ``sum``: loss_t = sum_i w_i loss_i,t, each parent's own per-token loss.
 - ``advantage`` (SDPO, arXiv 2601.20802): A_t = sum_i w_i A_i,t, each parent's per-token advantage
   (GRPO: the group-normalised reward; OPSD: log p_T(y_t) - log p_S(y_t), its sampled-token
-  objective's, whatever its ``objective``; contrastive: RLCSD's modulated one), in the clipped
+  objective's, whatever its ``objective``; an option its advantage does not read, such as OPSD's
+  ``anchor`` or ``beta``, is refused here); contrastive: RLCSD's modulated one), in the clipped
   ratio of the first parent that has one (GRPO's options: clip_low, clip_high, old_logprobs).
   With ``{grpo: lambda, opsd: 1 - lambda}`` this is SDPO's lambda blend.
 - ``route`` (SRPO, arXiv 2604.02288): two parents; a sample the verifier graded correct (r > 0.5)
@@ -140,6 +141,16 @@ class Mix(Objective):
             if lacking:
                 raise ConfigError(f"config key '{self.key('mode')}' = advantage: {lacking} declare no per-token "
                                   "advantage (Objective.advantage); use mode=sum or route")
+            for p, obj in zip(plan.parents, parents):
+                if obj.Options is None:
+                    continue
+                default = obj.Options()
+                for name in obj.advantage_ignores:
+                    if getattr(p.options, name) != getattr(default, name):
+                        raise ConfigError(
+                            f"config key '{obj.key(name)}' = {getattr(p.options, name)!r} with "
+                            f"{self.key('mode')}=advantage: {p.algo}'s advantage does not read it, so it would do "
+                            f"nothing; unset it, or use mode=sum or route, where {p.algo}'s own loss reads it")
             if self._ratio_parent(plan) is None:
                 raise ConfigError(f"config key '{self.key('mode')}' = advantage needs a parent with a clipped ratio "
                                   "(grpo or contrastive) whose options the blended advantage is trained with")

@@ -45,6 +45,9 @@ class OpsdOptions:
 class OPSD(Objective):
     name = "opsd"
     Options = OpsdOptions
+    # Its advantage is the sampled-token log-ratio alone: no divergence, clip or anchor.
+    advantage_ignores = ("beta", "support", "token_clip", "divergence_clip", "divergence_clip_mode", "is_clip",
+                         "anchor")
 
     def teacher(self, cfg):
         return "context"

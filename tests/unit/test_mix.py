@@ -225,6 +225,11 @@ def test_a_plugin_parent_reads_its_own_option_section():
     (["objectives.mix.parents={opsd: 0.5, squared_gap: 0.5}"], r"'algo' = 'squared_gap'"),
     (["objectives.mix.parents={opsd: 0.5, tests.plugins.squared_gap:OBJECTIVE: 0.5}", "objectives.mix.mode=advantage"],
      r"no per-token advantage"),
+    # OPSD's advantage is its sampled-token log-ratio: an anchor or a beta would do nothing there.
+    (["objectives.mix.parents={grpo: 0.5, opsd: 0.5}", "objectives.mix.mode=advantage", "objectives.opsd.anchor=0.1"],
+     r"'objectives\.opsd\.anchor' = 0\.1 with objectives\.mix\.mode=advantage.*does not read it"),
+    (["objectives.mix.parents={grpo: 0.5, opsd: 0.5}", "objectives.mix.mode=advantage", "objectives.opsd.beta=0.0"],
+     r"'objectives\.opsd\.beta' = 0\.0 with"),
     (["objectives.mix.parents={opsd: 0.5, grpo: -1}"], r"weight >= 0"),
     (["objectives.mix.parents={opsd: 0.5, grpo: 0.5}", "rollout.n=1"], r"rollout\.n"),
     (["objectives.mix.parents={opsd: 0.5, grpo: 0.5}", "objectives.mix.mode=blend"], r"objectives\.mix\.mode"),
@@ -232,3 +237,10 @@ def test_a_plugin_parent_reads_its_own_option_section():
 def test_parents_that_cannot_share_a_batch_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         _cfg("algo=mix", *overrides)
+
+
+def test_the_advantage_blend_takes_opsds_options_its_advantage_reads():
+    # objective=sampled_token is what the advantage is; the anchor is fine under sum.
+    _cfg("algo=mix", "objectives.mix.parents={grpo: 0.5, opsd: 0.5}", "objectives.mix.mode=advantage",
+         "objectives.opsd.objective=sampled_token")
+    _cfg("algo=mix", "objectives.mix.parents={grpo: 0.5, opsd: 0.5}", "objectives.opsd.anchor=0.1")
