@@ -94,6 +94,28 @@ def test_srpo_routing_of_grpo_and_opsd_trains(tmp_path, ray_session, tiny_model)
     assert _weights_moved(run, tiny_model, 2) > 1e-4
 
 
+# Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the blend itself is
+# checked by brute force in tests/unit/test_mix.py, and a mix through a real run by SRPO's test above.
+@pytest.mark.slow
+def test_sdpo_advantage_blend_of_grpo_and_opsd_trains(tmp_path, ray_session, tiny_model):
+    run = train(TINY, local_overrides(
+        tmp_path, "algo=mix", "objectives.mix.mode=advantage", "objectives.mix.parents={grpo: 0.5, opsd: 0.5}",
+        "objectives.opsd.objective=sampled_token", "rollout.n=4", "train.prompts_per_step=4",
+        "rollout.max_tokens=32", "train.steps=2", "train.checkpoint_every=2", "eval.every=0",
+        "logging.save_batches=true", "learner.lr=1e-3"))
+    rows = read_metrics(run)
+    assert [r["samples"] for r in rows] == [16, 16]
+    table = read_ipc(run / "batches" / "step_000001.arrow")
+    # OPSD's advantage reads the teacher's sampled-token log-probs: scored on every sample, no top-k.
+    assert table.column("teacher_token_logprobs").null_count == 0
+    assert table.column("teacher_topk_ids").null_count == table.num_rows
+    for r in rows:
+        # The blend trains in GRPO's clipped ratio: its statistics are GRPO's, and no OPSD metric.
+        assert math.isfinite(r["loss"]) and r["grpo/clip_frac"] is not None and r["kl_sampled"] is not None
+        assert not any(k.startswith("opsd/") for k in r)
+    assert _weights_moved(run, tiny_model, 2) > 1e-4
+
+
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores. It covers the parts:
 # the mix of a plug-in with an option, by brute force (tests/unit/test_mix.py), a plug-in objective
 # through a real run (test_contexts.py) and a mix through a real run (SRPO, above).
