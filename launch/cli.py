@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.num_workers=2")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("grade", help="grade responses you have (code in the sandbox, math by math-verify): one "
-                       "JSON verdict per row and a summary")
-    p.add_argument("file", metavar="FILE.jsonl", help='rows {"id", "task": "code", "tests": [...] or a test program, '
-                   '"entry_point", "response"} or {"id", "answer", "response"} (math)')
+    p = sub.add_parser("grade", help="grade responses you have (code in the sandbox, math by math-verify or a "
+                       "procedural task's own verifier): one JSON verdict per row and a summary")
+    p.add_argument("file", metavar="FILE.jsonl", help='rows {"id", "task": "code", "tests", "entry_point", "response"}, '
+                   '{"id", "answer", "response"} (math) or {"id", "verifier", "response"} (reasoning_gym)')
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. sandbox.isolation=none, "
                    "sandbox.cpu_s=2, grading.extract=lenient")
     p.set_defaults(func=cmd_grade)

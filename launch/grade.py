@@ -4,10 +4,14 @@ A row is ``{"id": ..., "task": "code", "tests": [...] or a test program, "entry_
 "response": ...}`` (``test_setup`` optional: code run before the asserts) or ``{"id": ...,
 "answer": ..., "response": ...}`` for math (``"task": "math"``, the default). Code runs in the
 sandbox (opsd/sandbox.py), whose isolation is said first on stderr; math answers are compared by
-math-verify (opsd/verify.py). Printed on stdout: one line per row, ``{"id", "line", "task",
-"passed", "verdict", "detail"}``, in the file's order, then ``{"summary": ...}``. A row that cannot
-be graded is an error on stderr naming its line; the others are graded all the same, and the exit
-status is then 1.
+math-verify (opsd/verify.py), or, where the row carries a procedural task's ``verifier`` (the
+``reasoning_gym:<task>:<seed>:<size>:<index>`` of the rows ``data.train_path: reasoning_gym:...``
+loads, opsd/assets/procedural.py), graded by that task's own verifier, as training grades them:
+its grade may be partial, and only a full grade passes. Printed on stdout: one line per row,
+``{"id", "line", "task", "passed", "verdict", "score", "detail"}`` (``score``: the reward training
+would give, 1.0 or 0.0 except for a procedural task's partial grade), in the file's order, then
+``{"summary": ...}``. A row that cannot be graded is an error on stderr naming its line; the
+others are graded all the same, and the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from opsd.assets.procedural import TaskError
 from opsd.data import DataError, code_tests
-from opsd.evaluation import CODE, run_code
-from opsd.verify import EXTRACTORS, extract_answer, is_equivalent
+from opsd.evaluation import reward, run_code
+from opsd.verify import EXTRACTORS, extract_answer
 
 __all__ = ["grade_file", "main_grade"]
 
@@ -39,15 +44,22 @@ def _row(line_no: int, raw: str, path: str) -> dict:
     response = row.get("response")
     if not isinstance(response, str):
         raise DataError(f"{at}: key 'response' {'is missing' if 'response' not in row else 'must be a string'}")
+    verifier = row.get("verifier")
+    if verifier is not None and (task != "math" or not isinstance(verifier, str)):
+        raise DataError(f"{at}: key 'verifier' = {verifier!r}: a math row's procedural task verifier "
+                        f"(reasoning_gym:<task>:<seed>:<size>:<index>, as its data row carries it)")
     if task == "code":
         gold = code_tests(row, at)
+    elif verifier is not None:
+        gold = verifier  # the task's own verifier regenerates the entry and its answer
     else:
         gold = row.get("answer")
         if not isinstance(gold, (str, int, float)) or isinstance(gold, bool) or not str(gold).strip():
             raise DataError(f"{at}: key 'answer' {'is missing' if 'answer' not in row else 'must be a string or a number'}"
                             " (a math row is graded against it; a code row needs \"task\": \"code\")")
         gold = str(gold)
-    return {"id": row.get("id", line_no), "line": line_no, "task": task, "gold": gold, "response": response}
+    return {"id": row.get("id", line_no), "line": line_no, "task": task, "gold": gold, "response": response,
+            "verifier": verifier}
 
 
 def grade_file(path: str, *, sandbox_settings: Any, extract: str = "strict", out: TextIO = sys.stdout,
@@ -75,14 +87,21 @@ def grade_file(path: str, *, sandbox_settings: Any, extract: str = "strict", out
         err(f"opsd grade: model-written code runs in a sandbox, isolation {box.isolation.describe()} "
             f"(required: sandbox.isolation={sandbox_settings.isolation}; {box.workers} at a time)")
         for r, v in zip(code, run_code([r["response"] for r in code], [r["gold"] for r in code], box)):
-            verdicts[r["line"]] = {"passed": v.passed, "verdict": v.verdict, "detail": v.detail}
-    for r in rows:
-        if r["task"] == "math":
-            answer = extract_answer(r["response"], extract)
-            ok = is_equivalent(answer, r["gold"])
-            verdicts[r["line"]] = {"passed": ok, "verdict": "passed" if ok else "failed",
-                                   "detail": "" if ok else ("no answer found" if answer is None else
-                                                            f"answer {answer!r}, expected {r['gold']!r}")}
+            verdicts[r["line"]] = {"passed": v.passed, "verdict": v.verdict, "score": float(v.passed),
+                                   "detail": v.detail}
+    for r in [r for r in rows if r["task"] == "math"]:
+        try:  # as training grades it: math-verify, or a procedural task's own (maybe partial) grade
+            score = reward(r["response"], r["gold"], extract, r["verifier"])
+        except TaskError as exc:
+            bad += 1
+            err(f"opsd grade: {path}, line {r['line']}: {exc}")
+            continue
+        answer = extract_answer(r["response"], extract)
+        wrong = ("no answer found" if answer is None else f"answer {answer!r}, " + (
+            f"the task's verifier gave {score:g}" if r["verifier"] else f"expected {r['gold']!r}"))
+        verdicts[r["line"]] = {"passed": score == 1.0, "verdict": "passed" if score == 1.0 else "failed",
+                               "score": score, "detail": "" if score == 1.0 else wrong}
+    rows = [r for r in rows if r["line"] in verdicts]
     counts: dict[str, int] = {}
     for r in rows:
         v = verdicts[r["line"]]

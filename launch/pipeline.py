@@ -290,14 +290,15 @@ class Pipeline:
             # DAPO's overlong filtering: a cut answer is out of the loss; it stays in the batch (and
             # in its group's reward statistics).
             mask = [False] * len(response)
-        if teacher is None:
+        applied = teacher is not None
+        if not applied:
             # Its teacher context does not apply (its prompt's samples do not agree enough): scored
             # on the student's own prompt, but not trained on.
             teacher, mask = pair.student_ids, [False] * len(response)
         return Sample(
             sample_id=f"{pair.uid}#{j}", prompt_ids=pair.student_ids, teacher_prompt_ids=teacher,
             response_ids=response, rollout_logprobs=logprobs, loss_mask=mask, reward=reward,
-            policy_version=version, finish_reason=finish_reason,
+            policy_version=version, finish_reason=finish_reason, context_applied=applied,
             others={name: ContextScores(ids) for name, ids in others.items()}, teacher=pair.teacher,
         )
 

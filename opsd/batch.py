@@ -9,7 +9,7 @@ fixed-size lists of k. Batches travel between actors as Arrow IPC stream bytes a
 disk in the same format; nothing here pickles.
 
 Batches without a teacher (GRPO, whose scorer is not started) carry ``opsd.teacher_mode=none``
-and nulls in the three teacher columns. Batches whose objective reads only the teacher's
+and nulls in the teacher columns. Batches whose objective reads only the teacher's
 sampled-token log-probability (GRPO's KL reference, OPSD's sampled-token objective) carry
 ``opsd.targets=token`` and nulls in the two top-k columns; the default, ``opsd.targets=topk``, is
 also what a batch without the key means.
@@ -35,6 +35,14 @@ the teacher that scored the row, one of the run's ``teachers:`` (opsd/teachers.p
 of one teacher (``opsd.teacher_model`` names it when it is another model) and without a teacher. A
 batch of several teachers names each one's model in ``opsd.teachers`` (JSON, name -> model, null
 for the student's initial weights).
+
+Schema version 5 (versions 1 to 4 still read; they lack its column) adds ``context_applied``:
+whether the row's teacher context applies to its sample (false: the context left it out, for
+example a majority context whose samples do not agree enough; the row was scored on the student's
+own prompt and is not trained on); null without a teacher. An empty ``loss_mask`` alone cannot say
+which reason emptied it (the context, ``loss.mask_truncated`` on a cut sample, or
+``loss.skip_first`` on a response no longer than it); the collapse diagnostic needs to know
+(opsd/diagnostics.py). A reader of an older batch takes a row with a loss token as applied.
 """
 
 from __future__ import annotations
@@ -48,8 +56,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 TEACHER_MODES = ("fixed", "live", "ema", "none")
 TARGETS = ("topk", "token")
@@ -96,6 +104,8 @@ COLUMNS = (
     Column("teacher_stop_logprobs", pa.float32, "token", "measured", check="logprob", since=3),
     # which of several teachers scored the row (null: the run has one)
     Column("teacher", pa.string, needs="measured", since=4),
+    # whether the row's teacher context applies (false: scored on the student's prompt, not trained)
+    Column("context_applied", pa.bool_, needs="teacher", since=5),
 )
 
 
@@ -178,6 +188,7 @@ class Sample:
     others: dict[str, ContextScores] = field(default_factory=dict)  # the other named contexts
     teacher_stop_logprobs: Sequence[float] | None = None  # [T]; None: not measured
     teacher: str | None = None  # the name of the one of several teachers that scores it
+    context_applied: bool = True  # False: its teacher context left it out (scored on the student's prompt)
 
     def value(self, column: str):
         """This sample's value of ``column`` (a named context's columns read ``others``)."""

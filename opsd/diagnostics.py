@@ -96,9 +96,10 @@ class LastPositions:
            counted: Sequence[bool] | None = None) -> "LastPositions":
         """Rows ``prompt + response`` in order: the position that predicts each response's last token
         (the teacher's column is per response token, so its entry T - 1 is the same position). Rows
-        with an empty response, another finish reason (abort) or not ``counted`` (no loss token:
-        their teacher context did not apply, so the teacher there is not the one that trains) are
-        left out."""
+        with an empty response, another finish reason (abort) or not ``counted`` (their teacher
+        context did not apply, so the teacher there is not the one that trains: the batch's
+        ``context_applied``) are left out. A cut sample out of the loss (``loss.mask_truncated``)
+        still counts: its context applied."""
         rows, cols, kinds, teacher = [], [], [], []
         for j, (p, r, why) in enumerate(zip(prompt_lens, responses, finish_reasons)):
             if not len(r) or why not in KINDS or (counted is not None and not counted[j]):
@@ -110,6 +111,16 @@ class LastPositions:
             teacher.append(float("nan") if t is None else float(t[len(r) - 1]))
         return cls(torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long), kinds,
                    np.asarray(teacher, dtype=np.float64))
+
+
+def counted_rows(loss_masks: Sequence[Sequence[bool]], context_applied: Sequence[bool | None] | None) -> list[bool]:
+    """The rows :meth:`LastPositions.of` counts: those whose teacher context applied (the batch's
+    ``context_applied``; null, in a batch without a teacher, has no context to leave a row out).
+    A cut sample out of the loss under ``loss.mask_truncated`` counts. A batch older than the
+    column (``None``, schema version < 5) says so only through a loss token."""
+    if context_applied is None:
+        return [any(m) for m in loss_masks]
+    return [v is not False for v in context_applied]
 
 
 def stop_sums(student_p: Sequence[float], last: LastPositions) -> dict[str, float]:

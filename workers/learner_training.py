@@ -23,7 +23,7 @@ import torch
 
 from opsd.batch import batch_meta, contexts_of, from_ipc_bytes
 from opsd.config import Config, samples_per_prompt
-from opsd.diagnostics import LastPositions, stop_probability, stop_sums, stop_token_ids
+from opsd.diagnostics import LastPositions, counted_rows, stop_probability, stop_sums, stop_token_ids
 from opsd.losses import LossSpec, TokenTargets, chunked_loss, grpo_advantages, stat_names
 from opsd.objectives import objective
 from opsd.objectives.base import field_shape
@@ -259,11 +259,12 @@ class Training:
                                  center=lc.position_weight_center, width=lc.position_weight_width)
             fields["scale"] = torch.as_tensor(w[keep], dtype=torch.float32)
         teacher_stop = column(sub, "teacher_stop_logprobs") if "teacher_stop_logprobs" in sub.column_names else None
+        applied = column(sub, "context_applied") if "context_applied" in sub.column_names else None
         return {"seqs": seqs, "rows": np.concatenate(sel_rows) if sel_rows else np.zeros(0, int),
                 "cols": np.concatenate(sel_cols) if sel_cols else np.zeros(0, int),
                 "targets": TokenTargets.from_fields(fields),
                 "last": LastPositions.of([len(p) for p in prompts], responses, column(sub, "finish_reason"),
-                                         teacher_stop, counted=[any(m) for m in masks])}
+                                         teacher_stop, counted=counted_rows(masks, applied))}
 
     def _forward_loss(self, inputs: dict, normalizer: float, pad_to: int = 0) -> tuple[torch.Tensor, dict]:
         ids, mask = pad_right(inputs["seqs"], self.pad_id)

@@ -100,11 +100,15 @@ def _same_number(a: str, b: str) -> bool:
 def score(verifier: str, answer: str | None) -> float:
     """The task's own verifier on ``answer`` (a response's extracted answer)."""
     try:
-        _, task, seed, size, index = verifier.split(":")
-        data = _dataset(task, int(seed), int(size))
-        entry = data[int(index)]
+        prefix, task, seed, size, index = verifier.split(":")
+        seed, size, index = int(seed), int(size), int(index)
+        if prefix != PREFIX or not task or size < 1 or not 0 <= index < size:
+            raise ValueError(verifier)
     except ValueError:
-        raise TaskError(f"verifier {verifier!r}: expected {PREFIX}:<task>:<seed>:<size>:<index>") from None
+        raise TaskError(f"verifier {verifier!r}: expected {PREFIX}:<task>:<seed>:<size>:<index>, "
+                        "0 <= index < size") from None
+    data = _dataset(task, seed, size)
+    entry = data[index]
     if answer is None:
         return 0.0
     return float(data.score_answer(answer=answer.strip(), entry=entry))

@@ -57,6 +57,52 @@ def read_metrics(run_dir: Path, *, baseline: bool = False) -> list[dict]:
     return rows if baseline else [r for r in rows if r["step"] > 0]
 
 
+def eos_ids(model_dir) -> list[int]:
+    """The stop ids as vLLM reads them, straight from the model folder's JSON files."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_dir) / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids |= {eos} if isinstance(eos, int) else set(eos or [])
+    assert ids, f"{model_dir}: no eos_token_id"
+    return sorted(ids)
+
+
+def check_stop_probabilities(row: dict, table, model, model_dir) -> dict[str, int]:
+    """A step's stop-probability metrics (``row``) against a plain fp32 forward of ``model`` (the
+    weights that trained on ``table``) and a row-by-row mean: at the last response position of each
+    row whose context applied, by how it ended (cut: "length", finished: "stop"), the student's
+    probability of a stop id at the batch's temperature, the teacher's from its saved column. Returns
+    how many rows of each kind it checked."""
+    import numpy as np
+    import torch
+
+    from opsd.batch import batch_meta
+
+    stop_ids = eos_ids(model_dir)
+    temp = float(batch_meta(table)["opsd.temperature"])
+    seen = {"truncated": [], "finished": []}
+    for r in table.to_pylist():
+        kind = {"length": "truncated", "stop": "finished"}.get(r["finish_reason"])
+        if kind is None or not r["response_ids"] or r["context_applied"] is False:
+            continue
+        seq = r["prompt_ids"] + r["response_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(seq) - 2].double() / temp
+        student = float(torch.softmax(logits, -1)[stop_ids].sum())
+        teacher = float(np.exp(np.float64(r["teacher_stop_logprobs"][-1])))
+        seen[kind].append((teacher, student))
+    for kind, pairs in seen.items():
+        if not pairs:
+            assert row[f"stop_prob_student_{kind}"] is None and row[f"stop_gap_{kind}"] is None
+            continue
+        teacher, student = np.mean([t for t, _ in pairs]), np.mean([s for _, s in pairs])
+        assert row[f"stop_prob_student_{kind}"] == pytest.approx(student, rel=1e-4, abs=1e-7)
+        assert row[f"stop_prob_teacher_{kind}"] == pytest.approx(teacher, rel=1e-4, abs=1e-7)
+        assert row[f"stop_gap_{kind}"] == pytest.approx(teacher - student, rel=1e-3, abs=1e-7)
+    return {kind: len(pairs) for kind, pairs in seen.items()}
+
+
 def local_overrides(tmp_path: Path, *extra: str) -> list[str]:
     return [f"run_dir={tmp_path / 'run'}", "logging.progress=false", "logging.tensorboard=false", *extra]
 

@@ -67,7 +67,7 @@ def test_a_solution_free_majority_teacher_trains_on_bare_problems(tmp_path, tiny
                        for r in group]
             votes = Counter(normalise_answer(a) for a in answers if a is not None and a.strip())
             if not votes:
-                assert all(not any(r["loss_mask"]) for r in group)
+                assert all(not any(r["loss_mask"]) and not r["context_applied"] for r in group)
                 assert all(r["teacher_prompt_ids"] == r["prompt_ids"] for r in group)
                 skipped += len(group)
                 continue
@@ -76,7 +76,7 @@ def test_a_solution_free_majority_teacher_trains_on_bare_problems(tmp_path, tiny
                         for a in answers if a is not None and a.strip() and votes[normalise_answer(a)] == top}
             assert len({tuple(r["teacher_prompt_ids"]) for r in group}) == 1
             assert tuple(group[0]["teacher_prompt_ids"]) in expected
-            assert all(any(r["loss_mask"]) for r in group)
+            assert all(any(r["loss_mask"]) and r["context_applied"] for r in group)
             labelled += 1
         assert row["context_skipped"] == skipped
     assert labelled > 0, "no prompt reached agreement: the test checked nothing"

@@ -14,7 +14,7 @@ from opsd.batch import contexts_of, read_ipc
 from opsd.config import REPO_ROOT
 from opsd.launch.driver import train
 
-from .conftest import local_overrides, read_metrics
+from .conftest import check_stop_probabilities, local_overrides, read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -55,10 +55,14 @@ def test_opsd_with_the_anchor_and_truncated_samples_masked(tmp_path, ray_session
         np.testing.assert_allclose(r["teacher_token_logprobs:anchor"],
                                    _response_logprobs(model, r["prompt_ids"], r["response_ids"]), atol=1e-4)
         assert r["teacher_prompt_ids:anchor"] == r["prompt_ids"]
-        # Cut at the token limit <=> out of the loss.
-        assert (not any(r["loss_mask"])) == (r["finish_reason"] == "length")
+        # Cut at the token limit <=> out of the loss; the context applied to every row all the same.
+        assert (not any(r["loss_mask"])) == (r["finish_reason"] == "length") and r["context_applied"]
         cut += r["finish_reason"] == "length"
-    assert rows[0]["truncated_frac"] == cut / table.num_rows < 1.0
+    assert 0 < rows[0]["truncated_frac"] == cut / table.num_rows < 1.0
+    # The collapse diagnostic still measures the cut samples, out of the loss as they are (until
+    # schema version 5 it counted only rows with a loss token, and said None here).
+    assert rows[0]["stop_prob_student_truncated"] is not None and rows[0]["stop_gap_truncated"] is not None
+    assert check_stop_probabilities(rows[0], table, model.eval(), tiny_model)["truncated"] == cut
     assert not rows[0]["no_loss_tokens"] and _weights_moved(run, tiny_model, 2) > 1e-4
 
 

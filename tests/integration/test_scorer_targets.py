@@ -8,6 +8,8 @@ import torch
 
 from opsd.batch import batch_meta, from_ipc_bytes, read_ipc
 
+from .conftest import check_stop_probabilities, eos_ids, read_metrics
+
 pytestmark = pytest.mark.integration
 
 
@@ -16,7 +18,7 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
 
     # The default teacher is fixed: its weights are the initial model's at every step.
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    stop_ids = _eos_ids(tiny_model)
+    stop_ids = eos_ids(tiny_model)
     finishes = set()
     for path in sorted((cli_run / "batches").glob("step_*.arrow")):
         table = read_ipc(path)
@@ -46,20 +48,6 @@ def test_saved_targets_match_plain_forward(cli_run, tiny_model):
             np.testing.assert_allclose(np.array(row["teacher_stop_logprobs"]), stop, atol=1e-4)
             finishes.add(row["finish_reason"])
     assert "length" in finishes, finishes  # a truncated row's last position was among those checked
-
-
-def _eos_ids(model_dir) -> list[int]:
-    """The stop ids as vLLM reads them, straight from the model folder's JSON files."""
-    import json
-    from pathlib import Path
-
-    ids = set()
-    for name in ("config.json", "generation_config.json"):
-        path = Path(model_dir) / name
-        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-        ids |= {eos} if isinstance(eos, int) else set(eos or [])
-    assert ids, f"{model_dir}: no eos_token_id"
-    return sorted(ids)
 
 
 @pytest.mark.parametrize("overrides", [["loss.objective=sampled_token"], ["algo=grpo", "rollout.n=2", "loss.kl_coef=0.01"]],
@@ -114,33 +102,11 @@ def test_the_stop_probabilities_of_a_step_equal_an_independent_forward(cli_run, 
     teacher's is its saved column there; both from a plain fp32 forward and a row-by-row mean."""
     from transformers import AutoModelForCausalLM
 
-    from .conftest import read_metrics
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    stop_ids = _eos_ids(tiny_model)
     row = next(r for r in read_metrics(cli_run) if r["step"] == 1)
     table = read_ipc(cli_run / "batches" / "step_000001.arrow")
-    temp = float(batch_meta(table)["opsd.temperature"])
-    seen = {"truncated": [], "finished": []}
-    for r in table.to_pylist():
-        kind = {"length": "truncated", "stop": "finished"}.get(r["finish_reason"])
-        if kind is None or not r["response_ids"] or not any(r["loss_mask"]):
-            continue
-        seq = r["prompt_ids"] + r["response_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([seq])).logits[0, len(seq) - 2].double() / temp
-        student = float(torch.softmax(logits, -1)[stop_ids].sum())
-        teacher = float(np.exp(np.float64(r["teacher_stop_logprobs"][-1])))
-        seen[kind].append((teacher, student))
-    assert seen["truncated"], "the tiny run truncates most of its responses at 64 tokens"
-    for kind, pairs in seen.items():
-        if not pairs:
-            assert row[f"stop_prob_student_{kind}"] is None and row[f"stop_gap_{kind}"] is None
-            continue
-        teacher, student = np.mean([t for t, _ in pairs]), np.mean([s for _, s in pairs])
-        assert row[f"stop_prob_student_{kind}"] == pytest.approx(student, rel=1e-4, abs=1e-7)
-        assert row[f"stop_prob_teacher_{kind}"] == pytest.approx(teacher, rel=1e-4, abs=1e-7)
-        assert row[f"stop_gap_{kind}"] == pytest.approx(teacher - student, rel=1e-3, abs=1e-7)
+    checked = check_stop_probabilities(row, table, model, tiny_model)
+    assert checked["truncated"], "the tiny run truncates most of its responses at 64 tokens"
     # The step's repeated 4-gram rate, over the same responses.
     rates = [_repeat_rate(r["response_ids"]) for r in table.to_pylist()]
     rates = [x for x in rates if x is not None]

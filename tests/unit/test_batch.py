@@ -40,6 +40,7 @@ DESIGN_COLUMNS = [
     ("finish_reason", pa.string()),
     ("teacher_stop_logprobs", pa.list_(pa.float32())),
     ("teacher", pa.string()),
+    ("context_applied", pa.bool_()),
 ]
 DESIGN_METADATA = {"opsd.schema_version", "opsd.topk", "opsd.temperature", "opsd.teacher_mode", "opsd.targets"}
 
@@ -534,6 +535,8 @@ def test_a_context_row_must_be_null_in_all_its_columns_or_in_none(samples):
 
 def _as_version(table: pa.Table, version: int) -> pa.Table:
     """The batch as a writer of schema ``version`` wrote it: without the columns added since."""
+    if version < 5:
+        table = table.drop_columns(["context_applied"])
     if version < 4:
         table = table.drop_columns(["teacher"])
     if version < 3:
@@ -543,13 +546,14 @@ def _as_version(table: pa.Table, version: int) -> pa.Table:
     return table.replace_schema_metadata(meta)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_a_batch_of_an_older_schema_version_still_reads(table, version):
     validate(_as_version(table, version), vocab_size=VOCAB)
     # ...and one that claims the old version but holds the new column is refused: it was not written so.
     meta = dict(table.schema.metadata)
     meta[b"opsd.schema_version"] = str(version).encode()
-    added = ["teacher", "teacher_stop_logprobs"] if version < 3 else ["teacher"]
+    since = {"teacher_stop_logprobs": 3, "teacher": 4, "context_applied": 5}
+    added = sorted(name for name, v in since.items() if version < v)
     _raises(table.replace_schema_metadata(meta), f"unexpected columns {added}")
 
 
@@ -564,6 +568,22 @@ def test_the_teacher_column_names_each_rows_teacher_or_is_null_with_one_teacher(
     untaught = [dataclasses.replace(s, teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_token_logprobs=None)
                 for s in samples]
     assert build_batch(untaught, k=K, temperature=1.0, teacher_mode="none").column("teacher").null_count == 3
+
+
+def test_context_applied_says_which_empty_mask_the_context_made(samples):
+    # Row 1 is cut (finish "length") and out of the loss, its context applied; row 2's context left it out.
+    samples[1].loss_mask = [False] * len(samples[1].response_ids)
+    samples[2] = dataclasses.replace(samples[2], loss_mask=[False] * len(samples[2].response_ids),
+                                     teacher_prompt_ids=samples[2].prompt_ids, context_applied=False)
+    table = build_batch(samples, k=K, temperature=1.0, teacher_mode="fixed")
+    validate(table, vocab_size=VOCAB)
+    assert _col(table, "context_applied") == [True, True, False]
+    _raises(_set(table, "context_applied", [True, None, False]), "column 'context_applied' row 1: null value")
+    untaught = [dataclasses.replace(s, teacher_topk_ids=None, teacher_topk_logprobs=None, teacher_token_logprobs=None)
+                for s in samples]
+    assert build_batch(untaught, k=K, temperature=1.0, teacher_mode="none").column("context_applied").null_count == 3
+    _raises(_set(build_batch(untaught, k=K, temperature=1.0, teacher_mode="none"), "context_applied",
+                 [True, True, True]), "column 'context_applied' must be null when opsd.teacher_mode=none")
 
 
 def test_a_version_3_batch_must_hold_the_stop_column(table):

@@ -132,9 +132,9 @@ def test_opsd_grade_prints_a_verdict_per_row_and_names_the_bad_lines(tmp_path):
     cfg = load_config(None, ["sandbox.cpu_s=1"])
     summary = grade_file(str(path), sandbox_settings=cfg.sandbox, out=out, err=errors.append)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    got = {r["id"]: (r["passed"], r["verdict"]) for r in lines[:-1]}
-    assert got == {"ok": (True, "passed"), "wrong": (False, "failed"), "program": (False, "failed"),
-                   "loop": (False, "timeout"), "math": (True, "passed"), "math-wrong": (False, "failed")}
+    got = {r["id"]: (r["passed"], r["verdict"], r["score"]) for r in lines[:-1]}
+    assert got == {"ok": (True, "passed", 1.0), "wrong": (False, "failed", 0.0), "program": (False, "failed", 0.0),
+                   "loop": (False, "timeout", 0.0), "math": (True, "passed", 1.0), "math-wrong": (False, "failed", 0.0)}
     program = next(r for r in lines if r.get("id") == "program")
     assert program["detail"] == "assert candidate(0, 1) == 2"
     assert [r["line"] for r in lines[:-1]] == [1, 2, 3, 4, 7, 8]  # the file's order

@@ -189,6 +189,11 @@ def test_a_procedural_task_is_generated_from_its_seed_and_graded_by_its_own_veri
     assert reward(f"\\boxed{{{first['answer']}}}", first["answer"], "strict", first["verifier"]) == 1.0
     assert reward("\\boxed{banana}", first["answer"], "strict", first["verifier"]) == 0.0
     assert procedural.score(first["verifier"], None) == 0.0
+    for bad in ("gym:basic_arithmetic:1:200:0", "reasoning_gym:basic_arithmetic:1:200:-1", "reasoning_gym::1:200:0",
+                "reasoning_gym:basic_arithmetic:1:0:0", "reasoning_gym:basic_arithmetic:one:200:0",
+                "reasoning_gym:basic_arithmetic:1:200"):
+        with pytest.raises(procedural.TaskError, match=f"verifier '{bad}': expected reasoning_gym:<task>"):
+            procedural.score(bad, "1")
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:basic_arithmetic:val"), log=lambda m: None),
                              require_solution=False)
     assert problems[0].verifier == first["verifier"] and problems[0].solution == ""
@@ -210,6 +215,43 @@ def test_a_procedural_task_with_worked_solutions_gives_them_to_the_teacher():
         assert row["answer"] == entry["answer"] and row["problem"] == entry["question"]
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:gsm_symbolic:val"), log=lambda m: None))
     assert problems[0].solution == data[0]["solution"] and problems[0].answer == data[0]["answer"]
+
+
+def test_opsd_grade_grades_a_procedural_row_by_its_tasks_own_verifier(tmp_path):
+    rg = pytest.importorskip("reasoning_gym")
+    import io
+
+    from opsd.config import load_config
+    from opsd.launch.grade import grade_file
+
+    first, second = rows("reasoning_gym:gsm_symbolic:val")[:2]
+    entries = rg.create_dataset("gsm_symbolic", seed=1, size=200)
+    wrong = str(int(float(first["answer"])) + 1)
+    lines = [
+        {"id": "right", "verifier": first["verifier"], "response": f"so \\boxed{{{first['answer']}}}"},
+        {"id": "wrong", "verifier": first["verifier"], "response": f"so \\boxed{{{wrong}}}"},
+        # The verifier, not the row's answer, grades: a wrong "answer" key changes nothing.
+        {"id": "second", "verifier": second["verifier"], "answer": "nonsense", "response": f"\\boxed{{{second['answer']}}}"},
+        {"id": "none", "verifier": first["verifier"], "response": "no box here"},
+        {"id": "bad-index", "verifier": "reasoning_gym:gsm_symbolic:1:200:200", "response": "\\boxed{1}"},
+        {"id": "no-task", "verifier": "reasoning_gym:no_such_task:1:200:0", "response": "\\boxed{1}"},
+        {"id": "code", "task": "code", "verifier": first["verifier"], "tests": ["assert True"], "response": "x"},
+    ]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out, errors = io.StringIO(), []
+    summary = grade_file(str(path), sandbox_settings=load_config(None, []).sandbox, out=out, err=errors.append)
+    got = {r["id"]: r for r in map(json.loads, out.getvalue().splitlines()[:-1])}
+    assert set(got) == {"right", "wrong", "second", "none"}
+    # Each score is reasoning-gym's own, called here without opsd.
+    assert got["right"]["score"] == entries.score_answer(answer=first["answer"], entry=entries[0]) == 1.0
+    assert got["wrong"]["score"] == entries.score_answer(answer=wrong, entry=entries[0]) < 1.0
+    assert got["right"]["passed"] and not got["wrong"]["passed"] and got["second"]["passed"]
+    assert got["none"] == {**got["none"], "passed": False, "score": 0.0, "detail": "no answer found"}
+    assert any("line 5: verifier 'reasoning_gym:gsm_symbolic:1:200:200'" in e for e in errors), errors
+    assert any("line 6: reasoning_gym has no task 'no_such_task'" in e for e in errors), errors
+    assert any("line 7: key 'verifier'" in e for e in errors), errors
+    assert summary["graded"] == 4 and summary["bad_rows"] == 3 and summary["passed"] == 2
 
 
 # --- code: MBPP and HumanEval ------------------------------------------------------------------

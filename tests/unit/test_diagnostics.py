@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from opsd.diagnostics import (LastPositions, mean_repeated_ngram_rate, repeated_ngram_rate, stop_logmass,
-                              stop_metrics, stop_probability, stop_sums, stop_token_ids)
+from opsd.diagnostics import (LastPositions, counted_rows, mean_repeated_ngram_rate, repeated_ngram_rate,
+                              stop_logmass, stop_metrics, stop_probability, stop_sums, stop_token_ids)
 
 
 def _brute_rate(ids: list[int], n: int) -> float | None:
@@ -117,6 +117,17 @@ def test_the_stop_statistics_equal_a_row_by_row_brute_force(seed):
             assert (stats[key] is None) == (want is None), key
             if want is not None:
                 assert stats[key] == pytest.approx(want, rel=1e-9), key
+
+
+def test_the_counted_rows_are_those_whose_context_applied_whatever_their_mask():
+    # Rows: trained; cut and out of the loss (loss.mask_truncated); left out by its context; empty
+    # response under loss.skip_first.
+    masks = [[True, True], [False, False, False], [False, False], [False]]
+    assert counted_rows(masks, [True, True, False, True]) == [True, True, False, True]
+    # Without a teacher the column is null: no context can leave a row out.
+    assert counted_rows(masks, [None] * 4) == [True] * 4
+    # A batch of schema version < 5 lacks the column: only a loss token says the context applied.
+    assert counted_rows(masks, None) == [True, False, False, False]
 
 
 def test_the_stop_statistics_add_up_over_micro_batches():
