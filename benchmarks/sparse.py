@@ -510,6 +510,8 @@ def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo
                "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
                "stop_gap_finished": _mean(per_run("stop_gap_finished")),
                "stop_gap_truncated": _mean(per_run("stop_gap_truncated")),
+               # of the runs that measured it (a run before schema 5 under loss.mask_truncated did not)
+               "stop_gap_truncated_runs": sum(v is not None for v in per_run("stop_gap_truncated")),
                "stop_prob_student_finished": _mean(per_run("stop_prob_student_finished")),
                "stop_prob_teacher_finished": _mean(per_run("stop_prob_teacher_finished")),
                "updates_skipped": _mean([sum(bool(x.get("update_skipped")) for x in r["steps"]) for r in rs
@@ -566,7 +568,8 @@ def diagnostics_table(rows: dict[str, dict], over: str, labels: dict[str, str] |
     lines = ["Collapse diagnostics of the training samples (" + over + "; — where a run "
               "predates the series or the row has none): the repeated 4-gram rate (first → last 5 steps) and "
               "at the last evaluation; the student's and the teacher's probability of stopping at the last "
-              "position of finished samples, and the gap teacher - student there and at cut samples; steps "
+              "position of finished samples, and the gap teacher - student there and at cut samples (over the "
+              "runs that measured it, where not all did); steps "
               "with no loss token (no update, per run); the KL to the initial policy (the anchor); the share "
               "of tokens routed to the parent for correct samples (a routing mix).", "",
               "| method | repeated 4-grams, train first → last | at the last evaluation | stop prob. student / "
@@ -575,10 +578,12 @@ def diagnostics_table(rows: dict[str, dict], over: str, labels: dict[str, str] |
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in rows.items():
         routed = "—" if r["correct_frac"] is None else f"{100 * r['correct_frac']:.1f}%"
+        measured, runs = r.get("stop_gap_truncated_runs", 0), len(r["seeds"])
+        cut_gap = fmt(r["stop_gap_truncated"], "+.4f") + (f" ({measured} of {runs} runs)" if 0 < measured < runs else "")
         lines.append(f"| {labels.get(m) or LABELS.get(m, m)} | {fmt(r['repeated_ngram_rate_first'], '.2f')} → "
                      f"{fmt(r['repeated_ngram_rate_last'], '.2f')} | {fmt(r['repeated_ngram_rate_eval_last'], '.2f')} "
                      f"| {fmt(r['stop_prob_student_finished'])} / {fmt(r['stop_prob_teacher_finished'])} "
-                     f"| {fmt(r['stop_gap_finished'], '+.3f')} | {fmt(r['stop_gap_truncated'], '+.4f')} "
+                     f"| {fmt(r['stop_gap_finished'], '+.3f')} | {cut_gap} "
                      f"| {fmt(r['updates_skipped'], '.1f')} | {fmt(r['anchor_kl'], '.4f')} "
                      f"| {routed} |")
     return "\n".join(lines)

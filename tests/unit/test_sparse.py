@@ -601,6 +601,15 @@ def test_the_collapse_rows_match_a_by_hand_computation_and_the_two_se_rule():
     assert close["x"]["vs_grpo"]["beyond_two_se"] is False
     md = collapse_table(rows)
     assert "+0.200" in md and "**beyond 2 SE**" in md and "| 40% / 50% / 60% |" in md and "| 12.5% |" in md
+    assert h["stop_gap_truncated_runs"] == 3 and " of 3 runs)" not in md  # all measured it: no count
+    # One run of three measured the gap at cut samples (the others, under loss.mask_truncated before
+    # schema 5, could not): the mean is that run's, and the table says over how many runs.
+    unmeasured = [{k: v for k, v in s.items() if k != "stop_gap_truncated"} for s in diag]
+    partial = [run("srpo", s, [0.04, 0.2, 0.3], [0.4] * 3, [280] * 3, steps)
+               for s, steps in enumerate((unmeasured, [s | {"stop_gap_truncated": -0.02} for s in diag], unmeasured))]
+    part = collapse_rows({"srpo": partial}, n=300)["srpo"]
+    assert part["stop_gap_truncated"] == pytest.approx(-0.02) and part["stop_gap_truncated_runs"] == 1
+    assert "| -0.0200 (1 of 3 runs) |" in collapse_table({"srpo": part})
 
 
 def test_the_sweep_table_lists_the_diagnostics_of_each_sweep_run_that_has_them():
