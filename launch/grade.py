@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from opsd.assets.procedural import TaskError
-from opsd.data import DataError, code_tests
+from opsd.data import DataError, code_tests, row_verifier
 from opsd.evaluation import reward, run_code
 from opsd.verify import EXTRACTORS, extract_answer
 
@@ -44,10 +44,10 @@ def _row(line_no: int, raw: str, path: str) -> dict:
     response = row.get("response")
     if not isinstance(response, str):
         raise DataError(f"{at}: key 'response' {'is missing' if 'response' not in row else 'must be a string'}")
-    verifier = row.get("verifier")
-    if verifier is not None and (task != "math" or not isinstance(verifier, str)):
-        raise DataError(f"{at}: key 'verifier' = {verifier!r}: a math row's procedural task verifier "
+    if task != "math" and row.get("verifier") is not None:
+        raise DataError(f"{at}: key 'verifier' = {row['verifier']!r}: a math row's procedural task verifier "
                         f"(reasoning_gym:<task>:<seed>:<size>:<index>, as its data row carries it)")
+    verifier = row_verifier(row, at)
     if task == "code":
         gold = code_tests(row, at)
     elif verifier is not None:

@@ -70,6 +70,7 @@ class DataError(ValueError):
 
 TASKS = ("math", "code")  # a row's task kind: what it must hold, how it is prompted and graded
 CODE_VERIFIER = "code"  # opsd.evaluation.CODE: the row's answer is a test spec, run in the sandbox
+PROCEDURAL_PREFIX = "reasoning_gym"  # a procedural task's verifier: parse_verifier
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,34 @@ class Problem:
     verifier: str | None = None  # a procedural task's own grader of this row (opsd/assets/procedural.py), or "code"
     task: str = "math"  # one of TASKS
     teacher: str | None = None  # its teacher among several (the route column); None: the default one
+
+
+def parse_verifier(verifier: str) -> tuple[str, int, int, int]:
+    """A procedural task's verifier, ``reasoning_gym:<task>:<seed>:<size>:<index>``
+    (opsd/assets/procedural.py), -> (task, seed, size, index): its form alone (whether
+    reasoning-gym has the task is known only once its dataset is made). DataError otherwise."""
+    try:
+        prefix, task, seed, size, index = verifier.split(":")
+        seed, size, index = int(seed), int(size), int(index)
+        if prefix != PROCEDURAL_PREFIX or not task or size < 1 or not 0 <= index < size:
+            raise ValueError(verifier)
+    except (ValueError, AttributeError):
+        raise DataError(f"verifier {verifier!r}: expected {PROCEDURAL_PREFIX}:<task>:<seed>:<size>:<index>, "
+                        "0 <= index < size") from None
+    return task, seed, size, index
+
+
+def row_verifier(row: dict, at: str) -> str | None:
+    """A math row's procedural task verifier, checked in form here so that a bad one names its row
+    before training, not at its first reward in a rollout worker."""
+    verifier = row.get("verifier")
+    if verifier is None:
+        return None
+    try:
+        parse_verifier(verifier)
+    except DataError as exc:
+        raise DataError(f"{at}: key 'verifier': {exc}") from None
+    return verifier
 
 
 def code_tests(row: dict, at: str) -> str:
@@ -171,7 +200,7 @@ def load_problems(
         answer = answer.strip() if answer is not None and answer.strip() else None
         if answer is None:
             unanswered.append(at)
-        verifier = row.get("verifier") if isinstance(row.get("verifier"), str) else None
+        verifier = row_verifier(row, at)
         problems.append(Problem(uid=uid, problem=problem, solution=solution, answer=answer, verifier=verifier,
                                 teacher=teacher))
     if not problems:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from opsd.data import gsm8k_solution
+from opsd.data import PROCEDURAL_PREFIX, DataError, gsm8k_solution, parse_verifier
 
-PREFIX = "reasoning_gym"
+PREFIX = PROCEDURAL_PREFIX
 PARTS = {"train": (0, 2000), "val": (1, 200), "test": (2, 400)}
 
 
@@ -100,13 +100,9 @@ def _same_number(a: str, b: str) -> bool:
 def score(verifier: str, answer: str | None) -> float:
     """The task's own verifier on ``answer`` (a response's extracted answer)."""
     try:
-        prefix, task, seed, size, index = verifier.split(":")
-        seed, size, index = int(seed), int(size), int(index)
-        if prefix != PREFIX or not task or size < 1 or not 0 <= index < size:
-            raise ValueError(verifier)
-    except ValueError:
-        raise TaskError(f"verifier {verifier!r}: expected {PREFIX}:<task>:<seed>:<size>:<index>, "
-                        "0 <= index < size") from None
+        task, seed, size, index = parse_verifier(verifier)
+    except DataError as exc:
+        raise TaskError(str(exc)) from None
     data = _dataset(task, seed, size)
     entry = data[index]
     if answer is None:

@@ -217,6 +217,20 @@ def test_a_procedural_task_with_worked_solutions_gives_them_to_the_teacher():
     assert problems[0].solution == data[0]["solution"] and problems[0].answer == data[0]["answer"]
 
 
+def test_a_math_rows_verifier_of_the_wrong_form_names_its_row_when_the_set_loads(tmp_path):
+    rows = [{"problem": "1 + 1?", "solution": "\\boxed{2}", "verifier": "reasoning_gym:basic_arithmetic:1:200:3"},
+            {"problem": "2 + 2?", "solution": "\\boxed{4}", "verifier": "basic_arithmetic/3"}]
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"set.jsonl, line 2: key 'verifier': verifier 'basic_arithmetic/3': expected"):
+        load_problems(path)
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "verifier": 7}) + "\n")
+    with pytest.raises(DataError, match=r"line 2: key 'verifier': verifier 7: expected"):
+        load_problems(path)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    assert load_problems(path)[0].verifier == rows[0]["verifier"]  # the form alone: no task is made here
+
+
 def test_opsd_grade_grades_a_procedural_row_by_its_tasks_own_verifier(tmp_path):
     rg = pytest.importorskip("reasoning_gym")
     import io
@@ -248,7 +262,7 @@ def test_opsd_grade_grades_a_procedural_row_by_its_tasks_own_verifier(tmp_path):
     assert got["wrong"]["score"] == entries.score_answer(answer=wrong, entry=entries[0]) < 1.0
     assert got["right"]["passed"] and not got["wrong"]["passed"] and got["second"]["passed"]
     assert got["none"] == {**got["none"], "passed": False, "score": 0.0, "detail": "no answer found"}
-    assert any("line 5: verifier 'reasoning_gym:gsm_symbolic:1:200:200'" in e for e in errors), errors
+    assert any("line 5: key 'verifier': verifier 'reasoning_gym:gsm_symbolic:1:200:200'" in e for e in errors), errors
     assert any("line 6: reasoning_gym has no task 'no_such_task'" in e for e in errors), errors
     assert any("line 7: key 'verifier'" in e for e in errors), errors
     assert summary["graded"] == 4 and summary["bad_rows"] == 3 and summary["passed"] == 2
