@@ -510,7 +510,8 @@ def collapse_rows(by_method: dict[str, list[dict]], n: int, against: str = "grpo
                "repeated_ngram_rate_eval_last": _mean(r["evals"][-1].get("repeated_ngram_rate") for r in rs),
                "stop_gap_finished": _mean(per_run("stop_gap_finished")),
                "stop_gap_truncated": _mean(per_run("stop_gap_truncated")),
-               # of the runs that measured it (a run before schema 5 under loss.mask_truncated did not)
+               # of the runs that measured it: one from before the series, one under
+               # loss.mask_truncated before schema 5, or one with no cut sample on any step did not
                "stop_gap_truncated_runs": sum(v is not None for v in per_run("stop_gap_truncated")),
                "stop_prob_student_finished": _mean(per_run("stop_prob_student_finished")),
                "stop_prob_teacher_finished": _mean(per_run("stop_prob_teacher_finished")),

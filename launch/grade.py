@@ -44,10 +44,10 @@ def _row(line_no: int, raw: str, path: str) -> dict:
     response = row.get("response")
     if not isinstance(response, str):
         raise DataError(f"{at}: key 'response' {'is missing' if 'response' not in row else 'must be a string'}")
-    if task != "math" and row.get("verifier") is not None:
+    if task != "math" and row.get("verifier") not in (None, "code"):
         raise DataError(f"{at}: key 'verifier' = {row['verifier']!r}: a math row's procedural task verifier "
                         f"(reasoning_gym:<task>:<seed>:<size>:<index>, as its data row carries it)")
-    verifier = row_verifier(row, at)
+    verifier = row_verifier(row, at) if task == "math" else None
     if task == "code":
         gold = code_tests(row, at)
     elif verifier is not None:

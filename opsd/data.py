@@ -108,7 +108,8 @@ def row_verifier(row: dict, at: str) -> str | None:
     try:
         parse_verifier(verifier)
     except DataError as exc:
-        raise DataError(f"{at}: key 'verifier': {exc}") from None
+        hint = ' (a code row says "task": "code")' if verifier == "code" else ""
+        raise DataError(f"{at}: key 'verifier': {exc}{hint}") from None
     return verifier
 
 

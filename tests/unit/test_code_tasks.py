@@ -116,7 +116,7 @@ def test_opsd_grade_prints_a_verdict_per_row_and_names_the_bad_lines(tmp_path):
     from opsd.launch.grade import grade_file
 
     rows = [
-        {**ROW, "id": "ok", "response": GOOD},
+        {**ROW, "id": "ok", "response": GOOD, "verifier": "code"},  # the verifier opsd gives code rows: allowed
         {**ROW, "id": "wrong", "response": BAD},
         {"id": "program", "task": "code", "entry_point": "add", "response": GOOD,
          "tests": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(0, 1) == 2\n"},

@@ -189,11 +189,6 @@ def test_a_procedural_task_is_generated_from_its_seed_and_graded_by_its_own_veri
     assert reward(f"\\boxed{{{first['answer']}}}", first["answer"], "strict", first["verifier"]) == 1.0
     assert reward("\\boxed{banana}", first["answer"], "strict", first["verifier"]) == 0.0
     assert procedural.score(first["verifier"], None) == 0.0
-    for bad in ("gym:basic_arithmetic:1:200:0", "reasoning_gym:basic_arithmetic:1:200:-1", "reasoning_gym::1:200:0",
-                "reasoning_gym:basic_arithmetic:1:0:0", "reasoning_gym:basic_arithmetic:one:200:0",
-                "reasoning_gym:basic_arithmetic:1:200"):
-        with pytest.raises(procedural.TaskError, match=f"verifier '{bad}': expected reasoning_gym:<task>"):
-            procedural.score(bad, "1")
     problems = load_problems(datasets.ensure(datasets.named("reasoning_gym:basic_arithmetic:val"), log=lambda m: None),
                              require_solution=False)
     assert problems[0].verifier == first["verifier"] and problems[0].solution == ""
@@ -227,8 +222,18 @@ def test_a_math_rows_verifier_of_the_wrong_form_names_its_row_when_the_set_loads
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "verifier": 7}) + "\n")
     with pytest.raises(DataError, match=r"line 2: key 'verifier': verifier 7: expected"):
         load_problems(path)
-    path.write_text(json.dumps(rows[0]) + "\n")
-    assert load_problems(path)[0].verifier == rows[0]["verifier"]  # the form alone: no task is made here
+    # The form alone: a task reasoning-gym does not have loads (it is refused at its first grade).
+    unknown = {**rows[0], "verifier": "reasoning_gym:no_such_task:1:200:3"}
+    path.write_text(json.dumps(unknown) + "\n")
+    assert load_problems(path)[0].verifier == unknown["verifier"]
+    # A grade refuses the same forms, before any task is made (so without reasoning-gym too).
+    from opsd.assets import procedural
+
+    for bad in ("gym:basic_arithmetic:1:200:0", "reasoning_gym:basic_arithmetic:1:200:-1", "reasoning_gym::1:200:0",
+                "reasoning_gym:basic_arithmetic:1:0:0", "reasoning_gym:basic_arithmetic:one:200:0",
+                "reasoning_gym:basic_arithmetic:1:200"):
+        with pytest.raises(procedural.TaskError, match=f"verifier '{bad}': expected reasoning_gym:<task>"):
+            procedural.score(bad, "1")
 
 
 def test_opsd_grade_grades_a_procedural_row_by_its_tasks_own_verifier(tmp_path):
