@@ -248,14 +248,13 @@ class Pipeline:
         """The rollout workers' results (sharded as submit_rollouts dealt them) -> one sample per
         response, in the sampler's order, with the teacher prompts of its contexts; and how many
         are left out of the loss because their teacher context did not apply."""
-        samples, skipped = [], 0
+        samples = []
         for pair, rollouts in zip(pairs, unshard(results, len(pairs))):
             prompts = self.routed.get(pair.teacher, self.teachers)
             for j, (r, (teacher, others)) in enumerate(zip(rollouts, prompts.of_group(pair, rollouts, step))):
-                skipped += teacher is None
                 samples.append(self._sample(pair, j, r.response_ids, r.logprobs, r.reward, r.policy_version,
                                             r.finish_reason, teacher, others))
-        return samples, skipped
+        return samples, sum(not s.context_applied for s in samples)
 
     def reference_samples(self, pairs: list[PromptPair], policy_version: int) -> list[Sample]:
         """SFT and KD from references: the reference solutions play the part of the responses

@@ -20,7 +20,6 @@ from typing import Any
 
 from opsd.data import PROCEDURAL_PREFIX, DataError, gsm8k_solution, parse_verifier
 
-PREFIX = PROCEDURAL_PREFIX
 PARTS = {"train": (0, 2000), "val": (1, 200), "test": (2, 400)}
 
 
@@ -50,7 +49,7 @@ def _dataset(task: str, seed: int, size: int) -> Any:
 def parse(name: str) -> tuple[str, str] | None:
     """``reasoning_gym:<task>[:<part>]`` -> (task, part), or None for any other name."""
     prefix, sep, rest = name.partition(":")
-    if prefix != PREFIX or not sep:
+    if prefix != PROCEDURAL_PREFIX or not sep:
         return None
     task, _, part = rest.partition(":")
     part = part or "train"
@@ -66,8 +65,8 @@ def rows(task: str, part: str) -> list[dict]:
     out = []
     for i in range(size):
         entry = data[i]
-        row = {"id": f"{PREFIX}/{task}/{part}/{i}", "problem": entry["question"], "answer": str(entry["answer"]),
-               "verifier": f"{PREFIX}:{task}:{seed}:{size}:{i}"}
+        row = {"id": f"{PROCEDURAL_PREFIX}/{task}/{part}/{i}", "problem": entry["question"],
+               "answer": str(entry["answer"]), "verifier": f"{PROCEDURAL_PREFIX}:{task}:{seed}:{size}:{i}"}
         solution = worked_solution(entry)
         if solution is not None:
             row["solution"] = solution

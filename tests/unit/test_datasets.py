@@ -254,7 +254,7 @@ def test_opsd_grade_grades_a_procedural_row_by_its_tasks_own_verifier(tmp_path):
         {"id": "none", "verifier": first["verifier"], "response": "no box here"},
         {"id": "bad-index", "verifier": "reasoning_gym:gsm_symbolic:1:200:200", "response": "\\boxed{1}"},
         {"id": "no-task", "verifier": "reasoning_gym:no_such_task:1:200:0", "response": "\\boxed{1}"},
-        {"id": "code", "task": "code", "verifier": first["verifier"], "tests": ["assert True"], "response": "x"},
+        {"id": "code", "task": "code", "verifier": first["verifier"], "tests": ["assert x == 1"], "response": "x = 1"},
     ]
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
