@@ -44,12 +44,9 @@ def _row(line_no: int, raw: str, path: str) -> dict:
     response = row.get("response")
     if not isinstance(response, str):
         raise DataError(f"{at}: key 'response' {'is missing' if 'response' not in row else 'must be a string'}")
-    if task != "math" and row.get("verifier") not in (None, "code"):
-        raise DataError(f"{at}: key 'verifier' = {row['verifier']!r}: a math row's procedural task verifier "
-                        f"(reasoning_gym:<task>:<seed>:<size>:<index>, as its data row carries it)")
-    verifier = row_verifier(row, at) if task == "math" else None
+    verifier = row_verifier(row, at, task)  # checked in form for either task
     if task == "code":
-        gold = code_tests(row, at)
+        gold, verifier = code_tests(row, at), None  # graded by its tests, in the sandbox
     elif verifier is not None:
         gold = verifier  # the task's own verifier regenerates the entry and its answer
     else:

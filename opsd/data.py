@@ -99,16 +99,22 @@ def parse_verifier(verifier: str) -> tuple[str, int, int, int]:
     return task, seed, size, index
 
 
-def row_verifier(row: dict, at: str) -> str | None:
-    """A math row's procedural task verifier, checked in form here so that a bad one names its row
-    before training, not at its first reward in a rollout worker."""
+def row_verifier(row: dict, at: str, task: str = "math") -> str | None:
+    """A row's verifier, checked in form here so that a bad one names its row before training,
+    not at its first reward in a rollout worker: a math row's is absent or a procedural task's
+    (:func:`parse_verifier`); a code row is graded by its tests, so its is absent or "code"."""
     verifier = row.get("verifier")
     if verifier is None:
         return None
+    if task == "code":
+        if verifier != CODE_VERIFIER:
+            raise DataError(f"{at}: key 'verifier' = {verifier!r}: a code row is graded by its tests "
+                            f"(absent, or {CODE_VERIFIER!r}); a procedural task's verifier belongs on a math row")
+        return verifier
     try:
         parse_verifier(verifier)
     except DataError as exc:
-        hint = ' (a code row says "task": "code")' if verifier == "code" else ""
+        hint = ' (a code row says "task": "code")' if verifier == CODE_VERIFIER else ""
         raise DataError(f"{at}: key 'verifier': {exc}{hint}") from None
     return verifier
 
@@ -180,6 +186,7 @@ def load_problems(
         first_row_of_uid[uid] = row_no
         teacher = _route(row, route_key, routes, at) if route_key else None
         if _task(row, at) == "code":  # graded by its tests, not by an answer
+            row_verifier(row, at, "code")
             solution = _text(row, solution_key, at, why.get("solution", "")) if (
                 require_solution or not _is_blank(row.get(solution_key))) else ""
             problems.append(Problem(uid, problem, solution, code_tests(row, at), CODE_VERIFIER, "code", teacher))

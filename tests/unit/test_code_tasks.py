@@ -52,6 +52,7 @@ def test_the_code_of_a_response_is_its_first_closed_python_block(text, code):
 def test_a_code_row_needs_tests_not_an_answer_and_carries_them_as_its_gold(tmp_path):
     [p] = load_problems(write(tmp_path, [ROW]), id_key="id")
     assert (p.task, p.verifier, p.uid) == ("code", CODE, "add") and p.solution == ROW["solution"]
+    assert load_problems(write(tmp_path, [{**ROW, "verifier": CODE}]))[0].verifier == CODE  # the one it gives itself
     spec = TestSpec.from_json(p.answer)
     assert spec.asserts == tuple(ROW["tests"]) and spec.entry_point == "add"
     program = {**ROW, "tests": "def check(candidate):\n    assert candidate(1, 1) == 2\n"}
@@ -68,6 +69,9 @@ def test_a_code_row_needs_tests_not_an_answer_and_carries_them_as_its_gold(tmp_p
     ({"tests": None}, "key 'tests' is None"),
     ({"entry_point": "not a name"}, "key 'entry_point' must be a function name"),
     ({"task": "poetry"}, "key 'task' = 'poetry'; expected one of \\['math', 'code'\\]"),
+    # as opsd grade refuses it: a procedural task's verifier on a code row would be silently unused
+    ({"verifier": "reasoning_gym:basic_arithmetic:1:10:0"}, "line 1: key 'verifier' = 'reasoning_gym:basic_arithmetic"
+     ":1:10:0': a code row is graded by its tests"),
 ])
 def test_a_malformed_code_row_is_an_error_naming_line_and_key(tmp_path, change, message):
     with pytest.raises(DataError, match=message):
