@@ -291,20 +291,40 @@ class Training:
         """One optimizer step on this rank's rows (``batch_ipc`` holds only them, in ``plan.rows``'
         order); returns summed statistics."""
         if plan.global_tokens == 0:
-            return self._no_loss_tokens()
+            return self._no_loss_tokens(batch_ipc, plan)
         with self._changing_weights():
             return self._train_step(batch_ipc, plan)
 
-    def _no_loss_tokens(self) -> dict:
+    def _no_loss_tokens(self, batch_ipc: bytes, plan: RankPlan) -> dict:
         """A step where no token counts in the loss (every sample left out: cut at the token limit
-        under loss.mask_truncated, or its teacher context did not apply): no forward and no
+        under loss.mask_truncated, or its teacher context did not apply): no backward and no
         update, so neither the weights, the optimizer's moments nor the learning-rate schedule
-        move. The count is the whole batch's, so every rank returns here alike."""
+        move. The count is the whole batch's, so every rank returns here alike.
+
+        The forward still runs, without gradients, for the collapse diagnostic alone: a step whose
+        every sample was cut is the most collapsed one, and the stop probabilities at its cut
+        samples are what it has to say (opsd/diagnostics.py)."""
+        t0 = time.perf_counter()
+        table = from_ipc_bytes(batch_ipc)
+        chunks = self._micro_batches(table.num_rows, plan)
+        stops: dict[str, float] = {}
+        self.engine.eval()  # ZeRO-3 gathers and releases its weights for a forward without gradients
+        try:
+            with torch.no_grad():
+                for i in range(self.gas):  # every rank calls the module equally often (ZeRO-3)
+                    inputs = (self._targets(table, chunks[i], plan.advantages) if i < len(chunks)
+                              else self._empty_micro_batch())
+                    _, stats = self._forward_loss(inputs, 1.0, plan.pad_to[i])
+                    for k, v in stats.items():
+                        if k.startswith("stop_"):  # opsd.diagnostics.stop_sums
+                            stops[k] = stops.get(k, 0.0) + float(v)
+        finally:
+            self.engine.train()
         self.step += 1
-        # Nothing was measured: the sampled-token gap is missing from the row, not 0.
+        # Nothing entered a loss: the sampled-token gap is missing from the row, not 0.
         names = [n for n in stat_names(self.spec, set(self.objective.fields(self.spec))) if n != "kl_sampled_sum"]
-        return {**dict.fromkeys(names, 0.0), "global_tokens": 0.0, "grad_norm": float("nan"),
-                "lr": float(self.engine.get_lr()[0]), "train_seconds": 0.0,
+        return {**dict.fromkeys(names, 0.0), **stops, "global_tokens": 0.0, "grad_norm": float("nan"),
+                "lr": float(self.engine.get_lr()[0]), "train_seconds": time.perf_counter() - t0,
                 "update_skipped": True, "no_loss_tokens": True, "nonfinite_sample_ids": []}
 
     def _train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:

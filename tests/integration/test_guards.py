@@ -69,14 +69,23 @@ def test_opsd_with_the_anchor_and_truncated_samples_masked(tmp_path, ray_session
 # Slow (`make test-slow`): the default run stays under 20 minutes on 2 cores; the masks
 # themselves are checked in tests/unit/test_guards.py and through a run by the test above.
 @pytest.mark.slow
-def test_a_step_whose_every_sample_is_masked_updates_nothing(tmp_path, ray_session, tiny_model):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_step_whose_every_sample_is_masked_updates_nothing(tmp_path, ray_session, tiny_model, zero_stage):
+    from transformers import AutoModelForCausalLM
+
     run = train(TINY, local_overrides(
         tmp_path, "loss.mask_truncated=true", "rollout.max_tokens=2", "train.prompts_per_step=4", "train.steps=1",
-        "train.checkpoint_every=1", "eval.every=0", "learner.lr=1e-2"))
+        "train.checkpoint_every=1", "eval.every=0", "learner.lr=1e-2", f"learner.zero_stage={zero_stage}",
+        "logging.save_batches=true"))
     (row,) = read_metrics(run)
     assert row["truncated_frac"] == 1.0
     assert row["no_loss_tokens"] and row["update_skipped"] and row["kl_sampled"] is None
     assert _weights_moved(run, tiny_model, 1) == 0.0  # no step of the optimizer: its moments did not move either
+    # The most collapsed step still measures the collapse diagnostic, by a forward without
+    # gradients on every rank (under ZeRO-3 too), against an independent fp32 forward.
+    table = read_ipc(run / "batches" / "step_000001.arrow")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    assert check_stop_probabilities(row, table, model, tiny_model) == {"truncated": table.num_rows, "finished": 0}
 
 
 def test_srpo_routing_of_grpo_and_opsd_trains(tmp_path, ray_session, tiny_model):
