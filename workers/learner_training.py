@@ -305,7 +305,7 @@ class Training:
         every sample was cut is the most collapsed one, and the stop probabilities at its cut
         samples are what it has to say (opsd/diagnostics.py)."""
         t0 = time.perf_counter()
-        table = from_ipc_bytes(batch_ipc)
+        table = self._rank_table(batch_ipc, plan)
         chunks = self._micro_batches(table.num_rows, plan)
         stops: dict[str, float] = {}
         self.engine.eval()  # ZeRO-3 gathers and releases its weights for a forward without gradients
@@ -327,11 +327,15 @@ class Training:
                 "lr": float(self.engine.get_lr()[0]), "train_seconds": time.perf_counter() - t0,
                 "update_skipped": True, "no_loss_tokens": True, "nonfinite_sample_ids": []}
 
-    def _train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
-        t0 = time.perf_counter()
+    def _rank_table(self, batch_ipc: bytes, plan: RankPlan) -> pa.Table:
         table = from_ipc_bytes(batch_ipc)
         if table.num_rows != len(plan.rows):
             raise ValueError(f"rank {self.rank}: got {table.num_rows} rows, planned {len(plan.rows)}")
+        return table
+
+    def _train_step(self, batch_ipc: bytes, plan: RankPlan) -> dict:
+        t0 = time.perf_counter()
+        table = self._rank_table(batch_ipc, plan)
         global_tokens = plan.global_tokens
         advantages = plan.advantages
         chunks = self._micro_batches(table.num_rows, plan)
