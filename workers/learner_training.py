@@ -275,6 +275,10 @@ class Training:
             torch.as_tensor(inputs["cols"]).to(self.device), t, normalizer, pad_to, inputs["last"],
         )
 
+    def _micro_inputs(self, table: pa.Table, chunks: list[list[int]], i: int, plan: RankPlan) -> dict:
+        """Micro-batch ``i`` of the ``self.gas`` every rank runs: its rows, or an empty one past them."""
+        return self._targets(table, chunks[i], plan.advantages) if i < len(chunks) else self._empty_micro_batch()
+
     def _empty_micro_batch(self) -> dict:
         """One pad token with zero weight: keeps every rank's collective calls in step."""
         k = self.cfg.scorer.topk
@@ -312,9 +316,7 @@ class Training:
         try:
             with torch.no_grad():
                 for i in range(self.gas):  # every rank calls the module equally often (ZeRO-3)
-                    inputs = (self._targets(table, chunks[i], plan.advantages) if i < len(chunks)
-                              else self._empty_micro_batch())
-                    _, stats = self._forward_loss(inputs, 1.0, plan.pad_to[i])
+                    _, stats = self._forward_loss(self._micro_inputs(table, chunks, i, plan), 1.0, plan.pad_to[i])
                     for k, v in stats.items():
                         if k.startswith("stop_"):  # opsd.diagnostics.stop_sums
                             stops[k] = stops.get(k, 0.0) + float(v)
@@ -337,7 +339,6 @@ class Training:
         t0 = time.perf_counter()
         table = self._rank_table(batch_ipc, plan)
         global_tokens = plan.global_tokens
-        advantages = plan.advantages
         chunks = self._micro_batches(table.num_rows, plan)
         pad_to = plan.pad_to
         self.engine.train()
@@ -349,7 +350,7 @@ class Training:
         nonfinite: list[str] = []  # the samples of micro-batches whose loss was not finite
         applied = True
         for i in range(self.gas):
-            inputs = self._targets(table, chunks[i], advantages) if i < len(chunks) else self._empty_micro_batch()
+            inputs = self._micro_inputs(table, chunks, i, plan)
             loss, stats = self._forward_loss(inputs, max(global_tokens, 1.0), pad_to[i])
             if not torch.isfinite(loss.detach()).all():
                 nonfinite.extend([ids[j] for j in chunks[i]] if i < len(chunks) else ["(padding)"])
