@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from opsd.assets.procedural import TaskError
-from opsd.data import DataError, code_tests, row_verifier
+from opsd.data import DataError, code_tests, row_task, row_verifier
 from opsd.evaluation import reward, run_code
 from opsd.verify import EXTRACTORS, extract_answer
 
@@ -38,9 +38,7 @@ def _row(line_no: int, raw: str, path: str) -> dict:
         raise DataError(f"{at}: invalid JSON: {exc.msg} at column {exc.colno}") from None
     if not isinstance(row, dict):
         raise DataError(f"{at}: expected a JSON object, got {type(row).__name__}")
-    task = row.get("task", "math")
-    if task not in ("math", "code"):
-        raise DataError(f"{at}: key 'task' = {task!r}; expected 'code' or 'math'")
+    task = row_task(row, at)
     response = row.get("response")
     if not isinstance(response, str):
         raise DataError(f"{at}: key 'response' {'is missing' if 'response' not in row else 'must be a string'}")

@@ -185,7 +185,7 @@ def load_problems(
             raise DataError(f"{at}: id {uid!r} (key {id_key!r}) repeats {where} {first_row_of_uid[uid]}")
         first_row_of_uid[uid] = row_no
         teacher = _route(row, route_key, routes, at) if route_key else None
-        if _task(row, at) == "code":  # graded by its tests, not by an answer
+        if row_task(row, at) == "code":  # graded by its tests, not by an answer
             row_verifier(row, at, "code")
             solution = _text(row, solution_key, at, why.get("solution", "")) if (
                 require_solution or not _is_blank(row.get(solution_key))) else ""
@@ -232,7 +232,8 @@ def _route(row: dict, key: str, routes: tuple[str, ...], at: str) -> str | None:
     return value
 
 
-def _task(row: dict, at: str) -> str:
+def row_task(row: dict, at: str) -> str:
+    """A row's task kind (absent: math), checked: the loader and `opsd grade` refuse an unknown one alike."""
     task = row.get("task", "math")
     if task not in TASKS:
         raise DataError(f"{at}: key 'task' = {task!r}; expected one of {list(TASKS)}")

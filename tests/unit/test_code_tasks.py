@@ -128,6 +128,7 @@ def test_opsd_grade_prints_a_verdict_per_row_and_names_the_bad_lines(tmp_path):
         {"id": "no-tests", "task": "code", "response": GOOD},
         {"id": "math", "answer": "12", "response": "so \\boxed{12}"},
         {"id": "math-wrong", "answer": 3, "response": "\\boxed{4}"},
+        {"id": "poem", "task": "poetry", "response": "roses"},  # refused as the loader refuses it
     ]
     path = tmp_path / "responses.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + "{not json\n"
@@ -143,9 +144,10 @@ def test_opsd_grade_prints_a_verdict_per_row_and_names_the_bad_lines(tmp_path):
     assert program["detail"] == "assert candidate(0, 1) == 2"
     assert [r["line"] for r in lines[:-1]] == [1, 2, 3, 4, 7, 8]  # the file's order
     assert any("line 5: invalid JSON" in e for e in errors) and any("line 6: key 'tests' is missing" in e for e in errors)
+    assert any("line 9: key 'task' = 'poetry'; expected one of ['math', 'code']" in e for e in errors)
     assert any("isolation bwrap" in e for e in errors)  # said before anything runs
     assert lines[-1] == {"summary": summary}
-    assert summary["graded"] == 6 and summary["bad_rows"] == 2 and summary["passed"] == 2
+    assert summary["graded"] == 6 and summary["bad_rows"] == 3 and summary["passed"] == 2
 
 
 def test_opsd_grade_on_the_command_line_exits_1_with_bad_rows_and_refuses_less_isolation(tmp_path):
