@@ -176,6 +176,14 @@ def test_the_finished_experiment_plans_nothing_and_its_spec_is_accepted():
     assert chosen_lrs(spec, sweep) == {"opsd_fixed": 3e-6, "grpo": 3e-5, "sft": 1e-5, "kd_reference": 3e-6}
 
 
+def test_the_dry_run_of_a_finished_experiment_says_there_is_nothing_left_instead_of_an_empty_table(tmp_path):
+    printed = []
+    report = dry_run(SparseSpec(added=[]), _as_finished(tmp_path), log=printed.append)
+    assert report["plan"] == [] and report["runs_done"] == report["runs_planned"] == 24
+    assert printed == [f"24 of 24 runs done in {tmp_path / 'sparse'}: nothing left to run; without --dry-run "
+                       "the same command only redraws the report.\n"]
+
+
 def test_a_method_appended_to_the_finished_spec_plans_exactly_its_own_runs():
     import json
 
