@@ -743,11 +743,10 @@ def plan_text(report: dict) -> str:
             return f"lr {lr}, `{r['tuned']}` at its sweep's choice"
         return f"lr {lr}, `{r['tuned']}={value_text(r['value'])}`"
 
+    done = f"{report['runs_done']} of {report['runs_planned']} runs done in {report['out']}"
     if not report["plan"]:
-        return (f"{report['runs_done']} of {report['runs_planned']} runs done in {report['out']}: nothing left "
-                "to run; without --dry-run the same command only redraws the report.\n")
-    lines = [f"{report['runs_done']} of {report['runs_planned']} runs done in {report['out']}; "
-             f"{len(report['plan'])} to run, in this order:", "",
+        return f"{done}: nothing left to run; without --dry-run the same command only redraws the report.\n"
+    lines = [f"{done}; {len(report['plan'])} to run, in this order:", "",
              "| # | run | phase | method | seed | setting | steps | evaluated on | estimated |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for i, r in enumerate(report["plan"], 1):
